@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv by itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check bench clean vectors
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,postgres]'
+	test -x $(BIN)/fogpay
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fogpay demo --out demo-out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy protocol fog edge cloud fogpay
+
+vectors: $(STAMP)
+	$(BIN)/python -m protocol.vectors
+
+bench: $(STAMP)
+	$(BIN)/python bench/fog.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

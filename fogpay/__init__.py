@@ -1,0 +1,1 @@
+"""The ``fogpay`` command: a thin dispatcher over the subcommands of each package."""

@@ -1,0 +1,395 @@
+"""The nine message types of the spec as frozen dataclasses, with their body schemas.
+
+A body is a msgpack map with short string keys. ``encode_body`` writes the keys in the order
+of the spec's tables and omits absent optional keys; ``decode_body`` enforces every rule of
+spec section 2 (no unknown, duplicate or missing keys, exact msgpack types, ranges, patterns)
+and each type's cross-field rules, raising ``Declined(MALFORMED)``.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, TypeVar
+
+from protocol import limits
+from protocol.codec import pack, unpack_strict
+from protocol.errors import Declined
+from protocol.reasons import Reason
+
+ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+CURRENCY_PATTERN: Final = re.compile(r"[A-Z]{3}")
+RESERVED_FOG_IDS: Final = frozenset({"trust", "up", "gossip"})
+STATUS_OK: Final = "ok"
+STATUS_DECLINED: Final = "declined"
+ZERO_KEY: Final = bytes(32)
+ZERO_HASH: Final = bytes(32)
+
+
+def is_id(value: object) -> bool:
+    return type(value) is str and ID_PATTERN.fullmatch(value) is not None
+
+
+def is_fog_id(value: object) -> bool:
+    return is_id(value) and value not in RESERVED_FOG_IDS
+
+
+def is_currency(value: object) -> bool:
+    return type(value) is str and CURRENCY_PATTERN.fullmatch(value) is not None
+
+
+def _uint(lo: int, hi: int) -> Callable[[object], bool]:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _bin(n: int) -> Callable[[object], bool]:
+    return lambda v: type(v) is bytes and len(v) == n
+
+
+def _is_memo(v: object) -> bool:
+    return type(v) is bytes and len(v) <= limits.MEMO_BYTES_MAX
+
+
+def _is_text64(v: object) -> bool:
+    return type(v) is str and len(v.encode()) <= limits.REVOKE_REASON_BYTES_MAX
+
+
+def _is_pay_list(v: object) -> bool:
+    return (
+        type(v) is list
+        and 1 <= len(v) <= limits.PAY_LIST_MAX
+        and all(is_id(p) for p in v)
+        and len(set(v)) == len(v)
+    )
+
+
+_REASON_CODES: Final = frozenset(str(r) for r in Reason)
+
+
+def _is_reason(v: object) -> bool:
+    return type(v) is str and v in _REASON_CODES
+
+
+UINT = _uint(0, limits.UINT64_MAX)
+UINT_POS = _uint(1, limits.UINT64_MAX)
+AMOUNT = _uint(limits.AMOUNT_MICROS_MIN, limits.AMOUNT_MICROS_MAX)
+LIMIT = _uint(0, limits.AMOUNT_MICROS_MAX)
+KEY = _bin(limits.KEY_BYTES)
+HASH = _bin(limits.HASH_BYTES)
+LEASE_ID = _bin(limits.LEASE_ID_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    key: str  # on the wire
+    attr: str  # on the dataclass
+    check: Callable[[object], bool]
+    optional: bool = False
+
+
+class Message:
+    """Base of the message dataclasses. TYPE is the envelope type string."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    ENVELOPE_BYTES_MAX: ClassVar[int] = limits.IDENTITY_ENVELOPE_BYTES_MAX
+
+    def validate(self) -> None:
+        """Cross-field rules; raises Declined(MALFORMED)."""
+
+
+def _fail(detail: str) -> Declined:
+    return Declined(Reason.MALFORMED, detail)
+
+
+def _check_window(msg: Any) -> None:
+    if not msg.not_before_ms < msg.not_after_ms:
+        raise _fail(f"{msg.TYPE}: na must be > nb")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnerCredential(Message):
+    TYPE: ClassVar[str] = "owner"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    owner_id: str
+    key: bytes
+    not_before_ms: int
+    not_after_ms: int
+
+    def validate(self) -> None:
+        _check_window(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FogCredential(Message):
+    TYPE: ClassVar[str] = "fog"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    fog_id: str
+    key: bytes
+    not_before_ms: int
+    not_after_ms: int
+
+    def validate(self) -> None:
+        _check_window(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Binding(Message):
+    TYPE: ClassVar[str] = "bind"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    device: bytes
+    owner_id: str
+    not_before_ms: int
+    not_after_ms: int
+    currency: str
+    tx_max_micros: int
+    day_max_micros: int
+    payees: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        _check_window(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Revocation(Message):
+    TYPE: ClassVar[str] = "revoke"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    key: bytes
+    time_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Intent(Message):
+    TYPE: ClassVar[str] = "intent"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    ENVELOPE_BYTES_MAX: ClassVar[int] = limits.INTENT_ENVELOPE_BYTES_MAX
+    device: bytes
+    fog_id: str
+    seq: int
+    payee_id: str
+    amount_micros: int
+    currency: str
+    time_ms: int
+    memo: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt(Message):
+    TYPE: ClassVar[str] = "receipt"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    ENVELOPE_BYTES_MAX: ClassVar[int] = limits.INTENT_ENVELOPE_BYTES_MAX
+    intent_id: bytes
+    device: bytes
+    seq: int
+    status: str
+    reason: Reason | None = None
+    log_index: int | None = None
+    lease_id: bytes | None = None
+    time_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def validate(self) -> None:
+        if self.status == STATUS_OK:
+            if self.reason is not None or self.log_index is None or self.lease_id is None:
+                raise _fail("receipt: ok needs n and l and no r")
+        elif self.status == STATUS_DECLINED:
+            if self.reason is None or self.log_index is not None or self.lease_id is not None:
+                raise _fail("receipt: declined needs r and no n or l")
+        else:
+            raise _fail(f"receipt: status {self.status!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lease(Message):
+    TYPE: ClassVar[str] = "lease"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    lease_id: bytes
+    owner_id: str
+    fog_id: str
+    amount_micros: int
+    currency: str
+    not_after_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchHeader(Message):
+    TYPE: ClassVar[str] = "batch"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    fog_id: str
+    number: int
+    prev_id: bytes
+    first_index: int
+    count: int
+    root: bytes
+    time_ms: int
+
+    def validate(self) -> None:
+        if self.count > limits.BATCH_RECORDS_MAX:
+            raise _fail(f"batch: {self.count} records > {limits.BATCH_RECORDS_MAX}")
+        if self.number == 1 and self.prev_id != ZERO_HASH:
+            raise _fail("batch: batch 1 must have h = 32 zero bytes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    TYPE: ClassVar[str] = "ack"
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    fog_id: str
+    number: int
+    header_id: bytes
+
+
+def _status(v: object) -> bool:
+    return v in (STATUS_OK, STATUS_DECLINED)
+
+
+OwnerCredential.SCHEMA = (
+    Field("o", "owner_id", is_id),
+    Field("k", "key", KEY),
+    Field("nb", "not_before_ms", UINT),
+    Field("na", "not_after_ms", UINT),
+)
+FogCredential.SCHEMA = (
+    Field("f", "fog_id", is_fog_id),
+    Field("k", "key", KEY),
+    Field("nb", "not_before_ms", UINT),
+    Field("na", "not_after_ms", UINT),
+)
+Binding.SCHEMA = (
+    Field("d", "device", KEY),
+    Field("o", "owner_id", is_id),
+    Field("nb", "not_before_ms", UINT),
+    Field("na", "not_after_ms", UINT),
+    Field("c", "currency", is_currency),
+    Field("tx", "tx_max_micros", LIMIT),
+    Field("day", "day_max_micros", LIMIT),
+    Field("pay", "payees", _is_pay_list, optional=True),
+)
+Revocation.SCHEMA = (
+    Field("k", "key", KEY),
+    Field("t", "time_ms", UINT),
+    Field("r", "reason", _is_text64),
+)
+Intent.SCHEMA = (
+    Field("d", "device", KEY),
+    Field("f", "fog_id", is_fog_id),
+    Field("q", "seq", UINT_POS),
+    Field("p", "payee_id", is_id),
+    Field("a", "amount_micros", AMOUNT),
+    Field("c", "currency", is_currency),
+    Field("t", "time_ms", UINT),
+    Field("m", "memo", _is_memo, optional=True),
+)
+Receipt.SCHEMA = (
+    Field("i", "intent_id", HASH),
+    Field("d", "device", KEY),
+    Field("q", "seq", UINT),
+    Field("s", "status", _status),
+    Field("r", "reason", _is_reason, optional=True),
+    Field("n", "log_index", UINT_POS, optional=True),
+    Field("l", "lease_id", LEASE_ID, optional=True),
+    Field("t", "time_ms", UINT),
+)
+Lease.SCHEMA = (
+    Field("l", "lease_id", LEASE_ID),
+    Field("o", "owner_id", is_id),
+    Field("f", "fog_id", is_fog_id),
+    Field("a", "amount_micros", AMOUNT),
+    Field("c", "currency", is_currency),
+    Field("na", "not_after_ms", UINT),
+)
+BatchHeader.SCHEMA = (
+    Field("f", "fog_id", is_fog_id),
+    Field("b", "number", UINT_POS),
+    Field("h", "prev_id", HASH),
+    Field("s", "first_index", UINT_POS),
+    Field("n", "count", UINT_POS),
+    Field("r", "root", HASH),
+    Field("t", "time_ms", UINT),
+)
+Ack.SCHEMA = (
+    Field("f", "fog_id", is_fog_id),
+    Field("b", "number", UINT_POS),
+    Field("h", "header_id", HASH),
+)
+
+MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TYPE: cls
+    for cls in (
+        OwnerCredential,
+        FogCredential,
+        Binding,
+        Revocation,
+        Intent,
+        Receipt,
+        Lease,
+        BatchHeader,
+        Ack,
+    )
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def _wire_value(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Reason):
+        return str(value)
+    return value
+
+
+def encode_body(msg: Message) -> bytes:
+    """The canonical body bytes of ``msg`` (validated first: we never sign what we'd refuse)."""
+    body: dict[str, object] = {}
+    for f in msg.SCHEMA:
+        value = getattr(msg, f.attr)
+        if value is None and f.optional:
+            continue
+        wire = _wire_value(value)
+        if not f.check(wire):
+            raise _fail(f"{msg.TYPE}.{f.key}: invalid value {value!r}")
+        body[f.key] = wire
+    msg.validate()
+    return pack(body)
+
+
+def decode_body(cls: type[M], body: bytes) -> M:
+    """Decode and validate a body; raises Declined(MALFORMED)."""
+    obj = unpack_strict(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=f"{cls.TYPE} body")
+    if type(obj) is not dict:
+        raise _fail(f"{cls.TYPE}: body is not a map")
+    known = {f.key for f in cls.SCHEMA}
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise _fail(f"{cls.TYPE}: unknown keys {sorted(map(str, unknown))}")
+    kwargs: dict[str, object] = {}
+    for f in cls.SCHEMA:
+        if f.key not in obj:
+            if not f.optional:
+                raise _fail(f"{cls.TYPE}: missing key {f.key!r}")
+            continue
+        value = obj[f.key]
+        if not f.check(value):
+            raise _fail(f"{cls.TYPE}.{f.key}: invalid value")
+        if type(value) is list:
+            value = tuple(value)
+        elif f.attr == "reason" and cls is Receipt:
+            value = Reason(value)
+        kwargs[f.attr] = value
+    msg = cls(**kwargs)
+    msg.validate()
+    return msg
+
+
+def _check_schemas() -> None:
+    for cls in MESSAGE_TYPES.values():
+        attrs = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        assert attrs == {f.attr for f in cls.SCHEMA}, cls
+
+
+_check_schemas()

@@ -1,0 +1,155 @@
+"""Envelopes: sealing, opening, signatures and message ids (spec section 2).
+
+An envelope is the msgpack array ``[type: str, body: bin, signer: bin(32), sig: bin(64)]``.
+The signature covers ``b"fogpay/1/" + type + b"\\x00" + body`` with the body bytes exactly as
+transmitted; we verify those bytes and never re-encode a body to verify it. Verification is
+libsodium's ``crypto_sign_verify_detached`` (through PyNaCl), whose rules (canonical S, no
+small-order or non-canonical A or R) the spec adopts for every tier.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from protocol import limits
+from protocol.codec import pack, unpack_strict
+from protocol.errors import Declined
+from protocol.messages import Intent, Message, decode_body, encode_body
+from protocol.reasons import Reason
+
+M = TypeVar("M", bound=Message)
+ENVELOPE_TYPE_CHARS_MAX: Final = 16
+
+
+def signing_input(msg_type: str, body: bytes) -> bytes:
+    return limits.PROTOCOL_PREFIX + msg_type.encode("ascii") + b"\x00" + body
+
+
+def message_id(msg_type: str, body: bytes) -> bytes:
+    """SHA-256 of the signing input; an intent's id is its intent id."""
+    return hashlib.sha256(signing_input(msg_type, body)).digest()
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """libsodium's crypto_sign_verify_detached, as a boolean."""
+    if len(public_key) != limits.KEY_BYTES or len(signature) != limits.SIG_BYTES:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + message, public_key)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+def is_valid_public_key(key: bytes) -> bool:
+    """True for a canonical encoding of a point of prime order (libsodium's
+    crypto_core_ed25519_is_valid_point). Refuses small-order, mixed-order and non-canonical
+    keys: a binding or credential naming such a key is refused when registered or loaded."""
+    if type(key) is not bytes or len(key) != limits.KEY_BYTES:
+        return False
+    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(key))
+
+
+def signing_key_from_seed(seed: bytes) -> nacl.signing.SigningKey:
+    if len(seed) != limits.SEED_BYTES:
+        raise ValueError(f"seed must be {limits.SEED_BYTES} bytes")
+    return nacl.signing.SigningKey(seed)
+
+
+def public_key(key: nacl.signing.SigningKey) -> bytes:
+    return bytes(key.verify_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed(Generic[M]):
+    """A verified message with the exact bytes it arrived in."""
+
+    msg: M
+    body: bytes
+    signer: bytes
+    sig: bytes
+    id: bytes
+    raw: bytes  # the whole envelope, as received or sealed
+
+
+def seal(msg: Message, key: nacl.signing.SigningKey) -> bytes:
+    """Encode, sign and wrap ``msg``; returns the envelope bytes."""
+    return seal_signed(msg, key).raw
+
+
+def seal_signed(msg: M, key: nacl.signing.SigningKey) -> Signed[M]:
+    body = encode_body(msg)
+    sig = key.sign(signing_input(msg.TYPE, body)).signature
+    signer = public_key(key)
+    raw = pack([msg.TYPE, body, signer, sig])
+    if len(raw) > msg.ENVELOPE_BYTES_MAX:
+        raise Declined(Reason.MALFORMED, f"{msg.TYPE}: envelope {len(raw)} bytes too large")
+    return Signed(msg, body, signer, bytes(sig), message_id(msg.TYPE, body), raw)
+
+
+@dataclass(frozen=True, slots=True)
+class RawEnvelope:
+    """The four fields of an envelope, before verification."""
+
+    type: str
+    body: bytes
+    signer: bytes
+    sig: bytes
+
+
+def split_envelope(data: bytes, *, bytes_max: int) -> RawEnvelope:
+    """Parse the outer array; raises Declined(MALFORMED)."""
+    obj = unpack_strict(data, bytes_max=bytes_max, items_max=4, what="envelope")
+    if type(obj) is not list or len(obj) != 4:
+        raise Declined(Reason.MALFORMED, "envelope: not a 4-element array")
+    msg_type, body, signer, sig = obj
+    if type(msg_type) is not str or not 0 < len(msg_type) <= ENVELOPE_TYPE_CHARS_MAX:
+        raise Declined(Reason.MALFORMED, "envelope: type is not a short str")
+    if type(body) is not bytes:
+        raise Declined(Reason.MALFORMED, "envelope: body is not bin")
+    if type(signer) is not bytes or len(signer) != limits.KEY_BYTES:
+        raise Declined(Reason.MALFORMED, "envelope: signer is not bin 32")
+    if type(sig) is not bytes or len(sig) != limits.SIG_BYTES:
+        raise Declined(Reason.MALFORMED, "envelope: sig is not bin 64")
+    return RawEnvelope(msg_type, body, signer, sig)
+
+
+def open_envelope(data: bytes, cls: type[M], *, signer: bytes | None = None) -> Signed[M]:
+    """Verify and decode an envelope of type ``cls``.
+
+    Raises Declined(MALFORMED) for any rule of spec section 2 and Declined(BAD_SIGNATURE) when
+    a well-formed envelope's signature does not verify, when ``signer`` is given and the
+    envelope's signer differs, or (intents) when the signer is not ``d``. The signature is
+    checked over the received body bytes before the body is decoded; if it fails, the body is
+    still checked for well-formedness so that ``malformed`` wins, as section 6 orders.
+    """
+    env = split_envelope(data, bytes_max=cls.ENVELOPE_BYTES_MAX)
+    if env.type != cls.TYPE:
+        raise Declined(Reason.MALFORMED, f"envelope: type {env.type!r}, expected {cls.TYPE!r}")
+    if not verify(env.signer, signing_input(env.type, env.body), env.sig):
+        decode_body(cls, env.body)  # raises MALFORMED first if the body is also bad
+        raise Declined(Reason.BAD_SIGNATURE, f"{cls.TYPE}: signature does not verify")
+    msg = decode_body(cls, env.body)
+    if isinstance(msg, Intent) and msg.device != env.signer:
+        raise Declined(Reason.BAD_SIGNATURE, "intent: signer is not d")
+    if signer is not None and env.signer != signer:
+        raise Declined(Reason.BAD_SIGNATURE, f"{cls.TYPE}: signer is not the required key")
+    return Signed(msg, env.body, env.signer, env.sig, message_id(env.type, env.body), bytes(data))
+
+
+POSSESSION_TYPE: Final = "pop"
+
+
+def possession_proof(device_key: nacl.signing.SigningKey, binding_body: bytes) -> bytes:
+    """The device's proof that it holds its key, for the issuer to check before it registers a
+    binding: the device's signature over ``b"fogpay/1/pop\\x00" + binding body`` (the body
+    bytes of the owner-signed ``bind`` envelope). Never sent to fogs."""
+    return bytes(device_key.sign(signing_input(POSSESSION_TYPE, binding_body)).signature)
+
+
+def verify_possession(device: bytes, binding_body: bytes, proof: bytes) -> bool:
+    return verify(device, signing_input(POSSESSION_TYPE, binding_body), proof)

@@ -1,0 +1,149 @@
+"""MQTT topics of spec section 8: build and parse, rejecting malformed levels."""
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from protocol import limits
+from protocol.errors import TopicError
+from protocol.messages import is_fog_id, is_id
+
+ROOT: Final = "fogpay/1"
+KEY_HEX_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
+LEASE_HEX_PATTERN: Final = re.compile(r"[0-9a-f]{32}")
+
+
+class Kind(enum.StrEnum):
+    INTENT = "intent"
+    RECEIPT = "receipt"
+    TRUST_OWNER = "trust_owner"
+    TRUST_FOG = "trust_fog"
+    TRUST_BIND = "trust_bind"
+    TRUST_REVOKE = "trust_revoke"
+    LEASE = "lease"
+    BATCH = "batch"
+    ACK = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    kind: Kind
+    fog_id: str | None = None
+    key: bytes | None = None  # device (intent, receipt, bind) or revoked key
+    owner_id: str | None = None
+    lease_id: bytes | None = None
+
+
+def key_hex(key: bytes) -> str:
+    assert len(key) == limits.KEY_BYTES
+    return key.hex()
+
+
+def _fog(fog_id: str) -> str:
+    if not is_fog_id(fog_id):
+        raise TopicError(f"invalid fog_id {fog_id!r}")
+    return fog_id
+
+
+def intent_topic(fog_id: str, device: bytes) -> str:
+    return f"{ROOT}/{_fog(fog_id)}/intent/{key_hex(device)}"
+
+
+def receipt_topic(fog_id: str, device: bytes) -> str:
+    return f"{ROOT}/{_fog(fog_id)}/receipt/{key_hex(device)}"
+
+
+def owner_topic(owner_id: str) -> str:
+    if not is_id(owner_id):
+        raise TopicError(f"invalid owner_id {owner_id!r}")
+    return f"{ROOT}/trust/owner/{owner_id}"
+
+
+def fog_topic(fog_id: str) -> str:
+    return f"{ROOT}/trust/fog/{_fog(fog_id)}"
+
+
+def bind_topic(device: bytes) -> str:
+    return f"{ROOT}/trust/bind/{key_hex(device)}"
+
+
+def revoke_topic(key: bytes) -> str:
+    return f"{ROOT}/trust/revoke/{key_hex(key)}"
+
+
+def lease_topic(fog_id: str, lease_id: bytes) -> str:
+    assert len(lease_id) == limits.LEASE_ID_BYTES
+    return f"{ROOT}/{_fog(fog_id)}/lease/{lease_id.hex()}"
+
+
+def batch_topic(fog_id: str) -> str:
+    return f"{ROOT}/up/{_fog(fog_id)}/batch"
+
+
+def ack_topic(fog_id: str) -> str:
+    return f"{ROOT}/up/{_fog(fog_id)}/ack"
+
+
+# Subscription filters
+def intent_filter(fog_id: str) -> str:
+    return f"{ROOT}/{_fog(fog_id)}/intent/+"
+
+
+def receipt_filter(fog_id: str) -> str:
+    return f"{ROOT}/{_fog(fog_id)}/receipt/+"
+
+
+def lease_filter(fog_id: str) -> str:
+    return f"{ROOT}/{_fog(fog_id)}/lease/+"
+
+
+TRUST_FILTER: Final = f"{ROOT}/trust/#"
+BATCH_FILTER: Final = f"{ROOT}/up/+/batch"
+
+
+def _key(level: str) -> bytes:
+    if KEY_HEX_PATTERN.fullmatch(level) is None:
+        raise TopicError("key level is not 64 lowercase hex characters")
+    return bytes.fromhex(level)
+
+
+_TRUST_KINDS: Final = {
+    "owner": Kind.TRUST_OWNER,
+    "fog": Kind.TRUST_FOG,
+    "bind": Kind.TRUST_BIND,
+    "revoke": Kind.TRUST_REVOKE,
+}
+_FOG_KINDS: Final = {"intent": Kind.INTENT, "receipt": Kind.RECEIPT, "lease": Kind.LEASE}
+
+
+def parse(topic: str) -> Topic:
+    """Parse a topic of spec section 8; raises TopicError for anything else."""
+    levels = topic.split("/")
+    if len(levels) != 5 or levels[0] != "fogpay" or levels[1] != "1":
+        raise TopicError(f"not a fogpay/1 topic of 5 levels: {topic[:120]!r}")
+    a, b, c = levels[2], levels[3], levels[4]
+    if a == "trust":
+        kind = _TRUST_KINDS.get(b)
+        if kind is None:
+            raise TopicError(f"unknown trust topic {b!r}")
+        if kind is Kind.TRUST_OWNER:
+            if not is_id(c):
+                raise TopicError("invalid owner_id level")
+            return Topic(kind, owner_id=c)
+        if kind is Kind.TRUST_FOG:
+            return Topic(kind, fog_id=_fog(c))
+        return Topic(kind, key=_key(c))
+    if a == "up":
+        if c not in ("batch", "ack"):
+            raise TopicError(f"unknown up topic {c!r}")
+        return Topic(Kind.BATCH if c == "batch" else Kind.ACK, fog_id=_fog(b))
+    kind = _FOG_KINDS.get(b)
+    if kind is None:
+        raise TopicError(f"unknown fog topic {b!r}")
+    fog_id = _fog(a)
+    if kind is Kind.LEASE:
+        if LEASE_HEX_PATTERN.fullmatch(c) is None:
+            raise TopicError("lease level is not 32 lowercase hex characters")
+        return Topic(kind, fog_id=fog_id, lease_id=bytes.fromhex(c))
+    return Topic(kind, fog_id=fog_id, key=_key(c))
