@@ -4,14 +4,22 @@ Leaf hash ``SHA-256(0x00 || record)``, node hash ``SHA-256(0x01 || left || right
 the largest power of two smaller than the size; the empty tree's hash is ``SHA-256("")``.
 Functions take leaf *hashes* (``leaf_hash(record)``) so callers hash each record once.
 Verification follows RFC 9162 sections 2.1.3.2 and 2.1.4.2; the edge cases for empty proofs
-and size 0 follow transparency-dev/merkle, whose test data pins them.
+and size 0 follow transparency-dev/merkle, whose test data pins them: a leaf hash or proof
+element that is not 32 bytes never verifies, and a consistency proof from the empty tree
+(size1 = 0) is refused, since it proves nothing.
 """
 
 import hashlib
 from collections.abc import Sequence
 from typing import Final
 
+from protocol.limits import HASH_BYTES
+
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()
+
+
+def _hashes(values: Sequence[bytes]) -> bool:
+    return all(type(v) is bytes and len(v) == HASH_BYTES for v in values)
 
 
 def leaf_hash(record: bytes) -> bytes:
@@ -72,7 +80,7 @@ def verify_inclusion(
     leaf: bytes, index: int, size: int, path: Sequence[bytes], root_hash: bytes
 ) -> bool:
     """RFC 9162 section 2.1.3.2."""
-    if not 0 <= index < size:
+    if not 0 <= index < size or not _hashes([leaf, *path]):
         return False
     fn, sn, r = index, size - 1, leaf
     for p in path:
@@ -92,7 +100,8 @@ def verify_inclusion(
 
 
 def consistency_proof(leaf_hashes: Sequence[bytes], size1: int) -> list[bytes]:
-    """PROOF(size1, D[n]) of RFC 9162 section 2.1.4.1 (empty for size1 in {0, n})."""
+    """PROOF(size1, D[n]) of RFC 9162 section 2.1.4.1 (empty for size1 in {0, n}; note that
+    ``verify_consistency`` refuses size1 = 0)."""
     n = len(leaf_hashes)
     if not 0 <= size1 <= n:
         raise IndexError(f"size1 {size1} outside 0..{n}")
@@ -114,14 +123,13 @@ def _subproof(m: int, leaves: Sequence[bytes], *, complete: bool) -> list[bytes]
 def verify_consistency(
     size1: int, size2: int, root1: bytes, root2: bytes, proof: Sequence[bytes]
 ) -> bool:
-    """RFC 9162 section 2.1.4.2, with transparency-dev's handling of the trivial sizes."""
-    if size2 < size1 or size1 < 0:
+    """RFC 9162 section 2.1.4.2, with transparency-dev's handling of the trivial sizes: equal
+    sizes need an empty proof and equal roots; size1 = 0 is refused (it proves nothing)."""
+    if size2 < size1 or size1 <= 0:
         return False
     if size1 == size2:
         return not proof and root1 == root2
-    if size1 == 0:
-        return not proof
-    if not proof:
+    if not proof or not _hashes(proof):
         return False
     path = list(proof)
     if size1 & (size1 - 1) == 0:

@@ -201,6 +201,12 @@ class Receipt(Message):
                 raise _fail("receipt: declined needs r and no n or l")
         else:
             raise _fail(f"receipt: status {self.status!r}")
+        # A payload declined malformed has no d or q to echo: spec section 4 fixes them.
+        if self.reason == Reason.MALFORMED:
+            if self.device != ZERO_KEY or self.seq != 0:
+                raise _fail("receipt: malformed needs d = 32 zero bytes and q = 0")
+        elif self.seq == 0:
+            raise _fail("receipt: q = 0 only for malformed")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

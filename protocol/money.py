@@ -55,7 +55,8 @@ def exponent(currency: str) -> int:
 
 def minor_unit_micros(currency: str) -> int:
     """How many micros one minor unit is (USD: 10,000; JPY: 1,000,000)."""
-    return 10 ** (6 - exponent(currency))
+    micros: int = 10 ** (6 - exponent(currency))
+    return micros
 
 
 @dataclass(frozen=True, slots=True)
