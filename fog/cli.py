@@ -1,0 +1,71 @@
+"""``fogpay fog ...``: run the fog daemon (``fogpay fog run --config FILE``) or check a config."""
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import structlog
+
+from fog.config import ConfigError, FogConfig, load_config
+from fogpay.keyfile import KeyFileError, load_key_file
+from fogpay.logs import configure
+
+log = structlog.get_logger()
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("fog", help="the fog daemon")
+    sub = parser.add_subparsers(dest="fog_command", required=True, metavar="FOG_COMMAND")
+    run = sub.add_parser("run", help="run the fog daemon until SIGTERM")
+    run.add_argument("--config", required=True, help="fog config TOML")
+    run.add_argument("--console", action="store_true", help="human log lines instead of JSON")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="load and check a config, then exit")
+    check.add_argument("--config", required=True, help="fog config TOML")
+    check.set_defaults(func=cmd_check)
+
+
+def _load(path: str) -> FogConfig | None:
+    try:
+        config = load_config(path)
+        load_key_file(config.key_file)
+    except (ConfigError, KeyFileError) as exc:
+        print(f"fogpay fog: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    where = "external broker" if config.broker.url else f"embedded {config.broker.host}"
+    print(f"ok: fog {config.fog_id}, db {config.db}, {where}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    configure(json=not args.console, level=config.log_level)
+    asyncio.run(run_until_signal(config))
+    return 0
+
+
+async def run_until_signal(config: FogConfig) -> None:
+    """Run the daemon; SIGTERM or SIGINT stop it gracefully (the group in flight finishes)."""
+    from fog.daemon import FogDaemon  # imports the store and amqtt: only when running
+
+    daemon = FogDaemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: _on_signal(daemon, s))
+    await daemon.run()
+
+
+def _on_signal(daemon: Any, sig: signal.Signals) -> None:
+    log.info("signal_received", signal=sig.name)
+    asyncio.get_running_loop().create_task(daemon.stop(), name="fog.stop")

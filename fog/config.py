@@ -1,0 +1,346 @@
+"""The fog daemon's configuration: one frozen dataclass, parsed once from TOML and environment.
+
+``load_config(path)`` reads a TOML file (tomllib), applies the few environment overrides that
+deployment tools set (``ENV_OVERRIDES``), checks every value and returns a ``FogConfig``. A bad
+config raises ``ConfigError`` whose message is one line naming the key, so a daemon fails at
+start, not at the first intent. Every key is documented in ``docs/parts/fog-daemon.md`` and in
+``deploy/fog.example.toml``.
+"""
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+from protocol import limits
+from protocol.errors import FogpayError
+from protocol.messages import is_fog_id
+from protocol.signing import is_valid_public_key
+
+DEFAULT_BROKER_HOST: Final = "127.0.0.1"
+DEFAULT_BROKER_PORT: Final = 1883
+DEFAULT_BATCH_RECORDS: Final = 256
+DEFAULT_BATCH_AGE_MS: Final = 1000
+DEFAULT_RATE_PER_S: Final = 20
+DEFAULT_RATE_BURST: Final = 40
+DEFAULT_STATS_INTERVAL_S: Final = 60.0
+PORT_MAX: Final = 65535
+BATCH_AGE_MS_MAX: Final = 3_600_000
+RATE_PER_S_MAX: Final = 100_000
+SECRET_CHARS_MAX: Final = 256
+USERNAME_CHARS_MAX: Final = 64
+
+# Environment variables that override a TOML key (systemd EnvironmentFile, containers).
+ENV_OVERRIDES: Final[Mapping[str, tuple[str, ...]]] = {
+    "FOGPAY_FOG_DB": ("db",),
+    "FOGPAY_FOG_KEY_FILE": ("key_file",),
+    "FOGPAY_FOG_BROKER_URL": ("broker", "url"),
+    "FOGPAY_FOG_BROKER_PORT": ("broker", "port"),
+    "FOGPAY_FOG_BROKER_PASSWORD": ("broker", "password"),
+    "FOGPAY_FOG_LOG_LEVEL": ("log_level",),
+}
+LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
+
+
+class ConfigError(FogpayError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    """Where the fog's MQTT traffic goes.
+
+    ``url`` unset: the fog starts an embedded amqtt broker on ``host:port`` (port 0 picks a
+    free port) with two accounts: the fog's own (``username``/``password``) and one shared by
+    devices (``device_username``/``device_password``). ``url`` set: the fog connects to that
+    broker (Mosquitto in production) with the credentials in the URL.
+    """
+
+    url: str | None = None
+    host: str = DEFAULT_BROKER_HOST
+    port: int = DEFAULT_BROKER_PORT
+    username: str = "fog"
+    password: str = field(default="", repr=False)
+    device_username: str = "device"
+    device_password: str = field(default="", repr=False)
+    allow_public_bind: bool = False
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchConfig:
+    records_max: int = DEFAULT_BATCH_RECORDS
+    age_ms: int = DEFAULT_BATCH_AGE_MS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    clock_skew_ms: int = limits.CLOCK_SKEW_MS_MAX
+    rate_per_s: int = DEFAULT_RATE_PER_S
+    rate_burst: int = DEFAULT_RATE_BURST
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FogConfig:
+    fog_id: str
+    key_file: Path
+    issuer_key: bytes
+    db: Path
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """A parsed ``mqtt://user:pass@host:port`` URL."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+def parse_broker_url(url: str, *, key: str = "broker.url") -> BrokerAddress:
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt":
+        raise ConfigError(f"{key}: scheme must be mqtt:// (got {parts.scheme or 'none'!r})")
+    try:
+        port = parts.port or DEFAULT_BROKER_PORT
+    except ValueError:
+        raise ConfigError(f"{key}: invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"{key}: missing host")
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return BrokerAddress(parts.hostname, port, user, password)
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> FogConfig:
+    """Read ``path`` (TOML), apply environment overrides, validate; raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: invalid TOML: {exc}") from exc
+    apply_env(raw, os.environ if env is None else env)
+    return config_from_dict(raw, base=path.parent)
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, keys in ENV_OVERRIDES.items():
+        if name not in env:
+            continue
+        table = raw
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+        value: Any = env[name]
+        if keys[-1] == "port":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{name}: not an integer") from None
+        table[keys[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogConfig:
+    """Build and validate a FogConfig from parsed TOML; relative paths resolve from ``base``."""
+    _no_unknown(
+        raw,
+        "",
+        {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
+        | {"stats_interval_s", "log_level"},
+    )
+    fog_id = _str(raw, "fog_id")
+    if not is_fog_id(fog_id):
+        raise ConfigError("fog_id: must match ^[a-z0-9][a-z0-9._-]{0,62}$ and not be reserved")
+    level = _str(raw, "log_level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: one of {sorted(LOG_LEVELS)}")
+    return FogConfig(
+        fog_id=fog_id,
+        key_file=_path(raw, "key_file", base),
+        issuer_key=_issuer_key(raw),
+        db=_path(raw, "db", base),
+        broker=_broker(_table(raw, "broker"), base),
+        batch=_batch(_table(raw, "batch")),
+        policy=_policy(_table(raw, "policy")),
+        stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
+        log_level=level,
+    )
+
+
+def _issuer_key(raw: Mapping[str, Any]) -> bytes:
+    text = _str(raw, "issuer_key")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError("issuer_key: not hex") from None
+    if not is_valid_public_key(key):
+        raise ConfigError("issuer_key: not a valid 32-byte Ed25519 public key")
+    return key
+
+
+def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
+    known = {"url", "host", "port", "username", "password", "password_file"}
+    known |= {"device_username", "device_password", "device_password_file", "allow_public_bind"}
+    _no_unknown(raw, "broker.", known)
+    url = raw.get("url")
+    if url is not None:
+        if type(url) is not str or not url:
+            raise ConfigError("broker.url: must be a non-empty string")
+        parse_broker_url(url)
+    host = _str(raw, "host", DEFAULT_BROKER_HOST, key="broker.host")
+    allow_public = _bool(raw, "allow_public_bind", False, key="broker.allow_public_bind")
+    if url is None and not allow_public and not _is_loopback(host):
+        raise ConfigError(
+            "broker.host: the embedded broker binds loopback only;"
+            " set broker.allow_public_bind = true to force it (not recommended)"
+        )
+    username = _username(raw, "username", "fog")
+    device_username = _username(raw, "device_username", "device")
+    if device_username == username:
+        raise ConfigError("broker.device_username: must differ from broker.username")
+    return BrokerConfig(
+        url=url,
+        host=host,
+        port=_int(raw, "port", DEFAULT_BROKER_PORT, 0, PORT_MAX, key="broker.port"),
+        username=username,
+        password=_secret(raw, "password", base),
+        device_username=device_username,
+        device_password=_secret(raw, "device_password", base),
+        allow_public_bind=allow_public,
+    )
+
+
+def _batch(raw: Mapping[str, Any]) -> BatchConfig:
+    _no_unknown(raw, "batch.", {"records_max", "age_ms"})
+    return BatchConfig(
+        records_max=_int(
+            raw,
+            "records_max",
+            DEFAULT_BATCH_RECORDS,
+            1,
+            limits.BATCH_RECORDS_MAX,
+            key="batch.records_max",
+        ),
+        age_ms=_int(raw, "age_ms", DEFAULT_BATCH_AGE_MS, 1, BATCH_AGE_MS_MAX, key="batch.age_ms"),
+    )
+
+
+def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
+    _no_unknown(raw, "policy.", {"clock_skew_ms", "rate_per_s", "rate_burst"})
+    return PolicyConfig(
+        clock_skew_ms=_int(
+            raw,
+            "clock_skew_ms",
+            limits.CLOCK_SKEW_MS_MAX,
+            0,
+            24 * 3_600_000,
+            key="policy.clock_skew_ms",
+        ),
+        rate_per_s=_int(
+            raw, "rate_per_s", DEFAULT_RATE_PER_S, 1, RATE_PER_S_MAX, key="policy.rate_per_s"
+        ),
+        rate_burst=_int(
+            raw, "rate_burst", DEFAULT_RATE_BURST, 1, RATE_PER_S_MAX, key="policy.rate_burst"
+        ),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _no_unknown(raw: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    return value
+
+
+def _str(raw: Mapping[str, Any], name: str, default: str | None = None, *, key: str = "") -> str:
+    key = key or name
+    value = raw.get(name, default)
+    if value is None:
+        raise ConfigError(f"{key}: missing")
+    if type(value) is not str or not value:
+        raise ConfigError(f"{key}: must be a non-empty string")
+    return value
+
+
+def _int(raw: Mapping[str, Any], name: str, default: int, lo: int, hi: int, *, key: str) -> int:
+    value = raw.get(name, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ConfigError(f"{key}: must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _number(raw: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = raw.get(name, default)
+    if type(value) not in (int, float) or not lo <= value <= hi:
+        raise ConfigError(f"{name}: must be a number in [{lo}, {hi}]")
+    return float(value)
+
+
+def _bool(raw: Mapping[str, Any], name: str, default: bool, *, key: str) -> bool:
+    value = raw.get(name, default)
+    if type(value) is not bool:
+        raise ConfigError(f"{key}: must be true or false")
+    return value
+
+
+def _path(raw: Mapping[str, Any], name: str, base: Path) -> Path:
+    path = Path(_str(raw, name))
+    return path if path.is_absolute() else base / path
+
+
+def _username(raw: Mapping[str, Any], name: str, default: str) -> str:
+    value = _str(raw, name, default, key=f"broker.{name}")
+    if len(value) > USERNAME_CHARS_MAX or ":" in value:
+        raise ConfigError(f"broker.{name}: at most {USERNAME_CHARS_MAX} characters, no ':'")
+    return value
+
+
+def _secret(raw: Mapping[str, Any], name: str, base: Path) -> str:
+    """A password given inline or, better, in ``<name>_file`` (first line, file mode 0600)."""
+    inline, file_key = raw.get(name), f"{name}_file"
+    if inline is not None and file_key in raw:
+        raise ConfigError(f"broker.{name}: give {name} or {file_key}, not both")
+    if file_key in raw:
+        path = _path(raw, file_key, base)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"broker.{file_key}: {path}: {exc.strerror}") from exc
+        inline = lines[0].strip() if lines else ""
+        key = f"broker.{file_key}"
+    else:
+        key = f"broker.{name}"
+    if inline is None:
+        return ""
+    if type(inline) is not str or len(inline) > SECRET_CHARS_MAX:
+        raise ConfigError(f"{key}: must be a string of at most {SECRET_CHARS_MAX} characters")
+    return inline

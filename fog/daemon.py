@@ -1,0 +1,457 @@
+"""The fog daemon: a thin asyncio shell around ``FogStore`` (all decisions live there).
+
+Flow. MQTT messages arrive on one aiomqtt client. Intents go into a bounded queue
+(``INTENT_QUEUE_MAX``; when full, an intent is dropped and counted: the device retransmits).
+The processor takes whatever is queued (up to ``GROUP_MAX``), makes one executor hop that runs
+``store.process(group)`` as one durable SQLite transaction, and only then publishes the
+receipts (QoS 1): a receipt never leaves before its transaction committed. There is no
+artificial waiting: under low load a group is one intent (latency), under load groups grow
+by themselves (throughput). Trust material (owner, fog, bind, revoke, lease, ack) goes through
+its own bounded queue to ``store.put_trust`` / ``store.apply_ack``.
+
+Threads. Every store call runs in ONE worker thread (``ThreadPoolExecutor(max_workers=1)``):
+SQLite never blocks the event loop and never sees two threads on its connection.
+
+Stop. ``stop()`` (SIGTERM) stops taking intents, lets the group in flight commit and publish
+its receipts, then closes the client, the store and the embedded broker. Cancelling ``run()``
+is abrupt but safe: a transaction in the worker thread still commits or rolls back whole, and
+a device that lost its receipt retransmits and gets the stored one.
+"""
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+import aiomqtt
+import structlog
+
+from fog.authorize import Policy
+from fog.broker import TCP_NODELAY_OPTION, EmbeddedBroker
+from fog.config import FogConfig, parse_broker_url
+from fog.store import AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
+from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
+from fogpay.keyfile import load_key_file
+from fogpay.logs import short
+from protocol import topics
+from protocol.errors import TopicError
+from protocol.topics import Kind
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+INTENT_QUEUE_MAX: Final = 10_000
+TRUST_QUEUE_MAX: Final = 10_000
+GROUP_MAX: Final = 256
+INTENT_PAYLOAD_BYTES_MAX: Final = 1024  # larger: declined malformed, never decoded
+PUBLISH_TIMEOUT_S: Final = 5.0
+CONNECT_TIMEOUT_S: Final = 5.0
+SUBSCRIBE_TIMEOUT_S: Final = 5.0
+STOP_DRAIN_TIMEOUT_S: Final = 10.0
+RECONNECT_BACKOFF_S_MIN: Final = 0.1
+RECONNECT_BACKOFF_S_MAX: Final = 5.0
+RECONNECT_ATTEMPTS_MAX: Final = 1000  # consecutive; then exit and let systemd restart us
+SEAL_INTERVAL_S_MIN: Final = 0.01
+SEAL_INTERVAL_S_MAX: Final = 1.0
+INFLIGHT_MESSAGES_MAX: Final = 1000
+KEEPALIVE_S: Final = 30
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class FogDaemon:
+    """One fog: embedded broker (or a connection to Mosquitto), store, processor, sealer.
+
+    ``run()`` until ``stop()`` or cancellation; ``ready`` is set once the broker is up and the
+    subscriptions are active. ``broker_port`` is the port actually bound (config port 0 picks
+    a free one) or the port connected to.
+    """
+
+    def __init__(self, config: FogConfig, *, clock: Callable[[], int] = wall_ms) -> None:
+        self.config = config
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-store")
+        self._store: FogStore | None = None
+        self._broker = EmbeddedBroker(config.broker) if config.broker.embedded else None
+        self._client: aiomqtt.Client | None = None
+        self._intents: asyncio.Queue[Arrival] = asyncio.Queue(INTENT_QUEUE_MAX)
+        self._trust: asyncio.Queue[TrustArrival] = asyncio.Queue(TRUST_QUEUE_MAX)
+        self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._counters: dict[str, int] = {}
+        self._store_counters: dict[str, int] = {}
+        self._republished = False
+        self._log = log.bind(fog_id=config.fog_id)
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def broker_port(self) -> int:
+        if self._broker is not None:
+            return self._broker.port
+        assert self.config.broker.url is not None
+        return parse_broker_url(self.config.broker.url).port
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Daemon counters merged with the store's as of the last stats tick or stop."""
+        return {**self._store_counters, **self._counters}
+
+    async def stop(self) -> None:
+        """Graceful stop: no new intents; the group in flight commits and is answered."""
+        self._stopping.set()
+
+    async def run(self, *, ready: asyncio.Event | None = None) -> None:
+        self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
+        self._store = await self._call(self._open_store)
+        try:
+            if self._broker is not None:
+                await self._broker.start()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._mqtt_loop(ready), name="fog.mqtt")
+                tg.create_task(self._processor(), name="fog.processor")
+                tg.create_task(self._trust_worker(), name="fog.trust")
+                tg.create_task(self._sealer(), name="fog.sealer")
+                tg.create_task(self._stats(), name="fog.stats")
+        finally:
+            await self._shutdown()
+
+    # ---- store calls, one thread ----------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _open_store(self) -> FogStore:
+        c = self.config
+        policy = Policy(
+            clock_skew_ms=c.policy.clock_skew_ms,
+            rate_per_s=c.policy.rate_per_s,
+            rate_burst=c.policy.rate_burst,
+        )
+        return FogStore.open(
+            c.db,
+            fog_id=c.fog_id,
+            fog_key=load_key_file(c.key_file),
+            issuer_key=c.issuer_key,
+            policy=policy,
+        )
+
+    async def _shutdown(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                self._store_counters = await self._call(store.counters)
+            await asyncio.shield(self._call(store.close))
+        self._executor.shutdown(wait=True)
+        if self._broker is not None:
+            await self._broker.stop()
+        self._log.info("fog_stopped", **self.counters)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
+
+    # ---- MQTT ---------------------------------------------------------------------------
+
+    def _client_args(self) -> dict[str, Any]:
+        b = self.config.broker
+        if b.url is None:
+            host = "127.0.0.1" if b.host in ("0.0.0.0", "localhost") else b.host
+            host = "::1" if host == "::" else host
+            return {
+                "hostname": host,
+                "port": self.broker_port,
+                "username": b.username,
+                "password": b.password,
+            }
+        addr = parse_broker_url(b.url)
+        return {
+            "hostname": addr.host,
+            "port": addr.port,
+            "username": addr.username,
+            "password": addr.password,
+        }
+
+    async def _mqtt_loop(self, ready: asyncio.Event | None) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            client = aiomqtt.Client(
+                **self._client_args(),
+                identifier=f"fogpay-fog-{self.config.fog_id}",
+                clean_session=True,  # amqtt persistence is not trusted; devices retransmit
+                keepalive=KEEPALIVE_S,
+                timeout=CONNECT_TIMEOUT_S,
+                max_inflight_messages=INFLIGHT_MESSAGES_MAX,
+                max_queued_incoming_messages=INTENT_QUEUE_MAX,
+                socket_options=(TCP_NODELAY_OPTION,),
+            )
+            try:
+                async with client:
+                    failures = 0
+                    await self._session(client, ready)
+                    return
+            except aiomqtt.MqttError as exc:
+                self._client = None
+                failures += 1
+                if failures > RECONNECT_ATTEMPTS_MAX:
+                    raise
+                delay = min(
+                    RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN * 2 ** min(failures, 16)
+                )
+                delay *= random.uniform(0.5, 1.0)
+                self._log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
+
+    async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
+        fog_id = self.config.fog_id
+        filters = [
+            topics.intent_filter(fog_id),
+            topics.TRUST_FILTER,
+            topics.lease_filter(fog_id),
+            topics.ack_topic(fog_id),
+        ]
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+            await client.subscribe([(f, 1) for f in filters])
+        self._client = client
+        self._log.info("broker_connected", port=self.broker_port, filters=len(filters))
+        if self._broker is not None and not self._republished:
+            await self._republish_trust(client)
+        if ready is not None:
+            ready.set()
+        reader = asyncio.create_task(self._read(client), name="fog.mqtt.reader")
+        stopping = asyncio.create_task(self._stopping.wait(), name="fog.mqtt.stop")
+        done, _ = await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            stopping.cancel()
+            reader.result()  # raises MqttError: reconnect
+            return
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
+                await self._drained.wait()
+        self._client = None
+
+    async def _republish_trust(self, client: aiomqtt.Client) -> None:
+        """amqtt keeps nothing across restarts: put back what the fog holds, retained."""
+        assert self._store is not None
+        envelopes = await self._call(self._store.trust_envelopes)
+        count = 0
+        for msg_type, envelope in envelopes:
+            topic = republish_topic(msg_type, envelope)
+            if topic is None:
+                continue
+            await client.publish(topic, envelope, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+            count += 1
+        self._republished = True
+        self._log.info("trust_republished", count=count)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = b""
+            self._dispatch(str(message.topic), bytes(payload))
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Route one message; never raises (bad input is logged and counted)."""
+        try:
+            parsed = topics.parse(topic)
+        except TopicError:
+            self._count("topic_dropped")
+            self._log.warning("message_dropped", cause="bad_topic", topic=topic[:120])
+            return
+        if parsed.kind is Kind.INTENT:
+            self._enqueue_intent(parsed, topic, payload)
+            return
+        arrival = classify(parsed, payload, fog_id=self.config.fog_id)
+        if arrival is None:
+            return
+        if len(payload) > TRUST_PAYLOAD_BYTES_MAX:
+            self._count("trust_dropped")
+            self._log.warning("trust_dropped", cause="too_large", size=len(payload))
+            return
+        try:
+            self._trust.put_nowait(arrival)
+        except asyncio.QueueFull:
+            self._count("trust_dropped")
+            self._log.warning("trust_dropped", cause="queue_full", type=arrival.msg_type)
+
+    def _enqueue_intent(self, parsed: topics.Topic, topic: str, payload: bytes) -> None:
+        if parsed.fog_id != self.config.fog_id or self._stopping.is_set():
+            self._count("intent_dropped")
+            return
+        assert parsed.key is not None
+        self._count("intent_received")
+        try:
+            self._intents.put_nowait(Arrival(parsed.key, payload))
+        except asyncio.QueueFull:
+            self._count("intent_dropped")
+            self._log.warning("intent_dropped", cause="queue_full", device=short(parsed.key))
+
+    # ---- processing ---------------------------------------------------------------------
+
+    async def _processor(self) -> None:
+        while True:
+            group = await self._next_group()
+            if not group:
+                break
+            await self._process_group(group)
+        self._drained.set()
+
+    async def _next_group(self) -> list[Arrival]:
+        """What is queued, up to GROUP_MAX; waits for the first one; [] when stopping."""
+        if self._intents.empty():
+            getter = asyncio.create_task(self._intents.get())
+            stopping = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                return []
+            stopping.cancel()
+            group = [getter.result()]
+        elif self._stopping.is_set():
+            return []
+        else:
+            group = [self._intents.get_nowait()]
+        while len(group) < GROUP_MAX and not self._intents.empty():
+            group.append(self._intents.get_nowait())
+        return group
+
+    async def _process_group(self, group: list[Arrival]) -> None:
+        store = self._store
+        assert store is not None
+        try:
+            outcomes = await self._call(store.process, group, now_ms=self._clock())
+        except Exception as exc:  # the seam: a bug or a disk error must not kill the fog
+            self._count("group_failed")
+            self._log.error("group_failed", size=len(group), error=type(exc).__name__)
+            return
+        for outcome in outcomes:
+            self._log_outcome(outcome)
+        await self._publish_receipts(group, outcomes)
+
+    def _log_outcome(self, o: Outcome) -> None:
+        ctx = {"device": short(o.device), "intent": short(o.intent_id), "seq": o.seq}
+        if o.status == "ok":
+            name = "intent_replayed" if o.replay else "intent_authorized"
+            self._count(name)
+            self._log.info(
+                name, owner=o.owner_id, amount_micros=o.amount_micros, log_index=o.log_index, **ctx
+            )
+        else:
+            self._count(f"declined_{o.reason}")
+            self._log.warning("intent_declined", reason=str(o.reason), **ctx)
+
+    async def _publish_receipts(self, group: list[Arrival], outcomes: list[Outcome]) -> None:
+        client = self._client
+        if client is None:
+            self._count("receipt_unsent", len(outcomes))
+            return
+        sends = [
+            self._publish_one(client, topics.receipt_topic(self.config.fog_id, a.device), o)
+            for a, o in zip(group, outcomes, strict=True)
+        ]
+        await asyncio.gather(*sends)
+
+    async def _publish_one(self, client: aiomqtt.Client, topic: str, o: Outcome) -> None:
+        try:
+            await client.publish(topic, o.receipt, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            self._count("receipt_published")
+        except aiomqtt.MqttError as exc:
+            self._count("receipt_unsent")
+            self._log.warning("receipt_unsent", device=short(o.device), error=str(exc))
+
+    # ---- trust, sealing, stats ------------------------------------------------------------
+
+    async def _trust_worker(self) -> None:
+        while True:
+            getter = asyncio.create_task(self._trust.get())
+            stopping = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                return
+            stopping.cancel()
+            await self._load_trust(getter.result())
+
+    async def _load_trust(self, arrival: TrustArrival) -> None:
+        store = self._store
+        assert store is not None
+        try:
+            if arrival.msg_type == "ack":
+                result: TrustOutcome | AckOutcome = await self._call(
+                    store.apply_ack, arrival.payload
+                )
+            else:
+                result = await self._call(
+                    store.put_trust, arrival.msg_type, arrival.payload, now_ms=self._clock()
+                )
+        except Exception as exc:  # the seam: bad material is the store's to refuse
+            self._count("trust_failed")
+            self._log.error("trust_failed", type=arrival.msg_type, error=type(exc).__name__)
+            return
+        self._count(f"{arrival.msg_type}_{result.status}")
+        if result.status == "refused":
+            self._log.warning(
+                "trust_refused",
+                type=arrival.msg_type,
+                reason=str(result.reason),
+                detail=result.detail,
+            )
+            return
+        event = {"lease": "lease_loaded", "ack": "ack_applied"}.get(arrival.msg_type)
+        self._log.info(
+            event or "trust_loaded",
+            type=arrival.msg_type,
+            status=result.status,
+            detail=result.detail,
+        )
+
+    async def _sealer(self) -> None:
+        batch = self.config.batch
+        interval = min(SEAL_INTERVAL_S_MAX, max(SEAL_INTERVAL_S_MIN, batch.age_ms / 4000))
+        while not await self._sleep_or_stop(interval):
+            store = self._store
+            assert store is not None
+            try:
+                sealed = await self._call(
+                    store.seal_due,
+                    now_ms=self._clock(),
+                    records_max=batch.records_max,
+                    age_ms=batch.age_ms,
+                )
+            except Exception as exc:  # keep authorizing; sealing retries next tick
+                self._count("seal_failed")
+                self._log.error("seal_failed", error=type(exc).__name__)
+                continue
+            for b in sealed:
+                self._count("batch_sealed")
+                self._log.info(
+                    "batch_sealed",
+                    batch=b.number,
+                    first_index=b.first_index,
+                    records=len(b.records),
+                )
+
+    async def _stats(self) -> None:
+        while not await self._sleep_or_stop(self.config.stats_interval_s):
+            store = self._store
+            assert store is not None
+            self._store_counters = await self._call(store.counters)
+            self._log.info("fog_stats", queued=self._intents.qsize(), **self.counters)
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
