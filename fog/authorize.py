@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+from fog.ratelimit import Bucket
 from protocol.messages import Binding, Intent, OwnerCredential
 from protocol.reasons import Reason
 
 DAY_MS: Final = 86_400_000
-MS_PER_S: Final = 1_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,26 +44,6 @@ class Policy:
         assert self.clock_skew_ms >= 0
         assert self.rate_per_s > 0
         assert self.rate_burst >= 1
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """A device's token bucket: ``tokens`` left at fog time ``at_ms``."""
-
-    tokens: float
-    at_ms: int
-
-    @staticmethod
-    def full(policy: Policy, now_ms: int) -> "Bucket":
-        return Bucket(float(policy.rate_burst), now_ms)
-
-    def refilled(self, policy: Policy, now_ms: int) -> "Bucket":
-        """The bucket at ``now_ms``; a clock that went back refills nothing."""
-        elapsed_ms = max(0, now_ms - self.at_ms)
-        tokens = min(
-            float(policy.rate_burst), self.tokens + elapsed_ms * policy.rate_per_s / MS_PER_S
-        )
-        return Bucket(tokens, max(now_ms, self.at_ms))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,13 +176,13 @@ def authorize(
     from ``wrong_fog`` on). ``leases`` are the owner's leases at this fog (any currency, any
     expiry: this function filters them); ``bucket`` is the device's rate bucket (None: full).
     """
-    before = bucket if bucket is not None else Bucket.full(policy, now_ms)
+    before = bucket if bucket is not None else Bucket.full(policy.rate_burst, now_ms)
     reason = _identity(intent, view, fog_id=fog_id, now_ms=now_ms)
     if reason is None:
         reason = _order(intent, view, policy, now_ms=now_ms)
     if reason is not None:
         return Decision(reason=reason, bucket=before)
-    after = before.refilled(policy, now_ms)
+    after = before.refilled(rate_per_s=policy.rate_per_s, burst=policy.rate_burst, now_ms=now_ms)
     if after.tokens < 1.0:
         return Decision(reason=Reason.RATE_LIMITED, bucket=after)
     after = replace(after, tokens=after.tokens - 1.0)

@@ -4,21 +4,152 @@ Synchronous, plain ``sqlite3``, used from ONE worker thread (the daemon's single
 executor): the hot path is one thread hop per group of intents, not one per SQL statement.
 ``process`` decides a whole group in one ``BEGIN IMMEDIATE ... COMMIT``; the database is in WAL
 mode with ``synchronous=FULL``, so when ``process`` returns the group is durable and its
-receipts may leave. Nothing here raises for bad input: bad input becomes a decline receipt
-(intents) or a refused outcome (trust material, acks), and a counter.
+receipts may leave. A crash before the COMMIT loses the whole group and no receipt of it has
+left; a crash after it loses nothing. Nothing here raises for bad input: bad input becomes a
+decline receipt (intents) or a refused outcome (trust material, acks), and a counter.
+
+Integers: SQLite's are signed 64-bit and the wire's are unsigned 64-bit. Amounts and day
+totals are at most 2^53 and fit. Sequence numbers ``q`` are stored offset by -2^63 (order and
+identity kept; see ``_i64``). Times (``nb``, ``na``, lease expiry) are clamped to 2^63-1 ms,
+which is "never" for any clock this fog will run on.
 """
 
-from collections.abc import Sequence
+import hashlib
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import nacl.signing
 
-from fog.authorize import Policy
+from fog import batcher
+from fog.authorize import Decision, DeviceView, LeaseView, Policy, authorize
+from fog.ratelimit import Buckets
+from protocol import limits
+from protocol.errors import Declined, FogpayError
+from protocol.messages import (
+    STATUS_DECLINED,
+    STATUS_OK,
+    ZERO_KEY,
+    Binding,
+    FogCredential,
+    Intent,
+    Lease,
+    Message,
+    OwnerCredential,
+    Receipt,
+    Revocation,
+    decode_body,
+)
 from protocol.reasons import Reason
+from protocol.signing import (
+    Signed,
+    is_valid_public_key,
+    message_id,
+    open_envelope,
+    public_key,
+    seal,
+    split_envelope,
+)
 
-TRUST_TYPES = ("owner", "fog", "bind", "revoke", "lease")
+TRUST_TYPES: Final = ("owner", "fog", "bind", "revoke", "lease")
+TRUST_CLASSES: Final[dict[str, type[Message]]] = {
+    "owner": OwnerCredential,
+    "fog": FogCredential,
+    "bind": Binding,
+    "revoke": Revocation,
+    "lease": Lease,
+}
+ISSUER_SIGNED: Final = frozenset({"owner", "fog", "lease"})
+PROCESS_GROUP_MAX: Final = 4096  # arrivals per process() call (one transaction)
+TRUST_ROWS_MAX: Final = 1_000_000  # trust and lease envelopes kept
+DECODED_CACHE_MAX: Final = 65_536  # decoded bindings and credentials kept in memory
+BUSY_TIMEOUT_MS: Final = 5_000
+INT64_MAX: Final = 2**63 - 1
+U64_OFFSET: Final = 2**63
+
+SCHEMA_V1: Final = """
+CREATE TABLE trust (
+    id BLOB PRIMARY KEY,            -- message id
+    type TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE owners (
+    id BLOB PRIMARY KEY, owner_id TEXT NOT NULL, key BLOB NOT NULL,
+    nb INTEGER NOT NULL, na INTEGER NOT NULL, body BLOB NOT NULL
+);
+CREATE INDEX owners_by_key ON owners (owner_id, key);
+CREATE TABLE fogs (id BLOB PRIMARY KEY, fog_id TEXT NOT NULL, key BLOB NOT NULL);
+CREATE TABLE bindings (
+    id BLOB PRIMARY KEY, device BLOB NOT NULL, owner_id TEXT NOT NULL, signer BLOB NOT NULL,
+    nb INTEGER NOT NULL, na INTEGER NOT NULL, body BLOB NOT NULL
+);
+CREATE INDEX bindings_by_device ON bindings (device);
+CREATE TABLE revocations (id BLOB PRIMARY KEY, key BLOB NOT NULL, signer BLOB NOT NULL);
+CREATE INDEX revocations_by_key ON revocations (key, signer);
+CREATE TABLE leases (
+    lease_id BLOB PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,
+    owner_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
+    drawn_micros INTEGER NOT NULL DEFAULT 0
+        CHECK (drawn_micros >= 0 AND drawn_micros <= amount_micros),
+    not_after_ms INTEGER NOT NULL
+);
+CREATE INDEX leases_by_owner ON leases (owner_id, currency);
+CREATE TABLE devices (
+    device BLOB PRIMARY KEY,
+    seq_last INTEGER NOT NULL,      -- q - 2^63
+    day INTEGER NOT NULL,
+    day_micros INTEGER NOT NULL CHECK (day_micros >= 0)
+) WITHOUT ROWID;
+CREATE TABLE log (
+    n INTEGER PRIMARY KEY,          -- log index, from 1, consecutive
+    intent_id BLOB NOT NULL UNIQUE,
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,           -- q - 2^63
+    owner_id TEXT NOT NULL,
+    lease_id BLOB NOT NULL,
+    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
+    intent BLOB NOT NULL,           -- envelope as received
+    receipt BLOB NOT NULL,          -- envelope as sent (replayed byte for byte)
+    at_ms INTEGER NOT NULL,
+    UNIQUE (device, seq)
+);
+CREATE TABLE batches (
+    number INTEGER PRIMARY KEY,     -- b, from 1, consecutive
+    header_id BLOB NOT NULL UNIQUE,
+    header BLOB NOT NULL,           -- envelope
+    first_index INTEGER NOT NULL,
+    count INTEGER NOT NULL CHECK (count >= 1),
+    sealed_ms INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0
+);
+"""
+MIGRATIONS: Final = (SCHEMA_V1,)  # MIGRATIONS[i] takes the schema from version i to i + 1
+
+
+class StoreError(FogpayError):
+    """The database cannot be used (e.g. written by a newer fogpay)."""
+
+
+def _i64(u: int) -> int:
+    """An unsigned 64-bit wire integer as SQLite's signed one, order kept."""
+    return u - U64_OFFSET
+
+
+def _u64(i: int) -> int:
+    return i + U64_OFFSET
+
+
+def _ms(t: int) -> int:
+    """A wire time for SQLite: clamped to 2^63-1 ms (never, for our clocks)."""
+    return min(t, INT64_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,25 +181,80 @@ class TrustOutcome:
     msg_id: bytes | None = None  # message id when the envelope verified
 
 
-@dataclass(frozen=True, slots=True)
-class AckOutcome:
-    status: Literal["accepted", "duplicate", "refused"]
-    reason: Reason | None
-    detail: str
-    number: int | None = None  # the acked batch number b
+AckOutcome = batcher.AckOutcome
+SealedBatch = batcher.SealedBatch
 
 
-@dataclass(frozen=True, slots=True)
-class SealedBatch:
-    number: int
-    header: bytes  # header envelope
-    records: list[bytes]
-    first_index: int
-    wire: bytes  # protocol.batch.encode_batch(header, records)
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN IMMEDIATE), WAL, synchronous=FULL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        conn.close()
+        raise StoreError(f"cannot put {path} in WAL mode (got {mode})")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT; ROLLBACK and re-raise on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version, one transaction per step; returns it."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    for _ in range(len(MIGRATIONS) + 1):
+        with transaction(conn):
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > len(MIGRATIONS):
+                raise StoreError(f"schema version {version} is newer than this fogpay")
+            if version == len(MIGRATIONS):
+                return version
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            else:
+                conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
+    raise AssertionError("migrations did not converge")
 
 
 class FogStore:
     """One fog's database. Open with ``FogStore.open``; call from one thread at a time."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        fog_id: str,
+        fog_key: nacl.signing.SigningKey,
+        issuer_key: bytes,
+        policy: Policy,
+    ) -> None:
+        self._conn = conn
+        self.fog_id = fog_id
+        self._fog_key = fog_key
+        self.fog_public_key = public_key(fog_key)
+        self._issuer = issuer_key
+        self._policy = policy
+        self._buckets = Buckets()
+        self._counts: Counter[str] = Counter()
+        self._decoded: dict[bytes, Message] = {}
+        row = conn.execute("SELECT coalesce(max(n), 0), count(*) FROM log").fetchone()
+        self._next_n: int = row[0] + 1
+        assert row[0] == row[1], "log indexes are not consecutive from 1"
+        self._trust_rows: int = conn.execute("SELECT count(*) FROM trust").fetchone()[0]
 
     @classmethod
     def open(
@@ -82,13 +268,256 @@ class FogStore:
     ) -> "FogStore":
         """Open (creating or migrating the schema) with WAL, synchronous=FULL and
         check_same_thread=False (opened on one thread, used on the worker thread)."""
-        raise NotImplementedError
+        assert is_valid_public_key(issuer_key)
+        conn = connect(path)
+        try:
+            migrate(conn)
+            return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
+        except BaseException:
+            conn.close()
+            raise
+
+    # ---- intents -------------------------------------------------------------------------
 
     def process(self, arrivals: Sequence[Arrival], *, now_ms: int) -> list[Outcome]:
         """Decode, verify and authorize every arrival in order, in ONE transaction, durable on
         return; one Outcome per arrival, same order. Later arrivals see earlier ones' effects.
         Never raises for bad input (a storage failure rolls the group back and raises)."""
-        raise NotImplementedError
+        assert len(arrivals) <= PROCESS_GROUP_MAX
+        assert 0 <= now_ms <= INT64_MAX
+        if not arrivals:
+            return []
+        next_n = self._next_n
+        try:
+            with transaction(self._conn):
+                outcomes = [self._one(arrival, now_ms) for arrival in arrivals]
+        except BaseException:
+            self._next_n = next_n
+            raise
+        for o in outcomes:
+            self._count_outcome(o)
+        return outcomes
+
+    def _count_outcome(self, o: Outcome) -> None:
+        if o.replay:
+            self._counts["intents_replayed"] += 1
+        elif o.reason is None:
+            self._counts["intents_ok"] += 1
+        else:
+            self._counts["intents_declined"] += 1
+            self._counts[f"declined_{o.reason}"] += 1
+
+    def _one(self, arrival: Arrival, now_ms: int) -> Outcome:
+        assert len(arrival.topic_device) == limits.KEY_BYTES
+        try:
+            signed = open_envelope(arrival.payload, Intent)
+        except Declined as exc:
+            return self._unopened(arrival.payload, exc, now_ms)
+        intent = signed.msg
+        if intent.device != arrival.topic_device:
+            return self._declined(signed, Reason.TOPIC_MISMATCH, None, now_ms)
+        row = self._conn.execute(
+            "SELECT receipt, owner_id, amount_micros, n FROM log WHERE intent_id = ?",
+            (signed.id,),
+        ).fetchone()
+        if row is not None:
+            return self._outcome(signed, row[0], None, row[1], row[2], row[3], replay=True)
+        view = self._device_view(intent, now_ms)
+        owner_id = view.owner.owner_id if view.owner is not None else None
+        leases = self._leases(owner_id, intent, now_ms) if owner_id is not None else []
+        decision = authorize(
+            intent,
+            view,
+            leases,
+            self._buckets.get(intent.device),
+            fog_id=self.fog_id,
+            policy=self._policy,
+            now_ms=now_ms,
+        )
+        self._buckets.set(intent.device, decision.bucket)
+        if decision.reason is not None:
+            return self._declined(signed, decision.reason, owner_id, now_ms)
+        assert owner_id is not None
+        return self._authorized(signed, decision, owner_id, now_ms)
+
+    def _unopened(self, payload: bytes, exc: Declined, now_ms: int) -> Outcome:
+        """malformed, or bad_signature (then the body is well-formed: answer with its d, q)."""
+        if exc.reason is Reason.BAD_SIGNATURE:
+            env = split_envelope(payload, bytes_max=Intent.ENVELOPE_BYTES_MAX)
+            intent = decode_body(Intent, env.body)
+            intent_id, device, seq = message_id(Intent.TYPE, env.body), intent.device, intent.seq
+        else:
+            assert exc.reason is Reason.MALFORMED, exc.reason
+            intent_id, device, seq = hashlib.sha256(payload).digest(), ZERO_KEY, 0
+        receipt = Receipt(
+            intent_id=intent_id,
+            device=device,
+            seq=seq,
+            status=STATUS_DECLINED,
+            reason=exc.reason,
+            time_ms=now_ms,
+        )
+        raw = seal(receipt, self._fog_key)
+        return Outcome(
+            raw, STATUS_DECLINED, exc.reason, False, intent_id, device, seq, None, None, None,
+            exc.detail[:200],
+        )  # fmt: skip
+
+    def _declined(
+        self, signed: Signed[Intent], reason: Reason, owner_id: str | None, now_ms: int
+    ) -> Outcome:
+        intent = signed.msg
+        receipt = Receipt(
+            intent_id=signed.id,
+            device=intent.device,
+            seq=intent.seq,
+            status=STATUS_DECLINED,
+            reason=reason,
+            time_ms=now_ms,
+        )
+        raw = seal(receipt, self._fog_key)
+        return self._outcome(signed, raw, reason, owner_id, intent.amount_micros, None)
+
+    def _outcome(
+        self,
+        signed: Signed[Intent],
+        receipt: bytes,
+        reason: Reason | None,
+        owner_id: str | None,
+        amount_micros: int | None,
+        log_index: int | None,
+        *,
+        replay: bool = False,
+    ) -> Outcome:
+        status = STATUS_OK if reason is None else STATUS_DECLINED
+        i = signed.msg
+        return Outcome(
+            receipt, status, reason, replay, signed.id, i.device, i.seq, owner_id, amount_micros,
+            log_index,
+        )  # fmt: skip
+
+    def _authorized(
+        self, signed: Signed[Intent], decision: Decision, owner_id: str, now_ms: int
+    ) -> Outcome:
+        """Draw the lease, advance the device, append the log record (inside the group's
+        transaction); returns the ok receipt."""
+        intent, n, lease_id = signed.msg, self._next_n, decision.lease_id
+        assert lease_id is not None
+        receipt = Receipt(
+            intent_id=signed.id,
+            device=intent.device,
+            seq=intent.seq,
+            status=STATUS_OK,
+            log_index=n,
+            lease_id=lease_id,
+            time_ms=now_ms,
+        )
+        raw = seal(receipt, self._fog_key)
+        c, a = self._conn, intent.amount_micros
+        drawn = c.execute(
+            "UPDATE leases SET drawn_micros = drawn_micros + ? "
+            "WHERE lease_id = ? AND drawn_micros + ? <= amount_micros AND not_after_ms >= ?",
+            (a, lease_id, a, now_ms),
+        )
+        assert drawn.rowcount == 1, "authorize picked a lease without room"
+        c.execute(
+            "INSERT INTO devices (device, seq_last, day, day_micros) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device) DO UPDATE SET seq_last = excluded.seq_last, "
+            "day = excluded.day, day_micros = excluded.day_micros",
+            (intent.device, _i64(intent.seq), decision.day, decision.day_micros),
+        )
+        c.execute(
+            "INSERT INTO log (n, intent_id, device, seq, owner_id, lease_id, amount_micros, "
+            "intent, receipt, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (n, signed.id, intent.device, _i64(intent.seq), owner_id, lease_id, a, signed.raw,
+             raw, now_ms),
+        )  # fmt: skip
+        self._next_n = n + 1
+        return self._outcome(signed, raw, None, owner_id, a, n)
+
+    # ---- what the fog knows about a device ------------------------------------------------
+
+    def _decoded_body(self, cls: type[Message], msg_id: bytes, body: bytes) -> Message:
+        """Decode a stored body (verified when it was stored), cached by message id."""
+        msg = self._decoded.get(msg_id)
+        if msg is None:
+            if len(self._decoded) >= DECODED_CACHE_MAX:
+                self._decoded.clear()
+            msg = decode_body(cls, body)
+            self._decoded[msg_id] = msg
+        assert isinstance(msg, cls)
+        return msg
+
+    def _binding_in_force(
+        self, device: bytes, now_ms: int
+    ) -> tuple[Binding, OwnerCredential] | None:
+        """The binding of ``device`` vouched for by an owner credential of its owner_id whose
+        key signed it: currently valid ones first, then the latest ``nb``, then the highest
+        message id; and of its owner's credentials with that key, a valid one first."""
+        row = self._conn.execute(
+            "SELECT b.id, b.body, o.id, o.body FROM bindings b JOIN owners o "
+            "ON o.owner_id = b.owner_id AND o.key = b.signer WHERE b.device = :d "
+            "ORDER BY (b.nb <= :now AND :now <= b.na) DESC, b.nb DESC, b.id DESC, "
+            "(o.nb <= :now AND :now <= o.na) DESC, o.na DESC, o.id DESC LIMIT 1",
+            {"now": now_ms, "d": device},
+        ).fetchone()
+        if row is None:
+            return None
+        binding = self._decoded_body(Binding, row[0], row[1])
+        owner = self._decoded_body(OwnerCredential, row[2], row[3])
+        assert isinstance(binding, Binding) and isinstance(owner, OwnerCredential)
+        return binding, owner
+
+    def _revoked(self, key: bytes, signers: tuple[bytes, ...]) -> bool:
+        marks = ",".join("?" * len(signers))
+        row = self._conn.execute(
+            f"SELECT 1 FROM revocations WHERE key = ? AND signer IN ({marks}) LIMIT 1",
+            (key, *signers),
+        ).fetchone()
+        return row is not None
+
+    def _device_view(self, intent: Intent, now_ms: int) -> DeviceView:
+        found = self._binding_in_force(intent.device, now_ms)
+        if found is None:
+            return DeviceView(binding=None, owner=None)
+        binding, owner = found
+        c, d = self._conn, intent.device
+        taken = c.execute(
+            "SELECT 1 FROM log WHERE device = ? AND seq = ?", (d, _i64(intent.seq))
+        ).fetchone()
+        state = c.execute(
+            "SELECT seq_last, day, day_micros FROM devices WHERE device = ?", (d,)
+        ).fetchone()
+        return DeviceView(
+            binding=binding,
+            owner=owner,
+            device_revoked=self._revoked(d, (self._issuer, owner.key)),
+            owner_revoked=self._revoked(owner.key, (self._issuer,)),
+            seq_last=_u64(state[0]) if state else 0,
+            seq_taken=taken is not None,
+            day=state[1] if state else 0,
+            day_micros=state[2] if state else 0,
+        )
+
+    def _leases(self, owner_id: str, intent: Intent, now_ms: int) -> list[LeaseView]:
+        rows = self._conn.execute(
+            "SELECT lease_id, currency, amount_micros, drawn_micros, not_after_ms FROM leases "
+            "WHERE owner_id = ? AND currency = ? AND not_after_ms >= ? "
+            "AND amount_micros - drawn_micros >= ?",
+            (owner_id, intent.currency, now_ms, intent.amount_micros),
+        ).fetchall()
+        return [
+            LeaseView(
+                lease_id=r[0],
+                currency=r[1],
+                amount_micros=r[2],
+                drawn_micros=r[3],
+                not_after_ms=r[4],
+            )
+            for r in rows
+        ]
+
+    # ---- trust material ------------------------------------------------------------------
 
     def put_trust(self, msg_type: str, envelope: bytes, *, now_ms: int) -> TrustOutcome:
         """Verify and store trust material or a lease (``msg_type`` in TRUST_TYPES), durably,
@@ -96,31 +525,154 @@ class FogStore:
         and revoke (a binding counts once an owner credential of its owner_id with the
         binding's signer as key is known; a revocation counts when signed by the issuer or by
         the owner key of the device's binding), so material may arrive in any order."""
-        raise NotImplementedError
+        out = self._put_trust(msg_type, envelope, now_ms=now_ms)
+        self._counts[f"trust_{out.status}"] += 1
+        return out
+
+    def _put_trust(self, msg_type: str, envelope: bytes, *, now_ms: int) -> TrustOutcome:
+        cls = TRUST_CLASSES.get(msg_type)
+        if cls is None:
+            return TrustOutcome("refused", Reason.MALFORMED, f"unknown trust type {msg_type!r}")
+        signer = self._issuer if msg_type in ISSUER_SIGNED else None
+        try:
+            signed = open_envelope(envelope, cls, signer=signer)
+        except Declined as exc:
+            return TrustOutcome("refused", exc.reason, exc.detail[:200])
+        problem = _trust_problem(signed, fog_id=self.fog_id, now_ms=now_ms)
+        if problem is not None:
+            return TrustOutcome("refused", problem[0], problem[1], signed.id)
+        with transaction(self._conn):
+            return self._store_trust(msg_type, signed, now_ms)
+
+    def _store_trust(self, msg_type: str, signed: Signed[Message], now_ms: int) -> TrustOutcome:
+        c = self._conn
+        if c.execute("SELECT 1 FROM trust WHERE id = ?", (signed.id,)).fetchone() is not None:
+            return TrustOutcome("duplicate", None, f"{msg_type} already stored", signed.id)
+        msg = signed.msg
+        if isinstance(msg, Lease):
+            other = c.execute("SELECT 1 FROM leases WHERE lease_id = ?", (msg.lease_id,))
+            if other.fetchone() is not None:
+                return TrustOutcome(
+                    "refused", Reason.MALFORMED, "lease id reused with other terms", signed.id
+                )
+        if self._trust_rows >= TRUST_ROWS_MAX:
+            return TrustOutcome("refused", Reason.MALFORMED, "trust store full", signed.id)
+        c.execute(
+            "INSERT INTO trust (id, type, envelope, received_ms) VALUES (?, ?, ?, ?)",
+            (signed.id, msg_type, signed.raw, now_ms),
+        )
+        _insert_trust_row(c, signed)
+        self._trust_rows += 1
+        return TrustOutcome("accepted", None, _describe(msg), signed.id)
 
     def trust_envelopes(self) -> list[tuple[str, bytes]]:
         """All stored trust and lease envelopes as (type, bytes), in arrival order."""
-        raise NotImplementedError
+        rows = self._conn.execute("SELECT type, envelope FROM trust ORDER BY rowid").fetchall()
+        return [(str(t), bytes(e)) for t, e in rows]
+
+    # ---- batches -------------------------------------------------------------------------
 
     def seal_due(self, *, now_ms: int, records_max: int, age_ms: int) -> list[SealedBatch]:
         """Seal every full batch (``records_max`` records, or fewer if 1 MiB on the wire is
         reached) and a partial one if its oldest record is ``age_ms`` old or more; each batch
         in its own transaction. Returns the batches sealed, in order."""
-        raise NotImplementedError
+        sealed = batcher.seal_due(
+            self._conn,
+            fog_id=self.fog_id,
+            fog_key=self._fog_key,
+            now_ms=now_ms,
+            records_max=records_max,
+            age_ms=age_ms,
+            log_end=self._next_n,
+        )
+        self._counts["batches_sealed"] += len(sealed)
+        self._counts["records_sealed"] += sum(len(b.records) for b in sealed)
+        return sealed
 
     def unacked_batches(self) -> list[SealedBatch]:
         """Every sealed batch not yet acked, in order."""
-        raise NotImplementedError
+        return batcher.unacked(self._conn)
 
     def apply_ack(self, envelope: bytes) -> AckOutcome:
         """An issuer-signed ack: marks batches <= b acked if b is sealed here and h is its
         header id."""
-        raise NotImplementedError
+        out = batcher.apply_ack(self._conn, envelope, fog_id=self.fog_id, issuer=self._issuer)
+        self._counts[f"acks_{out.status}"] += 1
+        return out
+
+    # ---- the rest ------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Counters since open: intents_ok, intents_replayed, declined_<reason>,
-        trust_accepted, trust_duplicate, trust_refused, batches_sealed, acks_accepted, ..."""
-        raise NotImplementedError
+        """Counters since open: intents_ok, intents_replayed, intents_declined,
+        declined_<reason>, trust_accepted, trust_duplicate, trust_refused, batches_sealed,
+        records_sealed, acks_accepted, acks_duplicate, acks_refused."""
+        return dict(self._counts)
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection (every transaction of ours is already committed)."""
+        assert not self._conn.in_transaction
+        self._conn.close()
+
+
+def _trust_problem(
+    signed: Signed[Message], *, fog_id: str, now_ms: int
+) -> tuple[Reason, str] | None:
+    """Why verified trust material is refused, or None: keys that are not valid points,
+    leases for another fog, material already past its validity."""
+    msg = signed.msg
+    if not is_valid_public_key(signed.signer):
+        return Reason.MALFORMED, f"{msg.TYPE}: signer is not a valid public key"
+    key = msg.device if isinstance(msg, Binding) else getattr(msg, "key", None)
+    if key is not None and not is_valid_public_key(key):
+        return Reason.MALFORMED, f"{msg.TYPE}: key is not a valid public key"
+    if isinstance(msg, Lease) and msg.fog_id != fog_id:
+        return Reason.WRONG_FOG, f"lease for fog {msg.fog_id}"
+    not_after = getattr(msg, "not_after_ms", None)
+    if not_after is not None and not_after < now_ms:
+        return Reason.EXPIRED, f"{msg.TYPE}: expired"
+    return None
+
+
+def _insert_trust_row(c: sqlite3.Connection, signed: Signed[Message]) -> None:
+    msg, i = signed.msg, signed.id
+    if isinstance(msg, OwnerCredential):
+        c.execute(
+            "INSERT INTO owners (id, owner_id, key, nb, na, body) VALUES (?, ?, ?, ?, ?, ?)",
+            (i, msg.owner_id, msg.key, _ms(msg.not_before_ms), _ms(msg.not_after_ms), signed.body),
+        )
+    elif isinstance(msg, FogCredential):
+        c.execute("INSERT INTO fogs (id, fog_id, key) VALUES (?, ?, ?)", (i, msg.fog_id, msg.key))
+    elif isinstance(msg, Binding):
+        c.execute(
+            "INSERT INTO bindings (id, device, owner_id, signer, nb, na, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (i, msg.device, msg.owner_id, signed.signer, _ms(msg.not_before_ms),
+             _ms(msg.not_after_ms), signed.body),
+        )  # fmt: skip
+    elif isinstance(msg, Revocation):
+        c.execute(
+            "INSERT INTO revocations (id, key, signer) VALUES (?, ?, ?)",
+            (i, msg.key, signed.signer),
+        )
+    else:
+        assert isinstance(msg, Lease)
+        c.execute(
+            "INSERT INTO leases (lease_id, id, owner_id, currency, amount_micros, not_after_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (msg.lease_id, i, msg.owner_id, msg.currency, msg.amount_micros,
+             _ms(msg.not_after_ms)),
+        )  # fmt: skip
+
+
+def _describe(msg: Message) -> str:
+    """A short description for the log line: ids, never keys in full."""
+    if isinstance(msg, OwnerCredential):
+        return f"owner {msg.owner_id} key {msg.key.hex()[:16]}"
+    if isinstance(msg, FogCredential):
+        return f"fog {msg.fog_id} key {msg.key.hex()[:16]}"
+    if isinstance(msg, Binding):
+        return f"binding device {msg.device.hex()[:16]} owner {msg.owner_id}"
+    if isinstance(msg, Revocation):
+        return f"revocation of {msg.key.hex()[:16]}"
+    assert isinstance(msg, Lease)
+    return f"lease {msg.lease_id.hex()} owner {msg.owner_id} {msg.amount_micros} {msg.currency}"
