@@ -1,0 +1,158 @@
+"""Shared fixtures: real MQTT brokers on 127.0.0.1 and a free port.
+
+- ``amqtt_broker``: an in-process amqtt broker (anonymous access, explicit plugin set so
+  amqtt 0.12's deprecated default set stays off).
+- ``mosquitto_broker``: a Mosquitto subprocess (``/usr/sbin/mosquitto``) with a generated
+  config: anonymous access, ``set_tcp_nodelay true``, raised queue limits, no persistence.
+  Tests using it should carry ``@pytest.mark.mosquitto``. Without the binary the test is
+  skipped, except under CI (``CI=true``), where it fails: CI installs the package.
+
+Both yield a ``BrokerEndpoint``; ``start_mosquitto`` is there for tests that need extra
+config lines (ACLs, passwords) or to restart a broker.
+"""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import pytest
+from amqtt.broker import Broker
+
+MOSQUITTO_PATHS: Final = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+BROKER_START_TIMEOUT_S: Final = 10.0
+BROKER_STOP_TIMEOUT_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpoint:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.username}:{self.password}@" if self.username else ""
+        return f"mqtt://{auth}{self.host}:{self.port}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def mosquitto_path() -> str | None:
+    for path in MOSQUITTO_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("mosquitto")
+
+
+def require_mosquitto() -> str:
+    path = mosquitto_path()
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("mosquitto is missing under CI (.ci/run installs it)")
+        pytest.skip("mosquitto binary not installed")
+    return path
+
+
+def wait_port(host: str, port: int, *, timeout_s: float = BROKER_START_TIMEOUT_S) -> None:
+    """Block until ``host:port`` accepts TCP connections (bounded in time)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port}") from None
+            time.sleep(0.02)
+
+
+@dataclass
+class MosquittoProcess:
+    endpoint: BrokerEndpoint
+    process: subprocess.Popen[bytes]
+    conf: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=BROKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=BROKER_STOP_TIMEOUT_S)
+
+
+def start_mosquitto(
+    directory: Path, *, port: int | None = None, extra: str = "", anonymous: bool = True
+) -> MosquittoProcess:
+    """Start Mosquitto on 127.0.0.1:``port`` (free port by default) with a config in
+    ``directory``; ``extra`` lines are appended (password_file, acl_file...)."""
+    binary = require_mosquitto()
+    port = port or free_port()
+    conf = directory / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n"
+        f"allow_anonymous {'true' if anonymous else 'false'}\n"
+        "persistence false\n"
+        "set_tcp_nodelay true\n"
+        "max_queued_messages 100000\n"
+        "max_inflight_messages 1000\n"
+        "max_packet_size 1048576\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n" + extra
+    )
+    log = (directory / f"mosquitto-{port}.log").open("wb")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+    log.close()
+    try:
+        wait_port("127.0.0.1", port)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise
+    return MosquittoProcess(BrokerEndpoint("127.0.0.1", port), process, conf)
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerEndpoint]:
+    broker = start_mosquitto(tmp_path)
+    try:
+        yield broker.endpoint
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+async def amqtt_broker() -> AsyncIterator[BrokerEndpoint]:
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            # explicit plugins: amqtt 0.12's default set warns (DeprecationWarning)
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        yield BrokerEndpoint("127.0.0.1", port)
+    finally:
+        async with asyncio.timeout(BROKER_STOP_TIMEOUT_S):
+            await broker.shutdown()

@@ -1,0 +1,94 @@
+"""Config loading (one line naming the key) and the embedded broker's authentication."""
+
+import os
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from fog.broker import EmbeddedBroker
+from fog.config import BrokerConfig, ConfigError, load_config
+from protocol.signing import public_key
+from tests.integration.devices import new_key
+
+ISSUER = public_key(new_key()).hex()
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "fog.toml"
+    path.write_text(body)
+    return path
+
+
+BASE = f'fog_id = "fog-1"\nkey_file = "fog.key"\nissuer_key = "{ISSUER}"\ndb = "fog.sqlite"\n'
+
+
+def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE), env={})
+    assert config.fog_id == "fog-1"
+    assert config.key_file == tmp_path / "fog.key"  # relative to the config file
+    assert config.db == tmp_path / "fog.sqlite"
+    assert config.broker.embedded and config.broker.host == "127.0.0.1"
+    assert config.broker.port == 1883
+    assert (config.batch.records_max, config.batch.age_ms) == (256, 1000)
+    assert config.policy.clock_skew_ms == 300_000
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (BASE.replace('"fog-1"', '"Fog 1"'), "fog_id"),
+        (BASE.replace('"fog-1"', '"trust"'), "fog_id"),
+        (BASE.replace(ISSUER, "zz"), "issuer_key"),
+        (BASE.replace(ISSUER, "00" * 32), "issuer_key"),  # small order: refused
+        (BASE.replace('db = "fog.sqlite"\n', ""), "db"),
+        (BASE + "colour = 1\n", "colour"),
+        (BASE + "[broker]\nport = 70000\n", "broker.port"),
+        (BASE + '[broker]\nhost = "0.0.0.0"\n', "broker.host"),
+        (BASE + '[broker]\nurl = "http://x:1"\n', "broker.url"),
+        (BASE + '[broker]\ndevice_username = "fog"\n', "broker.device_username"),
+        (BASE + '[broker]\npassword_file = "missing"\n', "broker.password_file"),
+        (BASE + "[batch]\nrecords_max = 5000\n", "batch.records_max"),
+        (BASE + "[policy]\nrate_per_s = 0\n", "policy.rate_per_s"),
+        (BASE + "[batch\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_fails_with_one_line_naming_the_key(tmp_path: Path, body: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body), env={})
+    message = str(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_env_overrides_and_password_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    os.chmod(tmp_path / "pw", 0o600)
+    path = write(tmp_path, BASE + '[broker]\npassword_file = "pw"\n')
+    config = load_config(path, env={"FOGPAY_FOG_BROKER_PORT": "1999", "FOGPAY_FOG_DB": "/x.db"})
+    assert config.broker.password == "s3cret"
+    assert "s3cret" not in repr(config)
+    assert config.broker.port == 1999
+    assert config.db == Path("/x.db")
+    with pytest.raises(ConfigError, match="FOGPAY_FOG_BROKER_PORT"):
+        load_config(path, env={"FOGPAY_FOG_BROKER_PORT": "x"})
+
+
+async def test_embedded_broker_accepts_accounts_and_refuses_others() -> None:
+    broker = EmbeddedBroker(BrokerConfig(port=0, password="fog-pw", device_password="dev-pw"))
+    await broker.start()
+    try:
+        assert broker.port > 0
+        for user, pw in (("fog", "fog-pw"), ("device", "dev-pw")):
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username=user, password=pw, timeout=5
+            ) as client:
+                await client.publish("fogpay/1/x", b"1", qos=1, timeout=5)
+        for user, pw in (("fog", "dev-pw"), ("device", None), (None, None), ("eve", "fog-pw")):
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client(
+                    "127.0.0.1", broker.port, username=user, password=pw, timeout=5
+                ):
+                    pass
+    finally:
+        await broker.stop()
