@@ -1,0 +1,463 @@
+"""The device SDK: a device's key, its sequence numbers, its receipts, and paying over MQTT.
+
+A device's whole durable state is a small directory::
+
+    device.key      Ed25519 seed, hex, mode 0600 (fogpay.keyfile); created on first open
+    seq             highest sequence number reserved, decimal; replaced atomically, fsynced
+    receipts.jsonl  one verified ok receipt per line, appended and fsynced: the device's
+                    proof of payment
+
+Sequence numbers (spec: ``q`` strictly increasing over the device's whole life) are reserved
+in blocks of ``seq_block``: before the first ``q`` of a block is used, the block's last number
+is written to ``seq`` (temp file, fsync, rename, fsync of the directory). A device that
+reopens its state starts after the reserved block, so a crash skips at most ``seq_block - 1``
+numbers and never reuses one. Gaps are harmless: a fog only needs ``q`` above the highest it
+authorized. ``seq_block=1`` writes before every intent.
+
+Paying: :class:`DeviceSession` owns an aiomqtt client's message stream and one subscription
+per attached device's receipt topic (or one wildcard for a simulator with many devices). It
+seals an intent, publishes it with QoS 1, waits for the receipt, and on timeout publishes the
+*same bytes* again (the fog answers a retransmitted authorized intent with the stored
+receipt, byte for byte). A receipt counts only if it verifies under the fog's key and its
+``i``, ``d`` and ``q`` match an intent in flight; anything else is logged and ignored. One
+payment per device is in flight at a time, so a device's intents reach the fog in ``q`` order.
+"""
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import aiomqtt
+import nacl.signing
+import structlog
+
+from fogpay.keyfile import load_key_file, new_key_file
+from protocol import topics
+from protocol.errors import Declined, FogpayError, TopicError
+from protocol.messages import Intent, Receipt
+from protocol.reasons import Reason
+from protocol.signing import Signed, open_envelope, possession_proof, public_key, seal_signed
+
+log = structlog.get_logger()
+
+KEY_FILE: Final = "device.key"
+SEQ_FILE: Final = "seq"
+RECEIPTS_FILE: Final = "receipts.jsonl"
+SEQ_BLOCK_DEFAULT: Final = 32
+SEQ_BLOCK_MAX: Final = 1_000_000
+PAY_TIMEOUT_S_DEFAULT: Final = 5.0
+RETRIES_MAX_DEFAULT: Final = 3
+RETRIES_MAX: Final = 100
+IN_FLIGHT_MAX: Final = 10_000
+UNSUBSCRIBE_TIMEOUT_S: Final = 5.0
+RECEIPTS_FILE_BYTES_MAX: Final = 256 * 1024 * 1024
+
+
+class PaymentError(FogpayError):
+    """A payment did not go through."""
+
+
+class PaymentDeclined(PaymentError):
+    """The fog declined the intent; ``reason`` is the spec's code, ``receipt`` the fog's proof."""
+
+    def __init__(self, reason: Reason, receipt: Signed[Receipt]) -> None:
+        super().__init__(f"payment declined: {reason}")
+        self.reason = reason
+        self.receipt = receipt
+
+
+class PaymentTimeout(PaymentError):
+    """No valid receipt after the first attempt and every retransmission."""
+
+    def __init__(self, intent_id: bytes, attempts: int) -> None:
+        super().__init__(f"no receipt for intent {intent_id.hex()[:16]} after {attempts} attempts")
+        self.intent_id = intent_id
+        self.attempts = attempts
+
+
+def time_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def answers(receipt: Signed[Receipt], intent: Signed[Intent]) -> bool:
+    """True if a (verified) receipt is about ``intent``: same ``i``, ``d`` and ``q``."""
+    r = receipt.msg
+    return r.intent_id == intent.id and r.device == intent.msg.device and r.seq == intent.msg.seq
+
+
+class Device:
+    """A device's key, sequence numbers and receipts, kept in ``state_dir``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        key: nacl.signing.SigningKey,
+        *,
+        fog_id: str,
+        fog_key: bytes,
+        seq_block: int,
+        clock: Callable[[], int],
+    ) -> None:
+        assert 1 <= seq_block <= SEQ_BLOCK_MAX
+        self.state_dir = state_dir
+        self._key = key
+        self.public_key = public_key(key)
+        self.fog_id = fog_id
+        self.fog_key = fog_key
+        self._seq_block = seq_block
+        self._clock = clock
+        self._seq_reserved = self._read_seq()
+        self._seq_next = self._seq_reserved + 1
+        self._receipt_ids = self._load_receipt_ids()
+        self.lock = asyncio.Lock()  # one payment in flight per device
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: str | Path,
+        *,
+        fog_id: str,
+        fog_key: bytes,
+        seq_block: int = SEQ_BLOCK_DEFAULT,
+        clock: Callable[[], int] = time_ms,
+    ) -> "Device":
+        """Open (or create, with a new key) the device whose state lives in ``state_dir``."""
+        path = Path(state_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_path = path / KEY_FILE
+        key = load_key_file(key_path) if key_path.exists() else new_key_file(key_path)
+        topics.receipt_topic(fog_id, public_key(key))  # validates fog_id
+        return cls(path, key, fog_id=fog_id, fog_key=fog_key, seq_block=seq_block, clock=clock)
+
+    @property
+    def key_hex(self) -> str:
+        return self.public_key.hex()
+
+    @property
+    def seq_last(self) -> int:
+        """The highest q this device has used (0 before its first intent)."""
+        return self._seq_next - 1
+
+    def prove_possession(self, binding_body: bytes) -> bytes:
+        """Proof that this device holds its key, over an owner's binding body."""
+        return possession_proof(self._key, binding_body)
+
+    # --- sequence numbers --------------------------------------------------------------
+
+    def _read_seq(self) -> int:
+        path = self.state_dir / SEQ_FILE
+        if not path.exists():
+            return 0
+        text = path.read_text().strip()
+        assert text.isdigit(), f"{path}: corrupt sequence file"
+        return int(text)
+
+    def _reserve_seq(self) -> int:
+        """The next q, durable in ``seq`` before it is returned."""
+        if self._seq_next > self._seq_reserved:
+            reserved = self._seq_next + self._seq_block - 1
+            _write_atomic(self.state_dir / SEQ_FILE, f"{reserved}\n".encode())
+            self._seq_reserved = reserved
+        q = self._seq_next
+        self._seq_next += 1
+        return q
+
+    def new_intent(
+        self, payee_id: str, amount_micros: int, currency: str, *, memo: bytes | None = None
+    ) -> Signed[Intent]:
+        """Seal a new intent with a fresh q (raises Declined(MALFORMED) for invalid fields)."""
+        intent = Intent(
+            device=self.public_key,
+            fog_id=self.fog_id,
+            seq=self._seq_next,
+            payee_id=payee_id,
+            amount_micros=amount_micros,
+            currency=currency,
+            time_ms=self._clock(),
+            memo=memo,
+        )
+        seal_signed(intent, self._key)  # validate before spending a q on it
+        q = self._reserve_seq()
+        assert q == intent.seq
+        return seal_signed(intent, self._key)
+
+    # --- receipts ----------------------------------------------------------------------
+
+    def check_receipt(self, payload: bytes, intent: Signed[Intent]) -> Signed[Receipt] | None:
+        """The receipt if it is the fog's answer to ``intent``, else None (logged)."""
+        try:
+            receipt = open_envelope(payload, Receipt, signer=self.fog_key)
+        except Declined as exc:
+            log.warning("receipt_ignored", device=self.key_hex[:16], reason=str(exc.reason))
+            return None
+        if not answers(receipt, intent):
+            log.warning("receipt_ignored", device=self.key_hex[:16], reason="not_our_intent")
+            return None
+        return receipt
+
+    def _load_receipt_ids(self) -> set[bytes]:
+        path = self.state_dir / RECEIPTS_FILE
+        if not path.exists():
+            return set()
+        assert path.stat().st_size <= RECEIPTS_FILE_BYTES_MAX, f"{path}: too large"
+        ids = set()
+        for line in path.read_text().splitlines():
+            try:
+                ids.add(bytes.fromhex(json.loads(line)["i"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash: that receipt was never returned
+        return ids
+
+    def store_receipt(self, receipt: Signed[Receipt]) -> None:
+        """Append a verified ok receipt (idempotent by intent id), durable on return."""
+        assert receipt.msg.ok and receipt.msg.device == self.public_key
+        if receipt.msg.intent_id in self._receipt_ids:
+            return
+        line = json.dumps(
+            {
+                "i": receipt.msg.intent_id.hex(),
+                "q": receipt.msg.seq,
+                "fog": receipt.signer.hex(),
+                "env": receipt.raw.hex(),
+            }
+        )
+        with open(self.state_dir / RECEIPTS_FILE, "a", encoding="ascii") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._receipt_ids.add(receipt.msg.intent_id)
+
+    def receipts(self) -> list[Signed[Receipt]]:
+        """Every stored receipt, re-verified under the fog key it was stored with."""
+        path = self.state_dir / RECEIPTS_FILE
+        out: list[Signed[Receipt]] = []
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                signed = open_envelope(
+                    bytes.fromhex(rec["env"]), Receipt, signer=bytes.fromhex(rec["fog"])
+                )
+            except (ValueError, KeyError, TypeError, Declined):
+                continue
+            out.append(signed)
+        return out
+
+    async def pay(
+        self,
+        client: aiomqtt.Client,
+        payee_id: str,
+        amount_micros: int,
+        currency: str,
+        *,
+        memo: bytes | None = None,
+        timeout_s: float = PAY_TIMEOUT_S_DEFAULT,
+        retries_max: int = RETRIES_MAX_DEFAULT,
+    ) -> Signed[Receipt]:
+        """Pay once over ``client`` (whose message stream this call reads while it runs)."""
+        async with DeviceSession(client, fog_id=self.fog_id, fog_key=self.fog_key) as session:
+            await session.attach(self)
+            return await session.pay(
+                self,
+                payee_id,
+                amount_micros,
+                currency,
+                memo=memo,
+                timeout_s=timeout_s,
+                retries_max=retries_max,
+            )
+
+
+@dataclass(slots=True)
+class _InFlight:
+    device: Device
+    intent: Signed[Intent]
+    future: "asyncio.Future[Signed[Receipt]]"
+
+
+class DeviceSession:
+    """One MQTT client carrying the payments of one or many devices of one fog.
+
+    Use as ``async with DeviceSession(client, ...) as s``; the session reads
+    ``client.messages`` while open, so nothing else may. ``wildcard=True`` subscribes once to
+    every receipt topic of the fog (a simulator); otherwise ``attach`` subscribes each device.
+    """
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        *,
+        fog_id: str,
+        fog_key: bytes,
+        wildcard: bool = False,
+        in_flight_max: int = IN_FLIGHT_MAX,
+    ) -> None:
+        assert 1 <= in_flight_max <= IN_FLIGHT_MAX
+        self.client = client
+        self.fog_id = fog_id
+        self.fog_key = fog_key
+        self.wildcard = wildcard
+        self._in_flight: dict[bytes, _InFlight] = {}
+        self._slots = asyncio.Semaphore(in_flight_max)
+        self._subscribed: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self.ignored = 0  # receipts that failed verification or matched nothing in flight
+
+    async def __aenter__(self) -> Self:
+        if self.wildcard:
+            await self._subscribe(topics.receipt_filter(self.fog_id))
+        self._reader = asyncio.create_task(self._read(), name="edge.session.read")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        try:
+            await self._reader
+        except asyncio.CancelledError:
+            pass
+        for topic in self._subscribed:
+            try:
+                await self.client.unsubscribe(topic, timeout=UNSUBSCRIBE_TIMEOUT_S)
+            except aiomqtt.MqttError:
+                break  # connection gone: nothing to unsubscribe from
+        self._subscribed.clear()
+
+    async def _subscribe(self, topic: str) -> None:
+        await self.client.subscribe(topic, qos=1)
+        self._subscribed.append(topic)
+
+    async def attach(self, device: Device) -> None:
+        """Subscribe to ``device``'s receipt topic (no-op in wildcard mode)."""
+        assert device.fog_id == self.fog_id and device.fog_key == self.fog_key
+        if not self.wildcard:
+            await self._subscribe(topics.receipt_topic(self.fog_id, device.public_key))
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            self._dispatch(str(message.topic), bytes(payload))
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+        except TopicError:
+            return  # not ours: the client may carry other subscriptions
+        if parsed.kind is not topics.Kind.RECEIPT or parsed.fog_id != self.fog_id:
+            return
+        try:
+            receipt = open_envelope(payload, Receipt, signer=self.fog_key)
+        except Declined as exc:
+            self.ignored += 1
+            log.warning("receipt_ignored", reason=str(exc.reason), fog_id=self.fog_id)
+            return
+        entry = self._in_flight.get(receipt.msg.intent_id)
+        if entry is None or entry.device.public_key != parsed.key:
+            self.ignored += 1
+            log.info("receipt_unmatched", intent=receipt.msg.intent_id.hex()[:16])
+            return
+        if not answers(receipt, entry.intent):
+            self.ignored += 1
+            log.warning("receipt_ignored", reason="not_our_intent", fog_id=self.fog_id)
+            return
+        if not entry.future.done():
+            entry.future.set_result(receipt)
+
+    async def pay(
+        self,
+        device: Device,
+        payee_id: str,
+        amount_micros: int,
+        currency: str,
+        *,
+        memo: bytes | None = None,
+        timeout_s: float = PAY_TIMEOUT_S_DEFAULT,
+        retries_max: int = RETRIES_MAX_DEFAULT,
+    ) -> Signed[Receipt]:
+        """Seal, send and settle one intent. Raises PaymentDeclined or PaymentTimeout."""
+        async with device.lock:
+            intent = device.new_intent(payee_id, amount_micros, currency, memo=memo)
+            return await self._send_locked(device, intent, timeout_s, retries_max)
+
+    async def send(
+        self,
+        device: Device,
+        intent: Signed[Intent],
+        *,
+        timeout_s: float = PAY_TIMEOUT_S_DEFAULT,
+        retries_max: int = RETRIES_MAX_DEFAULT,
+    ) -> Signed[Receipt]:
+        """(Re)send an intent ``device`` sealed earlier, same bytes; settle it like ``pay``."""
+        assert intent.msg.device == device.public_key
+        async with device.lock:
+            return await self._send_locked(device, intent, timeout_s, retries_max)
+
+    async def _send_locked(
+        self, device: Device, intent: Signed[Intent], timeout_s: float, retries_max: int
+    ) -> Signed[Receipt]:
+        assert 0 <= retries_max <= RETRIES_MAX and timeout_s > 0
+        receipt = await self._exchange(device, intent, timeout_s, retries_max)
+        bound = log.bind(device=device.key_hex[:16], intent=intent.id.hex()[:16])
+        if not receipt.msg.ok:
+            assert receipt.msg.reason is not None
+            bound.info("payment_declined", reason=str(receipt.msg.reason))
+            raise PaymentDeclined(receipt.msg.reason, receipt)
+        device.store_receipt(receipt)
+        bound.info("payment_authorized", amount_micros=intent.msg.amount_micros)
+        return receipt
+
+    async def _exchange(
+        self, device: Device, intent: Signed[Intent], timeout_s: float, retries_max: int
+    ) -> Signed[Receipt]:
+        topic = topics.intent_topic(self.fog_id, device.public_key)
+        future: asyncio.Future[Signed[Receipt]] = asyncio.get_running_loop().create_future()
+        async with self._slots:
+            assert intent.id not in self._in_flight
+            self._in_flight[intent.id] = _InFlight(device, intent, future)
+            try:
+                for attempt in range(1 + retries_max):
+                    if attempt:
+                        log.info("intent_retransmitted", intent=intent.id.hex()[:16])
+                    await self.client.publish(topic, intent.raw, qos=1)
+                    try:
+                        async with asyncio.timeout(timeout_s):
+                            return await asyncio.shield(future)
+                    except TimeoutError:
+                        continue
+            finally:
+                del self._in_flight[intent.id]
+        raise PaymentTimeout(intent.id, 1 + retries_max)
