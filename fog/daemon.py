@@ -227,14 +227,15 @@ class FogDaemon:
             ready.set()
         reader = asyncio.create_task(self._read(client), name="fog.mqtt.reader")
         stopping = asyncio.create_task(self._stopping.wait(), name="fog.mqtt.stop")
-        done, _ = await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done:
-            stopping.cancel()
-            reader.result()  # raises MqttError: reconnect
-            return
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        try:
+            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, stopping):
+                task.cancel()
+            await asyncio.gather(reader, stopping, return_exceptions=True)
+        if not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]  # MqttError: reconnect
+        # stopping: the reader is gone; let the group in flight commit and publish
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
                 await self._drained.wait()
@@ -357,7 +358,7 @@ class FogDaemon:
             self._count("receipt_unsent", len(outcomes))
             return
         sends = [
-            self._publish_one(client, topics.receipt_topic(self.config.fog_id, a.device), o)
+            self._publish_one(client, topics.receipt_topic(self.config.fog_id, a.topic_device), o)
             for a, o in zip(group, outcomes, strict=True)
         ]
         await asyncio.gather(*sends)
