@@ -171,7 +171,11 @@ class Wallet:
         await self.client.subscribe(topics.receipt_filter(self.fog_id), qos=1)
 
     async def reader(self) -> None:
+        receipt_prefix = f"{topics.ROOT}/{self.fog_id}/receipt/"
         async for message in self.client.messages:
+            # amqtt sends every retained message in the broker on CONNECT, past subscriptions
+            if not str(message.topic).startswith(receipt_prefix):
+                continue
             payload = bytes(message.payload) if isinstance(message.payload, bytes) else b""
             self.receipts.append((str(message.topic), payload))
             try:
@@ -200,6 +204,10 @@ class Wallet:
 
         env = split_envelope(payload, bytes_max=512)
         return await self.send(device.intent_topic, payload, message_id(env.type, env.body))
+
+    def raw_for(self, intent_id: bytes) -> list[bytes]:
+        """Every receipt seen for ``intent_id``, raw, in arrival order."""
+        return list(self._by_id.get(intent_id, []))
 
     def ok_receipts(self) -> list[Receipt]:
         out = []
