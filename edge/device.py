@@ -321,6 +321,8 @@ class DeviceSession:
     ) -> None:
         assert 1 <= in_flight_max <= IN_FLIGHT_MAX
         self.client = client
+        # aiomqtt warns above 10 unacknowledged publishes; a session has up to in_flight_max
+        client.pending_calls_threshold = max(client.pending_calls_threshold, in_flight_max)
         self.fog_id = fog_id
         self.fog_key = fog_key
         self.wildcard = wildcard

@@ -1,0 +1,325 @@
+"""``fogpay edge simulate`` (load simulator) and ``fogpay edge pay`` (one payment).
+
+Both talk to a fog given either as ``--sandbox DIR`` (reads DIR/sandbox.json; the simulator
+then provisions its devices itself with the sandbox's issuer seed: an owner, one binding per
+device, a lease) or as ``--broker URL --fog-id ID --fog-key HEX`` (devices provisioned by
+someone else, e.g. with ``fogpay device bind``).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import secrets
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiomqtt
+import nacl.signing
+
+from edge.device import (
+    PAY_TIMEOUT_S_DEFAULT,
+    RETRIES_MAX_DEFAULT,
+    Device,
+    DeviceSession,
+    PaymentDeclined,
+    PaymentError,
+)
+from edge.simulate import Payment, Summary, arrival_offsets_s, run_load
+from fogpay.keyfile import KeyFileError, load_key_file
+from fogpay.logs import configure
+from fogpay.provision import (
+    BrokerAddress,
+    Publication,
+    Validity,
+    binding_body,
+    device_binding,
+    lease,
+    load_or_create_key,
+    make_binding,
+    now_ms,
+    owner_credential,
+    parse_broker_url,
+    publish_retained,
+)
+from protocol.errors import FogpayError
+
+CONNECT_TIMEOUT_S: Final = 10.0
+READY_TIMEOUT_S: Final = 30.0
+READY_PROBE_TIMEOUT_S: Final = 2.0
+READY_PROBES_MAX: Final = 60
+DEVICES_MAX: Final = 100_000
+CONNECTIONS_MAX: Final = 64
+OWNER_ID_DEFAULT: Final = "sim-owner"
+VALIDITY_DAYS: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    broker: BrokerAddress
+    fog_id: str
+    fog_key: bytes
+    issuer: nacl.signing.SigningKey | None  # sandbox mode: we may provision
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    if args.sandbox is not None:
+        from fogpay.sandbox import SANDBOX_JSON, SandboxInfo
+
+        path = Path(args.sandbox)
+        directory = path if path.is_dir() else path.parent
+        info = SandboxInfo.load(directory / SANDBOX_JSON if path.is_dir() else path)
+        issuer = load_key_file(directory / info.issuer_seed_file)
+        return Target(info.broker, info.fog_id, info.fog_key, issuer)
+    if args.broker is None or args.fog_id is None or args.fog_key is None:
+        raise FogpayError("give --sandbox DIR, or --broker, --fog-id and --fog-key")
+    return Target(parse_broker_url(args.broker), args.fog_id, bytes.fromhex(args.fog_key), None)
+
+
+@contextlib.asynccontextmanager
+async def connected(broker: BrokerAddress, name: str) -> AsyncIterator[aiomqtt.Client]:
+    client = broker.client(identifier=f"fogpay-{name}-{secrets.token_hex(4)}")
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        await client.__aenter__()
+    try:
+        yield client
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+def provision_publications(
+    issuer: nacl.signing.SigningKey,
+    owner: nacl.signing.SigningKey,
+    devices: Sequence[Device],
+    *,
+    owner_id: str,
+    fog_id: str,
+    currency: str,
+    lease_micros: int,
+    tx_max_micros: int,
+) -> list[Publication]:
+    """Owner credential, one binding per device (each proving possession), and one lease,
+    in that order: a fog that has the lease has everything before it."""
+    validity = Validity.days(VALIDITY_DAYS, now=now_ms())
+    pubs = [
+        owner_credential(
+            issuer, owner_id=owner_id, owner_key=owner.verify_key.encode(), validity=validity
+        )
+    ]
+    for d in devices:
+        b = make_binding(
+            d.public_key,
+            owner_id=owner_id,
+            currency=currency,
+            tx_max_micros=tx_max_micros,
+            day_max_micros=lease_micros,
+            validity=validity,
+        )
+        pubs.append(device_binding(owner, b, proof=d.prove_possession(binding_body(b))))
+    pubs.append(
+        lease(
+            issuer,
+            owner_id=owner_id,
+            fog_id=fog_id,
+            amount_micros=lease_micros,
+            currency=currency,
+            not_after_ms=validity.not_after_ms,
+        )
+    )
+    return pubs
+
+
+async def wait_until_payable(session: DeviceSession, device: Device, payment: Payment) -> None:
+    """Pay with ``device`` until the fog knows its binding and lease (transient declines)."""
+    for _ in range(READY_PROBES_MAX):
+        try:
+            await session.pay(
+                device,
+                payment.payee_id,
+                payment.amount_micros,
+                payment.currency,
+                timeout_s=READY_PROBE_TIMEOUT_S,
+                retries_max=0,
+            )
+            return
+        except PaymentDeclined as exc:
+            if not exc.reason.transient:
+                raise
+        await asyncio.sleep(0.1)
+    raise FogpayError("the fog never accepted the provisioned devices")
+
+
+def open_devices(directory: Path, n: int, target: Target) -> list[Device]:
+    assert 1 <= n <= DEVICES_MAX
+    return [
+        Device.open(directory / f"dev-{i:05d}", fog_id=target.fog_id, fog_key=target.fog_key)
+        for i in range(n)
+    ]
+
+
+async def simulate(args: argparse.Namespace, devices_dir: Path) -> Summary:
+    target = target_from_args(args)
+    devices = open_devices(devices_dir, args.devices, target)
+    payment = Payment(
+        payee_id=args.payee,
+        amount_micros=args.amount,
+        currency=args.currency,
+        timeout_s=args.timeout,
+        retries_max=args.retries,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = []
+        for k in range(args.connections):
+            client = await stack.enter_async_context(connected(target.broker, f"sim{k}"))
+            session = DeviceSession(
+                client, fog_id=target.fog_id, fog_key=target.fog_key, wildcard=True
+            )
+            sessions.append(await stack.enter_async_context(session))
+        if target.issuer is not None and not args.no_provision:
+            await _provision(args, target, devices, devices_dir, sessions[0], payment)
+        offsets = arrival_offsets_s(
+            args.rate,
+            duration_s=args.duration,
+            count=args.count,
+            poisson=args.poisson,
+            rng=random.Random(args.seed),
+        )
+        progress = None if args.json else _print_progress
+        return await run_load(sessions, devices, payment, offsets, progress=progress)
+    raise AssertionError("unreachable")
+
+
+async def _provision(
+    args: argparse.Namespace,
+    target: Target,
+    devices: Sequence[Device],
+    devices_dir: Path,
+    session: DeviceSession,
+    payment: Payment,
+) -> None:
+    assert target.issuer is not None
+    owner = load_or_create_key(devices_dir / "owner.key")
+    lease_micros = (
+        args.lease or args.amount * (args.count or int(args.rate * args.duration) + 1) * 2
+    )
+    pubs = provision_publications(
+        target.issuer,
+        owner,
+        devices,
+        owner_id=args.owner_id,
+        fog_id=target.fog_id,
+        currency=args.currency,
+        lease_micros=lease_micros + args.amount,
+        tx_max_micros=args.amount,
+    )
+    await publish_retained(target.broker, pubs)
+    async with asyncio.timeout(READY_TIMEOUT_S):
+        await wait_until_payable(session, devices[-1], payment)
+
+
+def _print_progress(summary: Summary) -> None:
+    print(summary.progress_line(), file=sys.stderr, flush=True)
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    edge = sub.add_parser("edge", help="device side: load simulator, single payments")
+    cmds = edge.add_subparsers(dest="edge_command", required=True, metavar="COMMAND")
+    p = cmds.add_parser("simulate", help="many simulated devices paying through one fog")
+    _target_args(p)
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--rate", type=float, default=10.0, help="intents per second, all devices")
+    p.add_argument("--duration", type=float, help="seconds")
+    p.add_argument("--count", type=int, help="total intents")
+    p.add_argument("--poisson", action="store_true", help="Poisson arrivals (default: even)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--devices-dir", type=Path, help="device state dirs (default: a temp dir)")
+    p.add_argument("--connections", type=int, default=1)
+    p.add_argument("--lease", type=int, help="sandbox: lease micros (default: enough)")
+    p.add_argument("--owner-id", default=OWNER_ID_DEFAULT)
+    p.add_argument("--no-provision", action="store_true", help="sandbox: devices already bound")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_simulate)
+    p = cmds.add_parser("pay", help="one payment from the device whose state is in --state")
+    _target_args(p)
+    p.add_argument("--state", required=True, type=Path, help="device state dir")
+    p.add_argument("--memo", help="memo (text, <= 64 bytes)")
+    p.set_defaults(func=cmd_pay)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sandbox", help="sandbox DIR (or its sandbox.json)")
+    p.add_argument("--broker", help="mqtt://[user:pass@]127.0.0.1:PORT")
+    p.add_argument("--fog-id")
+    p.add_argument("--fog-key", help="fog public key (hex)")
+    p.add_argument("--payee", default="shop-1")
+    p.add_argument("--amount", type=int, default=1_000, help="micros per intent")
+    p.add_argument("--currency", default="EUR")
+    p.add_argument("--timeout", type=float, default=PAY_TIMEOUT_S_DEFAULT, help="seconds")
+    p.add_argument("--retries", type=int, default=RETRIES_MAX_DEFAULT)
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
+
+
+def _error(exc: BaseException) -> int:
+    print(f"fogpay edge: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    configure(json=False, level=args.log_level, stream=sys.stderr)
+    if args.duration is None and args.count is None:
+        return _error(ValueError("give --duration or --count"))
+    if not 1 <= args.connections <= CONNECTIONS_MAX or not 1 <= args.devices <= DEVICES_MAX:
+        return _error(ValueError("--connections or --devices out of range"))
+    try:
+        with contextlib.ExitStack() as stack:
+            devices_dir = args.devices_dir or Path(
+                stack.enter_context(tempfile.TemporaryDirectory())
+            )
+            summary = asyncio.run(simulate(args, devices_dir))
+    except (FogpayError, KeyFileError, aiomqtt.MqttError, TimeoutError, OSError) as exc:
+        return _error(exc)
+    print(json.dumps(summary.to_dict(), sort_keys=True) if args.json else summary.table())
+    return 0
+
+
+async def pay_once(args: argparse.Namespace) -> dict[str, Any]:
+    target = target_from_args(args)
+    device = Device.open(args.state, fog_id=target.fog_id, fog_key=target.fog_key)
+    memo = args.memo.encode() if args.memo else None
+    async with connected(target.broker, "pay") as client:
+        try:
+            receipt = await device.pay(
+                client,
+                args.payee,
+                args.amount,
+                args.currency,
+                memo=memo,
+                timeout_s=args.timeout,
+                retries_max=args.retries,
+            )
+        except PaymentDeclined as exc:
+            return {"status": "declined", "reason": str(exc.reason), "device": device.key_hex}
+    r = receipt.msg
+    return {
+        "status": "ok",
+        "device": device.key_hex,
+        "intent": r.intent_id.hex(),
+        "seq": r.seq,
+        "log_index": r.log_index,
+        "lease": r.lease_id.hex() if r.lease_id else None,
+    }
+
+
+def cmd_pay(args: argparse.Namespace) -> int:
+    configure(json=False, level=args.log_level, stream=sys.stderr)
+    try:
+        result = asyncio.run(pay_once(args))
+    except (PaymentError, FogpayError, KeyFileError, aiomqtt.MqttError, TimeoutError) as exc:
+        return _error(exc)
+    print(json.dumps(result, sort_keys=True))
+    return 0 if result["status"] == "ok" else 1
