@@ -66,8 +66,15 @@ def require_mosquitto() -> str:
     return path
 
 
-def wait_port(host: str, port: int, *, timeout_s: float = BROKER_START_TIMEOUT_S) -> None:
-    """Block until ``host:port`` accepts TCP connections (bounded in time)."""
+def wait_port(
+    host: str,
+    port: int,
+    *,
+    timeout_s: float = BROKER_START_TIMEOUT_S,
+    process: "subprocess.Popen[bytes] | None" = None,
+) -> None:
+    """Block until ``host:port`` accepts TCP connections (bounded in time); fails at once if
+    ``process`` exits first."""
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -76,6 +83,8 @@ def wait_port(host: str, port: int, *, timeout_s: float = BROKER_START_TIMEOUT_S
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise TimeoutError(f"process exited with {process.returncode}") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listening on {host}:{port}") from None
             time.sleep(0.02)
@@ -115,13 +124,14 @@ def start_mosquitto(
         "max_packet_size 1048576\n"
         "log_dest stderr\n"
         "log_type error\n"
-        "log_type warning\n" + extra
+        "log_type warning\n" + ("user root\n" if os.geteuid() == 0 else "") + extra
+        # as root, mosquitto drops to user "mosquitto", which cannot read pytest's tmp dirs
     )
     log = (directory / f"mosquitto-{port}.log").open("wb")
     process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
     log.close()
     try:
-        wait_port("127.0.0.1", port)
+        wait_port("127.0.0.1", port, process=process)
     except TimeoutError:
         process.kill()
         process.wait()

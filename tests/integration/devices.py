@@ -167,8 +167,14 @@ class Wallet:
         self._waiters: dict[bytes, list[asyncio.Future[bytes]]] = {}
         self._by_id: dict[bytes, list[bytes]] = {}
 
-    async def listen(self) -> None:
-        await self.client.subscribe(topics.receipt_filter(self.fog_id), qos=1)
+    async def listen(self, devices: Sequence["Device"] = ()) -> None:
+        """Subscribe to the receipts of ``devices`` (all receipts of the fog if none given;
+        a broker with per-device ACLs refuses that wildcard)."""
+        if not devices:
+            await self.client.subscribe(topics.receipt_filter(self.fog_id), qos=1)
+            return
+        for device in devices:
+            await self.client.subscribe(topics.receipt_topic(self.fog_id, device.public), qos=1)
 
     async def reader(self) -> None:
         receipt_prefix = f"{topics.ROOT}/{self.fog_id}/receipt/"
@@ -221,7 +227,13 @@ class Wallet:
 
 @contextlib.asynccontextmanager
 async def wallet(
-    host: str, port: int, fog_id: str, *, username: str | None = None, password: str | None = None
+    host: str,
+    port: int,
+    fog_id: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    devices: Sequence[Device] = (),
 ) -> AsyncIterator[Wallet]:
     client = aiomqtt.Client(
         host,
@@ -234,7 +246,7 @@ async def wallet(
     )
     async with client:
         w = Wallet(client, fog_id)
-        await w.listen()
+        await w.listen(devices)
         task = asyncio.create_task(w.reader(), name="test.wallet.reader")
         try:
             yield w
