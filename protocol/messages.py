@@ -234,8 +234,6 @@ class BatchHeader(Message):
     time_ms: int
 
     def validate(self) -> None:
-        if self.count > limits.BATCH_RECORDS_MAX:
-            raise _fail(f"batch: {self.count} records > {limits.BATCH_RECORDS_MAX}")
         if self.number == 1 and self.prev_id != ZERO_HASH:
             raise _fail("batch: batch 1 must have h = 32 zero bytes")
 
@@ -313,7 +311,7 @@ BatchHeader.SCHEMA = (
     Field("b", "number", UINT_POS),
     Field("h", "prev_id", HASH),
     Field("s", "first_index", UINT_POS),
-    Field("n", "count", UINT_POS),
+    Field("n", "count", _uint(1, limits.BATCH_RECORDS_MAX)),
     Field("r", "root", HASH),
     Field("t", "time_ms", UINT),
 )
