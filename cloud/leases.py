@@ -1,0 +1,242 @@
+"""Leases: replicated credit budgets, granted, drawn, reported and returned.
+
+An owner's credit limit bounds its **exposure**, the sum of
+
+- every lease not yet closed, counted at ``max(amount, drawn)``: until the fog reports, the
+  cloud cannot know what was drawn offline, so the whole lease stays in escrow, even after
+  it expired; a fog that overdrew is counted at what it drew;
+- every booked, unsettled transfer drawn on a closed lease.
+
+A lease is granted only if ``exposure + amount <= limit``, inside the transaction that
+records it, so **outstanding leases + authorized-but-unsettled <= credit limit** holds after
+every transaction (unless a fog overdraws: that is flagged, and the overdraft counted).
+
+A lease closes when its fog's ``lrep`` says what it drew (``u``) up to batch ``b``, the cloud
+holds that fog's batches up to ``b`` and the booked draws on the lease equal ``u``; then its
+unused part is free. A report that disagrees raises ``lease_report_mismatch`` and the lease
+stays in escrow for an operator. Settlement frees the closed leases' booked transfers.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Final
+
+import nacl.signing
+import structlog
+
+from cloud import registry
+from cloud.booking import ALARM_LEASE_REPORT, Alarm
+from cloud.store import Tx, clamp_ms
+from protocol import limits, topics
+from protocol.errors import Declined
+from protocol.leasing import LeaseReport, LeaseRequest
+from protocol.messages import Lease
+from protocol.reasons import Reason
+from protocol.signing import open_envelope, seal_signed
+
+log = structlog.get_logger()
+
+STATE_OPEN: Final = "open"
+STATE_CLOSED: Final = "closed"
+OPEN_LEASES_PER_FOG_OWNER_MAX: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePolicy:
+    initial_micros: int = 10_000_000  # the lease a fog gets when it first sees an owner
+    request_micros_max: int = 100_000_000  # most one request may obtain
+    lease_ms: int = 3_600_000
+
+    def __post_init__(self) -> None:
+        assert 0 < self.initial_micros <= self.request_micros_max <= limits.AMOUNT_MICROS_MAX
+        assert self.lease_ms > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    lease: Lease
+    envelope: bytes
+    topic: str
+
+
+async def exposure(tx: Tx, owner_id: str) -> int:
+    row = await tx.fetchone(
+        "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
+        "ELSE amount_micros END), 0) AS BIGINT) FROM leases WHERE owner_id = ? AND state = ?",
+        (owner_id, STATE_OPEN),
+    )
+    closed = await tx.fetchone(
+        "SELECT CAST(COALESCE(SUM(t.amount_micros), 0) AS BIGINT) FROM transfers t "
+        "JOIN leases l ON l.lease_id = t.lease_id "
+        "WHERE t.debit = ? AND l.state = ? AND t.period IS NULL",
+        (owner_id, STATE_CLOSED),
+    )
+    assert row is not None and closed is not None
+    return int(row[0]) + int(closed[0])
+
+
+async def available(tx: Tx, owner_id: str) -> int:
+    owner = await registry.get_owner(tx, owner_id)
+    if owner is None:
+        return 0
+    return max(0, owner.limit_micros - await exposure(tx, owner_id))
+
+
+async def grant(
+    tx: Tx,
+    issuer: nacl.signing.SigningKey,
+    *,
+    owner_id: str,
+    fog_id: str,
+    amount_micros: int,
+    now_ms: int,
+    policy: LeasePolicy,
+) -> Granted:
+    """Grant up to ``amount_micros`` (less if the owner's credit is short); raises
+    Declined(INSUFFICIENT_BUDGET) when nothing can be granted."""
+    owner = await registry.get_owner(tx, owner_id)
+    if owner is None or owner.status != registry.STATUS_ACTIVE:
+        raise Declined(Reason.UNKNOWN_DEVICE, f"no active owner {owner_id!r}")
+    if await registry.fog_key(tx, fog_id) is None:
+        raise Declined(Reason.WRONG_FOG, f"no fog {fog_id!r}")
+    open_n = await tx.fetchone(
+        "SELECT COUNT(*) FROM leases WHERE owner_id = ? AND fog_id = ? AND state = ? "
+        "AND not_after_ms > ?",
+        (owner_id, fog_id, STATE_OPEN, now_ms),
+    )
+    assert open_n is not None
+    if open_n[0] >= OPEN_LEASES_PER_FOG_OWNER_MAX:
+        raise Declined(Reason.RATE_LIMITED, "fog holds the most live leases for this owner")
+    amount = min(amount_micros, policy.request_micros_max, await available(tx, owner_id))
+    if amount <= 0:
+        raise Declined(Reason.INSUFFICIENT_BUDGET, f"owner {owner_id!r} has no credit left")
+    lease = Lease(
+        lease_id=os.urandom(limits.LEASE_ID_BYTES),
+        owner_id=owner_id,
+        fog_id=fog_id,
+        amount_micros=amount,
+        currency=owner.currency,
+        not_after_ms=now_ms + policy.lease_ms,
+    )
+    raw = seal_signed(lease, issuer).raw
+    await tx.execute(
+        "INSERT INTO leases (lease_id, owner_id, fog_id, currency, amount_micros, not_after_ms, "
+        "granted_ms, state, drawn_micros, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+        (
+            *(lease.lease_id, owner_id, fog_id, lease.currency, amount),
+            *(clamp_ms(lease.not_after_ms), now_ms, STATE_OPEN, raw),
+        ),
+    )
+    topic = topics.lease_topic(fog_id, lease.lease_id)
+    await registry.put_retained(tx, topic, raw)
+    assert await exposure(tx, owner_id) <= owner.limit_micros
+    return Granted(lease, raw, topic)
+
+
+async def handle_request(
+    tx: Tx, issuer: nacl.signing.SigningKey, wire: bytes, *, now_ms: int, policy: LeasePolicy
+) -> Granted | None:
+    """Answer a fog's signed ``lreq``. Idempotent by request id: the same request gets the
+    same lease (or the same refusal, None). Raises Declined for a request that is not the
+    fog's or not well-formed (nothing is stored then)."""
+    signed = open_envelope(wire, LeaseRequest)
+    req = signed.msg
+    key = await registry.fog_key(tx, req.fog_id)
+    if key is None or key != signed.signer:
+        raise Declined(Reason.BAD_SIGNATURE, "lreq: signer is not the fog's key")
+    prior = await tx.fetchone(
+        "SELECT r.lease_id, l.envelope FROM lease_requests r "
+        "LEFT JOIN leases l ON l.lease_id = r.lease_id WHERE r.request_id = ?",
+        (signed.id,),
+    )
+    if prior is not None:
+        if prior[0] is None:
+            return None
+        lease = open_envelope(bytes(prior[1]), Lease).msg
+        return Granted(lease, bytes(prior[1]), topics.lease_topic(lease.fog_id, lease.lease_id))
+    owner = await registry.get_owner(tx, req.owner_id)
+    if owner is None or owner.currency != req.currency:
+        raise Declined(Reason.CURRENCY, "lreq: no such owner in that currency")
+    amount = req.amount_micros if req.amount_micros is not None else policy.initial_micros
+    try:
+        granted: Granted | None = await grant(
+            tx,
+            issuer,
+            owner_id=req.owner_id,
+            fog_id=req.fog_id,
+            amount_micros=amount,
+            now_ms=now_ms,
+            policy=policy,
+        )
+    except Declined as exc:
+        log.info("lease_refused", fog_id=req.fog_id, owner=req.owner_id, reason=exc.reason)
+        granted = None
+    lease_id = None if granted is None else granted.lease.lease_id
+    await tx.execute(
+        "INSERT INTO lease_requests (request_id, fog_id, owner_id, lease_id) VALUES (?, ?, ?, ?)",
+        (signed.id, req.fog_id, req.owner_id, lease_id),
+    )
+    return granted
+
+
+async def handle_report(tx: Tx, wire: bytes) -> list[str]:
+    """Record a fog's signed ``lrep`` and close what can be closed; returns the retained
+    topics to clear (closed leases). Idempotent by lease id."""
+    signed = open_envelope(wire, LeaseReport)
+    rep = signed.msg
+    row = await tx.fetchone(
+        "SELECT fog_id FROM leases WHERE lease_id = ?",
+        (rep.lease_id,),
+    )
+    key = await registry.fog_key(tx, rep.fog_id)
+    if row is None or row[0] != rep.fog_id or key != signed.signer:
+        raise Declined(Reason.BAD_SIGNATURE, "lrep: not the lease's fog")
+    inserted = await tx.execute(
+        "INSERT INTO lease_reports (lease_id, fog_id, drawn_micros, batch, envelope) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id) DO NOTHING",
+        (rep.lease_id, rep.fog_id, rep.drawn_micros, rep.last_batch, wire),
+    )
+    if inserted:
+        await tx.execute(
+            "UPDATE leases SET reported_micros = ?, report_batch = ? WHERE lease_id = ?",
+            (rep.drawn_micros, rep.last_batch, rep.lease_id),
+        )
+    chain = await tx.fetchone("SELECT number FROM chains WHERE fog_id = ?", (rep.fog_id,))
+    return await close_reported(tx, rep.fog_id, 0 if chain is None else chain[0])
+
+
+async def close_reported(tx: Tx, fog_id: str, chain_number: int) -> list[str]:
+    """Close the fog's reported leases whose batches are all held; returns retained topics
+    to clear. A report that disagrees with the booked draws leaves the lease in escrow."""
+    rows = await tx.fetchall(
+        "SELECT lease_id, drawn_micros, reported_micros, owner_id FROM leases "
+        "WHERE fog_id = ? AND state = ? AND reported_micros IS NOT NULL AND report_batch <= ?",
+        (fog_id, STATE_OPEN, chain_number),
+    )
+    cleared = []
+    for lease_id, drawn, reported, owner_id in rows:
+        lease_id = bytes(lease_id)
+        if drawn != reported:
+            await add_alarm(
+                tx,
+                Alarm(ALARM_LEASE_REPORT, lease_id.hex(), f"reported {reported}, booked {drawn}"),
+                fog_id=fog_id,
+            )
+            continue
+        await tx.execute("UPDATE leases SET state = ? WHERE lease_id = ?", (STATE_CLOSED, lease_id))
+        topic = topics.lease_topic(fog_id, lease_id)
+        await tx.execute("DELETE FROM retained WHERE topic = ?", (topic,))
+        cleared.append(topic)
+        log.info("lease_closed", fog_id=fog_id, owner=owner_id, lease=lease_id.hex(), drawn=drawn)
+    return cleared
+
+
+async def add_alarm(tx: Tx, alarm: Alarm, *, fog_id: str, now_ms: int = 0) -> bool:
+    n = await tx.execute(
+        "INSERT INTO alarms (kind, subject, fog_id, detail, time_ms) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (kind, subject) DO NOTHING",
+        (alarm.kind, alarm.subject, fog_id, alarm.detail, now_ms),
+    )
+    if n:
+        log.warning("alarm_raised", kind=alarm.kind, fog_id=fog_id, subject=alarm.subject[:16])
+    return n == 1

@@ -1,0 +1,75 @@
+"""The cloud's tables, written once for both dialects (``{blob}`` and ``{int}`` differ).
+
+Money columns are BIGINT micros; amounts are <= 2^53 and balances stay far inside 2^63.
+"""
+
+from typing import Final
+
+SCHEMA_VERSION: Final = 1
+
+TABLES: Final = (
+    "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS owners (
+        owner_id TEXT PRIMARY KEY, key {blob} NOT NULL UNIQUE, limit_micros {int} NOT NULL,
+        currency TEXT NOT NULL, funding_ref TEXT NOT NULL, status TEXT NOT NULL,
+        nb {int} NOT NULL, na {int} NOT NULL, credential {blob} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS fogs (
+        fog_id TEXT PRIMARY KEY, key {blob} NOT NULL UNIQUE, credential {blob} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS bindings (
+        binding_id {blob} PRIMARY KEY, device {blob} NOT NULL, owner_id TEXT NOT NULL,
+        nb {int} NOT NULL, na {int} NOT NULL, currency TEXT NOT NULL, envelope {blob} NOT NULL,
+        registered_ms {int} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS bindings_device ON bindings (device)",
+    """CREATE TABLE IF NOT EXISTS revocations (
+        key {blob} PRIMARY KEY, signer {blob} NOT NULL, time_ms {int} NOT NULL,
+        reason TEXT NOT NULL, envelope {blob} NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload {blob} NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        lease_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, fog_id TEXT NOT NULL,
+        currency TEXT NOT NULL, amount_micros {int} NOT NULL, not_after_ms {int} NOT NULL,
+        granted_ms {int} NOT NULL, state TEXT NOT NULL, drawn_micros {int} NOT NULL,
+        reported_micros {int}, report_batch {int}, envelope {blob} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner_id, state)",
+    """CREATE TABLE IF NOT EXISTS lease_requests (
+        request_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, owner_id TEXT NOT NULL,
+        lease_id {blob})""",
+    """CREATE TABLE IF NOT EXISTS chains (
+        fog_id TEXT PRIMARY KEY, number {int} NOT NULL, header_id {blob} NOT NULL,
+        next_index {int} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS batches (
+        fog_id TEXT NOT NULL, number {int} NOT NULL, header_id {blob} NOT NULL,
+        header {blob} NOT NULL, first_index {int} NOT NULL, count {int} NOT NULL,
+        received_ms {int} NOT NULL, PRIMARY KEY (fog_id, number))""",
+    """CREATE TABLE IF NOT EXISTS held (
+        fog_id TEXT NOT NULL, number {int} NOT NULL, header_id {blob} NOT NULL,
+        wire {blob} NOT NULL, PRIMARY KEY (fog_id, number))""",
+    """CREATE TABLE IF NOT EXISTS records (
+        fog_id TEXT NOT NULL, number {int} NOT NULL, position {int} NOT NULL,
+        intent_id {blob} NOT NULL, record {blob} NOT NULL,
+        PRIMARY KEY (fog_id, number, position))""",
+    """CREATE TABLE IF NOT EXISTS transfers (
+        intent_id {blob} PRIMARY KEY, device {blob} NOT NULL, dseq {blob} NOT NULL,
+        debit TEXT NOT NULL, credit TEXT NOT NULL, currency TEXT NOT NULL,
+        amount_micros {int} NOT NULL, lease_id {blob} NOT NULL, fog_id TEXT NOT NULL,
+        number {int} NOT NULL, position {int} NOT NULL, booked_ms {int} NOT NULL,
+        period TEXT)""",
+    "CREATE INDEX IF NOT EXISTS transfers_dseq ON transfers (dseq)",
+    "CREATE INDEX IF NOT EXISTS transfers_lease ON transfers (lease_id)",
+    "CREATE INDEX IF NOT EXISTS transfers_period ON transfers (period, debit)",
+    """CREATE TABLE IF NOT EXISTS accounts (
+        account_id TEXT NOT NULL, currency TEXT NOT NULL, balance_micros {int} NOT NULL,
+        PRIMARY KEY (account_id, currency))""",
+    """CREATE TABLE IF NOT EXISTS rejected (
+        fog_id TEXT NOT NULL, number {int} NOT NULL, position {int} NOT NULL,
+        intent_id {blob}, reason TEXT NOT NULL, PRIMARY KEY (fog_id, number, position))""",
+    """CREATE TABLE IF NOT EXISTS alarms (
+        kind TEXT NOT NULL, subject TEXT NOT NULL, fog_id TEXT NOT NULL, detail TEXT NOT NULL,
+        time_ms {int} NOT NULL, PRIMARY KEY (kind, subject))""",
+    """CREATE TABLE IF NOT EXISTS lease_reports (
+        lease_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, drawn_micros {int} NOT NULL,
+        batch {int} NOT NULL, envelope {blob} NOT NULL)""",
+)
+
+
+def ddl(*, blob: str, integer: str) -> list[str]:
+    return [t.format(blob=blob, int=integer) for t in TABLES]

@@ -1,0 +1,83 @@
+"""The cloud's store interface: one transaction at a time over a small SQL dialect.
+
+The cloud's modules (registry, leases, ingest, ledger) speak plain SQL that SQLite and
+PostgreSQL both accept: ``?`` placeholders (translated to ``$n`` for asyncpg), ``INSERT ...
+ON CONFLICT DO NOTHING``, ``CASE`` instead of ``MAX(a, b)``/``GREATEST``, every ``SUM`` wrapped
+in ``CAST(COALESCE(SUM(x), 0) AS BIGINT)`` so both return an int. A store runs a whole unit of
+work with ``transact(fn)``: SQLite serializes writers (one connection, ``BEGIN IMMEDIATE``);
+PostgreSQL runs it SERIALIZABLE and re-runs ``fn`` on a serialization failure, so ``fn`` must
+have no effect outside the transaction (it only reads and writes through ``tx``).
+"""
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
+
+T = TypeVar("T")
+Row = Sequence[Any]
+
+# Chunk size for ``IN (...)`` lists: far below SQLite's and PostgreSQL's parameter limits.
+IN_LIST_ITEMS_MAX: Final = 500
+# BIGINT is signed: wire times are uint64, so times are clamped when stored (any real time
+# is far below), and sequence numbers are stored as 8 big-endian bytes.
+INT63_MAX: Final = 2**63 - 1
+
+
+class Tx(Protocol):
+    dialect: str
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Row | None: ...
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Row]: ...
+
+
+class Store(Protocol):
+    dialect: str
+
+    async def transact(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction (committed durably before this returns)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def clamp_ms(value: int) -> int:
+    return min(value, INT63_MAX)
+
+
+def seq_bytes(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def placeholders(n: int) -> str:
+    assert 1 <= n <= IN_LIST_ITEMS_MAX
+    return ",".join("?" * n)
+
+
+def chunks(items: Sequence[T]) -> list[Sequence[T]]:
+    return [items[i : i + IN_LIST_ITEMS_MAX] for i in range(0, len(items), IN_LIST_ITEMS_MAX)]
+
+
+async def fetch_in(tx: Tx, sql: str, items: Sequence[object]) -> list[Row]:
+    """Run ``sql`` (containing one ``{in}`` slot) over ``items`` in chunks."""
+    rows: list[Row] = []
+    for part in chunks(list(items)):
+        rows.extend(await tx.fetchall(sql.replace("{in}", placeholders(len(part))), part))
+    return rows
+
+
+async def open_store(url: str) -> Store:
+    """``sqlite:///path/to/cloud.db`` (or a plain path) or ``postgresql://...``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from cloud.pgstore import PgStore
+
+        return await PgStore.open(url)
+    from cloud.sqlitestore import SqliteStore
+
+    path = url.removeprefix("sqlite://")
+    return await SqliteStore.open(path)
