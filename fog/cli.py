@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from typing import Any
@@ -51,8 +52,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     configure(json=not args.console, level=config.log_level)
+    route_stdlib_logging(json=not args.console)
     asyncio.run(run_until_signal(config))
     return 0
+
+
+def route_stdlib_logging(*, json: bool) -> None:
+    """amqtt and aiomqtt log through the standard library: render their warnings as our
+    JSON lines too, so journald sees one format (their chatter below WARNING is dropped)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 async def run_until_signal(config: FogConfig) -> None:

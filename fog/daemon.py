@@ -46,7 +46,6 @@ T = TypeVar("T")
 INTENT_QUEUE_MAX: Final = 10_000
 TRUST_QUEUE_MAX: Final = 10_000
 GROUP_MAX: Final = 256
-INTENT_PAYLOAD_BYTES_MAX: Final = 1024  # larger: declined malformed, never decoded
 PUBLISH_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
@@ -190,6 +189,8 @@ class FogDaemon:
                 max_queued_incoming_messages=INTENT_QUEUE_MAX,
                 socket_options=(TCP_NODELAY_OPTION,),
             )
+            # we publish a whole group's receipts at once by design; warn only past that
+            client.pending_calls_threshold = GROUP_MAX * 2
             try:
                 async with client:
                     failures = 0

@@ -16,6 +16,7 @@ import nacl.signing
 from fog.broker import TCP_NODELAY_OPTION
 from fogpay.keyfile import write_key_file
 from protocol import topics
+from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 from protocol.messages import (
     Binding,
     Intent,
@@ -24,7 +25,7 @@ from protocol.messages import (
     Receipt,
     Revocation,
 )
-from protocol.signing import open_envelope, public_key, seal
+from protocol.signing import message_id, open_envelope, public_key, seal, split_envelope
 
 RECEIPT_TIMEOUT_S: Final = 10.0
 DAY_MS: Final = 86_400_000
@@ -33,6 +34,11 @@ FAR_FUTURE_MS: Final = 4_102_444_800_000  # 2100-01-01
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def intent_id(payload: bytes) -> bytes:
+    env = split_envelope(payload, bytes_max=INTENT_ENVELOPE_BYTES_MAX)
+    return message_id(env.type, env.body)
 
 
 def new_key() -> nacl.signing.SigningKey:
@@ -198,18 +204,28 @@ class Wallet:
         raw = await self.send_raw(topic, payload, intent_id)
         return open_envelope(raw, Receipt).msg
 
-    async def send_raw(self, topic: str, payload: bytes, intent_id: bytes) -> bytes:
+    async def send_raw(
+        self, topic: str, payload: bytes, intent_id: bytes, *, timeout_s: float = RECEIPT_TIMEOUT_S
+    ) -> bytes:
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(intent_id, []).append(waiter)
         await self.client.publish(topic, payload, qos=1, timeout=RECEIPT_TIMEOUT_S)
-        async with asyncio.timeout(RECEIPT_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             return await waiter
 
-    async def pay(self, device: Device, payload: bytes) -> Receipt:
-        from protocol.signing import message_id, split_envelope
+    async def pay(self, device: "Device", payload: bytes) -> Receipt:
+        return await self.send(device.intent_topic, payload, intent_id(payload))
 
-        env = split_envelope(payload, bytes_max=512)
-        return await self.send(device.intent_topic, payload, message_id(env.type, env.body))
+    async def pay_until_answered(
+        self, device: "Device", payload: bytes, *, timeout_s: float, attempts_max: int
+    ) -> bytes:
+        """What a device does: retransmit the same bytes until a receipt comes (bounded)."""
+        for _ in range(attempts_max):
+            with contextlib.suppress(TimeoutError):
+                return await self.send_raw(
+                    device.intent_topic, payload, intent_id(payload), timeout_s=timeout_s
+                )
+        raise AssertionError(f"no receipt after {attempts_max} attempts")
 
     def raw_for(self, intent_id: bytes) -> list[bytes]:
         """Every receipt seen for ``intent_id``, raw, in arrival order."""

@@ -16,6 +16,7 @@ from protocol.signing import open_envelope
 from tests.integration.devices import (
     Device,
     Issuer,
+    intent_id,
     now_ms,
     publish_retained,
     wallet,
@@ -96,13 +97,6 @@ def _log_rows(db: Path) -> int:
         con.close()
 
 
-def _intent_id(payload: bytes) -> bytes:
-    from protocol.signing import message_id, split_envelope
-
-    env = split_envelope(payload, bytes_max=512)
-    return message_id(env.type, env.body)
-
-
 async def test_every_decline_code_is_answered_signed_and_changes_nothing(
     tmp_path: Path, issuer: Issuer
 ) -> None:
@@ -172,32 +166,32 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
             await expect(Reason.MALFORMED, ok.intent_topic, huge, hashlib.sha256(huge).digest())
             good = ok.intent(100)
             forged = good[:-1] + bytes([good[-1] ^ 1])
-            await expect(Reason.BAD_SIGNATURE, ok.intent_topic, forged, _intent_id(forged))
-            await expect(Reason.TOPIC_MISMATCH, d["other"].intent_topic, good, _intent_id(good))
+            await expect(Reason.BAD_SIGNATURE, ok.intent_topic, forged, intent_id(forged))
+            await expect(Reason.TOPIC_MISMATCH, d["other"].intent_topic, good, intent_id(good))
             p = ok.intent(100, fog_id="fog-b")
-            await expect(Reason.WRONG_FOG, ok.intent_topic, p, _intent_id(p))
+            await expect(Reason.WRONG_FOG, ok.intent_topic, p, intent_id(p))
             for name, reason in (("unbound", Reason.UNKNOWN_DEVICE), ("revoked", Reason.REVOKED)):
                 p = d[name].intent(100)
-                await expect(reason, d[name].intent_topic, p, _intent_id(p))
+                await expect(reason, d[name].intent_topic, p, intent_id(p))
             c = d["conflict"]
             p = c.intent(100)
-            assert (await expect(None, c.intent_topic, p, _intent_id(p))).ok
+            assert (await expect(None, c.intent_topic, p, intent_id(p))).ok
             p = c.intent(200, seq=c.seq)
-            await expect(Reason.SEQ_CONFLICT, c.intent_topic, p, _intent_id(p))
+            await expect(Reason.SEQ_CONFLICT, c.intent_topic, p, intent_id(p))
             s = d["stale"]
             s.seq = 5
             p = s.intent(100, seq=5)
-            await expect(None, s.intent_topic, p, _intent_id(p))
+            await expect(None, s.intent_topic, p, intent_id(p))
             p = s.intent(100, seq=3)
-            await expect(Reason.STALE, s.intent_topic, p, _intent_id(p))
+            await expect(Reason.STALE, s.intent_topic, p, intent_id(p))
             p = s.intent(100, seq=6, time_ms=t0 - 600_000)
-            await expect(Reason.STALE, s.intent_topic, p, _intent_id(p))
+            await expect(Reason.STALE, s.intent_topic, p, intent_id(p))
             rate = d["rate"]
             for _ in range(3):
                 p = rate.intent(1)
-                await expect(None, rate.intent_topic, p, _intent_id(p))
+                await expect(None, rate.intent_topic, p, intent_id(p))
             p = rate.intent(1)
-            await expect(Reason.RATE_LIMITED, rate.intent_topic, p, _intent_id(p))
+            await expect(Reason.RATE_LIMITED, rate.intent_topic, p, intent_id(p))
             cases = (
                 ("currency", {"currency": "USD"}, Reason.CURRENCY),
                 ("payee", {"payee_id": "bar"}, Reason.PAYEE_NOT_ALLOWED),
@@ -206,19 +200,19 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
             for name, overrides, reason in cases:
                 amount = overrides.pop("amount_micros", 100)
                 p = d[name].intent(amount, **overrides)
-                await expect(reason, d[name].intent_topic, p, _intent_id(p))
+                await expect(reason, d[name].intent_topic, p, intent_id(p))
             day = d["day"]
             p = day.intent(100)
-            await expect(None, day.intent_topic, p, _intent_id(p))
+            await expect(None, day.intent_topic, p, intent_id(p))
             p = day.intent(100)
-            await expect(Reason.LIMIT_DAY, day.intent_topic, p, _intent_id(p))
+            await expect(Reason.LIMIT_DAY, day.intent_topic, p, intent_id(p))
             b = d["budget"]
             short_of_budget = b.intent(11)
             await expect(
                 Reason.INSUFFICIENT_BUDGET,
                 b.intent_topic,
                 short_of_budget,
-                _intent_id(short_of_budget),
+                intent_id(short_of_budget),
             )
 
             # declined intents changed nothing: a new lease, and the same bytes now pass
@@ -230,13 +224,13 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
                 password=DEV_PW,
             )
             await wait_counter(fog, "lease_accepted", 3)
-            r = await expect(None, b.intent_topic, short_of_budget, _intent_id(short_of_budget))
+            r = await expect(None, b.intent_topic, short_of_budget, intent_id(short_of_budget))
             assert r.ok and r.seq == 1
 
             # a binding that was valid when loaded expires with the fog's clock
             clock.ms = t0 + 120_000
             p = d["expired"].intent(100)
-            await expect(Reason.EXPIRED, d["expired"].intent_topic, p, _intent_id(p))
+            await expect(Reason.EXPIRED, d["expired"].intent_topic, p, intent_id(p))
 
             # a topic whose device level is not a key: dropped, logged, counted, no answer
             with structlog.testing.capture_logs() as logs:
