@@ -43,7 +43,7 @@ def _digest(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
-class PasswordAuthPlugin(BaseAuthPlugin):
+class PasswordAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped here
     """Username and password from the fog's config; never marks a session anonymous."""
 
     @dataclass

@@ -86,7 +86,7 @@ async def run_until_signal(config: FogConfig) -> None:
     daemon = FogDaemon(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: _on_signal(daemon, s))
+        loop.add_signal_handler(sig, _on_signal, daemon, sig)
     await daemon.run()
 
 

@@ -261,7 +261,11 @@ class FogDaemon:
             payload = message.payload
             if not isinstance(payload, bytes | bytearray):
                 payload = b""
-            self._dispatch(str(message.topic), bytes(payload))
+            try:
+                self._dispatch(str(message.topic), bytes(payload))
+            except Exception as exc:  # the seam: no payload or topic may stop the reader
+                self._count("message_dropped")
+                self._log.error("message_dropped", cause=type(exc).__name__)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Route one message; never raises (bad input is logged and counted)."""

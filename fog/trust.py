@@ -15,7 +15,14 @@ from typing import Final
 
 from protocol import limits, topics
 from protocol.errors import Declined
-from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
+from protocol.messages import (
+    Binding,
+    FogCredential,
+    Lease,
+    Message,
+    OwnerCredential,
+    Revocation,
+)
 from protocol.signing import open_envelope
 from protocol.topics import Kind
 
@@ -57,7 +64,7 @@ def republish_topic(msg_type: str, envelope: bytes) -> str | None:
     """The retained topic a stored trust envelope belongs on, or None for types we don't
     republish. Stored envelopes were verified when loaded; a stored one that no longer opens
     is a bug in the store, hence the assertion."""
-    cls = {
+    cls: type[Message] | None = {
         OwnerCredential.TYPE: OwnerCredential,
         FogCredential.TYPE: FogCredential,
         Binding.TYPE: Binding,
@@ -67,7 +74,7 @@ def republish_topic(msg_type: str, envelope: bytes) -> str | None:
     if cls is None:
         return None
     try:
-        msg = open_envelope(envelope, cls).msg
+        msg: Message = open_envelope(envelope, cls).msg
     except Declined as exc:
         raise AssertionError(f"stored {msg_type} envelope does not open: {exc}") from exc
     if isinstance(msg, OwnerCredential):
