@@ -121,8 +121,9 @@ def seal_due(
         full = fit < len(records) or len(records) == records_max
         if not full and now_ms - oldest_ms < age_ms:
             break
-        sealed.append(_seal_one(conn, fog_id, fog_key, number + 1, prev_id, first,
-                                records[:fit], now_ms))  # fmt: skip
+        sealed.append(
+            _seal_one(conn, fog_id, fog_key, number + 1, prev_id, first, records[:fit], now_ms)
+        )
     return sealed
 
 

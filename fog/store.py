@@ -68,6 +68,7 @@ PROCESS_GROUP_MAX: Final = 4096  # arrivals per process() call (one transaction)
 TRUST_ROWS_MAX: Final = 1_000_000  # trust and lease envelopes kept
 DECODED_CACHE_MAX: Final = 65_536  # decoded bindings and credentials kept in memory
 BUSY_TIMEOUT_MS: Final = 5_000
+DETAIL_CHARS_MAX: Final = 200  # of a decline's detail, for the log line
 INT64_MAX: Final = 2**63 - 1
 U64_OFFSET: Final = 2**63
 
@@ -359,9 +360,18 @@ class FogStore:
         )
         raw = seal(receipt, self._fog_key)
         return Outcome(
-            raw, STATUS_DECLINED, exc.reason, False, intent_id, device, seq, None, None, None,
-            exc.detail[:200],
-        )  # fmt: skip
+            receipt=raw,
+            status=STATUS_DECLINED,
+            reason=exc.reason,
+            replay=False,
+            intent_id=intent_id,
+            device=device,
+            seq=seq,
+            owner_id=None,
+            amount_micros=None,
+            log_index=None,
+            detail=exc.detail[:DETAIL_CHARS_MAX],
+        )
 
     def _declined(
         self, signed: Signed[Intent], reason: Reason, owner_id: str | None, now_ms: int
@@ -392,9 +402,17 @@ class FogStore:
         status = STATUS_OK if reason is None else STATUS_DECLINED
         i = signed.msg
         return Outcome(
-            receipt, status, reason, replay, signed.id, i.device, i.seq, owner_id, amount_micros,
-            log_index,
-        )  # fmt: skip
+            receipt=receipt,
+            status=status,
+            reason=reason,
+            replay=replay,
+            intent_id=signed.id,
+            device=i.device,
+            seq=i.seq,
+            owner_id=owner_id,
+            amount_micros=amount_micros,
+            log_index=log_index,
+        )
 
     def _authorized(
         self, signed: Signed[Intent], decision: Decision, owner_id: str, now_ms: int
@@ -429,9 +447,19 @@ class FogStore:
         c.execute(
             "INSERT INTO log (n, intent_id, device, seq, owner_id, lease_id, amount_micros, "
             "intent, receipt, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (n, signed.id, intent.device, _i64(intent.seq), owner_id, lease_id, a, signed.raw,
-             raw, now_ms),
-        )  # fmt: skip
+            (
+                n,
+                signed.id,
+                intent.device,
+                _i64(intent.seq),
+                owner_id,
+                lease_id,
+                a,
+                signed.raw,
+                raw,
+                now_ms,
+            ),
+        )
         self._next_n = n + 1
         return self._outcome(signed, raw, None, owner_id, a, n)
 
@@ -537,7 +565,7 @@ class FogStore:
         try:
             signed = open_envelope(envelope, cls, signer=signer)
         except Declined as exc:
-            return TrustOutcome("refused", exc.reason, exc.detail[:200])
+            return TrustOutcome("refused", exc.reason, exc.detail[:DETAIL_CHARS_MAX])
         problem = _trust_problem(signed, fog_id=self.fog_id, now_ms=now_ms)
         if problem is not None:
             return TrustOutcome("refused", problem[0], problem[1], signed.id)
@@ -646,9 +674,16 @@ def _insert_trust_row(c: sqlite3.Connection, signed: Signed[Message]) -> None:
         c.execute(
             "INSERT INTO bindings (id, device, owner_id, signer, nb, na, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (i, msg.device, msg.owner_id, signed.signer, _ms(msg.not_before_ms),
-             _ms(msg.not_after_ms), signed.body),
-        )  # fmt: skip
+            (
+                i,
+                msg.device,
+                msg.owner_id,
+                signed.signer,
+                _ms(msg.not_before_ms),
+                _ms(msg.not_after_ms),
+                signed.body,
+            ),
+        )
     elif isinstance(msg, Revocation):
         c.execute(
             "INSERT INTO revocations (id, key, signer) VALUES (?, ?, ?)",
@@ -659,9 +694,8 @@ def _insert_trust_row(c: sqlite3.Connection, signed: Signed[Message]) -> None:
         c.execute(
             "INSERT INTO leases (lease_id, id, owner_id, currency, amount_micros, not_after_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (msg.lease_id, i, msg.owner_id, msg.currency, msg.amount_micros,
-             _ms(msg.not_after_ms)),
-        )  # fmt: skip
+            (msg.lease_id, i, msg.owner_id, msg.currency, msg.amount_micros, _ms(msg.not_after_ms)),
+        )
 
 
 def _describe(msg: Message) -> str:
