@@ -53,6 +53,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 READY_TIMEOUT_S: Final = 30.0
 READY_PROBE_TIMEOUT_S: Final = 2.0
 READY_PROBES_MAX: Final = 60
+READY_PROBE_PAUSE_S: Final = 0.1
 DEVICES_MAX: Final = 100_000
 CONNECTIONS_MAX: Final = 64
 OWNER_ID_DEFAULT: Final = "sim-owner"
@@ -150,7 +151,7 @@ async def wait_until_payable(session: DeviceSession, device: Device, payment: Pa
         except PaymentDeclined as exc:
             if not exc.reason.transient:
                 raise
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(READY_PROBE_PAUSE_S)
     raise FogpayError("the fog never accepted the provisioned devices")
 
 

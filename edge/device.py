@@ -24,6 +24,7 @@ payment per device is in flight at a time, so a device's intents reach the fog i
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -40,7 +41,7 @@ import structlog
 from fogpay.keyfile import load_key_file, new_key_file
 from protocol import topics
 from protocol.errors import Declined, FogpayError, TopicError
-from protocol.messages import Intent, Receipt
+from protocol.messages import Intent, Receipt, encode_body
 from protocol.reasons import Reason
 from protocol.signing import Signed, open_envelope, possession_proof, public_key, seal_signed
 
@@ -202,7 +203,7 @@ class Device:
             time_ms=self._clock(),
             memo=memo,
         )
-        seal_signed(intent, self._key)  # validate before spending a q on it
+        encode_body(intent)  # validate (raises MALFORMED) before spending a q on it
         q = self._reserve_seq()
         assert q == intent.seq
         return seal_signed(intent, self._key)
@@ -346,10 +347,8 @@ class DeviceSession:
     ) -> None:
         assert self._reader is not None
         self._reader.cancel()
-        try:
-            await self._reader
-        except asyncio.CancelledError:
-            pass
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._reader  # MqttError: the connection died, already reported to payers
         for topic in self._subscribed:
             try:
                 await self.client.unsubscribe(topic, timeout=UNSUBSCRIBE_TIMEOUT_S)
@@ -368,11 +367,18 @@ class DeviceSession:
             await self._subscribe(topics.receipt_topic(self.fog_id, device.public_key))
 
     async def _read(self) -> None:
-        async for message in self.client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            self._dispatch(str(message.topic), bytes(payload))
+        try:
+            async for message in self.client.messages:
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    continue
+                self._dispatch(str(message.topic), bytes(payload))
+        except aiomqtt.MqttError as exc:
+            log.warning("broker_disconnected", error=str(exc), fog_id=self.fog_id)
+            for entry in self._in_flight.values():  # fail fast rather than time out
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            raise
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:

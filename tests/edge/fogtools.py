@@ -111,5 +111,5 @@ async def observing(broker: BrokerAddress, topic: str) -> AsyncIterator[Observer
             yield obs
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task  # MqttError: a test that stops the broker

@@ -183,3 +183,26 @@ async def test_timeout_after_the_retransmissions(tmp_path: Path) -> None:
         assert device.receipts() == []
     finally:
         mosquitto.stop()
+
+
+@pytest.mark.mosquitto
+async def test_broker_loss_fails_the_payment_at_once(tmp_path: Path) -> None:
+    import aiomqtt
+
+    mosquitto = start_mosquitto(tmp_path)
+    try:
+        broker = BrokerAddress("127.0.0.1", mosquitto.endpoint.port)
+        device = Device.open(tmp_path / "d", fog_id=FOG_ID, fog_key=bytes(32))
+        intents = topics.intent_topic(FOG_ID, device.public_key)
+        async with observing(broker, intents) as obs:
+            async with client(broker) as c:
+                pay = asyncio.create_task(
+                    device.pay(c, "shop-1", 1, "EUR", timeout_s=60, retries_max=0)
+                )
+                await obs.wait_count(1)  # in flight, no fog to answer
+                mosquitto.stop()
+                with pytest.raises(aiomqtt.MqttError):
+                    async with asyncio.timeout(30):  # far below the 60 s receipt timeout
+                        await pay
+    finally:
+        mosquitto.stop()
