@@ -23,6 +23,8 @@ def decode_record(record: bytes) -> tuple[bytes, bytes]:
     )
     if type(obj) is not list or len(obj) != 2 or not all(type(x) is bytes for x in obj):
         raise Declined(Reason.MALFORMED, "record: not [bin, bin]")
+    if any(len(x) > limits.INTENT_ENVELOPE_BYTES_MAX for x in obj):
+        raise Declined(Reason.MALFORMED, "record: an envelope exceeds 512 bytes")
     return obj[0], obj[1]
 
 

@@ -8,7 +8,7 @@ import sys
 def test_protocol_imports_no_asyncio() -> None:
     code = (
         "import sys, json, protocol, protocol.merkle, protocol.topics, protocol.money, "
-        "protocol.batch, protocol.signing\n"
+        "protocol.batch, protocol.signing, protocol.codec, protocol.vectors\n"
         "bad = [m for m in ('asyncio', 'aiomqtt', 'amqtt', 'aiosqlite', 'structlog', "
         "'fog', 'cloud', 'edge') if m in sys.modules]\n"
         "print(json.dumps(bad))"
