@@ -78,9 +78,9 @@ def test_extension_types_are_refused(enc: str) -> None:
     assert e.value.reason is Reason.MALFORMED
 
 
-def refused(data: bytes, **limits: int) -> Declined:
+def refused(data: bytes, *, bytes_max: int = 1024, items_max: int = 64) -> Declined:
     with pytest.raises(Declined) as e:
-        unpack_strict(data, bytes_max=limits.pop("bytes_max", 1024), **limits)
+        unpack_strict(data, bytes_max=bytes_max, items_max=items_max)
     assert e.value.reason is Reason.MALFORMED
     return e.value
 

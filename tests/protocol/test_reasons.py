@@ -26,7 +26,7 @@ SPEC_TABLE = [
 def test_codes_and_precedence_order() -> None:
     assert [str(r) for r in Reason] == SPEC_TABLE
     assert Reason("stale") is Reason.STALE
-    assert Reason.MALFORMED == "malformed"
+    assert str(Reason.MALFORMED) == "malformed" and f"{Reason.STALE}" == "stale"
 
 
 def test_first_applicable_reason_is_the_earliest_in_the_table() -> None:
