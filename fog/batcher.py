@@ -17,6 +17,8 @@ still answered from the log); pruning acked records is left for later.
 """
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -50,6 +52,20 @@ class AckOutcome:
     reason: Reason | None
     detail: str
     number: int | None = None  # the acked batch number b
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT; ROLLBACK and re-raise on any exception (SQLite may have
+    rolled back already, e.g. on a full disk)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def records_that_fit(records: list[bytes], *, bytes_max: int = limits.BATCH_WIRE_BYTES_MAX) -> int:
@@ -146,17 +162,12 @@ def _seal_one(
         now_ms=now_ms,
     )
     signed = seal_signed(header, fog_key)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         conn.execute(
             "INSERT INTO batches (number, header_id, header, first_index, count, sealed_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (number, signed.id, signed.raw, first, len(records), now_ms),
         )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
     return SealedBatch(number, signed.raw, records, first, encode_batch(signed.raw, records))
 
 
@@ -184,14 +195,8 @@ def apply_ack(
         return AckOutcome("refused", exc.reason, exc.detail[:200])
     if ack.fog_id != fog_id:
         return AckOutcome("refused", Reason.WRONG_FOG, f"ack for fog {ack.fog_id}", ack.number)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        out = _mark_acked(conn, ack)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return out
+    with transaction(conn):
+        return _mark_acked(conn, ack)
 
 
 def _mark_acked(conn: sqlite3.Connection, ack: Ack) -> AckOutcome:

@@ -17,8 +17,7 @@ which is "never" for any clock this fog will run on.
 import hashlib
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -27,6 +26,7 @@ import nacl.signing
 
 from fog import batcher
 from fog.authorize import Decision, DeviceView, LeaseView, Policy, authorize
+from fog.batcher import transaction
 from fog.ratelimit import Buckets
 from protocol import limits
 from protocol.errors import Declined, FogpayError
@@ -196,18 +196,6 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
-
-
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT; ROLLBACK and re-raise on any exception."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def migrate(conn: sqlite3.Connection) -> int:
