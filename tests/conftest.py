@@ -111,10 +111,8 @@ def start_mosquitto(
 ) -> MosquittoProcess:
     """Start Mosquitto on 127.0.0.1:``port`` (free port by default) with a config in
     ``directory``; ``extra`` lines are appended (password_file, acl_file...)."""
-    binary = require_mosquitto()
     port = port or free_port()
-    conf = directory / f"mosquitto-{port}.conf"
-    conf.write_text(
+    text = (
         f"listener {port} 127.0.0.1\n"
         f"allow_anonymous {'true' if anonymous else 'false'}\n"
         "persistence false\n"
@@ -124,9 +122,17 @@ def start_mosquitto(
         "max_packet_size 1048576\n"
         "log_dest stderr\n"
         "log_type error\n"
-        "log_type warning\n" + ("user root\n" if os.geteuid() == 0 else "") + extra
-        # as root, mosquitto drops to user "mosquitto", which cannot read pytest's tmp dirs
+        "log_type warning\n" + extra
     )
+    return launch_mosquitto(directory, port, text)
+
+
+def launch_mosquitto(directory: Path, port: int, text: str) -> MosquittoProcess:
+    """Start Mosquitto with the config ``text`` (which must listen on 127.0.0.1:``port``)."""
+    binary = require_mosquitto()
+    conf = directory / f"mosquitto-{port}.conf"
+    # as root, mosquitto drops to user "mosquitto", which cannot read pytest's tmp dirs
+    conf.write_text(text + ("\nuser root\n" if os.geteuid() == 0 else ""))
     log = (directory / f"mosquitto-{port}.log").open("wb")
     process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
     log.close()

@@ -92,3 +92,24 @@ async def test_embedded_broker_accepts_accounts_and_refuses_others() -> None:
                     pass
     finally:
         await broker.stop()
+
+
+def test_deploy_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:
+    root = Path(__file__).parents[2]
+    text = (root / "deploy" / "fog.example.toml").read_text()
+    text = text.replace("/etc/fogpay/", f"{tmp_path}/").replace("/var/lib/fogpay/", f"{tmp_path}/")
+    for name in ("broker.password", "device.password"):
+        (tmp_path / name).write_text(f"{name}-secret\n")
+    config = load_config(write(tmp_path, text), env={})
+    assert config.fog_id == "fog-a" and config.broker.embedded
+    assert config.broker.password == "broker.password-secret"
+    assert config.broker.device_password == "device.password-secret"
+    doc = (root / "docs" / "parts" / "fog-daemon.md").read_text()
+    keys = ["fog_id", "key_file", "issuer_key", "db", "stats_interval_s", "log_level"]
+    keys += [f"broker.{k}" for k in ("url", "host", "port", "username", "password")]
+    keys += [f"broker.{k}" for k in ("password_file", "device_username", "device_password")]
+    keys += ["broker.device_password_file", "broker.allow_public_bind"]
+    keys += ["batch.records_max", "batch.age_ms", "policy.clock_skew_ms", "policy.rate_per_s"]
+    keys += ["policy.rate_burst"]
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing

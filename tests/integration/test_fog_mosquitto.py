@@ -8,14 +8,33 @@ from pathlib import Path
 import pytest
 
 from protocol.reasons import Reason
-from tests.conftest import BrokerEndpoint, start_mosquitto
+from tests.conftest import BrokerEndpoint, free_port, launch_mosquitto
 from tests.integration.devices import Device, Issuer, publish_retained, wallet, write_fog_files
 from tests.integration.fogrun import running_fog, wait_counter, wait_for
 
 pytestmark = pytest.mark.mosquitto
 
 FOG = "fog-m"
-ACL_FILE = Path(__file__).parents[2] / "deploy" / "mosquitto" / "fogpay.acl"
+DEPLOY = Path(__file__).parents[2] / "deploy" / "mosquitto"
+ACL_FILE = DEPLOY / "fogpay.acl"
+TLS_KEYS = ("certfile", "keyfile", "cafile", "tls_version", "listener 8883")
+
+
+def deploy_conf(name: str, directory: Path, port: int, passwd: Path) -> str:
+    """A deploy/mosquitto config as shipped, moved to a free loopback port and test paths
+    (TLS listener left out: the test has no certificates)."""
+    out = []
+    for line in (DEPLOY / name).read_text().splitlines():
+        if line.startswith(TLS_KEYS):
+            continue
+        if line.startswith("listener 1883"):
+            line = f"listener {port} 127.0.0.1"
+        line = line.replace("/etc/mosquitto/fogpay.passwd", str(passwd))
+        line = line.replace("/etc/mosquitto/fogpay.acl", str(ACL_FILE))
+        line = line.replace("/var/lib/mosquitto/", f"{directory}/")
+        line = line.replace("log_dest syslog", "log_dest stderr")
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def password_file(directory: Path, accounts: dict[str, str]) -> Path:
@@ -28,15 +47,15 @@ def password_file(directory: Path, accounts: dict[str, str]) -> Path:
     return path
 
 
-async def test_fog_serves_devices_through_mosquitto_under_the_deploy_acls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("conf", ["fogpay-pi.conf", "fogpay-server.conf"])
+async def test_fog_serves_devices_through_mosquitto_as_deployed(tmp_path: Path, conf: str) -> None:
     issuer = Issuer()
     alice, bob = Device(FOG), Device(FOG)
     accounts = {FOG: "fog-pw", "issuer": "issuer-pw"}
     accounts |= {alice.public.hex(): "alice-pw", bob.public.hex(): "bob-pw"}
     passwd = password_file(tmp_path, accounts)
-    broker = start_mosquitto(
-        tmp_path, anonymous=False, extra=f"password_file {passwd}\nacl_file {ACL_FILE}\n"
-    )
+    port = free_port()
+    broker = launch_mosquitto(tmp_path, port, deploy_conf(conf, tmp_path, port, passwd))
     try:
         url = f"mqtt://{FOG}:fog-pw@127.0.0.1:{broker.endpoint.port}"
         config = write_fog_files(
