@@ -259,7 +259,9 @@ def _route(party: Party | None, kind: Kind, currency: str, minor: int, end: date
         return _Route("manual", Note.BAD_FUNDING, str(exc))
     if isinstance(funding, CardToken):
         return _Route("card", funding=funding)
-    if currency != SEPA_CURRENCY or party.currency != SEPA_CURRENCY:
+    if party.currency != SEPA_CURRENCY:
+        return _Route("manual", Note.BAD_FUNDING, "a SEPA account's currency must be EUR")
+    if currency != SEPA_CURRENCY:
         return _Route("manual", Note.NOT_SEPA_CURRENCY, f"SEPA carries EUR only, not {currency}")
     if minor > SEPA_AMOUNT_MINOR_MAX:
         return _Route("manual", Note.OVER_RAIL_MAX, "above 999999999.99 EUR")
@@ -271,8 +273,28 @@ def _route(party: Party | None, kind: Kind, currency: str, minor: int, end: date
     return _Route("sepa", funding=funding)
 
 
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """One side of a balance, rounded."""
+
+    kind: Kind
+    booked_micros: int
+    carry_in_micros: int
+    receipts: int
+    rounded: Rounded
+
+
+def _sides(b: Balance) -> tuple[_Side, _Side]:
+    charge = round_to_minor(b.debit_micros, b.carry_in_micros, b.currency)
+    payout = round_to_minor(b.credit_micros, b.credit_carry_in_micros, b.currency)
+    return (
+        _Side("charge", b.debit_micros, b.carry_in_micros, b.receipts, charge),
+        _Side("payout", b.credit_micros, b.credit_carry_in_micros, b.credit_receipts, payout),
+    )
+
+
 def _line(
-    b: Balance, side: "_Side", number: int, *, period_id: str, party: Party | None, end: date
+    b: Balance, side: _Side, number: int, *, period_id: str, party: Party | None, end: date
 ) -> Line | None:
     if side.rounded.minor_units == 0:
         return None
@@ -295,26 +317,6 @@ def _line(
         funding_ref=party.funding_ref if party is not None else "",
         funding=route.funding,
         dd_sequence=party.dd_sequence if party is not None else "RCUR",
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Side:
-    """One side of a balance, rounded."""
-
-    kind: Kind
-    booked_micros: int
-    carry_in_micros: int
-    receipts: int
-    rounded: Rounded
-
-
-def _sides(b: Balance) -> tuple[_Side, _Side]:
-    charge = round_to_minor(b.debit_micros, b.carry_in_micros, b.currency)
-    payout = round_to_minor(b.credit_micros, b.credit_carry_in_micros, b.currency)
-    return (
-        _Side("charge", b.debit_micros, b.carry_in_micros, b.receipts, charge),
-        _Side("payout", b.credit_micros, b.credit_carry_in_micros, b.credit_receipts, payout),
     )
 
 

@@ -272,3 +272,9 @@ def test_reconcile_with_plain_ints_compares_sums_over_currencies() -> None:
         p, receipts_total_micros=total, ledger_debits_micros=total, ledger_credits_micros=total - 1
     )
     assert off["balanced"] is False
+
+
+def test_a_sepa_account_must_be_in_eur() -> None:
+    usd_account = party("alice", "sepa:NL91ABNA0417164300:", currency="USD")
+    p = plan(bal("alice", credit=1_000_000), parties={"alice": usd_account})
+    assert (p.payouts[0].rail, p.payouts[0].note) == ("manual", Note.BAD_FUNDING)
