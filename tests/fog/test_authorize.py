@@ -4,6 +4,7 @@ import pytest
 
 from fog.authorize import (
     DAY_MS,
+    Decision,
     DeviceView,
     LeaseView,
     Policy,
@@ -45,7 +46,9 @@ def intent(seq: int = 1, amount: int = 10, **kw: object) -> Intent:
     return Intent(**fields)  # type: ignore[arg-type]
 
 
-def lease(lid: int, amount: int = 1000, drawn: int = 0, na: int = NOW + DAY_MS, cur: str = "EUR"):
+def lease(
+    lid: int, amount: int = 1000, drawn: int = 0, na: int = NOW + DAY_MS, cur: str = "EUR"
+) -> LeaseView:
     return LeaseView(
         lease_id=bytes([lid]) * 16,
         currency=cur,
@@ -58,7 +61,13 @@ def lease(lid: int, amount: int = 1000, drawn: int = 0, na: int = NOW + DAY_MS, 
 LEASES = (lease(1),)
 
 
-def decide(i: Intent, view: DeviceView = VIEW, leases=LEASES, bucket=None, now=NOW):
+def decide(
+    i: Intent,
+    view: DeviceView = VIEW,
+    leases: tuple[LeaseView, ...] = LEASES,
+    bucket: Bucket | None = None,
+    now: int = NOW,
+) -> Decision:
     return authorize(i, view, list(leases), bucket, fog_id="fog-1", policy=POLICY, now_ms=now)
 
 
@@ -86,8 +95,8 @@ def test_pick_lease_soonest_expiry_with_room_ties_by_id() -> None:
         lease(4, na=NOW + 5, cur="USD"),
         lease(5, na=NOW - 1),
     ]
-    assert pick_lease(leases, intent(amount=10), now_ms=NOW).lease_id == bytes([2]) * 16
-    assert pick_lease(leases, intent(amount=5), now_ms=NOW).lease_id == bytes([1]) * 16
+    picked = [pick_lease(leases, intent(amount=a), now_ms=NOW) for a in (10, 5)]
+    assert [p.lease_id if p else None for p in picked] == [bytes([2]) * 16, bytes([1]) * 16]
     assert pick_lease(leases, intent(amount=1001), now_ms=NOW) is None
     # a lease is live through its na, not after
     assert pick_lease([lease(7, na=NOW)], intent(), now_ms=NOW) is not None

@@ -3,6 +3,7 @@
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -67,7 +68,9 @@ def check_invariants(world: World, receipts: list[bytes]) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(initial_leases, ops)
-def test_never_authorizes_beyond_the_leases(leases: list[tuple], program: list[tuple]) -> None:
+def test_never_authorizes_beyond_the_leases(
+    leases: list[tuple[Any, ...]], program: list[tuple[Any, ...]]
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         world = World(Path(tmp) / "fog.db", policy=Policy(rate_per_s=5.0, rate_burst=3))
         owner_keys = {o: world.owner(o) for o in OWNERS}
