@@ -198,6 +198,7 @@ class FogDaemon:
                     return
             except aiomqtt.MqttError as exc:
                 self._client = None
+                self._count("broker_disconnected")
                 failures += 1
                 if failures > RECONNECT_ATTEMPTS_MAX:
                     raise
@@ -221,6 +222,7 @@ class FogDaemon:
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
             await client.subscribe([(f, 1) for f in filters])
         self._client = client
+        self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=len(filters))
         if self._broker is not None and not self._republished:
             await self._republish_trust(client)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from protocol.reasons import Reason
-from tests.conftest import BrokerEndpoint, free_port, launch_mosquitto
+from tests.conftest import BrokerEndpoint, free_port, launch_mosquitto, start_mosquitto
 from tests.integration.devices import Device, Issuer, publish_retained, wallet, write_fog_files
 from tests.integration.fogrun import running_fog, wait_counter, wait_for
 
@@ -113,3 +113,36 @@ async def test_fog_on_the_shared_mosquitto_fixture(
             receipts = await asyncio.gather(*(w.pay(d, d.intent(150)) for d in devices))
     assert sum(1 for r in receipts if r.ok) == 6  # 6 x 150 <= 1,000 < 7 x 150
     assert {r.reason for r in receipts if not r.ok} == {Reason.INSUFFICIENT_BUDGET}
+
+
+async def test_fog_reconnects_after_the_broker_restarts_and_needs_no_retained_state(
+    tmp_path: Path,
+) -> None:
+    issuer = Issuer()
+    device = Device(FOG)
+    first = start_mosquitto(tmp_path)  # persistence off: a restart forgets everything
+    port = first.endpoint.port
+    config = write_fog_files(
+        tmp_path, fog_id=FOG, issuer_key=issuer.public, broker=f'url = "{first.endpoint.url}"'
+    )
+    second = None
+    try:
+        async with running_fog(config) as fog:
+            trust = [issuer.owner_credential(), issuer.lease(FOG, 1_000)]
+            trust.append(issuer.binding(device.public))
+            await publish_retained("127.0.0.1", port, trust)
+            await wait_counter(fog, "lease_accepted")
+            await wait_counter(fog, "bind_accepted")
+            async with wallet("127.0.0.1", port, FOG) as w:
+                assert (await w.pay(device, device.intent(100))).ok
+            first.stop()
+            await wait_counter(fog, "broker_disconnected")
+            second = start_mosquitto(tmp_path, port=port)
+            await wait_counter(fog, "broker_connected", 2)
+            async with wallet("127.0.0.1", port, FOG) as w:
+                receipt = await w.pay(device, device.intent(100))
+            assert receipt.ok and receipt.log_index == 2
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
