@@ -209,6 +209,8 @@ def _due_date(created: date, creditor: CreditorConfig, collection_date: str | No
 
 
 def _creditor_checked(c: CreditorConfig) -> CreditorConfig:
+    if c.collection_lead_days < 0:
+        raise SepaError("creditor.collection_lead_days", "must be >= 0")
     if c.local_instrument not in LOCAL_INSTRUMENTS:
         raise SepaError("creditor.local_instrument", f"want one of {LOCAL_INSTRUMENTS}")
     check_iban(c.iban, field="creditor.iban")

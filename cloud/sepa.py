@@ -195,6 +195,7 @@ def transliterate(s: str, *, max_len: int, fallback: str, field: str = "name") -
 _ID_TAGS: Final = frozenset({"MsgId", "PmtInfId", "EndToEndId", "MndtId"})
 _TX_TAGS: Final = frozenset({"DrctDbtTxInf", "CdtTrfTxInf"})
 _REPEATED: Final = _TX_TAGS | {"PmtInf"}
+DOCUMENT_DEPTH_MAX: Final = 16  # pain.008/pain.001 nest 9 deep; anything deeper is not ours
 
 
 def _local(tag: str) -> str:
@@ -248,19 +249,23 @@ def _check_element(el: ET.Element, name: str, path: str) -> None:
         check_creditor_id(_text(el), field=path)
 
 
-def _walk(el: ET.Element, path: str) -> None:
+def _walk(el: ET.Element, path: str, depth: int = 1) -> None:
+    if depth > DOCUMENT_DEPTH_MAX:
+        raise SepaError(path, f"nested deeper than {DOCUMENT_DEPTH_MAX}")
     _check_element(el, path.rsplit("/", 1)[-1].split("[")[0], path)
     seen: dict[str, int] = {}
     for child in el:
         name = _local(child.tag)
         seen[name] = seen.get(name, 0) + 1
-        _walk(child, f"{path}/{name}[{seen[name]}]" if name in _REPEATED else f"{path}/{name}")
+        child_path = f"{path}/{name}[{seen[name]}]" if name in _REPEATED else f"{path}/{name}"
+        _walk(child, child_path, depth + 1)
 
 
 def _check_sums(holder: ET.Element, txs: list[ET.Element], where: str) -> None:
-    amounts = [check_amount_text(_text(a), a.get("Ccy", "")) for tx in txs for a in tx.iter()
-               if _local(a.tag) == "InstdAmt"]  # fmt: skip
-    assert len(amounts) == len(txs) or not txs
+    found = [a for tx in txs for a in tx.iter() if _local(a.tag) == "InstdAmt"]
+    if len(found) != len(txs):
+        raise SepaError(where, "a transaction without exactly one InstdAmt")
+    amounts = [check_amount_text(_text(a), a.get("Ccy", ""), field=where) for a in found]
     fields = {_local(el.tag): _text(el) for el in holder}
     if fields.get("NbOfTxs") != str(len(txs)):
         raise SepaError(f"{where}/NbOfTxs", f"says {fields.get('NbOfTxs')}, holds {len(txs)}")

@@ -341,3 +341,9 @@ def test_created_at_helper_and_explicit_dates(
     doc = ET.fromstring(data)
     assert doc.findtext(".//p:ReqdColltnDt", namespaces=NS8) == "2026-12-01"
     assert doc.findtext(".//p:LclInstrm/p:Cd", namespaces=NS8) == "B2B"
+
+
+def test_documents_that_are_not_pain_files_are_refused_not_crashed_on() -> None:
+    for junk in (b"", b"<Document", b"<Document/>", b"<a>" * 40 + b"</a>" * 40):
+        with pytest.raises(SepaError):
+            check_document(junk)
