@@ -152,4 +152,9 @@ def possession_proof(device_key: nacl.signing.SigningKey, binding_body: bytes) -
 
 
 def verify_possession(device: bytes, binding_body: bytes, proof: bytes) -> bool:
+    """True if ``proof`` is ``device``'s possession proof over ``binding_body`` and ``device``
+    is a valid key (``is_valid_public_key``): a mixed-order key, which libsodium's verify
+    alone would accept, never gets a binding."""
+    if not is_valid_public_key(device):
+        return False
     return verify(device, signing_input(POSSESSION_TYPE, binding_body), proof)

@@ -3,6 +3,7 @@ and the possession proof."""
 
 import hashlib
 
+import nacl.bindings as b
 import nacl.signing
 import pytest
 
@@ -11,6 +12,8 @@ from protocol.errors import Declined
 from protocol.messages import Intent, Lease, Receipt
 from protocol.reasons import Reason
 from protocol.signing import (
+    POSSESSION_TYPE,
+    is_valid_public_key,
     message_id,
     open_envelope,
     possession_proof,
@@ -149,3 +152,29 @@ def test_verify_refuses_wrong_lengths() -> None:
     assert not verify(signed.signer[:31], msg, signed.sig)
     assert not verify(signed.signer, msg, signed.sig[:63])
     assert not verify(signed.signer, msg, signed.sig + b"\x00")
+
+
+def mixed_order_signature(message: bytes) -> tuple[bytes, bytes]:
+    """A key A' = aB + T (T of order 8) and a signature by it over ``message`` that
+    libsodium's cofactorless verify accepts: R = rB with r chosen so that k = H(R, A', M)
+    is a multiple of 8, making [k]T vanish. Bounded: each try succeeds with p = 1/8."""
+    t = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+    a = b.crypto_core_ed25519_scalar_reduce(hashlib.sha512(b"a").digest())
+    key = b.crypto_core_ed25519_add(b.crypto_scalarmult_ed25519_base_noclamp(a), t)
+    for i in range(256):
+        r = b.crypto_core_ed25519_scalar_reduce(hashlib.sha512(b"r%d" % i).digest())
+        big_r = b.crypto_scalarmult_ed25519_base_noclamp(r)
+        k = b.crypto_core_ed25519_scalar_reduce(hashlib.sha512(big_r + key + message).digest())
+        if int.from_bytes(k, "little") % 8 == 0:
+            s = b.crypto_core_ed25519_scalar_add(r, b.crypto_core_ed25519_scalar_mul(k, a))
+            return key, big_r + s
+    raise AssertionError("no r found in 256 tries")
+
+
+def test_possession_proof_by_a_mixed_order_key_is_refused() -> None:
+    """libsodium's verify accepts a mixed-order key; the possession check must not."""
+    body = b"\x80"
+    key, sig = mixed_order_signature(signing_input(POSSESSION_TYPE, body))
+    assert verify(key, signing_input(POSSESSION_TYPE, body), sig)  # libsodium accepts it
+    assert not is_valid_public_key(key)
+    assert not verify_possession(key, body, sig)
