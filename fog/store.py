@@ -484,13 +484,16 @@ class FogStore:
         assert isinstance(binding, Binding) and isinstance(owner, OwnerCredential)
         return binding, owner
 
-    def _revoked(self, key: bytes, signers: tuple[bytes, ...]) -> bool:
-        marks = ",".join("?" * len(signers))
-        row = self._conn.execute(
-            f"SELECT 1 FROM revocations WHERE key = ? AND signer IN ({marks}) LIMIT 1",
-            (key, *signers),
-        ).fetchone()
-        return row is not None
+    def _revocations(self, device: bytes, owner_key: bytes) -> tuple[bool, bool]:
+        """(device revoked, owner revoked): the device by the issuer or its owner's key, the
+        owner's key by the issuer."""
+        rows = self._conn.execute(
+            "SELECT key FROM revocations WHERE (key = :d AND signer IN (:i, :o)) "
+            "OR (key = :o AND signer = :i)",
+            {"d": device, "i": self._issuer, "o": owner_key},
+        ).fetchall()
+        keys = {bytes(r[0]) for r in rows}
+        return device in keys, owner_key in keys
 
     def _device_view(self, intent: Intent, now_ms: int) -> DeviceView:
         found = self._binding_in_force(intent.device, now_ms)
@@ -498,19 +501,24 @@ class FogStore:
             return DeviceView(binding=None, owner=None)
         binding, owner = found
         c, d = self._conn, intent.device
-        taken = c.execute(
-            "SELECT 1 FROM log WHERE device = ? AND seq = ?", (d, _i64(intent.seq))
-        ).fetchone()
         state = c.execute(
             "SELECT seq_last, day, day_micros FROM devices WHERE device = ?", (d,)
         ).fetchone()
+        seq_last = _u64(state[0]) if state else 0
+        taken = intent.seq <= seq_last and (  # no authorized q is above seq_last
+            c.execute(
+                "SELECT 1 FROM log WHERE device = ? AND seq = ?", (d, _i64(intent.seq))
+            ).fetchone()
+            is not None
+        )
+        device_revoked, owner_revoked = self._revocations(d, owner.key)
         return DeviceView(
             binding=binding,
             owner=owner,
-            device_revoked=self._revoked(d, (self._issuer, owner.key)),
-            owner_revoked=self._revoked(owner.key, (self._issuer,)),
-            seq_last=_u64(state[0]) if state else 0,
-            seq_taken=taken is not None,
+            device_revoked=device_revoked,
+            owner_revoked=owner_revoked,
+            seq_last=seq_last,
+            seq_taken=taken,
             day=state[1] if state else 0,
             day_micros=state[2] if state else 0,
         )
