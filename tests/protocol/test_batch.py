@@ -62,3 +62,13 @@ def test_bad_records_are_refused() -> None:
     for obj in ([b"i"], [b"i", b"r", b"x"], [b"i", "r"], b"ir"):
         refused(pack(obj), decode_record)
     refused(pack([b"i", b"x" * 2 * limits.INTENT_ENVELOPE_BYTES_MAX]), decode_record)
+
+
+@FEW
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_raise_only_declined(data: bytes) -> None:
+    for decode in (decode_batch, decode_record):
+        try:
+            decode(data)
+        except Declined as e:
+            assert e.reason is Reason.MALFORMED

@@ -121,3 +121,8 @@ def test_invalid_utf8_and_reserved_byte_refused() -> None:
 
 def test_not_bytes_refused() -> None:
     refused("abc")  # type: ignore[arg-type]
+
+
+def test_deep_nesting_is_refused_not_crashing() -> None:
+    refused(b"\x91" * 2000 + b"\x00", bytes_max=4096)
+    refused(b"\x81\xa1a" * 2000 + b"\x00", bytes_max=8192)
