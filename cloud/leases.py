@@ -5,7 +5,8 @@ An owner's credit limit bounds its **exposure**, the sum of
 - every lease not yet closed, counted at ``max(amount, drawn)``: until the fog reports, the
   cloud cannot know what was drawn offline, so the whole lease stays in escrow, even after
   it expired; a fog that overdrew is counted at what it drew;
-- every booked, unsettled transfer drawn on a closed lease.
+- every booked, unsettled transfer drawn on a closed lease;
+- the settlement carry (below one minor unit) the owner still owes.
 
 A lease is granted only if ``exposure + amount <= limit``, inside the transaction that
 records it, so **outstanding leases + authorized-but-unsettled <= credit limit** holds after
@@ -71,8 +72,12 @@ async def exposure(tx: Tx, owner_id: str) -> int:
         "WHERE t.debit = ? AND l.state = ? AND t.period IS NULL",
         (owner_id, STATE_CLOSED),
     )
-    assert row is not None and closed is not None
-    return int(row[0]) + int(closed[0])
+    carry = await tx.fetchone(
+        "SELECT CAST(COALESCE(SUM(charge_micros), 0) AS BIGINT) FROM carries WHERE owner_id = ?",
+        (owner_id,),
+    )
+    assert row is not None and closed is not None and carry is not None
+    return int(row[0]) + int(closed[0]) + int(carry[0])
 
 
 async def available(tx: Tx, owner_id: str) -> int:

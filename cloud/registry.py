@@ -35,6 +35,7 @@ DEVICE_LIST_MAX: Final = 10_000
 class Owner:
     owner_id: str
     key: bytes
+    name: str
     limit_micros: int
     currency: str
     funding_ref: str
@@ -81,6 +82,7 @@ async def add_owner(
     currency: str,
     funding_ref: str,
     now_ms: int,
+    name: str = "",
     validity_ms: int = OWNER_VALIDITY_MS_DEFAULT,
 ) -> bytes:
     """Register an owner and sign its credential; returns the credential envelope."""
@@ -100,10 +102,10 @@ async def add_owner(
     except Declined as exc:
         raise RegistryError(str(exc)) from exc
     sql = (
-        "INSERT INTO owners (owner_id, key, limit_micros, currency, funding_ref, status, "
-        "nb, na, credential) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO owners (owner_id, key, name, limit_micros, currency, funding_ref, status, "
+        "nb, na, credential) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
-    row = (owner_id, key, limit_micros, currency, funding_ref, STATUS_ACTIVE)
+    row = (owner_id, key, name or owner_id, limit_micros, currency, funding_ref, STATUS_ACTIVE)
     await tx.execute(sql, (*row, cred.not_before_ms, clamp_ms(cred.not_after_ms), signed.raw))
     await put_retained(tx, topics.owner_topic(owner_id), signed.raw)
     return signed.raw
@@ -111,13 +113,13 @@ async def add_owner(
 
 async def get_owner(tx: Tx, owner_id: str) -> Owner | None:
     row = await tx.fetchone(
-        "SELECT owner_id, key, limit_micros, currency, funding_ref, status, nb, na "
+        "SELECT owner_id, key, name, limit_micros, currency, funding_ref, status, nb, na "
         "FROM owners WHERE owner_id = ?",
         (owner_id,),
     )
     if row is None:
         return None
-    return Owner(row[0], bytes(row[1]), row[2], row[3], row[4], row[5], row[6], row[7])
+    return Owner(row[0], bytes(row[1]), *row[2:9])
 
 
 async def set_limit(tx: Tx, owner_id: str, limit_micros: int) -> None:

@@ -10,7 +10,8 @@ SCHEMA_VERSION: Final = 1
 TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS owners (
-        owner_id TEXT PRIMARY KEY, key {blob} NOT NULL UNIQUE, limit_micros {int} NOT NULL,
+        owner_id TEXT PRIMARY KEY, key {blob} NOT NULL UNIQUE, name TEXT NOT NULL,
+        limit_micros {int} NOT NULL,
         currency TEXT NOT NULL, funding_ref TEXT NOT NULL, status TEXT NOT NULL,
         nb {int} NOT NULL, na {int} NOT NULL, credential {blob} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS fogs (
@@ -68,6 +69,16 @@ TABLES: Final = (
     """CREATE TABLE IF NOT EXISTS lease_reports (
         lease_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, drawn_micros {int} NOT NULL,
         batch {int} NOT NULL, envelope {blob} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS periods (
+        period_id TEXT PRIMARY KEY, until_ms {int} NOT NULL, created_ms {int} NOT NULL,
+        report TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS carries (
+        owner_id TEXT NOT NULL, currency TEXT NOT NULL, charge_micros {int} NOT NULL,
+        payout_micros {int} NOT NULL, PRIMARY KEY (owner_id, currency))""",
+    """CREATE TABLE IF NOT EXISTS settlement_lines (
+        line_id TEXT PRIMARY KEY, period_id TEXT NOT NULL, kind TEXT NOT NULL,
+        owner_id TEXT NOT NULL, currency TEXT NOT NULL, micros {int} NOT NULL,
+        rail TEXT NOT NULL, note TEXT NOT NULL)""",
 )
 
 

@@ -1,0 +1,217 @@
+"""``fogpay cloud ...`` over the cloud's store, and ``fogpay verify-receipt FILE``.
+
+Every command opens the configured store (``--store`` / ``--config``: SQLite by default,
+PostgreSQL by DSN), runs one transaction, prints JSON or a line, and exits 0 on success, 1
+when the request is refused (the reason is printed on stderr), 2 on a usage error.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nacl.signing
+
+from cloud import config as cloud_config
+from cloud import leases, ledger, registry
+from cloud.proof import ProofError, build_proof, verify_proof
+from cloud.store import Store, Tx, open_store
+from fogpay import logs
+from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
+from protocol.errors import FogpayError
+from protocol.signing import public_key
+
+T = TypeVar("T")
+Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+TIME_MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: what a date can name
+
+
+def parse_time_ms(text: str) -> int:
+    """Milliseconds since the epoch, or an ISO 8601 time (UTC when no offset is given)."""
+    if text.isdigit():
+        ms = int(text)
+    else:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ms = int(when.timestamp() * 1000)
+    if not 0 <= ms <= TIME_MS_MAX:
+        raise ValueError(f"time {text!r} outside 1970..9999")
+    return ms
+
+
+def hex_arg(text: str) -> bytes:
+    """Hex, or ``@PATH`` of a file holding hex (or raw bytes if it is not hex)."""
+    if text.startswith("@"):
+        data = Path(text[1:]).read_bytes()
+        try:
+            return bytes.fromhex(data.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            return data
+    return bytes.fromhex(text)
+
+
+def _key_arg(args: argparse.Namespace) -> bytes:
+    if args.key_file:
+        return public_key(load_key_file(args.key_file))
+    if args.key:
+        return bytes.fromhex(args.key)
+    raise FogpayError("give --key HEX or --key-file PATH")
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def run_tx(args: argparse.Namespace, fn: Callable[[Tx, Any], Awaitable[T]]) -> T:
+    """Open the store, run ``fn(tx, ctx)`` in one transaction, close the store."""
+    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+
+    async def main() -> T:
+        store: Store = await open_store(cfg.store)
+        try:
+            return await store.transact(lambda tx: fn(tx, cfg))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def issuer(cfg: cloud_config.CloudConfig) -> nacl.signing.SigningKey:
+    return load_key_file(cfg.issuer_key)
+
+
+def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapper(args: argparse.Namespace) -> int:
+        logs.configure(json=True, stream=sys.stderr)  # stdout carries the command's JSON
+        try:
+            return fn(args)
+        except (FogpayError, KeyFileError, ValueError, OSError) as exc:
+            print(f"fogpay: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def register(sub: Sub) -> None:  # type: ignore[valid-type]
+    cloud = sub.add_parser("cloud", help="the cloud aggregator's registry, ledger and settlement")
+    cloud.add_argument("--config", help="TOML config (see cloud/config.py)")
+    cloud.add_argument("--store", help="sqlite://PATH or postgresql://... (overrides config)")
+    cloud.add_argument("--issuer-key", help="issuer key file, mode 0600 (overrides config)")
+    cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+    from cloud import cli_commands
+
+    cli_commands.register_commands(cmds)
+    v = sub.add_parser("verify-receipt", help="check a receipt or proof file offline")
+    v.add_argument("file", help="proof JSON (docs/parts/cloud.md)")
+    v.add_argument("--issuer", required=True, help="issuer public key: hex or @FILE")
+    v.set_defaults(func=guarded(cmd_verify_receipt))
+
+
+def cmd_verify_receipt(args: argparse.Namespace) -> int:
+    text = Path(args.file).read_bytes()
+    try:
+        ok = verify_proof(text, hex_arg(args.issuer))
+    except ProofError as exc:
+        print(f"INVALID: {exc}")
+        return 1
+    scope = "receipt and inclusion" if ok.batch is not None else "receipt only"
+    _out(
+        {
+            "valid": True,
+            "checked": scope,
+            "intent_device": ok.intent.device.hex(),
+            "seq": ok.intent.seq,
+            "payee_id": ok.intent.payee_id,
+            "amount_micros": ok.intent.amount_micros,
+            "currency": ok.intent.currency,
+            "fog_id": ok.fog_id,
+            "batch": ok.batch,
+            "owner_id": ok.owner_id,
+        }
+    )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    key = load_key_file(cfg.issuer_key) if cfg.issuer_key.exists() else new_key_file(cfg.issuer_key)
+
+    async def create() -> None:
+        store = await open_store(cfg.store)
+        await store.close()
+
+    asyncio.run(create())
+    _out({"issuer_public_key": public_key(key).hex(), "store": cfg.store.split("@")[-1]})
+    return 0
+
+
+async def _ledger_check(tx: Tx, cfg: Any) -> ledger.LedgerCheck:
+    return await ledger.check(tx)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    result = run_tx(args, _ledger_check)
+    _out(
+        {
+            "ok": result.ok,
+            "sums_micros": result.sums,
+            "mismatched": result.mismatched,
+            "transfers": result.transfers,
+            "volume_micros": result.volume_micros,
+        }
+    )
+    return 0 if result.ok else 1
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    intent_id = bytes.fromhex(args.intent_id)
+
+    async def fn(tx: Tx, cfg: Any) -> dict[str, Any] | None:
+        return await build_proof(tx, intent_id)
+
+    proof = run_tx(args, fn)
+    if proof is None:
+        print(f"fogpay: no booked intent {args.intent_id}", file=sys.stderr)
+        return 1
+    text = json.dumps(proof, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def owner_json(owner: registry.Owner, exposure: int) -> dict[str, Any]:
+    from cloud.settlement import mask_funding_ref
+
+    return {
+        "owner_id": owner.owner_id,
+        "name": owner.name,
+        "key": owner.key.hex(),
+        "status": owner.status,
+        "currency": owner.currency,
+        "limit_micros": owner.limit_micros,
+        "exposure_micros": exposure,
+        "available_micros": max(0, owner.limit_micros - exposure),
+        "funding_ref": mask_funding_ref(owner.funding_ref),
+        "not_after_ms": owner.not_after_ms,
+    }
+
+
+async def show_owner(tx: Tx, owner_id: str) -> dict[str, Any]:
+    owner = await registry.get_owner(tx, owner_id)
+    if owner is None:
+        raise FogpayError(f"no owner {owner_id!r}")
+    return owner_json(owner, await leases.exposure(tx, owner_id))

@@ -1,0 +1,237 @@
+"""The subcommands of ``fogpay cloud`` (the parser and shared helpers are in ``cloud.cli``)."""
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from cloud import config as cloud_config
+from cloud import leases, registry
+from cloud.cli import (
+    Sub,
+    _key_arg,
+    _out,
+    cmd_check,
+    cmd_init,
+    cmd_prove,
+    guarded,
+    hex_arg,
+    issuer,
+    now_ms,
+    parse_time_ms,
+    run_tx,
+    show_owner,
+)
+from cloud.ingest import Ingestor
+from cloud.store import Tx, open_store
+from protocol.errors import FogpayError
+
+
+def register_commands(cmds: Sub) -> None:  # type: ignore[valid-type]
+    def add(name: str, fn: Any, help_: str, parent: Any = cmds) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
+        p.set_defaults(func=guarded(fn))
+        return p
+
+    add("init", cmd_init, "create the issuer key (0600) if missing and the store's tables")
+    add("check", cmd_check, "check the ledger: every currency sums to zero, balances derive")
+    p = add("prove", cmd_prove, "print the proof of a booked intent (for verify-receipt)")
+    p.add_argument("intent_id", help="64 hex characters")
+    p.add_argument("--out", help="write the proof JSON to this file")
+    _owner(cmds, add)
+    _device(cmds, add)
+    fog = cmds.add_parser("fog", help="fogs").add_subparsers(dest="fog_command", required=True)
+    p = add("add", cmd_fog_add, "register a fog and sign its credential", fog)
+    p.add_argument("fog_id")
+    _key_options(p)
+    lease = cmds.add_parser("lease", help="leases").add_subparsers(dest="lease_cmd", required=True)
+    p = add("grant", cmd_lease_grant, "grant a lease of an owner's credit to a fog", lease)
+    p.add_argument("owner_id")
+    p.add_argument("fog_id")
+    p.add_argument("amount_micros", type=int)
+    p = add("ingest", cmd_ingest, "ingest batch files (wire bytes), as from the batch topic")
+    p.add_argument("files", nargs="+")
+    p = add("settle", cmd_settle, "close a settlement period and write its files")
+    p.add_argument("--until", required=True, help="ms since the epoch or ISO 8601 (UTC)")
+    p.add_argument("--period", help="period id (default: P + the --until date and time)")
+    p.add_argument("--out", default="settlement", help="directory for the period's files")
+
+
+def _key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", help="public key, 64 hex characters")
+    p.add_argument("--key-file", help="or: a key file (its public key is used)")
+
+
+def _owner(cmds: Any, add: Any) -> None:
+    owner = cmds.add_parser("owner", help="owners").add_subparsers(dest="owner_cmd", required=True)
+    p = add("add", cmd_owner_add, "register an owner and sign its credential", owner)
+    p.add_argument("owner_id")
+    _key_options(p)
+    p.add_argument("--limit", type=int, required=True, help="credit limit in micros")
+    p.add_argument("--currency", required=True)
+    p.add_argument("--funding", required=True, help="funding reference (never published)")
+    p.add_argument("--name", default="", help="legal name for the rails")
+    p = add("show", cmd_owner_show, "show an owner, its limit and what is outstanding", owner)
+    p.add_argument("owner_id")
+    p = add("limit", cmd_owner_limit, "set an owner's credit limit (micros)", owner)
+    p.add_argument("owner_id")
+    p.add_argument("limit_micros", type=int)
+
+
+def _device(cmds: Any, add: Any) -> None:
+    dev = cmds.add_parser("device", help="devices").add_subparsers(dest="dev_cmd", required=True)
+    p = add("bind", cmd_device_bind, "register an owner-signed binding", dev)
+    p.add_argument("--binding", required=True, help="bind envelope: hex or @FILE")
+    p.add_argument("--proof", required=True, help="device's proof of possession: hex or @FILE")
+    p = add("revoke", cmd_device_revoke, "revoke a device (issuer), or submit a revocation", dev)
+    p.add_argument("device", nargs="?", help="device key hex (issuer revocation)")
+    p.add_argument("--reason", default="revoked by the issuer")
+    p.add_argument("--envelope", help="a signed revoke envelope (owner's): hex or @FILE")
+    p = add("list", cmd_device_list, "list bound devices", dev)
+    p.add_argument("--owner")
+
+
+def cmd_owner_add(args: argparse.Namespace) -> int:
+    key = _key_arg(args)
+
+    async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> bytes:
+        return await registry.add_owner(
+            tx,
+            issuer(cfg),
+            owner_id=args.owner_id,
+            key=key,
+            limit_micros=args.limit,
+            currency=args.currency,
+            funding_ref=args.funding,
+            name=args.name,
+            now_ms=now_ms(),
+        )
+
+    _out({"owner_id": args.owner_id, "credential": run_tx(args, fn).hex()})
+    return 0
+
+
+def cmd_owner_show(args: argparse.Namespace) -> int:
+    _out(run_tx(args, lambda tx, cfg: show_owner(tx, args.owner_id)))
+    return 0
+
+
+def cmd_owner_limit(args: argparse.Namespace) -> int:
+    async def fn(tx: Tx, cfg: Any) -> dict[str, Any]:
+        await registry.set_limit(tx, args.owner_id, args.limit_micros)
+        return await show_owner(tx, args.owner_id)
+
+    _out(run_tx(args, fn))
+    return 0
+
+
+def cmd_fog_add(args: argparse.Namespace) -> int:
+    key = _key_arg(args)
+
+    async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> bytes:
+        return await registry.add_fog(tx, issuer(cfg), fog_id=args.fog_id, key=key, now_ms=now_ms())
+
+    _out({"fog_id": args.fog_id, "credential": run_tx(args, fn).hex()})
+    return 0
+
+
+def cmd_device_bind(args: argparse.Namespace) -> int:
+    binding, proof = hex_arg(args.binding), hex_arg(args.proof)
+
+    async def fn(tx: Tx, cfg: Any) -> Any:
+        return await registry.bind_device(tx, binding, proof, now_ms=now_ms())
+
+    b = run_tx(args, fn)
+    _out({"device": b.device.hex(), "owner_id": b.owner_id, "currency": b.currency})
+    return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    if (args.device is None) == (args.envelope is None):
+        raise FogpayError("give a device key or --envelope, not both")
+
+    async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> Any:
+        key = issuer(cfg)
+        if args.envelope is not None:
+            return await registry.revoke(tx, bytes(key.verify_key), hex_arg(args.envelope))
+        device = bytes.fromhex(args.device)
+        return await registry.issuer_revoke(tx, key, device, reason=args.reason, now_ms=now_ms())
+
+    rev = run_tx(args, fn)
+    _out({"revoked": rev.key.hex(), "time_ms": rev.time_ms, "reason": rev.reason})
+    return 0
+
+
+def cmd_device_list(args: argparse.Namespace) -> int:
+    rows = run_tx(args, lambda tx, cfg: registry.devices(tx, args.owner))
+    _out(
+        [
+            {
+                "device": d.device.hex(),
+                "owner_id": d.owner_id,
+                "currency": d.currency,
+                "not_after_ms": d.not_after_ms,
+                "revoked": d.revoked,
+            }
+            for d in rows
+        ]
+    )
+    return 0
+
+
+def cmd_lease_grant(args: argparse.Namespace) -> int:
+    async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> leases.Granted:
+        return await leases.grant(
+            tx,
+            issuer(cfg),
+            owner_id=args.owner_id,
+            fog_id=args.fog_id,
+            amount_micros=args.amount_micros,
+            now_ms=now_ms(),
+            policy=cfg.lease,
+        )
+
+    g = run_tx(args, fn)
+    _out(
+        {
+            "lease_id": g.lease.lease_id.hex(),
+            "amount_micros": g.lease.amount_micros,
+            "not_after_ms": g.lease.not_after_ms,
+            "topic": g.topic,
+            "envelope": g.envelope.hex(),
+        }
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    key = issuer(cfg)
+    wires = [Path(f).read_bytes() for f in args.files]
+
+    async def main() -> list[dict[str, Any]]:
+        store = await open_store(cfg.store)
+        try:
+            ing = Ingestor(store=store, issuer=key, clock=now_ms)
+            outs = [await ing.ingest_batch(w) for w in wires]
+        finally:
+            await store.close()
+        return [
+            {"fog_id": o.fog_id, "batch": o.number, "status": str(o.status), "booked": o.booked}
+            | {"rejected": o.rejected, "alarms": o.alarms, "reason": o.reason}
+            for o in outs
+        ]
+
+    results = asyncio.run(main())
+    _out(results)
+    return 1 if any(r["status"] in ("refused", "fork") for r in results) else 0
+
+
+def cmd_settle(args: argparse.Namespace) -> int:
+    from cloud.settle_files import settle_and_write
+
+    until = parse_time_ms(args.until)
+    report = run_tx(args, lambda tx, cfg: settle_and_write(tx, cfg, args, until, now_ms()))
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0 if report["balanced"] else 1

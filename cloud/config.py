@@ -1,0 +1,90 @@
+"""Cloud configuration: a frozen dataclass parsed once from TOML and the environment.
+
+```toml
+store = "sqlite:///var/lib/fogpay/cloud.db"   # or "postgresql://user@host:5432/fogpay"
+issuer_key = "/etc/fogpay/issuer.key"         # keyfile format, mode 0600
+
+[lease]
+initial_micros = 10000000
+request_micros_max = 100000000
+lease_ms = 3600000
+
+[rails.creditor]   # pain.008: the operator collecting the owners' charges
+name = "fogpay operator"
+iban = "DE89370400440532013000"
+bic = "COBADEFFXXX"
+creditor_id = "DE98ZZZ09999999999"
+
+[rails.debtor]     # pain.001: the operator paying the payees
+name = "fogpay operator"
+iban = "DE89370400440532013000"
+```
+
+``FOGPAY_CLOUD_STORE`` and ``FOGPAY_CLOUD_ISSUER_KEY`` override the file; command-line
+options override both. A bad value fails at start with one line naming the key.
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud.iso20022 import CreditorConfig, DebtorConfig
+from cloud.leases import LeasePolicy
+from protocol.errors import FogpayError
+
+STORE_DEFAULT = "sqlite://cloud.db"
+ISSUER_KEY_DEFAULT = "issuer.key"
+
+
+class ConfigError(FogpayError):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloudConfig:
+    store: str = STORE_DEFAULT
+    issuer_key: Path = Path(ISSUER_KEY_DEFAULT)
+    lease: LeasePolicy = field(default_factory=LeasePolicy)
+    creditor: CreditorConfig | None = None
+    debtor: DebtorConfig | None = None
+
+
+def _section(value: object, key: str, cls: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    try:
+        return cls(**value)
+    except (TypeError, AssertionError) as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def load(
+    path: str | None, *, store: str | None = None, issuer_key: str | None = None
+) -> CloudConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(data) - {"store", "issuer_key", "lease", "rails"}
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]!r}")
+    rails = data.get("rails", {})
+    if not isinstance(rails, dict):
+        raise ConfigError("rails: must be a table")
+    store_url = store or os.environ.get("FOGPAY_CLOUD_STORE") or data.get("store", STORE_DEFAULT)
+    key = issuer_key or os.environ.get("FOGPAY_CLOUD_ISSUER_KEY") or data.get("issuer_key")
+    if not isinstance(store_url, str):
+        raise ConfigError("store: must be a string")
+    return CloudConfig(
+        store=store_url,
+        issuer_key=Path(key or ISSUER_KEY_DEFAULT),
+        lease=_section(data.get("lease"), "lease", LeasePolicy) or LeasePolicy(),
+        creditor=_section(rails.get("creditor"), "rails.creditor", CreditorConfig),
+        debtor=_section(rails.get("debtor"), "rails.debtor", DebtorConfig),
+    )
