@@ -157,8 +157,9 @@ def _header(
 
 def _serialize(doc: ET.Element) -> bytes:
     ET.indent(doc, space="  ")
-    data: bytes = ET.tostring(doc, encoding="UTF-8", xml_declaration=True)
-    return data + b"\n"
+    # encoding="unicode" then one encode: ElementTree's own UTF-8 writer is ~3x slower
+    body = ET.tostring(doc, encoding="unicode")
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
 
 
 def _sepa_lines(plan: SettlementPlan, kind: str) -> list[Line]:
