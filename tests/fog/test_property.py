@@ -50,6 +50,7 @@ def check_invariants(world: World, receipts: list[bytes]) -> None:
             )
         }
         drawn_by_log: dict[bytes, int] = {}
+        log_rows = conn.execute("SELECT count(*) FROM log").fetchone()[0]
         for lease_id, owner_id, amount, at_ms in conn.execute(
             "SELECT lease_id, owner_id, amount_micros, at_ms FROM log"
         ):
@@ -60,9 +61,14 @@ def check_invariants(world: World, receipts: list[bytes]) -> None:
         conn.close()
     for lease_id, (_, amount, drawn, _) in leases.items():
         assert drawn == drawn_by_log.get(lease_id, 0) <= amount
-    ok = [open_envelope(r, Receipt).msg for r in receipts]
-    ok = [r for r in ok if r.status == "ok"]
-    assert len({r.intent_id for r in ok}) == len({r.log_index for r in ok})
+    ok = [(r, open_envelope(r, Receipt).msg) for r in receipts]
+    ok = [(raw, r) for raw, r in ok if r.status == "ok"]
+    by_intent: dict[bytes, set[bytes]] = {}
+    for raw, r in ok:
+        by_intent.setdefault(r.intent_id, set()).add(raw)
+    # each authorized intent has one receipt, byte for byte, and one log index
+    assert all(len(raws) == 1 for raws in by_intent.values())
+    assert len(by_intent) == len({r.log_index for _, r in ok}) == log_rows
     event("authorized: none" if not ok else "authorized: some")
 
 
