@@ -12,14 +12,17 @@ from typing import Any, Final
 import pytest
 
 from edge.cli import wait_until_payable
-from edge.device import Device, DeviceSession
+from edge.device import Device, DeviceSession, PaymentDeclined
 from edge.simulate import Payment
 from fogpay.sandbox import SANDBOX_JSON, SandboxInfo
+from protocol.reasons import Reason
 from tests.edge.fogtools import client
 
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 30.0
 CLI_TIMEOUT_S: Final = 60.0
+PROBES_MAX: Final = 100
+PROBE_PAUSE_S: Final = 0.05
 FOGPAY: Final = [sys.executable, "-m", "fogpay.cli"]
 
 
@@ -87,6 +90,22 @@ async def pay(info: SandboxInfo, device: Device, amount: int) -> Any:
     return device.receipts()[-1]
 
 
+async def declined_reason(info: SandboxInfo, device: Device) -> Reason:
+    """Pay until the fog declines for a lasting reason (the revocation arrives async)."""
+    async with (
+        client(info.broker) as c,
+        DeviceSession(c, fog_id=info.fog_id, fog_key=info.fog_key) as session,
+    ):
+        await session.attach(device)
+        for _ in range(PROBES_MAX):
+            try:
+                await session.pay(device, "shop-1", 1_000, "EUR", timeout_s=5, retries_max=2)
+            except PaymentDeclined as exc:
+                return exc.reason
+            await asyncio.sleep(PROBE_PAUSE_S)
+    raise AssertionError("the revocation never took effect")
+
+
 def provision(directory: Path, work: Path, info: SandboxInfo, device: Device) -> None:
     seed = (directory / info.issuer_seed_file).read_text().strip()
     url = broker_url(info)
@@ -145,5 +164,17 @@ def test_sandbox_provision_pay_restart_pay(tmp_path: Path) -> None:
         )  # fmt: skip
         assert summary[0]["sent"] == 12 and summary[0]["status"] == {"ok": 12}
         assert summary[0]["latency"]["max_ms"] > 0
+        again = cli(
+            "edge", "simulate", "--broker", broker_url(info2), "--fog-id", info2.fog_id,
+            "--fog-key", info2.fog_key.hex(), "--devices", "3", "--count", "6", "--rate", "40",
+            "--json", "--devices-dir", str(work / "sim"),
+        )  # fmt: skip
+        assert again[0]["status"] == {"ok": 6}  # devices bound by the first run, same dirs
+        revoke = cli(
+            "device", "revoke", "--signer-key", str(work / "owner.key"),
+            "--key", rebooted.key_hex, "--reason", "stolen", "--broker", broker_url(info2),
+        )  # fmt: skip
+        assert revoke[0]["type"] == "revoke" and revoke[0]["key"] == rebooted.key_hex
+        assert asyncio.run(declined_reason(info2, rebooted)) is Reason.REVOKED
     finally:
         assert stop_sandbox(proc) == 0
