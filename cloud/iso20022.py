@@ -19,7 +19,7 @@ import io
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
@@ -38,7 +38,7 @@ from cloud.sepa import (
     check_sepa_text,
     transliterate,
 )
-from cloud.settlement import DD_SEQUENCES, Line, SepaAccount, SettlementPlan
+from cloud.settlement import DD_SEQUENCES, Kind, Line, SepaAccount, SettlementPlan
 from protocol.money import format_minor
 
 PAIN008_NS: Final = "urn:iso:std:iso:20022:tech:xsd:pain.008.001.02"
@@ -143,10 +143,14 @@ def _amount_sum(lines: Iterable[Line]) -> str:
     return format_minor(sum(x.minor_units for x in lines), SEPA_CURRENCY)
 
 
+def _message_id(given: str | None, default: str) -> str:
+    msg_id = given if given is not None else default
+    return check_sepa_id(msg_id, field="message_id", max_len=MESSAGE_ID_CHARS_MAX)
+
+
 def _header(
     root: ET.Element, message_id: str, created_at: str, lines: list[Line], name: str
 ) -> None:
-    check_sepa_id(message_id, field="message_id", max_len=MESSAGE_ID_CHARS_MAX)
     head = _sub(root, "GrpHdr")
     _sub(head, "MsgId", message_id)
     _sub(head, "CreDtTm", created_at)
@@ -162,7 +166,7 @@ def _serialize(doc: ET.Element) -> bytes:
     return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
 
 
-def _sepa_lines(plan: SettlementPlan, kind: str) -> list[Line]:
+def _sepa_lines(plan: SettlementPlan, kind: Kind) -> list[Line]:
     lines = [x for x in plan.lines(rail="sepa") if x.kind == kind]
     for x in lines:
         assert x.currency == SEPA_CURRENCY and isinstance(x.funding, SepaAccount), x.line_id
@@ -181,13 +185,13 @@ def pain008(
     ``PmtInf`` per sequence type (FRST, RCUR, OOFF, FNAL); None if there are none.
     ``created_at``: ``YYYY-MM-DDThh:mm:ss[Z]``; ``collection_date`` (``ReqdColltnDt``)
     defaults to the creation date + ``creditor.collection_lead_days``."""
+    created = _check_datetime(created_at)  # configuration first: a bad one fails every time
+    cdtr = _creditor_checked(creditor)
+    due = _due_date(created, creditor, collection_date)
+    msg_id = _message_id(message_id, f"{plan.period_id}-DD")
     lines = _sepa_lines(plan, "charge")
     if not lines:
         return None
-    created = _check_datetime(created_at)
-    due = _due_date(created, creditor, collection_date)
-    msg_id = message_id if message_id is not None else f"{plan.period_id}-DD"
-    cdtr = _creditor_checked(creditor)
     doc = ET.Element("Document", xmlns=PAIN008_NS)
     root = _sub(doc, "CstmrDrctDbtInitn")
     _header(root, msg_id, created_at, lines, cdtr.name)
@@ -219,15 +223,7 @@ def _creditor_checked(c: CreditorConfig) -> CreditorConfig:
         check_bic(c.bic, field="creditor.bic")
     check_creditor_id(c.creditor_id, field="creditor.creditor_id")
     name = _name(c.name, fallback="fogpay", field="creditor.name")
-    return CreditorConfig(
-        name=name,
-        iban=c.iban,
-        bic=c.bic,
-        creditor_id=c.creditor_id,
-        local_instrument=c.local_instrument,
-        batch_booking=c.batch_booking,
-        collection_lead_days=c.collection_lead_days,
-    )
+    return replace(c, name=name)
 
 
 def _dd_info(
@@ -284,18 +280,18 @@ def pain001(
     """The SEPA credit-transfer initiation for the plan's payouts on the sepa rail, in one
     ``PmtInf``; None if there are none. ``execution_date`` (``ReqdExctnDt``) defaults to the
     creation date."""
-    lines = _sepa_lines(plan, "payout")
-    if not lines:
-        return None
-    created = _check_datetime(created_at)
+    created = _check_datetime(created_at)  # configuration first: a bad one fails every time
     when = created if execution_date is None else check_date(execution_date, field="execution_date")
     if when < created:
         raise SepaError("execution_date", "before the file's creation date")
-    msg_id = message_id if message_id is not None else f"{plan.period_id}-CT"
+    msg_id = _message_id(message_id, f"{plan.period_id}-CT")
     check_iban(debtor.iban, field="debtor.iban")
     if debtor.bic is not None:
         check_bic(debtor.bic, field="debtor.bic")
     name = _name(debtor.name, fallback="fogpay", field="debtor.name")
+    lines = _sepa_lines(plan, "payout")
+    if not lines:
+        return None
     doc = ET.Element("Document", xmlns=PAIN001_NS)
     root = _sub(doc, "CstmrCdtTrfInitn")
     _header(root, msg_id, created_at, lines, name)

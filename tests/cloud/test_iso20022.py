@@ -194,6 +194,8 @@ def test_a_plan_without_sepa_lines_has_no_pain_file() -> None:
     assert pain008(only_card, creditor=CREDITOR, created_at=CREATED) is None
     assert pain001(only_card, debtor=DEBTOR, created_at=CREATED) is None
     assert "carl" in settlement_csv(only_card)
+    with pytest.raises(SepaError, match=r"creditor\.iban"):  # bad configuration: even then
+        pain008(only_card, creditor=_creditor(iban="DE00"), created_at=CREATED)
 
 
 def test_the_csv_round_trips_through_the_csv_module(plan: SettlementPlan) -> None:
