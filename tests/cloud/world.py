@@ -142,10 +142,11 @@ class World:
         await self.tx(add)
         return log
 
-    def binding(self, owner_id: str, device: nacl.signing.SigningKey, **kw: Any) -> bytes:
+    def binding(self, owner: str, device: nacl.signing.SigningKey, /, **kw: Any) -> bytes:
+        """A binding signed by ``owner``'s key (``kw`` overrides any field)."""
         args: dict[str, Any] = {
             "device": public_key(device),
-            "owner_id": owner_id,
+            "owner_id": owner,
             "not_before_ms": self.now - 1000,
             "not_after_ms": self.now + 86_400_000,
             "currency": "EUR",
@@ -153,7 +154,7 @@ class World:
             "day_max_micros": 100_000_000,
         }
         args.update(kw)
-        return seal(Binding(**args), self.owners[owner_id])
+        return seal(Binding(**args), self.owners[owner])
 
     async def device(self, owner_id: str, **kw: Any) -> nacl.signing.SigningKey:
         device = new_key()
