@@ -43,7 +43,14 @@ from protocol import topics
 from protocol.errors import Declined, FogpayError, TopicError
 from protocol.messages import Intent, Receipt, encode_body
 from protocol.reasons import Reason
-from protocol.signing import Signed, open_envelope, possession_proof, public_key, seal_signed
+from protocol.signing import (
+    Signed,
+    is_valid_public_key,
+    open_envelope,
+    possession_proof,
+    public_key,
+    seal_signed,
+)
 
 log = structlog.get_logger()
 
@@ -58,6 +65,10 @@ RETRIES_MAX: Final = 100
 IN_FLIGHT_MAX: Final = 10_000
 UNSUBSCRIBE_TIMEOUT_S: Final = 5.0
 RECEIPTS_FILE_BYTES_MAX: Final = 256 * 1024 * 1024
+
+
+class DeviceStateError(FogpayError):
+    """The device's state directory or its settings cannot be used."""
 
 
 class PaymentError(FogpayError):
@@ -149,6 +160,8 @@ class Device:
         clock: Callable[[], int] = time_ms,
     ) -> "Device":
         """Open (or create, with a new key) the device whose state lives in ``state_dir``."""
+        if not is_valid_public_key(fog_key):
+            raise DeviceStateError("fog_key is not a valid Ed25519 public key")
         path = Path(state_dir)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_path = path / KEY_FILE
@@ -176,7 +189,8 @@ class Device:
         if not path.exists():
             return 0
         text = path.read_text().strip()
-        assert text.isdigit(), f"{path}: corrupt sequence file"
+        if not text.isdigit():
+            raise DeviceStateError(f"{path}: corrupt sequence file; refusing to guess a q")
         return int(text)
 
     def _reserve_seq(self) -> int:
@@ -226,7 +240,8 @@ class Device:
         path = self.state_dir / RECEIPTS_FILE
         if not path.exists():
             return set()
-        assert path.stat().st_size <= RECEIPTS_FILE_BYTES_MAX, f"{path}: too large"
+        if path.stat().st_size > RECEIPTS_FILE_BYTES_MAX:
+            raise DeviceStateError(f"{path}: larger than {RECEIPTS_FILE_BYTES_MAX} bytes")
         ids = set()
         for line in path.read_text().splitlines():
             try:

@@ -26,6 +26,8 @@ from tests.edge.fogtools import (
 )
 from tests.integration.fogrun import running_fog, wait_counter
 
+NO_FOG = bytes(nacl.signing.SigningKey.generate().verify_key)  # a fog that never answers
+
 
 @pytest.fixture
 def issuer() -> nacl.signing.SigningKey:
@@ -172,7 +174,7 @@ async def test_timeout_after_the_retransmissions(tmp_path: Path) -> None:
     mosquitto = start_mosquitto(tmp_path)
     try:
         broker = BrokerAddress("127.0.0.1", mosquitto.endpoint.port)
-        device = Device.open(tmp_path / "d", fog_id=FOG_ID, fog_key=bytes(32))
+        device = Device.open(tmp_path / "d", fog_id=FOG_ID, fog_key=NO_FOG)
         intents = topics.intent_topic(FOG_ID, device.public_key)
         async with observing(broker, intents) as obs, client(broker) as c:
             with pytest.raises(PaymentTimeout) as err:
@@ -192,7 +194,7 @@ async def test_broker_loss_fails_the_payment_at_once(tmp_path: Path) -> None:
     mosquitto = start_mosquitto(tmp_path)
     try:
         broker = BrokerAddress("127.0.0.1", mosquitto.endpoint.port)
-        device = Device.open(tmp_path / "d", fog_id=FOG_ID, fog_key=bytes(32))
+        device = Device.open(tmp_path / "d", fog_id=FOG_ID, fog_key=NO_FOG)
         intents = topics.intent_topic(FOG_ID, device.public_key)
         async with observing(broker, intents) as obs:
             async with client(broker) as c:

@@ -7,7 +7,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from edge.device import KEY_FILE, RECEIPTS_FILE, SEQ_FILE, Device, answers
+from edge.device import KEY_FILE, RECEIPTS_FILE, SEQ_FILE, Device, DeviceStateError, answers
 from protocol.errors import Declined
 from protocol.messages import Receipt
 from protocol.reasons import Reason
@@ -133,3 +133,12 @@ def test_declined_receipts_are_not_stored(tmp_path: Path) -> None:
     )
     with pytest.raises(AssertionError):
         d.store_receipt(declined)
+
+
+def test_bad_state_is_refused_not_guessed(tmp_path: Path) -> None:
+    with pytest.raises(DeviceStateError):
+        Device.open(tmp_path, fog_id="fog-1", fog_key=bytes(32))  # small-order fog key
+    open_device(tmp_path)
+    (tmp_path / SEQ_FILE).write_text("12x\n")
+    with pytest.raises(DeviceStateError):
+        open_device(tmp_path)
