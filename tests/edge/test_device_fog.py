@@ -208,3 +208,31 @@ async def test_broker_loss_fails_the_payment_at_once(tmp_path: Path) -> None:
                         await pay
     finally:
         mosquitto.stop()
+
+
+async def test_run_load_counts_statuses_and_reasons(
+    tmp_path: Path, issuer: nacl.signing.SigningKey
+) -> None:
+    from edge.simulate import Payment, arrival_offsets_s, run_load
+
+    async with running_fog(embedded_fog(tmp_path, issuer)) as fog:
+        broker = device_broker(fog.broker_port)
+        devices = [open_device(tmp_path, f"d{i}") for i in range(3)]
+        await provision(fog, broker, issuer, devices)
+        async with (
+            client(broker) as c,
+            DeviceSession(c, fog_id=FOG_ID, fog_key=devices[0].fog_key, wildcard=True) as session,
+        ):
+            loads = {}
+            for amount in (1_000, TX_MAX_MICROS + 1):
+                payment = Payment(
+                    payee_id="shop-1", amount_micros=amount, currency="EUR", timeout_s=5,
+                    retries_max=1,
+                )  # fmt: skip
+                offsets = arrival_offsets_s(200, count=9)
+                loads[amount] = await run_load([session], devices, payment, offsets)
+    ok, declined = loads[1_000].to_dict(), loads[TX_MAX_MICROS + 1].to_dict()
+    assert (ok["status"], ok["reasons"]) == ({"ok": 9}, {})
+    assert (declined["status"], declined["reasons"]) == ({"declined": 9}, {"limit_tx": 9})
+    assert loads[1_000].histogram.total == 9 and ok["latency"]["max_ms"] > 0
+    assert [len(d.receipts()) for d in devices] == [3, 3, 3]
