@@ -79,7 +79,13 @@ def target_from_args(args: argparse.Namespace) -> Target:
         return Target(info.broker, info.fog_id, info.fog_key, issuer)
     if args.broker is None or args.fog_id is None or args.fog_key is None:
         raise FogpayError("give --sandbox DIR, or --broker, --fog-id and --fog-key")
-    return Target(parse_broker_url(args.broker), args.fog_id, bytes.fromhex(args.fog_key), None)
+    try:
+        fog_key = bytes.fromhex(args.fog_key)
+    except ValueError:
+        raise FogpayError("--fog-key: not hex") from None
+    seed = getattr(args, "issuer_key", None)
+    signer = load_key_file(seed) if seed else None
+    return Target(parse_broker_url(args.broker), args.fog_id, fog_key, signer)
 
 
 @contextlib.asynccontextmanager
@@ -240,9 +246,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--seed", type=int)
     p.add_argument("--devices-dir", type=Path, help="device state dirs (default: a temp dir)")
     p.add_argument("--connections", type=int, default=1)
-    p.add_argument("--lease", type=int, help="sandbox: lease micros (default: enough)")
+    p.add_argument("--lease", type=int, help="when provisioning: lease micros (default: enough)")
     p.add_argument("--owner-id", default=OWNER_ID_DEFAULT)
-    p.add_argument("--no-provision", action="store_true", help="sandbox: devices already bound")
+    p.add_argument("--issuer-key", type=Path, help="with --broker: provision with this issuer")
+    p.add_argument("--no-provision", action="store_true", help="devices are already bound")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_simulate)
     p = cmds.add_parser("pay", help="one payment from the device whose state is in --state")

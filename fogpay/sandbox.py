@@ -41,6 +41,7 @@ from fogpay.provision import (
     now_ms,
     publish_retained,
 )
+from protocol.errors import FogpayError
 from protocol.signing import public_key
 
 log = structlog.get_logger()
@@ -83,15 +84,21 @@ class SandboxInfo:
 
     @classmethod
     def load(cls, path: str | Path) -> "SandboxInfo":
-        raw = json.loads(Path(path).read_text())
-        b = raw["broker"]
-        return cls(
-            broker=BrokerAddress(b["host"], int(b["port"]), b.get("username"), b.get("password")),
-            fog_id=raw["fog_id"],
-            fog_key=bytes.fromhex(raw["fog_key"]),
-            issuer_key=bytes.fromhex(raw["issuer_key"]),
-            issuer_seed_file=raw["issuer_seed_file"],
-        )
+        """Read a sandbox.json; raises OSError or FogpayError (unreadable content)."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            b = raw["broker"]
+            return cls(
+                broker=BrokerAddress(
+                    b["host"], int(b["port"]), b.get("username"), b.get("password")
+                ),
+                fog_id=raw["fog_id"],
+                fog_key=bytes.fromhex(raw["fog_key"]),
+                issuer_key=bytes.fromhex(raw["issuer_key"]),
+                issuer_seed_file=raw["issuer_seed_file"],
+            )
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise FogpayError(f"{path}: not a sandbox.json ({type(exc).__name__}: {exc})") from exc
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
