@@ -183,3 +183,25 @@ def test_cli_remote_device_binding_with_its_proof(
     # a proof for other fields does not carry over
     other = [*owner_args[:-1], str(NOW + 2000)]
     assert main([*other, "--device-pub", dev_pub, "--proof", proof["proof"]]) == 2
+
+
+def test_cli_certify_fog_and_refuse_bad_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["issuer", "init", "--dir", str(tmp_path)])
+    capsys.readouterr()
+    seed_file = str(tmp_path / ISSUER_SEED_FILE)
+    fog = public_key(key()).hex()
+    rc, [cred] = _run(
+        capsys, "issuer", "certify-fog", "--issuer-key", seed_file, "--fog-id", "fog-9",
+        "--fog-pub", fog, "--days", "2",
+    )  # fmt: skip
+    assert rc == 0 and cred["topic"] == "fogpay/1/trust/fog/fog-9" and cred["key"] == fog
+    msg = open_envelope(bytes.fromhex(cred["envelope"]), FogCredential).msg
+    assert msg.not_after_ms - msg.not_before_ms == 2 * 86_400_000 + 60_000
+    bad = ["issuer", "certify-fog", "--issuer-key", seed_file, "--fog-id", "fog-9"]
+    assert main([*bad, "--fog-pub", SMALL_ORDER.hex()]) == 2
+    assert main([*bad[:-1], "Trust", "--fog-pub", fog]) == 2  # not a fog_id
+    tmp_path.joinpath("loose.key").write_text(load_key_file(seed_file).encode().hex())
+    tmp_path.joinpath("loose.key").chmod(0o644)
+    assert main([*bad[:3], str(tmp_path / "loose.key"), *bad[4:], "--fog-pub", fog]) == 2
