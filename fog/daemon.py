@@ -46,6 +46,7 @@ T = TypeVar("T")
 INTENT_QUEUE_MAX: Final = 10_000
 TRUST_QUEUE_MAX: Final = 10_000
 GROUP_MAX: Final = 256
+PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
 PUBLISH_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
@@ -85,6 +86,7 @@ class FogDaemon:
         self._counters: dict[str, int] = {}
         self._store_counters: dict[str, int] = {}
         self._republished = False
+        self._publishing: set[asyncio.Task[None]] = set()
         self._log = log.bind(fog_id=config.fog_id)
 
     # ---- public API -------------------------------------------------------------------
@@ -313,6 +315,8 @@ class FogDaemon:
             if not group:
                 break
             await self._process_group(group)
+        if self._publishing:
+            await asyncio.wait(self._publishing)
         self._drained.set()
 
     async def _next_group(self) -> list[Arrival]:
@@ -345,7 +349,19 @@ class FogDaemon:
             return
         for outcome in outcomes:
             self._log_outcome(outcome)
-        await self._publish_receipts(group, outcomes)
+        # The group is durable: its receipts may leave. The next group commits while they do
+        # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
+        if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
+            await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._publish_receipts(group, outcomes), name="fog.publish")
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: "asyncio.Task[None]") -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._count("publish_failed")
+            self._log.error("publish_failed", error=type(task.exception()).__name__)
 
     def _log_outcome(self, o: Outcome) -> None:
         ctx = {"device": short(o.device), "intent": short(o.intent_id), "seq": o.seq}
