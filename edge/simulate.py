@@ -149,7 +149,7 @@ class Summary:
     def progress_line(self) -> str:
         h = self.histogram
         return (
-            f"[{self.elapsed_s:6.1f}s] sent {self.sent}  ok {self.by_status[STATUS_OK]}"
+            f"[{self.elapsed_s:6.1f}s] done {self.sent}  ok {self.by_status[STATUS_OK]}"
             f"  declined {self.by_status[STATUS_DECLINED]}"
             f"  timeout {self.by_status[STATUS_TIMEOUT]}  p50 {h.percentile(50) / 1000:.1f} ms"
         )
