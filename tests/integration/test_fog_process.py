@@ -1,5 +1,6 @@
 """The fog as a real process (``python -m fog --config FILE``): SIGKILL under load, restart,
-and no receipt lost and none authorized twice; SIGTERM stops it cleanly with JSON logs.
+and no receipt lost and none authorized twice; SIGTERM under load stops it cleanly (exit 0)
+and restarts the same way; logs are JSON lines without key material.
 
 Devices behave as the protocol asks: one intent at a time, retransmitting the same bytes until
 a receipt comes. The broker is a Mosquitto subprocess, so devices stay connected while the
@@ -35,6 +36,7 @@ FOG = "fog-k"
 DEVICES: Final = 20
 INTENTS_PER_DEVICE: Final = 30
 KILL_AFTER_RECEIPTS: Final = 150
+TERM_AFTER_RECEIPTS: Final = 350
 RETRANSMIT_S: Final = 0.5
 TRANSIENT_RETRY_S: Final = 0.05
 ATTEMPTS_MAX: Final = 60
@@ -74,7 +76,7 @@ async def wait_receipts(held: list[bytes], count: int) -> None:
             await asyncio.sleep(0.005)
 
 
-async def test_sigkill_under_load_then_restart_loses_no_receipt_and_authorizes_nothing_twice(
+async def test_sigkill_and_sigterm_under_load_lose_no_receipt_and_authorize_nothing_twice(
     tmp_path: Path, mosquitto_broker: BrokerEndpoint
 ) -> None:
     issuer = Issuer()
@@ -98,14 +100,19 @@ async def test_sigkill_under_load_then_restart_loses_no_receipt_and_authorizes_n
             try:
                 await wait_receipts(held, KILL_AFTER_RECEIPTS)
                 fog.send_signal(signal.SIGKILL)
-                fog.wait(timeout=EXIT_TIMEOUT_S)
+                await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
                 killed_at = len(held)
+                fog = start_fog(config, log)
+                await wait_receipts(held, TERM_AFTER_RECEIPTS)
+                fog.send_signal(signal.SIGTERM)  # under load too: a clean stop
+                assert await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S) == 0
+                termed_at = len(held)
                 fog = start_fog(config, log)
                 async with asyncio.timeout(120):
                     await load
             finally:
                 load.cancel()
-        assert killed_at < DEVICES * INTENTS_PER_DEVICE  # the kill came under load
+        assert killed_at < termed_at < DEVICES * INTENTS_PER_DEVICE  # both came under load
         fog.send_signal(signal.SIGTERM)
         assert fog.wait(timeout=EXIT_TIMEOUT_S) == 0
     finally:
@@ -129,7 +136,8 @@ async def test_sigkill_under_load_then_restart_loses_no_receipt_and_authorizes_n
 
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     events = [e["event"] for e in lines]
-    assert events.count("fog_starting") == 2 and events[-1] == "fog_stopped"
+    assert events.count("fog_starting") == 3 and events.count("fog_stopped") == 2
+    assert events[-1] == "fog_stopped"
     assert "batch_sealed" in events
     seed = (tmp_path / "fog.key").read_text().strip()
     assert seed not in log.read_text()
