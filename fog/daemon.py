@@ -21,12 +21,14 @@ a device that lost its receipt retransmits and gets the stored one.
 import asyncio
 import contextlib
 import random
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 import aiomqtt
+import nacl.signing
 import structlog
 
 from fog.authorize import Policy
@@ -72,9 +74,18 @@ class FogDaemon:
     a free one) or the port connected to.
     """
 
-    def __init__(self, config: FogConfig, *, clock: Callable[[], int] = wall_ms) -> None:
+    def __init__(
+        self,
+        config: FogConfig,
+        *,
+        clock: Callable[[], int] = wall_ms,
+        fog_key: nacl.signing.SigningKey | None = None,
+    ) -> None:
+        """``fog_key`` overrides ``config.key_file`` (an embedder that holds the key already)."""
         self.config = config
         self._clock = clock
+        self._fog_key = fog_key
+        self._started = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-store")
         self._store: FogStore | None = None
         self._broker = EmbeddedBroker(config.broker) if config.broker.embedded else None
@@ -108,6 +119,8 @@ class FogDaemon:
         self._stopping.set()
 
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
+        assert not self._started, "a FogDaemon runs once"
+        self._started = True
         self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
         self._store = await self._call(self._open_store)
         try:
@@ -138,7 +151,7 @@ class FogDaemon:
         return FogStore.open(
             c.db,
             fog_id=c.fog_id,
-            fog_key=load_key_file(c.key_file),
+            fog_key=self._fog_key or load_key_file(c.key_file),
             issuer_key=c.issuer_key,
             policy=policy,
         )
@@ -183,7 +196,8 @@ class FogDaemon:
         while not self._stopping.is_set():
             client = aiomqtt.Client(
                 **self._client_args(),
-                identifier=f"fogpay-fog-{self.config.fog_id}",
+                # unguessable: on amqtt a client reusing our id could take our session over
+                identifier=f"fogpay-fog-{self.config.fog_id}-{secrets.token_hex(8)}",
                 clean_session=True,  # amqtt persistence is not trusted; devices retransmit
                 keepalive=KEEPALIVE_S,
                 timeout=CONNECT_TIMEOUT_S,
