@@ -1,5 +1,9 @@
 """Money moves once: idempotent retransmissions, leases never overdrawn, state durable."""
 
+import sqlite3
+
+import pytest
+
 from fog.store import Arrival
 from protocol.messages import Receipt
 from protocol.reasons import Reason
@@ -185,3 +189,26 @@ def test_malformed_never_touches_the_database(world: World) -> None:
     assert {o.reason for o in out} == {Reason.MALFORMED}
     assert world.money_dump() == before
     assert world.store.counters()["declined_malformed"] == len(junk)
+
+
+def test_storage_failure_mid_group_rolls_back_the_whole_group(world: World) -> None:
+    """Fault injected in real SQLite (a trigger that aborts the second log insert): the group
+    raises, nothing of it is stored, and the next group starts again at n = 1."""
+    owner = world.owner()
+    devs = [world.device(owner) for _ in range(3)]
+    lease = world.lease(amount=10_000_000)
+    group = [(d, world.intent(d, 1)) for d in devs]
+    before = world.money_dump()
+    admin = sqlite3.connect(world.path, isolation_level=None)
+    admin.execute(
+        "CREATE TRIGGER injected BEFORE INSERT ON log WHEN NEW.n = 2 "
+        "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="injected fault"):
+        world.send(*group)
+    admin.execute("DROP TRIGGER injected")
+    admin.close()
+    assert world.money_dump() == before
+    out = world.send(*group)
+    assert [o.log_index for o in out] == [1, 2, 3]
+    assert world.drawn()[lease] == (10_000_000, 3_000_000)
