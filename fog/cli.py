@@ -12,6 +12,7 @@ import structlog
 from fog.config import ConfigError, FogConfig, load_config
 from fogpay.keyfile import KeyFileError, load_key_file
 from fogpay.logs import configure
+from protocol.errors import FogpayError
 
 log = structlog.get_logger()
 
@@ -53,7 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     configure(json=not args.console, level=config.log_level)
     route_stdlib_logging(json=not args.console)
-    asyncio.run(run_until_signal(config))
+    try:
+        asyncio.run(run_until_signal(config))
+    except (FogpayError, KeyFileError) as exc:  # operating errors: one line, no traceback
+        log.error("fog_failed", error=str(exc))
+        print(f"fogpay fog: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

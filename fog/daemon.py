@@ -39,7 +39,7 @@ from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish
 from fogpay.keyfile import load_key_file
 from fogpay.logs import short
 from protocol import topics
-from protocol.errors import TopicError
+from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
 
 log = structlog.get_logger()
@@ -60,6 +60,10 @@ SEAL_INTERVAL_S_MIN: Final = 0.01
 SEAL_INTERVAL_S_MAX: Final = 1.0
 INFLIGHT_MESSAGES_MAX: Final = 1000
 KEEPALIVE_S: Final = 30
+
+
+class FogStartError(FogpayError):
+    """The daemon cannot start (the message is one line naming the config key at fault)."""
 
 
 def wall_ms() -> int:
@@ -122,10 +126,10 @@ class FogDaemon:
         assert not self._started, "a FogDaemon runs once"
         self._started = True
         self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
-        self._store = await self._call(self._open_store)
         try:
+            self._store = await self._call(self._open_store)
             if self._broker is not None:
-                await self._broker.start()
+                await self._start_broker(self._broker)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._mqtt_loop(ready), name="fog.mqtt")
                 tg.create_task(self._processor(), name="fog.processor")
@@ -134,6 +138,16 @@ class FogDaemon:
                 tg.create_task(self._stats(), name="fog.stats")
         finally:
             await self._shutdown()
+
+    async def _start_broker(self, broker: EmbeddedBroker) -> None:
+        b = self.config.broker
+        try:
+            await broker.start()
+        except Exception as exc:  # amqtt wraps OSError (address in use...) in BrokerError
+            cause = exc.__cause__ or exc
+            raise FogStartError(
+                f"broker.port: cannot listen on {b.host}:{b.port}: {cause}"
+            ) from exc
 
     # ---- store calls, one thread ----------------------------------------------------------
 

@@ -10,6 +10,7 @@ fog dies and comes back.
 import asyncio
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -155,3 +156,28 @@ def test_bad_config_fails_at_start_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.decode().strip().count("\n") == 0
     assert "key_file" in result.stderr.decode()
+
+
+def test_embedded_broker_port_in_use_fails_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    issuer = Issuer()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_fog_files(
+            tmp_path,
+            fog_id=FOG,
+            issuer_key=issuer.public,
+            broker=f'port = {port}\npassword = "a"\ndevice_password = "b"\n',
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "fog", "--config", str(config)],
+            capture_output=True,
+            timeout=EXIT_TIMEOUT_S,
+            check=False,
+        )
+    assert result.returncode == 1
+    stderr = result.stderr.decode().strip()
+    assert stderr.count("\n") == 0 and "broker.port" in stderr, stderr
+    events = [json.loads(line)["event"] for line in result.stdout.decode().splitlines()]
+    assert events[-1] == "fog_failed" and "fog_stopped" in events
