@@ -31,8 +31,6 @@ from tests.integration.devices import (
     write_fog_files,
 )
 
-pytestmark = pytest.mark.mosquitto
-
 FOG = "fog-k"
 DEVICES: Final = 20
 INTENTS_PER_DEVICE: Final = 30
@@ -77,6 +75,7 @@ async def wait_receipts(held: list[bytes], count: int) -> None:
             await asyncio.sleep(0.005)
 
 
+@pytest.mark.mosquitto
 async def test_sigkill_and_sigterm_under_load_lose_no_receipt_and_authorize_nothing_twice(
     tmp_path: Path, mosquitto_broker: BrokerEndpoint
 ) -> None:
