@@ -1,10 +1,14 @@
-"""The fog end to end through its embedded amqtt broker: real broker, real SQLite, real keys."""
+"""The fog end to end, each test through the embedded amqtt broker and through a Mosquitto
+subprocess (``broker.url``): real brokers, real SQLite, real keys."""
 
 import asyncio
 import contextlib
 import hashlib
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -13,6 +17,7 @@ from protocol import topics
 from protocol.messages import Receipt
 from protocol.reasons import Reason
 from protocol.signing import open_envelope
+from tests.conftest import start_mosquitto
 from tests.integration.devices import (
     Device,
     Issuer,
@@ -45,35 +50,53 @@ def issuer() -> Issuer:
     return Issuer()
 
 
-def fog_config(tmp_path: Path, issuer: Issuer, extra: str = "") -> Path:
+@dataclass(frozen=True)
+class Transport:
+    name: str
+    broker_toml: str  # the fog config's [broker] table
+    creds: dict[str, Any]  # what devices and the issuer connect with
+
+
+AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW})
+
+
+@pytest.fixture(params=["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transport]:
+    if request.param == "amqtt":
+        yield AMQTT
+        return
+    broker = start_mosquitto(tmp_path)
+    try:
+        yield Transport("mosquitto", f'url = "{broker.endpoint.url}"', {})
+    finally:
+        broker.stop()
+
+
+def fog_config(tmp_path: Path, issuer: Issuer, transport: Transport, extra: str = "") -> Path:
     return write_fog_files(
-        tmp_path, fog_id=FOG, issuer_key=issuer.public, broker=EMBEDDED, extra=extra
+        tmp_path, fog_id=FOG, issuer_key=issuer.public, broker=transport.broker_toml, extra=extra
     )
 
 
 async def provision(
-    daemon, issuer: Issuer, devices: list[Device], lease_micros: int, **bind
-) -> None:  # type: ignore[no-untyped-def]
+    daemon: Any, t: Transport, issuer: Issuer, devices: list[Device], lease_micros: int
+) -> None:
     items = [issuer.owner_credential()]
-    items += [issuer.binding(d.public, **bind) for d in devices]
+    items += [issuer.binding(d.public) for d in devices]
     items.append(issuer.lease(FOG, lease_micros))
-    await publish_retained(
-        "127.0.0.1", daemon.broker_port, items, username="device", password=DEV_PW
-    )
+    await publish_retained("127.0.0.1", daemon.broker_port, items, **t.creds)
     await wait_counter(daemon, "owner_accepted")
     await wait_counter(daemon, "bind_accepted", len(devices))
     await wait_counter(daemon, "lease_accepted")
 
 
 async def test_pay_then_retransmit_gets_same_receipt_and_one_log_record(
-    tmp_path: Path, issuer: Issuer
+    tmp_path: Path, issuer: Issuer, transport: Transport
 ) -> None:
     device = Device(FOG)
-    async with running_fog(fog_config(tmp_path, issuer)) as fog:
-        await provision(fog, issuer, [device], 1_000_000)
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+    async with running_fog(fog_config(tmp_path, issuer, transport)) as fog:
+        await provision(fog, transport, issuer, [device], 1_000_000)
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
             intent = device.intent(250_000)
             first = await w.pay(device, intent)
             again = await w.pay(device, intent)
@@ -98,11 +121,11 @@ def _log_rows(db: Path) -> int:
 
 
 async def test_every_decline_code_is_answered_signed_and_changes_nothing(
-    tmp_path: Path, issuer: Issuer
+    tmp_path: Path, issuer: Issuer, transport: Transport
 ) -> None:
     clock = Clock()
     t0 = clock.ms
-    config = fog_config(tmp_path, issuer, "[policy]\nrate_per_s = 1\nrate_burst = 3\n")
+    config = fog_config(tmp_path, issuer, transport, "[policy]\nrate_per_s = 1\nrate_burst = 3\n")
     from fogpay.keyfile import load_key_file
     from protocol.signing import public_key
 
@@ -136,17 +159,13 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
         items.append(poor.binding(d["budget"].public))
         items += [issuer.lease(FOG, 1_000_000), poor.lease(FOG, 10)]
         items.append(issuer.revocation(d["revoked"].public))
-        await publish_retained(
-            "127.0.0.1", fog.broker_port, items, username="device", password=DEV_PW
-        )
+        await publish_retained("127.0.0.1", fog.broker_port, items, **transport.creds)
         await wait_counter(fog, "bind_accepted", 12)
         await wait_counter(fog, "lease_accepted", 2)
         await wait_counter(fog, "revoke_accepted", 1)
         await wait_counter(fog, "owner_accepted", 2)
 
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
 
             async def expect(
                 reason: Reason | None, topic: str, payload: bytes, iid: bytes
@@ -244,15 +263,13 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
 
 
 async def test_fifty_devices_of_one_owner_exhaust_a_lease_exactly(
-    tmp_path: Path, issuer: Issuer
+    tmp_path: Path, issuer: Issuer, transport: Transport
 ) -> None:
     devices = [Device(FOG) for _ in range(50)]
     lease_micros = 10_000  # 100 payments of 100; 150 are attempted
-    async with running_fog(fog_config(tmp_path, issuer)) as fog:
-        await provision(fog, issuer, devices, lease_micros)
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+    async with running_fog(fog_config(tmp_path, issuer, transport)) as fog:
+        await provision(fog, transport, issuer, devices, lease_micros)
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
 
             async def spend(device: Device) -> list[Receipt]:
                 return [await w.pay(device, device.intent(100)) for _ in range(3)]
@@ -271,13 +288,13 @@ async def test_fifty_devices_of_one_owner_exhaust_a_lease_exactly(
     assert total == lease_micros
 
 
-async def test_revocation_takes_effect_while_running(tmp_path: Path, issuer: Issuer) -> None:
+async def test_revocation_takes_effect_while_running(
+    tmp_path: Path, issuer: Issuer, transport: Transport
+) -> None:
     device = Device(FOG)
-    async with running_fog(fog_config(tmp_path, issuer)) as fog:
-        await provision(fog, issuer, [device], 1_000_000)
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+    async with running_fog(fog_config(tmp_path, issuer, transport)) as fog:
+        await provision(fog, transport, issuer, [device], 1_000_000)
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
             assert (await w.pay(device, device.intent(100))).ok
             await publish_retained(
                 "127.0.0.1",
@@ -302,7 +319,7 @@ async def test_revocation_takes_effect_while_running(tmp_path: Path, issuer: Iss
             assert (await w.pay(other, other.intent(100))).ok
             owner_revocation = issuer.revocation(bytes(issuer.owner_key.verify_key))
             await publish_retained(
-                "127.0.0.1", fog.broker_port, [owner_revocation], username="device", password=DEV_PW
+                "127.0.0.1", fog.broker_port, [owner_revocation], **transport.creds
             )
             await wait_counter(fog, "revoke_accepted", 2)
             assert (await w.pay(other, other.intent(100))).reason == Reason.REVOKED
@@ -311,19 +328,17 @@ async def test_revocation_takes_effect_while_running(tmp_path: Path, issuer: Iss
 async def test_restart_authorizes_from_its_database_and_republishes_trust(
     tmp_path: Path, issuer: Issuer
 ) -> None:
+    """The embedded broker keeps nothing across restarts (Mosquitto would): amqtt only."""
+    transport = AMQTT
     device = Device(FOG)
-    config = fog_config(tmp_path, issuer)
+    config = fog_config(tmp_path, issuer, transport)
     async with running_fog(config) as fog:
-        await provision(fog, issuer, [device], 1_000)
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+        await provision(fog, transport, issuer, [device], 1_000)
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
             first = await w.pay(device, device.intent(400))
     # a new embedded broker: amqtt kept nothing; the fog's database did
     async with running_fog(config) as fog:
-        async with wallet(
-            "127.0.0.1", fog.broker_port, FOG, username="device", password=DEV_PW
-        ) as w:
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
             second = await w.pay(device, device.intent(400))
             third = await w.pay(device, device.intent(400))
             retained = await _retained_trust(fog.broker_port)
@@ -339,9 +354,7 @@ async def _retained_trust(port: int) -> set[str]:
     import aiomqtt
 
     seen: set[str] = set()
-    async with aiomqtt.Client(
-        "127.0.0.1", port, username="device", password=DEV_PW, timeout=5
-    ) as client:
+    async with aiomqtt.Client("127.0.0.1", port, **AMQTT.creds, timeout=5) as client:
         await client.subscribe(topics.TRUST_FILTER, qos=1)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
