@@ -363,3 +363,30 @@ async def _retained_trust(port: int) -> set[str]:
                     if len(seen) >= 2:
                         break
     return seen
+
+
+async def test_bad_trust_material_is_refused_counted_and_changes_nothing(
+    tmp_path: Path, issuer: Issuer, transport: Transport
+) -> None:
+    device = Device(FOG)
+    stranger = Issuer(owner_id="acme")  # same owner_id, keys the fog does not trust
+    async with running_fog(fog_config(tmp_path, issuer, transport)) as fog:
+        bind_topic, _ = issuer.binding(device.public)
+        bad = [
+            (bind_topic, b"\x94junk"),  # malformed
+            stranger.owner_credential(),  # not signed by the issuer
+            stranger.binding(device.public),  # signed by an owner key nobody vouched for
+            (topics.owner_topic("acme"), bytes(2000)),  # too large: dropped unread
+        ]
+        await publish_retained("127.0.0.1", fog.broker_port, bad, **transport.creds)
+        await wait_counter(fog, "trust_dropped")
+        await wait_counter(fog, "bind_refused")
+        await wait_counter(fog, "owner_refused")
+        await publish_retained(
+            "127.0.0.1", fog.broker_port, [issuer.lease(FOG, 1_000)], **transport.creds
+        )
+        await wait_counter(fog, "lease_accepted")
+        async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:
+            receipt = await w.pay(device, device.intent(100))
+    assert receipt.reason == Reason.UNKNOWN_DEVICE
+    assert fog.counters.get("owner_accepted", 0) == 0
