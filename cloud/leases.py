@@ -199,12 +199,12 @@ async def handle_report(tx: Tx, wire: bytes) -> list[str]:
     inserted = await tx.execute(
         "INSERT INTO lease_reports (lease_id, fog_id, drawn_micros, batch, envelope) "
         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id) DO NOTHING",
-        (rep.lease_id, rep.fog_id, rep.drawn_micros, rep.last_batch, wire),
+        (rep.lease_id, rep.fog_id, rep.drawn_micros, clamp_ms(rep.last_batch), wire),
     )
     if inserted:
         await tx.execute(
             "UPDATE leases SET reported_micros = ?, report_batch = ? WHERE lease_id = ?",
-            (rep.drawn_micros, rep.last_batch, rep.lease_id),
+            (rep.drawn_micros, clamp_ms(rep.last_batch), rep.lease_id),
         )
     chain = await tx.fetchone("SELECT number FROM chains WHERE fog_id = ?", (rep.fog_id,))
     return await close_reported(tx, rep.fog_id, 0 if chain is None else chain[0])

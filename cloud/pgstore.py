@@ -21,6 +21,7 @@ TX_ATTEMPTS_MAX: Final = 8
 POOL_CONNECTIONS_MAX: Final = 4
 COMMAND_TIMEOUT_S: Final = 30.0
 CONNECT_TIMEOUT_S: Final = 10.0
+ACQUIRE_TIMEOUT_S: Final = 30.0
 _RETRY = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
@@ -89,7 +90,7 @@ class PgStore:
 
     async def transact(self, fn: Callable[[PgTx], Awaitable[T]]) -> T:
         for _ in range(TX_ATTEMPTS_MAX):
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 try:
                     async with conn.transaction(isolation="serializable"):
                         return await fn(PgTx(conn))

@@ -47,6 +47,8 @@ class Store(Protocol):
 
 
 def clamp_ms(value: int) -> int:
+    """A uint64 from the wire (a time, a batch number) as a BIGINT: values above 2^63-1 mean
+    "never" for every comparison the cloud makes."""
     return min(value, INT63_MAX)
 
 

@@ -16,7 +16,8 @@ import pytest
 import structlog
 
 from fogpay.cli import main
-from protocol.messages import Binding, Revocation
+from protocol.batch import decode_record
+from protocol.messages import Binding, Intent, Revocation
 from protocol.signing import open_envelope, possession_proof, public_key, seal
 from tests.cloud.world import FogLog, new_key
 
@@ -130,8 +131,8 @@ def test_cloud_commands_end_to_end(cli: Cli, tmp_path: Path) -> None:
     check = cli.run("check")
     assert check["ok"] and check["sums_micros"] == {"EUR": 0} and check["transfers"] == 3
 
-    intent_env = __import__("protocol.batch", fromlist=["x"]).decode_record(records[1])[0]
-    intent_id = open_envelope(intent_env, __import__("protocol").Intent).id
+    intent_env = decode_record(records[1])[0]
+    intent_id = open_envelope(intent_env, Intent).id
     cli.run("prove", intent_id.hex(), "--out", str(tmp_path / "proof.json"))
     verify = [*FOGPAY, "verify-receipt", str(tmp_path / "proof.json"), "--issuer", issuer_pub]
     done = subprocess.run(verify, capture_output=True, text=True, timeout=60)

@@ -6,14 +6,15 @@ from dataclasses import dataclass
 import nacl.signing
 import pytest
 
-from cloud import ledger, registry
+from cloud import leases, ledger, registry
 from cloud.ingest import Status
 from cloud.store import Store, Tx
 from protocol import topics
-from protocol.batch import encode_batch, encode_record
-from protocol.messages import Ack, Revocation
+from protocol.batch import decode_batch, decode_record, encode_batch, encode_record
+from protocol.leasing import LeaseReport
+from protocol.messages import Ack, Intent, Revocation
 from protocol.reasons import Reason
-from protocol.signing import open_envelope, public_key
+from protocol.signing import open_envelope, public_key, seal
 from tests.cloud.world import FogLog, World, count, new_key, snapshot
 
 
@@ -84,8 +85,8 @@ async def test_an_intent_in_two_batches_is_booked_once(scene: Scene) -> None:
     ingestor = w.ingestor()
     await ingestor.ingest_batch(fog.cut([record]))
     # the fog (wrongly) logs the same intent again, with a new receipt at a new index
-    intent_env, _ = __import__("protocol.batch", fromlist=["x"]).decode_record(record)
-    intent = open_envelope(intent_env, __import__("protocol").Intent)
+    intent_env, _ = decode_record(record)
+    intent = open_envelope(intent_env, Intent)
     again = fog.receipt_record(
         intent_env, intent.id, public_key(scene.device), 1, scene.lease_id, w.now
     )
@@ -142,7 +143,7 @@ async def test_bad_batch_is_refused_without_state_change(scene: Scene, damage: s
     if damage == "unknown_fog":
         fog = FogLog("fog-a", new_key(), next_index=fog.next_index)  # a key the cloud lacks
     wire = fog.cut(records)
-    header, recs = __import__("protocol.batch", fromlist=["x"]).decode_batch(wire)
+    header, recs = decode_batch(wire)
     if damage == "garbage":
         wire = b"\x92\xc4\x01x"
     elif damage == "header_sig":
@@ -235,3 +236,27 @@ async def test_concurrent_ingest_books_each_intent_once(scene: Scene) -> None:
     assert await count(w.store, "transfers") == 15
     assert await balance(w.store, "alice") == -15
     await books_balanced(w.store)
+
+
+async def test_every_truncation_of_a_batch_is_refused_without_state_change(scene: Scene) -> None:
+    w, fog = scene.world, scene.fog
+    wire = fog.cut([fog.authorize(scene.device, seq=q, lease_id=scene.lease_id) for q in (1, 2)])
+    ingestor = w.ingestor()
+    before = await snapshot(w.store)
+    cuts = sorted({*range(0, 40), *range(40, len(wire), 23), len(wire) - 1})
+    for n in cuts:
+        out = await ingestor.ingest_batch(wire[:n])
+        assert out.status is Status.REFUSED and out.reason is Reason.MALFORMED
+    assert ingestor.metrics.get("batch_refused_malformed") == len(cuts)
+    assert await snapshot(w.store) == before
+    assert (await ingestor.ingest_batch(wire)).booked == 2
+
+
+async def test_lease_report_with_huge_batch_number_keeps_escrow(scene: Scene) -> None:
+    w = scene.world
+    rep = LeaseReport(
+        lease_id=scene.lease_id, fog_id="fog-a", drawn_micros=0, last_batch=2**64 - 1, time_ms=1
+    )
+    wire = seal(rep, scene.fog.key)
+    assert await w.tx(lambda tx: leases.handle_report(tx, wire)) == []
+    assert await w.tx(lambda tx: leases.exposure(tx, "alice")) == 10_000
