@@ -114,10 +114,10 @@ def plan(batch: CheckedBatch, state: BookState) -> Plan:
 
 
 def _binding(rec: CheckedRecord, state: BookState) -> BindingRow | None:
-    for b in state.bindings.get(rec.device, ()):
-        if b.valid_at(rec.receipt_time_ms):
-            return b
-    return None
+    """A binding valid at the receipt's time, one in the intent's currency first."""
+    valid = [b for b in state.bindings.get(rec.device, ()) if b.valid_at(rec.receipt_time_ms)]
+    valid.sort(key=lambda b: b.currency != rec.currency)
+    return valid[0] if valid else None
 
 
 def _book(fog_id: str, rec: CheckedRecord, state: BookState, out: Plan) -> Fault | None:

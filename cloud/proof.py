@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cloud.store import Tx
+from cloud.store import Tx, clamp_ms
 from protocol import merkle
 from protocol.batch import decode_record
 from protocol.errors import Declined, FogpayError
@@ -117,7 +117,7 @@ def _verify_inclusion(
     hashes = [_hex({"p": p}, "p") for p in path]
     if not merkle.verify_inclusion(merkle.leaf_hash(record), index, size, hashes, header.root):
         raise ProofError("inclusion path: does not lead to the batch header's root")
-    return header.number
+    return int(header.number)
 
 
 def _verify_owner(obj: dict[str, Any], intent: Intent, t: int, issuer_key: bytes) -> str:
@@ -127,7 +127,7 @@ def _verify_owner(obj: dict[str, Any], intent: Intent, t: int, issuer_key: bytes
         raise ProofError("binding: not this device's binding to this owner")
     if not binding.not_before_ms <= t <= binding.not_after_ms:
         raise ProofError("binding: not valid at the receipt's time")
-    return owner.msg.owner_id
+    return str(owner.msg.owner_id)
 
 
 async def build_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
@@ -151,7 +151,8 @@ async def build_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
     assert len(leaves) == count
     hashes = [merkle.leaf_hash(bytes(r[0])) for r in leaves]
     intent_env, receipt_env = decode_record(bytes(record))
-    binding = await _binding_envelope(tx, bytes(device), owner_id)
+    receipt_time = open_envelope(receipt_env, Receipt).msg.time_ms
+    binding = await _binding_envelope(tx, bytes(device), owner_id, receipt_time)
     return {
         "fogpay_proof": PROOF_VERSION,
         "intent": intent_env.hex(),
@@ -167,11 +168,12 @@ async def build_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
     }
 
 
-async def _binding_envelope(tx: Tx, device: bytes, owner_id: str) -> bytes:
+async def _binding_envelope(tx: Tx, device: bytes, owner_id: str, t: int) -> bytes:
+    """The binding booking used: the owner's binding of ``device`` valid at time ``t``."""
     row = await tx.fetchone(
-        "SELECT envelope FROM bindings WHERE device = ? AND owner_id = ? "
+        "SELECT envelope FROM bindings WHERE device = ? AND owner_id = ? AND nb <= ? AND ? <= na "
         "ORDER BY registered_ms DESC",
-        (device, owner_id),
+        (device, owner_id, clamp_ms(t), clamp_ms(t)),
     )
-    assert row is not None, "a booked transfer always has a binding"
+    assert row is not None, "a booked transfer always has a binding valid at its receipt"
     return bytes(row[0])

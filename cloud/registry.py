@@ -15,7 +15,8 @@ from cloud.errors import RegistryError
 from cloud.store import Tx, clamp_ms
 from protocol import topics
 from protocol.errors import Declined
-from protocol.messages import Binding, FogCredential, OwnerCredential, Revocation
+from protocol.messages import Binding, FogCredential, OwnerCredential, Revocation, is_currency
+from protocol.money import MINOR_UNIT_EXPONENT
 from protocol.signing import (
     is_valid_public_key,
     open_envelope,
@@ -87,6 +88,8 @@ async def add_owner(
 ) -> bytes:
     """Register an owner and sign its credential; returns the credential envelope."""
     _check_key(key, "owner")
+    if not is_currency(currency) or currency not in MINOR_UNIT_EXPONENT:
+        raise RegistryError(f"currency {currency!r}: not an ISO 4217 code with a known minor unit")
     assert type(limit_micros) is int
     if limit_micros < 0:
         raise RegistryError("credit limit must be >= 0 micros")
