@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from cloud import pgcluster
+from cloud import ledger, pgcluster
 from cloud.pgstore import PgStore
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store
@@ -76,5 +76,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterat
 
 
 @pytest.fixture
-def world(store: Store) -> World:
-    return World(store)
+async def world(store: Store) -> AsyncIterator[World]:
+    """A world on a fresh store; after the test, the books must still balance."""
+    w = World(store)
+    yield w
+    check = await store.transact(ledger.check)
+    assert check.ok, f"ledger out of balance after the test: {check}"

@@ -112,7 +112,9 @@ class World:
     async def tx(self, fn: Any) -> Any:
         return await self.store.transact(fn)
 
-    async def owner(self, owner_id: str, limit: int = 1_000_000_000, currency: str = "EUR") -> None:
+    async def owner(
+        self, owner_id: str, limit: int = 1_000_000_000, currency: str = "EUR", funding: str = ""
+    ) -> None:
         key = new_key()
         self.owners[owner_id] = key
 
@@ -124,7 +126,7 @@ class World:
                 key=public_key(key),
                 limit_micros=limit,
                 currency=currency,
-                funding_ref=f"mandate-{owner_id}",
+                funding_ref=funding or f"mandate-{owner_id}",
                 now_ms=self.now - 1000,
             )
 
