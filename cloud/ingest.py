@@ -27,7 +27,7 @@ import structlog
 from cloud import booking, leases, registry
 from cloud.booking import ALARM_FORK, Alarm, BindingRow, BookState, LeaseRow, Plan
 from cloud.metrics import Metrics
-from cloud.store import Store, Tx, fetch_in, seq_bytes
+from cloud.store import Store, StoreConflict, Tx, fetch_in, seq_bytes
 from cloud.verify import CheckedBatch, CheckedHeader, check_batch, check_header
 from protocol import topics
 from protocol.batch import decode_batch
@@ -48,6 +48,7 @@ class Status(enum.StrEnum):
     HELD = "held"
     FORK = "fork"
     REFUSED = "refused"
+    DEFERRED = "deferred"  # the store gave up under contention; nothing written, no ack
 
 
 @dataclass(slots=True)
@@ -110,6 +111,11 @@ class Ingestor:
             out = await self._store.transact(lambda tx: self._ingest(tx, checked, wire))
         except Declined as exc:
             return self._refused(exc, checked.header)
+        except StoreConflict:
+            self.metrics.inc("batch_deferred")
+            h = checked.header
+            log.warning("batch_deferred", fog_id=h.fog_id, batch=h.number)
+            return IngestOutcome(Status.DEFERRED, h.fog_id, h.number)
         self.metrics.inc(f"batch_{out.status}")
         self.metrics.inc("records_booked", out.booked)
         self.metrics.inc("records_rejected", out.rejected)

@@ -13,8 +13,7 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from cloud.schema import ddl
-from cloud.store import Row
-from protocol.errors import FogpayError
+from cloud.store import Row, StoreConflict
 
 T = TypeVar("T")
 TX_ATTEMPTS_MAX: Final = 8
@@ -38,10 +37,6 @@ def to_dollar(sql: str) -> str:
         out = _QMARK.sub(lambda _: f"${next(counter)}", sql)
         _sql_cache[sql] = out
     return out
-
-
-class StoreConflict(FogpayError):
-    """A transaction kept conflicting with concurrent ones; the caller may retry later."""
 
 
 class PgTx:

@@ -12,6 +12,8 @@ have no effect outside the transaction (it only reads and writes through ``tx``)
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
+from protocol.errors import FogpayError
+
 T = TypeVar("T")
 Row = Sequence[Any]
 
@@ -20,6 +22,11 @@ IN_LIST_ITEMS_MAX: Final = 500
 # BIGINT is signed: wire times are uint64, so times are clamped when stored (any real time
 # is far below), and sequence numbers are stored as 8 big-endian bytes.
 INT63_MAX: Final = 2**63 - 1
+
+
+class StoreConflict(FogpayError):
+    """A transaction kept conflicting with concurrent ones and was given up; nothing was
+    written. The caller may retry later (a fog resends an unacked batch on its own)."""
 
 
 class Tx(Protocol):
