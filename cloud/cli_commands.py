@@ -28,7 +28,7 @@ from cloud.store import Tx, open_store
 from protocol.errors import FogpayError
 
 
-def register_commands(cmds: Sub) -> None:  # type: ignore[valid-type]
+def register_commands(cmds: Sub) -> None:
     def add(name: str, fn: Any, help_: str, parent: Any = cmds) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
         p.set_defaults(func=guarded(fn))
@@ -50,6 +50,9 @@ def register_commands(cmds: Sub) -> None:  # type: ignore[valid-type]
     p.add_argument("owner_id")
     p.add_argument("fog_id")
     p.add_argument("amount_micros", type=int)
+    p = add("list", cmd_lease_list, "list an owner's leases: amount, drawn, state", lease)
+    p.add_argument("owner_id")
+    add("alarms", cmd_alarms, "list alarms: forks, overdrawn leases, cloned keys, reports")
     p = add("ingest", cmd_ingest, "ingest batch files (wire bytes), as from the batch topic")
     p.add_argument("files", nargs="+")
     p = add("settle", cmd_settle, "close a settlement period and write its files")
@@ -202,6 +205,38 @@ def cmd_lease_grant(args: argparse.Namespace) -> int:
             "envelope": g.envelope.hex(),
         }
     )
+    return 0
+
+
+LIST_ROWS_MAX = 10_000
+
+
+def cmd_lease_list(args: argparse.Namespace) -> int:
+    async def fn(tx: Tx, cfg: Any) -> list[dict[str, Any]]:
+        rows = await tx.fetchall(
+            "SELECT lease_id, fog_id, currency, amount_micros, drawn_micros, not_after_ms, state, "
+            "reported_micros FROM leases WHERE owner_id = ? "
+            f"ORDER BY granted_ms LIMIT {LIST_ROWS_MAX}",
+            (args.owner_id,),
+        )
+        keys: tuple[str, ...] = ("lease_id", "fog_id", "currency", "amount_micros")
+        keys += ("drawn_micros", "not_after_ms", "state", "reported_micros")
+        return [dict(zip(keys, (bytes(r[0]).hex(), *r[1:]), strict=True)) for r in rows]
+
+    _out(run_tx(args, fn))
+    return 0
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    async def fn(tx: Tx, cfg: Any) -> list[dict[str, Any]]:
+        rows = await tx.fetchall(
+            "SELECT kind, subject, fog_id, detail, time_ms FROM alarms "
+            f"ORDER BY time_ms, kind, subject LIMIT {LIST_ROWS_MAX}"
+        )
+        keys = ("kind", "subject", "fog_id", "detail", "time_ms")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    _out(run_tx(args, fn))
     return 0
 
 

@@ -128,6 +128,11 @@ def test_cloud_commands_end_to_end(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "b1.batch").write_bytes(fog.cut(records, t=t))
     out = cli.run("ingest", str(tmp_path / "b1.batch"), process=True)
     assert out[0]["status"] == "booked" and out[0]["booked"] == 3
+    again = cli.run("ingest", str(tmp_path / "b1.batch"))
+    assert again[0]["status"] == "duplicate" and again[0]["booked"] == 0
+    assert cli.run("alarms") == []
+    [listed] = cli.run("lease", "list", "alice")
+    assert (listed["drawn_micros"], listed["state"]) == (3 * 12_345, "open")
     check = cli.run("check")
     assert check["ok"] and check["sums_micros"] == {"EUR": 0} and check["transfers"] == 3
 
