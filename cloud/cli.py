@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import nacl.signing
 
@@ -27,7 +27,7 @@ from protocol.errors import FogpayError
 from protocol.signing import public_key
 
 T = TypeVar("T")
-Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def now_ms() -> int:
@@ -104,7 +104,7 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     return wrapper
 
 
-def register(sub: Sub) -> None:  # type: ignore[valid-type]
+def register(sub: Sub) -> None:
     cloud = sub.add_parser("cloud", help="the cloud aggregator's registry, ledger and settlement")
     cloud.add_argument("--config", help="TOML config (see cloud/config.py)")
     cloud.add_argument("--store", help="sqlite://PATH or postgresql://... (overrides config)")
