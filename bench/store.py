@@ -7,6 +7,12 @@ the figure is verify + authorize + sign receipt + durable commit.
     .venv/bin/python bench/store.py [--intents 2000] [--dir PATH]
 """
 
+import sys
+from pathlib import Path
+
+# The project before bench/ on the path: bench/fog.py would shadow the fog package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import tempfile
 import time

@@ -1,0 +1,397 @@
+"""Fog throughput and latency against a do-nothing responder, on the same broker, same run.
+
+    .venv/bin/python bench/fog.py [--json] [--devices 200] [--seconds 6] [--brokers mosquitto,amqtt]
+
+For each broker (Mosquitto subprocess; the fog's embedded amqtt), two targets answer intents
+published by this process (the load generator, bench/loadgen.py): (a) the real fog daemon as a
+subprocess (`fogpay fog run`), its SQLite file provisioned with an issuer, an owner, the
+devices' bindings and one large lease; (b) bench/responder.py, which answers every intent with
+a fixed payload. Each target gets a paced phase (1,000 intents/s offered: p50/p99 latency) and
+a saturation phase (a window of outstanding intents: sustained receipts/s), and its CPU time
+per intent is read from /proc. The single-core Ed25519 verify rate is measured in the same run.
+All traffic stays on 127.0.0.1.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import loadgen
+
+from fog.authorize import Policy
+from fog.store import FogStore
+from fogpay.keyfile import write_key_file
+from protocol import topics
+from protocol.messages import Binding, Intent, Lease, OwnerCredential
+from protocol.signing import public_key, seal, signing_input, verify
+
+FOG_ID = "bench-fog"
+OWNER_ID = "bench-owner"
+PAYEE_ID = "bench-payee"
+FAR_MS = 4_102_444_800_000
+AMOUNT_MICROS = 1_000
+PACED_RATE_PER_S = 1000.0
+READY_S_MAX = 20.0
+WINDOW = 400
+VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, deadline_s: float = READY_S_MAX) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def mosquitto_conf(directory: Path, port: int) -> Path:
+    conf = directory / "mosquitto.conf"
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "set_tcp_nodelay true",
+        "max_queued_messages 100000",
+        "max_inflight_messages 0",
+        "persistence false",
+        "log_type error",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+class World:
+    """Keys, provisioning and pre-signed intents for one run."""
+
+    def __init__(self, directory: Path, devices: int) -> None:
+        self.dir = directory
+        self.issuer = nacl.signing.SigningKey.generate()
+        self.owner = nacl.signing.SigningKey.generate()
+        self.fog_key = nacl.signing.SigningKey.generate()
+        self.devices = [nacl.signing.SigningKey.generate() for _ in range(devices)]
+        self.next_seq = 1
+
+    def provision(self, db: Path) -> None:
+        store = FogStore.open(
+            db,
+            fog_id=FOG_ID,
+            fog_key=self.fog_key,
+            issuer_key=public_key(self.issuer),
+            policy=Policy(),
+        )
+        now = int(time.time() * 1000)
+        try:
+            owner = OwnerCredential(
+                owner_id=OWNER_ID, key=public_key(self.owner), not_before_ms=0, not_after_ms=FAR_MS
+            )
+            store.put_trust("owner", seal(owner, self.issuer), now_ms=now)
+            for d in self.devices:
+                b = Binding(
+                    device=public_key(d),
+                    owner_id=OWNER_ID,
+                    not_before_ms=0,
+                    not_after_ms=FAR_MS,
+                    currency="EUR",
+                    tx_max_micros=10**9,
+                    day_max_micros=2**53,
+                )
+                store.put_trust("bind", seal(b, self.owner), now_ms=now)
+            lease = Lease(
+                lease_id=secrets.token_bytes(16),
+                owner_id=OWNER_ID,
+                fog_id=FOG_ID,
+                amount_micros=2**53,
+                currency="EUR",
+                not_after_ms=FAR_MS,
+            )
+            outcome = store.put_trust("lease", seal(lease, self.issuer), now_ms=now)
+            assert outcome.status == "accepted", outcome
+        finally:
+            store.close()
+
+    def shots(self, count: int) -> list[loadgen.Shot]:
+        """``count`` intents, round-robin over the devices, with fresh sequence numbers."""
+        now = int(time.time() * 1000)
+        out = []
+        for i in range(count):
+            d = self.devices[i % len(self.devices)]
+            dev = public_key(d)
+            intent = Intent(
+                device=dev,
+                fog_id=FOG_ID,
+                seq=self.next_seq + i // len(self.devices),
+                payee_id=PAYEE_ID,
+                amount_micros=AMOUNT_MICROS,
+                currency="EUR",
+                time_ms=now,
+            )
+            out.append(loadgen.Shot(topics.intent_topic(FOG_ID, dev), seal(intent, d), dev.hex()))
+        self.next_seq += count // len(self.devices) + 1
+        return out
+
+    def fog_config(self, db: Path, *, broker_url: str | None, port: int, password: str) -> Path:
+        key_file = self.dir / f"fog-{secrets.token_hex(4)}.key"
+        write_key_file(key_file, self.fog_key)
+        broker = (
+            f'url = "{broker_url}"'
+            if broker_url
+            else (
+                f'host = "127.0.0.1"\nport = {port}\npassword = "{password}"\n'
+                f'device_password = "{password}"'
+            )
+        )
+        text = f"""fog_id = "{FOG_ID}"
+key_file = "{key_file}"
+issuer_key = "{public_key(self.issuer).hex()}"
+db = "{db}"
+log_level = "info"
+[broker]
+{broker}
+[batch]
+records_max = 256
+age_ms = 1000
+[policy]
+rate_per_s = 100000
+rate_burst = 100000
+"""
+        path = self.dir / f"fog-{secrets.token_hex(4)}.toml"
+        path.write_text(text)
+        return path
+
+
+def verify_rate(seconds: float = 1.0) -> float:
+    key = nacl.signing.SigningKey.generate()
+    msg = signing_input("intent", b"x" * 120)
+    sig = key.sign(msg).signature
+    pk = public_key(key)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(200):
+            assert verify(pk, msg, sig)
+        n += 200
+    return n / (time.perf_counter() - start)
+
+
+def measure(
+    world: World, pid: int, port: int, seconds: float, creds: tuple[str | None, str | None]
+) -> dict[str, Any]:
+    user, password = creds
+    paced_shots = world.shots(int(PACED_RATE_PER_S * seconds) + 10)
+    paced = asyncio.run(
+        loadgen.run(
+            "127.0.0.1",
+            port,
+            FOG_ID,
+            paced_shots,
+            rate=PACED_RATE_PER_S,
+            window=WINDOW * 10,
+            duration_s=seconds,
+            username=user,
+            password=password,
+        )
+    )
+    sat_shots = world.shots(60_000)
+    spy = os.environ.get("FOGPAY_BENCH_PYSPY")  # a file: py-spy the target while saturated
+    profiler = (
+        subprocess.Popen(
+            [
+                str(VENV_BIN / "py-spy"),
+                "record",
+                "-f",
+                "raw",
+                "-r",
+                "200",
+                "-d",
+                str(int(seconds)),
+                "-p",
+                str(pid),
+                "-o",
+                f"{spy}.{pid}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if spy
+        else None
+    )
+    cpu0 = cpu_s(pid)
+    sat = asyncio.run(
+        loadgen.run(
+            "127.0.0.1",
+            port,
+            FOG_ID,
+            sat_shots,
+            rate=None,
+            window=WINDOW,
+            duration_s=seconds,
+            username=user,
+            password=password,
+        )
+    )
+    cpu1 = cpu_s(pid)
+    if profiler is not None:
+        profiler.wait(30)
+    return {
+        "per_s": round(sat.per_s, 1),
+        "p50_ms_at_1000": round(paced.percentile_ms(50), 2),
+        "p99_ms_at_1000": round(paced.percentile_ms(99), 2),
+        "max_ms_at_1000": round(max(paced.latencies_ms, default=float("nan")), 2),
+        "paced_sent": paced.sent,
+        "paced_received": paced.received,
+        "cpu_us_per_intent": round((cpu1 - cpu0) / max(1, sat.received) * 1e6, 1),
+        "statuses": dict(paced.statuses + sat.statuses),
+    }
+
+
+def wait_fog_ready(log: Path, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + READY_S_MAX
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fog exited: {log.read_text()[-2000:]}")
+        if b"broker_connected" in log.read_bytes():
+            time.sleep(0.5)  # subscriptions follow the connection
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"fog not ready: {log.read_text()[-2000:]}")
+
+
+def run_broker(kind: str, world: World, seconds: float) -> dict[str, Any]:
+    d = world.dir / kind
+    d.mkdir()
+    password = secrets.token_hex(8)
+    fogpay = str(VENV_BIN / "fogpay")
+    results: dict[str, Any] = {}
+    if kind == "mosquitto":
+        port = free_port()
+        with process([MOSQUITTO, "-c", str(mosquitto_conf(d, port))], d / "mosquitto.log"):
+            wait_port(port)
+            creds: tuple[str | None, str | None] = (None, None)
+            cmd = [sys.executable, "bench/responder.py", "--port", str(port), "--fog-id", FOG_ID]
+            with process(cmd, d / "responder.log") as p:
+                time.sleep(1.0)
+                results["responder"] = measure(world, p.pid, port, seconds, creds)
+            db = d / "fog.sqlite"
+            world.provision(db)
+            cfg = world.fog_config(db, broker_url=f"mqtt://127.0.0.1:{port}", port=0, password="")
+            with process([fogpay, "fog", "run", "--config", str(cfg)], d / "fog.log") as p:
+                wait_fog_ready(d / "fog.log", p)
+                results["fog"] = measure(world, p.pid, port, seconds, creds)
+        return results
+    # amqtt: the responder on a standalone amqtt broker configured as the fog's; the fog
+    # with its embedded broker (the broker's CPU is then inside the fog's process).
+    port = free_port()
+    creds = ("device", password)
+    broker_cmd = [sys.executable, "bench/amqtt_broker.py", "--port", str(port)]
+    with process([*broker_cmd, "--password", password], d / "amqtt.log"):
+        wait_port(port)
+        cmd = [sys.executable, "bench/responder.py", "--port", str(port), "--fog-id", FOG_ID]
+        cmd += ["--username", "fog", "--password", password]
+        with process(cmd, d / "responder.log") as p:
+            time.sleep(1.0)
+            results["responder"] = measure(world, p.pid, port, seconds, creds)
+    port = free_port()
+    db = d / "fog.sqlite"
+    world.provision(db)
+    cfg = world.fog_config(db, broker_url=None, port=port, password=password)
+    with process([fogpay, "fog", "run", "--config", str(cfg)], d / "fog.log") as p:
+        wait_port(port)
+        wait_fog_ready(d / "fog.log", p)
+        results["fog"] = measure(world, p.pid, port, seconds, creds)
+    return results
+
+
+def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        f"Ed25519 verify, one core: {verify_per_s:,.0f}/s",
+        "",
+        f"{'broker':10} {'target':10} {'intents/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'cpu us/int':>10}  statuses",
+    ]
+    for broker, targets in runs.items():
+        for target, r in targets.items():
+            rows.append(
+                f"{broker:10} {target:10} {r['per_s']:>10,.0f} {r['p50_ms_at_1000']:>8} "
+                f"{r['p99_ms_at_1000']:>8} {r['max_ms_at_1000']:>8} "
+                f"{r['cpu_us_per_intent']:>10}  {r['statuses']}"
+            )
+        ratio = targets["fog"]["per_s"] / max(1.0, targets["responder"]["per_s"])
+        rows.append(f"{broker:10} fog/responder throughput ratio: {ratio:.2f} (target >= 0.8)")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=6.0, help="per phase")
+    ap.add_argument("--brokers", default="mosquitto,amqtt")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fogpay-bench-") as tmp:
+        world = World(Path(tmp), args.devices)
+        verify_per_s = verify_rate()
+        runs = {b: run_broker(b, world, args.seconds) for b in args.brokers.split(",")}
+    main_broker = "mosquitto" if "mosquitto" in runs else next(iter(runs))
+    m = runs[main_broker]
+    summary = {
+        "fog_per_s": m["fog"]["per_s"],
+        "responder_per_s": m["responder"]["per_s"],
+        "verify_per_s": round(verify_per_s),
+        "p50_ms_at_1000": m["fog"]["p50_ms_at_1000"],
+        "p99_ms_at_1000": m["fog"]["p99_ms_at_1000"],
+        "broker": main_broker,
+        "runs": runs,
+    }
+    print(json.dumps(summary) if args.json else table(verify_per_s, runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
