@@ -373,8 +373,14 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=6.0, help="per phase")
     ap.add_argument("--brokers", default="mosquitto,amqtt")
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, databases)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fogpay-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=False)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fogpay-bench-"))
         world = World(Path(tmp), args.devices)
         verify_per_s = verify_rate()
         runs = {b: run_broker(b, world, args.seconds) for b in args.brokers.split(",")}
