@@ -14,9 +14,7 @@ import structlog
 def configure(*, json: bool = True, level: str = "info", stream: Any = None) -> None:
     """JSON to stdout (journald) with ISO UTC timestamps, or a console renderer for humans."""
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
