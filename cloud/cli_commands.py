@@ -59,6 +59,8 @@ def register_commands(cmds: Sub) -> None:
     p.add_argument("--until", required=True, help="ms since the epoch or ISO 8601 (UTC)")
     p.add_argument("--period", help="period id (default: P + the --until date and time)")
     p.add_argument("--out", default="settlement", help="directory for the period's files")
+    p = add("run", cmd_run, "run the cloud service on MQTT until SIGTERM (cloud/service.py)")
+    p.add_argument("--broker", help="mqtt://[user:password@]host[:port] (overrides config)")
 
 
 def _key_options(p: argparse.ArgumentParser) -> None:
@@ -270,3 +272,31 @@ def cmd_settle(args: argparse.Namespace) -> int:
     report = run_tx(args, lambda tx, cfg: settle_and_write(tx, cfg, args, until, now_ms()))
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report["balanced"] else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The MQTT service: JSON log lines on stdout (journald); SIGTERM or SIGINT stop it
+    after the message in flight."""
+    import dataclasses
+    import signal
+
+    from cloud.service import open_service
+    from fog.cli import route_stdlib_logging
+    from fogpay import logs
+
+    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    if args.broker:
+        service_cfg = dataclasses.replace(cfg.service, broker_url=args.broker)
+        cfg = dataclasses.replace(cfg, service=service_cfg)
+    logs.configure(json=True)
+    route_stdlib_logging(json=True)
+
+    async def main() -> None:
+        async with open_service(cfg) as service:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda: loop.create_task(service.stop()))
+            await service.run()
+
+    asyncio.run(main())
+    return 0

@@ -9,6 +9,11 @@ initial_micros = 10000000
 request_micros_max = 100000000
 lease_ms = 3600000
 
+[service]          # fogpay cloud run: the MQTT shell (cloud/service.py)
+broker_url = "mqtt://issuer:PASSWORD@127.0.0.1:1883"
+verify_workers = 2   # processes verifying batches; 0: in the event loop
+stats_interval_s = 60.0
+
 [rails.creditor]   # pain.008: the operator collecting the owners' charges
 name = "fogpay operator"
 iban = "DE89370400440532013000"
@@ -20,8 +25,9 @@ name = "fogpay operator"
 iban = "DE89370400440532013000"
 ```
 
-``FOGPAY_CLOUD_STORE`` and ``FOGPAY_CLOUD_ISSUER_KEY`` override the file; command-line
-options override both. A bad value fails at start with one line naming the key.
+``FOGPAY_CLOUD_STORE``, ``FOGPAY_CLOUD_ISSUER_KEY`` and ``FOGPAY_CLOUD_BROKER_URL`` override
+the file; command-line options override both. A bad value fails at start with one line naming
+the key.
 """
 
 import os
@@ -36,10 +42,32 @@ from protocol.errors import FogpayError
 
 STORE_DEFAULT = "sqlite://cloud.db"
 ISSUER_KEY_DEFAULT = "issuer.key"
+BROKER_URL_DEFAULT = "mqtt://127.0.0.1:1883"
+VERIFY_WORKERS_MAX = 64
+STATS_INTERVAL_S_MAX = 86_400.0
 
 
 class ConfigError(FogpayError):
     pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceConfig:
+    """``[service]``: the MQTT shell (``fogpay cloud run``)."""
+
+    broker_url: str = BROKER_URL_DEFAULT  # mqtt://[user:password@]host[:port]
+    verify_workers: int = 2  # batch verification processes; 0 verifies in the event loop
+    stats_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.broker_url, str) or not self.broker_url.startswith("mqtt://"):
+            raise ConfigError("service.broker_url: must be an mqtt:// URL")
+        workers = self.verify_workers
+        if type(workers) is not int or not 0 <= workers <= VERIFY_WORKERS_MAX:
+            raise ConfigError(f"service.verify_workers: an integer in [0, {VERIFY_WORKERS_MAX}]")
+        stats = self.stats_interval_s
+        if type(stats) not in (int, float) or not 0.1 <= stats <= STATS_INTERVAL_S_MAX:
+            raise ConfigError("service.stats_interval_s: a number of seconds in [0.1, 86400]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +77,7 @@ class CloudConfig:
     lease: LeasePolicy = field(default_factory=LeasePolicy)
     creditor: CreditorConfig | None = None
     debtor: DebtorConfig | None = None
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
 
 def _section(value: object, key: str, cls: Any) -> Any:
@@ -71,7 +100,7 @@ def load(
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"store", "issuer_key", "lease", "rails"}
+    unknown = set(data) - {"store", "issuer_key", "lease", "rails", "service"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]!r}")
     rails = data.get("rails", {})
@@ -87,4 +116,18 @@ def load(
         lease=_section(data.get("lease"), "lease", LeasePolicy) or LeasePolicy(),
         creditor=_section(rails.get("creditor"), "rails.creditor", CreditorConfig),
         debtor=_section(rails.get("debtor"), "rails.debtor", DebtorConfig),
+        service=_service(data.get("service")),
     )
+
+
+def _service(value: object) -> ServiceConfig:
+    table = dict(value) if isinstance(value, dict) else value
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError("service: must be a table")
+    url = os.environ.get("FOGPAY_CLOUD_BROKER_URL")
+    if url:
+        table["broker_url"] = url
+    service: ServiceConfig = _section(table, "service", ServiceConfig)
+    return service

@@ -24,6 +24,8 @@ class Kind(enum.StrEnum):
     LEASE = "lease"
     BATCH = "batch"
     ACK = "ack"
+    LEASE_REQUEST = "lreq"  # fog -> cloud, protocol.leasing.LeaseRequest
+    LEASE_REPORT = "lrep"  # fog -> cloud, protocol.leasing.LeaseReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ def lease_filter(fog_id: str) -> str:
 
 TRUST_FILTER: Final = f"{ROOT}/trust/#"
 BATCH_FILTER: Final = f"{ROOT}/up/+/batch"
+LEASE_REQUEST_FILTER: Final = f"{ROOT}/up/+/lreq"
+LEASE_REPORT_FILTER: Final = f"{ROOT}/up/+/lrep"
 
 
 def _key(level: str) -> bytes:
@@ -115,6 +119,13 @@ _TRUST_KINDS: Final = {
     "revoke": Kind.TRUST_REVOKE,
 }
 _FOG_KINDS: Final = {"intent": Kind.INTENT, "receipt": Kind.RECEIPT, "lease": Kind.LEASE}
+# fog -> cloud, under fogpay/1/up/{fog_id}/ (lreq and lrep: the project's lease messages)
+_UP_KINDS: Final = {
+    "batch": Kind.BATCH,
+    "ack": Kind.ACK,
+    "lreq": Kind.LEASE_REQUEST,
+    "lrep": Kind.LEASE_REPORT,
+}
 
 
 def parse(topic: str) -> Topic:
@@ -135,9 +146,10 @@ def parse(topic: str) -> Topic:
             return Topic(kind, fog_id=_fog(c))
         return Topic(kind, key=_key(c))
     if a == "up":
-        if c not in ("batch", "ack"):
+        up_kind = _UP_KINDS.get(c)
+        if up_kind is None:
             raise TopicError(f"unknown up topic {c!r}")
-        return Topic(Kind.BATCH if c == "batch" else Kind.ACK, fog_id=_fog(b))
+        return Topic(up_kind, fog_id=_fog(b))
     kind = _FOG_KINDS.get(b)
     if kind is None:
         raise TopicError(f"unknown fog topic {b!r}")

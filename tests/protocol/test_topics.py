@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import topics
+from protocol import leasing, topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind, Topic
 from tests.protocol import strategies as sts
@@ -27,6 +27,8 @@ def test_every_topic_of_section_8() -> None:
         topics.lease_topic("fog-1", LEASE): Topic(Kind.LEASE, fog_id="fog-1", lease_id=LEASE),
         topics.batch_topic("fog-1"): Topic(Kind.BATCH, fog_id="fog-1"),
         topics.ack_topic("fog-1"): Topic(Kind.ACK, fog_id="fog-1"),
+        leasing.lease_request_topic("fog-1"): Topic(Kind.LEASE_REQUEST, fog_id="fog-1"),
+        leasing.lease_report_topic("fog-1"): Topic(Kind.LEASE_REPORT, fog_id="fog-1"),
     }
     assert list(cases) == [
         f"fogpay/1/fog-1/intent/{HEX}",
@@ -38,6 +40,8 @@ def test_every_topic_of_section_8() -> None:
         f"fogpay/1/fog-1/lease/{LEASE.hex()}",
         "fogpay/1/up/fog-1/batch",
         "fogpay/1/up/fog-1/ack",
+        "fogpay/1/up/fog-1/lreq",
+        "fogpay/1/up/fog-1/lrep",
     ]
     for topic, want in cases.items():
         assert topics.parse(topic) == want
@@ -67,6 +71,15 @@ def test_filters_match_their_topics_only() -> None:
     assert not matches(topics.TRUST_FILTER, intent)
     assert matches(topics.BATCH_FILTER, topics.batch_topic("f"))
     assert not matches(topics.BATCH_FILTER, topics.ack_topic("f"))
+    assert matches(topics.LEASE_REQUEST_FILTER, leasing.lease_request_topic("f"))
+    assert matches(topics.LEASE_REPORT_FILTER, leasing.lease_report_topic("f"))
+    assert not matches(topics.LEASE_REQUEST_FILTER, leasing.lease_report_topic("f"))
+    assert not matches(topics.LEASE_REPORT_FILTER, topics.batch_topic("f"))
+
+
+def test_lease_levels_agree_with_protocol_leasing() -> None:
+    assert Kind.LEASE_REQUEST.value == leasing.LEASE_REQUEST_TOPIC_LEVEL
+    assert Kind.LEASE_REPORT.value == leasing.LEASE_REPORT_TOPIC_LEVEL
 
 
 @PROPERTY
@@ -81,6 +94,8 @@ def test_build_parse_round_trip(fog: str, owner: str, key: bytes, lease: bytes) 
     assert topics.parse(topics.lease_topic(fog, lease)).lease_id == lease
     assert topics.parse(topics.batch_topic(fog)).kind is Kind.BATCH
     assert topics.parse(topics.ack_topic(fog)).kind is Kind.ACK
+    assert topics.parse(leasing.lease_request_topic(fog)) == Topic(Kind.LEASE_REQUEST, fog_id=fog)
+    assert topics.parse(leasing.lease_report_topic(fog)) == Topic(Kind.LEASE_REPORT, fog_id=fog)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +126,11 @@ def test_build_parse_round_trip(fog: str, owner: str, key: bytes, lease: bytes) 
         "fogpay/1/up/fog-1/other",
         "fogpay/1/up/trust/batch",
         "fogpay/1/up/fog-1/batch/x",
+        "fogpay/1/up/fog-1/lreq/x",
+        "fogpay/1/up/fog-1/LREQ",
+        "fogpay/1/up/gossip/lrep",
+        "fogpay/1/up//lrep",
+        "fogpay/1/fog-1/lreq/" + HEX,
         "/fogpay/1/up/fog-1/batch",
     ],
 )

@@ -1,0 +1,494 @@
+"""The cloud's MQTT shell: a thin asyncio loop around ``CloudCore``.
+
+One aiomqtt client (reconnecting with capped, jittered backoff) subscribes, QoS 1, to
+
+| filter | handler |
+| --- | --- |
+| ``fogpay/1/up/+/batch`` | ``core.ingest_batch`` (verified in a process pool: ``open_service``) |
+| ``fogpay/1/up/+/lreq`` | ``core.lease_request`` |
+| ``fogpay/1/up/+/lrep`` | ``core.lease_report`` |
+
+and publishes, retained, every ``(topic, payload)`` a handler returns (an empty payload
+clears a retained topic). The reader only sorts messages into two bounded queues (payload
+sizes are checked there, before anything is decoded); ONE worker takes lease messages first,
+then batches, and runs each handler and its publications under one lock, so what the broker
+retains always follows the store's order. A full queue drops (counted): fogs resend.
+
+Retained state. At start and after every reconnect the service publishes everything
+``core.retained()`` returns (credentials, bindings, revocations, leases, acks). Every
+``REFRESH_S`` it runs a cheap fingerprint query of the ``retained`` table (row count and total
+bytes; needs the store) and, when it moved, publishes the difference against what it last
+published (new or changed topics; cleared ones as empty payloads); every ``FULL_REFRESH_S``
+it diffs regardless. So a binding or owner added with ``fogpay cloud ...`` in another process
+reaches the fogs within about a second. ``publish_retained()`` forces it.
+
+Stop. ``stop()`` (SIGTERM) stops reading; the message in flight is handled and its
+publications sent, then the client closes. Bad input never raises: the core counts and logs
+it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import nacl.signing
+import structlog
+
+from cloud.config import CloudConfig, ConfigError
+from cloud.core import CloudCore, Publish
+from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_inline
+from cloud.store import Store, Tx, open_store
+from cloud.verify import CheckedBatch, check_batch
+from fogpay.keyfile import load_key_file
+from protocol import limits, topics
+from protocol.errors import FogpayError
+from protocol.topics import Kind
+
+log = structlog.get_logger()
+
+BATCH_QUEUE_MAX: Final = 64  # batches (<= 1 MiB each) waiting: 64 MiB at most
+LEASE_QUEUE_MAX: Final = 1_000
+PUBLISH_TIMEOUT_S: Final = 10.0
+CONNECT_TIMEOUT_S: Final = 10.0
+SUBSCRIBE_TIMEOUT_S: Final = 10.0
+PUBLISH_CONCURRENT_MAX: Final = 64
+RECONNECT_BACKOFF_S_MIN: Final = 0.1
+RECONNECT_BACKOFF_S_MAX: Final = 5.0
+RECONNECT_ATTEMPTS_MAX: Final = 10_000  # consecutive; then exit and let systemd restart us
+REFRESH_S: Final = 1.0
+FULL_REFRESH_S: Final = 60.0
+STATS_S_DEFAULT: Final = 60.0
+STOP_DRAIN_TIMEOUT_S: Final = 30.0
+INFLIGHT_MESSAGES_MAX: Final = 100
+INCOMING_MESSAGES_MAX: Final = 2_000
+KEEPALIVE_S: Final = 30
+BROKER_PORT_DEFAULT: Final = 1883
+FILTERS: Final = (topics.BATCH_FILTER, topics.LEASE_REQUEST_FILTER, topics.LEASE_REPORT_FILTER)
+# what the service handles, with each payload's size limit (checked before decoding)
+_HANDLED: Final = {
+    Kind.BATCH: limits.BATCH_WIRE_BYTES_MAX,
+    Kind.LEASE_REQUEST: limits.IDENTITY_ENVELOPE_BYTES_MAX,
+    Kind.LEASE_REPORT: limits.IDENTITY_ENVELOPE_BYTES_MAX,
+}
+Clock = Callable[[], int]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
+
+
+async def _fingerprint(tx: Tx) -> tuple[int, int]:
+    row = await tx.fetchone(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(LENGTH(payload)), 0) AS BIGINT) FROM retained"
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+class CloudService:
+    """The cloud on MQTT. ``run()`` until ``stop()`` or cancellation; ``ready`` is set once
+    subscribed and the retained state is published."""
+
+    def __init__(
+        self,
+        *,
+        core: CloudCore,
+        broker_host: str,
+        broker_port: int,
+        username: str | None = None,
+        password: str | None = None,
+        clock: Clock = wall_ms,
+        store: Store | None = None,
+        stats_s: float = STATS_S_DEFAULT,
+    ) -> None:
+        """``store`` (the core's) enables the cheap change check; without it the service
+        diffs ``core.retained()`` every ``FULL_REFRESH_S`` only."""
+        self.core = core
+        self._client_args: dict[str, Any] = {
+            "hostname": broker_host,
+            "port": broker_port,
+            "username": username,
+            "password": password,
+        }
+        self._clock, self._store, self._stats_s = clock, store, stats_s
+        self._batches: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(BATCH_QUEUE_MAX)
+        self._leases: asyncio.Queue[tuple[Kind, bytes]] = asyncio.Queue(LEASE_QUEUE_MAX)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()  # a handler and its publications; retained refreshes
+        self._client: aiomqtt.Client | None = None
+        self._published: dict[str, bytes] = {}  # topic -> sha256 of the retained payload
+        self._fingerprint: tuple[int, int] | None = None
+        self._last_full = 0.0
+        self._counters: dict[str, int] = {}
+        self._started = False
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The shell's counters merged over the core's (``batch_booked``, ``lease_granted``,
+        ``batch_refused_<reason>``...): batches_booked, batches_duplicate, batches_held,
+        batches_fork, batches_refused, batches_deferred, leases_granted, leases_refused,
+        leases_closed, batch_dropped, lease_dropped, message_dropped, published,
+        publish_failed, broker_connected, broker_disconnected."""
+        return {**dict(self.core.metrics.counters), **self._counters}
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def publish_retained(self) -> None:
+        """Publish what ``core.retained()`` returns that differs from what was last
+        published (and clear what is gone); call after registry changes."""
+        await self._refresh(full=True)
+
+    async def run(self, *, ready: asyncio.Event | None = None) -> None:
+        assert not self._started, "a CloudService runs once"
+        self._started = True
+        log.info("cloud_starting", broker=f"{self._client_args['hostname']}:{self._port}")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._mqtt_loop(ready), name="cloud.mqtt")
+            tg.create_task(self._worker(), name="cloud.worker")
+            tg.create_task(self._refresher(), name="cloud.refresh")
+            tg.create_task(self._stats(), name="cloud.stats")
+        log.info("cloud_stopped", **self.counters)
+
+    @property
+    def _port(self) -> int:
+        port: int = self._client_args["port"]
+        return port
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
+
+    # ---- MQTT ---------------------------------------------------------------------------
+
+    async def _mqtt_loop(self, ready: asyncio.Event | None) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            client = aiomqtt.Client(
+                **self._client_args,
+                identifier=f"fogpay-cloud-{secrets.token_hex(8)}",
+                clean_session=True,  # fogs resend what was not acked
+                keepalive=KEEPALIVE_S,
+                timeout=CONNECT_TIMEOUT_S,
+                max_inflight_messages=INFLIGHT_MESSAGES_MAX,
+                max_queued_incoming_messages=INCOMING_MESSAGES_MAX,
+            )
+            client.pending_calls_threshold = PUBLISH_CONCURRENT_MAX * 2
+            try:
+                async with client:
+                    failures = 0
+                    await self._session(client, ready)
+                    return
+            except aiomqtt.MqttError as exc:
+                self._client = None
+                failures += 1
+                self._count("broker_disconnected")
+                if failures > RECONNECT_ATTEMPTS_MAX:
+                    raise
+                delay = min(
+                    RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN * 2 ** min(failures, 16)
+                )
+                delay *= random.uniform(0.5, 1.0)
+                log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
+                await self._sleep_or_stop(delay)
+
+    async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+            await client.subscribe([(f, 1) for f in FILTERS])
+        self._count("broker_connected")
+        log.info("broker_connected", port=self._port, filters=len(FILTERS))
+        async with self._lock:
+            self._client = client
+            self._published.clear()  # the broker may have lost everything: publish it all
+            await self._refresh_locked(full=True)
+        if ready is not None:
+            ready.set()
+        reader = asyncio.create_task(self._read(client), name="cloud.mqtt.reader")
+        stopping = asyncio.create_task(self._stopping.wait(), name="cloud.mqtt.stop")
+        try:
+            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, stopping):
+                task.cancel()
+            await asyncio.gather(reader, stopping, return_exceptions=True)
+        if not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]  # MqttError: reconnect
+        async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
+            async with self._lock:  # the message in flight is handled and published
+                self._client = None
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = b""
+            try:
+                self._dispatch(str(message.topic), bytes(payload))
+            except Exception as exc:  # the seam: no topic or payload may stop the reader
+                self._count("message_dropped")
+                log.error("message_dropped", cause=type(exc).__name__)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+        except FogpayError:
+            parsed = None
+        if parsed is None or parsed.kind not in _HANDLED or parsed.fog_id is None:
+            self._count("message_dropped")
+            log.warning("message_dropped", cause="bad_topic", topic=topic[:120])
+            return
+        bytes_max = _HANDLED[parsed.kind]
+        kind = "batch" if parsed.kind is Kind.BATCH else "lease"
+        if not payload or len(payload) > bytes_max:
+            self._count(f"{kind}_dropped")
+            log.warning(f"{kind}_dropped", cause="size", fog_id=parsed.fog_id, size=len(payload))
+            return
+        if parsed.kind is Kind.BATCH:
+            self._put(self._batches, (parsed.fog_id, payload), "batch_dropped")
+        else:
+            self._put(self._leases, (parsed.kind, payload), "lease_dropped")
+
+    def _put(self, queue: "asyncio.Queue[Any]", item: Any, counter: str) -> None:
+        try:
+            queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._count(counter)
+            log.warning(counter, cause="queue_full")
+            return
+        self._wake.set()
+
+    # ---- the worker: one message at a time ---------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            if self._leases.empty() and self._batches.empty():
+                if self._stopping.is_set():
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self._leases.empty():
+                kind, payload = self._leases.get_nowait()
+                await self._handle_lease(kind, payload)
+            elif not self._stopping.is_set():
+                fog_id, wire = self._batches.get_nowait()
+                await self._handle_batch(fog_id, wire)
+            else:
+                return  # stopping: batches not started are left to the fogs' resend
+
+    async def _handle_lease(self, kind: Kind, payload: bytes) -> None:
+        async with self._lock:
+            if kind is Kind.LEASE_REQUEST:
+                self._count("lreq_received")
+                before = self.core.metrics.get("lease_granted")
+                out = await self.core.lease_request(payload)
+                if self.core.metrics.get("lease_granted") > before:
+                    self._count("leases_granted")
+                elif not out:
+                    self._count("leases_refused")
+            else:
+                self._count("lrep_received")
+                out = await self.core.lease_report(payload)
+                self._count("leases_closed", len(out))
+            await self._publish_locked(out)
+
+    async def _handle_batch(self, fog_id: str, wire: bytes) -> None:
+        claimed = _claimed_fog(wire)
+        if claimed is not None and claimed != fog_id:
+            self._count("batch_dropped")
+            log.warning("batch_dropped", cause="topic_mismatch", fog_id=fog_id, claims=claimed)
+            return
+        async with self._lock:
+            outcome = await self.core.ingest_batch(wire)
+            self._count(f"batches_{outcome.status}")
+            self._log_outcome(outcome)
+            self._count("leases_closed", sum(1 for _, p in outcome.publish if not p))
+            await self._publish_locked(outcome.publish)
+
+    def _log_outcome(self, out: IngestOutcome) -> None:
+        ctx = {"fog_id": out.fog_id, "batch": out.number}
+        if out.status is Status.BOOKED:
+            log.info("batch_booked", booked=out.booked, duplicates=out.duplicates, **ctx)
+        elif out.status is Status.DUPLICATE:
+            log.info("batch_duplicate", **ctx)
+        elif out.status is Status.HELD:
+            log.info("batch_held", **ctx)
+        elif out.status is Status.FORK:
+            log.error("fork_detected", **ctx)
+        # refused and deferred are logged by the core (batch_refused, batch_deferred)
+
+    # ---- publishing -------------------------------------------------------------------
+
+    async def _publish_locked(self, items: Publish) -> None:
+        """Publish ``items`` retained (caller holds the lock); a failure is counted and
+        repaired by the full publish after the reconnect."""
+        client = self._client
+        if client is None:
+            self._count("publish_failed", len(items))
+            return
+        for start in range(0, len(items), PUBLISH_CONCURRENT_MAX):
+            part = items[start : start + PUBLISH_CONCURRENT_MAX]
+            results = await asyncio.gather(
+                *(self._publish_one(client, t, p) for t, p in part), return_exceptions=True
+            )
+            for (topic, payload), result in zip(part, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._published.pop(topic, None)
+                    self._count("publish_failed")
+                    log.warning("publish_failed", topic=topic[:120], error=type(result).__name__)
+                elif payload:
+                    self._published[topic] = _digest(payload)
+                else:
+                    self._published.pop(topic, None)
+
+    async def _publish_one(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+        self._count("published")
+
+    async def _refresher(self) -> None:
+        while not await self._sleep_or_stop(REFRESH_S):
+            full = time.monotonic() - self._last_full >= FULL_REFRESH_S
+            try:
+                await self._refresh(full=full)
+            except Exception as exc:  # the seam: a store hiccup must not stop the service
+                self._count("refresh_failed")
+                log.error("retained_refresh_failed", error=type(exc).__name__)
+
+    async def _refresh(self, *, full: bool) -> None:
+        async with self._lock:
+            await self._refresh_locked(full=full)
+
+    async def _refresh_locked(self, *, full: bool) -> None:
+        if self._client is None:
+            return
+        fingerprint = None
+        if self._store is not None:
+            fingerprint = await self._store.transact(_fingerprint)
+            if not full and fingerprint == self._fingerprint:
+                return
+        elif not full:
+            return
+        current = await self.core.retained()
+        now = {topic: payload for topic, payload in current}
+        changed = [(t, p) for t, p in now.items() if self._published.get(t) != _digest(p)]
+        gone = [(t, b"") for t in self._published if t not in now]
+        await self._publish_locked(changed + gone)
+        self._fingerprint = fingerprint
+        if full:
+            self._last_full = time.monotonic()
+        if changed or gone:
+            self._count("retained_published", len(changed) + len(gone))
+            log.info("retained_published", changed=len(changed), cleared=len(gone))
+
+    # ---- stats ------------------------------------------------------------------------
+
+    async def _stats(self) -> None:
+        while not await self._sleep_or_stop(self._stats_s):
+            log.info(
+                "cloud_stats",
+                batches_queued=self._batches.qsize(),
+                leases_queued=self._leases.qsize(),
+                **self.counters,
+            )
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
+
+
+def _claimed_fog(wire: bytes) -> str | None:
+    """The fog_id a batch's header claims (unverified), or None if it does not decode (the
+    core refuses it then, with the right reason and counter)."""
+    try:
+        return batch_fog_id(wire)
+    except Exception:  # any decoding failure: the core judges it properly
+        return None
+
+
+def pool_verifier(pool: Executor) -> Verifier:
+    """A ``Verifier`` that runs ``check_batch`` (pure, CPU-bound) in ``pool``."""
+
+    async def verify(wire: bytes) -> CheckedBatch:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool, check_batch, wire)
+
+    return verify
+
+
+def broker_address(url: str) -> dict[str, Any]:
+    """``mqtt://[user:password@]host[:port]`` as CloudService keyword arguments."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ConfigError("service.broker_url: must be mqtt://[user:password@]host[:port]")
+    try:
+        port = parts.port or BROKER_PORT_DEFAULT
+    except ValueError:
+        raise ConfigError("service.broker_url: invalid port") from None
+    return {
+        "broker_host": parts.hostname,
+        "broker_port": port,
+        "username": unquote(parts.username) if parts.username is not None else None,
+        "password": unquote(parts.password) if parts.password is not None else None,
+    }
+
+
+def build_service(
+    config: CloudConfig,
+    *,
+    store: Store,
+    issuer: nacl.signing.SigningKey,
+    verifier: Verifier = verify_inline,
+    clock: Clock = wall_ms,
+) -> CloudService:
+    """A CloudService (and its CloudCore) over an open ``store``, as ``config`` says."""
+    core = CloudCore(
+        store=store, issuer=issuer, clock=clock, policy=config.lease, verifier=verifier
+    )
+    return CloudService(
+        core=core,
+        **broker_address(config.service.broker_url),
+        clock=clock,
+        store=store,
+        stats_s=config.service.stats_interval_s,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_service(
+    config: CloudConfig, *, clock: Clock = wall_ms
+) -> AsyncIterator[CloudService]:
+    """Open the configured store, the issuer key and the verification pool; yield the
+    service; close them all on exit (``async with open_service(cfg) as svc: await
+    svc.run()``)."""
+    issuer = load_key_file(config.issuer_key)
+    address = broker_address(config.service.broker_url)  # fail before opening anything
+    assert address
+    workers = config.service.verify_workers
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    try:
+        store = await open_store(config.store)
+        try:
+            verifier = verify_inline if pool is None else pool_verifier(pool)
+            yield build_service(config, store=store, issuer=issuer, verifier=verifier, clock=clock)
+        finally:
+            await store.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
