@@ -1,10 +1,14 @@
-"""Micro-benchmark of FogStore.process: authorized intents per second for groups of 1, 10, 100.
+"""Micro-benchmark of FogStore.process and seal_due on a real SQLite file.
 
 Not a test. Real SQLite file (WAL, synchronous=FULL) in a temporary directory on the disk of
 ``--dir`` (default: the system's temp dir); intents are signed before the clock starts, so
-the figure is verify + authorize + sign receipt + durable commit.
+the figure is verify + authorize + sign receipt + durable commit. For each group size: the
+authorized intents per second (wall), wall and CPU microseconds per intent, SQL statements per
+intent (counted on a further set of groups with the connection's trace callback, outside the
+timed part), and the floor: the CPU per intent of verifying it and signing its receipt alone.
+Then the time ``seal_due`` takes for full batches of ``--batch`` records.
 
-    .venv/bin/python bench/store.py [--intents 2000] [--dir PATH]
+    .venv/bin/python bench/store.py [--intents 2048] [--groups 1,2,4,...,256] [--dir PATH]
 """
 
 import sys
@@ -16,18 +20,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import nacl.signing
 
 from fog.authorize import Policy
 from fog.store import Arrival, FogStore
-from protocol.messages import Binding, Intent, Lease, OwnerCredential
-from protocol.signing import public_key, seal
+from protocol.messages import Binding, Intent, Lease, OwnerCredential, Receipt
+from protocol.signing import open_envelope, public_key, seal
 
 NOW = 1_790_000_000_000
 DEVICES = 100
-GROUPS = (1, 10, 100)
+GROUPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TRACED_INTENTS = 512  # processed after the timed part, with statements counted
+SEAL_BATCH = 256
+
+
+@dataclass
+class Figures:
+    group: int
+    rate_per_s: float
+    wall_us: float
+    cpu_us: float
+    statements: float  # per intent, BEGIN/COMMIT included
 
 
 def prepare(path: Path, intents: int) -> tuple[FogStore, list[Arrival]]:
@@ -80,26 +95,107 @@ def prepare(path: Path, intents: int) -> tuple[FogStore, list[Arrival]]:
     return store, arrivals
 
 
-def run(directory: str | None, group: int, intents: int) -> float:
+def feed(store: FogStore, arrivals: list[Arrival], group: int) -> None:
+    for k in range(0, len(arrivals), group):
+        out = store.process(arrivals[k : k + group], now_ms=NOW)
+        assert all(o.status == "ok" for o in out), out[0].reason
+
+
+def count_statements(store: FogStore, arrivals: list[Arrival], group: int) -> float:
+    count = 0
+
+    def trace(_statement: str) -> None:
+        nonlocal count
+        count += 1
+
+    conn = store._conn  # the bench only: statements counted on the store's own connection
+    conn.set_trace_callback(trace)
+    try:
+        feed(store, arrivals, group)
+    finally:
+        conn.set_trace_callback(None)
+    return count / len(arrivals)
+
+
+def run(directory: str | None, group: int, intents: int) -> Figures:
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        store, arrivals = prepare(Path(tmp) / "fog.db", intents)
-        start = time.perf_counter()
-        for k in range(0, len(arrivals), group):
-            out = store.process(arrivals[k : k + group], now_ms=NOW)
-            assert all(o.status == "ok" for o in out), out[0].reason
-        elapsed = time.perf_counter() - start
+        store, arrivals = prepare(Path(tmp) / "fog.db", intents + TRACED_INTENTS)
+        timed, traced = arrivals[:intents], arrivals[intents:]
+        wall, cpu = time.perf_counter(), time.process_time()
+        feed(store, timed, group)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        statements = count_statements(store, traced, group)
         store.close()
-    return intents / elapsed
+    return Figures(group, intents / wall, wall / intents * 1e6, cpu / intents * 1e6, statements)
+
+
+def floor_us(intents: int) -> float:
+    """CPU per intent of the cryptography alone: verify the intent, sign an ok receipt."""
+    dev, fog = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    payloads = [
+        seal(
+            Intent(
+                device=public_key(dev),
+                fog_id="bench",
+                seq=k + 1,
+                payee_id="p",
+                amount_micros=1000,
+                currency="EUR",
+                time_ms=NOW,
+            ),
+            dev,
+        )
+        for k in range(intents)
+    ]
+    cpu = time.process_time()
+    for p in payloads:
+        s = open_envelope(p, Intent)
+        r = Receipt(
+            intent_id=s.id,
+            device=s.msg.device,
+            seq=s.msg.seq,
+            status="ok",
+            log_index=1,
+            lease_id=bytes(16),
+            time_ms=NOW,
+        )
+        seal(r, fog)
+    return (time.process_time() - cpu) / intents * 1e6
+
+
+def seal_ms(directory: str | None, batch: int, batches: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) of seal_due per full batch of ``batch`` records."""
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        store, arrivals = prepare(Path(tmp) / "fog.db", batch * batches)
+        feed(store, arrivals, 256)
+        wall, cpu = time.perf_counter(), time.process_time()
+        sealed = []
+        for _ in range(batches):
+            sealed += store.seal_due(now_ms=NOW, records_max=batch, age_ms=10**9)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert [len(b.records) for b in sealed] == [batch] * batches
+        store.close()
+    return wall / batches * 1e3, cpu / batches * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--intents", type=int, default=2000)
+    parser.add_argument("--intents", type=int, default=2048)
+    parser.add_argument("--groups", default=",".join(map(str, GROUPS)))
+    parser.add_argument("--batch", type=int, default=SEAL_BATCH)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
-    for group in GROUPS:
-        rate = run(args.dir, group, args.intents)
-        print(f"group {group:>3}: {rate:8.0f} intents/s  ({args.intents} intents, FULL sync)")
+    print(f"{args.intents} intents from {DEVICES} devices, FULL sync, one group per process()")
+    print("group  intents/s  wall us/intent  cpu us/intent  statements/intent")
+    for group in map(int, args.groups.split(",")):
+        f = run(args.dir, group, args.intents)
+        print(
+            f"{f.group:>5}  {f.rate_per_s:9.0f}  {f.wall_us:14.0f}  {f.cpu_us:13.0f}"
+            f"  {f.statements:17.2f}"
+        )
+    print(f"floor (verify intent + sign receipt): {floor_us(1000):.0f} us CPU/intent")
+    wall, cpu = seal_ms(args.dir, args.batch, 4)
+    print(f"seal_due, batch of {args.batch} records: {wall:.1f} ms wall, {cpu:.1f} ms CPU")
 
 
 if __name__ == "__main__":
