@@ -1,15 +1,361 @@
-"""``fogpay demo``: the main job of the README. Replaced as the fog and the cloud land."""
+"""``fogpay demo --out DIR [--seconds S]``: the whole path on 127.0.0.1, in one process.
+
+1. The cloud (issuer) registers the fog, seven owners (four that pay, three payees) and 30
+   devices with their proofs of possession; an owner revokes a stolen EV (``demo_setup``).
+2. The fog daemon starts with its embedded broker on a free port; the cloud's MQTT shell
+   (``cloud.service.CloudService``) connects to it and publishes the trust material
+   retained; the fog loads it.
+3. The devices pay for ``S`` seconds through the fog (``demo_pay``): charging, tolls,
+   bandwidth, and a few payments the fog must decline.
+4. The fog seals batches; they reach the cloud on ``fogpay/1/up/{fog_id}/batch``, which
+   verifies, books and acks them. The demo waits (bounded) until every sealed batch is
+   booked, then stops the fog and the service.
+5. A settlement period closes (``cloud.settle``): CSV, pain.008, pain.001 and the
+   reconciliation report in ``DIR/settlement/``; the ledger is checked; ``DIR/summary.json``
+   and a table on stdout say what happened (``demo_summary``). Exit 1 if an invariant fails.
+
+``DIR`` must be new or empty, or a directory an earlier demo wrote (it holds the marker
+file ``.fogpay-demo``), which is then emptied; anything else is refused (exit 2). Logs go to
+``DIR/demo.log`` (JSON lines), keeping stdout for the summary.
+"""
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import structlog
+
+from cloud import leases
+from cloud.config import CloudConfig
+from cloud.core import CloudCore
+from cloud.iso20022 import CreditorConfig, DebtorConfig
+from cloud.leases import LeasePolicy
+from cloud.settle_files import period_id_for, settle_and_write
+from cloud.sqlitestore import SqliteStore
+from cloud.store import Store, Tx
+from edge.device import DeviceSession
+from fog.daemon import FogDaemon
+from fogpay import demo_cast as cast
+from fogpay import demo_setup as setup
+from fogpay import demo_summary
+from fogpay.demo_pay import Outcomes, run_payments
+from fogpay.demo_relay import BatchRelay
+from fogpay.logs import configure
+from fogpay.provision import BrokerAddress
+from protocol.errors import FogpayError
+
+log = structlog.get_logger()
+
+MARKER_FILE: Final = ".fogpay-demo"
+SUMMARY_FILE: Final = "summary.json"
+LOG_FILE: Final = "demo.log"
+SETTLEMENT_DIR: Final = "settlement"
+SECONDS_MAX: Final = 600.0
+READY_TIMEOUT_S: Final = 30.0
+STOP_TIMEOUT_S: Final = 30.0
+CONNECT_TIMEOUT_S: Final = 10.0
+TRUST_WAIT_S_MAX: Final = 20.0
+BOOK_WAIT_S_MAX: Final = 30.0
+POLL_S: Final = 0.1
+LEASE_POLICY: Final = LeasePolicy(
+    initial_micros=10_000_000, request_micros_max=100_000_000, lease_ms=3_600_000
+)
+CREDITOR: Final = CreditorConfig(
+    name="fogpay Demo Operator",
+    iban="DE89370400440532013000",
+    bic="COBADEFFXXX",
+    creditor_id="DE98ZZZ09999999999",
+)
+DEBTOR: Final = DebtorConfig(name="fogpay Demo Operator", iban="DE89370400440532013000")
+
+
+class DemoError(FogpayError):
+    """The demo cannot run (its output directory, a component that did not start)."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out``, or empty it if an earlier demo wrote it; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER_FILE).is_file():
+            raise DemoError(f"{out}: not empty and not written by fogpay demo; refusing")
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text("written by fogpay demo; emptied by the next run\n")
+
+
+@contextlib.asynccontextmanager
+async def running(
+    name: str,
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    stop: Callable[[], Awaitable[None]],
+) -> AsyncIterator[None]:
+    """Run a component as a named task until the block exits; wait for it to be ready first
+    (bounded); at exit stop it gracefully and wait (bounded), else cancel it."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(run(ready), name=name)
+    waiter = asyncio.create_task(ready.wait(), name=f"{name}.ready")
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            if task in done:
+                task.result()  # raises what stopped it
+            raise DemoError(f"{name}: not ready within {READY_TIMEOUT_S} s")
+        yield
+    finally:
+        waiter.cancel()
+        await stop()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.error("component_stop_timed_out", component=name)
+
+
+@contextlib.asynccontextmanager
+async def mqtt_client(address: BrokerAddress, name: str) -> AsyncIterator[Any]:
+    client = address.client(identifier=f"fogpay-demo-{name}")
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        await client.__aenter__()
+    try:
+        yield client
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: float) -> bool:
+    """Poll ``check`` every POLL_S until true or ``seconds`` passed; False then (logged)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(POLL_S)
+    log.error("wait_timed_out", what=what, seconds=seconds)
+    return False
+
+
+def trust_expected(lease_count: int) -> dict[str, int]:
+    return {
+        "fog_accepted": 1,
+        "owner_accepted": len(cast.owners()),
+        "bind_accepted": len(cast.devices()),
+        "revoke_accepted": 1,
+        "lease_accepted": lease_count,
+    }
+
+
+async def grant_leases(store: Store, issuer: Any) -> int:
+    """Stopgap until the fog asks for leases itself: the issuer grants each paying owner
+    leases for this fog up to its credit limit (at most 4 live leases per fog and owner)."""
+
+    async def fn(tx: Tx) -> int:
+        n = 0
+        for o in cast.PAYERS:
+            for _ in range(leases.OPEN_LEASES_PER_FOG_OWNER_MAX):
+                if await leases.available(tx, o.owner_id) <= 0:
+                    break
+                await leases.grant(
+                    tx,
+                    issuer,
+                    owner_id=o.owner_id,
+                    fog_id=cast.FOG_ID,
+                    amount_micros=o.limit_micros,
+                    now_ms=now_ms(),
+                    policy=LEASE_POLICY,
+                )
+                n += 1
+        return n
+
+    granted: int = await store.transact(fn)
+    return granted
+
+
+async def cloud_counts(store: Store) -> tuple[int, int]:
+    """(batches, records) the cloud has booked for the demo's fog."""
+
+    async def fn(tx: Tx) -> tuple[int, int]:
+        b = await tx.fetchone("SELECT COUNT(*) FROM batches WHERE fog_id = ?", (cast.FOG_ID,))
+        r = await tx.fetchone("SELECT COUNT(*) FROM records WHERE fog_id = ?", (cast.FOG_ID,))
+        assert b is not None and r is not None
+        return int(b[0]), int(r[0])
+
+    result: tuple[int, int] = await store.transact(fn)
+    return result
+
+
+async def pay_and_book(
+    out: Path, store: Store, keys: setup.Keys, devices: dict[str, Any], seconds: float
+) -> tuple[Outcomes, bool, int]:
+    """Fog, cloud service and devices: pay, then wait until every sealed batch is booked.
+    Returns the outcomes, whether all batches were booked, and the batches the fog sealed."""
+    from cloud.service import CloudService  # the MQTT shell: only when running
+
+    config = setup.fog_config(out, keys)
+    daemon = FogDaemon(config, fog_key=keys.fog)
+    lease_count = await grant_leases(store, keys.issuer)
+    core = CloudCore(store=store, issuer=keys.issuer, clock=now_ms, policy=LEASE_POLICY)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running("demo.fog", _run_with(daemon.run), daemon.stop))
+        port = daemon.broker_port
+        fog_account = BrokerAddress(setup.HOST, port, setup.FOG_USERNAME, config.broker.password)
+        service = CloudService(
+            core=core,
+            broker_host=setup.HOST,
+            broker_port=port,
+            username=setup.FOG_USERNAME,
+            password=config.broker.password,
+            clock=now_ms,
+            store=store,
+        )
+        await stack.enter_async_context(running("demo.cloud", _run_with(service.run), service.stop))
+        relay_client = await stack.enter_async_context(mqtt_client(fog_account, "relay"))
+        relay = BatchRelay(db=config.db, fog_id=cast.FOG_ID, client=relay_client)
+        await stack.enter_async_context(running("demo.relay", _run_ready(relay.run), relay.stop))
+        expected = trust_expected(lease_count)
+
+        async def trusted() -> bool:
+            counters = daemon.counters
+            return all(counters.get(k, 0) >= v for k, v in expected.items())
+
+        if not await wait_for("fog_trust_loaded", trusted, TRUST_WAIT_S_MAX):
+            raise DemoError("the fog did not load the cloud's trust material in time")
+        log.info("demo_trust_loaded", **expected)
+        devices_account = BrokerAddress(
+            setup.HOST, port, setup.DEVICE_USERNAME, config.broker.device_password
+        )
+        client = await stack.enter_async_context(mqtt_client(devices_account, "devices"))
+        session = DeviceSession(
+            client, fog_id=cast.FOG_ID, fog_key=devices[cast.STOLEN_DEVICE].fog_key, wildcard=True
+        )
+        async with session:
+            outcomes = await run_payments(session, devices, cast.plan_payments(seconds))
+        log.info("demo_payments_done", sent=outcomes.sent, **dict(outcomes.by_status))
+
+        async def booked() -> bool:
+            counters = daemon.counters
+            batches, records = await cloud_counts(store)
+            sealed = counters.get("batch_sealed", 0)
+            return records == counters.get("intent_authorized", 0) and batches == sealed
+
+        all_booked = await wait_for("batches_booked", booked, BOOK_WAIT_S_MAX)
+        sealed = daemon.counters.get("batch_sealed", 0)
+    return outcomes, all_booked, sealed
+
+
+Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def _run_with(run: Callable[..., Coroutine[Any, Any, None]]) -> Runner:
+    return lambda ready: run(ready=ready)
+
+
+def _run_ready(run: Callable[[], Awaitable[None]]) -> Runner:
+    async def wrapped(ready: asyncio.Event) -> None:
+        ready.set()
+        await run()
+
+    return wrapped
+
+
+async def settle(store: Store, out: Path) -> dict[str, Any]:
+    """Close a period over everything booked until now and write its files."""
+    until = now_ms()
+    cfg = CloudConfig(creditor=CREDITOR, debtor=DEBTOR, lease=LEASE_POLICY)
+    args = argparse.Namespace(period=period_id_for(until), out=str(out / SETTLEMENT_DIR))
+
+    async def fn(tx: Tx) -> dict[str, Any]:
+        return await settle_and_write(tx, cfg, args, until, now_ms())
+
+    report: dict[str, Any] = await store.transact(fn)
+    return report
+
+
+async def run_demo(out: Path, seconds: float) -> dict[str, Any]:
+    """The whole demo; returns the summary (also written to ``out/summary.json``)."""
+    keys = setup.new_keys(out)
+    devices = setup.open_devices(out, keys)
+    store = await SqliteStore.open(str(out / setup.CLOUD_DB_FILE))
+    try:
+        await setup.register_world(store, keys, devices, now_ms=now_ms())
+        log.info("demo_world_registered", owners=len(cast.owners()), devices=len(devices))
+        outcomes, all_booked, sealed = await pay_and_book(out, store, keys, devices, seconds)
+        report = await settle(store, out)
+        held = demo_summary.held_receipt_ids(devices.values())
+        cloud = await demo_summary.read_cloud(store, held)
+    finally:
+        await store.close()
+    facts = demo_summary.Facts(
+        outcomes=outcomes,
+        seconds=seconds,
+        all_batches_booked=all_booked,
+        fog_batches_sealed=sealed,
+        report=report,
+        settlement_dir=out / SETTLEMENT_DIR,
+    )
+    summary = demo_summary.build(facts, cloud, len(held))
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    (out / SUMMARY_FILE).write_text(text)
+    return summary
+
+
+def _route_logs(stream: TextIO) -> None:
+    """structlog and the libraries' stdlib logging (warnings and up) to the demo's log."""
+    configure(json=True, stream=stream)
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("demo", help="run a cloud, a fog and simulated devices; print a summary")
-    p.add_argument("--out", default="demo-out", help="directory for the demo's output")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.set_defaults(func=run)
+    p.add_argument("--out", default="demo-out", type=Path, help="directory for the output")
+    p.add_argument("--seconds", type=float, default=cast.PERIOD_SECONDS_DEFAULT)
+    p.set_defaults(func=cmd_demo)
 
 
-def run(args: argparse.Namespace) -> int:
-    print("fogpay demo: not yet: the fog daemon and the cloud aggregator are not built yet")
-    return 0
+def cmd_demo(args: argparse.Namespace) -> int:
+    if not 0 < args.seconds <= SECONDS_MAX:
+        print(f"fogpay demo: --seconds must be in (0, {SECONDS_MAX:g}]", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    try:
+        prepare_out(out)
+    except (DemoError, OSError) as exc:
+        print(f"fogpay demo: {exc}", file=sys.stderr)
+        return 2
+    with open(out / LOG_FILE, "a", encoding="utf-8") as stream:
+        _route_logs(stream)
+        try:
+            summary = asyncio.run(run_demo(out, args.seconds))
+        except (FogpayError, OSError) as exc:
+            print(f"fogpay demo: failed: {exc} (see {out / LOG_FILE})", file=sys.stderr)
+            return 1
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers.clear()
+    print(demo_summary.table(summary))
+    print(f"\nsummary      {out / SUMMARY_FILE}")
+    return 0 if summary["ok"] else 1
