@@ -207,7 +207,12 @@ async def handle_report(tx: Tx, wire: bytes) -> list[str]:
             (rep.drawn_micros, clamp_ms(rep.last_batch), rep.lease_id),
         )
     chain = await tx.fetchone("SELECT number FROM chains WHERE fog_id = ?", (rep.fog_id,))
-    return await close_reported(tx, rep.fog_id, 0 if chain is None else chain[0])
+    cleared = await close_reported(tx, rep.fog_id, 0 if chain is None else chain[0])
+    topic = topics.lease_topic(rep.fog_id, rep.lease_id)
+    state = await tx.fetchone("SELECT state FROM leases WHERE lease_id = ?", (rep.lease_id,))
+    if topic not in cleared and state is not None and state[0] == STATE_CLOSED:
+        cleared.append(topic)  # closed before: clear again (the fog may have missed it)
+    return cleared
 
 
 async def close_reported(tx: Tx, fog_id: str, chain_number: int) -> list[str]:
