@@ -1,0 +1,146 @@
+"""``fogpay demo`` as a real subprocess: the summary's invariants, checked again against the
+files and databases it left behind (not against what the demo says about itself)."""
+
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import xmlschema
+
+from cloud.sepa import check_document
+from fogpay.cli import main
+from fogpay.demo import MARKER_FILE, prepare_out
+
+XSD: Final = Path(__file__).parents[1] / "cloud" / "data"
+DEMO_TIMEOUT_S: Final = 60.0
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fogpay.cli", "demo", "--out", str(out), "--seconds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    return out, summary, proc.stdout
+
+
+def test_summary_invariants_hold(demo: tuple[Path, dict[str, Any], str]) -> None:
+    _, s, stdout = demo
+    assert s["ok"] is True and all(s["invariants"].values())
+    assert s["ledger_sum_micros"] == 0 and set(s["ledger_sums_micros"].values()) == {0}
+    assert s["authorized"] > 50
+    assert s["receipts_held"] == s["receipts_booked_once"] == s["authorized"] == s["booked"]
+    assert s["sent"] == s["authorized"] + s["declined"] + s["timeouts"] + s["errors"]
+    assert s["timeouts"] == 0 and s["errors"] == 0
+    assert s["batches"] == s["batches_sealed"] >= 1
+    assert {"revoked", "limit_tx", "payee_not_allowed"} <= set(s["reasons"])
+    assert s["reasons"]["limit_tx"] == 1 and s["reasons"]["payee_not_allowed"] == 1
+    assert "invariants" in stdout and "FAILED" not in stdout
+
+
+def _csv_lines(out: Path, s: dict[str, Any]) -> list[dict[str, str]]:
+    (csv_path,) = [Path(f) for f in s["settlement_files"] if f.endswith(".csv")]
+    assert csv_path.parent == out / "settlement"
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_charges_and_payouts_are_the_csv_sums(demo: tuple[Path, dict[str, Any], str]) -> None:
+    out, s, _ = demo
+    sums: dict[str, Counter[str]] = {"charge": Counter(), "payout": Counter()}
+    for line in _csv_lines(out, s):
+        sums[line["kind"]][line["currency"]] += int(line["micros"])
+    assert s["charged_micros"] == dict(sums["charge"]) and s["charged_micros"]["EUR"] > 0
+    assert s["paid_out_micros"] == dict(sums["payout"])
+    assert set(s["charged_micros"]) == {"EUR", "GBP"}
+
+
+def test_ledger_and_carries_in_the_cloud_database(demo: tuple[Path, dict[str, Any], str]) -> None:
+    out, s, _ = demo
+    with sqlite3.connect(out / "cloud.sqlite") as db:
+        balances = dict(db.execute("SELECT currency, SUM(balance_micros) FROM accounts GROUP BY 1"))
+        debits = dict(db.execute("SELECT currency, SUM(amount_micros) FROM transfers GROUP BY 1"))
+        (transfers,) = db.execute("SELECT COUNT(*) FROM transfers").fetchone()
+        carries = db.execute(
+            "SELECT currency, SUM(charge_micros), SUM(payout_micros) FROM carries GROUP BY 1"
+        ).fetchall()
+    assert set(balances.values()) == {0}
+    assert transfers == s["booked"]
+    for currency, charge_carry, payout_carry in carries:
+        # one period, nothing carried in: what was charged plus the carry is what was booked
+        assert s["charged_micros"][currency] + charge_carry == debits[currency]
+        assert s["paid_out_micros"][currency] + payout_carry == debits[currency]
+        assert s["carried_micros"][currency] == {"charges": charge_carry, "payouts": payout_carry}
+
+
+def test_every_receipt_a_device_holds_is_one_transfer(
+    demo: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, s, _ = demo
+    held = [
+        bytes.fromhex(json.loads(line)["i"])
+        for path in (out / "devices").glob("*/receipts.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(held) == len(set(held)) == s["receipts_held"]
+    with sqlite3.connect(out / "cloud.sqlite") as db:
+        booked = {bytes(r[0]) for r in db.execute("SELECT intent_id FROM transfers")}
+    assert set(held) == booked
+
+
+@pytest.mark.parametrize(
+    ("suffix", "xsd"),
+    [("-pain.008.xml", "pain.008.001.02.xsd"), ("-pain.001.xml", "pain.001.001.03.xsd")],
+)
+def test_pain_files_validate(demo: tuple[Path, dict[str, Any], str], suffix: str, xsd: str) -> None:
+    _, s, _ = demo
+    (path,) = [Path(f) for f in s["settlement_files"] if f.endswith(suffix)]
+    xml = path.read_bytes()
+    xmlschema.XMLSchema(str(XSD / xsd)).validate(xml.decode())
+    check_document(xml)
+    sepa = [x for x in s["lines"] if x["rail"] == "sepa"]
+    kind = "charge" if "008" in suffix else "payout"
+    total = sum(int(x["micros"]) for x in sepa if x["kind"] == kind)
+    assert f"<CtrlSum>{total // 1_000_000}.{total % 1_000_000 // 10_000:02d}</CtrlSum>" in (
+        xml.decode()
+    )
+
+
+def test_reconciliation_report_is_consistent(demo: tuple[Path, dict[str, Any], str]) -> None:
+    _, s, _ = demo
+    (path,) = [Path(f) for f in s["settlement_files"] if f.endswith("-report.json")]
+    report = json.loads(path.read_text())
+    assert report["balanced"] is True and report["mismatches"] == []
+    assert report["period_id"] == s["period_id"]
+    for row in report["currencies"]:
+        assert all(row["checks"].values())
+        assert row["receipts_micros"] == row["ledger_debits_micros"] == row["ledger_credits_micros"]
+        assert row["charged_micros"] == s["charged_micros"][row["currency"]]
+    assert sum(row["receipts"] for row in report["currencies"]) == s["receipts_held"]
+
+
+def test_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path), "--seconds", "1"]) == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_empties_a_directory_an_earlier_demo_wrote(tmp_path: Path) -> None:
+    (tmp_path / MARKER_FILE).write_text("")
+    (tmp_path / "settlement").mkdir()
+    (tmp_path / "settlement" / "old.csv").write_text("old")
+    prepare_out(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER_FILE]
