@@ -27,7 +27,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -50,6 +50,7 @@ from fogpay.demo_pay import Outcomes, run_payments
 from fogpay.demo_relay import BatchRelay
 from fogpay.logs import configure
 from fogpay.provision import BrokerAddress
+from fogpay.running import ready_at_once, running, with_ready
 from protocol.errors import FogpayError
 
 log = structlog.get_logger()
@@ -59,8 +60,6 @@ SUMMARY_FILE: Final = "summary.json"
 LOG_FILE: Final = "demo.log"
 SETTLEMENT_DIR: Final = "settlement"
 SECONDS_MAX: Final = 600.0
-READY_TIMEOUT_S: Final = 30.0
-STOP_TIMEOUT_S: Final = 30.0
 CONNECT_TIMEOUT_S: Final = 10.0
 TRUST_WAIT_S_MAX: Final = 20.0
 BOOK_WAIT_S_MAX: Final = 30.0
@@ -99,39 +98,6 @@ def prepare_out(out: Path) -> None:
                 child.unlink()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     (out / MARKER_FILE).write_text("written by fogpay demo; emptied by the next run\n")
-
-
-@contextlib.asynccontextmanager
-async def running(
-    name: str,
-    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
-    stop: Callable[[], Awaitable[None]],
-) -> AsyncIterator[None]:
-    """Run a component as a named task until the block exits; wait for it to be ready first
-    (bounded); at exit stop it gracefully and wait (bounded), else cancel it."""
-    ready = asyncio.Event()
-    task = asyncio.create_task(run(ready), name=name)
-    waiter = asyncio.create_task(ready.wait(), name=f"{name}.ready")
-    try:
-        done, _ = await asyncio.wait(
-            {waiter, task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiter not in done:
-            if task in done:
-                task.result()  # raises what stopped it
-            raise DemoError(f"{name}: not ready within {READY_TIMEOUT_S} s")
-        yield
-    finally:
-        waiter.cancel()
-        await stop()
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT_S):
-                await task
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            log.error("component_stop_timed_out", component=name)
 
 
 @contextlib.asynccontextmanager
@@ -217,7 +183,7 @@ async def pay_and_book(
     lease_count = await grant_leases(store, keys.issuer)
     core = CloudCore(store=store, issuer=keys.issuer, clock=now_ms, policy=LEASE_POLICY)
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(running("demo.fog", _run_with(daemon.run), daemon.stop))
+        await stack.enter_async_context(running("demo.fog", with_ready(daemon.run), daemon.stop))
         port = daemon.broker_port
         fog_account = BrokerAddress(setup.HOST, port, setup.FOG_USERNAME, config.broker.password)
         service = CloudService(
@@ -229,10 +195,12 @@ async def pay_and_book(
             clock=now_ms,
             store=store,
         )
-        await stack.enter_async_context(running("demo.cloud", _run_with(service.run), service.stop))
+        await stack.enter_async_context(
+            running("demo.cloud", with_ready(service.run), service.stop)
+        )
         relay_client = await stack.enter_async_context(mqtt_client(fog_account, "relay"))
         relay = BatchRelay(db=config.db, fog_id=cast.FOG_ID, client=relay_client)
-        await stack.enter_async_context(running("demo.relay", _run_ready(relay.run), relay.stop))
+        await stack.enter_async_context(running("demo.relay", ready_at_once(relay.run), relay.stop))
         expected = trust_expected(lease_count)
 
         async def trusted() -> bool:
@@ -262,21 +230,6 @@ async def pay_and_book(
         all_booked = await wait_for("batches_booked", booked, BOOK_WAIT_S_MAX)
         sealed = daemon.counters.get("batch_sealed", 0)
     return outcomes, all_booked, sealed
-
-
-Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
-
-
-def _run_with(run: Callable[..., Coroutine[Any, Any, None]]) -> Runner:
-    return lambda ready: run(ready=ready)
-
-
-def _run_ready(run: Callable[[], Awaitable[None]]) -> Runner:
-    async def wrapped(ready: asyncio.Event) -> None:
-        ready.set()
-        await run()
-
-    return wrapped
 
 
 async def settle(store: Store, out: Path) -> dict[str, Any]:
@@ -350,7 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _route_logs(stream)
         try:
             summary = asyncio.run(run_demo(out, args.seconds))
-        except (FogpayError, OSError) as exc:
+        except (FogpayError, OSError) as exc:  # ComponentError, DemoError, StoreError...
             print(f"fogpay demo: failed: {exc} (see {out / LOG_FILE})", file=sys.stderr)
             return 1
         finally:

@@ -1,46 +1,58 @@
-"""``fogpay sandbox --dir DIR --port PORT``: an issuer and one fog on 127.0.0.1, for trying the
-protocol from any language.
+"""``fogpay sandbox --dir DIR --port PORT``: an issuer with its cloud, and one fog, on
+127.0.0.1, for trying the protocol from any language.
 
 Everything lives in DIR, created on the first run and reused afterwards (restarting on the
-same DIR keeps keys, trust material, leases, sequence numbers and the log)::
+same DIR keeps keys, trust material, leases, sequence numbers, the log and the cloud's
+books)::
 
-    issuer.seed            the issuer's 32-byte Ed25519 seed, hex (0600): sign owners, leases
+    issuer.seed            the issuer's 32-byte Ed25519 seed, hex (0600): the cloud's key
     fog.key                the fog's key (0600)
-    broker-fog.password    the fog's own broker account (0600)
+    broker-fog.password    the fog's own broker account (0600), also used by the cloud
     broker-device.password the account given to clients in sandbox.json (0600)
     fog.sqlite             the fog's store
-    sandbox.json           written atomically once the fog is ready; removed at start
+    cloud.sqlite           the cloud's store: registry, leases, booked batches, ledger
+    sandbox.json           written atomically once everything is ready; removed at start
 
 The fog runs in this process with its embedded broker bound to 127.0.0.1 (PORT 0 picks a
-free port, so read sandbox.json after each start). It trusts what ``issuer.seed`` signs and
-arrives on the spec's retained topics; the sandbox publishes the fog's own credential there.
-SIGTERM or SIGINT stops it gracefully.
+free port, so read sandbox.json after each start). The cloud runs beside it on the same
+broker: its registry holds the fog (registered on the first start), its MQTT shell
+(``cloud.service.CloudService``) publishes the registry retained, books the fog's batches
+and acks them, and answers lease requests. Material provisioned by hand with the issuer
+seed (``fogpay owner add``, ``device bind``, ``device revoke``, ``lease grant``) is imported
+into the registry by ``cloud.mirror`` (sandbox only), so batches paid with it are booked
+too. ``fogpay cloud --store sqlite://DIR/cloud.sqlite ...`` reads the books (ledger check,
+lease list, settle). SIGTERM or SIGINT stops it gracefully.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import aiomqtt
+import nacl.signing
 import structlog
 
+from cloud import registry
+from cloud.core import CloudCore
+from cloud.leases import LeasePolicy
+from cloud.mirror import Importer, Mirror
+from cloud.sqlitestore import SqliteStore
+from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
+from fogpay.demo_relay import BatchRelay
 from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
 from fogpay.logs import configure
-from fogpay.provision import (
-    ISSUER_SEED_FILE,
-    BrokerAddress,
-    Validity,
-    fog_credential,
-    now_ms,
-    publish_retained,
-)
+from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
+from fogpay.running import ready_at_once, running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
 
@@ -49,14 +61,14 @@ log = structlog.get_logger()
 SANDBOX_JSON: Final = "sandbox.json"
 FOG_KEY_FILE: Final = "fog.key"
 FOG_DB_FILE: Final = "fog.sqlite"
+CLOUD_DB_FILE: Final = "cloud.sqlite"
+FOG_USERNAME: Final = "fog"
 FOG_PASSWORD_FILE: Final = "broker-fog.password"
 DEVICE_PASSWORD_FILE: Final = "broker-device.password"
 DEVICE_USERNAME: Final = "device"
 FOG_ID_DEFAULT: Final = "sandbox"
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 30.0
-STOP_TIMEOUT_S: Final = 30.0
-FOG_CREDENTIAL_DAYS: Final = 365.0
 PASSWORD_BYTES: Final = 18
 
 
@@ -69,6 +81,7 @@ class SandboxInfo:
     fog_key: bytes
     issuer_key: bytes
     issuer_seed_file: str  # a file name inside DIR
+    cloud_db: str | None = None  # the cloud's SQLite store, a file name inside DIR
 
     def to_json(self) -> dict[str, Any]:
         broker: dict[str, Any] = {"host": self.broker.host, "port": self.broker.port}
@@ -80,7 +93,7 @@ class SandboxInfo:
             "fog_key": self.fog_key.hex(),
             "issuer_key": self.issuer_key.hex(),
             "issuer_seed_file": self.issuer_seed_file,
-        }
+        } | ({} if self.cloud_db is None else {"cloud": {"db": self.cloud_db}})
 
     @classmethod
     def load(cls, path: str | Path) -> "SandboxInfo":
@@ -96,6 +109,7 @@ class SandboxInfo:
                 fog_key=bytes.fromhex(raw["fog_key"]),
                 issuer_key=bytes.fromhex(raw["issuer_key"]),
                 issuer_seed_file=raw["issuer_seed_file"],
+                cloud_db=raw.get("cloud", {}).get("db"),
             )
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise FogpayError(f"{path}: not a sandbox.json ({type(exc).__name__}: {exc})") from exc
@@ -143,6 +157,7 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
             "broker": {
                 "host": HOST,
                 "port": port,
+                "username": FOG_USERNAME,
                 "password_file": FOG_PASSWORD_FILE,
                 "device_username": DEVICE_USERNAME,
                 "device_password_file": DEVICE_PASSWORD_FILE,
@@ -159,49 +174,111 @@ def sandbox_info(directory: Path, config: FogConfig, port: int) -> SandboxInfo:
         fog_key=public_key(load_key_file(config.key_file)),
         issuer_key=config.issuer_key,
         issuer_seed_file=ISSUER_SEED_FILE,
+        cloud_db=CLOUD_DB_FILE,
     )
 
 
 async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAULT) -> None:
-    """Run until SIGTERM/SIGINT (or cancellation)."""
-    from fog.daemon import FogDaemon  # imports amqtt and the store: only when running
+    """Run until SIGTERM/SIGINT (or cancellation, or a component stopping by itself)."""
+    from fog.daemon import FogDaemon  # imports amqtt and the stores: only when running
 
     config = prepare_dir(directory, port=port, fog_id=fog_id)
-    daemon = FogDaemon(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(daemon.stop(), name="sandbox.stop"))
-    ready = asyncio.Event()
-    fog = asyncio.create_task(daemon.run(ready=ready), name="sandbox.fog")
-    try:
-        await _wait_ready(fog, ready)
-        info = sandbox_info(directory, config, daemon.broker_port)
-        await _publish_fog_credential(directory, info)
-        write_json_atomic(directory / SANDBOX_JSON, info.to_json())
-        log.info("sandbox_ready", port=info.broker.port, fog_id=fog_id, dir=str(directory))
-        await fog
-    finally:
-        if not fog.done():
-            await daemon.stop()
-            async with asyncio.timeout(STOP_TIMEOUT_S):
-                await fog
-
-
-async def _wait_ready(fog: "asyncio.Task[None]", ready: asyncio.Event) -> None:
-    async with asyncio.timeout(READY_TIMEOUT_S):
-        waiter = asyncio.create_task(ready.wait(), name="sandbox.ready")
-        done, _ = await asyncio.wait({waiter, fog}, return_when=asyncio.FIRST_COMPLETED)
-    if fog in done:
-        waiter.cancel()
-        fog.result()  # raises what stopped the fog
-        raise AssertionError("fog exited before it was ready")
-
-
-async def _publish_fog_credential(directory: Path, info: SandboxInfo) -> None:
     issuer = load_key_file(directory / ISSUER_SEED_FILE)
-    validity = Validity.days(FOG_CREDENTIAL_DAYS, now=now_ms())
-    pub = fog_credential(issuer, fog_id=info.fog_id, fog_key=info.fog_key, validity=validity)
-    await publish_retained(info.broker, [pub])
+    store = await SqliteStore.open(str(directory / CLOUD_DB_FILE))
+    try:
+        await register_fog(store, issuer, config)
+        daemon = FogDaemon(config)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        async with contextlib.AsyncExitStack() as stack:
+            fog = await stack.enter_async_context(
+                running("sandbox.fog", with_ready(daemon.run), daemon.stop)
+            )
+            tasks = await _start_cloud(stack, store, issuer, config, daemon.broker_port)
+            info = sandbox_info(directory, config, daemon.broker_port)
+            write_json_atomic(directory / SANDBOX_JSON, info.to_json())
+            log.info("sandbox_ready", port=info.broker.port, fog_id=fog_id, dir=str(directory))
+            waiter = asyncio.create_task(stopping.wait(), name="sandbox.stopping")
+            await asyncio.wait({waiter, fog, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+    finally:
+        await store.close()
+
+
+async def register_fog(store: Store, issuer: nacl.signing.SigningKey, config: FogConfig) -> None:
+    """Register the sandbox's fog with its cloud (once; its credential is then published
+    retained by the cloud service, as every registry entry)."""
+    key = public_key(load_key_file(config.key_file))
+
+    async def fn(tx: Tx) -> None:
+        known = await registry.fog_key(tx, config.fog_id)
+        if known == key:
+            return
+        if known is not None:
+            raise FogpayError(f"{CLOUD_DB_FILE}: fog {config.fog_id!r} has another key")
+        await registry.add_fog(tx, issuer, fog_id=config.fog_id, key=key, now_ms=now_ms())
+
+    await store.transact(fn)
+
+
+async def _start_cloud(
+    stack: contextlib.AsyncExitStack,
+    store: Store,
+    issuer: nacl.signing.SigningKey,
+    config: FogConfig,
+    port: int,
+) -> list["asyncio.Task[None]"]:
+    """The cloud service, the mirror and (until the fog has its own uplink) the batch relay,
+    on the fog's broker with the fog's account."""
+    from cloud.service import CloudService
+
+    account = {
+        "hostname": HOST,
+        "port": port,
+        "username": config.broker.username,
+        "password": config.broker.password,
+    }
+    core = CloudCore(store=store, issuer=issuer, clock=now_ms, policy=LeasePolicy())
+    service = CloudService(
+        core=core,
+        broker_host=HOST,
+        broker_port=port,
+        username=config.broker.username,
+        password=config.broker.password,
+        clock=now_ms,
+        store=store,
+    )
+    importer = Importer(store=store, issuer_key=public_key(issuer), clock=now_ms)
+    mirror = Mirror(importer=importer, client_args=account)
+    tasks = [
+        await stack.enter_async_context(running(name, run, stop))
+        for name, run, stop in (
+            ("sandbox.cloud", with_ready(service.run), service.stop),
+            ("sandbox.mirror", with_ready(mirror.run), mirror.stop),
+        )
+    ]
+    address = BrokerAddress(HOST, port, config.broker.username, config.broker.password)
+    client = await stack.enter_async_context(_client(address))
+    relay = BatchRelay(db=config.db, fog_id=config.fog_id, client=client)
+    tasks.append(
+        await stack.enter_async_context(
+            running("sandbox.relay", ready_at_once(relay.run), relay.stop)
+        )
+    )
+    return tasks
+
+
+@contextlib.asynccontextmanager
+async def _client(address: BrokerAddress) -> AsyncIterator[aiomqtt.Client]:
+    client = address.client(identifier=f"fogpay-sandbox-relay-{secrets.token_hex(8)}")
+    async with asyncio.timeout(READY_TIMEOUT_S):
+        await client.__aenter__()
+    try:
+        yield client
+    finally:
+        await client.__aexit__(None, None, None)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -220,4 +297,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     except (ConfigError, KeyFileError, OSError) as exc:
         print(f"fogpay sandbox: {exc}", file=sys.stderr)
         return 2
+    except FogpayError as exc:  # a component did not start; the fog's key is not the cloud's
+        print(f"fogpay sandbox: {exc}", file=sys.stderr)
+        return 1
     return 0
