@@ -87,6 +87,41 @@ class PolicyConfig:
     rate_burst: int = DEFAULT_RATE_BURST
 
 
+DEFAULT_UPLINK_WINDOW: Final = 8
+DEFAULT_ACK_TIMEOUT_MS: Final = 10_000
+UPLINK_WINDOW_MAX: Final = 64  # the cloud holds at most 64 batches ahead of its chain
+TIMEOUT_MS_MAX: Final = 3_600_000
+DEFAULT_REQUEST_BELOW_MICROS: Final = 1_000_000
+DEFAULT_REQUEST_MICROS: Final = 10_000_000
+DEFAULT_REQUEST_TIMEOUT_MS: Final = 5_000
+DEFAULT_REQUEST_ATTEMPTS: Final = 5
+REQUEST_ATTEMPTS_MAX: Final = 100
+DEFAULT_REPORT_RETRY_MS: Final = 5_000
+DEFAULT_LEASE_CHECK_MS: Final = 1_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UplinkConfig:
+    """``[uplink]``: batches to the cloud, acks back (fog/uplink.py)."""
+
+    enabled: bool = True  # false: no batch, lreq or lrep leaves this fog
+    window: int = DEFAULT_UPLINK_WINDOW  # unacked batches in flight
+    ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS  # no ack moved: send from the first unacked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseConfig:
+    """``[lease]``: lease requests and reports to the cloud (fog/leasing.py)."""
+
+    request_below_micros: int = DEFAULT_REQUEST_BELOW_MICROS  # top up under this room
+    request_micros: int = DEFAULT_REQUEST_MICROS  # a top-up asks for this much
+    request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS  # resend an unanswered request
+    request_attempts_max: int = DEFAULT_REQUEST_ATTEMPTS  # sends of one request
+    report: bool = True  # report expired leases (lrep) so their unused credit returns
+    report_retry_ms: int = DEFAULT_REPORT_RETRY_MS  # first resend delay, doubling to 5 min
+    check_interval_ms: int = DEFAULT_LEASE_CHECK_MS  # how often expiry and resends are checked
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FogConfig:
     fog_id: str
@@ -96,6 +131,8 @@ class FogConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
     log_level: str = "info"
 
@@ -160,7 +197,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         raw,
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
-        | {"stats_interval_s", "log_level"},
+        | {"stats_interval_s", "log_level", "uplink", "lease"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -176,6 +213,8 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         broker=_broker(_table(raw, "broker"), base),
         batch=_batch(_table(raw, "batch")),
         policy=_policy(_table(raw, "policy")),
+        uplink=_uplink(_table(raw, "uplink")),
+        lease=_lease(_table(raw, "lease")),
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
     )
@@ -256,6 +295,65 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         rate_burst=_int(
             raw, "rate_burst", DEFAULT_RATE_BURST, 1, RATE_PER_S_MAX, key="policy.rate_burst"
         ),
+    )
+
+
+def _uplink(raw: Mapping[str, Any]) -> UplinkConfig:
+    _no_unknown(raw, "uplink.", {"enabled", "window", "ack_timeout_ms"})
+    return UplinkConfig(
+        enabled=_bool(raw, "enabled", True, key="uplink.enabled"),
+        window=_int(
+            raw, "window", DEFAULT_UPLINK_WINDOW, 1, UPLINK_WINDOW_MAX, key="uplink.window"
+        ),
+        ack_timeout_ms=_int(
+            raw,
+            "ack_timeout_ms",
+            DEFAULT_ACK_TIMEOUT_MS,
+            100,
+            TIMEOUT_MS_MAX,
+            key="uplink.ack_timeout_ms",
+        ),
+    )
+
+
+def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
+    known = {"request_below_micros", "request_micros", "request_timeout_ms"}
+    known |= {"request_attempts_max", "report", "report_retry_ms", "check_interval_ms"}
+    _no_unknown(raw, "lease.", known)
+
+    def ms(name: str, default: int) -> int:
+        return _int(raw, name, default, 10, TIMEOUT_MS_MAX, key=f"lease.{name}")
+
+    amount_max = limits.AMOUNT_MICROS_MAX
+    return LeaseConfig(
+        request_below_micros=_int(
+            raw,
+            "request_below_micros",
+            DEFAULT_REQUEST_BELOW_MICROS,
+            0,
+            amount_max,
+            key="lease.request_below_micros",
+        ),
+        request_micros=_int(
+            raw,
+            "request_micros",
+            DEFAULT_REQUEST_MICROS,
+            1,
+            amount_max,
+            key="lease.request_micros",
+        ),
+        request_timeout_ms=ms("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS),
+        request_attempts_max=_int(
+            raw,
+            "request_attempts_max",
+            DEFAULT_REQUEST_ATTEMPTS,
+            1,
+            REQUEST_ATTEMPTS_MAX,
+            key="lease.request_attempts_max",
+        ),
+        report=_bool(raw, "report", True, key="lease.report"),
+        report_retry_ms=ms("report_retry_ms", DEFAULT_REPORT_RETRY_MS),
+        check_interval_ms=ms("check_interval_ms", DEFAULT_LEASE_CHECK_MS),
     )
 
 

@@ -29,6 +29,7 @@ from fog.authorize import Decision, DeviceView, LeaseView, Policy, authorize
 from fog.batcher import transaction
 from fog.ratelimit import Buckets
 from protocol import limits
+from protocol.batch import encode_batch, encode_record
 from protocol.errors import Declined, FogpayError
 from protocol.messages import (
     STATUS_DECLINED,
@@ -184,6 +185,28 @@ class TrustOutcome:
 
 AckOutcome = batcher.AckOutcome
 SealedBatch = batcher.SealedBatch
+
+# ---- uplink and lease management: constants and types (see the section at the class end)
+UNACKED_LISTED_MAX: Final = 4096
+LEASE_OWNERS_QUERIED_MAX: Final = 4096
+LEASE_REPORTS_LISTED_MAX: Final = 1024
+LEASE_REPORTED_NOT_AFTER_MS: Final = -1  # a reported lease: nothing is ever drawn on it again
+LEASE_REPORTS_DDL: Final = """
+CREATE TABLE IF NOT EXISTS lease_reports (
+    lease_id BLOB PRIMARY KEY,
+    drawn_micros INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    envelope BLOB NOT NULL,         -- the signed lrep, resent as is
+    reported_ms INTEGER NOT NULL,
+    closed_ms INTEGER               -- the cloud cleared the retained lease topic
+)"""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDraws:
+    lease_id: bytes
+    drawn_micros: int
+    last_batch: int  # 0: no batch holds a draw on the lease
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -636,6 +659,125 @@ class FogStore:
         """Close the connection (every transaction of ours is already committed)."""
         assert not self._conn.in_transaction
         self._conn.close()
+
+    # ---- uplink and lease management (fog/uplink.py, fog/leasing.py) ----------------------
+    # Queries and updates of the batch, lease and log tables for the daemon's uplink, plus
+    # the table ``lease_reports`` (created here, IF NOT EXISTS: one row per lease reported to
+    # the cloud; ``closed_ms`` is set once the cloud cleared the retained lease topic).
+
+    def uplink_init(self) -> None:
+        """Create the lease report table if missing (idempotent; call once after open)."""
+        with transaction(self._conn):
+            self._conn.execute(LEASE_REPORTS_DDL)
+
+    def unacked_numbers(self, limit: int) -> list[int]:
+        """The first ``limit`` sealed batch numbers not acked, ascending."""
+        assert 1 <= limit <= UNACKED_LISTED_MAX
+        rows = self._conn.execute(
+            "SELECT number FROM batches WHERE acked = 0 ORDER BY number LIMIT ?", (limit,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def batch_wire(self, number: int) -> bytes | None:
+        """Batch ``number`` on the wire (header and records rebuilt from the log)."""
+        row = self._conn.execute(
+            "SELECT header, first_index, count FROM batches WHERE number = ?", (number,)
+        ).fetchone()
+        if row is None:
+            return None
+        header, first, count = bytes(row[0]), int(row[1]), int(row[2])
+        rows = self._conn.execute(
+            "SELECT intent, receipt FROM log WHERE n >= ? AND n < ? ORDER BY n",
+            (first, first + count),
+        ).fetchall()
+        assert len(rows) == count, "a sealed batch lost records"
+        return encode_batch(header, [encode_record(bytes(i), bytes(r)) for i, r in rows])
+
+    def lease_room(self, owner_ids: Sequence[str], *, now_ms: int) -> dict[tuple[str, str], int]:
+        """Room (amount - drawn) of the live, unreported leases of each owner, summed per
+        (owner_id, currency); a pair absent from the result has no live lease."""
+        room: dict[tuple[str, str], int] = {}
+        for owner_id in sorted(set(owner_ids))[:LEASE_OWNERS_QUERIED_MAX]:
+            rows = self._conn.execute(
+                "SELECT currency, amount_micros - drawn_micros FROM leases "
+                "WHERE owner_id = ? AND not_after_ms >= ? AND lease_id NOT IN "
+                "(SELECT lease_id FROM lease_reports)",
+                (owner_id, now_ms),
+            ).fetchall()
+            for currency, left in rows:
+                key = (owner_id, str(currency))
+                room[key] = room.get(key, 0) + int(left)
+        return room
+
+    def lease_reports_due(self, *, now_ms: int) -> list[LeaseDraws]:
+        """Expired leases not reported yet whose every draw is in a sealed batch: what the
+        fog drew on each (``u``) and the last batch holding a draw (``b``, 0 for none)."""
+        rows = self._conn.execute(
+            "SELECT lease_id, drawn_micros FROM leases WHERE not_after_ms < ? AND lease_id "
+            "NOT IN (SELECT lease_id FROM lease_reports) ORDER BY not_after_ms LIMIT ?",
+            (now_ms, LEASE_REPORTS_LISTED_MAX),
+        ).fetchall()
+        due = []
+        for lease_id, drawn in rows:
+            last = self._last_batch_of(bytes(lease_id), int(drawn))
+            if last is not None:
+                due.append(LeaseDraws(bytes(lease_id), int(drawn), last))
+        return due
+
+    def _last_batch_of(self, lease_id: bytes, drawn: int) -> int | None:
+        """The last batch holding a draw on ``lease_id``; 0 if none; None if a draw is not
+        sealed yet."""
+        n_max, total = self._conn.execute(
+            "SELECT max(n), coalesce(sum(amount_micros), 0) FROM log WHERE lease_id = ?",
+            (lease_id,),
+        ).fetchone()
+        assert total == drawn, "lease drawn total differs from the log"
+        if n_max is None:
+            return 0
+        row = self._conn.execute(
+            "SELECT number FROM batches WHERE first_index <= ? AND first_index + count > ?",
+            (n_max, n_max),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def record_lease_report(self, draws: LeaseDraws, envelope: bytes, *, now_ms: int) -> None:
+        """Keep the signed report (resent until the cloud clears the lease) and make sure
+        nothing is drawn on the lease again, whatever the clock does: it is promised."""
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO lease_reports (lease_id, drawn_micros, batch, envelope, "
+                "reported_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id) DO NOTHING",
+                (draws.lease_id, draws.drawn_micros, draws.last_batch, envelope, now_ms),
+            )
+            self._conn.execute(
+                "UPDATE leases SET not_after_ms = ? WHERE lease_id = ?",
+                (LEASE_REPORTED_NOT_AFTER_MS, draws.lease_id),
+            )
+
+    def lease_reports_open(self) -> list[tuple[bytes, bytes]]:
+        """(lease_id, report envelope) of every report the cloud has not cleared yet."""
+        rows = self._conn.execute(
+            "SELECT lease_id, envelope FROM lease_reports WHERE closed_ms IS NULL "
+            "ORDER BY reported_ms LIMIT ?",
+            (LEASE_REPORTS_LISTED_MAX,),
+        ).fetchall()
+        return [(bytes(lid), bytes(env)) for lid, env in rows]
+
+    def close_lease(self, lease_id: bytes, *, now_ms: int) -> bool:
+        """The cloud cleared the lease's topic: True if it closes a report of ours now."""
+        with transaction(self._conn):
+            changed = self._conn.execute(
+                "UPDATE lease_reports SET closed_ms = ? WHERE lease_id = ? AND closed_ms IS NULL",
+                (now_ms, lease_id),
+            ).rowcount
+        return changed == 1
+
+    def closed_lease_ids(self) -> set[bytes]:
+        """Leases the cloud has closed (not to be republished)."""
+        rows = self._conn.execute(
+            "SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL"
+        ).fetchall()
+        return {bytes(r[0]) for r in rows}
 
 
 def _trust_problem(
