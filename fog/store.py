@@ -25,9 +25,11 @@ from typing import Final, Literal
 import nacl.signing
 
 from fog import batcher
-from fog.authorize import Decision, DeviceView, LeaseView, Policy, authorize
+from fog.authorize import Decision, DeviceView, Policy, authorize
 from fog.batcher import transaction
+from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
 from fog.ratelimit import Buckets
+from fog.sqlints import INT64_MAX, U64_OFFSET, clamp_ms, from_i64, to_i64
 from protocol import limits
 from protocol.batch import encode_batch, encode_record
 from protocol.errors import Declined, FogpayError
@@ -67,11 +69,8 @@ TRUST_CLASSES: Final[dict[str, type[Message]]] = {
 ISSUER_SIGNED: Final = frozenset({"owner", "fog", "lease"})
 PROCESS_GROUP_MAX: Final = 4096  # arrivals per process() call (one transaction)
 TRUST_ROWS_MAX: Final = 1_000_000  # trust and lease envelopes kept
-DECODED_CACHE_MAX: Final = 65_536  # decoded bindings and credentials kept in memory
 BUSY_TIMEOUT_MS: Final = 5_000
 DETAIL_CHARS_MAX: Final = 200  # of a decline's detail, for the log line
-INT64_MAX: Final = 2**63 - 1
-U64_OFFSET: Final = 2**63
 
 SCHEMA_V1: Final = """
 CREATE TABLE trust (
@@ -140,18 +139,8 @@ class StoreError(FogpayError):
     """The database cannot be used (e.g. written by a newer fogpay)."""
 
 
-def _i64(u: int) -> int:
-    """An unsigned 64-bit wire integer as SQLite's signed one, order kept."""
-    return u - U64_OFFSET
-
-
-def _u64(i: int) -> int:
-    return i + U64_OFFSET
-
-
-def _ms(t: int) -> int:
-    """A wire time for SQLite: clamped to 2^63-1 ms (never, for our clocks)."""
-    return min(t, INT64_MAX)
+_i64, _u64, _ms = to_i64, from_i64, clamp_ms  # fog/sqlints.py
+assert U64_OFFSET == 2**63
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +251,7 @@ class FogStore:
         self._policy = policy
         self._buckets = Buckets()
         self._counts: Counter[str] = Counter()
-        self._decoded: dict[bytes, Message] = {}
+        self._reads = Reads(issuer_key)
         row = conn.execute("SELECT coalesce(max(n), 0), count(*) FROM log").fetchone()
         self._next_n: int = row[0] + 1
         assert row[0] == row[1], "log indexes are not consecutive from 1"
@@ -302,10 +291,15 @@ class FogStore:
         next_n = self._next_n
         try:
             with transaction(self._conn):
-                outcomes = [self._one(arrival, now_ms) for arrival in arrivals]
+                self._reads.begin(self._conn)
+                group = Group(self._conn, self._reads, now_ms)
+                outcomes = [self._one(arrival, group, now_ms) for arrival in arrivals]
+                group.flush()
         except BaseException:
             self._next_n = next_n
+            self._reads.forget()
             raise
+        self._reads.committed(self._conn)
         for o in outcomes:
             self._count_outcome(o)
         return outcomes
@@ -319,7 +313,7 @@ class FogStore:
             self._counts["intents_declined"] += 1
             self._counts[f"declined_{o.reason}"] += 1
 
-    def _one(self, arrival: Arrival, now_ms: int) -> Outcome:
+    def _one(self, arrival: Arrival, group: Group, now_ms: int) -> Outcome:
         assert len(arrival.topic_device) == limits.KEY_BYTES
         try:
             signed = open_envelope(arrival.payload, Intent)
@@ -328,19 +322,23 @@ class FogStore:
         intent = signed.msg
         if intent.device != arrival.topic_device:
             return self._declined(signed, Reason.TOPIC_MISMATCH, None, now_ms)
-        row = self._conn.execute(
-            "SELECT receipt, owner_id, amount_micros, n FROM log WHERE intent_id = ?",
-            (signed.id,),
-        ).fetchone()
-        if row is not None:
-            return self._outcome(signed, row[0], None, row[1], row[2], row[3], replay=True)
-        view = self._device_view(intent, now_ms)
-        owner_id = view.owner.owner_id if view.owner is not None else None
-        leases = self._leases(owner_id, intent, now_ms) if owner_id is not None else []
+        state = group.device(intent.device)
+        taken = False
+        if intent.seq <= state.seq_last:  # else no record has this q, hence this intent id
+            prior = group.prior(intent.device, intent.seq)
+            if prior is not None and prior.intent_id == signed.id:
+                r = prior
+                return self._outcome(
+                    signed, r.receipt, None, r.owner_id, r.amount_micros, r.n, replay=True
+                )
+            taken = prior is not None
+        voucher = group.voucher(intent.device)
+        owner_id = voucher.owner.owner_id if voucher is not None else None
+        leases = group.leases(owner_id, intent.currency) if owner_id is not None else None
         decision = authorize(
             intent,
-            view,
-            leases,
+            _device_view(voucher, state, taken),
+            list(leases.views.values()) if leases is not None else [],
             self._buckets.get(intent.device),
             fog_id=self.fog_id,
             policy=self._policy,
@@ -349,8 +347,8 @@ class FogStore:
         self._buckets.set(intent.device, decision.bucket)
         if decision.reason is not None:
             return self._declined(signed, decision.reason, owner_id, now_ms)
-        assert owner_id is not None
-        return self._authorized(signed, decision, owner_id, now_ms)
+        assert owner_id is not None and leases is not None
+        return self._authorized(signed, decision, owner_id, leases, group, now_ms)
 
     def _unopened(self, payload: bytes, exc: Declined, now_ms: int) -> Outcome:
         """malformed, or bad_signature (then the body is well-formed: answer with its d, q)."""
@@ -426,10 +424,16 @@ class FogStore:
         )
 
     def _authorized(
-        self, signed: Signed[Intent], decision: Decision, owner_id: str, now_ms: int
+        self,
+        signed: Signed[Intent],
+        decision: Decision,
+        owner_id: str,
+        leases: LeaseSet,
+        group: Group,
+        now_ms: int,
     ) -> Outcome:
-        """Draw the lease, advance the device, append the log record (inside the group's
-        transaction); returns the ok receipt."""
+        """Draw the lease, advance the device, append the log record (in the group, written
+        at its end inside its transaction); returns the ok receipt."""
         intent, n, lease_id = signed.msg, self._next_n, decision.lease_id
         assert lease_id is not None
         receipt = Receipt(
@@ -442,127 +446,15 @@ class FogStore:
             time_ms=now_ms,
         )
         raw = seal(receipt, self._fog_key)
-        c, a = self._conn, intent.amount_micros
-        drawn = c.execute(
-            "UPDATE leases SET drawn_micros = drawn_micros + ? "
-            "WHERE lease_id = ? AND drawn_micros + ? <= amount_micros AND not_after_ms >= ?",
-            (a, lease_id, a, now_ms),
-        )
-        assert drawn.rowcount == 1, "authorize picked a lease without room"
-        c.execute(
-            "INSERT INTO devices (device, seq_last, day, day_micros) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (device) DO UPDATE SET seq_last = excluded.seq_last, "
-            "day = excluded.day, day_micros = excluded.day_micros",
-            (intent.device, _i64(intent.seq), decision.day, decision.day_micros),
-        )
-        c.execute(
-            "INSERT INTO log (n, intent_id, device, seq, owner_id, lease_id, amount_micros, "
-            "intent, receipt, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                n,
-                signed.id,
-                intent.device,
-                _i64(intent.seq),
-                owner_id,
-                lease_id,
-                a,
-                signed.raw,
-                raw,
-                now_ms,
-            ),
-        )
+        a = intent.amount_micros
+        row = LogRow(
+            n, signed.id, intent.device, to_i64(intent.seq), owner_id, lease_id, a,
+            signed.raw, raw, now_ms,
+        )  # fmt: skip
+        d = decision
+        group.append(row, seq=intent.seq, leases=leases, day=d.day, day_micros=d.day_micros)
         self._next_n = n + 1
         return self._outcome(signed, raw, None, owner_id, a, n)
-
-    # ---- what the fog knows about a device ------------------------------------------------
-
-    def _decoded_body(self, cls: type[Message], msg_id: bytes, body: bytes) -> Message:
-        """Decode a stored body (verified when it was stored), cached by message id."""
-        msg = self._decoded.get(msg_id)
-        if msg is None:
-            if len(self._decoded) >= DECODED_CACHE_MAX:
-                self._decoded.clear()
-            msg = decode_body(cls, body)
-            self._decoded[msg_id] = msg
-        assert isinstance(msg, cls)
-        return msg
-
-    def _binding_in_force(
-        self, device: bytes, now_ms: int
-    ) -> tuple[Binding, OwnerCredential] | None:
-        """The binding of ``device`` vouched for by an owner credential of its owner_id whose
-        key signed it: currently valid ones first, then the latest ``nb``, then the highest
-        message id; and of its owner's credentials with that key, a valid one first."""
-        row = self._conn.execute(
-            "SELECT b.id, b.body, o.id, o.body FROM bindings b JOIN owners o "
-            "ON o.owner_id = b.owner_id AND o.key = b.signer WHERE b.device = :d "
-            "ORDER BY (b.nb <= :now AND :now <= b.na) DESC, b.nb DESC, b.id DESC, "
-            "(o.nb <= :now AND :now <= o.na) DESC, o.na DESC, o.id DESC LIMIT 1",
-            {"now": now_ms, "d": device},
-        ).fetchone()
-        if row is None:
-            return None
-        binding = self._decoded_body(Binding, row[0], row[1])
-        owner = self._decoded_body(OwnerCredential, row[2], row[3])
-        assert isinstance(binding, Binding) and isinstance(owner, OwnerCredential)
-        return binding, owner
-
-    def _revocations(self, device: bytes, owner_key: bytes) -> tuple[bool, bool]:
-        """(device revoked, owner revoked): the device by the issuer or its owner's key, the
-        owner's key by the issuer."""
-        rows = self._conn.execute(
-            "SELECT key FROM revocations WHERE (key = :d AND signer IN (:i, :o)) "
-            "OR (key = :o AND signer = :i)",
-            {"d": device, "i": self._issuer, "o": owner_key},
-        ).fetchall()
-        keys = {bytes(r[0]) for r in rows}
-        return device in keys, owner_key in keys
-
-    def _device_view(self, intent: Intent, now_ms: int) -> DeviceView:
-        found = self._binding_in_force(intent.device, now_ms)
-        if found is None:
-            return DeviceView(binding=None, owner=None)
-        binding, owner = found
-        c, d = self._conn, intent.device
-        state = c.execute(
-            "SELECT seq_last, day, day_micros FROM devices WHERE device = ?", (d,)
-        ).fetchone()
-        seq_last = _u64(state[0]) if state else 0
-        taken = intent.seq <= seq_last and (  # no authorized q is above seq_last
-            c.execute(
-                "SELECT 1 FROM log WHERE device = ? AND seq = ?", (d, _i64(intent.seq))
-            ).fetchone()
-            is not None
-        )
-        device_revoked, owner_revoked = self._revocations(d, owner.key)
-        return DeviceView(
-            binding=binding,
-            owner=owner,
-            device_revoked=device_revoked,
-            owner_revoked=owner_revoked,
-            seq_last=seq_last,
-            seq_taken=taken,
-            day=state[1] if state else 0,
-            day_micros=state[2] if state else 0,
-        )
-
-    def _leases(self, owner_id: str, intent: Intent, now_ms: int) -> list[LeaseView]:
-        rows = self._conn.execute(
-            "SELECT lease_id, currency, amount_micros, drawn_micros, not_after_ms FROM leases "
-            "WHERE owner_id = ? AND currency = ? AND not_after_ms >= ? "
-            "AND amount_micros - drawn_micros >= ?",
-            (owner_id, intent.currency, now_ms, intent.amount_micros),
-        ).fetchall()
-        return [
-            LeaseView(
-                lease_id=r[0],
-                currency=r[1],
-                amount_micros=r[2],
-                drawn_micros=r[3],
-                not_after_ms=r[4],
-            )
-            for r in rows
-        ]
 
     # ---- trust material ------------------------------------------------------------------
 
@@ -778,6 +670,23 @@ class FogStore:
             "SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL"
         ).fetchall()
         return {bytes(r[0]) for r in rows}
+
+
+def _device_view(voucher: Voucher | None, state: DeviceState, taken: bool) -> DeviceView:
+    """What authorize needs about the device: ``taken`` is an authorized record with the
+    intent's q (another intent id: retransmissions were answered before)."""
+    if voucher is None:
+        return DeviceView(binding=None, owner=None)
+    return DeviceView(
+        binding=voucher.binding,
+        owner=voucher.owner,
+        device_revoked=voucher.device_revoked,
+        owner_revoked=voucher.owner_revoked,
+        seq_last=state.seq_last,
+        seq_taken=taken,
+        day=state.day,
+        day_micros=state.day_micros,
+    )
 
 
 def _trust_problem(
