@@ -105,7 +105,7 @@ PAYERS: Final = (
         owner_id="hofer-farm",
         name="Hofer Biohof",
         currency=EUR,
-        limit_micros=2_000_000,
+        limit_micros=10_000_000,
         funding_ref="sepa:AT611904300234573201:BKAUATWW:2024-06-15:HOFER-MANDATE-7",
     ),
     OwnerSpec(

@@ -16,7 +16,7 @@ import nacl.signing
 from cloud import registry
 from cloud.store import Store, Tx
 from edge.device import Device
-from fog.config import BatchConfig, BrokerConfig, FogConfig
+from fog.config import BatchConfig, BrokerConfig, FogConfig, LeaseConfig
 from fogpay import demo_cast as cast
 from fogpay.keyfile import new_key_file
 from fogpay.provision import Validity, binding_body, make_binding
@@ -36,6 +36,16 @@ PASSWORD_BYTES: Final = 18
 STOLEN_REASON: Final = "reported stolen"
 FOG_USERNAME: Final = "fog"
 DEVICE_USERNAME: Final = "device"
+LEASE_MS: Final = 6_000  # the issuer's lease life: several leases expire and close per run
+# The fog asks for more when an owner's room falls under 8 units; a top-up asks for 30.
+LEASES: Final = LeaseConfig(
+    request_below_micros=8_000_000,
+    request_micros=30_000_000,
+    request_timeout_ms=500,
+    request_attempts_max=2,  # a refused request is forgotten soon, so a new one can follow
+    report_retry_ms=500,
+    check_interval_ms=200,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,7 @@ def fog_config(out: Path, keys: Keys) -> FogConfig:
         db=out / FOG_DB_FILE,
         broker=broker,
         batch=BatchConfig(records_max=BATCH_RECORDS_MAX, age_ms=BATCH_AGE_MS),
+        lease=LEASES,
     )
 
 

@@ -60,7 +60,9 @@ async def read_cloud(store: Store, held: list[bytes]) -> dict[str, Any]:
         )
         leases = await tx.fetchall(
             "SELECT owner_id, currency, COUNT(*), CAST(SUM(amount_micros) AS BIGINT), "
-            "CAST(SUM(drawn_micros) AS BIGINT) FROM leases GROUP BY owner_id, currency "
+            "CAST(SUM(drawn_micros) AS BIGINT), "
+            "SUM(CASE WHEN state = 'closed' THEN 1 ELSE 0 END) FROM leases "
+            "GROUP BY owner_id, currency "
             "ORDER BY owner_id"
         )
         carries = await tx.fetchall(
@@ -80,6 +82,7 @@ async def read_cloud(store: Store, held: list[bytes]) -> dict[str, Any]:
                     "granted": int(r[2]),
                     "micros": int(r[3]),
                     "drawn_micros": int(r[4]),
+                    "closed": int(r[5]),
                 }
                 for r in leases
             },
@@ -224,9 +227,9 @@ def table(s: dict[str, Any]) -> str:
         f"resent       {_kv(s['transient_resent'])} (transient declines, same intent resent)",
         f"latency ms   p50 {lat['p50']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}",
         "leases       "
-        + "; ".join(
-            f"{k} {v['granted']} ({_money(v['micros'], v['currency'])}, drawn "
-            f"{_money(v['drawn_micros'], v['currency'])})"
+        + "\n             ".join(
+            f"{k} {v['granted']} ({v['closed']} closed): {_money(v['micros'], v['currency'])}"
+            f", drawn {_money(v['drawn_micros'], v['currency'])}"
             for k, v in s["leases"].items()
         ),
         f"batches      {s['batches_sealed']} sealed by the fog, {s['batches']} booked by the "

@@ -32,12 +32,10 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import aiomqtt
 import nacl.signing
 import structlog
 
@@ -48,11 +46,10 @@ from cloud.mirror import Importer, Mirror
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
-from fogpay.demo_relay import BatchRelay
 from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
 from fogpay.logs import configure
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
-from fogpay.running import ready_at_once, running, with_ready
+from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
 
@@ -230,8 +227,7 @@ async def _start_cloud(
     config: FogConfig,
     port: int,
 ) -> list["asyncio.Task[None]"]:
-    """The cloud service, the mirror and (until the fog has its own uplink) the batch relay,
-    on the fog's broker with the fog's account."""
+    """The cloud service and the mirror, on the fog's broker with the fog's account."""
     from cloud.service import CloudService
 
     account = {
@@ -259,26 +255,7 @@ async def _start_cloud(
             ("sandbox.mirror", with_ready(mirror.run), mirror.stop),
         )
     ]
-    address = BrokerAddress(HOST, port, config.broker.username, config.broker.password)
-    client = await stack.enter_async_context(_client(address))
-    relay = BatchRelay(db=config.db, fog_id=config.fog_id, client=client)
-    tasks.append(
-        await stack.enter_async_context(
-            running("sandbox.relay", ready_at_once(relay.run), relay.stop)
-        )
-    )
     return tasks
-
-
-@contextlib.asynccontextmanager
-async def _client(address: BrokerAddress) -> AsyncIterator[aiomqtt.Client]:
-    client = address.client(identifier=f"fogpay-sandbox-relay-{secrets.token_hex(8)}")
-    async with asyncio.timeout(READY_TIMEOUT_S):
-        await client.__aenter__()
-    try:
-        yield client
-    finally:
-        await client.__aexit__(None, None, None)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
