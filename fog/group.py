@@ -330,10 +330,10 @@ class Group:
         ]
         changed = c.executemany(DRAW_SQL, draws).rowcount
         assert changed == len(draws), "a lease changed under the group"
-        for s in self._devices.values():
-            s.stored_seq = s.seq_last
-        for lid, s in self._leases.items():
-            s.stored[lid] = s.views[lid].drawn_micros
+        for state in self._devices.values():
+            state.stored_seq = state.seq_last
+        for lid, lease_set in self._leases.items():
+            lease_set.stored[lid] = lease_set.views[lid].drawn_micros
 
 
 def _opt_i64(seq: int | None) -> int | None:

@@ -8,10 +8,11 @@ receipts may leave. A crash before the COMMIT loses the whole group and no recei
 left; a crash after it loses nothing. Nothing here raises for bad input: bad input becomes a
 decline receipt (intents) or a refused outcome (trust material, acks), and a counter.
 
-Integers: SQLite's are signed 64-bit and the wire's are unsigned 64-bit. Amounts and day
-totals are at most 2^53 and fit. Sequence numbers ``q`` are stored offset by -2^63 (order and
-identity kept; see ``_i64``). Times (``nb``, ``na``, lease expiry) are clamped to 2^63-1 ms,
-which is "never" for any clock this fog will run on.
+Modules: the schema and connection in ``fog/schema.py``, trust material in
+``fog/trustdb.py``, a group's reads and writes in ``fog/group.py`` (what is read once per
+device and kept while the database provably has not changed), the decision in
+``fog/authorize.py``, batches and acks in ``fog/batcher.py``, wire integers in SQLite in
+``fog/sqlints.py``.
 """
 
 import hashlib
@@ -20,31 +21,34 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import nacl.signing
 
-from fog import batcher
+from fog import batcher, trustdb
 from fog.authorize import Decision, DeviceView, Policy, authorize
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
 from fog.ratelimit import Buckets
-from fog.sqlints import INT64_MAX, U64_OFFSET, clamp_ms, from_i64, to_i64
+from fog.schema import MIGRATIONS, SCHEMA_V1, StoreError, connect, migrate
+from fog.sqlints import INT64_MAX, to_i64
+from fog.trustdb import (
+    DETAIL_CHARS_MAX,
+    ISSUER_SIGNED,
+    TRUST_CLASSES,
+    TRUST_ROWS_MAX,
+    TRUST_TYPES,
+    TrustOutcome,
+)
 from protocol import limits
 from protocol.batch import encode_batch, encode_record
-from protocol.errors import Declined, FogpayError
+from protocol.errors import Declined
 from protocol.messages import (
     STATUS_DECLINED,
     STATUS_OK,
     ZERO_KEY,
-    Binding,
-    FogCredential,
     Intent,
-    Lease,
-    Message,
-    OwnerCredential,
     Receipt,
-    Revocation,
     decode_body,
 )
 from protocol.reasons import Reason
@@ -58,89 +62,27 @@ from protocol.signing import (
     split_envelope,
 )
 
-TRUST_TYPES: Final = ("owner", "fog", "bind", "revoke", "lease")
-TRUST_CLASSES: Final[dict[str, type[Message]]] = {
-    "owner": OwnerCredential,
-    "fog": FogCredential,
-    "bind": Binding,
-    "revoke": Revocation,
-    "lease": Lease,
-}
-ISSUER_SIGNED: Final = frozenset({"owner", "fog", "lease"})
 PROCESS_GROUP_MAX: Final = 4096  # arrivals per process() call (one transaction)
-TRUST_ROWS_MAX: Final = 1_000_000  # trust and lease envelopes kept
-BUSY_TIMEOUT_MS: Final = 5_000
-DETAIL_CHARS_MAX: Final = 200  # of a decline's detail, for the log line
-
-SCHEMA_V1: Final = """
-CREATE TABLE trust (
-    id BLOB PRIMARY KEY,            -- message id
-    type TEXT NOT NULL,
-    envelope BLOB NOT NULL,
-    received_ms INTEGER NOT NULL
-);
-CREATE TABLE owners (
-    id BLOB PRIMARY KEY, owner_id TEXT NOT NULL, key BLOB NOT NULL,
-    nb INTEGER NOT NULL, na INTEGER NOT NULL, body BLOB NOT NULL
-);
-CREATE INDEX owners_by_key ON owners (owner_id, key);
-CREATE TABLE fogs (id BLOB PRIMARY KEY, fog_id TEXT NOT NULL, key BLOB NOT NULL);
-CREATE TABLE bindings (
-    id BLOB PRIMARY KEY, device BLOB NOT NULL, owner_id TEXT NOT NULL, signer BLOB NOT NULL,
-    nb INTEGER NOT NULL, na INTEGER NOT NULL, body BLOB NOT NULL
-);
-CREATE INDEX bindings_by_device ON bindings (device);
-CREATE TABLE revocations (id BLOB PRIMARY KEY, key BLOB NOT NULL, signer BLOB NOT NULL);
-CREATE INDEX revocations_by_key ON revocations (key, signer);
-CREATE TABLE leases (
-    lease_id BLOB PRIMARY KEY,
-    id BLOB NOT NULL UNIQUE,
-    owner_id TEXT NOT NULL,
-    currency TEXT NOT NULL,
-    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
-    drawn_micros INTEGER NOT NULL DEFAULT 0
-        CHECK (drawn_micros >= 0 AND drawn_micros <= amount_micros),
-    not_after_ms INTEGER NOT NULL
-);
-CREATE INDEX leases_by_owner ON leases (owner_id, currency);
-CREATE TABLE devices (
-    device BLOB PRIMARY KEY,
-    seq_last INTEGER NOT NULL,      -- q - 2^63
-    day INTEGER NOT NULL,
-    day_micros INTEGER NOT NULL CHECK (day_micros >= 0)
-) WITHOUT ROWID;
-CREATE TABLE log (
-    n INTEGER PRIMARY KEY,          -- log index, from 1, consecutive
-    intent_id BLOB NOT NULL UNIQUE,
-    device BLOB NOT NULL,
-    seq INTEGER NOT NULL,           -- q - 2^63
-    owner_id TEXT NOT NULL,
-    lease_id BLOB NOT NULL,
-    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
-    intent BLOB NOT NULL,           -- envelope as received
-    receipt BLOB NOT NULL,          -- envelope as sent (replayed byte for byte)
-    at_ms INTEGER NOT NULL,
-    UNIQUE (device, seq)
-);
-CREATE TABLE batches (
-    number INTEGER PRIMARY KEY,     -- b, from 1, consecutive
-    header_id BLOB NOT NULL UNIQUE,
-    header BLOB NOT NULL,           -- envelope
-    first_index INTEGER NOT NULL,
-    count INTEGER NOT NULL CHECK (count >= 1),
-    sealed_ms INTEGER NOT NULL,
-    acked INTEGER NOT NULL DEFAULT 0
-);
-"""
-MIGRATIONS: Final = (SCHEMA_V1,)  # MIGRATIONS[i] takes the schema from version i to i + 1
-
-
-class StoreError(FogpayError):
-    """The database cannot be used (e.g. written by a newer fogpay)."""
-
-
-_i64, _u64, _ms = to_i64, from_i64, clamp_ms  # fog/sqlints.py
-assert U64_OFFSET == 2**63
+__all__ = [  # what other modules import from here (the split modules' names included)
+    "DETAIL_CHARS_MAX",
+    "ISSUER_SIGNED",
+    "MIGRATIONS",
+    "PROCESS_GROUP_MAX",
+    "SCHEMA_V1",
+    "TRUST_CLASSES",
+    "TRUST_ROWS_MAX",
+    "TRUST_TYPES",
+    "AckOutcome",
+    "Arrival",
+    "FogStore",
+    "LeaseDraws",
+    "Outcome",
+    "SealedBatch",
+    "StoreError",
+    "TrustOutcome",
+    "connect",
+    "migrate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +104,6 @@ class Outcome:
     amount_micros: int | None
     log_index: int | None
     detail: str = ""  # why, for the log line (never a key or payload)
-
-
-@dataclass(frozen=True, slots=True)
-class TrustOutcome:
-    status: Literal["accepted", "duplicate", "refused"]
-    reason: Reason | None  # when refused
-    detail: str  # short description for the log line
-    msg_id: bytes | None = None  # message id when the envelope verified
 
 
 AckOutcome = batcher.AckOutcome
@@ -196,39 +130,6 @@ class LeaseDraws:
     lease_id: bytes
     drawn_micros: int
     last_batch: int  # 0: no batch holds a draw on the lease
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (we issue BEGIN IMMEDIATE), WAL, synchronous=FULL."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
-        conn.close()
-        raise StoreError(f"cannot put {path} in WAL mode (got {mode})")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    return conn
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version, one transaction per step; returns it."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    for _ in range(len(MIGRATIONS) + 1):
-        with transaction(conn):
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            version = 0 if row is None else int(row[0])
-            if version > len(MIGRATIONS):
-                raise StoreError(f"schema version {version} is newer than this fogpay")
-            if version == len(MIGRATIONS):
-                return version
-            for statement in MIGRATIONS[version].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            if row is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-            else:
-                conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
-    raise AssertionError("migrations did not converge")
 
 
 class FogStore:
@@ -464,50 +365,23 @@ class FogStore:
         and revoke (a binding counts once an owner credential of its owner_id with the
         binding's signer as key is known; a revocation counts when signed by the issuer or by
         the owner key of the device's binding), so material may arrive in any order."""
-        out = self._put_trust(msg_type, envelope, now_ms=now_ms)
+        out = trustdb.put(
+            self._conn,
+            msg_type,
+            envelope,
+            issuer=self._issuer,
+            fog_id=self.fog_id,
+            now_ms=now_ms,
+            full=self._trust_rows >= TRUST_ROWS_MAX,
+        )
+        if out.status == "accepted":
+            self._trust_rows += 1
         self._counts[f"trust_{out.status}"] += 1
         return out
 
-    def _put_trust(self, msg_type: str, envelope: bytes, *, now_ms: int) -> TrustOutcome:
-        cls = TRUST_CLASSES.get(msg_type)
-        if cls is None:
-            return TrustOutcome("refused", Reason.MALFORMED, f"unknown trust type {msg_type!r}")
-        signer = self._issuer if msg_type in ISSUER_SIGNED else None
-        try:
-            signed = open_envelope(envelope, cls, signer=signer)
-        except Declined as exc:
-            return TrustOutcome("refused", exc.reason, exc.detail[:DETAIL_CHARS_MAX])
-        problem = _trust_problem(signed, fog_id=self.fog_id, now_ms=now_ms)
-        if problem is not None:
-            return TrustOutcome("refused", problem[0], problem[1], signed.id)
-        with transaction(self._conn):
-            return self._store_trust(msg_type, signed, now_ms)
-
-    def _store_trust(self, msg_type: str, signed: Signed[Message], now_ms: int) -> TrustOutcome:
-        c = self._conn
-        if c.execute("SELECT 1 FROM trust WHERE id = ?", (signed.id,)).fetchone() is not None:
-            return TrustOutcome("duplicate", None, f"{msg_type} already stored", signed.id)
-        msg = signed.msg
-        if isinstance(msg, Lease):
-            other = c.execute("SELECT 1 FROM leases WHERE lease_id = ?", (msg.lease_id,))
-            if other.fetchone() is not None:
-                return TrustOutcome(
-                    "refused", Reason.MALFORMED, "lease id reused with other terms", signed.id
-                )
-        if self._trust_rows >= TRUST_ROWS_MAX:
-            return TrustOutcome("refused", Reason.MALFORMED, "trust store full", signed.id)
-        c.execute(
-            "INSERT INTO trust (id, type, envelope, received_ms) VALUES (?, ?, ?, ?)",
-            (signed.id, msg_type, signed.raw, now_ms),
-        )
-        _insert_trust_row(c, signed)
-        self._trust_rows += 1
-        return TrustOutcome("accepted", None, _describe(msg), signed.id)
-
     def trust_envelopes(self) -> list[tuple[str, bytes]]:
         """All stored trust and lease envelopes as (type, bytes), in arrival order."""
-        rows = self._conn.execute("SELECT type, envelope FROM trust ORDER BY rowid").fetchall()
-        return [(str(t), bytes(e)) for t, e in rows]
+        return trustdb.envelopes(self._conn)
 
     # ---- batches -------------------------------------------------------------------------
 
@@ -515,6 +389,7 @@ class FogStore:
         """Seal every full batch (``records_max`` records, or fewer if 1 MiB on the wire is
         reached) and a partial one if its oldest record is ``age_ms`` old or more; each batch
         in its own transaction. Returns the batches sealed, in order."""
+        changes = self._conn.total_changes
         sealed = batcher.seal_due(
             self._conn,
             fog_id=self.fog_id,
@@ -524,6 +399,7 @@ class FogStore:
             age_ms=age_ms,
             log_end=self._next_n,
         )
+        self._reads.restamp(changes, self._conn.total_changes)  # it wrote batches only
         self._counts["batches_sealed"] += len(sealed)
         self._counts["records_sealed"] += sum(len(b.records) for b in sealed)
         return sealed
@@ -535,7 +411,9 @@ class FogStore:
     def apply_ack(self, envelope: bytes) -> AckOutcome:
         """An issuer-signed ack: marks batches <= b acked if b is sealed here and h is its
         header id."""
+        changes = self._conn.total_changes
         out = batcher.apply_ack(self._conn, envelope, fog_id=self.fog_id, issuer=self._issuer)
+        self._reads.restamp(changes, self._conn.total_changes)  # it wrote batches only
         self._counts[f"acks_{out.status}"] += 1
         return out
 
@@ -687,73 +565,3 @@ def _device_view(voucher: Voucher | None, state: DeviceState, taken: bool) -> De
         day=state.day,
         day_micros=state.day_micros,
     )
-
-
-def _trust_problem(
-    signed: Signed[Message], *, fog_id: str, now_ms: int
-) -> tuple[Reason, str] | None:
-    """Why verified trust material is refused, or None: keys that are not valid points,
-    leases for another fog, material already past its validity."""
-    msg = signed.msg
-    if not is_valid_public_key(signed.signer):
-        return Reason.MALFORMED, f"{msg.TYPE}: signer is not a valid public key"
-    key = msg.device if isinstance(msg, Binding) else getattr(msg, "key", None)
-    if key is not None and not is_valid_public_key(key):
-        return Reason.MALFORMED, f"{msg.TYPE}: key is not a valid public key"
-    if isinstance(msg, Lease) and msg.fog_id != fog_id:
-        return Reason.WRONG_FOG, f"lease for fog {msg.fog_id}"
-    not_after = getattr(msg, "not_after_ms", None)
-    if not_after is not None and not_after < now_ms:
-        return Reason.EXPIRED, f"{msg.TYPE}: expired"
-    return None
-
-
-def _insert_trust_row(c: sqlite3.Connection, signed: Signed[Message]) -> None:
-    msg, i = signed.msg, signed.id
-    if isinstance(msg, OwnerCredential):
-        c.execute(
-            "INSERT INTO owners (id, owner_id, key, nb, na, body) VALUES (?, ?, ?, ?, ?, ?)",
-            (i, msg.owner_id, msg.key, _ms(msg.not_before_ms), _ms(msg.not_after_ms), signed.body),
-        )
-    elif isinstance(msg, FogCredential):
-        c.execute("INSERT INTO fogs (id, fog_id, key) VALUES (?, ?, ?)", (i, msg.fog_id, msg.key))
-    elif isinstance(msg, Binding):
-        c.execute(
-            "INSERT INTO bindings (id, device, owner_id, signer, nb, na, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                i,
-                msg.device,
-                msg.owner_id,
-                signed.signer,
-                _ms(msg.not_before_ms),
-                _ms(msg.not_after_ms),
-                signed.body,
-            ),
-        )
-    elif isinstance(msg, Revocation):
-        c.execute(
-            "INSERT INTO revocations (id, key, signer) VALUES (?, ?, ?)",
-            (i, msg.key, signed.signer),
-        )
-    else:
-        assert isinstance(msg, Lease)
-        c.execute(
-            "INSERT INTO leases (lease_id, id, owner_id, currency, amount_micros, not_after_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (msg.lease_id, i, msg.owner_id, msg.currency, msg.amount_micros, _ms(msg.not_after_ms)),
-        )
-
-
-def _describe(msg: Message) -> str:
-    """A short description for the log line: ids, never keys in full."""
-    if isinstance(msg, OwnerCredential):
-        return f"owner {msg.owner_id} key {msg.key.hex()[:16]}"
-    if isinstance(msg, FogCredential):
-        return f"fog {msg.fog_id} key {msg.key.hex()[:16]}"
-    if isinstance(msg, Binding):
-        return f"binding device {msg.device.hex()[:16]} owner {msg.owner_id}"
-    if isinstance(msg, Revocation):
-        return f"revocation of {msg.key.hex()[:16]}"
-    assert isinstance(msg, Lease)
-    return f"lease {msg.lease_id.hex()} owner {msg.owner_id} {msg.amount_micros} {msg.currency}"
