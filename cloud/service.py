@@ -248,9 +248,12 @@ class CloudService:
             parsed = topics.parse(topic)
         except FogpayError:
             parsed = None
-        if parsed is None or parsed.kind not in _HANDLED or parsed.fog_id is None:
+        if parsed is None or (parsed.fog_id is None and parsed.kind in _HANDLED):
             self._count("message_dropped")
             log.warning("message_dropped", cause="bad_topic", topic=topic[:120])
+            return
+        if parsed.kind not in _HANDLED or parsed.fog_id is None:
+            self._count("message_ignored")  # amqtt sends every retained message on CONNECT
             return
         bytes_max = _HANDLED[parsed.kind]
         kind = "batch" if parsed.kind is Kind.BATCH else "lease"

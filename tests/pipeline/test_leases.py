@@ -1,0 +1,72 @@
+"""Leases end to end: a fog that runs low on an owner's budget asks for more and gets it; an
+expired lease is reported, closed by the cloud, and its unused credit returns to the owner
+(the cloud's exposure drops to what was drawn)."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cloud.leases import LeasePolicy
+from cloud.sqlitestore import SqliteStore
+from tests.conftest import BrokerEndpoint
+from tests.integration.devices import wallet
+from tests.integration.fogrun import running_fog, wait_counter
+from tests.pipeline.mqtt import running_service
+from tests.pipeline.test_end_to_end import first_payment
+from tests.pipeline.world import Pipeline
+
+
+@pytest.fixture
+async def pipe(tmp_path: Path, amqtt_broker: BrokerEndpoint) -> AsyncIterator[Pipeline]:
+    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
+    yield Pipeline(store, amqtt_broker, tmp_path)
+    await store.close()
+
+
+async def test_a_fog_running_low_asks_for_more_budget(pipe: Pipeline) -> None:
+    p = pipe
+    await p.owner("alice", limit=1_000_000)
+    config = await p.fog("fog-a")
+    device = await p.device("alice", "fog-a")
+    async with (
+        running_service(p.service()) as cloud,
+        running_fog(config) as fog,
+        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+    ):
+        await wait_counter(fog, "bind_accepted")
+        await first_payment(fog, w, device)  # the initial lease: 20,000; 1,000 drawn
+        for _ in range(19):  # 19,000 more: 0 left, under request_below_micros (1,000)
+            assert (await w.pay(device, device.intent(1_000))).ok
+        await wait_counter(fog, "lease_request_answered", 2)
+        assert (await w.pay(device, device.intent(1_000))).ok  # drawn on the top-up
+    assert cloud.counters["leases_granted"] == 2
+    rows = await p.query("SELECT amount_micros FROM leases ORDER BY granted_ms")
+    assert [r[0] for r in rows] == [20_000, 50_000]
+
+
+async def test_an_expired_lease_is_reported_and_its_unused_credit_returns(
+    pipe: Pipeline,
+) -> None:
+    p = pipe
+    p.policy = LeasePolicy(20_000, 100_000, 1_500)  # leases live 1.5 s
+    await p.owner("alice", limit=1_000_000)
+    config = await p.fog("fog-a")
+    device = await p.device("alice", "fog-a")
+    async with (
+        running_service(p.service()) as cloud,
+        running_fog(config) as fog,
+        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+    ):
+        await wait_counter(fog, "bind_accepted")
+        await first_payment(fog, w, device)
+        assert (await w.pay(device, device.intent(2_000))).ok
+        assert await p.exposure("alice") == 20_000  # the whole lease, until reported
+        await wait_counter(fog, "lease_closed")
+        assert fog.counters["lease_reported"] == 1
+    assert await p.exposure("alice") == 3_000  # only what was drawn stays owed
+    [(state, drawn, reported)] = await p.query(
+        "SELECT state, drawn_micros, reported_micros FROM leases"
+    )
+    assert (state, drawn, reported) == ("closed", 3_000, 3_000)
+    assert cloud.counters["leases_closed"] >= 1
