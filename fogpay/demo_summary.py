@@ -248,17 +248,20 @@ def table(s: dict[str, Any]) -> str:
             f"{x['line_id']:<24} {x['kind']:<7} {x['owner_id']:<12} "
             f"{x['amount'] + ' ' + x['currency']:>14} {x['receipts']:>8}  {x['rail']}{note}"
         )
-    carried = "; ".join(
-        f"{cur}: charges {_money(c['charges'], cur)}, payouts {_money(c['payouts'], cur)}"
+    carried = "\n             ".join(
+        f"{cur} charges {_money(c['charges'], cur)}, payouts {_money(c['payouts'], cur)}"
         for cur, c in s["carried_micros"].items()
     )
     out += [
         "charged      " + "; ".join(_money(v, k) for k, v in s["charged_micros"].items()),
         "paid out     " + "; ".join(_money(v, k) for k, v in s["paid_out_micros"].items()),
-        f"carried      {carried} (below one minor unit, owed next period)",
+        "carried      (below one minor unit, owed next period)",
+        f"             {carried}",
         "files        " + "\n             ".join(s["settlement_files"]),
         "",
         "invariants   "
-        + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in s["invariants"].items()),
+        + "\n             ".join(
+            f"{k:<28} {'ok' if v else 'FAILED'}" for k, v in s["invariants"].items()
+        ),
     ]
     return "\n".join(out)
