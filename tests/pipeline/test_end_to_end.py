@@ -12,6 +12,7 @@ from cloud.sqlitestore import SqliteStore
 from fog.daemon import FogDaemon
 from protocol.messages import Receipt
 from protocol.reasons import Reason
+from tests.cloud.conftest import drop_schema, pg_schema_store
 from tests.conftest import BrokerEndpoint
 from tests.integration.devices import Device, Wallet, intent_id, wallet
 from tests.integration.fogrun import running_fog, wait_counter
@@ -92,3 +93,15 @@ async def test_devices_pay_through_a_fog_and_the_cloud_books_every_receipt_once(
 @pytest.mark.mosquitto
 async def test_the_same_flow_through_mosquitto(pipe_mosquitto: Pipeline) -> None:
     await run_flow(pipe_mosquitto, rounds=5)
+
+
+@pytest.mark.postgres
+async def test_the_same_flow_with_the_cloud_on_postgresql(
+    tmp_path: Path, amqtt_broker: BrokerEndpoint, pg_dsn: str
+) -> None:
+    store, schema = await pg_schema_store(pg_dsn)
+    try:
+        await run_flow(Pipeline(store, amqtt_broker, tmp_path), rounds=3)
+    finally:
+        await store.close()
+        await drop_schema(pg_dsn, schema)
