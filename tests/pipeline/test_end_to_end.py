@@ -66,7 +66,7 @@ async def run_flow(p: Pipeline, *, rounds: int) -> None:
     async with (
         running_service(p.service()) as cloud,
         running_fog(config) as fog,
-        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
         await wait_counter(fog, "bind_accepted", 3)
         ids = [(await first_payment(fog, w, devices[0])).intent_id]

@@ -32,7 +32,7 @@ async def test_a_fog_running_low_asks_for_more_budget(pipe: Pipeline) -> None:
     async with (
         running_service(p.service()) as cloud,
         running_fog(config) as fog,
-        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
         await wait_counter(fog, "bind_accepted")
         await first_payment(fog, w, device)  # the initial lease: 20,000; 1,000 drawn
@@ -48,7 +48,12 @@ async def test_a_fog_running_low_asks_for_more_budget(pipe: Pipeline) -> None:
 async def test_an_expired_lease_is_reported_and_its_unused_credit_returns(
     pipe: Pipeline,
 ) -> None:
-    p = pipe
+    await report_flow(pipe)
+
+
+async def report_flow(p: Pipeline) -> None:
+    """Draw 3,000 on a 20,000 lease that lives 1.5 s; the fog reports it once expired and
+    sealed; the cloud closes it and clears its topic; the fog closes it too."""
     p.policy = LeasePolicy(20_000, 100_000, 1_500)  # leases live 1.5 s
     await p.owner("alice", limit=1_000_000)
     config = await p.fog("fog-a")
@@ -56,7 +61,7 @@ async def test_an_expired_lease_is_reported_and_its_unused_credit_returns(
     async with (
         running_service(p.service()) as cloud,
         running_fog(config) as fog,
-        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
         await wait_counter(fog, "bind_accepted")
         await first_payment(fog, w, device)

@@ -115,7 +115,7 @@ async def test_a_fog_killed_with_batches_in_flight_loses_and_doubles_nothing(
     held: list[bytes] = []
     async with (
         running_service(p.service()) as cloud,
-        wallet(p.broker.host, p.broker.port, "fog-a") as w,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
         fog = spawn(["-m", "fog", "--config", str(config)], log)
         payers = asyncio.gather(*(pay(w, d, held) for d in devices))
@@ -162,7 +162,7 @@ async def test_a_cloud_killed_mid_ingest_books_everything_once_after_restart(
     try:
         async with (
             running_fog(config) as fog,
-            wallet(p.broker.host, p.broker.port, "fog-a") as w,
+            wallet(p.edge.host, p.edge.port, "fog-a") as w,
         ):
             payers = asyncio.gather(*(pay(w, d, held) for d in devices))
             await wait_held(held, KILL_AFTER_RECEIPTS)

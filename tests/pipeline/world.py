@@ -54,9 +54,15 @@ class Pipeline:
     policy: LeasePolicy = field(default_factory=lambda: LeasePolicy(20_000, 100_000, 3_600_000))
     world: World = field(init=False)
     fog_keys: dict[str, nacl.signing.SigningKey] = field(default_factory=dict)
+    fog_broker: BrokerEndpoint | None = None  # the fogs' and devices' broker, if not the cloud's
 
     def __post_init__(self) -> None:
         self.world = World(self.store, now=wall_ms())
+
+    @property
+    def edge(self) -> BrokerEndpoint:
+        """The broker fogs and devices use."""
+        return self.fog_broker or self.broker
 
     @property
     def issuer(self) -> bytes:
@@ -98,7 +104,7 @@ class Pipeline:
             f'fog_id = "{fog_id}"\nkey_file = "{d / "fog.key"}"\n'
             f'issuer_key = "{self.issuer.hex()}"\ndb = "{d / "fog.sqlite"}"\n'
             f"stats_interval_s = 0.5\n{extra}\n"
-            f'[broker]\nurl = "{self.broker.url}"\n'
+            f'[broker]\nurl = "{self.edge.url}"\n'
         )
         return config
 
