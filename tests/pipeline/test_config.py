@@ -111,3 +111,27 @@ def test_cloud_bad_values_name_the_key(
     with pytest.raises(cloud_config.ConfigError) as err:
         cloud(tmp_path, body)
     assert str(err.value).startswith(key)
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_every_key_is_in_the_examples_and_documented() -> None:
+    from fog.config import LeaseConfig, UplinkConfig
+
+    doc = (ROOT / "docs" / "parts" / "pipeline.md").read_text()
+    fog_example = (ROOT / "deploy" / "fog.example.toml").read_text()
+    cloud_example = (ROOT / "deploy" / "cloud.example.toml").read_text()
+    keys = [f"uplink.{k}" for k in UplinkConfig.__dataclass_fields__]
+    keys += [f"lease.{k}" for k in LeaseConfig.__dataclass_fields__]
+    cloud_keys = [f"service.{k}" for k in cloud_config.ServiceConfig.__dataclass_fields__]
+    assert [k for k in keys + cloud_keys if f"`{k}`" not in doc] == []
+    assert [k for k in keys if f"\n{k.split('.')[1]} = " not in fog_example] == []
+    assert [k for k in cloud_keys if f"\n{k.split('.')[1]} = " not in cloud_example] == []
+
+
+def test_the_cloud_example_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FOGPAY_CLOUD_BROKER_URL", raising=False)
+    c = cloud_config.load(str(ROOT / "deploy" / "cloud.example.toml"))
+    assert c.service.verify_workers == 2 and c.service.broker_url.startswith("mqtt://issuer:")
+    assert broker_address(c.service.broker_url)["username"] == "issuer"
