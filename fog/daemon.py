@@ -42,18 +42,14 @@ import structlog
 from fog.authorize import Policy
 from fog.broker import TCP_NODELAY_OPTION, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
-from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
+from fog.leasing import LeaseKeeper
 from fog.store import AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
-from fog.uplink import Window
+from fog.uplink import Link, Uplink
 from fogpay.keyfile import load_key_file
 from fogpay.logs import short
 from protocol import topics
-from protocol.errors import Declined, FogpayError, TopicError
-from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
-from protocol.messages import Intent, Lease, decode_body
-from protocol.reasons import Reason
-from protocol.signing import open_envelope, split_envelope
+from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
 
 log = structlog.get_logger()
@@ -74,8 +70,6 @@ SEAL_INTERVAL_S_MIN: Final = 0.01
 SEAL_INTERVAL_S_MAX: Final = 1.0
 INFLIGHT_MESSAGES_MAX: Final = 1000
 KEEPALIVE_S: Final = 30
-UPLINK_TICK_S_MAX: Final = 1.0
-LEASE_NOTES_MAX: Final = 10_000  # owners and declines noted between two lease checks
 LEASE_CLEARED: Final = "lease_cleared"  # trust-queue type: an empty retained lease payload
 
 
@@ -85,11 +79,6 @@ class FogStartError(FogpayError):
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def mono_ms() -> int:
-    """For resend timers: elapsed time, whatever the wall clock does."""
-    return time.monotonic_ns() // 1_000_000
 
 
 class FogDaemon:
@@ -125,16 +114,16 @@ class FogDaemon:
         self._republished = False
         self._publishing: set[asyncio.Task[None]] = set()
         self._log = log.bind(fog_id=config.fog_id)
-        self._signing_key: nacl.signing.SigningKey | None = None
-        self._uplink_wake = asyncio.Event()
-        self._lease_wake = asyncio.Event()
-        self._window = Window(
-            window=config.uplink.window, ack_timeout_ms=config.uplink.ack_timeout_ms
+        self._link = Link(
+            fog_id=config.fog_id,
+            call=self._call,
+            client=lambda: self._client,
+            count=self._count,
+            log=self._log,
+            stopping=self._stopping,
         )
-        self._requests: LeaseRequests | None = None
-        self._reports = LeaseReports(fog_id=config.fog_id, retry_ms=config.lease.report_retry_ms)
-        self._touched: set[str] = set()  # owners with authorizations since the last check
-        self._declines: dict[Pair, tuple[bytes, int]] = {}  # -> (device, amount)
+        self._uplink = Uplink(self._link, config.uplink) if config.uplink.enabled else None
+        self._leases: LeaseKeeper | None = None  # needs the key: made when the store opens
 
     # ---- public API -------------------------------------------------------------------
 
@@ -148,7 +137,8 @@ class FogDaemon:
     @property
     def counters(self) -> dict[str, int]:
         """Daemon counters merged with the store's as of the last stats tick or stop."""
-        return {**self._store_counters, **self._counters}
+        leases = self._leases.abandoned if self._leases is not None else {}
+        return {**self._store_counters, **leases, **self._counters}
 
     async def stop(self) -> None:
         """Graceful stop: no new intents; the group in flight commits and is answered."""
@@ -169,9 +159,9 @@ class FogDaemon:
                 tg.create_task(self._trust_worker(), name="fog.trust")
                 tg.create_task(self._sealer(), name="fog.sealer")
                 tg.create_task(self._stats(), name="fog.stats")
-                if self.config.uplink.enabled:
-                    tg.create_task(self._uplink(), name="fog.uplink")
-                    tg.create_task(self._lease_keeper(), name="fog.leases")
+                if self._uplink is not None and self._leases is not None:
+                    tg.create_task(self._uplink.run(self._store), name="fog.uplink")
+                    tg.create_task(self._leases.run(self._store), name="fog.leases")
         finally:
             await self._shutdown()
 
@@ -199,15 +189,8 @@ class FogDaemon:
             rate_burst=c.policy.rate_burst,
         )
         key = self._fog_key or load_key_file(c.key_file)
-        self._signing_key = key
-        self._requests = LeaseRequests(
-            fog_id=c.fog_id,
-            key=key,
-            below_micros=c.lease.request_below_micros,
-            request_micros=c.lease.request_micros,
-            timeout_ms=c.lease.request_timeout_ms,
-            attempts_max=c.lease.request_attempts_max,
-        )
+        if c.uplink.enabled:
+            self._leases = LeaseKeeper(self._link, c.lease, clock=self._clock, key=key)
         return FogStore.open(
             c.db, fog_id=c.fog_id, fog_key=key, issuer_key=c.issuer_key, policy=policy
         )
@@ -296,10 +279,9 @@ class FogDaemon:
         self._client = client
         self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=len(filters))
-        self._window.reset()  # what went to the old connection may not have reached the cloud
-        self._reports.reset()
-        self._uplink_wake.set()
-        self._lease_wake.set()
+        if self._uplink is not None and self._leases is not None:
+            self._uplink.reconnected()
+            self._leases.reconnected()
         if self._broker is not None and not self._republished:
             await self._republish_trust(client)
         if ready is not None:
@@ -427,8 +409,8 @@ class FogDaemon:
             return
         for outcome in outcomes:
             self._log_outcome(outcome)
-        if self.config.uplink.enabled:
-            self._note_leases(group, outcomes)
+        if self._leases is not None:
+            self._leases.note(group, outcomes)
         # The group is durable: its receipts may leave. The next group commits while they do
         # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
         if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
@@ -491,7 +473,8 @@ class FogDaemon:
         store = self._store
         assert store is not None
         if arrival.msg_type == LEASE_CLEARED:
-            await self._lease_cleared(store, arrival.payload)
+            if self._leases is not None:
+                await self._leases.cleared(store, arrival.payload)
             return
         try:
             if arrival.msg_type == "ack":
@@ -527,9 +510,10 @@ class FogDaemon:
         if isinstance(result, AckOutcome):
             self._count("batch_acked")
             self._log.info("batch_acked", batch=result.number)
-            self._uplink_wake.set()
-        elif arrival.msg_type == "lease":
-            self._lease_arrived(arrival.payload)
+            if self._uplink is not None:
+                self._uplink.wake()
+        elif arrival.msg_type == "lease" and self._leases is not None:
+            self._leases.arrived(arrival.payload)
 
     async def _sealer(self) -> None:
         batch = self.config.batch
@@ -556,159 +540,9 @@ class FogDaemon:
                     first_index=b.first_index,
                     records=len(b.records),
                 )
-            if sealed:
-                self._uplink_wake.set()
-                self._lease_wake.set()
-
-    # ---- uplink and leases (fog/uplink.py, fog/leasing.py) ------------------------------
-
-    async def _uplink(self) -> None:
-        """Publish unacked batches as ``Window`` says, woken by seals, acks and reconnects."""
-        tick = min(UPLINK_TICK_S_MAX, self.config.uplink.ack_timeout_ms / 4000)
-        while not await self._wait_wake(self._uplink_wake, tick):
-            store, client = self._store, self._client
-            assert store is not None
-            if client is None:
-                continue
-            try:
-                numbers = await self._call(store.unacked_numbers, self._window.window)
-                for number in self._window.plan(numbers, now_ms=mono_ms()):
-                    await self._send_batch(store, client, number)
-            except Exception as exc:  # the seam: the uplink retries at the next tick
-                self._count("uplink_failed")
-                self._log.error("uplink_failed", error=type(exc).__name__)
-
-    async def _send_batch(self, store: FogStore, client: aiomqtt.Client, number: int) -> None:
-        wire = await self._call(store.batch_wire, number)
-        assert wire is not None, "an unacked batch is not in the store"
-        if await self._publish_up(client, topics.batch_topic(self.config.fog_id), wire):
-            self._count("batch_sent")
-            self._log.info("batch_sent", batch=number, size=len(wire))
-        else:
-            self._window.failed(number)
-
-    async def _publish_up(self, client: aiomqtt.Client, topic: str, payload: bytes) -> bool:
-        try:
-            await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
-        except aiomqtt.MqttError as exc:
-            self._count("uplink_unsent")
-            self._log.warning("uplink_unsent", topic=topic.rsplit("/", 1)[-1], error=str(exc))
-            return False
-        return True
-
-    def _note_leases(self, group: list[Arrival], outcomes: list[Outcome]) -> None:
-        """Remember what the lease task must look at: owners that drew, and declines for want
-        of budget (owner, currency, device). Bounded; never raises."""
-        for arrival, o in zip(group, outcomes, strict=True):
-            if o.owner_id is None or len(self._declines) + len(self._touched) >= LEASE_NOTES_MAX:
-                continue
-            if o.status == "ok" and not o.replay:
-                self._touched.add(o.owner_id)
-            elif o.reason is Reason.INSUFFICIENT_BUDGET:
-                currency = _intent_currency(arrival.payload)
-                if currency is not None and o.amount_micros is not None:
-                    pair = (o.owner_id, currency)
-                    self._declines.setdefault(pair, (o.device, o.amount_micros))
-            else:
-                continue
-            self._lease_wake.set()
-
-    async def _lease_keeper(self) -> None:
-        store = self._store
-        assert store is not None
-        for lease_id, wire in await self._call(store.lease_reports_open):
-            self._reports.track(lease_id, wire, now_ms=0)
-        interval = self.config.lease.check_interval_ms / 1000
-        while not await self._wait_wake(self._lease_wake, interval):
-            client = self._client
-            if client is None:
-                continue
-            try:
-                await self._lease_round(store, client)
-            except Exception as exc:  # the seam: lease upkeep retries at the next check
-                self._count("lease_upkeep_failed")
-                self._log.error("lease_upkeep_failed", error=type(exc).__name__)
-
-    async def _lease_round(self, store: FogStore, client: aiomqtt.Client) -> None:
-        requests = self._requests
-        assert requests is not None
-        now, mono = self._clock(), mono_ms()
-        touched, declines = self._touched, self._declines
-        self._touched, self._declines = set(), {}
-        sends: list[tuple[str, bytes]] = []
-        owners = touched | {owner for owner, _ in declines}
-        if owners:
-            room = await self._call(store.lease_room, sorted(owners), now_ms=now)
-            for pair, (device, amount) in declines.items():
-                has_live = pair in room
-                req = requests.declined(
-                    pair, device=device, amount_micros=amount, has_live=has_live, now_ms=mono
-                )
-                sends.extend([req] if req else [])
-            for pair, left in room.items():
-                if pair[0] in touched and pair not in declines:
-                    req = requests.room(pair, left, now_ms=mono)
-                    sends.extend([req] if req else [])
-        for _, wire in sends:
-            self._count("lease_requested")
-            self._log.info("lease_requested", owner=_owner_of(wire))
-        if self.config.lease.report:
-            await self._report_expired(store, now)
-        sends += requests.due(now_ms=mono) + self._reports.due(now_ms=mono)
-        for topic, wire in sends:
-            await self._publish_up(client, topic, wire)
-        self._counters["lease_requests_abandoned"] = requests.abandoned
-        self._counters["lease_reports_abandoned"] = self._reports.abandoned
-
-    async def _report_expired(self, store: FogStore, now: int) -> None:
-        key = self._signing_key
-        assert key is not None
-        for draws in await self._call(store.lease_reports_due, now_ms=now):
-            wire = report_envelope(
-                key,
-                fog_id=self.config.fog_id,
-                lease_id=draws.lease_id,
-                drawn_micros=draws.drawn_micros,
-                last_batch=draws.last_batch,
-                now_ms=now,
-            )
-            await self._call(store.record_lease_report, draws, wire, now_ms=now)
-            self._reports.track(draws.lease_id, wire, now_ms=mono_ms())
-            self._count("lease_reported")
-            self._log.info(
-                "lease_reported",
-                lease=draws.lease_id.hex(),
-                drawn_micros=draws.drawn_micros,
-                batch=draws.last_batch,
-            )
-
-    def _lease_arrived(self, envelope: bytes) -> None:
-        requests = self._requests
-        assert requests is not None
-        lease = open_envelope(envelope, Lease).msg  # verified by the store already
-        if requests.answered((lease.owner_id, lease.currency)):
-            self._count("lease_request_answered")
-
-    async def _lease_cleared(self, store: FogStore, lease_id: bytes) -> None:
-        closed = await self._call(store.close_lease, lease_id, now_ms=self._clock())
-        self._reports.cleared(lease_id)
-        if closed:
-            self._count("lease_closed")
-            self._log.info("lease_closed", lease=lease_id.hex())
-
-    async def _wait_wake(self, wake: asyncio.Event, seconds: float) -> bool:
-        """Wait for ``wake`` (then clear it) or ``seconds``; True at once when stopping."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                stopping = asyncio.create_task(self._stopping.wait())
-                woken = asyncio.create_task(wake.wait())
-                try:
-                    await asyncio.wait({stopping, woken}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopping.cancel()
-                    woken.cancel()
-        wake.clear()
-        return self._stopping.is_set()
+            if sealed and self._uplink is not None and self._leases is not None:
+                self._uplink.wake()
+                self._leases.wake()
 
     async def _stats(self) -> None:
         while not await self._sleep_or_stop(self.config.stats_interval_s):
@@ -723,22 +557,6 @@ class FogDaemon:
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
         return self._stopping.is_set()
-
-
-def _intent_currency(payload: bytes) -> str | None:
-    """The currency of an intent the store has already verified (decoded again, unverified:
-    only to know which budget to ask for)."""
-    try:
-        env = split_envelope(payload, bytes_max=INTENT_ENVELOPE_BYTES_MAX)
-        return decode_body(Intent, env.body).currency
-    except Declined:
-        return None
-
-
-def _owner_of(lreq: bytes) -> str:
-    from protocol.leasing import LeaseRequest
-
-    return open_envelope(lreq, LeaseRequest).msg.owner_id
 
 
 def _is_cleared_lease(parsed: topics.Topic, payload: bytes, fog_id: str) -> bool:

@@ -36,6 +36,12 @@ async def pipe_mosquitto(
     await store.close()
 
 
+async def trusted(fog: FogDaemon, devices: int = 1) -> None:
+    """The fog holds the owner credential and the bindings (they arrive in any order)."""
+    await wait_counter(fog, "owner_accepted")
+    await wait_counter(fog, "bind_accepted", devices)
+
+
 async def first_payment(fog: FogDaemon, w: Wallet, device: Device) -> Receipt:
     """The first intent of an owner no lease covers: declined insufficient_budget; the fog
     asks the cloud (lreq), the lease arrives, the device's retry of the same bytes is ok."""
@@ -68,7 +74,7 @@ async def run_flow(p: Pipeline, *, rounds: int) -> None:
         running_fog(config) as fog,
         wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
-        await wait_counter(fog, "bind_accepted", 3)
+        await trusted(fog, 3)
         ids = [(await first_payment(fog, w, devices[0])).intent_id]
         ids += await pay_all(w, devices, rounds)
 

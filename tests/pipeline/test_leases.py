@@ -13,7 +13,7 @@ from tests.conftest import BrokerEndpoint
 from tests.integration.devices import wallet
 from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
-from tests.pipeline.test_end_to_end import first_payment
+from tests.pipeline.test_end_to_end import first_payment, trusted
 from tests.pipeline.world import Pipeline
 
 
@@ -34,7 +34,7 @@ async def test_a_fog_running_low_asks_for_more_budget(pipe: Pipeline) -> None:
         running_fog(config) as fog,
         wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
-        await wait_counter(fog, "bind_accepted")
+        await trusted(fog)
         await first_payment(fog, w, device)  # the initial lease: 20,000; 1,000 drawn
         for _ in range(19):  # 19,000 more: 0 left, under request_below_micros (1,000)
             assert (await w.pay(device, device.intent(1_000))).ok
@@ -63,7 +63,7 @@ async def report_flow(p: Pipeline) -> None:
         running_fog(config) as fog,
         wallet(p.edge.host, p.edge.port, "fog-a") as w,
     ):
-        await wait_counter(fog, "bind_accepted")
+        await trusted(fog)
         await first_payment(fog, w, device)
         assert (await w.pay(device, device.intent(2_000))).ok
         assert await p.exposure("alice") == 20_000  # the whole lease, until reported

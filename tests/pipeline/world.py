@@ -78,6 +78,8 @@ class Pipeline:
             core=core or self.core(),
             broker_host=self.broker.host,
             broker_port=self.broker.port,
+            username=self.broker.username,
+            password=self.broker.password,
             store=self.store,
             stats_s=1.0,
         )
