@@ -5,7 +5,8 @@ Every figure is read from where it lives, never from what the demo meant to do: 
 from each device's ``receipts.jsonl`` (re-verified under the fog's key), bookings and
 balances from the cloud's tables, charges and payouts from the period's CSV.
 
-Invariants (the demo exits 1 if one fails): the ledger sums to zero in every currency and
+Invariants (the demo exits 1 if one fails): payments were authorized, and every payment got
+an answer (no timeout, no error); the ledger sums to zero in every currency and
 every balance derives from the transfers (``cloud.ledger.check``); every ok receipt a device
 holds is booked exactly once; every payment authorized is a receipt held; every sealed
 batch was booked before the period closed; the reconciliation report is balanced.
@@ -182,6 +183,8 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
         "settlement_files": files,
     }
     summary["invariants"] = {
+        "payments_authorized": summary["authorized"] > 0,
+        "every_payment_answered": summary["timeouts"] == 0 and summary["errors"] == 0,
         "ledger_sum_zero": check.ok and summary["ledger_sum_micros"] == 0,
         "receipts_booked_once": held == cloud["booked_once"],
         "receipts_held_eq_authorized": held == summary["authorized"],

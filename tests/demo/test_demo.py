@@ -7,15 +7,19 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 import xmlschema
 
+from cloud.ledger import LedgerCheck
 from cloud.sepa import check_document
 from fogpay.cli import main
 from fogpay.demo import MARKER_FILE, prepare_out
+from fogpay.demo_pay import Outcomes
+from fogpay.demo_summary import Facts, build
 
 XSD: Final = Path(__file__).parents[1] / "cloud" / "data"
 DEMO_TIMEOUT_S: Final = 60.0
@@ -144,3 +148,43 @@ def test_empties_a_directory_an_earlier_demo_wrote(tmp_path: Path) -> None:
     (tmp_path / "settlement" / "old.csv").write_text("old")
     prepare_out(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER_FILE]
+
+
+def test_a_broken_invariant_fails_the_summary(demo: tuple[Path, dict[str, Any], str]) -> None:
+    """The summary over the run's real files: whole, it holds; with one booking lost or a
+    ledger off by one micro, ``ok`` is false (and ``fogpay demo`` exits 1)."""
+    out, s, _ = demo
+    (path,) = [Path(f) for f in s["settlement_files"] if f.endswith("-report.json")]
+    outcomes = Outcomes()
+    outcomes.by_status["ok"] = s["authorized"]
+    facts = Facts(
+        outcomes=outcomes,
+        seconds=3,
+        all_batches_booked=True,
+        fog_batches_sealed=s["batches"],
+        report=json.loads(path.read_text()),
+        settlement_dir=out / "settlement",
+    )
+    held = s["receipts_held"]
+    cloud = {
+        "booked_once": held,
+        "check": LedgerCheck({"EUR": 0, "GBP": 0}, [], s["booked"]),
+        "batches": s["batches"],
+        "records": s["records"],
+        "rejected": 0,
+        "alarms": 0,
+        "leases": s["leases"],
+        "carried": s["carried_micros"],
+    }
+    assert build(facts, cloud, held)["ok"] is True
+    silent = Outcomes()
+    silent.by_status["timeout"] = 3
+    nothing = build(replace(facts, outcomes=silent), cloud | {"booked_once": 0}, 0)
+    assert nothing["ok"] is False
+    assert not nothing["invariants"]["payments_authorized"]
+    assert not nothing["invariants"]["every_payment_answered"]
+    lost = build(facts, cloud | {"booked_once": held - 1}, held)
+    assert lost["ok"] is False and lost["invariants"]["receipts_booked_once"] is False
+    off = build(facts, cloud | {"check": LedgerCheck({"EUR": 1}, [], s["booked"])}, held)
+    assert off["ok"] is False and off["invariants"]["ledger_sum_zero"] is False
+    assert off["ledger_sum_micros"] == 1
