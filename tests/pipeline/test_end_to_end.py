@@ -17,7 +17,7 @@ from tests.conftest import BrokerEndpoint
 from tests.integration.devices import Device, Wallet, intent_id, wallet
 from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
-from tests.pipeline.world import Pipeline, wait_until
+from tests.pipeline.world import FOG_EXTRA, Pipeline, wait_until
 
 
 @pytest.fixture
@@ -111,3 +111,25 @@ async def test_the_same_flow_with_the_cloud_on_postgresql(
     finally:
         await store.close()
         await drop_schema(pg_dsn, schema)
+
+
+async def test_a_fog_with_the_uplink_off_sends_nothing_up(pipe_amqtt: Pipeline) -> None:
+    p = pipe_amqtt
+    await p.owner("alice", limit=1_000_000)
+    extra = FOG_EXTRA.replace("[uplink]\n", "[uplink]\nenabled = false\n")
+    config = await p.fog("fog-a", extra=extra)
+    device = await p.device("alice", "fog-a")
+    await p.world.lease("alice", "fog-a", 10_000)  # by hand: this fog asks for nothing
+    async with (
+        running_service(p.service()) as cloud,
+        running_fog(config) as fog,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
+    ):
+        await trusted(fog)
+        await wait_counter(fog, "lease_accepted")
+        assert (await w.pay(device, device.intent(100))).ok
+        await wait_counter(fog, "batch_sealed")
+        assert (await w.pay(device, device.intent(10**6))).reason == Reason.INSUFFICIENT_BUDGET
+    assert "batch_sent" not in fog.counters and "lease_requested" not in fog.counters
+    assert cloud.counters.get("lreq_received", 0) == 0
+    assert await p.booked([]) == {} and (await p.query("SELECT COUNT(*) FROM batches")) == [(0,)]
