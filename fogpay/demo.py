@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import aiomqtt
 import structlog
 
 from cloud.config import CloudConfig
@@ -103,7 +105,7 @@ def prepare_out(out: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def mqtt_client(address: BrokerAddress, name: str) -> AsyncIterator[Any]:
-    client = address.client(identifier=f"fogpay-demo-{name}")
+    client = address.client(identifier=f"fogpay-demo-{name}-{secrets.token_hex(4)}")
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         await client.__aenter__()
     try:
@@ -273,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _route_logs(stream)
         try:
             summary = asyncio.run(run_demo(out, args.seconds))
-        except (FogpayError, OSError) as exc:  # ComponentError, DemoError, StoreError...
+        except (FogpayError, OSError, aiomqtt.MqttError) as exc:  # OSError: TimeoutError too
             print(f"fogpay demo: failed: {exc} (see {out / LOG_FILE})", file=sys.stderr)
             return 1
         finally:
