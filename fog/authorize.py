@@ -22,7 +22,7 @@ Rules the spec leaves open (docs/parts/fog-core.md):
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 
 from fog.ratelimit import Bucket
@@ -185,7 +185,7 @@ def authorize(
     after = before.refilled(rate_per_s=policy.rate_per_s, burst=policy.rate_burst, now_ms=now_ms)
     if after.tokens < 1.0:
         return Decision(reason=Reason.RATE_LIMITED, bucket=after)
-    after = replace(after, tokens=after.tokens - 1.0)
+    after = Bucket(after.tokens - 1.0, after.at_ms)
     assert view.binding is not None
     day = utc_day(now_ms)
     day_total = view.day_micros if view.day == day else 0
