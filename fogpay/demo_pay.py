@@ -1,6 +1,7 @@
 """The demo's devices paying through the fog: the planned payments (``demo_cast``) go out on
 one MQTT connection (``DeviceSession``, one wildcard receipt subscription), each at its
-offset, and every outcome is counted.
+offset, and every outcome is counted. A device still busy with its previous payment (waiting
+for a lease) skips its next planned one (counted ``skipped``), so nothing piles up.
 
 A transient decline (``insufficient_budget`` while the fog waits for its next lease,
 ``rate_limited``...) is answered as the protocol allows: the same intent bytes are sent again
@@ -25,7 +26,7 @@ from protocol.errors import Declined
 
 PAY_TIMEOUT_S: Final = 3.0
 RETRANSMITS_MAX: Final = 3  # same bytes again after a timeout (edge SDK)
-TRANSIENT_RESENDS_MAX: Final = 40
+TRANSIENT_RESENDS_MAX: Final = 20  # 3 s of resends: a lease request and its answer fit
 TRANSIENT_PAUSE_S: Final = 0.15
 
 
@@ -36,6 +37,7 @@ class Outcomes:
     by_status: Counter[str] = field(default_factory=Counter)  # ok, declined, timeout, error
     by_reason: Counter[str] = field(default_factory=Counter)  # final decline reasons
     resent: Counter[str] = field(default_factory=Counter)  # transient reasons, resent
+    skipped: int = 0  # planned while the device was still busy with its previous payment
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     @property
@@ -102,9 +104,12 @@ async def run_payments(
             delay = planned.offset_s - (time.monotonic() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            device = devices[planned.device]
+            device, lock = devices[planned.device], locks[planned.device]
+            if lock.locked():
+                outcomes.skipped += 1  # a device pays one payment at a time; no backlog
+                continue
             tg.create_task(
-                pay_one(session, device, locks[planned.device], planned, outcomes),
+                pay_one(session, device, lock, planned, outcomes),
                 name="demo.pay",
             )
     return outcomes

@@ -140,6 +140,7 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
         "declined": o.by_status["declined"],
         "timeouts": o.by_status["timeout"],
         "errors": o.by_status["error"],
+        "skipped": o.skipped,
         "reasons": dict(sorted(o.by_reason.items())),
         "transient_resent": dict(sorted(o.resent.items())),
         "latency_ms": {
@@ -225,7 +226,7 @@ def table(s: dict[str, Any]) -> str:
     out += [
         "",
         f"payments     {s['sent']} sent: {s['authorized']} ok, {s['declined']} declined, "
-        f"{s['timeouts']} timed out, {s['errors']} errors",
+        f"{s['timeouts']} timed out, {s['errors']} errors; {s['skipped']} skipped (device busy)",
         f"declined     {_kv(s['reasons'])}",
         f"resent       {_kv(s['transient_resent'])} (transient declines, same intent resent)",
         f"latency ms   p50 {lat['p50']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}",
