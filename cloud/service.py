@@ -112,9 +112,11 @@ class CloudService:
         clock: Clock = wall_ms,
         store: Store | None = None,
         stats_s: float = STATS_S_DEFAULT,
+        prefetch: "PrefetchVerifier | None" = None,
     ) -> None:
         """``store`` (the core's) enables the cheap change check; without it the service
-        diffs ``core.retained()`` every ``FULL_REFRESH_S`` only."""
+        diffs ``core.retained()`` every ``FULL_REFRESH_S`` only. ``prefetch``: the core's
+        verifier, told of each batch as it is queued."""
         self.core = core
         self._client_args: dict[str, Any] = {
             "hostname": broker_host,
@@ -123,6 +125,7 @@ class CloudService:
             "password": password,
         }
         self._clock, self._store, self._stats_s = clock, store, stats_s
+        self._prefetch = prefetch
         self._batches: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(BATCH_QUEUE_MAX)
         self._leases: asyncio.Queue[tuple[Kind, bytes]] = asyncio.Queue(LEASE_QUEUE_MAX)
         self._wake = asyncio.Event()
@@ -262,18 +265,21 @@ class CloudService:
             log.warning(f"{kind}_dropped", cause="size", fog_id=parsed.fog_id, size=len(payload))
             return
         if parsed.kind is Kind.BATCH:
-            self._put(self._batches, (parsed.fog_id, payload), "batch_dropped")
+            if self._put(self._batches, (parsed.fog_id, payload), "batch_dropped"):
+                if self._prefetch is not None:
+                    self._prefetch.prefetch(payload)
         else:
             self._put(self._leases, (parsed.kind, payload), "lease_dropped")
 
-    def _put(self, queue: "asyncio.Queue[Any]", item: Any, counter: str) -> None:
+    def _put(self, queue: "asyncio.Queue[Any]", item: Any, counter: str) -> bool:
         try:
             queue.put_nowait(item)
         except asyncio.QueueFull:
             self._count(counter)
             log.warning(counter, cause="queue_full")
-            return
+            return False
         self._wake.set()
+        return True
 
     # ---- the worker: one message at a time ---------------------------------------------
 
@@ -292,7 +298,11 @@ class CloudService:
                 fog_id, wire = self._batches.get_nowait()
                 await self._handle_batch(fog_id, wire)
             else:
-                return  # stopping: batches not started are left to the fogs' resend
+                while not self._batches.empty():  # stopping: left to the fogs' resend
+                    _, wire = self._batches.get_nowait()
+                    if self._prefetch is not None:
+                        self._prefetch.discard(wire)
+                return
 
     async def _handle_lease(self, kind: Kind, payload: bytes) -> None:
         async with self._lock:
@@ -313,6 +323,8 @@ class CloudService:
     async def _handle_batch(self, fog_id: str, wire: bytes) -> None:
         claimed = _claimed_fog(wire)
         if claimed is not None and claimed != fog_id:
+            if self._prefetch is not None:
+                self._prefetch.discard(wire)
             self._count("batch_dropped")
             log.warning("batch_dropped", cause="topic_mismatch", fog_id=fog_id, claims=claimed)
             return
@@ -435,6 +447,36 @@ def pool_verifier(pool: Executor) -> Verifier:
     return verify
 
 
+class PrefetchVerifier:
+    """A ``Verifier`` over a process pool that starts verifying a batch as soon as it is
+    queued (``prefetch``), so the pool's workers verify the next batches while the current
+    one is booked; batches are still booked one at a time, in arrival order. At most
+    ``BATCH_QUEUE_MAX`` verifications are kept (the queue's bound)."""
+
+    def __init__(self, pool: Executor) -> None:
+        self._pool = pool
+        self._started: dict[int, tuple[bytes, asyncio.Future[CheckedBatch]]] = {}
+
+    def prefetch(self, wire: bytes) -> None:
+        if len(self._started) >= BATCH_QUEUE_MAX or id(wire) in self._started:
+            return
+        future = asyncio.get_running_loop().run_in_executor(self._pool, check_batch, wire)
+        self._started[id(wire)] = (wire, future)
+
+    async def __call__(self, wire: bytes) -> CheckedBatch:
+        started = self._started.pop(id(wire), None)
+        if started is not None and started[0] is wire:
+            return await started[1]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, check_batch, wire)
+
+    def discard(self, wire: bytes) -> None:
+        """A queued batch that will not be ingested (stop, topic mismatch)."""
+        started = self._started.pop(id(wire), None)
+        if started is not None:
+            started[1].cancel()
+
+
 def broker_address(url: str) -> dict[str, Any]:
     """``mqtt://[user:password@]host[:port]`` as CloudService keyword arguments."""
     parts = urlsplit(url)
@@ -460,7 +502,8 @@ def build_service(
     verifier: Verifier = verify_inline,
     clock: Clock = wall_ms,
 ) -> CloudService:
-    """A CloudService (and its CloudCore) over an open ``store``, as ``config`` says."""
+    """A CloudService (and its CloudCore) over an open ``store``, as ``config`` says; a
+    ``PrefetchVerifier`` also gets each batch as it is queued."""
     core = CloudCore(
         store=store, issuer=issuer, clock=clock, policy=config.lease, verifier=verifier
     )
@@ -470,6 +513,7 @@ def build_service(
         clock=clock,
         store=store,
         stats_s=config.service.stats_interval_s,
+        prefetch=verifier if isinstance(verifier, PrefetchVerifier) else None,
     )
 
 
@@ -488,7 +532,7 @@ async def open_service(
     try:
         store = await open_store(config.store)
         try:
-            verifier = verify_inline if pool is None else pool_verifier(pool)
+            verifier = verify_inline if pool is None else PrefetchVerifier(pool)
             yield build_service(config, store=store, issuer=issuer, verifier=verifier, clock=clock)
         finally:
             await store.close()

@@ -2,15 +2,18 @@
 bytes, twice and out of order, are booked once and acked; lease messages are answered;
 registry changes reach the broker; bad input is counted and changes nothing."""
 
+import contextlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from cloud import ledger, registry
 from cloud.core import CloudCore
+from cloud.ingest import verify_inline
 from cloud.leases import LeasePolicy
-from cloud.service import CloudService
+from cloud.service import CloudService, PrefetchVerifier
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Tx
 from protocol import topics
@@ -32,10 +35,23 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     assert check.ok, f"ledger out of balance: {check}"
 
 
-def service(w: World, broker: BrokerEndpoint, **kw: object) -> CloudService:
-    core = CloudCore(store=w.store, issuer=w.issuer, clock=w.clock, policy=LeasePolicy(5_000))
+def service(
+    w: World, broker: BrokerEndpoint, *, prefetch: PrefetchVerifier | None = None
+) -> CloudService:
+    """A service over the world's store; with ``prefetch``, the core verifies through it."""
+    core = CloudCore(
+        store=w.store,
+        issuer=w.issuer,
+        clock=w.clock,
+        policy=LeasePolicy(5_000),
+        verifier=prefetch or verify_inline,
+    )
     return CloudService(
-        core=core, broker_host=broker.host, broker_port=broker.port, store=w.store, **kw
+        core=core,
+        broker_host=broker.host,
+        broker_port=broker.port,
+        store=w.store,
+        prefetch=prefetch,
     )
 
 
@@ -54,15 +70,24 @@ async def batches(w: World, n: int) -> tuple[FogLog, list[bytes]]:
     return fog, wires
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["inline", "prefetch-pool"])
 async def test_batches_twice_and_out_of_order_are_booked_once(
-    world: World, amqtt_broker: BrokerEndpoint
+    world: World, amqtt_broker: BrokerEndpoint, pool: bool
+) -> None:
+    with ProcessPoolExecutor(1) if pool else contextlib.nullcontext() as executor:
+        await twice_and_out_of_order(world, amqtt_broker, executor)
+
+
+async def twice_and_out_of_order(
+    world: World, amqtt_broker: BrokerEndpoint, executor: ProcessPoolExecutor | None
 ) -> None:
     fog, wires = await batches(world, 3)
     ack_topic = topics.ack_topic("fog-a")
     b1, b2, b3 = wires
     topic = topics.batch_topic("fog-a")
+    prefetch = PrefetchVerifier(executor) if executor is not None else None
     async with (
-        running_service(service(world, amqtt_broker)) as svc,
+        running_service(service(world, amqtt_broker, prefetch=prefetch)) as svc,
         watcher(amqtt_broker.host, amqtt_broker.port, [ack_topic]) as acks,
     ):
         await publish(amqtt_broker.host, amqtt_broker.port, [(topic, w) for w in (b2, b1, b1)])
@@ -101,14 +126,17 @@ async def test_bad_input_is_counted_and_changes_nothing(
         (lease_report_topic("fog-a"), b"\x94"),
         ("fogpay/1/up/fog-a/other", b"x"),
     ]
-    async with running_service(service(world, amqtt_broker)) as svc:
-        await publish(amqtt_broker.host, amqtt_broker.port, junk)
-        await wait_for(
-            lambda: (
-                svc.counters.get("lrep_received", 0) == 1
-                and svc.counters.get("batches_refused", 0) == 2
+    with ProcessPoolExecutor(1) as executor:  # verification prefetched, then discarded
+        prefetch = PrefetchVerifier(executor)
+        async with running_service(service(world, amqtt_broker, prefetch=prefetch)) as svc:
+            await publish(amqtt_broker.host, amqtt_broker.port, junk)
+            await wait_for(
+                lambda: (
+                    svc.counters.get("lrep_received", 0) == 1
+                    and svc.counters.get("batches_refused", 0) == 2
+                )
             )
-        )
+        assert prefetch._started == {}  # every prefetched verification was used or discarded
     c = svc.counters
     assert c["batch_dropped"] == 2  # the empty one and the topic mismatch
     assert c["lease_dropped"] == 1
