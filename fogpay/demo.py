@@ -42,7 +42,7 @@ from cloud.leases import LeasePolicy
 from cloud.settle_files import period_id_for, settle_and_write
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
-from edge.device import DeviceSession
+from edge.device import Device, DeviceSession
 from fog.daemon import FogDaemon
 from fogpay import demo_cast as cast
 from fogpay import demo_setup as setup
@@ -52,6 +52,7 @@ from fogpay.logs import configure
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
+from protocol.signing import public_key
 
 log = structlog.get_logger()
 
@@ -149,7 +150,7 @@ async def cloud_counts(store: Store) -> tuple[int, int]:
 
 
 async def pay_and_book(
-    out: Path, store: Store, keys: setup.Keys, devices: dict[str, Any], seconds: float
+    out: Path, store: Store, keys: setup.Keys, devices: dict[str, Device], seconds: float
 ) -> tuple[Outcomes, bool, int]:
     """Fog, cloud service and devices: pay, then wait until every sealed batch is booked.
     Returns the outcomes, whether all batches were booked, and the batches the fog sealed."""
@@ -187,7 +188,7 @@ async def pay_and_book(
         )
         client = await stack.enter_async_context(mqtt_client(devices_account, "devices"))
         session = DeviceSession(
-            client, fog_id=cast.FOG_ID, fog_key=devices[cast.STOLEN_DEVICE].fog_key, wildcard=True
+            client, fog_id=cast.FOG_ID, fog_key=public_key(keys.fog), wildcard=True
         )
         async with session:
             outcomes = await run_payments(session, devices, cast.plan_payments(seconds))
