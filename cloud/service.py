@@ -33,7 +33,7 @@ import hashlib
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
@@ -293,16 +293,25 @@ class CloudService:
                 continue
             if not self._leases.empty():
                 kind, payload = self._leases.get_nowait()
-                await self._handle_lease(kind, payload)
+                await self._guarded(self._handle_lease(kind, payload), str(kind))
             elif not self._stopping.is_set():
                 fog_id, wire = self._batches.get_nowait()
-                await self._handle_batch(fog_id, wire)
+                await self._guarded(self._handle_batch(fog_id, wire), "batch")
             else:
                 while not self._batches.empty():  # stopping: left to the fogs' resend
                     _, wire = self._batches.get_nowait()
                     if self._prefetch is not None:
                         self._prefetch.discard(wire)
                 return
+
+    async def _guarded(self, handler: Awaitable[None], kind: str) -> None:
+        """The seam: the core turns bad input into counters, so what reaches here is a bug
+        or a store failure; the message is dropped (the fog resends it), the service lives."""
+        try:
+            await handler
+        except Exception as exc:
+            self._count("handler_failed")
+            log.error("handler_failed", kind=kind, error=type(exc).__name__)
 
     async def _handle_lease(self, kind: Kind, payload: bytes) -> None:
         async with self._lock:
@@ -416,6 +425,7 @@ class CloudService:
         while not await self._sleep_or_stop(self._stats_s):
             log.info(
                 "cloud_stats",
+                at_ms=self._clock(),
                 batches_queued=self._batches.qsize(),
                 leases_queued=self._leases.qsize(),
                 **self.counters,

@@ -194,3 +194,20 @@ async def test_registry_changes_reach_the_broker_within_seconds(
             await world.store.transact(drop)
             await wait_for(lambda: trust.last.get(topics.owner_topic("bob")) == b"")
     assert registry  # imported for the reader: the registry writes the retained table
+
+
+async def test_a_store_failure_drops_the_message_and_the_service_lives_on(
+    world: World, amqtt_broker: BrokerEndpoint, tmp_path: Path
+) -> None:
+    _, wires = await batches(world, 2)
+    second = await SqliteStore.open(str(tmp_path / "cloud.db"))  # the service's own connection
+    core = CloudCore(store=second, issuer=world.issuer, clock=world.clock, policy=LeasePolicy())
+    svc = CloudService(core=core, broker_host=amqtt_broker.host, broker_port=amqtt_broker.port)
+    topic = topics.batch_topic("fog-a")
+    async with running_service(svc):
+        await second.close()  # the disk went away, say
+        await publish(amqtt_broker.host, amqtt_broker.port, [(topic, wires[0])])
+        await wait_for(lambda: svc.counters.get("handler_failed", 0) == 1)
+        await publish(amqtt_broker.host, amqtt_broker.port, [(topic, wires[1])])
+        await wait_for(lambda: svc.counters.get("handler_failed", 0) == 2)
+    assert await count(world.store, "transfers") == 0
