@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -19,10 +19,11 @@ from cloud.sqlitestore import SqliteStore
 from fogpay.keyfile import write_key_file
 from protocol.messages import Receipt
 from protocol.signing import open_envelope
-from tests.conftest import BrokerEndpoint
+from tests.conftest import BrokerEndpoint, start_mosquitto
 from tests.integration.devices import Device, Wallet, wallet
-from tests.integration.fogrun import running_fog
+from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
+from tests.pipeline.test_end_to_end import first_payment, trusted
 from tests.pipeline.world import Pipeline, wait_until
 
 DEVICES: Final = 5
@@ -177,3 +178,41 @@ async def test_a_cloud_killed_mid_ingest_books_everything_once_after_restart(
         assert terminate(cloud) == 0
     assert b'"event": "cloud_stopped"' in log.read_bytes()
     await p.check_books(held)
+
+
+@pytest.mark.mosquitto
+async def test_a_broker_restart_loses_nothing(tmp_path: Path) -> None:
+    """Mosquitto (no persistence) restarted mid-flow on the same port: the fog and the cloud
+    reconnect; the cloud publishes its retained state again; the fog resends what is unacked."""
+    broker = start_mosquitto(tmp_path)
+    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
+    p = Pipeline(store, broker.endpoint, tmp_path)
+    try:
+        await p.owner("alice", limit=10_000_000)
+        config = await p.fog("fog-a")
+        device = await p.device("alice", "fog-a")
+        held: list[bytes] = []
+        async with running_service(p.service()) as cloud, running_fog(config) as fog:
+            async with wallet(p.edge.host, p.edge.port, "fog-a") as w:
+                await trusted(fog)
+                held.append((await first_payment(fog, w, device)).intent_id)
+                held += [(await w.pay(device, device.intent(100))).intent_id for _ in range(20)]
+            broker.stop()
+            broker = start_mosquitto(tmp_path, port=broker.endpoint.port)
+            await wait_counter(fog, "broker_connected", 2)
+            await wait_until(_async(lambda: cloud.counters.get("broker_connected", 0) >= 2))
+            async with wallet(p.edge.host, p.edge.port, "fog-a") as w:
+                held += [(await w.pay(device, device.intent(100))).intent_id for _ in range(20)]
+            await wait_booked(p, held)
+            await wait_all_acked(p.directory / "fog-a" / "fog.sqlite")
+        await p.check_books(held)
+    finally:
+        await store.close()
+        broker.stop()
+
+
+def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return predicate()
+
+    return probe
