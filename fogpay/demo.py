@@ -257,8 +257,18 @@ def _route_logs(stream: TextIO) -> None:
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("demo", help="run a cloud, a fog and simulated devices; print a summary")
-    p.add_argument("--out", default="demo-out", type=Path, help="directory for the output")
-    p.add_argument("--seconds", type=float, default=cast.PERIOD_SECONDS_DEFAULT)
+    p.add_argument(
+        "--out",
+        default="demo-out",
+        type=Path,
+        help="output directory: new, empty, or written by an earlier demo (then emptied)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=cast.PERIOD_SECONDS_DEFAULT,
+        help=f"seconds of payments (at most {SECONDS_MAX:g})",
+    )
     p.set_defaults(func=cmd_demo)
 
 
