@@ -235,6 +235,7 @@ class Group:
                 row = self._conn.execute(
                     VOUCHER_AT_SQL, (device, self._reads.issuer, self._now)
                 ).fetchone()
+                assert row is not None, "vouched bindings vanished inside the transaction"
                 return self._voucher_of(row)
             found = tuple(self._voucher_of(r) for r in rows)
             self._reads.vouchers[device] = found
