@@ -23,8 +23,21 @@ def test_no_ack_for_the_timeout_sends_again_from_the_first_unacked() -> None:
     assert w.plan([1, 2], now_ms=999) == []
     assert w.plan([1, 2], now_ms=1000) == [1, 2]
     assert w.resends == 1
-    assert w.plan([1, 2], now_ms=1999) == []  # the resend restarted the timer
-    assert w.plan([1, 2], now_ms=2000) == [1, 2]
+    assert w.plan([1, 2], now_ms=2999) == []  # restarted, and the wait doubled: 2 s
+    assert w.plan([1, 2], now_ms=3000) == [1, 2]
+    assert w.plan([1, 2], now_ms=7000) == [1, 2]  # 4 s
+    assert w.plan([2, 3], now_ms=7001) == [3]  # an ack moved: back to 1 s
+    assert w.plan([2, 3], now_ms=8001) == [2, 3]
+
+
+def test_the_wait_for_an_ack_is_capped() -> None:
+    w = Window(window=1, ack_timeout_ms=100_000)
+    now, sends = 0, 0
+    for _ in range(100):
+        sends += len(w.plan([1], now_ms=now))
+        now += 100_000
+    assert w.wait_ms == 300_000  # ACK_WAIT_MS_MAX
+    assert 30 <= sends <= 40  # one send per 300 s once capped: ~100 * 100 s / 300 s
 
 
 def test_reconnect_and_failed_publish_send_again() -> None:
