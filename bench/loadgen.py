@@ -84,12 +84,16 @@ async def run(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         timeout=30,
     ) as client:
-        await client.subscribe(f"fogpay/1/{fog_id}/receipt/+", qos=1)
+        receipt_prefix = f"fogpay/1/{fog_id}/receipt/"
+        await client.subscribe(f"{receipt_prefix}+", qos=1)
 
         async def receive() -> None:
             async for message in client.messages:
                 now = time.perf_counter()
-                device_hex = str(message.topic).rsplit("/", 1)[-1]
+                topic = str(message.topic)
+                if not topic.startswith(receipt_prefix):
+                    continue  # amqtt delivers retained messages of topics nobody subscribed to
+                device_hex = topic[len(receipt_prefix) :]
                 queue = outstanding.get(device_hex)
                 if not queue:
                     continue

@@ -51,7 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 # The event loop (MQTT) and the store thread (verify, SQLite, sign) share the GIL. At the
 # default 5 ms switch interval a thread that wants the GIL back can wait a whole interval, and
 # that wait was most of a receipt's latency (bench/fog.py: p50 7 ms at 1,000 intents/s).
-GIL_SWITCH_INTERVAL_S: Final = 0.0002
+GIL_SWITCH_INTERVAL_S: Final = 0.00005
 
 
 def cmd_run(args: argparse.Namespace) -> int:
