@@ -26,8 +26,6 @@ raised. A production cloud does not run this: there the registry is the only way
 """
 
 import asyncio
-import contextlib
-import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from cloud import registry
 from cloud.errors import RegistryError
 from cloud.leases import STATE_OPEN
 from cloud.store import Store, Tx, clamp_ms
+from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import topics
 from protocol.errors import Declined, FogpayError
 from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
@@ -54,8 +53,6 @@ LEASE_FILTER: Final = f"{topics.ROOT}/+/lease/+"
 FILTERS: Final = (topics.TRUST_FILTER, LEASE_FILTER)
 CONNECT_TIMEOUT_S: Final = 10.0
 SUBSCRIBE_TIMEOUT_S: Final = 10.0
-RECONNECT_BACKOFF_S_MIN: Final = 0.1
-RECONNECT_BACKOFF_S_MAX: Final = 5.0
 RECONNECT_ATTEMPTS_MAX: Final = 1_000
 INCOMING_MESSAGES_MAX: Final = 10_000
 
@@ -289,29 +286,16 @@ class Mirror:
                 failures += 1
                 if failures > RECONNECT_ATTEMPTS_MAX:
                     raise
-                delay = min(
-                    RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN * 2 ** min(failures, 16)
-                )
+                delay = reconnect_delay_s(failures)
                 log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
-                        await self._stopping.wait()
+                await sleep_or_stop(self._stopping, delay)
 
     async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
             await client.subscribe([(f, 1) for f in FILTERS])
         if ready is not None:
             ready.set()
-        reader = asyncio.create_task(self._read(client), name="cloud.mirror.reader")
-        stopping = asyncio.create_task(self._stopping.wait(), name="cloud.mirror.stop")
-        try:
-            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, stopping):
-                task.cancel()
-            await asyncio.gather(reader, stopping, return_exceptions=True)
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]  # MqttError: reconnect
+        await read_until_stopped(self._read(client), self._stopping, name="cloud.mirror")
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -30,7 +30,6 @@ it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
 import asyncio
 import contextlib
 import hashlib
-import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +47,7 @@ from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_i
 from cloud.store import Store, Tx, open_store
 from cloud.verify import CheckedBatch, check_batch
 from fogpay.keyfile import load_key_file
+from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import limits, topics
 from protocol.errors import FogpayError
 from protocol.topics import Kind
@@ -60,8 +60,6 @@ PUBLISH_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 SUBSCRIBE_TIMEOUT_S: Final = 10.0
 PUBLISH_CONCURRENT_MAX: Final = 64
-RECONNECT_BACKOFF_S_MIN: Final = 0.1
-RECONNECT_BACKOFF_S_MAX: Final = 5.0
 RECONNECT_ATTEMPTS_MAX: Final = 10_000  # consecutive; then exit and let systemd restart us
 REFRESH_S: Final = 1.0
 FULL_REFRESH_S: Final = 60.0
@@ -203,10 +201,7 @@ class CloudService:
                 self._count("broker_disconnected")
                 if failures > RECONNECT_ATTEMPTS_MAX:
                     raise
-                delay = min(
-                    RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN * 2 ** min(failures, 16)
-                )
-                delay *= random.uniform(0.5, 1.0)
+                delay = reconnect_delay_s(failures)
                 log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
                 await self._sleep_or_stop(delay)
 
@@ -221,16 +216,7 @@ class CloudService:
             await self._refresh_locked(full=True)
         if ready is not None:
             ready.set()
-        reader = asyncio.create_task(self._read(client), name="cloud.mqtt.reader")
-        stopping = asyncio.create_task(self._stopping.wait(), name="cloud.mqtt.stop")
-        try:
-            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, stopping):
-                task.cancel()
-            await asyncio.gather(reader, stopping, return_exceptions=True)
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]  # MqttError: reconnect
+        await read_until_stopped(self._read(client), self._stopping, name="cloud.mqtt")
         async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
             async with self._lock:  # the message in flight is handled and published
                 self._client = None
@@ -432,10 +418,7 @@ class CloudService:
             )
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        return self._stopping.is_set()
+        return await sleep_or_stop(self._stopping, seconds)
 
 
 def _claimed_fog(wire: bytes) -> str | None:

@@ -28,7 +28,6 @@ a device that lost its receipt retransmits and gets the stored one.
 
 import asyncio
 import contextlib
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish
 from fog.uplink import Link, Uplink
 from fogpay.keyfile import load_key_file
 from fogpay.logs import short
+from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
@@ -63,8 +63,6 @@ PUBLISH_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 STOP_DRAIN_TIMEOUT_S: Final = 10.0
-RECONNECT_BACKOFF_S_MIN: Final = 0.1
-RECONNECT_BACKOFF_S_MAX: Final = 5.0
 RECONNECT_ATTEMPTS_MAX: Final = 1000  # consecutive; then exit and let systemd restart us
 SEAL_INTERVAL_S_MIN: Final = 0.01
 SEAL_INTERVAL_S_MAX: Final = 1.0
@@ -257,14 +255,9 @@ class FogDaemon:
                 failures += 1
                 if failures > RECONNECT_ATTEMPTS_MAX:
                     raise
-                delay = min(
-                    RECONNECT_BACKOFF_S_MAX, RECONNECT_BACKOFF_S_MIN * 2 ** min(failures, 16)
-                )
-                delay *= random.uniform(0.5, 1.0)
+                delay = reconnect_delay_s(failures)
                 self._log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._stopping.wait()
+                await sleep_or_stop(self._stopping, delay)
 
     async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
         fog_id = self.config.fog_id
@@ -286,16 +279,7 @@ class FogDaemon:
             await self._republish_trust(client)
         if ready is not None:
             ready.set()
-        reader = asyncio.create_task(self._read(client), name="fog.mqtt.reader")
-        stopping = asyncio.create_task(self._stopping.wait(), name="fog.mqtt.stop")
-        try:
-            await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, stopping):
-                task.cancel()
-            await asyncio.gather(reader, stopping, return_exceptions=True)
-        if not reader.cancelled() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]  # MqttError: reconnect
+        await read_until_stopped(self._read(client), self._stopping, name="fog.mqtt")
         # stopping: the reader is gone; let the group in flight commit and publish
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
@@ -553,10 +537,7 @@ class FogDaemon:
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         """Sleep ``seconds``; True at once when stopping."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
-        return self._stopping.is_set()
+        return await sleep_or_stop(self._stopping, seconds)
 
 
 def _is_cleared_lease(parsed: topics.Topic, payload: bytes, fog_id: str) -> bool:
