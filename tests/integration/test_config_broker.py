@@ -104,7 +104,7 @@ def test_deploy_example_config_loads_and_documents_every_key(tmp_path: Path) -> 
     assert config.fog_id == "fog-a" and config.broker.embedded
     assert config.broker.password == "broker.password-secret"
     assert config.broker.device_password == "device.password-secret"
-    doc = (root / "docs" / "parts" / "fog-daemon.md").read_text()
+    doc = (root / "docs" / "fog.md").read_text()
     keys = ["fog_id", "key_file", "issuer_key", "db", "stats_interval_s", "log_level"]
     keys += [f"broker.{k}" for k in ("url", "host", "port", "username", "password")]
     keys += [f"broker.{k}" for k in ("password_file", "device_username", "device_password")]

@@ -119,7 +119,7 @@ ROOT = Path(__file__).parents[2]
 def test_every_key_is_in_the_examples_and_documented() -> None:
     from fog.config import LeaseConfig, UplinkConfig
 
-    doc = (ROOT / "docs" / "parts" / "pipeline.md").read_text()
+    doc = (ROOT / "docs" / "pipeline.md").read_text()
     fog_example = (ROOT / "deploy" / "fog.example.toml").read_text()
     cloud_example = (ROOT / "deploy" / "cloud.example.toml").read_text()
     keys = [f"uplink.{k}" for k in UplinkConfig.__dataclass_fields__]
