@@ -6,7 +6,7 @@ numbers already used) and says which transfers to insert, which records to rejec
 fault, how much each lease was drawn, how each account moves, and which alarms to raise. No
 I/O: ``cloud.ingest`` loads the state and applies the plan in one transaction.
 
-Rules (docs/parts/cloud.md, "Batch ingest"):
+Rules (docs/protocol.md, section 15):
 - an intent id already booked is skipped (booked once, whatever path, however often);
 - the record must have a binding valid at the receipt's fog time, whose owner credential was
   valid then too, in the intent's currency; a revocation does not unbook: a receipt a fog

@@ -114,7 +114,7 @@ def register(sub: Sub) -> None:
 
     cli_commands.register_commands(cmds)
     v = sub.add_parser("verify-receipt", help="check a receipt or proof file offline")
-    v.add_argument("file", help="proof JSON (docs/parts/cloud.md)")
+    v.add_argument("file", help="proof JSON (docs/cloud.md)")
     v.add_argument("--issuer", required=True, help="issuer public key: hex or @FILE")
     v.set_defaults(func=guarded(cmd_verify_receipt))
 

@@ -9,7 +9,7 @@ keeps counting. The report's "receipts" side is summed from the intents in the s
 records (decoded again, not from the transfers table), so it is an independent count.
 
 The ledger's accounts are not moved by settlement: they hold everything ever booked, and a
-period is the set of transfers marked with it (docs/parts/cloud.md).
+period is the set of transfers marked with it (docs/cloud.md).
 """
 
 import json

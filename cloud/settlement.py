@@ -28,7 +28,7 @@ period for everyone.
 The caller (``fogpay cloud settle``, with either store) reads the balances, calls
 ``plan_period``, writes the files (``cloud.iso20022``), and in one transaction books the lines,
 stores ``plan.carries`` as the next period's carry-in and frees ``plan.freed_credit()`` for
-new leases. Nothing here reads a clock, a file or a database. Choices: docs/parts/settlement.md.
+new leases. Nothing here reads a clock, a file or a database. Choices: docs/settlement.md.
 """
 
 import enum
@@ -204,7 +204,7 @@ class SettlementPlan:
 
 
 def parse_funding_ref(ref: str) -> Funding:
-    """Parse a party's funding reference. The grammar (docs/parts/settlement.md):
+    """Parse a party's funding reference. The grammar (docs/settlement.md):
 
     - ``card:TOKEN``: a card on file at the PSP (printable, no spaces, <= 128 characters);
     - ``sepa:IBAN:BIC``: an account that can receive credit transfers (BIC may be empty);

@@ -6,7 +6,7 @@ the fog knows about the device (``DeviceView``), the owner's live leases (``Leas
 the device's rate bucket, and calls ``authorize``. The checks run in the precedence order of
 spec section 6, so the first reason that applies is the one given.
 
-Rules the spec leaves open (docs/parts/fog-core.md):
+Rules the spec leaves open (docs/protocol.md, section 13):
 
 - validity windows are inclusive: a binding or credential is valid for ``nb <= now <= na``
   (fog time); a lease may be drawn on while ``now <= na``.

@@ -3,7 +3,7 @@
 ``load_config(path)`` reads a TOML file (tomllib), applies the few environment overrides that
 deployment tools set (``ENV_OVERRIDES``), checks every value and returns a ``FogConfig``. A bad
 config raises ``ConfigError`` whose message is one line naming the key, so a daemon fails at
-start, not at the first intent. Every key is documented in ``docs/parts/fog-daemon.md`` and in
+start, not at the first intent. Every key is documented in ``docs/fog.md`` and in
 ``deploy/fog.example.toml``.
 """
 

@@ -91,7 +91,7 @@ class Voucher:
 
     def rank(self, now_ms: int) -> tuple[bool, int, bytes, bool, int, bytes]:
         """Highest wins: valid binding, latest nb, highest id; then valid credential, latest
-        na, highest id (docs/parts/fog-core.md, "Which binding is in force")."""
+        na, highest id (docs/protocol.md, section 13.3)."""
         return (
             self.binding_nb <= now_ms <= self.binding_na,
             self.binding_nb,

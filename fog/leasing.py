@@ -1,5 +1,5 @@
 """The fog's side of leases: asking the cloud for budget (``lreq``) and closing what expired
-(``lrep``). Messages and their tables: ``protocol/leasing.py`` and ``docs/parts/cloud.md``.
+(``lrep``). Messages and their tables: ``protocol/leasing.py`` and ``docs/protocol.md`` section 14.
 
 Requests. A fog asks for budget of an owner in a currency
 

@@ -1,4 +1,4 @@
-"""Per-device token buckets, held in memory only (docs/parts/fog-core.md).
+"""Per-device token buckets, held in memory only (docs/protocol.md, section 13).
 
 A bucket is pure data (``Bucket``); ``authorize`` takes one and returns the next. ``Buckets``
 is the bounded table the store keeps between groups: at most ``BUCKETS_MAX`` devices, the

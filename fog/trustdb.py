@@ -1,4 +1,4 @@
-"""Trust material and leases: verified, checked and stored (docs/parts/fog-core.md, section 2).
+"""Trust material and leases: verified, checked and stored (docs/protocol.md, section 13.3).
 
 ``put`` opens the envelope (the issuer must sign owner and fog credentials and leases; any
 key may sign bindings and revocations, whose worth is decided when they are used), refuses

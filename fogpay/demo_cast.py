@@ -37,7 +37,7 @@ class OwnerSpec:
     name: str
     currency: str
     limit_micros: int  # credit limit held by the issuer; payees get 0
-    funding_ref: str  # docs/parts/settlement.md section 2 grammar
+    funding_ref: str  # docs/protocol.md section 15 grammar
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

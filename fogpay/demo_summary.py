@@ -123,7 +123,7 @@ def _owners() -> list[dict[str, Any]]:
 
 
 def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
-    """The summary.json object (see docs/parts/demo.md for every key)."""
+    """The summary.json object (see docs/demo.md for every key)."""
     o = facts.outcomes
     files = [str(facts.settlement_dir / name) for name in facts.report["files"]]
     csv_name = next(name for name in facts.report["files"] if name.endswith(".csv"))

@@ -1,7 +1,7 @@
 """Lease requests and lease reports: the project's messages of spec section 5.
 
 Both are signed by the fog and travel fog -> cloud (topics below). They extend the spec in
-its own form; docs/parts/cloud.md has the tables and the semantics:
+its own form; docs/protocol.md section 14 has the tables and the semantics:
 
 - ``lreq`` asks the issuer for budget of one owner. Without ``a`` it asks for the policy's
   initial lease (the fog has just seen a device of an owner it holds no lease for, ``d``).
