@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 check: $(STAMP)
-	$(BIN)/ruff format --check .
-	$(BIN)/ruff check .
+	$(BIN)/ruff format --check protocol fog edge cloud fogpay tests bench
+	$(BIN)/ruff check protocol fog edge cloud fogpay tests bench
 	$(BIN)/mypy protocol fog edge cloud fogpay
 
 vectors: $(STAMP)
