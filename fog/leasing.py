@@ -82,21 +82,34 @@ class LeaseRequests:
         assert self.timeout_ms > 0 and self.attempts_max >= 1
 
     def declined(
-        self, pair: Pair, *, device: bytes, amount_micros: int, has_live: bool, now_ms: int
+        self,
+        pair: Pair,
+        *,
+        device: bytes,
+        amount_micros: int,
+        has_live: bool,
+        now_ms: int,
+        fog_time_ms: int | None = None,
     ) -> tuple[str, bytes] | None:
         """An intent of ``pair`` was declined insufficient_budget: the request to send, if
-        one is due."""
+        one is due. ``now_ms`` schedules resends (monotonic); ``fog_time_ms`` is the request's
+        ``t`` (wall clock: a monotonic clock restarts at boot, and an equal request sent after
+        a reboot would repeat an old request id and be answered with an old lease)."""
+        t = now_ms if fog_time_ms is None else fog_time_ms
         if not has_live:
-            return self._request(pair, None, device, now_ms)
+            return self._request(pair, None, device, now_ms, t)
         amount = min(max(self.request_micros, amount_micros), limits.AMOUNT_MICROS_MAX)
-        return self._request(pair, amount, None, now_ms)
+        return self._request(pair, amount, None, now_ms, t)
 
-    def room(self, pair: Pair, room_micros: int, *, now_ms: int) -> tuple[str, bytes] | None:
+    def room(
+        self, pair: Pair, room_micros: int, *, now_ms: int, fog_time_ms: int | None = None
+    ) -> tuple[str, bytes] | None:
         """The live leases of ``pair`` have ``room_micros`` left: a top-up request if under
         the threshold."""
         if room_micros >= self.below_micros:
             return None
-        return self._request(pair, self.request_micros, None, now_ms)
+        t = now_ms if fog_time_ms is None else fog_time_ms
+        return self._request(pair, self.request_micros, None, now_ms, t)
 
     def answered(self, pair: Pair) -> bool:
         """A lease of ``pair`` arrived; True if it answers a pending request."""
@@ -118,7 +131,7 @@ class LeaseRequests:
         return out
 
     def _request(
-        self, pair: Pair, amount: int | None, device: bytes | None, now_ms: int
+        self, pair: Pair, amount: int | None, device: bytes | None, now_ms: int, time_ms: int
     ) -> tuple[str, bytes] | None:
         if pair in self.pending or len(self.pending) >= REQUESTS_OUTSTANDING_MAX:
             return None
@@ -129,7 +142,7 @@ class LeaseRequests:
             currency=currency,
             amount_micros=amount,
             device=device,
-            time_ms=max(now_ms, 1),
+            time_ms=max(time_ms, 1),
         )
         wire = seal(msg, self.key)
         self.pending[pair] = _Pending(wire, now_ms + self.timeout_ms)
@@ -301,13 +314,18 @@ class LeaseKeeper:
                 (
                     pair,
                     self._requests.declined(
-                        pair, device=device, amount_micros=amount, has_live=live, now_ms=mono
+                        pair,
+                        device=device,
+                        amount_micros=amount,
+                        has_live=live,
+                        now_ms=mono,
+                        fog_time_ms=now,
                     ),
                 )
             )
         for pair, left in room.items():
             if pair[0] in touched and pair not in declines:
-                asked.append((pair, self._requests.room(pair, left, now_ms=mono)))
+                asked.append((pair, self._requests.room(pair, left, now_ms=mono, fog_time_ms=now)))
         out = []
         for pair, send in asked:
             if send is not None:

@@ -115,3 +115,17 @@ def test_limits_are_checked() -> None:
         requests(request_micros=0)
     with pytest.raises(AssertionError):
         LeaseReports(fog_id="fog-a", retry_ms=0)
+
+
+def test_request_time_is_the_fog_clock_not_the_resend_schedule() -> None:
+    # Resends run on a monotonic clock that restarts at boot; the request's t must be wall
+    # time, or the first request after a reboot could repeat an old request's id (and the
+    # cloud would answer it with the old, maybe closed, lease).
+    r = requests()
+    _, wire = r.declined(
+        PAIR, device=DEVICE, amount_micros=5, has_live=False, now_ms=7, fog_time_ms=1_790_000
+    )
+    assert opened(wire).time_ms == 1_790_000
+    r2 = requests()
+    _, wire2 = r2.room(PAIR, 0, now_ms=3, fog_time_ms=1_790_001) or ("", b"")
+    assert opened(wire2).time_ms == 1_790_001
