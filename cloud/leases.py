@@ -150,12 +150,14 @@ async def handle_request(
     if key is None or key != signed.signer:
         raise Declined(Reason.BAD_SIGNATURE, "lreq: signer is not the fog's key")
     prior = await tx.fetchone(
-        "SELECT r.lease_id, l.envelope FROM lease_requests r "
+        "SELECT r.lease_id, l.envelope, l.state FROM lease_requests r "
         "LEFT JOIN leases l ON l.lease_id = r.lease_id WHERE r.request_id = ?",
         (signed.id,),
     )
     if prior is not None:
-        if prior[0] is None:
+        if prior[0] is None or prior[2] == STATE_CLOSED:
+            # refused then, or the lease it got is closed: a resent request must not put a
+            # closed lease back on the retained topic the cloud cleared
             return None
         lease = open_envelope(bytes(prior[1]), Lease).msg
         return Granted(lease, bytes(prior[1]), topics.lease_topic(lease.fog_id, lease.lease_id))

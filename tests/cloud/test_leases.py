@@ -137,3 +137,18 @@ async def test_report_that_disagrees_keeps_escrow_and_alarms(world: World) -> No
         return [r[0] for r in await tx.fetchall("SELECT kind FROM alarms")]
 
     assert await w.tx(kinds) == [ALARM_LEASE_REPORT]
+
+
+async def test_a_resent_request_does_not_bring_back_a_closed_lease(world: World) -> None:
+    w = world
+    await setup(w)
+    wire = request(w, "fog-a", 50_000, 1)
+    granted = await ask(w, wire)
+    assert granted is not None
+    # the fog reports nothing drawn; with no batch to wait for, the lease closes at once
+    cleared = await report(w, "fog-a", granted.lease.lease_id, 0, 0)
+    assert cleared == [granted.topic]
+    # a late copy of the same request (the fog resends until it sees a lease) must not put
+    # the closed lease back on the retained topic the cloud just cleared
+    assert await ask(w, wire) is None
+    assert await count(w.store, "leases") == 1
