@@ -22,7 +22,11 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fogpay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fogpay",
+        description="fogpay: machine-to-machine micropayments at the edge "
+        "(devices, fog, cloud, settlement).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -259,7 +259,7 @@ async def _start_cloud(
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("sandbox", help="an issuer and a fog on 127.0.0.1, state in DIR")
+    p = sub.add_parser("sandbox", help="an issuer, a fog and the cloud on 127.0.0.1, state in DIR")
     p.add_argument("--dir", required=True, type=Path)
     p.add_argument("--port", type=int, default=0, help="broker port (0: pick a free one)")
     p.add_argument("--fog-id", default=FOG_ID_DEFAULT)
