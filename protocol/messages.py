@@ -9,10 +9,11 @@ and each type's cross-field rules, raising ``Declined(MALFORMED)``.
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from types import MemberDescriptorType
 from typing import Any, ClassVar, Final, TypeVar
 
 from protocol import limits
-from protocol.codec import pack, unpack_strict
+from protocol.codec import pack, unpack_body, unpack_strict
 from protocol.errors import Declined
 from protocol.reasons import Reason
 
@@ -37,12 +38,49 @@ def is_currency(value: object) -> bool:
     return type(value) is str and CURRENCY_PATTERN.fullmatch(value) is not None
 
 
+# Strings already matched (ids and currencies repeat: one fog, a few payees), so the decoders
+# compiled by ``_compile`` skip the regular expression; bounded, then no longer added to.
+SEEN_STRINGS_MAX: Final = 4096
+_seen_ids: set[str] = set()
+_seen_currencies: set[str] = set()
+
+
+def _seen_id(v: str) -> bool:
+    if ID_PATTERN.fullmatch(v) is None:
+        return False
+    if len(_seen_ids) < SEEN_STRINGS_MAX:
+        _seen_ids.add(v)
+    return True
+
+
+def _seen_currency(v: str) -> bool:
+    if CURRENCY_PATTERN.fullmatch(v) is None:
+        return False
+    if len(_seen_currencies) < SEEN_STRINGS_MAX:
+        _seen_currencies.add(v)
+    return True
+
+
+# A check's expression over ``{v}``, for the decoders compiled by ``_compile`` (same rule).
+_INLINE: Final[dict[Callable[[object], bool], str]] = {
+    is_id: "type({v}) is str and ({v} in _seen_ids or _seen_id({v}))",
+    is_fog_id: (
+        "type({v}) is str and ({v} in _seen_ids or _seen_id({v})) and {v} not in _reserved"
+    ),
+    is_currency: "type({v}) is str and ({v} in _seen_currencies or _seen_currency({v}))",
+}
+
+
 def _uint(lo: int, hi: int) -> Callable[[object], bool]:
-    return lambda v: type(v) is int and lo <= v <= hi
+    check: Callable[[object], bool] = lambda v: type(v) is int and lo <= v <= hi  # noqa: E731
+    _INLINE[check] = f"type({{v}}) is int and {lo} <= {{v}} <= {hi}"
+    return check
 
 
 def _bin(n: int) -> Callable[[object], bool]:
-    return lambda v: type(v) is bytes and len(v) == n
+    check: Callable[[object], bool] = lambda v: type(v) is bytes and len(v) == n  # noqa: E731
+    _INLINE[check] = f"type({{v}}) is bytes and len({{v}}) == {n}"
+    return check
 
 
 def _is_memo(v: object) -> bool:
@@ -82,6 +120,7 @@ LEASE_ID = _bin(limits.LEASE_ID_BYTES)
 class Field:
     key: str  # on the wire
     attr: str  # on the dataclass
+    # Never true for a map: decode_body relies on it (see protocol.codec.unpack_body).
     check: Callable[[object], bool]
     optional: bool = False
 
@@ -363,8 +402,98 @@ def encode_body(msg: Message) -> bytes:
 
 
 def decode_body(cls: type[M], body: bytes) -> M:
-    """Decode and validate a body; raises Declined(MALFORMED)."""
-    obj = unpack_strict(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=f"{cls.TYPE} body")
+    """Decode and validate a body; raises Declined(MALFORMED).
+
+    The common case (a valid body) takes the fast path: ``unpack_body`` (no pairs hook) and
+    the type's compiled ``_Decoder``. Anything it does not accept is decoded again the
+    thorough way, ``unpack_strict`` and ``_decode_checked`` rule by rule, which refuses it
+    with the rule broken (or, never in practice, accepts it: the verdict is that path's)."""
+    decoder = _DECODERS.get(cls) or _compile(cls)
+    obj = unpack_body(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=decoder.what)
+    msg = decoder.fast(obj) if type(obj) is dict else None
+    if msg is None:
+        strict = unpack_strict(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=decoder.what)
+        msg = _decode_checked(cls, strict)
+    msg.validate()
+    return msg
+
+
+_ABSENT: Final = object()
+_DECODERS: dict[type[Message], "_Decoder"] = {}  # filled on first use (also lreq, lrep)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoder:
+    """A type's schema compiled once. ``fast(obj)`` applies exactly the rules of
+    ``_decode_checked`` to a decoded map (no unknown or missing key, every value checked,
+    the same conversions) but returns None instead of explaining a failure;
+    ``decode_body`` then asks ``_decode_checked`` for the reason."""
+
+    what: str
+    fast: Callable[[dict[Any, Any]], Any]
+
+
+def _compile(cls: type[Message]) -> _Decoder:
+    """Write ``fast`` for ``cls`` as straight-line Python (as ``dataclasses`` writes
+    ``__init__``): one lookup and one inlined check per field; then the message is built as
+    ``pickle`` builds one, ``object.__new__`` and each slot's setter (the frozen dataclass's
+    ``__init__`` costs twice that, through ``object.__setattr__``; there is no
+    ``__post_init__`` to skip, and every field is set)."""
+    defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+    assert not hasattr(cls, "__post_init__"), cls
+    env: dict[str, Any] = {
+        "cls": cls,
+        "Reason": Reason,
+        "ABSENT": _ABSENT,
+        "required": frozenset(f.key for f in cls.SCHEMA if not f.optional),
+        "known": frozenset(f.key for f in cls.SCHEMA),
+        "_seen_ids": _seen_ids,
+        "_seen_id": _seen_id,
+        "_seen_currencies": _seen_currencies,
+        "_seen_currency": _seen_currency,
+        "_reserved": RESERVED_FOG_IDS,
+        "new": object.__new__,
+    }
+    lines = [
+        "def fast(obj):",
+        "    keys = obj.keys()",
+        "    if not (keys >= required and keys <= known):",
+        "        return None",
+    ]
+    sets = []
+    for i, f in enumerate(cls.SCHEMA):
+        v = f"v{i}"
+        env[f"check{i}"] = f.check
+        test = _INLINE.get(f.check, f"check{i}({{v}})").replace("{v}", v)
+        if f.optional:
+            assert defaults[f.attr] is None, (cls, f.attr)  # absent = the default, None
+            lines += [
+                f"    {v} = obj.get({f.key!r}, ABSENT)",
+                f"    if {v} is ABSENT:",
+                f"        {v} = None",
+                f"    elif not ({test}):",
+                "        return None",
+            ]
+        else:
+            lines += [f"    {v} = obj[{f.key!r}]", f"    if not ({test}):", "        return None"]
+        if f.check not in _INLINE:  # only an opaque check may accept an array
+            lines.append(f"    if type({v}) is list: {v} = tuple({v})")
+        if cls is Receipt and f.attr == "reason":
+            lines.append(f"    if {v} is not None: {v} = Reason({v})")
+        slot = getattr(cls, f.attr)
+        assert isinstance(slot, MemberDescriptorType), (cls, f.attr)  # slots=True
+        env[f"set{i}"] = slot.__set__
+        sets.append(f"    set{i}(msg, {v})")
+    assert len(sets) == len(fields(cls)), cls  # type: ignore[arg-type]
+    lines += ["    msg = new(cls)", *sets, "    return msg"]
+    exec("\n".join(lines), env)  # our own schema: no outside input reaches the source
+    decoder = _Decoder(f"{cls.TYPE} body", env["fast"])
+    _DECODERS[cls] = decoder
+    return decoder
+
+
+def _decode_checked(cls: type[M], obj: object) -> M:
+    """Every rule in turn, raising Declined(MALFORMED) with the first one broken."""
     if type(obj) is not dict:
         raise _fail(f"{cls.TYPE}: body is not a map")
     known = {f.key for f in cls.SCHEMA}
@@ -385,9 +514,7 @@ def decode_body(cls: type[M], body: bytes) -> M:
         elif f.attr == "reason" and cls is Receipt:
             value = Reason(value)
         kwargs[f.attr] = value
-    msg = cls(**kwargs)
-    msg.validate()
-    return msg
+    return cls(**kwargs)
 
 
 def _check_schemas() -> None:

@@ -1,0 +1,61 @@
+"""The body decoder and ``open_envelope`` as they were before the fast paths (commit
+f48db37): ``unpack_strict`` with its duplicate-key hook at every depth, then every rule in
+turn. Kept only as the reference the fast ``protocol.messages.decode_body`` and
+``protocol.signing.open_envelope`` must agree with (tests/protocol/test_fast_decode.py)."""
+
+from typing import TypeVar
+
+from protocol.codec import unpack_strict
+from protocol.errors import Declined
+from protocol.messages import Intent, Message, Receipt
+from protocol.reasons import Reason
+from protocol.signing import Signed, message_id, signing_input, split_envelope, verify
+
+M = TypeVar("M", bound=Message)
+
+
+def _fail(detail: str) -> Declined:
+    return Declined(Reason.MALFORMED, detail)
+
+
+def decode_body(cls: type[M], body: bytes) -> M:
+    """Decode and validate a body; raises Declined(MALFORMED)."""
+    obj = unpack_strict(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=f"{cls.TYPE} body")
+    if type(obj) is not dict:
+        raise _fail(f"{cls.TYPE}: body is not a map")
+    known = {f.key for f in cls.SCHEMA}
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise _fail(f"{cls.TYPE}: unknown keys {sorted(map(str, unknown))}")
+    kwargs: dict[str, object] = {}
+    for f in cls.SCHEMA:
+        if f.key not in obj:
+            if not f.optional:
+                raise _fail(f"{cls.TYPE}: missing key {f.key!r}")
+            continue
+        value = obj[f.key]
+        if not f.check(value):
+            raise _fail(f"{cls.TYPE}.{f.key}: invalid value")
+        if type(value) is list:
+            value = tuple(value)
+        elif f.attr == "reason" and cls is Receipt:
+            value = Reason(value)
+        kwargs[f.attr] = value
+    msg = cls(**kwargs)
+    msg.validate()
+    return msg
+
+
+def open_envelope(data: bytes, cls: type[M], *, signer: bytes | None = None) -> Signed[M]:
+    env = split_envelope(data, bytes_max=cls.ENVELOPE_BYTES_MAX)
+    if env.type != cls.TYPE:
+        raise Declined(Reason.MALFORMED, f"envelope: type {env.type!r}, expected {cls.TYPE!r}")
+    if not verify(env.signer, signing_input(env.type, env.body), env.sig):
+        decode_body(cls, env.body)  # raises MALFORMED first if the body is also bad
+        raise Declined(Reason.BAD_SIGNATURE, f"{cls.TYPE}: signature does not verify")
+    msg = decode_body(cls, env.body)
+    if isinstance(msg, Intent) and msg.device != env.signer:
+        raise Declined(Reason.BAD_SIGNATURE, "intent: signer is not d")
+    if signer is not None and env.signer != signer:
+        raise Declined(Reason.BAD_SIGNATURE, f"{cls.TYPE}: signer is not the required key")
+    return Signed(msg, env.body, env.signer, env.sig, message_id(env.type, env.body), bytes(data))
