@@ -140,8 +140,20 @@ class Uplink:
         self._window = Window(window=config.window, ack_timeout_ms=config.ack_timeout_ms)
         self._tick_s = min(TICK_S_MAX, config.ack_timeout_ms / 4000)
         self._wake = asyncio.Event()
+        # Wires of batches just sealed, so their first send needs no store call: rebuilding
+        # a batch from the log holds the store thread for milliseconds, and authorizations
+        # queue behind it. Bounded; a resend or a batch not kept here is read from the store.
+        self._fresh: dict[int, bytes] = {}
+        self._fresh_max = config.window
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def sealed(self, number: int, wire: bytes) -> None:
+        """Batch ``number`` was sealed with these bytes: keep them for its first send."""
+        self._fresh[number] = wire
+        while len(self._fresh) > self._fresh_max:
+            del self._fresh[min(self._fresh)]
         self._wake.set()
 
     def reconnected(self) -> None:
@@ -156,6 +168,9 @@ class Uplink:
                 continue
             try:
                 numbers = await link.call(store.unacked_numbers, self._window.window)
+                if numbers:  # acked batches leave the cache
+                    for n in [n for n in self._fresh if n < numbers[0]]:
+                        del self._fresh[n]
                 for number in self._window.plan(numbers, now_ms=mono_ms()):
                     await self._send(store, number)
             except Exception as exc:  # the seam: the uplink retries at the next tick
@@ -164,7 +179,9 @@ class Uplink:
 
     async def _send(self, store: FogStore, number: int) -> None:
         link = self._link
-        wire = await link.call(store.batch_wire, number)
+        wire = self._fresh.pop(number, None)
+        if wire is None:
+            wire = await link.call(store.batch_wire, number)
         assert wire is not None, "an unacked batch is not in the store"
         if await link.publish(topics.batch_topic(link.fog_id), wire):
             link.count("batch_sent")

@@ -40,6 +40,8 @@ def check_chain(world: World, batches: list[SealedBatch], *, prev: bytes = ZERO_
             assert merkle.verify_inclusion(hashes[k], k, len(hashes), proof, h.root)
         wire_header, wire_records = decode_batch(b.wire)
         assert (wire_header, wire_records) == (b.header, b.records)
+        # the uplink sends b.wire first and world.store.batch_wire on a resend: same bytes
+        assert world.store.batch_wire(b.number) == b.wire
         for k, record in enumerate(b.records):
             intent_env, receipt_env = decode_record(record)
             receipt = open_envelope(receipt_env, Receipt, signer=fog).msg
