@@ -135,6 +135,9 @@ class FogConfig:
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
     log_level: str = "info"
+    # true: the store (verify, SQLite, sign) runs in a child process (fog/storeproc.py), off
+    # the event loop's GIL; false: on a thread of the daemon's process
+    store_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +200,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         raw,
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
-        | {"stats_interval_s", "log_level", "uplink", "lease"},
+        | {"stats_interval_s", "log_level", "uplink", "lease", "store_process"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -217,6 +220,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         lease=_lease(_table(raw, "lease")),
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
+        store_process=_bool(raw, "store_process", True, key="store_process"),
     )
 
 

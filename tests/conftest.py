@@ -50,6 +50,15 @@ def free_port() -> int:
         return port
 
 
+def process_running(pid: int) -> bool:
+    """``pid`` runs (a zombie waiting to be reaped has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def mosquitto_path() -> str | None:
     for path in MOSQUITTO_PATHS:
         if os.access(path, os.X_OK):
