@@ -1,5 +1,7 @@
 """The fog end to end, each test through the embedded amqtt broker and through a Mosquitto
-subprocess (``broker.url``): real brokers, real SQLite, real keys."""
+subprocess (``broker.url``): real brokers, real SQLite, real keys. The store runs in its own
+process (the default, ``store_process``), and once more on a thread of the daemon
+(``store_process = false``, on amqtt)."""
 
 import asyncio
 import contextlib
@@ -55,15 +57,21 @@ class Transport:
     name: str
     broker_toml: str  # the fog config's [broker] table
     creds: dict[str, Any]  # what devices and the issuer connect with
+    top: str = ""  # top-level config lines
 
 
 AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW})
+AMQTT_THREAD = Transport(
+    "amqtt-thread", EMBEDDED, {"username": "device", "password": DEV_PW}, "store_process = false\n"
+)
 
 
-@pytest.fixture(params=["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(
+    params=["amqtt", "amqtt-thread", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+)
 def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transport]:
-    if request.param == "amqtt":
-        yield AMQTT
+    if request.param in ("amqtt", "amqtt-thread"):
+        yield AMQTT if request.param == "amqtt" else AMQTT_THREAD
         return
     broker = start_mosquitto(tmp_path)
     try:
@@ -74,7 +82,11 @@ def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transp
 
 def fog_config(tmp_path: Path, issuer: Issuer, transport: Transport, extra: str = "") -> Path:
     return write_fog_files(
-        tmp_path, fog_id=FOG, issuer_key=issuer.public, broker=transport.broker_toml, extra=extra
+        tmp_path,
+        fog_id=FOG,
+        issuer_key=issuer.public,
+        broker=transport.broker_toml,
+        extra=transport.top + extra,
     )
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from protocol.messages import Receipt
 from protocol.signing import open_envelope
-from tests.conftest import BrokerEndpoint
+from tests.conftest import BrokerEndpoint, process_running
 from tests.integration.devices import (
     Device,
     Issuer,
@@ -69,6 +69,18 @@ async def pay_all(w: Wallet, device: Device, held: list[bytes]) -> None:
         held.append(raw)
 
 
+def store_pids(log: Path) -> list[int]:
+    """The store processes the fog's log names (``store_opened``), oldest first."""
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    return [e["pid"] for e in lines if e.get("event") == "store_opened" and e.get("process")]
+
+
+async def exited(pid: int) -> None:
+    async with asyncio.timeout(EXIT_TIMEOUT_S):
+        while process_running(pid):  # noqa: ASYNC110 (another process: no event to await)
+            await asyncio.sleep(0.02)
+
+
 async def wait_receipts(held: list[bytes], count: int) -> None:
     async with asyncio.timeout(60):
         while len(held) < count:  # noqa: ASYNC110 (receipts arrive on another task)
@@ -99,9 +111,11 @@ async def test_sigkill_and_sigterm_under_load_lose_no_receipt_and_authorize_noth
             load = asyncio.gather(*(pay_all(w, d, held) for d in devices))
             try:
                 await wait_receipts(held, KILL_AFTER_RECEIPTS)
+                store_pid = store_pids(log)[-1]
                 fog.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
                 killed_at = len(held)
+                await exited(store_pid)  # the store process does not outlive its fog
                 fog = start_fog(config, log)
                 await wait_receipts(held, TERM_AFTER_RECEIPTS)
                 fog.send_signal(signal.SIGTERM)  # under load too: a clean stop
@@ -137,6 +151,7 @@ async def test_sigkill_and_sigterm_under_load_lose_no_receipt_and_authorize_noth
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     events = [e["event"] for e in lines]
     assert events.count("fog_starting") == 3 and events.count("fog_stopped") == 2
+    assert len(store_pids(log)) == 3  # the store ran in a process of its own each time
     assert events[-1] == "fog_stopped"
     assert "batch_sealed" in events
     seed = (tmp_path / "fog.key").read_text().strip()
