@@ -20,10 +20,10 @@ Rules (docs/protocol.md, section 15):
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from cloud.store import seq_bytes
-from cloud.verify import CheckedBatch, CheckedRecord, Fault
+from cloud.verify import CheckedBatch, Fault
 
 ALARM_CLONED_KEY: Final = "cloned_key"
 ALARM_LEASE_OVERDRAWN: Final = "lease_overdrawn"
@@ -63,7 +63,7 @@ class BookState:
     bindings: dict[bytes, list[BindingRow]]
     leases: dict[bytes, LeaseRow]
     booked: set[bytes]  # intent ids already booked
-    seqs: dict[tuple[bytes, bytes], bytes]  # (device, seq bytes) -> booked intent id
+    seqs: dict[bytes, bytes]  # dseq (device + seq_bytes(q)) -> a booked intent id
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +73,12 @@ class Alarm:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Transfer:
+class Transfer(NamedTuple):
+    """A transfer to insert (a NamedTuple: the row's leading columns, as they are written)."""
+
     intent_id: bytes
     device: bytes
-    seq: bytes
+    dseq: bytes  # device + seq_bytes(q)
     debit: str
     credit: str
     currency: str
@@ -97,78 +98,85 @@ class Plan:
     suspend: set[bytes] = field(default_factory=set)
 
 
-def plan(batch: CheckedBatch, state: BookState) -> Plan:
+def dseqs(batch: CheckedBatch) -> list[bytes]:
+    """Each draw's device + seq_bytes(q), in the order of ``batch.draws``."""
+    d = batch.draws
+    return [dev + seq_bytes(q) for dev, q in zip(d.devices, d.seqs, strict=True)]
+
+
+def plan(batch: CheckedBatch, state: BookState, keys: list[bytes] | None = None) -> Plan:
+    """``keys``: ``dseqs(batch)`` if the caller has it already."""
     out = Plan()
-    for rec in batch.records:
-        if rec.fault is not None:
-            out.rejected.append((rec.position, rec.intent_id, rec.fault))
-            continue
-        assert rec.intent_id is not None
-        if rec.intent_id in state.booked:
+    out.rejected.extend((r.position, r.intent_id, r.fault) for r in batch.faults if r.fault)
+    fog_id = batch.header.fog_id
+    d = batch.draws
+    rows = zip(
+        d.positions,
+        d.intent_ids,
+        d.devices,
+        dseqs(batch) if keys is None else keys,
+        d.seqs,
+        d.payee_ids,
+        d.amounts,
+        d.currencies,
+        d.lease_ids,
+        d.times,
+        strict=True,
+    )
+    booked, seqs, leases, bindings = state.booked, state.seqs, state.leases, state.bindings
+    transfers, balances, draws = out.transfers, out.balances, out.lease_draws
+    faults = 0
+    for position, intent_id, device, dseq, seq, payee, amount, currency, lease_id, t in rows:
+        if intent_id in booked:  # booked once, whatever path, however often
             out.duplicates += 1
             continue
-        fault = _book(batch.header.fog_id, rec, state, out)
-        if fault is not None:
-            out.rejected.append((rec.position, rec.intent_id, fault))
-    return out
-
-
-def _binding(rec: CheckedRecord, state: BookState) -> BindingRow | None:
-    """A binding valid at the receipt's time, one in the intent's currency first."""
-    valid = [b for b in state.bindings.get(rec.device, ()) if b.valid_at(rec.receipt_time_ms)]
-    valid.sort(key=lambda b: b.currency != rec.currency)
-    return valid[0] if valid else None
-
-
-def _book(fog_id: str, rec: CheckedRecord, state: BookState, out: Plan) -> Fault | None:
-    assert rec.intent_id is not None
-    binding = _binding(rec, state)
-    if binding is None:
-        return Fault.UNKNOWN_DEVICE
-    if binding.currency != rec.currency:
-        return Fault.CURRENCY
-    lease = state.leases.get(rec.lease_id)
-    if lease is None:
-        return Fault.UNKNOWN_LEASE
-    if (lease.fog_id, lease.owner_id, lease.currency) != (fog_id, binding.owner_id, rec.currency):
-        return Fault.LEASE_MISMATCH
-    _check_seq(rec, state, out)
-    _draw(rec, lease, out)
-    state.booked.add(rec.intent_id)
-    out.transfers.append(
-        Transfer(
-            rec.intent_id,
-            rec.device,
-            seq_bytes(rec.seq),
+        # a binding valid at the receipt's time, one in the intent's currency first
+        binding = None
+        for b in bindings.get(device, ()):
+            if b.valid_at(t):
+                if b.currency == currency:
+                    binding = b
+                    break
+                if binding is None:
+                    binding = b
+        if binding is None:
+            fault = Fault.UNKNOWN_DEVICE
+        elif binding.currency != currency:
+            fault = Fault.CURRENCY
+        elif (lease := leases.get(lease_id)) is None:
+            fault = Fault.UNKNOWN_LEASE
+        elif (lease.fog_id, lease.owner_id, lease.currency) != (
+            fog_id,
             binding.owner_id,
-            rec.payee_id,
-            rec.currency,
-            rec.amount_micros,
-            rec.lease_id,
-            rec.position,
-        )
-    )
-    out.balances[(binding.owner_id, rec.currency)] -= rec.amount_micros
-    out.balances[(rec.payee_id, rec.currency)] += rec.amount_micros
-    return None
-
-
-def _check_seq(rec: CheckedRecord, state: BookState, out: Plan) -> None:
-    assert rec.intent_id is not None
-    key = (rec.device, seq_bytes(rec.seq))
-    other = state.seqs.setdefault(key, rec.intent_id)
-    if other != rec.intent_id:
-        detail = f"q={rec.seq} intents {other.hex()[:16]} and {rec.intent_id.hex()[:16]}"
-        out.alarms.append(Alarm(ALARM_CLONED_KEY, rec.device.hex(), detail))
-        out.suspend.add(rec.device)
-
-
-def _draw(rec: CheckedRecord, lease: LeaseRow, out: Plan) -> None:
-    out.lease_draws[rec.lease_id] += rec.amount_micros
-    drawn = lease.drawn_micros + out.lease_draws[rec.lease_id]
-    if drawn > lease.amount_micros:
-        detail = f"drawn {drawn} > amount {lease.amount_micros}"
-        out.alarms.append(Alarm(ALARM_LEASE_OVERDRAWN, rec.lease_id.hex(), detail))
-    if rec.receipt_time_ms > lease.not_after_ms:
-        detail = f"receipt t={rec.receipt_time_ms} > na={lease.not_after_ms}"
-        out.alarms.append(Alarm(ALARM_LEASE_LATE, rec.lease_id.hex(), detail))
+            currency,
+        ):
+            fault = Fault.LEASE_MISMATCH
+        else:
+            other = seqs.setdefault(dseq, intent_id)
+            if other != intent_id:
+                detail = f"q={seq} intents {other.hex()[:16]} and {intent_id.hex()[:16]}"
+                out.alarms.append(Alarm(ALARM_CLONED_KEY, device.hex(), detail))
+                out.suspend.add(device)
+            draws[lease_id] += amount
+            drawn = lease.drawn_micros + draws[lease_id]
+            if drawn > lease.amount_micros:
+                detail = f"drawn {drawn} > amount {lease.amount_micros}"
+                out.alarms.append(Alarm(ALARM_LEASE_OVERDRAWN, lease_id.hex(), detail))
+            if t > lease.not_after_ms:
+                detail = f"receipt t={t} > na={lease.not_after_ms}"
+                out.alarms.append(Alarm(ALARM_LEASE_LATE, lease_id.hex(), detail))
+            booked.add(intent_id)
+            owner = binding.owner_id
+            transfers.append(
+                Transfer(
+                    intent_id, device, dseq, owner, payee, currency, amount, lease_id, position
+                )
+            )
+            balances[(owner, currency)] -= amount
+            balances[(payee, currency)] += amount
+            continue
+        out.rejected.append((position, intent_id, fault))
+        faults += 1
+    if faults and batch.faults:
+        out.rejected.sort(key=lambda r: r[0])  # position order
+    return out

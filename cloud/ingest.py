@@ -19,6 +19,7 @@ state, applies the plan and signs, in one transaction, durable before the ack is
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Final
 
 import nacl.signing
@@ -27,7 +28,7 @@ import structlog
 from cloud import booking, leases, registry
 from cloud.booking import ALARM_FORK, Alarm, BindingRow, BookState, LeaseRow, Plan
 from cloud.metrics import Metrics
-from cloud.store import Store, StoreConflict, Tx, fetch_in, seq_bytes
+from cloud.store import Store, StoreConflict, Tx, fetch_in
 from cloud.verify import CheckedBatch, CheckedHeader, check_batch, check_header
 from protocol import topics
 from protocol.batch import decode_batch
@@ -150,7 +151,7 @@ class Ingestor:
             await self._past(tx, h, out)
         elif h.number > chain.number + 1:
             await self._hold(tx, h, chain, wire, out)
-        elif not await self._link(tx, chain, batch, out):
+        elif not await self._link(tx, chain, batch, wire, out):
             out.status = Status.FORK
         else:
             await self._drain_held(tx, chain, out)
@@ -185,14 +186,18 @@ class Ingestor:
             (h.fog_id, h.number, h.header_id, wire),
         )
 
-    async def _link(self, tx: Tx, chain: Chain, batch: CheckedBatch, out: IngestOutcome) -> bool:
-        """Book ``batch`` if it continues ``chain`` (advanced in place); False on a fork."""
+    async def _link(
+        self, tx: Tx, chain: Chain, batch: CheckedBatch, wire: bytes, out: IngestOutcome
+    ) -> bool:
+        """Book ``batch`` (checked from ``wire``) if it continues ``chain`` (advanced in
+        place); False on a fork."""
         h = batch.header
         if h.prev_id != chain.header_id or h.first_index != chain.next_index:
             await self._fork(tx, h, "h or s does not continue the chain", out)
             return False
-        plan = booking.plan(batch, await load_state(tx, batch))
-        await self._apply(tx, batch, plan, out)
+        state, keys = await load_state(tx, batch)
+        plan = booking.plan(batch, state, keys)
+        await self._apply(tx, batch, wire, plan, out)
         chain.number, chain.header_id = h.number, h.header_id
         chain.next_index = h.first_index + h.count
         await save_chain(tx, h.fog_id, chain)
@@ -211,35 +216,36 @@ class Ingestor:
             await tx.execute(
                 "DELETE FROM held WHERE fog_id = ? AND number = ?", (fog_id, chain.number + 1)
             )
-            if not await self._link(tx, chain, check_batch(bytes(row[0])), out):
+            wire = bytes(row[0])
+            if not await self._link(tx, chain, check_batch(wire), wire, out):
                 return
         await tx.execute(
             "DELETE FROM held WHERE fog_id = ? AND number <= ?", (fog_id, chain.number)
         )
 
-    async def _apply(self, tx: Tx, batch: CheckedBatch, plan: Plan, out: IngestOutcome) -> None:
+    async def _apply(
+        self, tx: Tx, batch: CheckedBatch, wire: bytes, plan: Plan, out: IngestOutcome
+    ) -> None:
         h, now = batch.header, self._clock()
+        _, records = decode_batch(wire)  # the bytes check_batch verified: kept as evidence
+        assert len(records) == h.count == batch.count
         await tx.execute(
             "INSERT INTO batches (fog_id, number, header_id, header, first_index, count, "
             "received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (h.fog_id, h.number, h.header_id, h.raw, h.first_index, h.count, now),
         )
+        ids = [b"" if i is None else i for i in batch.intent_ids()]
         await tx.executemany(
             "INSERT INTO records (fog_id, number, position, intent_id, record) "
             "VALUES (?, ?, ?, ?, ?)",
-            [(h.fog_id, h.number, r.position, r.intent_id or b"", r.record) for r in batch.records],
+            list(zip(repeat(h.fog_id), repeat(h.number), range(len(records)), ids, records)),
         )
+        tail = (h.fog_id, h.number, now)
         await tx.executemany(
             "INSERT INTO transfers (intent_id, device, dseq, debit, credit, currency, "
-            "amount_micros, lease_id, fog_id, number, position, booked_ms) "
+            "amount_micros, lease_id, position, fog_id, number, booked_ms) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    *(t.intent_id, t.device, t.device + t.seq, t.debit, t.credit, t.currency),
-                    *(t.amount_micros, t.lease_id, h.fog_id, h.number, t.position, now),
-                )
-                for t in plan.transfers
-            ],
+            [t + tail for t in plan.transfers],
         )
         await tx.executemany(
             "UPDATE leases SET drawn_micros = drawn_micros + ? WHERE lease_id = ?",
@@ -309,35 +315,37 @@ async def save_chain(tx: Tx, fog_id: str, chain: Chain) -> None:
     )
 
 
-async def load_state(tx: Tx, batch: CheckedBatch) -> BookState:
-    """The slice of the store that booking ``batch`` reads."""
+async def load_state(tx: Tx, batch: CheckedBatch) -> tuple[BookState, list[bytes]]:
+    """The slice of the store that booking ``batch`` reads, and ``booking.dseqs(batch)``.
+
+    One lookup by dseq (device + q) finds both the intents already booked and the
+    (device, q) already used: an intent id is the hash of a body holding its ``d`` and
+    ``q``, so a booked intent's transfer has the dseq of every record carrying that id."""
     draws = batch.draws
-    devices = sorted({r.device for r in draws})
-    ids = [r.intent_id for r in draws]
-    dseqs = sorted({r.device + seq_bytes(r.seq) for r in draws})
+    keys = booking.dseqs(batch)
     bindings: dict[bytes, list[BindingRow]] = {}
     sql = (
         "SELECT b.device, b.owner_id, b.currency, b.nb, b.na, o.nb, o.na FROM bindings b "
         "JOIN owners o ON o.owner_id = b.owner_id WHERE b.device IN ({in})"
     )
-    for row in await fetch_in(tx, sql, devices):
+    for row in await fetch_in(tx, sql, sorted(set(draws.devices))):
         bindings.setdefault(bytes(row[0]), []).append(BindingRow(*row[1:7]))
     lease_rows = await fetch_in(
         tx,
         "SELECT lease_id, owner_id, fog_id, currency, amount_micros, not_after_ms, drawn_micros "
         "FROM leases WHERE lease_id IN ({in})",
-        sorted({r.lease_id for r in draws}),
+        sorted(set(draws.lease_ids)),
     )
     leases_ = {bytes(r[0]): LeaseRow(*r[1:7]) for r in lease_rows}
-    booked_rows = await fetch_in(
-        tx, "SELECT intent_id FROM transfers WHERE intent_id IN ({in})", ids
-    )
-    state = BookState(bindings, leases_, {bytes(r[0]) for r in booked_rows}, {})
+    ids = set(draws.intent_ids)
+    state = BookState(bindings, leases_, set(), {})
     sql = "SELECT dseq, intent_id FROM transfers WHERE dseq IN ({in})"
-    for dseq, intent_id in await fetch_in(tx, sql, dseqs):
-        dseq = bytes(dseq)
-        state.seqs[(dseq[:32], dseq[32:])] = bytes(intent_id)
-    return state
+    for dseq, intent_id in await fetch_in(tx, sql, sorted(set(keys))):
+        intent_id = bytes(intent_id)
+        state.seqs[bytes(dseq)] = intent_id
+        if intent_id in ids:
+            state.booked.add(intent_id)
+    return state, keys
 
 
 def batch_fog_id(wire: bytes) -> str:
