@@ -26,7 +26,7 @@ import nacl.signing
 import structlog
 
 from cloud import booking, leases, registry
-from cloud.booking import ALARM_FORK, Alarm, BindingRow, BookState, LeaseRow, Plan
+from cloud.booking import ALARM_FORK, Alarm, BindingRow, BookState, LeaseRow, Plan, Transfer
 from cloud.metrics import Metrics
 from cloud.store import Store, StoreConflict, Tx, fetch_in
 from cloud.verify import CheckedBatch, CheckedHeader, check_batch, check_header
@@ -235,16 +235,15 @@ class Ingestor:
             (h.fog_id, h.number, h.header_id, h.raw, h.first_index, h.count, now),
         )
         ids = [b"" if i is None else i for i in batch.intent_ids()]
-        await tx.executemany(
-            "INSERT INTO records (fog_id, number, position, intent_id, record) "
-            "VALUES (?, ?, ?, ?, ?)",
+        await tx.insert_rows(
+            "records",
+            ("fog_id", "number", "position", "intent_id", "record"),
             list(zip(repeat(h.fog_id), repeat(h.number), range(len(records)), ids, records)),
         )
         tail = (h.fog_id, h.number, now)
-        await tx.executemany(
-            "INSERT INTO transfers (intent_id, device, dseq, debit, credit, currency, "
-            "amount_micros, lease_id, position, fog_id, number, booked_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        await tx.insert_rows(
+            "transfers",
+            (*Transfer._fields, "fog_id", "number", "booked_ms"),
             [t + tail for t in plan.transfers],
         )
         await tx.executemany(
@@ -340,7 +339,7 @@ async def load_state(tx: Tx, batch: CheckedBatch) -> tuple[BookState, list[bytes
     ids = set(draws.intent_ids)
     state = BookState(bindings, leases_, set(), {})
     sql = "SELECT dseq, intent_id FROM transfers WHERE dseq IN ({in})"
-    for dseq, intent_id in await fetch_in(tx, sql, sorted(set(keys))):
+    for dseq, intent_id in await fetch_in(tx, sql, sorted(set(keys)), pg_array=True):
         intent_id = bytes(intent_id)
         state.seqs[bytes(dseq)] = intent_id
         if intent_id in ids:

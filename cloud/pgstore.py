@@ -54,6 +54,12 @@ class PgTx:
         if rows:
             await self._conn.executemany(to_dollar(sql), [tuple(r) for r in rows])
 
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]
+    ) -> None:
+        if rows:
+            await self._conn.copy_records_to_table(table, columns=list(columns), records=rows)
+
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         row: Row | None = await self._conn.fetchrow(to_dollar(sql), *params)
         return row

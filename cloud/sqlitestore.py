@@ -12,7 +12,7 @@ from typing import Final, TypeVar
 import aiosqlite
 
 from cloud.schema import ddl
-from cloud.store import Row
+from cloud.store import Row, placeholders
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -33,6 +33,15 @@ class SqliteTx:
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         if rows:
             await self._conn.executemany(sql, [tuple(r) for r in rows])
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[object]]
+    ) -> None:
+        if rows:
+            sql = (
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders(len(columns))})"
+            )
+            await self._conn.executemany(sql, rows)
 
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         async with self._conn.execute(sql, tuple(params)) as cur:
