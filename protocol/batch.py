@@ -18,6 +18,17 @@ def encode_record(intent_envelope: bytes, receipt_envelope: bytes) -> bytes:
 
 
 def decode_record(record: bytes) -> tuple[bytes, bytes]:
+    # The usual encoding, [bin 8, bin 8] with nothing after, read directly (a third of the
+    # time): exactly what the strict decoder returns for these bytes (two envelopes of at
+    # most 255 bytes each). Anything else goes the strict way.
+    if type(record) is bytes and len(record) > 4 and record[0] == 0x92 and record[1] == 0xC4:
+        end = 3 + record[2]
+        if (
+            end + 2 <= len(record)
+            and record[end] == 0xC4
+            and end + 2 + record[end + 1] == len(record)
+        ):
+            return record[3:end], record[end + 2 :]
     obj = unpack_strict(
         record, bytes_max=2 * limits.INTENT_ENVELOPE_BYTES_MAX + 16, items_max=2, what="record"
     )

@@ -107,6 +107,29 @@ def split_envelope(data: bytes, *, bytes_max: int) -> RawEnvelope:
 
 
 def _split(data: bytes, bytes_max: int) -> tuple[str, bytes, bytes, bytes]:
+    # The usual encoding read directly (half the time): array of 4, fixstr of 1-16 bytes,
+    # bin 8 body, bin 8 of 32, bin 8 of 64, nothing after; exactly what the strict path
+    # returns for these bytes. Anything else (other widths, bad UTF-8) goes the strict way.
+    if type(data) is bytes and 2 < len(data) <= bytes_max and data[0] == 0x94:
+        end = 2 + data[1] - 0xA0  # fixstr 0xa1..0xb0: 1..16 bytes
+        if 2 < end <= 18 and len(data) > end + 1 and data[end] == 0xC4:
+            body_end = end + 2 + data[end + 1]
+            if (
+                len(data) == body_end + 100
+                and data[body_end : body_end + 2] == b"\xc4\x20"
+                and data[body_end + 34 : body_end + 36] == b"\xc4\x40"
+            ):
+                try:
+                    msg_type = data[2:end].decode()
+                except UnicodeDecodeError:
+                    pass  # the strict path refuses it, and says so
+                else:
+                    return (
+                        msg_type,
+                        data[end + 2 : body_end],
+                        data[body_end + 2 : body_end + 34],
+                        data[body_end + 36 :],
+                    )
     obj = unpack_strict(data, bytes_max=bytes_max, items_max=4, what="envelope")
     if type(obj) is not list or len(obj) != 4:
         raise Declined(Reason.MALFORMED, "envelope: not a 4-element array")

@@ -1,15 +1,23 @@
-"""The body decoder and ``open_envelope`` as they were before the fast paths (commit
-f48db37): ``unpack_strict`` with its duplicate-key hook at every depth, then every rule in
-turn. Kept only as the reference the fast ``protocol.messages.decode_body`` and
-``protocol.signing.open_envelope`` must agree with (tests/protocol/test_fast_decode.py)."""
+"""The decoders as they were before the fast paths (commit f48db37): ``decode_body``
+(``unpack_strict`` with its duplicate-key hook at every depth, then every rule in turn),
+``split_envelope``, ``open_envelope`` and ``decode_record``. Kept only as the reference the
+fast ones in ``protocol`` must agree with (tests/protocol/test_fast_decode.py)."""
 
 from typing import TypeVar
 
+from protocol import limits
 from protocol.codec import unpack_strict
 from protocol.errors import Declined
 from protocol.messages import Intent, Message, Receipt
 from protocol.reasons import Reason
-from protocol.signing import Signed, message_id, signing_input, split_envelope, verify
+from protocol.signing import (
+    ENVELOPE_TYPE_CHARS_MAX,
+    RawEnvelope,
+    Signed,
+    message_id,
+    signing_input,
+    verify,
+)
 
 M = TypeVar("M", bound=Message)
 
@@ -59,3 +67,30 @@ def open_envelope(data: bytes, cls: type[M], *, signer: bytes | None = None) -> 
     if signer is not None and env.signer != signer:
         raise Declined(Reason.BAD_SIGNATURE, f"{cls.TYPE}: signer is not the required key")
     return Signed(msg, env.body, env.signer, env.sig, message_id(env.type, env.body), bytes(data))
+
+
+def split_envelope(data: bytes, *, bytes_max: int) -> RawEnvelope:
+    obj = unpack_strict(data, bytes_max=bytes_max, items_max=4, what="envelope")
+    if type(obj) is not list or len(obj) != 4:
+        raise Declined(Reason.MALFORMED, "envelope: not a 4-element array")
+    msg_type, body, signer, sig = obj
+    if type(msg_type) is not str or not 0 < len(msg_type) <= ENVELOPE_TYPE_CHARS_MAX:
+        raise Declined(Reason.MALFORMED, "envelope: type is not a short str")
+    if type(body) is not bytes:
+        raise Declined(Reason.MALFORMED, "envelope: body is not bin")
+    if type(signer) is not bytes or len(signer) != limits.KEY_BYTES:
+        raise Declined(Reason.MALFORMED, "envelope: signer is not bin 32")
+    if type(sig) is not bytes or len(sig) != limits.SIG_BYTES:
+        raise Declined(Reason.MALFORMED, "envelope: sig is not bin 64")
+    return RawEnvelope(msg_type, body, signer, sig)
+
+
+def decode_record(record: bytes) -> tuple[bytes, bytes]:
+    obj = unpack_strict(
+        record, bytes_max=2 * limits.INTENT_ENVELOPE_BYTES_MAX + 16, items_max=2, what="record"
+    )
+    if type(obj) is not list or len(obj) != 2 or not all(type(x) is bytes for x in obj):
+        raise Declined(Reason.MALFORMED, "record: not [bin, bin]")
+    if any(len(x) > limits.INTENT_ENVELOPE_BYTES_MAX for x in obj):
+        raise Declined(Reason.MALFORMED, "record: an envelope exceeds 512 bytes")
+    return obj[0], obj[1]

@@ -1,8 +1,9 @@
-"""The fast body decoder and envelope opener give exactly the verdicts of the reference
-(tests/protocol/reference.py, the code before the fast paths): same message, or the same
-reason with the same detail. Over the golden and refused-payload vectors, the hypothesis
-strategies of every type, random msgpack values, mutated bodies, and hand-built maps with
-duplicate keys at the top level and nested, in fixmap, map 16 and map 32 headers."""
+"""The fast body decoder, envelope splitter and opener and record decoder give exactly the
+verdicts of the reference (tests/protocol/reference.py, the code before the fast paths):
+same result, or the same reason with the same detail. Over the golden and refused-payload
+vectors, the hypothesis strategies of every type, random msgpack values, mutated bodies,
+envelopes and records, and hand-built maps with duplicate keys at the top level and nested,
+in fixmap, map 16 and map 32 headers."""
 
 import json
 from functools import cache
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import signing
+from protocol import limits, signing
+from protocol.batch import decode_record, encode_record
 from protocol.codec import pack
 from protocol.errors import Declined
 from protocol.leasing import LeaseReport, LeaseRequest
@@ -42,6 +44,9 @@ def same_body_verdicts(body: bytes, classes: list[type[Message]] = CLASSES) -> N
 
 
 def same_envelope_verdicts(raw: bytes, signer: bytes | None = None) -> None:
+    for bytes_max in (limits.INTENT_ENVELOPE_BYTES_MAX, limits.IDENTITY_ENVELOPE_BYTES_MAX, 64):
+        want = verdict(reference.split_envelope, raw, bytes_max=bytes_max)
+        assert verdict(signing.split_envelope, raw, bytes_max=bytes_max) == want
     for cls in CLASSES:
         want = verdict(reference.open_envelope, raw, cls, signer=signer)
         assert verdict(signing.open_envelope, raw, cls, signer=signer) == want, cls.TYPE
@@ -182,3 +187,77 @@ def test_duplicate_keys_same_verdicts(msg_type: str) -> None:
             n = len(pairs) if key != "zz" else len(pairs) + 1
             body = bytes([0x80 | n]) + pack(key) + b"\x91" + nested_dup + rest
             same_body_verdicts(body)
+
+
+def mutate(data: st.DataObject, raw: bytes) -> bytes:
+    out = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, max(0, len(out) - 1)))
+        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if op == "flip" and out:
+            out[i] ^= data.draw(st.integers(1, 255))
+        elif op == "insert":
+            out.insert(i, data.draw(st.integers(0, 255)))
+        elif out:
+            del out[i]
+    return bytes(out)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_mutated_envelopes_same_verdicts(data: st.DataObject) -> None:
+    g = golden()
+    raw = bytes.fromhex(data.draw(st.sampled_from([e["envelope"] for e in g["envelopes"]])))
+    same_envelope_verdicts(mutate(data, raw))
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    intent=st.binary(max_size=600),
+    receipt=st.binary(max_size=600),
+)
+def test_records_same_verdicts(data: st.DataObject, intent: bytes, receipt: bytes) -> None:
+    """Records of any envelope sizes (bin 8 and bin 16, over the 512-byte limit), mutated,
+    in other encodings (array 16, bin 16 for short envelopes), and random bytes."""
+    records = [
+        encode_record(intent, receipt),
+        mutate(data, encode_record(intent, receipt)),
+        b"\xdc\x00\x02" + encode_record(intent, receipt)[1:],
+        b"\x92" + b"".join(b"\xc5" + len(x).to_bytes(2, "big") + x for x in (intent, receipt)),
+        encode_record(intent, receipt) + b"\x00",
+        intent,
+    ]
+    for record in records:
+        assert verdict(decode_record, record) == verdict(reference.decode_record, record)
+
+
+def test_envelope_encodings_same_verdicts() -> None:
+    """A golden envelope rewritten with other widths: str 8 type, bin 16 body and keys,
+    array 16; a type of 17 bytes; invalid UTF-8 in the type."""
+    raw = bytes.fromhex(golden()["envelopes"][0]["envelope"])
+    t, body, signer, sig = msgpack.unpackb(raw)
+
+    def env(head: bytes, tstr: bytes, *bins: bytes) -> bytes:
+        return head + tstr + b"".join(bins)
+
+    def b8(x: bytes) -> bytes:
+        return b"\xc4" + bytes([len(x)]) + x
+
+    def b16(x: bytes) -> bytes:
+        return b"\xc5" + len(x).to_bytes(2, "big") + x
+
+    fix = bytes([0xA0 | len(t)]) + t.encode()
+    for raw2 in (
+        env(b"\x94", fix, b8(body), b8(signer), b8(sig)),
+        env(b"\x94", b"\xd9" + bytes([len(t)]) + t.encode(), b8(body), b8(signer), b8(sig)),
+        env(b"\x94", fix, b16(body), b8(signer), b8(sig)),
+        env(b"\x94", fix, b8(body), b16(signer), b16(sig)),
+        env(b"\xdc\x00\x04", fix, b8(body), b8(signer), b8(sig)),
+        env(b"\x94", b"\xb1" + b"a" * 17, b8(body), b8(signer), b8(sig)),
+        env(b"\x94", b"\xa2\xc3\x28", b8(body), b8(signer), b8(sig)),
+        env(b"\x94", b"\xa0", b8(body), b8(signer), b8(sig)),
+        env(b"\x94", fix, b8(body), b8(signer), b8(sig[:63])),
+        env(b"\x94", fix, b8(body), b8(signer), b8(sig)) + b"\xc0",
+    ):
+        same_envelope_verdicts(raw2)
