@@ -16,6 +16,7 @@ Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if ini
 import argparse
 import asyncio
 import os
+import resource
 import secrets
 import sys
 import tempfile
@@ -41,19 +42,25 @@ from protocol.signing import open_envelope, possession_proof
 from tests.cloud.world import T0, FogLog, World
 
 DEVICES = 500
-VERIFY_SAMPLE = 3000
+VERIFY_SAMPLE = 2000
+VERIFY_ROUNDS = 3
 
 
 def verify_rate() -> float:
-    """Single-core libsodium verifies per second (the same call the cloud makes)."""
+    """Single-core libsodium verifies per second (the same call the cloud makes): the best
+    of a few rounds, so a moment of contention on a shared machine does not lower the
+    target."""
     key = nacl.signing.SigningKey.generate()
     msgs = [secrets.token_bytes(120) for _ in range(64)]
     signed = [key.sign(m).signature + m for m in msgs]
     pk = bytes(key.verify_key)
-    start = time.perf_counter()
-    for i in range(VERIFY_SAMPLE):
-        nacl.bindings.crypto_sign_open(signed[i % 64], pk)
-    return VERIFY_SAMPLE / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(VERIFY_ROUNDS):
+        start = time.perf_counter()
+        for i in range(VERIFY_SAMPLE):
+            nacl.bindings.crypto_sign_open(signed[i % 64], pk)
+        best = min(best, time.perf_counter() - start)
+    return VERIFY_SAMPLE / best
 
 
 async def populate(world: World, devices: list[nacl.signing.SigningKey]) -> bytes:
@@ -139,8 +146,11 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
     batches = build_batches(world.fogs["fog-bench"], devices, lease_id, args.records, args.batch)
     built = time.perf_counter() - t
     workers = args.workers
+    children, main_cpu = _children_cpu(), time.process_time()
     with ProcessPoolExecutor(max_workers=workers) if workers > 0 else _null() as pool:
         elapsed = await ingest_all(store, world, batches, pool)
+        main_cpu = time.process_time() - main_cpu
+    children = _children_cpu() - children  # the workers, once they have exited
     check = await store.transact(ledger.check)
     assert check.ok and check.transfers == args.records, check
     per_s = args.records / elapsed
@@ -151,6 +161,17 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
         f"(built in {built:.1f} s; {workers} verify workers) | target 0.8 x {rate:,.0f}/2 x "
         f"{cores} = {target:,.0f} records/s: {'met' if per_s >= target else 'NOT met'}"
     )
+    us = 1e6 / args.records
+    print(
+        f"{'':8s} CPU per record: verify workers {children * us:.1f} us, this process "
+        f"{main_cpu * us:.1f} us (2 verifies: {2e6 / rate:.1f} us"
+        f"{'; the PostgreSQL server not counted' if name == 'postgres' else ''})"
+    )
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class _null:
