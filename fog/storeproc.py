@@ -29,6 +29,7 @@ environment, and is never logged.
 """
 
 import asyncio
+import collections
 import multiprocessing.connection
 import os
 import pickle
@@ -81,7 +82,8 @@ class StoreProcess:
         self._sock = sock
         self._proc = proc
         self._closed = False
-        self._lock: asyncio.Lock | None = None
+        self._channel: _Channel | None = None  # once an event loop calls (acall)
+        self._opening: asyncio.Lock | None = None
 
     @classmethod
     def start(
@@ -135,6 +137,8 @@ class StoreProcess:
     # ---- blocking calls (one thread) ---------------------------------------------------
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._channel is not None:
+            raise StoreProcessError("store process: called blocking after awaited calls")
         frame = self._request(method, args, kwargs)
         self._sock.setblocking(True)
         try:
@@ -145,8 +149,12 @@ class StoreProcess:
         return self._finish(method, answer)
 
     def close(self) -> None:
-        """Close the store in the child and wait for the child to exit."""
+        """Close the store in the child and wait for the child to exit (blocking; after
+        awaited calls, ``await acall("close")`` instead)."""
         if self._closed:
+            return
+        if self._channel is not None:
+            self._kill()
             return
         try:
             self.call("close")
@@ -158,43 +166,32 @@ class StoreProcess:
     # ---- awaited calls (one event loop) ------------------------------------------------
 
     async def acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """``call`` without blocking the loop. The exchange is shielded: a cancelled caller
-        leaves the call to finish (the child commits or not, as a thread would), so the
-        stream never holds half a request or an unread answer."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
+        """``call`` without blocking the loop. Calls are written in the order they are made
+        and the child answers them in that order (no waiting for one answer before sending
+        the next). A cancelled caller's call still runs (the child commits or not, as a
+        thread would); its answer is dropped."""
         frame = self._request(method, args, kwargs)
-        answer = await asyncio.shield(self._exchange(frame))
+        channel = await self._channel_open()
+        answer = await channel.send(frame)
         result = self._finish(method, answer)
         if method == "close":
             self._closed = True
-            self._sock.close()
+            channel.close()
             await asyncio.get_running_loop().run_in_executor(None, self._wait_exit)
         return result
 
-    async def _exchange(self, frame: bytes) -> bytes:
-        assert self._lock is not None
-        loop = asyncio.get_running_loop()
-        async with self._lock:
-            if self._closed:
-                raise StoreProcessError("store process closed")
-            self._sock.setblocking(False)
-            try:
-                await loop.sock_sendall(self._sock, frame)
-                head = await self._arecv_exactly(loop, HEADER.size)
-                return await self._arecv_exactly(loop, self._frame_size(head))
-            except OSError as exc:
-                raise self._gone(exc) from exc
-
-    async def _arecv_exactly(self, loop: asyncio.AbstractEventLoop, n: int) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = await loop.sock_recv_into(self._sock, view[got:])
-            if k == 0:
-                raise ConnectionResetError("store process closed the socket")
-            got += k
-        return bytes(buf)
+    async def _channel_open(self) -> "_Channel":
+        if self._channel is not None:
+            return self._channel
+        if self._opening is None:  # calls made while the channel opens queue here, in order
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._channel is None:
+                self._sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                _, channel = await loop.connect_accepted_socket(_Channel, sock=self._sock)
+                self._channel = channel
+        return self._channel
 
     # ---- frames: 4-byte big-endian length + pickle (multiprocessing.connection's) ------
 
@@ -256,9 +253,64 @@ class StoreProcess:
 
     def _kill(self) -> None:
         self._closed = True
+        if self._channel is not None:
+            self._channel.close()
         self._sock.close()
         self._proc.kill()
         self._proc.wait(STOP_TIMEOUT_S)
+
+
+class _Channel(asyncio.Protocol):
+    """The parent's end on the event loop: frames out, answers matched to calls in order."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self._lost: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def send(self, frame: bytes) -> "asyncio.Future[bytes]":
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if self._lost is not None or self._transport is None:
+            future.set_exception(StoreProcessError(f"store process gone: {self._lost}"))
+            return future
+        self._waiting.append(future)
+        self._transport.write(frame)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self._buf)
+            if not 0 <= size <= FRAME_BYTES_MAX or not self._waiting:
+                self._fail(f"unexpected frame of {size} bytes")
+                return
+            if len(self._buf) < HEADER.size + size:
+                return
+            answer = bytes(self._buf[HEADER.size : HEADER.size + size])
+            del self._buf[: HEADER.size + size]
+            future = self._waiting.popleft()
+            if not future.done():  # a cancelled caller: the answer is dropped
+                future.set_result(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(type(exc).__name__ if exc else "socket closed")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail(self, why: str) -> None:
+        self._lost = self._lost or why
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(StoreProcessError(f"store process gone: {why}"))
+        self.close()
 
 
 def _serve(conn: multiprocessing.connection.Connection) -> None:
