@@ -30,6 +30,7 @@ environment, and is never logged.
 
 import asyncio
 import collections
+import gc
 import multiprocessing.connection
 import os
 import pickle
@@ -333,6 +334,8 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
         _reply(conn, False, exc)
         return
     del seed
+    gc.collect()
+    gc.freeze()  # as the daemon does once serving: full collections skip the start-up heap
     _reply(conn, True, None)
     while True:
         try:
