@@ -84,6 +84,7 @@ async def run(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         timeout=30,
     ) as client:
+        client.pending_calls_threshold = window * 2  # many publishes in flight is the point
         receipt_prefix = f"fogpay/1/{fog_id}/receipt/"
         await client.subscribe(f"{receipt_prefix}+", qos=1)
 

@@ -33,6 +33,7 @@ async def serve(host: str, port: int, fog_id: str, user: str | None, password: s
         max_inflight_messages=RECEIPT_INFLIGHT_MAX,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     ) as client:
+        client.pending_calls_threshold = RECEIPT_INFLIGHT_MAX  # as the fog: many in flight
         await client.subscribe(f"fogpay/1/{fog_id}/intent/+", qos=1)
         pending: set[asyncio.Task[None]] = set()
         async for message in client.messages:
