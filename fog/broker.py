@@ -16,12 +16,27 @@ sessions anonymous, which purges persistent sessions at once. Hence:
 - QoS is best effort: end-to-end receipts and idempotent retransmission carry reliability.
 
 Mosquitto (``deploy/mosquitto/``) is the production broker.
+
+``BrokerProcess`` runs the same broker in a child process (``python -m fog.broker``; the
+default, ``broker.process = true``): amqtt costs more CPU per message than the fog's own MQTT
+client, and on the fog's event loop the two shared one GIL. The child reads its configuration
+(passwords included) as one JSON line on stdin, never from argv or the environment, answers
+with one JSON line on stdout (``{"port": N}`` once listening, or ``{"error": "..."}``), logs
+JSON lines on stderr, and shuts down on SIGTERM or when its stdin closes (its fog is gone).
 """
 
+import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import hmac
+import json
+import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -37,6 +52,9 @@ log = structlog.get_logger()
 # Nagle's algorithm plus delayed ACKs turned a sub-millisecond round trip into 44-88 ms.
 TCP_NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 LISTENER_CONNECTIONS_MAX: Final = 10_000
+PROCESS_START_TIMEOUT_S: Final = 30.0
+PROCESS_STOP_TIMEOUT_S: Final = 15.0
+_ROOT: Final = str(Path(__file__).resolve().parent.parent)  # where the fog package lives
 
 
 def _digest(password: str) -> str:
@@ -118,3 +136,138 @@ def _bound_port(broker: Broker) -> int:
     assert sockets, "amqtt listener has no socket"
     port: int = sockets[0].getsockname()[1]
     return port
+
+
+class BrokerProcess:
+    """``EmbeddedBroker`` in a child process: same configuration, same ``start``/``stop``/
+    ``port``. ``start`` raises ``BrokerStartError`` with the child's reason (port in use...)."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        assert config.embedded
+        self._config = config
+        self._proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def start(self) -> None:
+        if self._config.allow_public_bind:
+            log.warning(
+                "broker_public_bind_forced",
+                host=self._config.host,
+                note="amqtt is fit only for loopback trusted clients; use Mosquitto",
+            )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+        answers, theirs = os.pipe()  # the child's answer; its stdout is the fog's (logs)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "fog.broker",
+                str(theirs),
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(theirs,),
+                env=env,
+            )
+        except BaseException:
+            os.close(answers)
+            raise
+        finally:
+            os.close(theirs)
+        self._proc = proc
+        assert proc.stdin is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(answers, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            # warned above already: the child need not say it again
+            config = dataclasses.replace(self._config, allow_public_bind=False)
+            proc.stdin.write(json.dumps(dataclasses.asdict(config)).encode() + b"\n")
+            await proc.stdin.drain()
+            async with asyncio.timeout(PROCESS_START_TIMEOUT_S):
+                line = await reader.readline()
+            answer = json.loads(line) if line.strip() else {"error": "exited at start"}
+        except (OSError, TimeoutError, ValueError) as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            transport.close()
+        if "port" not in answer:
+            await self._end(kill=True)
+            raise BrokerStartError(str(answer.get("error", "no answer")))
+        self.port = int(answer["port"])
+        log.info(
+            "broker_started", host=self._config.host, port=self.port, kind="amqtt", pid=proc.pid
+        )
+
+    async def stop(self) -> None:
+        if self._proc is not None:
+            await self._end(kill=False)
+            log.info("broker_stopped", port=self.port)
+
+    async def _end(self, *, kill: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                if kill:
+                    proc.kill()
+                else:
+                    proc.terminate()
+        try:
+            async with asyncio.timeout(PROCESS_STOP_TIMEOUT_S):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+class BrokerStartError(Exception):
+    """The broker process could not listen (the message is its reason)."""
+
+
+async def _serve_child(answer_fd: int) -> int:
+    """The child: configuration from stdin, the port (or the error) on ``answer_fd``, then
+    serve until SIGTERM or stdin's end."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    config = BrokerConfig(**json.loads(await reader.readline()))
+    broker = EmbeddedBroker(config)
+    try:
+        await broker.start()
+    except Exception as exc:  # amqtt wraps OSError (address in use...) in BrokerError
+        _answer(answer_fd, {"error": str(exc.__cause__ or exc)})
+        return 1
+    _answer(answer_fd, {"port": broker.port})
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the fog decides when to stop
+    eof = asyncio.ensure_future(reader.read())  # the fog closed our stdin, or died
+    done = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({eof, done}, return_when=asyncio.FIRST_COMPLETED)
+    eof.cancel()
+    done.cancel()
+    await broker.stop()
+    return 0
+
+
+def _answer(fd: int, obj: dict[str, Any]) -> None:
+    os.write(fd, json.dumps(obj).encode() + b"\n")
+    os.close(fd)
+
+
+if __name__ == "__main__":
+    from fog.cli import route_stdlib_logging
+    from fogpay.logs import configure
+
+    configure(json=True, level="warning")  # on the fog's stdout; the fog logs start and stop
+    route_stdlib_logging(json=True)
+    sys.exit(asyncio.run(_serve_child(int(sys.argv[1]))))

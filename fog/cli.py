@@ -71,13 +71,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def route_stdlib_logging(*, json: bool) -> None:
+def route_stdlib_logging(*, json: bool, stream: Any = None) -> None:
     """amqtt and aiomqtt log through the standard library: render their warnings as our
     JSON lines too, so journald sees one format (their chatter below WARNING is dropped)."""
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,

@@ -40,7 +40,7 @@ import nacl.signing
 import structlog
 
 from fog.authorize import Policy
-from fog.broker import TCP_NODELAY_OPTION, EmbeddedBroker
+from fog.broker import TCP_NODELAY_OPTION, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
 from fog.leasing import LeaseKeeper
 from fog.store import AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
@@ -103,7 +103,10 @@ class FogDaemon:
         self._started = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-store")
         self._store: FogStore | None = None
-        self._broker = EmbeddedBroker(config.broker) if config.broker.embedded else None
+        self._broker: EmbeddedBroker | BrokerProcess | None = None
+        if config.broker.embedded:
+            kind = BrokerProcess if config.broker.process else EmbeddedBroker
+            self._broker = kind(config.broker)
         self._client: aiomqtt.Client | None = None
         # None is stop()'s wake-up for a processor waiting on an empty queue
         self._intents: asyncio.Queue[Arrival | None] = asyncio.Queue(INTENT_QUEUE_MAX)
@@ -169,7 +172,7 @@ class FogDaemon:
         finally:
             await self._shutdown()
 
-    async def _start_broker(self, broker: EmbeddedBroker) -> None:
+    async def _start_broker(self, broker: EmbeddedBroker | BrokerProcess) -> None:
         b = self.config.broker
         try:
             await broker.start()

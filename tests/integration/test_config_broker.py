@@ -1,14 +1,17 @@
 """Config loading (one line naming the key) and the embedded broker's authentication."""
 
+import asyncio
 import os
+import socket
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from fog.broker import EmbeddedBroker
+from fog.broker import BrokerProcess, BrokerStartError, EmbeddedBroker
 from fog.config import BrokerConfig, ConfigError, load_config
 from protocol.signing import public_key
+from tests.conftest import process_running
 from tests.integration.devices import new_key
 
 ISSUER = public_key(new_key()).hex()
@@ -74,8 +77,11 @@ def test_env_overrides_and_password_file(tmp_path: Path) -> None:
         load_config(path, env={"FOGPAY_FOG_BROKER_PORT": "x"})
 
 
-async def test_embedded_broker_accepts_accounts_and_refuses_others() -> None:
-    broker = EmbeddedBroker(BrokerConfig(port=0, password="fog-pw", device_password="dev-pw"))
+@pytest.mark.parametrize("kind", [EmbeddedBroker, BrokerProcess])
+async def test_embedded_broker_accepts_accounts_and_refuses_others(
+    kind: type[EmbeddedBroker | BrokerProcess],
+) -> None:
+    broker = kind(BrokerConfig(port=0, password="fog-pw", device_password="dev-pw"))
     await broker.start()
     try:
         assert broker.port > 0
@@ -92,6 +98,30 @@ async def test_embedded_broker_accepts_accounts_and_refuses_others() -> None:
                     pass
     finally:
         await broker.stop()
+
+
+async def test_broker_process_refuses_a_port_in_use_with_its_reason() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = BrokerProcess(BrokerConfig(port=port, password="a", device_password="b"))
+        with pytest.raises(BrokerStartError, match="in use"):
+            await broker.start()
+        assert broker.pid is None  # nothing left running
+
+
+async def test_broker_process_exits_when_its_fog_goes() -> None:
+    """A SIGKILLed fog closes the broker's stdin: the broker shuts down by itself."""
+    broker = BrokerProcess(BrokerConfig(port=0, password="a", device_password="b"))
+    await broker.start()
+    proc = broker._proc
+    assert proc is not None and proc.stdin is not None and process_running(proc.pid)
+    proc.stdin.close()
+    async with asyncio.timeout(15):
+        assert await proc.wait() == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", broker.port), timeout=1).close()
 
 
 def test_deploy_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:

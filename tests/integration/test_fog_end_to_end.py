@@ -1,7 +1,7 @@
 """The fog end to end, each test through the embedded amqtt broker and through a Mosquitto
 subprocess (``broker.url``): real brokers, real SQLite, real keys. The store runs in its own
-process (the default, ``store_process``), and once more on a thread of the daemon
-(``store_process = false``, on amqtt)."""
+process and the embedded broker in another (the defaults), and once more with both inside the
+daemon's process (``store_process = false``, ``broker.process = false``, on amqtt)."""
 
 import asyncio
 import contextlib
@@ -61,17 +61,20 @@ class Transport:
 
 
 AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW})
-AMQTT_THREAD = Transport(
-    "amqtt-thread", EMBEDDED, {"username": "device", "password": DEV_PW}, "store_process = false\n"
+AMQTT_IN_PROCESS = Transport(  # broker and store in the daemon's own process
+    "amqtt-in-process",
+    EMBEDDED + "process = false\n",
+    {"username": "device", "password": DEV_PW},
+    "store_process = false\n",
 )
 
 
 @pytest.fixture(
-    params=["amqtt", "amqtt-thread", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+    params=["amqtt", "amqtt-in-process", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
 )
 def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transport]:
-    if request.param in ("amqtt", "amqtt-thread"):
-        yield AMQTT if request.param == "amqtt" else AMQTT_THREAD
+    if request.param in ("amqtt", "amqtt-in-process"):
+        yield AMQTT if request.param == "amqtt" else AMQTT_IN_PROCESS
         return
     broker = start_mosquitto(tmp_path)
     try:
