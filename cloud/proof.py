@@ -127,6 +127,8 @@ def _verify_owner(obj: dict[str, Any], intent: Intent, t: int, issuer_key: bytes
         raise ProofError("binding: not this device's binding to this owner")
     if not binding.not_before_ms <= t <= binding.not_after_ms:
         raise ProofError("binding: not valid at the receipt's time")
+    if not owner.msg.not_before_ms <= t <= owner.msg.not_after_ms:
+        raise ProofError("owner credential: not valid at the receipt's time")
     return str(owner.msg.owner_id)
 
 

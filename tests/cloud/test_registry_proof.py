@@ -12,7 +12,7 @@ from cloud.settle import close_period
 from cloud.store import Tx
 from protocol import topics
 from protocol.batch import decode_record
-from protocol.messages import Binding, Intent
+from protocol.messages import Binding, Intent, OwnerCredential
 from protocol.signing import open_envelope, possession_proof, public_key, seal
 from tests.cloud.world import World, new_key
 
@@ -100,6 +100,18 @@ async def test_proof_verifies_offline_and_tampering_fails(world: World) -> None:
     with pytest.raises(ProofError):
         verify_proof(json.dumps(proof), public_key(new_key()))
     assert await w.tx(lambda tx: build_proof(tx, bytes(32))) is None
+    # the owner credential, issuer-signed, must be valid at the receipt's time too
+    t = ok.receipt.time_ms
+    for nb, na, valid in ((0, t - 1, False), (t + 1, t + 10, False), (t, t + 1, True)):
+        owner = OwnerCredential(
+            owner_id="alice", key=public_key(w.owners["alice"]), not_before_ms=nb, not_after_ms=na
+        )
+        swapped = proof | {"owner_credential": seal(owner, w.issuer).hex()}
+        if valid:
+            assert verify_proof(json.dumps(swapped), issuer).owner_id == "alice"
+        else:
+            with pytest.raises(ProofError, match="owner credential: not valid"):
+                verify_proof(json.dumps(swapped), issuer)
 
 
 async def test_periods_carry_remainders_and_never_resettle(world: World) -> None:
