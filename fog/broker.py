@@ -101,6 +101,16 @@ def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
     }
 
 
+def warn_if_public(config: BrokerConfig) -> None:
+    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``)."""
+    if config.allow_public_bind:
+        log.warning(
+            "broker_public_bind_forced",
+            host=config.host,
+            note="amqtt is fit only for loopback trusted clients; use Mosquitto",
+        )
+
+
 class EmbeddedBroker:
     """An amqtt broker bound as the config says; ``port`` is the port actually bound."""
 
@@ -111,12 +121,7 @@ class EmbeddedBroker:
         self.port = 0
 
     async def start(self) -> None:
-        if self._config.allow_public_bind:
-            log.warning(
-                "broker_public_bind_forced",
-                host=self._config.host,
-                note="amqtt is fit only for loopback trusted clients; use Mosquitto",
-            )
+        warn_if_public(self._config)
         broker = Broker(amqtt_config(self._config))
         await broker.start()
         self._broker = broker
@@ -153,12 +158,7 @@ class BrokerProcess:
         return None if self._proc is None else self._proc.pid
 
     async def start(self) -> None:
-        if self._config.allow_public_bind:
-            log.warning(
-                "broker_public_bind_forced",
-                host=self._config.host,
-                note="amqtt is fit only for loopback trusted clients; use Mosquitto",
-            )
+        warn_if_public(self._config)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
         answers, theirs = os.pipe()  # the child's answer; its stdout is the fog's (logs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+import structlog.testing
 
 from fog.broker import BrokerProcess, BrokerStartError, EmbeddedBroker
 from fog.config import BrokerConfig, ConfigError, load_config
@@ -96,6 +97,21 @@ async def test_embedded_broker_accepts_accounts_and_refuses_others(
                     "127.0.0.1", broker.port, username=user, password=pw, timeout=5
                 ):
                     pass
+    finally:
+        await broker.stop()
+
+
+@pytest.mark.parametrize("kind", [EmbeddedBroker, BrokerProcess])
+async def test_a_broker_allowed_beyond_loopback_warns_at_start(
+    kind: type[EmbeddedBroker | BrokerProcess],
+) -> None:
+    config = BrokerConfig(port=0, password="a", device_password="b", allow_public_bind=True)
+    broker = kind(config)  # bound to 127.0.0.1 all the same: tests stay on loopback
+    with structlog.testing.capture_logs() as logs:
+        await broker.start()
+    try:
+        events = [e["event"] for e in logs]
+        assert events.count("broker_public_bind_forced") == 1 and "broker_started" in events
     finally:
         await broker.stop()
 
