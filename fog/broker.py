@@ -36,7 +36,6 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -45,6 +44,7 @@ from amqtt.contexts import BaseContext
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
+from fog.childenv import child_env
 from fog.config import BrokerConfig
 
 log = structlog.get_logger()
@@ -54,7 +54,6 @@ TCP_NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 LISTENER_CONNECTIONS_MAX: Final = 10_000
 PROCESS_START_TIMEOUT_S: Final = 30.0
 PROCESS_STOP_TIMEOUT_S: Final = 15.0
-_ROOT: Final = str(Path(__file__).resolve().parent.parent)  # where the fog package lives
 
 
 def _digest(password: str) -> str:
@@ -159,8 +158,7 @@ class BrokerProcess:
 
     async def start(self) -> None:
         warn_if_public(self._config)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+        env = child_env()
         answers, theirs = os.pipe()  # the child's answer; its stdout is the fog's (logs)
         try:
             proc = await asyncio.create_subprocess_exec(

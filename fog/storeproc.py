@@ -32,7 +32,6 @@ import asyncio
 import collections
 import gc
 import multiprocessing.connection
-import os
 import pickle
 import signal
 import socket
@@ -45,6 +44,7 @@ from typing import Any, Final
 import nacl.signing
 
 from fog.authorize import Policy
+from fog.childenv import child_env
 from fog.schema import StoreError
 from fog.store import Arrival, FogStore, Outcome
 
@@ -52,8 +52,6 @@ START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 HEADER: Final = struct.Struct("!i")  # multiprocessing.connection's frame header (< 2 GiB)
 FRAME_BYTES_MAX: Final = 256 * 1024 * 1024  # far above any call: a bigger size is a bug
-# the directory holding the fog package: the child imports it from there whatever its cwd
-_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
 
 class StoreProcessError(StoreError):
@@ -76,8 +74,9 @@ class RemoteMethod:
 
 
 class StoreProcess:
-    """A ``FogStore`` living in a child process. One call at a time: the blocking ``call``
-    from one thread, or ``acall`` from one event loop (serialized by a lock), not both."""
+    """A ``FogStore`` living in a child process, which serves one call at a time: the
+    blocking ``call`` from one thread, or ``acall`` from one event loop (calls written in
+    the order made, answered in that order), not both."""
 
     def __init__(self, sock: socket.socket, proc: "subprocess.Popen[bytes]") -> None:
         self._sock = sock
@@ -98,8 +97,7 @@ class StoreProcess:
     ) -> "StoreProcess":
         """Start the child and open the store there; raises what ``FogStore.open`` raised."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+        env = child_env()
         with theirs:
             try:
                 proc = subprocess.Popen(
