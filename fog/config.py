@@ -25,6 +25,8 @@ DEFAULT_BROKER_HOST: Final = "127.0.0.1"
 DEFAULT_BROKER_PORT: Final = 1883
 DEFAULT_BATCH_RECORDS: Final = 256
 DEFAULT_BATCH_AGE_MS: Final = 1000
+DEFAULT_KEEP_ACKED_MS: Final = 7 * 86_400_000  # a week: far past any device's retransmissions
+KEEP_ACKED_MS_MAX: Final = 3650 * 86_400_000
 DEFAULT_RATE_PER_S: Final = 20
 DEFAULT_RATE_BURST: Final = 40
 DEFAULT_STATS_INTERVAL_S: Final = 60.0
@@ -81,6 +83,9 @@ class BrokerConfig:
 class BatchConfig:
     records_max: int = DEFAULT_BATCH_RECORDS
     age_ms: int = DEFAULT_BATCH_AGE_MS
+    # log records acked by the cloud (and of closed leases) are deleted once this old;
+    # 0: never
+    keep_acked_ms: int = DEFAULT_KEEP_ACKED_MS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,7 +278,7 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
 
 
 def _batch(raw: Mapping[str, Any]) -> BatchConfig:
-    _no_unknown(raw, "batch.", {"records_max", "age_ms"})
+    _no_unknown(raw, "batch.", {"records_max", "age_ms", "keep_acked_ms"})
     return BatchConfig(
         records_max=_int(
             raw,
@@ -284,6 +289,14 @@ def _batch(raw: Mapping[str, Any]) -> BatchConfig:
             key="batch.records_max",
         ),
         age_ms=_int(raw, "age_ms", DEFAULT_BATCH_AGE_MS, 1, BATCH_AGE_MS_MAX, key="batch.age_ms"),
+        keep_acked_ms=_int(
+            raw,
+            "keep_acked_ms",
+            DEFAULT_KEEP_ACKED_MS,
+            0,
+            KEEP_ACKED_MS_MAX,
+            key="batch.keep_acked_ms",
+        ),
     )
 
 

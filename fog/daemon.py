@@ -43,7 +43,7 @@ from fog.authorize import Policy
 from fog.broker import TCP_NODELAY_OPTION, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
 from fog.leasing import LeaseKeeper
-from fog.store import AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
+from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
 from fog.storeproc import RemoteMethod, StoreProcess
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
 from fog.uplink import Link, Uplink
@@ -68,6 +68,7 @@ STOP_DRAIN_TIMEOUT_S: Final = 10.0
 RECONNECT_ATTEMPTS_MAX: Final = 1000  # consecutive; then exit and let systemd restart us
 SEAL_INTERVAL_S_MIN: Final = 0.01
 SEAL_INTERVAL_S_MAX: Final = 1.0
+PRUNE_IDLE_S: Final = 10.0  # between pruning steps that found less than a full step to do
 INFLIGHT_MESSAGES_MAX: Final = 1000
 KEEPALIVE_S: Final = 30
 LEASE_CLEARED: Final = "lease_cleared"  # trust-queue type: an empty retained lease payload
@@ -119,6 +120,7 @@ class FogDaemon:
         self._publishing: set[asyncio.Task[None]] = set()
         self._log = log.bind(fog_id=config.fog_id)
         self._debug = config.log_level == "debug"
+        self._prune_at = 0.0  # monotonic time of the next pruning step
         self._link = Link(
             fog_id=config.fog_id,
             call=self._call,
@@ -490,6 +492,7 @@ class FogDaemon:
         if arrival.msg_type == LEASE_CLEARED:
             if self._leases is not None:
                 await self._leases.cleared(store, arrival.payload)
+            self._prune_at = 0.0  # a closed lease may free records: prune at the next tick
             return
         try:
             if arrival.msg_type == "ack":
@@ -525,6 +528,7 @@ class FogDaemon:
         if isinstance(result, AckOutcome):
             self._count("batch_acked")
             self._log.info("batch_acked", batch=result.number)
+            self._prune_at = 0.0  # acked records may go: prune at the next tick
             if self._uplink is not None:
                 self._uplink.wake()
         elif arrival.msg_type == "lease" and self._leases is not None:
@@ -547,6 +551,8 @@ class FogDaemon:
                 self._count("seal_failed")
                 self._log.error("seal_failed", error=type(exc).__name__)
                 continue
+            if batch.keep_acked_ms and time.monotonic() >= self._prune_at:
+                await self._prune(store, batch.keep_acked_ms)
             for b in sealed:
                 self._count("batch_sealed")
                 self._log.info(
@@ -559,6 +565,23 @@ class FogDaemon:
                 for b in sealed:
                     self._uplink.sealed(b.number, b.wire)
                 self._leases.wake()
+
+    async def _prune(self, store: FogStore, keep_ms: int) -> None:
+        """Delete a few hundred log records nothing needs any more (FogStore.prune), at each
+        sealer tick: small steps, so a store call never holds intents back for long."""
+        try:
+            pruned = await self._call(store.prune, now_ms=self._clock(), keep_ms=keep_ms)
+        except Exception as exc:  # keep authorizing; pruning retries next tick
+            self._count("prune_failed")
+            self._log.error("prune_failed", error=type(exc).__name__)
+            return
+        if pruned:
+            self._count("records_pruned", pruned)
+            if self._debug:
+                self._log.debug("log_pruned", records=pruned)
+        # a full step: more is waiting, go on next tick; else look again in a while
+        full = pruned >= PRUNE_ROWS_MAX
+        self._prune_at = time.monotonic() + (0.0 if full else PRUNE_IDLE_S)
 
     async def _stats(self) -> None:
         while not await self._sleep_or_stop(self.config.stats_interval_s):

@@ -113,6 +113,7 @@ SealedBatch = batcher.SealedBatch
 UNACKED_LISTED_MAX: Final = 4096
 LEASE_OWNERS_QUERIED_MAX: Final = 4096
 LEASE_REPORTS_LISTED_MAX: Final = 1024
+PRUNE_ROWS_MAX: Final = 512  # per call: a DELETE holds the store ~10 us per row
 LEASE_REPORTED_NOT_AFTER_MS: Final = -1  # a reported lease: nothing is ever drawn on it again
 LEASE_REPORTS_DDL: Final = """
 CREATE TABLE IF NOT EXISTS lease_reports (
@@ -153,9 +154,12 @@ class FogStore:
         self._buckets = Buckets()
         self._counts: Counter[str] = Counter()
         self._reads = Reads(issuer_key)
-        row = conn.execute("SELECT coalesce(max(n), 0), count(*) FROM log").fetchone()
-        self._next_n: int = row[0] + 1
-        assert row[0] == row[1], "log indexes are not consecutive from 1"
+        first, last, count = conn.execute(
+            "SELECT coalesce(min(n), 1), coalesce(max(n), 0), count(*) FROM log"
+        ).fetchone()
+        self._next_n: int = last + 1
+        # consecutive from 1, or from where pruning stopped (prune keeps the newest record)
+        assert count == last - first + 1, "log indexes are not consecutive"
         self._trust_rows: int = conn.execute("SELECT count(*) FROM trust").fetchone()[0]
 
     @classmethod
@@ -478,6 +482,39 @@ class FogStore:
                 key = (owner_id, str(currency))
                 room[key] = room.get(key, 0) + int(left)
         return room
+
+    def prune(self, *, now_ms: int, keep_ms: int, rows_max: int = PRUNE_ROWS_MAX) -> int:
+        """Delete the oldest log records nothing needs any more, at most ``rows_max``, in one
+        transaction; returns how many. A record goes only if its batch is acked by the cloud,
+        it is older than ``keep_ms`` (a device's retransmission within that time still gets
+        its stored receipt; after it, the sequence check declines it), and its lease is
+        closed (reported and cleared: the lease's draws are summed from the log until then).
+        Only a prefix of the log goes, and never the newest record (it numbers the next), so
+        the log stays consecutive. Batch headers stay (small; the chain continues from them)."""
+        first, last = self._conn.execute("SELECT min(n), max(n) FROM log").fetchone()
+        if first is None:
+            return 0
+        window_end = min(first + rows_max, last)  # the newest record always stays
+        stops = [window_end]
+        for sql, params in (
+            ("SELECT min(first_index) FROM batches WHERE acked = 0", ()),
+            ("SELECT coalesce(max(first_index + count), 1) FROM batches", ()),  # unsealed
+            (
+                "SELECT min(n) FROM log WHERE n >= ? AND n < ? AND (at_ms > ? OR lease_id NOT "
+                "IN (SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL))",
+                (first, window_end, now_ms - keep_ms),
+            ),
+        ):
+            row = self._conn.execute(sql, params).fetchone()
+            if row[0] is not None:
+                stops.append(int(row[0]))
+        stop = min(stops)
+        if stop <= first:
+            return 0
+        with transaction(self._conn):
+            deleted = self._conn.execute("DELETE FROM log WHERE n < ?", (stop,)).rowcount
+        self._counts["records_pruned"] += deleted
+        return int(deleted)
 
     def lease_reports_due(self, *, now_ms: int) -> list[LeaseDraws]:
         """Expired leases not reported yet whose every draw is in a sealed batch: what the

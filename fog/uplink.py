@@ -11,7 +11,9 @@ broker is not a delivery to the cloud). Sending a batch twice costs nothing: the
 batch once (a duplicate is answered with the current ack) and holds one that arrives early
 until the gap before it fills.
 
-Nothing is pruned after an ack: a retransmitted intent must still get its stored receipt.
+An ack does not delete anything at once: records go later, once old enough and their lease
+closed (``FogStore.prune``, ``batch.keep_acked_ms``), so a retransmitted intent still gets its
+stored receipt meanwhile.
 
 ``Window`` is pure (the clock is passed in). ``Uplink`` is the daemon's ``fog.uplink`` task
 around it; ``Link`` is what that task and the lease task (``fog.leasing.LeaseKeeper``) share
