@@ -145,6 +145,7 @@ class World:
         self.devices = [nacl.signing.SigningKey.generate() for _ in range(devices)]
         self.next_seq = 1
         self.db_dir: Path | None = None  # --db-dir: where the fog's SQLite files go
+        self.fog_toml = ""  # --fog-toml: top-level lines added to the fog's config
 
     def provision(self, db: Path) -> None:
         store = FogStore.open(
@@ -220,6 +221,7 @@ key_file = "{key_file}"
 issuer_key = "{public_key(self.issuer).hex()}"
 db = "{db}"
 log_level = "info"
+{self.fog_toml}
 [broker]
 {broker}
 [batch]
@@ -460,6 +462,12 @@ def main() -> int:
         help="put the fog's SQLite files in DIR (e.g. /dev/shm: a diagnostic of what the "
         "disk's fsync costs; not durable, not the figure to report)",
     )
+    ap.add_argument(
+        "--fog-toml",
+        default="",
+        metavar="LINES",
+        help="top-level lines for the fog's config, e.g. 'store_process = false' (A/B runs)",
+    )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, databases)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -469,6 +477,7 @@ def main() -> int:
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fogpay-bench-"))
         world = World(Path(tmp), args.devices)
+        world.fog_toml = args.fog_toml
         if args.db_dir:
             world.db_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.db_dir)))
         verify_per_s = verify_rate()
