@@ -146,6 +146,7 @@ class World:
         self.next_seq = 1
         self.db_dir: Path | None = None  # --db-dir: where the fog's SQLite files go
         self.fog_toml = ""  # --fog-toml: top-level lines added to the fog's config
+        self.fog_broker_toml = ""  # --fog-broker-toml: lines added to its [broker] table
 
     def provision(self, db: Path) -> None:
         store = FogStore.open(
@@ -224,6 +225,7 @@ log_level = "info"
 {self.fog_toml}
 [broker]
 {broker}
+{self.fog_broker_toml}
 [batch]
 records_max = 256
 age_ms = 1000
@@ -468,6 +470,12 @@ def main() -> int:
         metavar="LINES",
         help="top-level lines for the fog's config, e.g. 'store_process = false' (A/B runs)",
     )
+    ap.add_argument(
+        "--fog-broker-toml",
+        default="",
+        metavar="LINES",
+        help="lines for the fog config's [broker] table, e.g. 'process = false'",
+    )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, databases)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -478,6 +486,7 @@ def main() -> int:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fogpay-bench-"))
         world = World(Path(tmp), args.devices)
         world.fog_toml = args.fog_toml
+        world.fog_broker_toml = args.fog_broker_toml
         if args.db_dir:
             world.db_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.db_dir)))
         verify_per_s = verify_rate()
