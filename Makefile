@@ -26,6 +26,7 @@ check: $(STAMP)
 
 vectors: $(STAMP)
 	$(BIN)/python -m protocol.vectors
+	$(BIN)/python -m protocol.leasing_vectors
 
 bench: $(STAMP)
 	$(BIN)/python bench/fog.py

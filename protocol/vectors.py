@@ -162,7 +162,7 @@ def _chain(record: bytes) -> list[tuple[str, str, Message]]:
     return [("batch", "fog", header), ("ack", "issuer", ack)]
 
 
-def _entry(name: str, role: str, msg: Message) -> dict[str, str]:
+def entry(name: str, role: str, msg: Message) -> dict[str, str]:
     signed = seal_signed(msg, key(role))
     return {
         "name": name,
@@ -175,12 +175,12 @@ def _entry(name: str, role: str, msg: Message) -> dict[str, str]:
 
 
 def envelopes() -> list[dict[str, str]]:
-    out = [_entry(*m) for m in _messages()]
+    out = [entry(*m) for m in _messages()]
     intent = next(e for e in out if e["name"] == "intent")
-    out += [_entry(*m) for m in _receipts(bytes.fromhex(intent["id"]))]
+    out += [entry(*m) for m in _receipts(bytes.fromhex(intent["id"]))]
     ok = next(e for e in out if e["name"] == "receipt_ok")
     record = encode_record(bytes.fromhex(intent["envelope"]), bytes.fromhex(ok["envelope"]))
-    out += [_entry(*m) for m in _chain(record)]
+    out += [entry(*m) for m in _chain(record)]
     return out
 
 
