@@ -44,7 +44,7 @@ from fog.broker import TCP_NODELAY_OPTION, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
 from fog.leasing import LeaseKeeper
 from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
-from fog.storeproc import RemoteMethod, StoreProcess
+from fog.storeproc import RemoteMethod, StoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
 from fog.uplink import Link, Uplink
 from fogpay.keyfile import load_key_file
@@ -121,6 +121,7 @@ class FogDaemon:
         self._log = log.bind(fog_id=config.fog_id)
         self._debug = config.log_level == "debug"
         self._prune_at = 0.0  # monotonic time of the next pruning step
+        self._fatal: StoreProcessError | None = None  # the store process died: run() raises it
         self._link = Link(
             fog_id=config.fog_id,
             call=self._call,
@@ -173,6 +174,8 @@ class FogDaemon:
                     tg.create_task(self._leases.run(self._store), name="fog.leases")
         finally:
             await self._shutdown()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _start_broker(self, broker: EmbeddedBroker | BrokerProcess) -> None:
         b = self.config.broker
@@ -190,7 +193,11 @@ class FogDaemon:
         """Run a store method: on the store thread, or (``store_process``) as a message to the
         store process straight from the loop, with no thread hop."""
         if isinstance(fn, RemoteMethod):
-            result: T = await fn.proxy.acall(fn.name, *args, **kwargs)
+            try:
+                result: T = await fn.proxy.acall(fn.name, *args, **kwargs)
+            except StoreProcessError as exc:
+                self._store_lost(exc)
+                raise
             return result
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
@@ -216,11 +223,26 @@ class FogDaemon:
         if store is not None:
             with contextlib.suppress(Exception):
                 self._store_counters = await self._call(store.counters)
-            await asyncio.shield(self._call(store.close))
+            if self._fatal is None:
+                await asyncio.shield(self._call(store.close))
+            elif isinstance(store, StoreProcess):
+                store.close()  # the process is gone: reap it
         self._executor.shutdown(wait=True)
         if self._broker is not None:
             await self._broker.stop()
         self._log.info("fog_stopped", **self.counters)
+
+    def _store_lost(self, exc: StoreProcessError) -> None:
+        """The store process is gone (killed, crashed): nothing can be authorized or sealed.
+        Stop, and let ``run`` raise it: systemd restarts the fog, which reopens the store
+        from its file (every group either committed or not)."""
+        if self._fatal is None and not self._stopping.is_set():
+            self._fatal = exc
+            self._count("store_process_lost")
+            self._log.error("store_process_lost", error=str(exc))
+        self._stopping.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._intents.put_nowait(None)
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counters[name] = self._counters.get(name, 0) + n

@@ -6,6 +6,8 @@ daemon's process (``store_process = false``, ``broker.process = false``, on amqt
 import asyncio
 import contextlib
 import hashlib
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ from typing import Any
 import pytest
 import structlog.testing
 
+from fog.config import load_config
+from fog.daemon import FogDaemon
+from fog.storeproc import StoreProcess, StoreProcessError
 from protocol import topics
 from protocol.messages import Receipt
 from protocol.reasons import Reason
@@ -405,3 +410,31 @@ async def test_bad_trust_material_is_refused_counted_and_changes_nothing(
             receipt = await w.pay(device, device.intent(100))
     assert receipt.reason == Reason.UNKNOWN_DEVICE
     assert fog.counters.get("owner_accepted", 0) == 0
+
+
+async def test_a_dead_store_process_stops_the_fog_with_its_error(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """Killed or crashed, the store process takes nothing down silently: the daemon logs
+    store_process_lost, stops, and run() raises (the CLI exits 1; systemd restarts it)."""
+    config = load_config(fog_config(tmp_path, issuer, AMQTT))
+    daemon = FogDaemon(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(ready=ready))
+    try:
+        async with asyncio.timeout(15):
+            await ready.wait()
+        store = daemon._store
+        assert isinstance(store, StoreProcess)
+        with structlog.testing.capture_logs() as logs:
+            os.kill(store.pid, signal.SIGKILL)
+            async with asyncio.timeout(15):  # the sealer's next tick calls the store
+                with pytest.raises(StoreProcessError):
+                    await task
+        assert any(e["event"] == "store_process_lost" for e in logs)
+        assert daemon.counters["store_process_lost"] == 1
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
