@@ -46,6 +46,7 @@ from amqtt.session import Session
 
 from fog.childenv import child_env
 from fog.config import BrokerConfig
+from protocol.errors import FogpayError
 
 log = structlog.get_logger()
 
@@ -208,6 +209,12 @@ class BrokerProcess:
             await self._end(kill=False)
             log.info("broker_stopped", port=self.port)
 
+    async def exited(self) -> int:
+        """Wait until the broker process exits (of itself: ``stop`` forgets it); its code."""
+        proc = self._proc
+        assert proc is not None, "not started"
+        return await proc.wait()
+
     async def _end(self, *, kill: bool) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -229,6 +236,10 @@ class BrokerProcess:
 
 class BrokerStartError(Exception):
     """The broker process could not listen (the message is its reason)."""
+
+
+class BrokerLostError(FogpayError):
+    """The embedded broker's process exited while the fog was running."""
 
 
 async def _serve_child(answer_fd: int) -> int:

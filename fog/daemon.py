@@ -40,7 +40,7 @@ import nacl.signing
 import structlog
 
 from fog.authorize import Policy
-from fog.broker import TCP_NODELAY_OPTION, BrokerProcess, EmbeddedBroker
+from fog.broker import TCP_NODELAY_OPTION, BrokerLostError, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
 from fog.leasing import LeaseKeeper
 from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
@@ -121,7 +121,8 @@ class FogDaemon:
         self._log = log.bind(fog_id=config.fog_id)
         self._debug = config.log_level == "debug"
         self._prune_at = 0.0  # monotonic time of the next pruning step
-        self._fatal: StoreProcessError | None = None  # the store process died: run() raises it
+        # a child process died (store or embedded broker): run() raises it
+        self._fatal: StoreProcessError | BrokerLostError | None = None
         self._link = Link(
             fog_id=config.fog_id,
             call=self._call,
@@ -169,6 +170,8 @@ class FogDaemon:
                 tg.create_task(self._trust_worker(), name="fog.trust")
                 tg.create_task(self._sealer(), name="fog.sealer")
                 tg.create_task(self._stats(), name="fog.stats")
+                if isinstance(self._broker, BrokerProcess):
+                    tg.create_task(self._watch_broker(self._broker), name="fog.broker")
                 if self._uplink is not None and self._leases is not None:
                     tg.create_task(self._uplink.run(self._store), name="fog.uplink")
                     tg.create_task(self._leases.run(self._store), name="fog.leases")
@@ -223,10 +226,12 @@ class FogDaemon:
         if store is not None:
             with contextlib.suppress(Exception):
                 self._store_counters = await self._call(store.counters)
-            if self._fatal is None:
+            if not isinstance(store, StoreProcess):
                 await asyncio.shield(self._call(store.close))
-            elif isinstance(store, StoreProcess):
+            elif isinstance(self._fatal, StoreProcessError):
                 store.close()  # the process is gone: reap it
+            else:  # the store closes its database (checkpoint), then the process exits
+                await asyncio.shield(store.acall("close"))
         self._executor.shutdown(wait=True)
         if self._broker is not None:
             await self._broker.stop()
@@ -236,10 +241,28 @@ class FogDaemon:
         """The store process is gone (killed, crashed): nothing can be authorized or sealed.
         Stop, and let ``run`` raise it: systemd restarts the fog, which reopens the store
         from its file (every group either committed or not)."""
+        self._lost(exc, "store_process_lost")
+
+    async def _watch_broker(self, broker: BrokerProcess) -> None:
+        """The embedded broker's process exiting while we run leaves devices nowhere to
+        connect: stop the fog (run() raises; systemd restarts both) rather than retry."""
+        exited = asyncio.ensure_future(broker.exited())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if exited.done() and not self._stopping.is_set():
+            self._lost(
+                BrokerLostError(f"broker process exited ({exited.result()})"), "broker_process_lost"
+            )
+        exited.cancel()
+
+    def _lost(self, exc: StoreProcessError | BrokerLostError, event: str) -> None:
         if self._fatal is None and not self._stopping.is_set():
             self._fatal = exc
-            self._count("store_process_lost")
-            self._log.error("store_process_lost", error=str(exc))
+            self._count(event)
+            self._log.error(event, error=str(exc))
         self._stopping.set()
         with contextlib.suppress(asyncio.QueueFull):
             self._intents.put_nowait(None)

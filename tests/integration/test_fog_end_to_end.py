@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
+from fog.broker import BrokerLostError, BrokerProcess
 from fog.config import load_config
 from fog.daemon import FogDaemon
 from fog.storeproc import StoreProcess, StoreProcessError
@@ -126,7 +127,8 @@ async def test_pay_then_retransmit_gets_same_receipt_and_one_log_record(
             assert again == first
             assert fog.counters["intent_authorized"] == 1
             assert fog.counters["intent_replayed"] == 1
-    rows = _log_rows(tmp_path / "fog.sqlite")
+    assert not _wal_left(tmp_path)  # a clean stop closes the store (last checkpoint)
+    rows = _log_rows(tmp_path / "fog.sqlite")  # (before this opens the file again)
     assert rows == 1
 
 
@@ -438,3 +440,38 @@ async def test_a_dead_store_process_stops_the_fog_with_its_error(
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def test_a_dead_broker_process_stops_the_fog_with_its_error(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The embedded broker's process gone, devices have nowhere to connect: the daemon logs
+    broker_process_lost and run() raises, instead of reconnecting for an hour."""
+    config = load_config(fog_config(tmp_path, issuer, AMQTT))
+    daemon = FogDaemon(config)
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(ready=ready))
+    try:
+        async with asyncio.timeout(15):
+            await ready.wait()
+        broker = daemon._broker
+        assert isinstance(broker, BrokerProcess) and broker.pid is not None
+        with structlog.testing.capture_logs() as logs:
+            os.kill(broker.pid, signal.SIGKILL)
+            async with asyncio.timeout(15):
+                with pytest.raises(BrokerLostError):
+                    await task
+        assert any(e["event"] == "broker_process_lost" for e in logs)
+        assert daemon.counters["broker_process_lost"] == 1
+        assert not _wal_left(tmp_path)  # the store was closed cleanly all the same
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _wal_left(tmp_path: Path) -> bool:
+    """A -wal file left behind means the store was not closed (SQLite checkpoints and removes
+    it at the last connection's clean close)."""
+    return (tmp_path / "fog.sqlite-wal").exists()
