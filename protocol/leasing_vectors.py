@@ -14,7 +14,6 @@ A fog in another language builds these messages against this file and the tables
 14.1. ``build()`` is pure; only ``main()`` touches the file system.
 """
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -23,7 +22,7 @@ from protocol.codec import pack
 from protocol.leasing import LeaseReport, LeaseRequest
 from protocol.messages import Message
 from protocol.reasons import Reason
-from protocol.vectors import DAY_MS, T0_MS, VERSION, entry, pub, seed, signed_envelope
+from protocol.vectors import DAY_MS, T0_MS, VERSION, dumps, entry, pub, seed, signed_envelope
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "leasing-v1.json"
 LEASE_ID: Final = bytes(range(16))
@@ -123,10 +122,6 @@ def build() -> dict[str, Any]:
         "envelopes": envelopes(),
         "malformed": malformed(),
     }
-
-
-def dumps(vectors: dict[str, Any]) -> str:
-    return json.dumps(vectors, indent=1) + "\n"
 
 
 def main(argv: list[str]) -> int:

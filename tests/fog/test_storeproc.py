@@ -6,6 +6,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,14 +20,18 @@ from tests.fog.world import NOW, World
 EXIT_WAIT_S = 10.0
 
 
+def opening(world: World) -> dict[str, Any]:
+    """What FogStore.open and StoreProcess.start take besides the path."""
+    return {
+        "fog_id": world.fog_id,
+        "fog_key": world.fog_key,
+        "issuer_key": public_key(world.issuer),
+        "policy": world.policy,
+    }
+
+
 def start(world: World) -> StoreProcess:
-    return StoreProcess.start(
-        world.path,
-        fog_id=world.fog_id,
-        fog_key=world.fog_key,
-        issuer_key=public_key(world.issuer),
-        policy=world.policy,
-    )
+    return StoreProcess.start(world.path, **opening(world))
 
 
 def provisioned(world: World, devices: int) -> list[tuple[bytes, bytes]]:
@@ -77,25 +82,13 @@ def test_an_exception_in_the_store_is_raised_in_the_caller_and_the_process_serve
 
 def test_open_failure_is_raised_by_start(world: World, tmp_path: Path) -> None:
     newer = tmp_path / "newer.db"
-    FogStore.open(
-        newer,
-        fog_id=world.fog_id,
-        fog_key=world.fog_key,
-        issuer_key=public_key(world.issuer),
-        policy=world.policy,
-    ).close()
+    FogStore.open(newer, **opening(world)).close()
     con = sqlite3.connect(newer)
     con.execute("UPDATE schema_version SET version = 999")
     con.commit()
     con.close()
     with pytest.raises(StoreError, match="newer"):
-        StoreProcess.start(
-            newer,
-            fog_id=world.fog_id,
-            fog_key=world.fog_key,
-            issuer_key=public_key(world.issuer),
-            policy=world.policy,
-        )
+        StoreProcess.start(newer, **opening(world))
 
 
 async def test_awaited_calls_from_many_tasks_are_served_one_at_a_time(world: World) -> None:

@@ -9,7 +9,7 @@ import hashlib
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -414,32 +414,47 @@ async def test_bad_trust_material_is_refused_counted_and_changes_nothing(
     assert fog.counters.get("owner_accepted", 0) == 0
 
 
-async def test_a_dead_store_process_stops_the_fog_with_its_error(
+@contextlib.asynccontextmanager
+async def serving(
     tmp_path: Path, issuer: Issuer
-) -> None:
-    """Killed or crashed, the store process takes nothing down silently: the daemon logs
-    store_process_lost, stops, and run() raises (the CLI exits 1; systemd restarts it)."""
-    config = load_config(fog_config(tmp_path, issuer, AMQTT))
-    daemon = FogDaemon(config)
+) -> AsyncIterator[tuple[FogDaemon, "asyncio.Task[None]"]]:
+    """A daemon with its store and embedded broker in processes of their own, until ready."""
+    daemon = FogDaemon(load_config(fog_config(tmp_path, issuer, AMQTT)))
     ready = asyncio.Event()
     task = asyncio.create_task(daemon.run(ready=ready))
     try:
         async with asyncio.timeout(15):
             await ready.wait()
-        store = daemon._store
-        assert isinstance(store, StoreProcess)
-        with structlog.testing.capture_logs() as logs:
-            os.kill(store.pid, signal.SIGKILL)
-            async with asyncio.timeout(15):  # the sealer's next tick calls the store
-                with pytest.raises(StoreProcessError):
-                    await task
-        assert any(e["event"] == "store_process_lost" for e in logs)
-        assert daemon.counters["store_process_lost"] == 1
+        yield daemon, task
     finally:
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def kill_child(
+    daemon: FogDaemon, task: "asyncio.Task[None]", pid: int, error: type[Exception], event: str
+) -> None:
+    """SIGKILL a child of the daemon: run() raises ``error``, ``event`` is logged and counted."""
+    with structlog.testing.capture_logs() as logs:
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(15):  # noticed at the next store call or at once
+            with pytest.raises(error):
+                await task
+    assert any(e["event"] == event for e in logs)
+    assert daemon.counters[event] == 1
+
+
+async def test_a_dead_store_process_stops_the_fog_with_its_error(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """Killed or crashed, the store process takes nothing down silently: the daemon logs
+    store_process_lost, stops, and run() raises (the CLI exits 1; systemd restarts it)."""
+    async with serving(tmp_path, issuer) as (daemon, task):
+        store = daemon._store
+        assert isinstance(store, StoreProcess)
+        await kill_child(daemon, task, store.pid, StoreProcessError, "store_process_lost")
 
 
 async def test_a_dead_broker_process_stops_the_fog_with_its_error(
@@ -447,28 +462,11 @@ async def test_a_dead_broker_process_stops_the_fog_with_its_error(
 ) -> None:
     """The embedded broker's process gone, devices have nowhere to connect: the daemon logs
     broker_process_lost and run() raises, instead of reconnecting for an hour."""
-    config = load_config(fog_config(tmp_path, issuer, AMQTT))
-    daemon = FogDaemon(config)
-    ready = asyncio.Event()
-    task = asyncio.create_task(daemon.run(ready=ready))
-    try:
-        async with asyncio.timeout(15):
-            await ready.wait()
+    async with serving(tmp_path, issuer) as (daemon, task):
         broker = daemon._broker
         assert isinstance(broker, BrokerProcess) and broker.pid is not None
-        with structlog.testing.capture_logs() as logs:
-            os.kill(broker.pid, signal.SIGKILL)
-            async with asyncio.timeout(15):
-                with pytest.raises(BrokerLostError):
-                    await task
-        assert any(e["event"] == "broker_process_lost" for e in logs)
-        assert daemon.counters["broker_process_lost"] == 1
-        assert not _wal_left(tmp_path)  # the store was closed cleanly all the same
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await kill_child(daemon, task, broker.pid, BrokerLostError, "broker_process_lost")
+    assert not _wal_left(tmp_path)  # the store was closed cleanly all the same
 
 
 def _wal_left(tmp_path: Path) -> bool:
