@@ -42,6 +42,7 @@ import structlog
 from fog.authorize import Policy
 from fog.broker import TCP_NODELAY_OPTION, BrokerLostError, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
+from fog.latency import Histogram
 from fog.leasing import LeaseKeeper
 from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
 from fog.storeproc import RemoteMethod, StoreProcess, StoreProcessError
@@ -118,6 +119,9 @@ class FogDaemon:
         self._store_counters: dict[str, int] = {}
         self._republished = False
         self._publishing: set[asyncio.Task[None]] = set()
+        # fog_stats: per intent, read -> receipt handed to the client; per group, the store call
+        self._answer_time = Histogram()
+        self._store_time = Histogram()
         self._log = log.bind(fog_id=config.fog_id)
         self._debug = config.log_level == "debug"
         self._prune_at = 0.0  # monotonic time of the next pruning step
@@ -409,7 +413,7 @@ class FogDaemon:
         assert parsed.key is not None
         self._count("intent_received")
         try:
-            self._intents.put_nowait(Arrival(parsed.key, payload))
+            self._intents.put_nowait(Arrival(parsed.key, payload, time.perf_counter()))
         except asyncio.QueueFull:
             self._count("intent_dropped")
             self._log.warning("intent_dropped", cause="queue_full", device=short(parsed.key))
@@ -447,12 +451,14 @@ class FogDaemon:
     async def _process_group(self, group: list[Arrival]) -> None:
         store = self._store
         assert store is not None
+        started = time.perf_counter()
         try:
             outcomes = await self._call(store.process, group, now_ms=self._clock())
         except Exception as exc:  # the seam: a bug or a disk error must not kill the fog
             self._count("group_failed")
             self._log.error("group_failed", size=len(group), error=type(exc).__name__)
             return
+        self._store_time.add(time.perf_counter() - started)
         for outcome in outcomes:
             self._log_outcome(outcome)
         if self._leases is not None:
@@ -504,13 +510,12 @@ class FogDaemon:
         if client is None:
             self._count("receipt_unsent", len(outcomes))
             return
-        sends = [
-            self._publish_one(client, topics.receipt_topic(self.config.fog_id, a.topic_device), o)
-            for a, o in zip(group, outcomes, strict=True)
-        ]
+        sends = [self._publish_one(client, a, o) for a, o in zip(group, outcomes, strict=True)]
         await asyncio.gather(*sends)
 
-    async def _publish_one(self, client: aiomqtt.Client, topic: str, o: Outcome) -> None:
+    async def _publish_one(self, client: aiomqtt.Client, a: Arrival, o: Outcome) -> None:
+        topic = topics.receipt_topic(self.config.fog_id, a.topic_device)
+        self._answer_time.add(time.perf_counter() - a.received_s)
         try:
             await client.publish(topic, o.receipt, qos=1, timeout=PUBLISH_TIMEOUT_S)
             self._count("receipt_published")
@@ -633,7 +638,13 @@ class FogDaemon:
             store = self._store
             assert store is not None
             self._store_counters = await self._call(store.counters)
-            self._log.info("fog_stats", queued=self._intents.qsize(), **self.counters)
+            self._log.info(
+                "fog_stats",
+                queued=self._intents.qsize(),
+                **self.counters,
+                **self._answer_time.take("answer_ms"),
+                **self._store_time.take("store_ms"),
+            )
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         """Sleep ``seconds``; True at once when stopping."""

@@ -19,7 +19,7 @@ import hashlib
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -89,6 +89,9 @@ __all__ = [  # what other modules import from here (the split modules' names inc
 class Arrival:
     topic_device: bytes  # the 32 key bytes parsed from the intent topic's device level
     payload: bytes  # raw MQTT payload (unverified)
+    # time.perf_counter() when the daemon read it (fog_stats' answer_ms); not stored, not sent
+    # to the store process
+    received_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

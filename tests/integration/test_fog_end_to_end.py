@@ -35,7 +35,7 @@ from tests.integration.devices import (
     wallet,
     write_fog_files,
 )
-from tests.integration.fogrun import running_fog, wait_counter
+from tests.integration.fogrun import running_fog, wait_counter, wait_for
 
 FOG = "fog-a"
 FOG_PW = "fog-secret"
@@ -473,3 +473,42 @@ def _wal_left(tmp_path: Path) -> bool:
     """A -wal file left behind means the store was not closed (SQLite checkpoints and removes
     it at the last connection's clean close)."""
     return (tmp_path / "fog.sqlite-wal").exists()
+
+
+async def test_fog_stats_time_every_answer_and_every_store_call(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """Each receipt published is one answer_ms sample and each group one store_ms sample, over
+    the fog_stats lines; an answer includes its group's store call, so the slowest answer is
+    at least the slowest store call."""
+    devices = [Device(FOG) for _ in range(4)]
+    config = fog_config(tmp_path, issuer, AMQTT)  # fog_stats every 0.5 s
+    with structlog.testing.capture_logs() as logs:
+        async with running_fog(config) as fog:
+            await provision(fog, AMQTT, issuer, devices, 10**9)
+            async with wallet("127.0.0.1", fog.broker_port, FOG, **AMQTT.creds) as w:
+
+                async def pay_three(d: Device) -> list[bytes]:
+                    paid = [d.intent(100) for _ in range(3)]
+                    for p in paid:  # one at a time, as a device does
+                        assert (await w.pay(d, p)).ok
+                    return paid
+
+                paid = await asyncio.gather(*(pay_three(d) for d in devices))
+                await w.pay(devices[0], paid[0][0])  # a replay is answered (and timed) too
+            answers = 3 * len(devices) + 1
+            await wait_for(lambda: _summed(logs, "answer_ms_n") >= answers)
+            received = fog.counters["intent_received"]
+    stats = [e for e in logs if e["event"] == "fog_stats"]
+    assert received == answers
+    assert _summed(logs, "answer_ms_n") == answers
+    assert 1 <= _summed(logs, "store_ms_n") <= answers  # a group holds one intent or more
+    timed = [e for e in stats if e["answer_ms_n"]]
+    for e in timed:
+        assert 0 < e["answer_ms_p50"] <= e["answer_ms_p99"] <= e["answer_ms_max"]
+    slowest_store = max(e["store_ms_max"] for e in stats if e["store_ms_n"])
+    assert max(e["answer_ms_max"] for e in timed) >= slowest_store
+
+
+def _summed(logs: list[dict[str, Any]], key: str) -> int:
+    return sum(int(e.get(key, 0)) for e in logs if e["event"] == "fog_stats")
