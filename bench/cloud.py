@@ -9,7 +9,8 @@ Builds signed batches as a fog would (spec section 7: real device and fog signat
 records' Ed25519 checks (two per record) run in a ``ProcessPoolExecutor`` of ``--workers``
 processes, ahead of the booking, which stays in this process (one transaction per batch,
 durable before its ack). It prints records/s, the single-core Ed25519 verify rate measured
-in the same run, and the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used.
+in the same run (before, and again after each store's ingest: the target uses the best), and
+the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used.
 Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if initdb exists.
 """
 
@@ -151,6 +152,11 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
         elapsed = await ingest_all(store, world, batches, pool)
         main_cpu = time.process_time() - main_cpu
     children = _children_cpu() - children  # the workers, once they have exited
+    # The target uses the best verify rate seen before or right after this ingest: on a shared
+    # machine one slow moment before the run must not make the target easier (it once read
+    # 13,159/s against 18,224/s a minute earlier).
+    before, after = rate, verify_rate()
+    rate = max(before, after)
     check = await store.transact(ledger.check)
     assert check.ok and check.transfers == args.records, check
     per_s = args.records / elapsed
@@ -160,6 +166,7 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
         f"{name:8s} {args.records:>8,} records in {elapsed:6.2f} s = {per_s:>9,.0f} records/s "
         f"(built in {built:.1f} s; {workers} verify workers) | target 0.8 x {rate:,.0f}/2 x "
         f"{cores} = {target:,.0f} records/s: {'met' if per_s >= target else 'NOT met'}"
+        f" (verify rate: the best of {before:,.0f}/s before and {after:,.0f}/s after)"
     )
     us = 1e6 / args.records
     print(

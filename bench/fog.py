@@ -11,6 +11,11 @@ a fixed payload. Each target gets a paced phase (1,000 intents/s offered: p50/p9
 a saturation phase (a window of outstanding intents: sustained receipts/s), and its CPU time
 per intent is read from /proc (all its processes; "main": the process started, without the
 fog's store process). The single-core Ed25519 verify rate is measured in the same run.
+For the fog, the paced phase is also read from the fog's side: its ``fog_stats`` lines (one a
+second here) time each answer from the moment the fog read the intent to the moment it handed
+the receipt back, and each store call (verify, authorize, durable commit, sign); the table's
+second line per fog gives the p99 of each, median and worst over the 1-s windows inside the
+phase, which tells a slow disk (store calls) from a busy machine (the rest).
 With ``--rounds N`` each target is measured N times, alternating (each time on a fresh broker
 and, for the fog, a fresh database), and the medians are reported with every round's ratio:
 this 2-core machine is shared, and one run's ratio ranged 0.57-0.91 from run to run.
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -57,6 +63,7 @@ AMOUNT_MICROS = 1_000
 PACED_RATE_PER_S = 1000.0
 READY_S_MAX = 20.0
 WINDOW = 400
+STATS_INTERVAL_S = 1
 TARGETS = ("responder", "fog")
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +229,7 @@ key_file = "{key_file}"
 issuer_key = "{public_key(self.issuer).hex()}"
 db = "{db}"
 log_level = "info"
+stats_interval_s = {STATS_INTERVAL_S}
 {self.fog_toml}
 [broker]
 {broker}
@@ -256,6 +264,7 @@ def measure(
 ) -> dict[str, Any]:
     user, password = creds
     paced_shots = world.shots(int(PACED_RATE_PER_S * seconds) + 10)
+    paced_from = time.time()
     paced = asyncio.run(
         loadgen.run(
             "127.0.0.1",
@@ -269,6 +278,7 @@ def measure(
             password=password,
         )
     )
+    paced_to = time.time()
     sat_shots = world.shots(60_000)
     spy = os.environ.get("FOGPAY_BENCH_PYSPY")  # a file: py-spy the target while saturated
     profiler = (
@@ -322,6 +332,7 @@ def measure(
         # CPU is the difference)
         "cpu_us_per_intent_main": round((own1 - own0) / max(1, sat.received) * 1e6, 1),
         "statuses": dict(paced.statuses + sat.statuses),
+        "paced_window": (paced_from, paced_to),
     }
 
 
@@ -372,8 +383,30 @@ def measure_target(kind: str, target: str, world: World, seconds: float, d: Path
         if kind == "amqtt":
             wait_port(port)
         wait_fog_ready(d / "fog.log", p)
-        return measure(world, p.pid, port, seconds, creds)
-    raise AssertionError("unreachable")
+        result = measure(world, p.pid, port, seconds, creds)
+    return {**result, **fog_side(d / "fog.log", *result["paced_window"])}  # the fog has stopped
+
+
+def fog_side(log: Path, start: float, end: float) -> dict[str, float]:
+    """p99 of the fog's answer and store times (fog_stats), median and worst over the 1-s
+    windows wholly inside [start, end] (a line reports the interval that ends at its time)."""
+    windows = []
+    for line in log.read_text().splitlines():
+        if '"fog_stats"' not in line:
+            continue
+        e = json.loads(line)
+        at = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        if start + STATS_INTERVAL_S <= at <= end and e.get("answer_ms_n") and e.get("store_ms_n"):
+            windows.append((e["answer_ms_p99"], e["store_ms_p99"]))
+    if not windows:
+        return {}
+    answer, store = zip(*windows, strict=True)
+    return {
+        "fog_answer_p99_ms_median": statistics.median(answer),
+        "fog_answer_p99_ms_worst": max(answer),
+        "fog_store_p99_ms_median": statistics.median(store),
+        "fog_store_p99_ms_worst": max(store),
+    }
 
 
 def run_broker(
@@ -426,6 +459,12 @@ def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
                 f"{r['p99_ms_at_1000']:>8} {r['max_ms_at_1000']:>8} "
                 f"{r['cpu_us_per_intent']:>10} {r['cpu_us_per_intent_main']:>7}  {r['statuses']}"
             )
+            if "fog_answer_p99_ms_median" in r:
+                rows.append(
+                    f"{'':10} {'':10} fog's own p99 at 1,000/s, per 1-s window (median / worst):"
+                    f" answer {r['fog_answer_p99_ms_median']} / {r['fog_answer_p99_ms_worst']} ms,"
+                    f" store call {r['fog_store_p99_ms_median']} / {r['fog_store_p99_ms_worst']} ms"
+                )
         if "ratios" not in targets:
             continue
         ratio = targets["fog"]["per_s"] / max(1.0, targets["responder"]["per_s"])
