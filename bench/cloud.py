@@ -10,7 +10,8 @@ records' Ed25519 checks (two per record) run in a ``ProcessPoolExecutor`` of ``-
 processes, ahead of the booking, which stays in this process (one transaction per batch,
 durable before its ack). It prints records/s, the single-core Ed25519 verify rate measured
 in the same run (before, and again after each store's ingest: the target uses the best), and
-the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used.
+the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used, then the CPU per
+record that target leaves (1.25 x 2 verifies, everything included) against what the run spent.
 Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if initdb exists.
 """
 
@@ -173,6 +174,15 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
         f"{'':8s} CPU per record: verify workers {children * us:.1f} us, this process "
         f"{main_cpu * us:.1f} us (2 verifies: {2e6 / rate:.1f} us"
         f"{'; the PostgreSQL server not counted' if name == 'postgres' else ''})"
+    )
+    # With every core used busy, records/s = cores / (CPU per record): the target allows
+    # cores / target = 1.25 x 2 verifies of CPU per record, all work included.
+    allowed, verifies = cores * 1e6 / target, 2e6 / rate
+    spent = (children + main_cpu) * us
+    print(
+        f"{'':8s} budget: the target allows {allowed:.1f} us CPU per record on {cores} cores"
+        f" (1.25 x 2 verifies): {allowed - verifies:.1f} us besides the verifies; this run"
+        f" spent {spent:.1f} us, {spent - verifies:.1f} us besides them"
     )
 
 
