@@ -12,7 +12,7 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
-from cloud.schema import ddl
+from cloud.schema import create as create_schema
 from cloud.store import Row, StoreConflict
 
 T = TypeVar("T")
@@ -86,7 +86,11 @@ class PgStore:
             server_settings=settings,
         )
         store = cls(pool)
-        await store.transact(_create)
+        try:
+            await store.transact(_create)
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     async def transact(self, fn: Callable[[PgTx], Awaitable[T]]) -> T:
@@ -106,5 +110,4 @@ class PgStore:
 async def _create(tx: PgTx) -> None:
     # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog: serialize it.
     await tx.execute("SELECT pg_advisory_xact_lock(8461)")
-    for stmt in ddl(blob="BYTEA", integer="BIGINT"):
-        await tx.execute(stmt)
+    await create_schema(tx, blob="BYTEA", integer="BIGINT")

@@ -1,11 +1,23 @@
 """The cloud's tables, written once for both dialects (``{blob}`` and ``{int}`` differ).
 
 Money columns are BIGINT micros; amounts are <= 2^53 and balances stay far inside 2^63.
+The schema's version is kept in ``meta`` (``schema_version``): ``create`` writes it into a new
+database and refuses a database written by a newer fogpay before it touches anything else, so
+an older binary started by mistake cannot book into tables it does not understand.
 """
 
 from typing import Final
 
+from cloud.store import Tx
+from protocol.errors import FogpayError
+
 SCHEMA_VERSION: Final = 1
+VERSION_KEY: Final = "schema_version"
+
+
+class SchemaError(FogpayError):
+    """The database cannot be used by this fogpay (written by a newer one, or damaged)."""
+
 
 TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
@@ -84,3 +96,30 @@ TABLES: Final = (
 
 def ddl(*, blob: str, integer: str) -> list[str]:
     return [t.format(blob=blob, int=integer) for t in TABLES]
+
+
+async def create(tx: Tx, *, blob: str, integer: str) -> int:
+    """Check the database's schema version, then create what is missing; returns the version.
+
+    A database without a version row predates the row and holds version 1, the first (every
+    table is ``IF NOT EXISTS``): it gets the row. Raises SchemaError, changing nothing, for a
+    version this fogpay does not know (newer) or a row that is not a version."""
+    meta, *tables = ddl(blob=blob, integer=integer)
+    await tx.execute(meta)
+    row = await tx.fetchone("SELECT v FROM meta WHERE k = ?", (VERSION_KEY,))
+    if row is not None:
+        text = str(row[0])
+        if not text.isdigit() or int(text) < 1:
+            raise SchemaError(f"meta.{VERSION_KEY} is {text!r}, not a schema version")
+        if int(text) > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database has schema version {int(text)}; this fogpay knows versions up "
+                f"to {SCHEMA_VERSION}: run the fogpay that wrote it (or a newer one)"
+            )
+    for stmt in tables:
+        await tx.execute(stmt)
+    if row is None:
+        await tx.execute(
+            "INSERT INTO meta (k, v) VALUES (?, ?)", (VERSION_KEY, str(SCHEMA_VERSION))
+        )
+    return SCHEMA_VERSION

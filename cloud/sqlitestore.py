@@ -11,7 +11,7 @@ from typing import Final, TypeVar
 
 import aiosqlite
 
-from cloud.schema import ddl
+from cloud.schema import create as create_schema
 from cloud.store import Row, placeholders
 
 T = TypeVar("T")
@@ -70,7 +70,11 @@ class SqliteStore:
         ):
             await conn.execute(pragma)
         store = cls(conn)
-        await store.transact(_create)
+        try:
+            await store.transact(_create)
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     async def transact(self, fn: Callable[[SqliteTx], Awaitable[T]]) -> T:
@@ -89,5 +93,4 @@ class SqliteStore:
 
 
 async def _create(tx: SqliteTx) -> None:
-    for stmt in ddl(blob="BLOB", integer="INTEGER"):
-        await tx.execute(stmt)
+    await create_schema(tx, blob="BLOB", integer="INTEGER")

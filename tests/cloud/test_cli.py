@@ -1,6 +1,7 @@
 """The ``fogpay cloud`` commands and ``fogpay verify-receipt``, each in a real second process,
 over a real SQLite file and a real PostgreSQL database."""
 
+import asyncio
 import contextlib
 import io
 import json
@@ -15,6 +16,8 @@ import asyncpg
 import pytest
 import structlog
 
+from cloud.schema import SCHEMA_VERSION, VERSION_KEY
+from cloud.store import open_store
 from fogpay.cli import main
 from protocol.batch import decode_record
 from protocol.messages import Binding, Intent, Revocation
@@ -209,3 +212,22 @@ def test_owner_may_revoke_its_device_but_not_anothers(cli: Cli, tmp_path: Path) 
     by_alice = seal(Revocation(key=public_key(device), time_ms=1, reason="stolen"), alice)
     cli.run("device", "revoke", "--envelope", by_alice.hex())
     assert cli.run("device", "list")[0]["revoked"] is True
+
+
+def test_a_database_of_a_newer_schema_is_refused_with_the_reason(cli: Cli) -> None:
+    cli.run("init")
+    newer = str(SCHEMA_VERSION + 1)
+
+    async def as_a_newer_fogpay_left_it() -> None:
+        store = await open_store(cli.store)
+        try:
+            await store.transact(
+                lambda tx: tx.execute("UPDATE meta SET v = ? WHERE k = ?", (newer, VERSION_KEY))
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(as_a_newer_fogpay_left_it())
+    err = cli.run("check", rc=1, process=True)
+    assert f"SchemaError: the database has schema version {newer}" in err, err
+    assert "Traceback" not in err
