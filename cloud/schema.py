@@ -98,8 +98,8 @@ def ddl(*, blob: str, integer: str) -> list[str]:
     return [t.format(blob=blob, int=integer) for t in TABLES]
 
 
-async def create(tx: Tx, *, blob: str, integer: str) -> int:
-    """Check the database's schema version, then create what is missing; returns the version.
+async def create(tx: Tx, *, blob: str, integer: str) -> None:
+    """Check the database's schema version, then create what is missing.
 
     A database without a version row predates the row and holds version 1, the first (every
     table is ``IF NOT EXISTS``): it gets the row. Raises SchemaError, changing nothing, for a
@@ -109,11 +109,11 @@ async def create(tx: Tx, *, blob: str, integer: str) -> int:
     row = await tx.fetchone("SELECT v FROM meta WHERE k = ?", (VERSION_KEY,))
     if row is not None:
         text = str(row[0])
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise SchemaError(f"meta.{VERSION_KEY} is {text!r}, not a schema version")
-        if int(text) > SCHEMA_VERSION:
+        if (version := int(text)) > SCHEMA_VERSION:
             raise SchemaError(
-                f"the database has schema version {int(text)}; this fogpay knows versions up "
+                f"the database has schema version {version}; this fogpay knows versions up "
                 f"to {SCHEMA_VERSION}: run the fogpay that wrote it (or a newer one)"
             )
     for stmt in tables:
@@ -122,4 +122,3 @@ async def create(tx: Tx, *, blob: str, integer: str) -> int:
         await tx.execute(
             "INSERT INTO meta (k, v) VALUES (?, ?)", (VERSION_KEY, str(SCHEMA_VERSION))
         )
-    return SCHEMA_VERSION

@@ -105,6 +105,7 @@ async def test_a_database_from_before_the_version_row_gets_it(db: Database) -> N
         (str(SCHEMA_VERSION + 1), f"schema version {SCHEMA_VERSION + 1}; this fogpay knows"),
         ("0", "not a schema version"),
         ("two", "not a schema version"),
+        ("\u00b2", "not a schema version"),  # a digit to str.isdigit, not to int()
     ],
 )
 async def test_an_unknown_version_is_refused_and_nothing_is_written(
