@@ -20,9 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 check: $(STAMP)
-	$(BIN)/ruff format --check protocol fog edge cloud fogpay tests bench
-	$(BIN)/ruff check protocol fog edge cloud fogpay tests bench
-	$(BIN)/mypy protocol fog edge cloud fogpay
+	$(BIN)/ruff format --check protocol runtime fog edge cloud fogpay tests bench
+	$(BIN)/ruff check protocol runtime fog edge cloud fogpay tests bench
+	$(BIN)/mypy protocol runtime fog edge cloud fogpay
 
 vectors: $(STAMP)
 	$(BIN)/python -m protocol.vectors

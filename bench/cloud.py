@@ -38,9 +38,9 @@ from cloud.pgstore import PgStore
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
-from fogpay import logs
 from protocol import limits
 from protocol.signing import open_envelope, possession_proof
+from runtime import logs
 from tests.cloud.world import T0, FogLog, World
 
 DEVICES = 500

@@ -54,10 +54,10 @@ import loadgen
 
 from fog.authorize import Policy
 from fog.store import FogStore
-from fogpay.keyfile import write_key_file
 from protocol import topics
 from protocol.messages import Binding, Intent, Lease, OwnerCredential
 from protocol.signing import public_key, seal, signing_input, verify
+from runtime.keyfile import write_key_file
 
 FOG_ID = "bench-fog"
 OWNER_ID = "bench-owner"

@@ -19,12 +19,13 @@ import nacl.signing
 
 from cloud import config as cloud_config
 from cloud import leases, ledger, registry
+from cloud.backends import open_store
 from cloud.proof import ProofError, build_proof, verify_proof
-from cloud.store import Store, Tx, open_store
-from fogpay import logs
-from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
+from cloud.store import Store, Tx
 from protocol.errors import FogpayError
 from protocol.signing import public_key
+from runtime import logs
+from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 T = TypeVar("T")
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -102,21 +103,6 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
             return 1
 
     return wrapper
-
-
-def register(sub: Sub) -> None:
-    cloud = sub.add_parser("cloud", help="the cloud aggregator's registry, ledger and settlement")
-    cloud.add_argument("--config", help="TOML config (see cloud/config.py)")
-    cloud.add_argument("--store", help="sqlite://PATH or postgresql://... (overrides config)")
-    cloud.add_argument("--issuer-key", help="issuer key file, mode 0600 (overrides config)")
-    cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
-    from cloud import cli_commands
-
-    cli_commands.register_commands(cmds)
-    v = sub.add_parser("verify-receipt", help="check a receipt or proof file offline")
-    v.add_argument("file", help="proof JSON (docs/cloud.md)")
-    v.add_argument("--issuer", required=True, help="issuer public key: hex or @FILE")
-    v.set_defaults(func=guarded(cmd_verify_receipt))
 
 
 def cmd_verify_receipt(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The subcommands of ``fogpay cloud`` (the parser and shared helpers are in ``cloud.cli``)."""
+"""The parser of ``fogpay cloud`` and its subcommands (the shared helpers and the first
+commands are in ``cloud.cli``, which imports nothing of this module)."""
 
 import argparse
 import asyncio
@@ -8,6 +9,7 @@ from typing import Any
 
 from cloud import config as cloud_config
 from cloud import leases, registry
+from cloud.backends import open_store
 from cloud.cli import (
     Sub,
     _key_arg,
@@ -15,6 +17,7 @@ from cloud.cli import (
     cmd_check,
     cmd_init,
     cmd_prove,
+    cmd_verify_receipt,
     guarded,
     hex_arg,
     issuer,
@@ -24,8 +27,21 @@ from cloud.cli import (
     show_owner,
 )
 from cloud.ingest import Ingestor
-from cloud.store import Tx, open_store
+from cloud.store import Tx
 from protocol.errors import FogpayError
+
+
+def register(sub: Sub) -> None:
+    cloud = sub.add_parser("cloud", help="the cloud aggregator's registry, ledger and settlement")
+    cloud.add_argument("--config", help="TOML config (see cloud/config.py)")
+    cloud.add_argument("--store", help="sqlite://PATH or postgresql://... (overrides config)")
+    cloud.add_argument("--issuer-key", help="issuer key file, mode 0600 (overrides config)")
+    cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+    register_commands(cmds)
+    v = sub.add_parser("verify-receipt", help="check a receipt or proof file offline")
+    v.add_argument("file", help="proof JSON (docs/cloud.md)")
+    v.add_argument("--issuer", required=True, help="issuer public key: hex or @FILE")
+    v.set_defaults(func=guarded(cmd_verify_receipt))
 
 
 def register_commands(cmds: Sub) -> None:
@@ -281,8 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from cloud.service import open_service
-    from fog.cli import route_stdlib_logging
-    from fogpay import logs
+    from runtime import logs
+    from runtime.logs import route_stdlib_logging
 
     cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
     if args.broker:

@@ -38,12 +38,12 @@ from cloud import registry
 from cloud.errors import RegistryError
 from cloud.leases import STATE_OPEN
 from cloud.store import Store, Tx, clamp_ms
-from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import topics
 from protocol.errors import Declined, FogpayError
 from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
 from protocol.signing import Signed, open_envelope
 from protocol.topics import Kind
+from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
 

@@ -41,16 +41,17 @@ import aiomqtt
 import nacl.signing
 import structlog
 
+from cloud.backends import open_store
 from cloud.config import CloudConfig, ConfigError
 from cloud.core import CloudCore, Publish
 from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_inline
-from cloud.store import Store, Tx, open_store
+from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
-from fogpay.keyfile import load_key_file
-from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import limits, topics
 from protocol.errors import FogpayError
 from protocol.topics import Kind
+from runtime.keyfile import load_key_file
+from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
 

@@ -95,15 +95,3 @@ async def fetch_in(
     for part in chunks(list(items)):
         rows.extend(await tx.fetchall(sql.replace("{in}", placeholders(len(part))), part))
     return rows
-
-
-async def open_store(url: str) -> Store:
-    """``sqlite:///path/to/cloud.db`` (or a plain path) or ``postgresql://...``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from cloud.pgstore import PgStore
-
-        return await PgStore.open(url)
-    from cloud.sqlitestore import SqliteStore
-
-    path = url.removeprefix("sqlite://")
-    return await SqliteStore.open(path)

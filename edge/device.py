@@ -2,7 +2,7 @@
 
 A device's whole durable state is a small directory::
 
-    device.key      Ed25519 seed, hex, mode 0600 (fogpay.keyfile); created on first open
+    device.key      Ed25519 seed, hex, mode 0600 (runtime.keyfile); created on first open
     seq             highest sequence number reserved, decimal; replaced atomically, fsynced
     receipts.jsonl  one verified ok receipt per line, appended and fsynced: the device's
                     proof of payment
@@ -38,7 +38,6 @@ import aiomqtt
 import nacl.signing
 import structlog
 
-from fogpay.keyfile import load_key_file, new_key_file
 from protocol import topics
 from protocol.errors import Declined, FogpayError, TopicError
 from protocol.messages import Intent, Receipt, encode_body
@@ -51,6 +50,7 @@ from protocol.signing import (
     public_key,
     seal_signed,
 )
+from runtime.keyfile import load_key_file, new_key_file
 
 log = structlog.get_logger()
 

@@ -1,8 +1,18 @@
 """``python -m fog --config FILE`` is ``fogpay fog run --config FILE``."""
 
+import argparse
 import sys
 
-from fogpay.cli import main
+from fog import cli
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fog")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fog", "run", *argv])
+    rc: int = args.func(args)
+    return rc
+
 
 if __name__ == "__main__":
-    sys.exit(main(["fog", "run", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))

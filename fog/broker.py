@@ -274,8 +274,7 @@ def _answer(fd: int, obj: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    from fog.cli import route_stdlib_logging
-    from fogpay.logs import configure
+    from runtime.logs import configure, route_stdlib_logging
 
     configure(json=True, level="warning")  # on the fog's stdout; the fog logs start and stop
     route_stdlib_logging(json=True)

@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import gc
-import logging
 import signal
 import sys
 from typing import Any, Final
@@ -11,9 +10,9 @@ from typing import Any, Final
 import structlog
 
 from fog.config import ConfigError, FogConfig, load_config
-from fogpay.keyfile import KeyFileError, load_key_file
-from fogpay.logs import configure
 from protocol.errors import FogpayError
+from runtime.keyfile import KeyFileError, load_key_file
+from runtime.logs import configure, route_stdlib_logging
 
 log = structlog.get_logger()
 
@@ -69,28 +68,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fogpay fog: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def route_stdlib_logging(*, json: bool, stream: Any = None) -> None:
-    """amqtt and aiomqtt log through the standard library: render their warnings as our
-    JSON lines too, so journald sees one format (their chatter below WARNING is dropped)."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processor=renderer,
-            foreign_pre_chain=[
-                structlog.stdlib.add_log_level,
-                structlog.stdlib.add_logger_name,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
 
 
 async def run_until_signal(config: FogConfig) -> None:

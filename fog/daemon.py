@@ -48,12 +48,12 @@ from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, Tr
 from fog.storeproc import RemoteMethod, StoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
 from fog.uplink import Link, Uplink
-from fogpay.keyfile import load_key_file
-from fogpay.logs import short
-from fogpay.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 from protocol import topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
+from runtime.keyfile import load_key_file
+from runtime.logs import short
+from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
 T = TypeVar("T")

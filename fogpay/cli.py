@@ -14,8 +14,8 @@ COMMAND_MODULES = (
     "fogpay.keys_cli",
     "fogpay.provision",
     "fog.cli",
-    "edge.cli",
-    "cloud.cli",
+    "fogpay.edge_cli",
+    "cloud.cli_commands",
     "fogpay.sandbox",
     "fogpay.demo",
 )

@@ -48,11 +48,11 @@ from fogpay import demo_cast as cast
 from fogpay import demo_setup as setup
 from fogpay import demo_summary
 from fogpay.demo_pay import Outcomes, run_payments
-from fogpay.logs import configure
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
+from runtime.logs import configure
 
 log = structlog.get_logger()
 

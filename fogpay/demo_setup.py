@@ -18,10 +18,10 @@ from cloud.store import Store, Tx
 from edge.device import Device
 from fog.config import BatchConfig, BrokerConfig, FogConfig, LeaseConfig
 from fogpay import demo_cast as cast
-from fogpay.keyfile import new_key_file
 from fogpay.provision import Validity, binding_body, make_binding
 from protocol.messages import Binding, Revocation
 from protocol.signing import public_key, seal_signed
+from runtime.keyfile import new_key_file
 
 HOST: Final = "127.0.0.1"
 ISSUER_KEY_FILE: Final = "issuer.key"

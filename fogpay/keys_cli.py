@@ -1,4 +1,4 @@
-"""``fogpay keys``: create and inspect Ed25519 key files (hex seed, 0600; see fogpay.keyfile).
+"""``fogpay keys``: create and inspect Ed25519 key files (hex seed, 0600; see runtime.keyfile).
 
 ``keys new`` never overwrites a key; both commands print only the public key.
 ``keys prove`` is the device side of a remote binding: it prints the device's proof of
@@ -11,10 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
 from fogpay.provision import ProvisionError, Validity, binding_body, make_binding
 from protocol.errors import FogpayError
 from protocol.signing import possession_proof, public_key
+from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -30,7 +30,6 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 import nacl.signing
 
-from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
 from protocol import limits, topics
 from protocol.errors import FogpayError
 from protocol.messages import (
@@ -49,6 +48,7 @@ from protocol.signing import (
     seal_signed,
     verify_possession,
 )
+from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 ISSUER_SEED_FILE: Final = "issuer.seed"
 VALIDITY_DAYS_DEFAULT: Final = 365

@@ -46,12 +46,12 @@ from cloud.mirror import Importer, Mirror
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
-from fogpay.keyfile import KeyFileError, load_key_file, new_key_file
-from fogpay.logs import configure
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
+from runtime.keyfile import KeyFileError, load_key_file, new_key_file
+from runtime.logs import configure
 
 log = structlog.get_logger()
 

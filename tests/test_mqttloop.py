@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from fogpay.mqttloop import (
+from runtime.mqttloop import (
     RECONNECT_BACKOFF_S_MAX,
     RECONNECT_BACKOFF_S_MIN,
     read_until_stopped,

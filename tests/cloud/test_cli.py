@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 import structlog
 
+from cloud.backends import open_store
 from cloud.schema import SCHEMA_VERSION, VERSION_KEY
-from cloud.store import open_store
 from fogpay.cli import main
 from protocol.batch import decode_record
 from protocol.messages import Binding, Intent, Revocation

@@ -13,7 +13,7 @@ import xmlschema
 from cloud.sepa import check_document
 from cloud.sqlitestore import SqliteStore
 from fogpay.cli import main
-from fogpay.keyfile import write_key_file
+from runtime.keyfile import write_key_file
 from tests.cloud.world import World
 
 XSD = Path(__file__).parent / "data"

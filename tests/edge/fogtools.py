@@ -10,9 +10,9 @@ from typing import Final
 import aiomqtt
 import nacl.signing
 
-from edge.cli import provision_publications
 from edge.device import Device
 from fog.daemon import FogDaemon
+from fogpay.edge_cli import provision_publications
 from fogpay.provision import BrokerAddress, publish_retained
 from protocol.signing import public_key
 from tests.integration.devices import write_fog_files
@@ -38,7 +38,7 @@ def external_fog(tmp_path: Path, issuer: nacl.signing.SigningKey, port: int) -> 
 
 
 def fog_key(tmp_path: Path) -> bytes:
-    from fogpay.keyfile import load_key_file
+    from runtime.keyfile import load_key_file
 
     return public_key(load_key_file(tmp_path / "fog.key"))
 

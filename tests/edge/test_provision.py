@@ -8,7 +8,6 @@ import nacl.signing
 import pytest
 
 from fogpay.cli import main
-from fogpay.keyfile import load_key_file
 from fogpay.provision import (
     ISSUER_SEED_FILE,
     BrokerAddress,
@@ -26,6 +25,7 @@ from fogpay.provision import (
 from protocol import topics
 from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
 from protocol.signing import open_envelope, possession_proof, public_key
+from runtime.keyfile import load_key_file
 
 NOW = 1_790_000_000_000
 VALID = Validity(NOW - 1, NOW + 86_400_000)

@@ -11,9 +11,9 @@ from typing import Any, Final
 
 import pytest
 
-from edge.cli import wait_until_payable
 from edge.device import Device, DeviceSession, PaymentDeclined
 from edge.simulate import Payment
+from fogpay.edge_cli import wait_until_payable
 from fogpay.sandbox import SANDBOX_JSON, SandboxInfo
 from protocol.reasons import Reason
 from tests.edge.fogtools import client

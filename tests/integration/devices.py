@@ -14,7 +14,6 @@ import aiomqtt
 import nacl.signing
 
 from fog.broker import TCP_NODELAY_OPTION
-from fogpay.keyfile import write_key_file
 from protocol import topics
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 from protocol.messages import (
@@ -26,6 +25,7 @@ from protocol.messages import (
     Revocation,
 )
 from protocol.signing import message_id, open_envelope, public_key, seal, split_envelope
+from runtime.keyfile import write_key_file
 
 RECEIPT_TIMEOUT_S: Final = 10.0
 DAY_MS: Final = 86_400_000

@@ -148,8 +148,8 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
     clock = Clock()
     t0 = clock.ms
     config = fog_config(tmp_path, issuer, transport, "[policy]\nrate_per_s = 1\nrate_burst = 3\n")
-    from fogpay.keyfile import load_key_file
     from protocol.signing import public_key
+    from runtime.keyfile import load_key_file
 
     fog_pub = public_key(load_key_file(tmp_path / "fog.key"))
     poor = Issuer(key=issuer.key, owner_id="poor")

@@ -123,7 +123,7 @@ async def main(batches: int, records: int, workers: int, prefetch: bool) -> None
 
 
 if __name__ == "__main__":
-    from fogpay.logs import configure
+    from runtime.logs import configure
 
     configure(json=True, level="warning", stream=sys.stderr)
     args = sys.argv[1:]

@@ -16,9 +16,9 @@ from typing import Final
 import pytest
 
 from cloud.sqlitestore import SqliteStore
-from fogpay.keyfile import write_key_file
 from protocol.messages import Receipt
 from protocol.signing import open_envelope
+from runtime.keyfile import write_key_file
 from tests.conftest import BrokerEndpoint, start_mosquitto
 from tests.integration.devices import Device, Wallet, wallet
 from tests.integration.fogrun import running_fog, wait_counter

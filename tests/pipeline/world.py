@@ -18,8 +18,8 @@ from cloud.leases import LeasePolicy
 from cloud.proof import build_proof, verify_proof
 from cloud.service import CloudService, wall_ms
 from cloud.store import Store, Tx
-from fogpay.keyfile import write_key_file
 from protocol.signing import public_key
+from runtime.keyfile import write_key_file
 from tests.cloud.world import World, new_key
 from tests.conftest import BrokerEndpoint
 from tests.integration.devices import Device

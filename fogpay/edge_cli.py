@@ -31,8 +31,6 @@ from edge.device import (
     PaymentError,
 )
 from edge.simulate import Payment, Summary, arrival_offsets_s, run_load
-from fogpay.keyfile import KeyFileError, load_key_file
-from fogpay.logs import configure
 from fogpay.provision import (
     BrokerAddress,
     Publication,
@@ -48,6 +46,8 @@ from fogpay.provision import (
     publish_retained,
 )
 from protocol.errors import FogpayError
+from runtime.keyfile import KeyFileError, load_key_file
+from runtime.logs import configure
 
 CONNECT_TIMEOUT_S: Final = 10.0
 READY_TIMEOUT_S: Final = 30.0

@@ -35,3 +35,25 @@ def configure(*, json: bool = True, level: str = "info", stream: Any = None) -> 
 def short(key: bytes) -> str:
     """A key or id as the 16 hex characters logs carry (never a private key)."""
     return key.hex()[:16]
+
+
+def route_stdlib_logging(*, json: bool, stream: Any = None) -> None:
+    """amqtt and aiomqtt log through the standard library: render their warnings as our
+    JSON lines too, so journald sees one format (their chatter below WARNING is dropped)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
