@@ -43,7 +43,7 @@ from protocol.errors import Declined, FogpayError
 from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
 from protocol.signing import Signed, open_envelope
 from protocol.topics import Kind
-from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
+from runtime.mqttloop import new_client, read_until_stopped, run_connected
 
 log = structlog.get_logger()
 
@@ -269,26 +269,24 @@ class Mirror:
         self._stopping.set()
 
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            client = aiomqtt.Client(
+        def connect() -> aiomqtt.Client:
+            return new_client(
                 **self._client_args,
                 identifier=f"fogpay-mirror-{secrets.token_hex(8)}",
                 timeout=CONNECT_TIMEOUT_S,
                 max_queued_incoming_messages=INCOMING_MESSAGES_MAX,
             )
-            try:
-                async with client:
-                    failures = 0
-                    await self._session(client, ready)
-                    return
-            except aiomqtt.MqttError as exc:
-                failures += 1
-                if failures > RECONNECT_ATTEMPTS_MAX:
-                    raise
-                delay = reconnect_delay_s(failures)
-                log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-                await sleep_or_stop(self._stopping, delay)
+
+        def lost(exc: aiomqtt.MqttError, delay: float) -> None:
+            log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
+
+        await run_connected(
+            connect=connect,
+            session=lambda client: self._session(client, ready),
+            stopping=self._stopping,
+            attempts_max=RECONNECT_ATTEMPTS_MAX,
+            on_lost=lost,
+        )
 
     async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
