@@ -139,7 +139,10 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
     try:
         ok = verify_proof(text, hex_arg(args.issuer))
     except ProofError as exc:
-        print(f"INVALID: {exc}")
+        if getattr(args, "json", False):
+            _out({"valid": False, "error": str(exc)})
+        else:
+            print(f"INVALID: {exc}")
         return 1
     scope = "receipt and inclusion" if ok.batch is not None else "receipt only"
     _out(

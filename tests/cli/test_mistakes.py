@@ -171,3 +171,15 @@ def test_the_python_dash_m_fog_entry_point_reports_the_same_way(fog_files: FogFi
         check=False,
     )
     one_error_line(done, 2, "fog run", "file is not a database")
+
+
+def test_sandbox_and_demo_usage_errors(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file where a directory should be\n")
+    done = fogpay("sandbox", "--dir", str(tmp_path / "file"))
+    one_error_line(done, 2, "sandbox", "file")
+    one_error_line(fogpay("demo", "--seconds", "0"), 2, "demo", "--seconds")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("not the demo's\n")
+    one_error_line(fogpay("demo", "--out", str(theirs), "--seconds", "1"), 2, "demo")
+    assert (theirs / "keep.txt").read_text() == "not the demo's\n"
