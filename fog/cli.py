@@ -63,11 +63,16 @@ def register(subparsers: Any) -> None:
     check.set_defaults(func=cmd_check)
 
 
-def _config_path(args: argparse.Namespace, command: str) -> str | None:
+def _config_path(args: argparse.Namespace) -> str | None:
+    """``--config``, given before or after the subcommand; None when given nowhere."""
     path: str | None = getattr(args, "config", None)
-    if path is None:
-        fail(f"fog {command}", "--config FILE is required", code=EXIT_USAGE)
     return path
+
+
+def _config_problem(path: str, exc: Exception) -> str:
+    """A config or key file error as ``<file>: <why>`` (naming the file once)."""
+    text = str(exc).removeprefix("config: ")
+    return text if path in text else f"{path}: {text}"
 
 
 def _load(path: str) -> FogConfig:
@@ -109,7 +114,7 @@ def check_database(path: Path) -> Check:
         finally:
             conn.close()
     except StoreOpenError as exc:
-        return Check("database", False, str(exc))
+        return Check("database", False, str(exc).removeprefix("database "))
     except OSError as exc:  # the probe: no such directory, not writable
         return Check("database", False, f"{path}: directory {path.parent}: {exc.strerror}")
     except sqlite3.Error as exc:
@@ -164,7 +169,7 @@ def run_checks(path: str, *, broker: bool = True) -> list[Check]:
         config = _load(path)
     except (ConfigError, KeyFileError) as exc:
         skipped = [Check(name, None, "config did not load") for name in ("database", "broker")]
-        return [Check("config", False, f"{path}: {exc}"), *skipped]
+        return [Check("config", False, _config_problem(path, exc)), *skipped]
     where = "external broker" if config.broker.url else "embedded broker"
     return [
         Check("config", True, f"{path}: fog {config.fog_id}, key {config.key_file}, {where}"),
@@ -176,9 +181,9 @@ def run_checks(path: str, *, broker: bool = True) -> list[Check]:
 def cmd_check(args: argparse.Namespace) -> int:
     """0 when every check passes; 2 when the config, its key or the database fails (fix the
     configuration); 1 when only the broker check fails (the broker may just be down)."""
-    path = _config_path(args, "check-config")
+    path = _config_path(args)
     if path is None:
-        return EXIT_USAGE
+        return fail("fog check-config", "--config FILE is required", code=EXIT_USAGE)
     checks = run_checks(path, broker=not args.skip_broker)
     failed = {c.name for c in checks if c.ok is False}
     code = EXIT_USAGE if failed - {"broker"} else EXIT_FAILURE if failed else EXIT_OK
@@ -200,13 +205,13 @@ GIL_SWITCH_INTERVAL_S: Final = 0.00005
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    path = _config_path(args, "run")
+    path = _config_path(args)
     if path is None:
-        return EXIT_USAGE
+        return fail("fog run", "--config FILE is required", code=EXIT_USAGE)
     try:
         config = _load(path)
     except (ConfigError, KeyFileError) as exc:
-        return report(f"fog run: config {path}", exc, USAGE_ERRORS)
+        return fail("fog run", _config_problem(path, exc), code=EXIT_USAGE)
     configure(json=not args.console, level=config.log_level)
     route_stdlib_logging(json=not args.console)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
