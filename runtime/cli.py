@@ -85,8 +85,6 @@ def json_option() -> argparse.ArgumentParser:
     return parent
 
 
-def print_json(obj: Any, *, compact: bool = False) -> None:
-    if compact:
-        print(json.dumps(obj, sort_keys=True, separators=(",", ":")))
-    else:
-        print(json.dumps(obj, indent=2, sort_keys=True))
+def print_json(obj: Any) -> None:
+    """The command's data on stdout: indented, keys sorted (stable for diffs and jq)."""
+    print(json.dumps(obj, indent=2, sort_keys=True))
