@@ -56,22 +56,30 @@ def parse_time_ms(text: str) -> int:
     return ms
 
 
-def hex_arg(text: str) -> bytes:
-    """Hex, or ``@PATH`` of a file holding hex (or raw bytes if it is not hex)."""
+def hex_arg(text: str, name: str = "argument") -> bytes:
+    """Hex, or ``@PATH`` of a file holding hex (or raw bytes if it is not hex). Raises
+    UsageError naming the option when it is neither."""
     if text.startswith("@"):
         data = Path(text[1:]).read_bytes()
         try:
             return bytes.fromhex(data.decode().strip())
         except (UnicodeDecodeError, ValueError):
             return data
-    return bytes.fromhex(text)
+    return from_hex(text, name)
+
+
+def from_hex(text: str, name: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{name}: not hex") from None
 
 
 def _key_arg(args: argparse.Namespace) -> bytes:
     if args.key_file:
         return public_key(load_key_file(args.key_file))
     if args.key:
-        return bytes.fromhex(args.key)
+        return from_hex(args.key, "--key")
     raise FogpayError("give --key HEX or --key-file PATH")
 
 
@@ -137,7 +145,7 @@ def guarded(
 def cmd_verify_receipt(args: argparse.Namespace) -> int:
     text = Path(args.file).read_bytes()
     try:
-        ok = verify_proof(text, hex_arg(args.issuer))
+        ok = verify_proof(text, hex_arg(args.issuer, "--issuer"))
     except ProofError as exc:
         if getattr(args, "json", False):
             _out({"valid": False, "error": str(exc)})
@@ -194,7 +202,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prove(args: argparse.Namespace) -> int:
-    intent_id = bytes.fromhex(args.intent_id)
+    intent_id = from_hex(args.intent_id, "intent_id")
 
     async def fn(tx: Tx, cfg: Any) -> dict[str, Any] | None:
         return await build_proof(tx, intent_id)

@@ -18,6 +18,7 @@ from cloud.cli import (
     cmd_init,
     cmd_prove,
     cmd_verify_receipt,
+    from_hex,
     guarded,
     hex_arg,
     issuer,
@@ -183,7 +184,7 @@ def cmd_fog_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_bind(args: argparse.Namespace) -> int:
-    binding, proof = hex_arg(args.binding), hex_arg(args.proof)
+    binding, proof = hex_arg(args.binding, "--binding"), hex_arg(args.proof, "--proof")
 
     async def fn(tx: Tx, cfg: Any) -> Any:
         return await registry.bind_device(tx, binding, proof, now_ms=now_ms())
@@ -200,8 +201,10 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> Any:
         key = issuer(cfg)
         if args.envelope is not None:
-            return await registry.revoke(tx, bytes(key.verify_key), hex_arg(args.envelope))
-        device = bytes.fromhex(args.device)
+            return await registry.revoke(
+                tx, bytes(key.verify_key), hex_arg(args.envelope, "--envelope")
+            )
+        device = from_hex(args.device, "device")
         return await registry.issuer_revoke(tx, key, device, reason=args.reason, now_ms=now_ms())
 
     rev = run_tx(args, fn)

@@ -183,3 +183,15 @@ def test_sandbox_and_demo_usage_errors(tmp_path: Path) -> None:
     (theirs / "keep.txt").write_text("not the demo's\n")
     one_error_line(fogpay("demo", "--out", str(theirs), "--seconds", "1"), 2, "demo")
     assert (theirs / "keep.txt").read_text() == "not the demo's\n"
+
+
+def test_cloud_option_values_that_do_not_parse_name_the_option(tmp_path: Path) -> None:
+    store = ("--store", f"sqlite://{tmp_path}/cloud.db", "--issuer-key", str(tmp_path / "i.key"))
+    assert fogpay("cloud", *store, "init").returncode == 0
+    owner = ("owner", "add", "o-1", "--limit", "1", "--currency", "EUR", "--funding", "f")
+    done = fogpay("cloud", *store, *owner, "--key", "zz")
+    one_error_line(done, 2, "cloud owner add", "--key: not hex")
+    done = fogpay("cloud", *store, "settle", "--until", "someday")
+    one_error_line(done, 2, "cloud settle", "someday")
+    done = fogpay("cloud", *store, "owner", "show", "o-1")  # well formed, refused: exit 1
+    one_error_line(done, 1, "cloud owner show", "no owner 'o-1'")
