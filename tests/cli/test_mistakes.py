@@ -195,3 +195,15 @@ def test_cloud_option_values_that_do_not_parse_name_the_option(tmp_path: Path) -
     one_error_line(done, 2, "cloud settle", "someday")
     done = fogpay("cloud", *store, "owner", "show", "o-1")  # well formed, refused: exit 1
     one_error_line(done, 1, "cloud owner show", "no owner 'o-1'")
+
+
+def test_fog_run_with_its_broker_port_taken_is_a_runtime_failure(fog_files: FogFiles) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = fog_files.config(broker=f"[broker]\nport = {port}\n")
+        done = fogpay("fog", "run", "--config", str(config))
+    one_error_line(done, 1, "fog run", f"127.0.0.1:{port}", "address already in use")
