@@ -1,8 +1,10 @@
 """``fogpay cloud ...`` over the cloud's store, and ``fogpay verify-receipt FILE``.
 
 Every command opens the configured store (``--store`` / ``--config``: SQLite by default,
-PostgreSQL by DSN), runs one transaction, prints JSON or a line, and exits 0 on success, 1
-when the request is refused (the reason is printed on stderr), 2 on a usage error.
+PostgreSQL by DSN), runs one transaction, prints JSON, and exits 0 on success, 1 when the
+request is refused or fails (the reason is printed on stderr as one line), 2 on a usage or
+configuration error (a bad option value, the config file, the issuer key file, a store that
+cannot be opened or has an unknown URL scheme); see ``runtime.cli``.
 """
 
 import argparse
@@ -19,12 +21,14 @@ import nacl.signing
 
 from cloud import config as cloud_config
 from cloud import leases, ledger, registry
-from cloud.backends import open_store
+from cloud.backends import StoreOpenError, open_store
 from cloud.proof import ProofError, build_proof, verify_proof
+from cloud.schema import SchemaError
 from cloud.store import Store, Tx
 from protocol.errors import FogpayError
 from protocol.signing import public_key
 from runtime import logs
+from runtime.cli import UsageError, report
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 T = TypeVar("T")
@@ -52,22 +56,30 @@ def parse_time_ms(text: str) -> int:
     return ms
 
 
-def hex_arg(text: str) -> bytes:
-    """Hex, or ``@PATH`` of a file holding hex (or raw bytes if it is not hex)."""
+def hex_arg(text: str, name: str = "argument") -> bytes:
+    """Hex, or ``@PATH`` of a file holding hex (or raw bytes if it is not hex). Raises
+    UsageError naming the option when it is neither."""
     if text.startswith("@"):
         data = Path(text[1:]).read_bytes()
         try:
             return bytes.fromhex(data.decode().strip())
         except (UnicodeDecodeError, ValueError):
             return data
-    return bytes.fromhex(text)
+    return from_hex(text, name)
+
+
+def from_hex(text: str, name: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{name}: not hex") from None
 
 
 def _key_arg(args: argparse.Namespace) -> bytes:
     if args.key_file:
         return public_key(load_key_file(args.key_file))
     if args.key:
-        return bytes.fromhex(args.key)
+        return from_hex(args.key, "--key")
     raise FogpayError("give --key HEX or --key-file PATH")
 
 
@@ -75,9 +87,25 @@ def _out(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def load_config(args: argparse.Namespace) -> cloud_config.CloudConfig:
+    """The config from ``--config``, ``--store`` and ``--issuer-key``, each given before or
+    after the subcommand (absent when given nowhere: the parsers use ``SUPPRESS``)."""
+    path = getattr(args, "config", None)
+    if path is not None:
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"config {path}: {exc.strerror}") from None
+    return cloud_config.load(
+        path,
+        store=getattr(args, "store", None),
+        issuer_key=getattr(args, "issuer_key", None),
+    )
+
+
 def run_tx(args: argparse.Namespace, fn: Callable[[Tx, Any], Awaitable[T]]) -> T:
     """Open the store, run ``fn(tx, ctx)`` in one transaction, close the store."""
-    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    cfg = load_config(args)
 
     async def main() -> T:
         store: Store = await open_store(cfg.store)
@@ -93,14 +121,23 @@ def issuer(cfg: cloud_config.CloudConfig) -> nacl.signing.SigningKey:
     return load_key_file(cfg.issuer_key)
 
 
-def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+# Errors that mean "fix the command line or the configuration": exit 2 (runtime.cli). A
+# ValueError is an option value that does not parse (hex, a time).
+USAGE_ERRORS = (cloud_config.ConfigError, StoreOpenError, SchemaError, ValueError)
+
+
+def guarded(
+    fn: Callable[[argparse.Namespace], int], what: str = "cloud"
+) -> Callable[[argparse.Namespace], int]:
+    """Run a command; an operating error becomes one ``fogpay: <what>: <why>`` line and its
+    exit code (runtime.cli), never a traceback."""
+
     def wrapper(args: argparse.Namespace) -> int:
         logs.configure(json=True, stream=sys.stderr)  # stdout carries the command's JSON
         try:
             return fn(args)
         except (FogpayError, KeyFileError, ValueError, OSError) as exc:
-            print(f"fogpay: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+            return report(what, exc, USAGE_ERRORS)
 
     return wrapper
 
@@ -108,9 +145,12 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 def cmd_verify_receipt(args: argparse.Namespace) -> int:
     text = Path(args.file).read_bytes()
     try:
-        ok = verify_proof(text, hex_arg(args.issuer))
+        ok = verify_proof(text, hex_arg(args.issuer, "--issuer"))
     except ProofError as exc:
-        print(f"INVALID: {exc}")
+        if getattr(args, "json", False):
+            _out({"valid": False, "error": str(exc)})
+        else:
+            print(f"INVALID: {exc}")
         return 1
     scope = "receipt and inclusion" if ok.batch is not None else "receipt only"
     _out(
@@ -131,7 +171,7 @@ def cmd_verify_receipt(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    cfg = load_config(args)
     key = load_key_file(cfg.issuer_key) if cfg.issuer_key.exists() else new_key_file(cfg.issuer_key)
 
     async def create() -> None:
@@ -162,7 +202,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prove(args: argparse.Namespace) -> int:
-    intent_id = bytes.fromhex(args.intent_id)
+    intent_id = from_hex(args.intent_id, "intent_id")
 
     async def fn(tx: Tx, cfg: Any) -> dict[str, Any] | None:
         return await build_proof(tx, intent_id)

@@ -18,9 +18,11 @@ from cloud.cli import (
     cmd_init,
     cmd_prove,
     cmd_verify_receipt,
+    from_hex,
     guarded,
     hex_arg,
     issuer,
+    load_config,
     now_ms,
     parse_time_ms,
     run_tx,
@@ -29,25 +31,49 @@ from cloud.cli import (
 from cloud.ingest import Ingestor
 from cloud.store import Tx
 from protocol.errors import FogpayError
+from runtime.cli import config_option, json_option
+
+
+def store_options() -> argparse.ArgumentParser:
+    """``--config``, ``--store`` and ``--issuer-key``: accepted before the subcommand
+    (``fogpay cloud --store S check``) and after it (``fogpay cloud check --store S``).
+    ``SUPPRESS``: an option not given leaves the other place's value (cli.load_config)."""
+    parent = config_option("TOML config (docs/cloud.md)")
+    parent.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="sqlite://PATH or postgresql://... (overrides config)",
+    )
+    parent.add_argument(
+        "--issuer-key",
+        default=argparse.SUPPRESS,
+        help="issuer key file, mode 0600 (overrides config)",
+    )
+    return parent
 
 
 def register(sub: Sub) -> None:
-    cloud = sub.add_parser("cloud", help="the cloud aggregator's registry, ledger and settlement")
-    cloud.add_argument("--config", help="TOML config (see cloud/config.py)")
-    cloud.add_argument("--store", help="sqlite://PATH or postgresql://... (overrides config)")
-    cloud.add_argument("--issuer-key", help="issuer key file, mode 0600 (overrides config)")
+    cloud = sub.add_parser(
+        "cloud",
+        help="the cloud aggregator's registry, ledger and settlement",
+        parents=[store_options()],
+    )
     cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
     register_commands(cmds)
-    v = sub.add_parser("verify-receipt", help="check a receipt or proof file offline")
+    v = sub.add_parser(
+        "verify-receipt", help="check a receipt or proof file offline", parents=[json_option()]
+    )
     v.add_argument("file", help="proof JSON (docs/cloud.md)")
     v.add_argument("--issuer", required=True, help="issuer public key: hex or @FILE")
-    v.set_defaults(func=guarded(cmd_verify_receipt))
+    v.set_defaults(func=guarded(cmd_verify_receipt, "verify-receipt"))
 
 
 def register_commands(cmds: Sub) -> None:
+    options = [store_options(), json_option()]
+
     def add(name: str, fn: Any, help_: str, parent: Any = cmds) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
-        p.set_defaults(func=guarded(fn))
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=options)
+        p.set_defaults(func=guarded(fn, p.prog.split(" ", 1)[-1]))
         return p
 
     add("init", cmd_init, "create the issuer key (0600) if missing and the store's tables")
@@ -158,7 +184,7 @@ def cmd_fog_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_bind(args: argparse.Namespace) -> int:
-    binding, proof = hex_arg(args.binding), hex_arg(args.proof)
+    binding, proof = hex_arg(args.binding, "--binding"), hex_arg(args.proof, "--proof")
 
     async def fn(tx: Tx, cfg: Any) -> Any:
         return await registry.bind_device(tx, binding, proof, now_ms=now_ms())
@@ -175,8 +201,10 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     async def fn(tx: Tx, cfg: cloud_config.CloudConfig) -> Any:
         key = issuer(cfg)
         if args.envelope is not None:
-            return await registry.revoke(tx, bytes(key.verify_key), hex_arg(args.envelope))
-        device = bytes.fromhex(args.device)
+            return await registry.revoke(
+                tx, bytes(key.verify_key), hex_arg(args.envelope, "--envelope")
+            )
+        device = from_hex(args.device, "device")
         return await registry.issuer_revoke(tx, key, device, reason=args.reason, now_ms=now_ms())
 
     rev = run_tx(args, fn)
@@ -259,7 +287,7 @@ def cmd_alarms(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    cfg = load_config(args)
     key = issuer(cfg)
     wires = [Path(f).read_bytes() for f in args.files]
 
@@ -300,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime import logs
     from runtime.logs import route_stdlib_logging
 
-    cfg = cloud_config.load(args.config, store=args.store, issuer_key=args.issuer_key)
+    cfg = load_config(args)
     if args.broker:
         service_cfg = dataclasses.replace(cfg.service, broker_url=args.broker)
         cfg = dataclasses.replace(cfg, service=service_cfg)

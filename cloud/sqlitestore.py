@@ -6,6 +6,7 @@ instead of failing. An asyncio lock serializes this process's transactions on th
 """
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
@@ -62,15 +63,22 @@ class SqliteStore:
 
     @classmethod
     async def open(cls, path: str) -> "SqliteStore":
+        # Open it once without aiosqlite: when aiosqlite's own connect fails it stops its
+        # worker thread with a future nobody awaits, and that thread then dies with "Event
+        # loop is closed" on stderr. A file we cannot open raises sqlite3.Error here instead.
+        await asyncio.to_thread(_probe, path)
         conn = await aiosqlite.connect(path, isolation_level=None)
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=FULL",  # money: durable before any ack or receipt leaves
-            f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-        ):
-            await conn.execute(pragma)
+        # From here every failure closes the connection: aiosqlite's worker thread is not a
+        # daemon thread, so a connection left open (a file that is not a database fails the
+        # first PRAGMA) kept the process alive after asyncio.run returned: it hung.
         store = cls(conn)
         try:
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=FULL",  # money: durable before any ack or receipt leaves
+                f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+            ):
+                await conn.execute(pragma)
             await store.transact(_create)
         except BaseException:
             await store.close()
@@ -90,6 +98,15 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._conn.close()
+
+
+def _probe(path: str) -> None:
+    """Raise sqlite3.Error if ``path`` cannot be opened as a SQLite database."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # reads the header: "not a database"
+    finally:
+        conn.close()
 
 
 async def _create(tx: SqliteTx) -> None:

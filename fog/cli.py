@@ -1,51 +1,201 @@
-"""``fogpay fog ...``: run the fog daemon (``fogpay fog run --config FILE``) or check a config."""
+"""``fogpay fog ...``: run the fog daemon (``fogpay fog run --config FILE``) or check a config
+(``fogpay fog check-config --config FILE [--json]``). ``--config`` goes before or after the
+subcommand. Exit codes and the one error line follow ``runtime.cli``: 2 for a configuration
+the fog cannot start with (the file, a key or password file, a database it cannot open), 1 for
+a failure while running (the broker lost, a store process died).
+"""
 
 import argparse
 import asyncio
 import gc
+import os
 import signal
+import socket
+import sqlite3
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
+import aiomqtt
 import structlog
 
-from fog.config import ConfigError, FogConfig, load_config
+from fog.config import ConfigError, FogConfig, load_config, parse_broker_url
+from fog.schema import MIGRATIONS, StoreOpenError, connect, schema_version
 from protocol.errors import FogpayError
+from runtime.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_option,
+    fail,
+    json_option,
+    print_json,
+    report,
+)
 from runtime.keyfile import KeyFileError, load_key_file
 from runtime.logs import configure, route_stdlib_logging
 
 log = structlog.get_logger()
 
+USAGE_ERRORS: Final = (ConfigError, StoreOpenError)
+BROKER_CHECK_TIMEOUT_S: Final = 5.0
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("fog", help="the fog daemon")
+    config = config_option("fog config TOML (docs/fog.md)")
+    parser = subparsers.add_parser("fog", help="the fog daemon", parents=[config])
     sub = parser.add_subparsers(dest="fog_command", required=True, metavar="FOG_COMMAND")
-    run = sub.add_parser("run", help="run the fog daemon until SIGTERM")
-    run.add_argument("--config", required=True, help="fog config TOML")
+    run = sub.add_parser("run", help="run the fog daemon until SIGTERM", parents=[config])
     run.add_argument("--console", action="store_true", help="human log lines instead of JSON")
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check-config", help="load and check a config, then exit")
-    check.add_argument("--config", required=True, help="fog config TOML")
+    check = sub.add_parser(
+        "check-config",
+        help="check a config, its key, database and broker, then exit",
+        parents=[config, json_option()],
+    )
+    check.add_argument(
+        "--skip-broker",
+        action="store_true",
+        help="do not check the broker (e.g. before a broker that starts alongside)",
+    )
     check.set_defaults(func=cmd_check)
 
 
-def _load(path: str) -> FogConfig | None:
-    try:
-        config = load_config(path)
-        load_key_file(config.key_file)
-    except (ConfigError, KeyFileError) as exc:
-        print(f"fogpay fog: {exc}", file=sys.stderr)
-        return None
+def _config_path(args: argparse.Namespace) -> str | None:
+    """``--config``, given before or after the subcommand; None when given nowhere."""
+    path: str | None = getattr(args, "config", None)
+    return path
+
+
+def _config_problem(path: str, exc: Exception) -> str:
+    """A config or key file error as ``<file>: <why>`` (naming the file once)."""
+    text = str(exc).removeprefix("config: ")
+    return text if path in text else f"{path}: {text}"
+
+
+def _load(path: str) -> FogConfig:
+    """The config and its key file; raises ConfigError or KeyFileError."""
+    config = load_config(path)
+    load_key_file(config.key_file)
     return config
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str  # config, database, broker
+    ok: bool | None  # None: not checked (the config did not load)
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+    def line(self) -> str:
+        state = {True: "ok", False: "fail", None: "skip"}[self.ok]
+        return f"{state:<5}{self.name:<10}{self.detail}"
+
+
+def check_database(path: Path) -> Check:
+    """Open the database read-write and read its schema version; a missing one is not
+    created: its directory must take a new file (probed with a temporary file, removed)."""
+    try:
+        if not path.exists():
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".fogpay-check-"):
+                pass
+            return Check(
+                "database", True, f"{path}: new, created at start (schema v{len(MIGRATIONS)})"
+            )
+        if not os.access(path, os.R_OK | os.W_OK):
+            return Check("database", False, f"{path}: not readable and writable by this user")
+        conn = connect(path)
+        try:
+            version = schema_version(conn)
+        finally:
+            conn.close()
+    except StoreOpenError as exc:
+        return Check("database", False, str(exc).removeprefix("database "))
+    except OSError as exc:  # the probe: no such directory, not writable
+        return Check("database", False, f"{path}: directory {path.parent}: {exc.strerror}")
+    except sqlite3.Error as exc:
+        return Check("database", False, f"{path}: {exc}")
+    if version > len(MIGRATIONS):
+        return Check("database", False, f"{path}: schema v{version} is newer than this fogpay")
+    todo = "" if version == len(MIGRATIONS) else f", migrated to v{len(MIGRATIONS)} at start"
+    return Check("database", True, f"{path}: schema v{version}{todo}")
+
+
+def check_broker(config: FogConfig) -> Check:
+    """Embedded: bind its address and release it. External: an MQTT connect with the
+    configured credentials, within BROKER_CHECK_TIMEOUT_S."""
+    b = config.broker
+    if b.url is None:
+        where = f"embedded {b.host}:{b.port}"
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                b.host, b.port, type=socket.SOCK_STREAM
+            )[0]
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
+                sock.bind(address)
+        except OSError as exc:
+            return Check("broker", False, f"{where}: cannot listen: {exc.strerror or exc}")
+        return Check("broker", True, f"{where}: can listen")
+    addr = parse_broker_url(b.url)
+    where = f"mqtt://{addr.host}:{addr.port}"
+    try:
+        asyncio.run(_connect_once(addr.host, addr.port, addr.username, addr.password))
+    except (aiomqtt.MqttError, OSError) as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+        return Check("broker", False, f"{where}: cannot connect: {why}")
+    return Check("broker", True, f"{where}: connected as {addr.username or '(anonymous)'}")
+
+
+async def _connect_once(host: str, port: int, username: str | None, password: str | None) -> None:
+    async with asyncio.timeout(BROKER_CHECK_TIMEOUT_S):
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=username,
+            password=password,
+            identifier=f"fogpay-check-{os.getpid()}",
+            timeout=BROKER_CHECK_TIMEOUT_S,
+        ):
+            pass
+
+
+def run_checks(path: str, *, broker: bool = True) -> list[Check]:
+    try:
+        config = _load(path)
+    except (ConfigError, KeyFileError) as exc:
+        skipped = [Check(name, None, "config did not load") for name in ("database", "broker")]
+        return [Check("config", False, _config_problem(path, exc)), *skipped]
+    where = "external broker" if config.broker.url else "embedded broker"
+    return [
+        Check("config", True, f"{path}: fog {config.fog_id}, key {config.key_file}, {where}"),
+        check_database(config.db),
+        check_broker(config) if broker else Check("broker", None, "skipped (--skip-broker)"),
+    ]
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 2
-    where = "external broker" if config.broker.url else f"embedded {config.broker.host}"
-    print(f"ok: fog {config.fog_id}, db {config.db}, {where}")
-    return 0
+    """0 when every check passes; 2 when the config, its key or the database fails (fix the
+    configuration); 1 when only the broker check fails (the broker may just be down)."""
+    path = _config_path(args)
+    if path is None:
+        return fail("fog check-config", "--config FILE is required", code=EXIT_USAGE)
+    checks = run_checks(path, broker=not args.skip_broker)
+    failed = {c.name for c in checks if c.ok is False}
+    code = EXIT_USAGE if failed - {"broker"} else EXIT_FAILURE if failed else EXIT_OK
+    if args.json:
+        print_json({"ok": code == EXIT_OK, "checks": [c.to_json() for c in checks]})
+    else:
+        for c in checks:
+            print(c.line())
+    failing = [c for c in checks if c.ok is False]
+    if failing:  # the report is data on stdout; the verdict is the usual one line on stderr
+        fail("fog check-config", f"{failing[0].name}: {failing[0].detail}", code=code)
+    return code
 
 
 # The event loop (MQTT) and the store thread (verify, SQLite, sign) share the GIL. At the
@@ -55,19 +205,40 @@ GIL_SWITCH_INTERVAL_S: Final = 0.00005
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 2
+    path = _config_path(args)
+    if path is None:
+        return fail("fog run", "--config FILE is required", code=EXIT_USAGE)
+    try:
+        config = _load(path)
+    except (ConfigError, KeyFileError) as exc:
+        return fail("fog run", _config_problem(path, exc), code=EXIT_USAGE)
     configure(json=not args.console, level=config.log_level)
     route_stdlib_logging(json=not args.console)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         asyncio.run(run_until_signal(config))
-    except (FogpayError, KeyFileError) as exc:  # operating errors: one line, no traceback
-        log.error("fog_failed", error=str(exc))
-        print(f"fogpay fog: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except BaseException as exc:  # operating errors: one line, no traceback; bugs re-raise
+        error = operating_error(exc)
+        if error is None:
+            raise
+        log.error("fog_failed", error=str(error))
+        return report("fog run", error, USAGE_ERRORS)
+    return EXIT_OK
+
+
+OPERATING_ERRORS: Final = (FogpayError, KeyFileError, aiomqtt.MqttError, OSError)
+
+
+def operating_error(exc: BaseException) -> BaseException | None:
+    """The operating error behind ``exc`` (looking into a TaskGroup's exception group, whose
+    leaves must all be operating errors or cancellations), or None for a bug."""
+    if isinstance(exc, OPERATING_ERRORS):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [operating_error(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
 
 
 async def run_until_signal(config: FogConfig) -> None:

@@ -4,6 +4,7 @@ WAL mode and ``synchronous=FULL``: a COMMIT that returned is on disk. The connec
 autocommit mode; every transaction is an explicit ``BEGIN IMMEDIATE`` (``batcher.transaction``).
 """
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Final
@@ -80,27 +81,92 @@ class StoreError(FogpayError):
     """The database cannot be used (e.g. written by a newer fogpay)."""
 
 
+class StoreOpenError(StoreError):
+    """The database cannot be opened or brought to this schema: not a database, a directory
+    that does not exist or is not writable, a newer schema. The configuration's ``db`` is
+    wrong for this host, so ``fogpay fog`` exits 2 with this one line."""
+
+
+def open_problem(path: str | Path, exc: sqlite3.Error) -> StoreOpenError:
+    """Translate SQLite's error at open into one line naming the file and, where SQLite only
+    says "unable to open database file", what is wrong with its directory."""
+    directory = Path(path).parent
+    if not directory.is_dir():
+        why = f"directory {directory} does not exist"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        why = f"directory {directory} is not writable (SQLite writes its WAL beside the file)"
+    elif Path(path).is_dir():
+        why = "is a directory"
+    else:
+        why = str(exc)
+    return StoreOpenError(f"database {path}: {why}")
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection in autocommit mode (we issue BEGIN IMMEDIATE), WAL, synchronous=FULL."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
+    """A connection in autocommit mode (we issue BEGIN IMMEDIATE), WAL, synchronous=FULL.
+    Raises StoreOpenError (never sqlite3.Error) when the file cannot serve as the fog's
+    database."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise open_problem(path, exc) from None
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreOpenError(f"database {path}: cannot use WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
         conn.close()
-        raise StoreError(f"cannot put {path} in WAL mode (got {mode})")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        raise open_problem(path, exc) from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version, one transaction per step; returns it."""
+    """Bring the schema to the newest version, one transaction per step; returns it. Raises
+    StoreOpenError for a database this fogpay cannot use (newer, read-only, not ours)."""
+    try:
+        return _migrate(conn)
+    except sqlite3.Error as exc:
+        raise StoreOpenError(
+            f"database {_file(conn)}: cannot bring the schema up to date: {exc}"
+        ) from None
+    except StoreOpenError as exc:
+        raise StoreOpenError(f"database {_file(conn)}: {exc}") from None
+
+
+def _file(conn: sqlite3.Connection) -> str:
+    try:
+        return str(conn.execute("PRAGMA database_list").fetchone()[2])
+    except sqlite3.Error:
+        return "?"
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of an open database, 0 for a new one (nothing is written)."""
+    try:
+        known = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        row = conn.execute("SELECT version FROM schema_version").fetchone() if known else None
+    except sqlite3.Error as exc:
+        raise StoreOpenError(
+            f"database {_file(conn)}: cannot read its schema version: {exc}"
+        ) from None
+    return 0 if row is None else int(row[0])
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     for _ in range(len(MIGRATIONS) + 1):
         with transaction(conn):
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             version = 0 if row is None else int(row[0])
             if version > len(MIGRATIONS):
-                raise StoreError(f"schema version {version} is newer than this fogpay")
+                raise StoreOpenError(f"schema version {version} is newer than this fogpay")
             if version == len(MIGRATIONS):
                 return version
             for statement in MIGRATIONS[version].split(";"):

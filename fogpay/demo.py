@@ -26,7 +26,6 @@ import json
 import logging
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -52,6 +51,7 @@ from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
+from runtime.cli import EXIT_USAGE, describe, fail
 from runtime.logs import configure
 
 log = structlog.get_logger()
@@ -269,29 +269,30 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         default=cast.PERIOD_SECONDS_DEFAULT,
         help=f"seconds of payments (at most {SECONDS_MAX:g})",
     )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON, not a table")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 < args.seconds <= SECONDS_MAX:
-        print(f"fogpay demo: --seconds must be in (0, {SECONDS_MAX:g}]", file=sys.stderr)
-        return 2
+        return fail("demo", f"--seconds must be in (0, {SECONDS_MAX:g}]", code=EXIT_USAGE)
     out: Path = args.out
     try:
         prepare_out(out)
     except (DemoError, OSError) as exc:
-        print(f"fogpay demo: {exc}", file=sys.stderr)
-        return 2
+        return fail("demo", describe(exc), code=EXIT_USAGE)
     with open(out / LOG_FILE, "a", encoding="utf-8") as stream:
         _route_logs(stream)
         try:
             summary = asyncio.run(run_demo(out, args.seconds))
         except (FogpayError, OSError, aiomqtt.MqttError) as exc:  # OSError: TimeoutError too
-            print(f"fogpay demo: failed: {exc} (see {out / LOG_FILE})", file=sys.stderr)
-            return 1
+            return fail("demo", f"failed: {describe(exc)} (see {out / LOG_FILE})")
         finally:
             structlog.reset_defaults()
             logging.getLogger().handlers.clear()
-    print(demo_summary.table(summary))
-    print(f"\nsummary      {out / SUMMARY_FILE}")
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(demo_summary.table(summary))
+        print(f"\nsummary      {out / SUMMARY_FILE}")
     return 0 if summary["ok"] else 1

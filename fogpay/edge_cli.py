@@ -33,6 +33,7 @@ from edge.device import (
 from edge.simulate import Payment, Summary, arrival_offsets_s, run_load
 from fogpay.provision import (
     BrokerAddress,
+    ProvisionError,
     Publication,
     Validity,
     binding_body,
@@ -46,6 +47,8 @@ from fogpay.provision import (
     publish_retained,
 )
 from protocol.errors import FogpayError
+from protocol.signing import is_valid_public_key
+from runtime.cli import EXIT_USAGE, UsageError, fail, json_option, report
 from runtime.keyfile import KeyFileError, load_key_file
 from runtime.logs import configure
 
@@ -74,15 +77,28 @@ def target_from_args(args: argparse.Namespace) -> Target:
 
         path = Path(args.sandbox)
         directory = path if path.is_dir() else path.parent
-        info = SandboxInfo.load(directory / SANDBOX_JSON if path.is_dir() else path)
+        file = directory / SANDBOX_JSON if path.is_dir() else path
+        if not file.is_file():
+            why = f"no {file.name} in it" if path.is_dir() else "no such file or directory"
+            raise UsageError(
+                f"--sandbox {args.sandbox}: {why} (is `fogpay sandbox --dir DIR` running?)"
+            )
+        try:
+            info = SandboxInfo.load(file)
+        except OSError as exc:
+            raise UsageError(f"--sandbox {file}: {exc.strerror}") from None
+        except FogpayError as exc:
+            raise UsageError(f"--sandbox {exc}") from None
         issuer = load_key_file(directory / info.issuer_seed_file)
         return Target(info.broker, info.fog_id, info.fog_key, issuer)
     if args.broker is None or args.fog_id is None or args.fog_key is None:
-        raise FogpayError("give --sandbox DIR, or --broker, --fog-id and --fog-key")
+        raise UsageError("target: give --sandbox DIR, or --broker, --fog-id and --fog-key")
     try:
         fog_key = bytes.fromhex(args.fog_key)
     except ValueError:
-        raise FogpayError("--fog-key: not hex") from None
+        raise UsageError("--fog-key: not hex") from None
+    if not is_valid_public_key(fog_key):
+        raise UsageError("--fog-key: not a valid Ed25519 public key")
     seed = getattr(args, "issuer_key", None)
     signer = load_key_file(seed) if seed else None
     return Target(parse_broker_url(args.broker), args.fog_id, fog_key, signer)
@@ -252,7 +268,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-provision", action="store_true", help="devices are already bound")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_simulate)
-    p = cmds.add_parser("pay", help="one payment from the device whose state is in --state")
+    p = cmds.add_parser(
+        "pay",
+        help="one payment from the device whose state is in --state (prints JSON)",
+        parents=[json_option()],
+    )
     _target_args(p)
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--memo", help="memo (text, <= 64 bytes)")
@@ -272,17 +292,22 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
 
 
-def _error(exc: BaseException) -> int:
-    print(f"fogpay edge: error: {exc}", file=sys.stderr)
-    return 2
+# A bad --broker URL (ProvisionError from parse_broker_url) is a usage error too.
+USAGE_ERRORS: Final = (ProvisionError, ValueError)
+
+
+def _error(what: str, exc: BaseException) -> int:
+    """One line; 2 for a usage or configuration error, 1 for a failure (runtime.cli)."""
+    return report(f"edge {what}", exc, USAGE_ERRORS)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     configure(json=False, level=args.log_level, stream=sys.stderr)
     if args.duration is None and args.count is None:
-        return _error(ValueError("give --duration or --count"))
+        return fail("edge simulate", "give --duration or --count", code=EXIT_USAGE)
     if not 1 <= args.connections <= CONNECTIONS_MAX or not 1 <= args.devices <= DEVICES_MAX:
-        return _error(ValueError("--connections or --devices out of range"))
+        why = f"--connections in [1, {CONNECTIONS_MAX}], --devices in [1, {DEVICES_MAX}]"
+        return fail("edge simulate", why, code=EXIT_USAGE)
     try:
         with contextlib.ExitStack() as stack:
             devices_dir = args.devices_dir or Path(
@@ -290,7 +315,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
             summary = asyncio.run(simulate(args, devices_dir))
     except (FogpayError, KeyFileError, aiomqtt.MqttError, TimeoutError, OSError) as exc:
-        return _error(exc)
+        return _error("simulate", exc)
     print(json.dumps(summary.to_dict(), sort_keys=True) if args.json else summary.table())
     return 0
 
@@ -327,7 +352,7 @@ def cmd_pay(args: argparse.Namespace) -> int:
     configure(json=False, level=args.log_level, stream=sys.stderr)
     try:
         result = asyncio.run(pay_once(args))
-    except (PaymentError, FogpayError, KeyFileError, aiomqtt.MqttError, TimeoutError) as exc:
-        return _error(exc)
+    except (PaymentError, FogpayError, KeyFileError, aiomqtt.MqttError, OSError) as exc:
+        return _error("pay", exc)
     print(json.dumps(result, sort_keys=True))
     return 0 if result["status"] == "ok" else 1

@@ -8,25 +8,30 @@ possession over the binding body built from the given fields, for ``fogpay devic
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from fogpay.provision import ProvisionError, Validity, binding_body, make_binding
 from protocol.errors import FogpayError
 from protocol.signing import possession_proof, public_key
+from runtime.cli import EXIT_USAGE, describe, fail, json_option
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     keys = sub.add_parser("keys", help="Ed25519 key files")
     cmds = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    p = cmds.add_parser("new", help="generate a key file (0600); print its public key")
+    data = [json_option()]  # the output is JSON already; --json is accepted everywhere
+    p = cmds.add_parser(
+        "new", help="generate a key file (0600); print its public key", parents=data
+    )
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_new)
-    p = cmds.add_parser("show", help="print the public key of a key file")
+    p = cmds.add_parser("show", help="print the public key of a key file", parents=data)
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_show)
-    p = cmds.add_parser("prove", help="device: proof of possession for a binding's fields")
+    p = cmds.add_parser(
+        "prove", help="device: proof of possession for a binding's fields", parents=data
+    )
     p.add_argument("--device-key", required=True, type=Path)
     p.add_argument("--owner-id", required=True)
     p.add_argument("--currency", required=True)
@@ -38,16 +43,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(func=cmd_prove)
 
 
-def _error(exc: Exception) -> int:
-    print(f"fogpay: error: {exc}", file=sys.stderr)
-    return 2
+def _error(what: str, exc: Exception) -> int:
+    """Every refusal here is about the arguments (a key file that exists, is loose or is not a
+    key, a bad field): exit 2 with one line (runtime.cli)."""
+    return fail(f"keys {what}", describe(exc), code=EXIT_USAGE)
 
 
 def cmd_new(args: argparse.Namespace) -> int:
     try:
         key = new_key_file(args.path)
     except (KeyFileError, OSError) as exc:
-        return _error(exc)
+        return _error("new", exc)
     print(json.dumps({"public_key": public_key(key).hex(), "file": str(args.path)}))
     return 0
 
@@ -56,7 +62,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         key = load_key_file(args.path)
     except KeyFileError as exc:
-        return _error(exc)
+        return _error("show", exc)
     print(json.dumps({"public_key": public_key(key).hex(), "file": str(args.path)}))
     return 0
 
@@ -75,6 +81,6 @@ def cmd_prove(args: argparse.Namespace) -> int:
         )
         proof = possession_proof(device, binding_body(binding))
     except (KeyFileError, ProvisionError, FogpayError) as exc:
-        return _error(exc)
+        return _error("prove", exc)
     print(json.dumps({"device": public_key(device).hex(), "proof": proof.hex()}))
     return 0

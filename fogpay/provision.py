@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import secrets
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import aiomqtt
 import nacl.signing
 
 from protocol import limits, topics
-from protocol.errors import FogpayError
+from protocol.errors import Declined, FogpayError
 from protocol.messages import (
     Binding,
     FogCredential,
@@ -48,6 +47,7 @@ from protocol.signing import (
     seal_signed,
     verify_possession,
 )
+from runtime.cli import report
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 
 ISSUER_SEED_FILE: Final = "issuer.seed"
@@ -275,6 +275,8 @@ def _hex_bytes(text: str) -> bytes:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="mqtt://[user:pass@]127.0.0.1:PORT (omit to only print)")
     p.add_argument("--days", type=float, default=VALIDITY_DAYS_DEFAULT, help="validity")
+    p.add_argument("--json", action="store_true", help="accepted: the output is JSON lines")
+    p.set_defaults(command_name=p.prog.split(" ", 1)[-1])
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -289,6 +291,7 @@ def _register_issuer(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     cmds = issuer.add_subparsers(dest="issuer_command", required=True, metavar="COMMAND")
     p = cmds.add_parser("init", help=f"write DIR/{ISSUER_SEED_FILE} (hex seed, 0600)")
     p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--json", action="store_true", help="accepted: the output is JSON")
     p.set_defaults(func=cmd_issuer_init)
     p = cmds.add_parser("certify-fog", help="issuer signs a fog credential")
     p.add_argument("--issuer-key", required=True, type=Path)
@@ -348,9 +351,11 @@ def _register_lease(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=cmd_lease_grant)
 
 
-def _fail(exc: Exception) -> int:
-    print(f"fogpay: error: {exc}", file=sys.stderr)
-    return 2
+def _fail(what: str, exc: Exception) -> int:
+    """One line; 2 for a refused argument (a bad key, proof, field or URL, a key file, a
+    field the message refuses as malformed), 1 when the broker cannot be reached or does not
+    acknowledge (runtime.cli)."""
+    return report(what, exc, (ProvisionError, Declined))
 
 
 def cmd_issuer_init(args: argparse.Namespace) -> int:
@@ -359,7 +364,7 @@ def cmd_issuer_init(args: argparse.Namespace) -> int:
         os.makedirs(args.dir, exist_ok=True)
         key = new_key_file(path)
     except (OSError, KeyFileError) as exc:
-        return _fail(exc)
+        return _fail("issuer init", exc)
     print(json.dumps({"issuer_key": public_key(key).hex(), "seed_file": str(path)}))
     return 0
 
@@ -368,7 +373,7 @@ def _run(build: Any, args: argparse.Namespace) -> int:
     try:
         return emit(build(), args.broker)
     except (FogpayError, KeyFileError, aiomqtt.MqttError, TimeoutError, OSError) as exc:
-        return _fail(exc)
+        return _fail(args.command_name, exc)
 
 
 def cmd_certify_fog(args: argparse.Namespace) -> int:

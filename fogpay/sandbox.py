@@ -31,7 +31,7 @@ import json
 import os
 import secrets
 import signal
-import sys
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -46,10 +46,12 @@ from cloud.mirror import Importer, Mirror
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
+from fog.schema import StoreOpenError
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
 from protocol.signing import public_key
+from runtime.cli import EXIT_USAGE, fail, report
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 from runtime.logs import configure
 
@@ -269,12 +271,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     configure(json=not args.console)
+    directory: Path = args.dir
     try:
-        asyncio.run(run_sandbox(args.dir, port=args.port, fog_id=args.fog_id))
-    except (ConfigError, KeyFileError, OSError) as exc:
-        print(f"fogpay sandbox: {exc}", file=sys.stderr)
-        return 2
-    except FogpayError as exc:  # a component did not start; the fog's key is not the cloud's
-        print(f"fogpay sandbox: {exc}", file=sys.stderr)
-        return 1
+        asyncio.run(run_sandbox(directory, port=args.port, fog_id=args.fog_id))
+    except (ConfigError, KeyFileError, OSError, FogpayError) as exc:
+        # 2: DIR or a file in it is unusable; 1: a component did not start, the fog's key is
+        # not the cloud's (runtime.cli)
+        return report("sandbox", exc, (ConfigError, StoreOpenError))
+    except sqlite3.Error as exc:  # DIR/cloud.sqlite is not a database
+        return fail("sandbox", f"{directory / CLOUD_DB_FILE}: {exc}", code=EXIT_USAGE)
     return 0

@@ -228,6 +228,19 @@ def test_a_database_of_a_newer_schema_is_refused_with_the_reason(cli: Cli) -> No
             await store.close()
 
     asyncio.run(as_a_newer_fogpay_left_it())
-    err = cli.run("check", rc=1, process=True)
-    assert f"SchemaError: the database has schema version {newer}" in err, err
+    err = cli.run("check", rc=2, process=True)  # the configured store is wrong: exit 2
+    assert err.startswith(f"fogpay: cloud check: the database has schema version {newer}"), err
+    assert err.count("\n") == 1
     assert "Traceback" not in err
+
+
+@pytest.mark.postgres
+def test_a_postgres_database_that_does_not_exist_is_one_line_exit_2(pg_dsn: str) -> None:
+    missing = pg_dsn.rsplit("/", 1)[0] + f"/no_such_db_{secrets.token_hex(4)}"
+    argv = [*FOGPAY, "cloud", "--store", missing, "check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("fogpay: cloud check: store postgresql://"), line
+    assert "does not exist" in line, line
