@@ -15,7 +15,7 @@ except amqtt's, which are the embedded broker's (``broker``).
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 
 import structlog
@@ -24,10 +24,15 @@ COMPONENT_DEFAULT: Final = "fogpay"
 BROKER_LOGGERS: Final = ("amqtt",)  # standard-library loggers whose lines are the broker's
 
 
-def bind_component(component: str) -> None:
+def bind_component(component: str) -> Mapping[str, Any]:
     """Name the component of every line logged from the current context (task) on: call at
-    the top of a daemon's ``run()``; tasks it starts inherit it."""
-    structlog.contextvars.bind_contextvars(component=component)
+    the top of a daemon's ``run()``; tasks it starts inherit it. Returns the tokens for
+    ``unbind_component`` (at the end of ``run()``: the caller's task may log on)."""
+    return structlog.contextvars.bind_contextvars(component=component)
+
+
+def unbind_component(tokens: Mapping[str, Any]) -> None:
+    structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _component_adder(default: str) -> Any:
