@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cloud.cli_commands",
     "fogpay.sandbox",
     "fogpay.demo",
+    "fogpay.status",
 )
 
 
