@@ -15,7 +15,7 @@ POLL_S: Final = 0.05
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def get_sync(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
             return int(r.status), r.read()
@@ -24,7 +24,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 async def get(url: str) -> tuple[int, bytes]:
-    return await asyncio.to_thread(_get, url)
+    return await asyncio.to_thread(get_sync, url)
 
 
 def parse(text: str) -> Samples:
