@@ -137,7 +137,9 @@ def read_store(db: Path, *, now_ms: int) -> StoreView:
     try:
         conn.execute("BEGIN")  # one snapshot for every query below
         budget = _budget(conn, now_ms)
-        first, last = conn.execute("SELECT min(number), max(number) FROM batches").fetchone()
+        # two queries: SQLite answers a lone min() or max() from the index, both in one by a scan
+        first = conn.execute("SELECT min(number) FROM batches").fetchone()[0]
+        last = conn.execute("SELECT max(number) FROM batches").fetchone()[0]
         unacked, oldest = 0, None
         if last is not None:
             head = _first_unacked(conn, int(first), int(last))
