@@ -4,6 +4,7 @@ import asyncio
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,3 +64,20 @@ async def wait_status(url: str, status: int) -> bytes:
             if got == status:
                 return body
             await asyncio.sleep(POLL_S)
+
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+SUFFIXES: Final = ("_total", "_bucket", "_count", "_sum")
+
+
+def undocumented(samples: Samples, doc: str) -> list[str]:
+    """Metric names in ``samples`` that ``docs/<doc>`` does not name (as `name`)."""
+    text = (ROOT / "docs" / doc).read_text()
+    names = set()
+    for name, _ in samples:
+        for suffix in SUFFIXES:
+            if name.endswith(suffix) and f"`{name.removesuffix(suffix)}`" in text:
+                name = name.removesuffix(suffix)
+                break
+        names.add(name)
+    return sorted(n for n in names if f"`{n}`" not in text)

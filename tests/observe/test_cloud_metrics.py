@@ -17,7 +17,7 @@ from protocol import topics
 from tests.conftest import BrokerEndpoint, free_port
 from tests.integration.devices import wallet
 from tests.integration.fogrun import running_fog, wait_counter
-from tests.observe.scrape import get, scrape, value, wait_scrape
+from tests.observe.scrape import get, scrape, undocumented, value, wait_scrape
 from tests.pipeline.mqtt import running_service
 from tests.pipeline.test_end_to_end import first_payment, pay_all, trusted
 from tests.pipeline.world import Pipeline, wait_until
@@ -103,6 +103,7 @@ async def test_ingest_leases_and_refusals_show_in_the_metrics(pipe: Pipeline) ->
         }
         assert list(refused.values()) == [1] and list(refused) == ["malformed"]
         assert value(s, "fogpay_cloud_records_booked_total") == len(ids)
+        assert undocumented(s, "cloud.md") == []
 
 
 async def test_readyz_is_503_until_the_broker_is_there(pipe: Pipeline) -> None:

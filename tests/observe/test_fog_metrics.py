@@ -24,7 +24,7 @@ from runtime.http import ListenError
 from tests.conftest import free_port
 from tests.integration.devices import Device, Issuer, publish_retained, wallet, write_fog_files
 from tests.integration.fogrun import running_fog, wait_counter
-from tests.observe.scrape import get, scrape, value, wait_scrape, wait_status
+from tests.observe.scrape import get, scrape, undocumented, value, wait_scrape, wait_status
 
 FOG = "fog-m"
 FOG_PW = "fog-secret"
@@ -139,6 +139,7 @@ async def test_payments_budget_backlog_and_acks_show_in_the_metrics(tmp_path: Pa
         assert value(s, "fogpay_fog_uplink_up") == 1
         assert value(s, "fogpay_fog_unacked_oldest_age_seconds") == 0
         assert value(s, "fogpay_fog_events_total", event="batch_acked") == 2
+        assert undocumented(s, "fog.md") == []
 
 
 async def test_readyz_follows_the_broker(tmp_path: Path) -> None:

@@ -103,3 +103,9 @@ def test_exported_buckets_are_exact_cumulative_counts_and_totals_survive_take() 
     assert len(edges) >= len(EXPORT_LE_S) - 2 and edges[-1] <= 60
     for le, count in pairs[:-1]:  # an edge is a 10% bucket's upper edge: the count is exact
         assert count == sum(1 for s in samples_s if s <= float(le)), le
+
+
+@pytest.mark.parametrize("doc", ["fog.md", "cloud.md"])
+def test_the_metrics_config_keys_are_documented(doc: str) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
+    assert "`metrics.enabled`" in text and "`metrics.listen`" in text
