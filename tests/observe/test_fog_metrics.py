@@ -248,3 +248,16 @@ def _lines(log: Path, *, strict: bool = False) -> list[dict[str, object]]:
     """The JSON lines (``strict``: every line must be one; else a line being written is
     skipped)."""
     return [json.loads(x) for x in log.read_text().splitlines() if strict or x.endswith("}")]
+
+
+async def test_a_fog_without_uplink_has_no_uplink_gauge(tmp_path: Path) -> None:
+    extra = METRICS + "[uplink]\nenabled = false\n"
+    config = write_fog_files(
+        tmp_path, fog_id=FOG, issuer_key=Issuer().public, broker=EMBEDDED, extra=extra
+    )
+    async with running_fog(config) as fog:
+        assert fog.observer.url is not None
+        s = await scrape(fog.observer.url)
+        assert value(s, "fogpay_fog_uplink_up") is None
+        assert value(s, "fogpay_fog_broker_up") == 1 and value(s, "fogpay_fog_store_read_ok") == 1
+        assert value(s, "fogpay_fog_unacked_batches") == 0
