@@ -332,8 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.broker:
         service_cfg = dataclasses.replace(cfg.service, broker_url=args.broker)
         cfg = dataclasses.replace(cfg, service=service_cfg)
-    logs.configure(json=True)
-    route_stdlib_logging(json=True)
+    logs.configure(json=True, component="cloud")
+    route_stdlib_logging(json=True, component="cloud")
 
     async def main() -> None:
         async with open_service(cfg) as service:

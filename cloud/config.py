@@ -14,6 +14,10 @@ broker_url = "mqtt://issuer:PASSWORD@127.0.0.1:1883"
 verify_workers = 2   # processes verifying batches; 0: in the event loop
 stats_interval_s = 60.0
 
+[metrics]          # Prometheus /metrics, /healthz, /readyz (cloud/metrics.py); off by default
+enabled = true
+listen = "127.0.0.1:9465"   # port 0: a free port (logged in metrics_listening)
+
 [rails.creditor]   # pain.008: the operator collecting the owners' charges
 name = "fogpay operator"
 iban = "DE89370400440532013000"
@@ -39,12 +43,14 @@ from typing import Any
 from cloud.iso20022 import CreditorConfig, DebtorConfig
 from cloud.leases import LeasePolicy
 from protocol.errors import FogpayError
+from runtime.http import ListenError, parse_listen
 
 STORE_DEFAULT = "sqlite://cloud.db"
 ISSUER_KEY_DEFAULT = "issuer.key"
 BROKER_URL_DEFAULT = "mqtt://127.0.0.1:1883"
 VERIFY_WORKERS_MAX = 64
 STATS_INTERVAL_S_MAX = 86_400.0
+METRICS_LISTEN_DEFAULT = "127.0.0.1:9465"
 
 
 class ConfigError(FogpayError):
@@ -71,6 +77,16 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` of ``fogpay cloud
+    run`` over HTTP (cloud/metrics.py). Off by default (one port per process)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # from ``listen = "HOST:PORT"`` (an IPv6 host in brackets)
+    port: int = 9465  # 0: a free port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloudConfig:
     store: str = STORE_DEFAULT
     issuer_key: Path = Path(ISSUER_KEY_DEFAULT)
@@ -78,6 +94,7 @@ class CloudConfig:
     creditor: CreditorConfig | None = None
     debtor: DebtorConfig | None = None
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _section(value: object, key: str, cls: Any) -> Any:
@@ -100,7 +117,7 @@ def load(
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"store", "issuer_key", "lease", "rails", "service"}
+    unknown = set(data) - {"store", "issuer_key", "lease", "rails", "service", "metrics"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]!r}")
     rails = data.get("rails", {})
@@ -117,7 +134,26 @@ def load(
         creditor=_section(rails.get("creditor"), "rails.creditor", CreditorConfig),
         debtor=_section(rails.get("debtor"), "rails.debtor", DebtorConfig),
         service=_service(data.get("service")),
+        metrics=_metrics(data.get("metrics")),
     )
+
+
+def _metrics(value: object) -> MetricsConfig:
+    if value is None:
+        return MetricsConfig()
+    if not isinstance(value, dict):
+        raise ConfigError("metrics: must be a table")
+    unknown = set(value) - {"enabled", "listen"}
+    if unknown:
+        raise ConfigError(f"metrics.{sorted(unknown)[0]}: unknown key")
+    enabled = value.get("enabled", False)
+    if type(enabled) is not bool:
+        raise ConfigError("metrics.enabled: must be true or false")
+    try:
+        host, port = parse_listen(value.get("listen", METRICS_LISTEN_DEFAULT))
+    except ListenError as exc:
+        raise ConfigError(f"metrics.listen: {exc}") from None
+    return MetricsConfig(enabled=enabled, host=host, port=port)
 
 
 def _service(value: object) -> ServiceConfig:

@@ -42,15 +42,17 @@ import nacl.signing
 import structlog
 
 from cloud.backends import open_store
-from cloud.config import CloudConfig, ConfigError
+from cloud.config import CloudConfig, ConfigError, MetricsConfig
 from cloud.core import CloudCore, Publish
 from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_inline
+from cloud.metrics import CloudObserver, CloudState  # observability hook
 from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
 from protocol import limits, topics
 from protocol.errors import FogpayError
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
+from runtime.logs import bind_component, unbind_component
 from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
@@ -112,10 +114,12 @@ class CloudService:
         store: Store | None = None,
         stats_s: float = STATS_S_DEFAULT,
         prefetch: "PrefetchVerifier | None" = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         """``store`` (the core's) enables the cheap change check; without it the service
         diffs ``core.retained()`` every ``FULL_REFRESH_S`` only. ``prefetch``: the core's
-        verifier, told of each batch as it is queued."""
+        verifier, told of each batch as it is queued. ``metrics``: the HTTP endpoint
+        (cloud/metrics.py; None or disabled: none)."""
         self.core = core
         self._client_args: dict[str, Any] = {
             "hostname": broker_host,
@@ -136,6 +140,17 @@ class CloudService:
         self._last_full = 0.0
         self._counters: dict[str, int] = {}
         self._started = False
+        # ---- observability hook (cloud/metrics.py): what /metrics and /readyz read
+        self.observer = CloudObserver(
+            metrics or MetricsConfig(),
+            CloudState(
+                counters=lambda: self.counters,
+                broker_up=lambda: self._client is not None,
+                stopping=self._stopping.is_set,
+                queued=lambda: {"batches": self._batches.qsize(), "leases": self._leases.qsize()},
+                store=store,
+            ),
+        )
 
     # ---- public API -------------------------------------------------------------------
 
@@ -160,13 +175,21 @@ class CloudService:
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
         assert not self._started, "a CloudService runs once"
         self._started = True
+        component = bind_component("cloud")  # observability hook: every line of the cloud
         log.info("cloud_starting", broker=f"{self._client_args['hostname']}:{self._port}")
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._mqtt_loop(ready), name="cloud.mqtt")
-            tg.create_task(self._worker(), name="cloud.worker")
-            tg.create_task(self._refresher(), name="cloud.refresh")
-            tg.create_task(self._stats(), name="cloud.stats")
-        log.info("cloud_stopped", **self.counters)
+        try:
+            await self.observer.start()  # observability hook: /metrics, /healthz, /readyz
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._mqtt_loop(ready), name="cloud.mqtt")
+                    tg.create_task(self._worker(), name="cloud.worker")
+                    tg.create_task(self._refresher(), name="cloud.refresh")
+                    tg.create_task(self._stats(), name="cloud.stats")
+            finally:
+                await self.observer.stop()  # observability hook
+            log.info("cloud_stopped", **self.counters)
+        finally:
+            unbind_component(component)  # observability hook
 
     @property
     def _port(self) -> int:
@@ -508,6 +531,7 @@ def build_service(
         store=store,
         stats_s=config.service.stats_interval_s,
         prefetch=verifier if isinstance(verifier, PrefetchVerifier) else None,
+        metrics=config.metrics,
     )
 
 

@@ -52,7 +52,7 @@ from protocol.signing import (
 )
 from runtime.keyfile import load_key_file, new_key_file
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="edge")  # every edge line names it (runtime/logs.py)
 
 KEY_FILE: Final = "device.key"
 SEQ_FILE: Final = "seq"

@@ -276,6 +276,6 @@ def _answer(fd: int, obj: dict[str, Any]) -> None:
 if __name__ == "__main__":
     from runtime.logs import configure, route_stdlib_logging
 
-    configure(json=True, level="warning")  # on the fog's stdout; the fog logs start and stop
-    route_stdlib_logging(json=True)
+    configure(json=True, level="warning", component="broker")  # the fog logs start, stop
+    route_stdlib_logging(json=True, component="broker")
     sys.exit(asyncio.run(_serve_child(int(sys.argv[1]))))

@@ -212,8 +212,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = _load(path)
     except (ConfigError, KeyFileError) as exc:
         return fail("fog run", _config_problem(path, exc), code=EXIT_USAGE)
-    configure(json=not args.console, level=config.log_level)
-    route_stdlib_logging(json=not args.console)
+    configure(json=not args.console, level=config.log_level, component="fog")
+    route_stdlib_logging(json=not args.console, component="fog")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         asyncio.run(run_until_signal(config))

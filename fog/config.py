@@ -20,6 +20,7 @@ from protocol import limits
 from protocol.errors import FogpayError
 from protocol.messages import is_fog_id
 from protocol.signing import is_valid_public_key
+from runtime.http import ListenError, parse_listen
 
 DEFAULT_BROKER_HOST: Final = "127.0.0.1"
 DEFAULT_BROKER_PORT: Final = 1883
@@ -130,6 +131,20 @@ class LeaseConfig:
     check_interval_ms: int = DEFAULT_LEASE_CHECK_MS  # how often expiry and resends are checked
 
 
+DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP
+    (fog/metrics.py). Off by default: several fogs in one process (tests, demo) would
+    collide on one port; the sandbox and production configs turn it on."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # from ``listen = "HOST:PORT"`` (an IPv6 host in brackets)
+    port: int = 9464  # 0: a free port (logged in ``metrics_listening``)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FogConfig:
     fog_id: str
@@ -141,6 +156,7 @@ class FogConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
     log_level: str = "info"
     # true: the store (verify, SQLite, sign) runs in a child process (fog/storeproc.py), off
@@ -208,7 +224,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         raw,
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
-        | {"stats_interval_s", "log_level", "uplink", "lease", "store_process"},
+        | {"stats_interval_s", "log_level", "uplink", "lease", "store_process", "metrics"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -226,6 +242,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         policy=_policy(_table(raw, "policy")),
         uplink=_uplink(_table(raw, "uplink")),
         lease=_lease(_table(raw, "lease")),
+        metrics=_metrics(_table(raw, "metrics")),
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
         store_process=_bool(raw, "store_process", True, key="store_process"),
@@ -376,6 +393,18 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
         report=_bool(raw, "report", True, key="lease.report"),
         report_retry_ms=ms("report_retry_ms", DEFAULT_REPORT_RETRY_MS),
         check_interval_ms=ms("check_interval_ms", DEFAULT_LEASE_CHECK_MS),
+    )
+
+
+def _metrics(raw: Mapping[str, Any]) -> MetricsConfig:
+    _no_unknown(raw, "metrics.", {"enabled", "listen"})
+    listen = _str(raw, "listen", DEFAULT_METRICS_LISTEN, key="metrics.listen")
+    try:
+        host, port = parse_listen(listen)
+    except ListenError as exc:
+        raise ConfigError(f"metrics.listen: {exc}") from None
+    return MetricsConfig(
+        enabled=_bool(raw, "enabled", False, key="metrics.enabled"), host=host, port=port
     )
 
 

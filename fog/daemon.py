@@ -44,6 +44,7 @@ from fog.broker import TCP_NODELAY_OPTION, BrokerLostError, BrokerProcess, Embed
 from fog.config import FogConfig, parse_broker_url
 from fog.latency import Histogram
 from fog.leasing import LeaseKeeper
+from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
 from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
 from fog.storeproc import RemoteMethod, StoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
@@ -52,7 +53,7 @@ from protocol import topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
-from runtime.logs import short
+from runtime.logs import bind_component, short, unbind_component
 from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
@@ -120,9 +121,11 @@ class FogDaemon:
         self._republished = False
         self._publishing: set[asyncio.Task[None]] = set()
         # fog_stats: per intent, read -> receipt handed to the client; per group, the store call
-        self._answer_time = Histogram()
+        self._answer_time = RunningHistogram()  # observability hook: totals for /metrics
         self._store_time = Histogram()
-        self._log = log.bind(fog_id=config.fog_id)
+        # component bound here too (observability hook): store calls log from the store thread,
+        # which the task's contextvars do not reach
+        self._log = log.bind(fog_id=config.fog_id, component="fog")
         self._debug = config.log_level == "debug"
         self._prune_at = 0.0  # monotonic time of the next pruning step
         # a child process died (store or embedded broker): run() raises it
@@ -137,6 +140,19 @@ class FogDaemon:
         )
         self._uplink = Uplink(self._link, config.uplink) if config.uplink.enabled else None
         self._leases: LeaseKeeper | None = None  # needs the key: made when the store opens
+        # ---- observability hook (fog/metrics.py): what /metrics and /readyz read, at scrape
+        self.observer = FogObserver(
+            config,
+            FogState(
+                counters=lambda: self.counters,
+                answer_time=self._answer_time,
+                broker_up=lambda: self._client is not None,
+                store_open=lambda: self._store is not None,
+                stopping=self._stopping.is_set,
+                queued=self._intents.qsize,
+                clock=clock,
+            ),
+        )
 
     # ---- public API -------------------------------------------------------------------
 
@@ -162,8 +178,10 @@ class FogDaemon:
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
         assert not self._started, "a FogDaemon runs once"
         self._started = True
+        component = bind_component("fog")  # observability hook: every line of this fog
         self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
         try:
+            await self.observer.start()  # observability hook: /metrics, /healthz, /readyz
             self._store = await self._call(self._open_store)
             await self._call(self._store.uplink_init)
             if self._broker is not None:
@@ -181,6 +199,7 @@ class FogDaemon:
                     tg.create_task(self._leases.run(self._store), name="fog.leases")
         finally:
             await self._shutdown()
+            unbind_component(component)  # observability hook
         if self._fatal is not None:
             raise self._fatal
 
@@ -239,6 +258,7 @@ class FogDaemon:
         self._executor.shutdown(wait=True)
         if self._broker is not None:
             await self._broker.stop()
+        await self.observer.stop()  # observability hook
         self._log.info("fog_stopped", **self.counters)
 
     def _store_lost(self, exc: StoreProcessError) -> None:

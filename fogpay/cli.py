@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "cloud.cli_commands",
     "fogpay.sandbox",
     "fogpay.demo",
+    "fogpay.status",
 )
 USAGE_ERRORS: Final = (CloudConfigError, CloudStoreOpenError, FogConfigError, FogStoreOpenError)
 OPERATING_ERRORS: Final = (FogpayError, KeyFileError, OSError, aiomqtt.MqttError)

@@ -13,6 +13,10 @@ books)::
     cloud.sqlite           the cloud's store: registry, leases, booked batches, ledger
     sandbox.json           written atomically once everything is ready; removed at start
 
+``sandbox.json`` also names the fog's and the cloud's metrics endpoints (``"metrics": {"fog":
+URL, "cloud": URL}``, each on a free port of 127.0.0.1: ``/metrics``, ``/healthz``,
+``/readyz``; ``fogpay status --url URL`` reads either).
+
 The fog runs in this process with its embedded broker bound to 127.0.0.1 (PORT 0 picks a
 free port, so read sandbox.json after each start). The cloud runs beside it on the same
 broker: its registry holds the fog (registered on the first start), its MQTT shell
@@ -32,7 +36,7 @@ import os
 import secrets
 import signal
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +44,7 @@ import nacl.signing
 import structlog
 
 from cloud import registry
+from cloud.config import MetricsConfig
 from cloud.core import CloudCore
 from cloud.leases import LeasePolicy
 from cloud.mirror import Importer, Mirror
@@ -81,18 +86,24 @@ class SandboxInfo:
     issuer_key: bytes
     issuer_seed_file: str  # a file name inside DIR
     cloud_db: str | None = None  # the cloud's SQLite store, a file name inside DIR
+    # component ("fog", "cloud") -> metrics endpoint URL
+    metrics: dict[str, str] | None = field(default=None, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         broker: dict[str, Any] = {"host": self.broker.host, "port": self.broker.port}
         if self.broker.username is not None:
             broker |= {"username": self.broker.username, "password": self.broker.password}
-        return {
-            "broker": broker,
-            "fog_id": self.fog_id,
-            "fog_key": self.fog_key.hex(),
-            "issuer_key": self.issuer_key.hex(),
-            "issuer_seed_file": self.issuer_seed_file,
-        } | ({} if self.cloud_db is None else {"cloud": {"db": self.cloud_db}})
+        return (
+            {
+                "broker": broker,
+                "fog_id": self.fog_id,
+                "fog_key": self.fog_key.hex(),
+                "issuer_key": self.issuer_key.hex(),
+                "issuer_seed_file": self.issuer_seed_file,
+            }
+            | ({} if self.cloud_db is None else {"cloud": {"db": self.cloud_db}})
+            | ({} if self.metrics is None else {"metrics": dict(self.metrics)})
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "SandboxInfo":
@@ -109,6 +120,9 @@ class SandboxInfo:
                 issuer_key=bytes.fromhex(raw["issuer_key"]),
                 issuer_seed_file=raw["issuer_seed_file"],
                 cloud_db=raw.get("cloud", {}).get("db"),
+                metrics={str(k): str(v) for k, v in raw["metrics"].items()}
+                if "metrics" in raw
+                else None,
             )
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise FogpayError(f"{path}: not a sandbox.json ({type(exc).__name__}: {exc})") from exc
@@ -161,12 +175,15 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
                 "device_username": DEVICE_USERNAME,
                 "device_password_file": DEVICE_PASSWORD_FILE,
             },
+            "metrics": {"enabled": True, "listen": f"{HOST}:0"},
         },
         base=directory,
     )
 
 
-def sandbox_info(directory: Path, config: FogConfig, port: int) -> SandboxInfo:
+def sandbox_info(
+    directory: Path, config: FogConfig, port: int, metrics: dict[str, str] | None = None
+) -> SandboxInfo:
     return SandboxInfo(
         broker=BrokerAddress(HOST, port, DEVICE_USERNAME, config.broker.device_password),
         fog_id=config.fog_id,
@@ -174,6 +191,7 @@ def sandbox_info(directory: Path, config: FogConfig, port: int) -> SandboxInfo:
         issuer_key=config.issuer_key,
         issuer_seed_file=ISSUER_SEED_FILE,
         cloud_db=CLOUD_DB_FILE,
+        metrics=metrics,
     )
 
 
@@ -195,8 +213,14 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
             fog = await stack.enter_async_context(
                 running("sandbox.fog", with_ready(daemon.run), daemon.stop)
             )
-            tasks = await _start_cloud(stack, store, issuer, config, daemon.broker_port)
-            info = sandbox_info(directory, config, daemon.broker_port)
+            tasks, cloud_url = await _start_cloud(stack, store, issuer, config, daemon.broker_port)
+            metrics = {"fog": daemon.observer.url, "cloud": cloud_url}
+            info = sandbox_info(
+                directory,
+                config,
+                daemon.broker_port,
+                {k: v for k, v in metrics.items() if v is not None},
+            )
             write_json_atomic(directory / SANDBOX_JSON, info.to_json())
             log.info("sandbox_ready", port=info.broker.port, fog_id=fog_id, dir=str(directory))
             waiter = asyncio.create_task(stopping.wait(), name="sandbox.stopping")
@@ -228,8 +252,9 @@ async def _start_cloud(
     issuer: nacl.signing.SigningKey,
     config: FogConfig,
     port: int,
-) -> list["asyncio.Task[None]"]:
-    """The cloud service and the mirror, on the fog's broker with the fog's account."""
+) -> tuple[list["asyncio.Task[None]"], str | None]:
+    """The cloud service and the mirror, on the fog's broker with the fog's account; and the
+    cloud's metrics endpoint."""
     from cloud.service import CloudService
 
     account = {
@@ -247,6 +272,7 @@ async def _start_cloud(
         password=config.broker.password,
         clock=now_ms,
         store=store,
+        metrics=MetricsConfig(enabled=True, host=HOST, port=0),
     )
     importer = Importer(store=store, issuer_key=public_key(issuer), clock=now_ms)
     mirror = Mirror(importer=importer, client_args=account)
@@ -257,7 +283,7 @@ async def _start_cloud(
             ("sandbox.mirror", with_ready(mirror.run), mirror.stop),
         )
     ]
-    return tasks
+    return tasks, service.observer.url
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -270,7 +296,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    configure(json=not args.console)
+    configure(json=not args.console, component="sandbox")
     directory: Path = args.dir
     try:
         asyncio.run(run_sandbox(directory, port=args.port, fog_id=args.fog_id))
