@@ -44,7 +44,7 @@ import structlog
 from cloud.backends import open_store
 from cloud.config import CloudConfig, ConfigError
 from cloud.core import CloudCore, Publish
-from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_inline
+from cloud.ingest import IngestOutcome, Status, Verifier, verify_inline
 from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
 from protocol import limits, topics
@@ -317,15 +317,12 @@ class CloudService:
             await self._publish_locked(out)
 
     async def _handle_batch(self, fog_id: str, wire: bytes) -> None:
-        claimed = _claimed_fog(wire)
-        if claimed is not None and claimed != fog_id:
-            if self._prefetch is not None:
-                self._prefetch.discard(wire)
-            self._count("batch_dropped")
-            log.warning("batch_dropped", cause="topic_mismatch", fog_id=fog_id, claims=claimed)
-            return
         async with self._lock:
-            outcome = await self.core.ingest_batch(wire)
+            # the core checks the topic against the header it verified (decoded once)
+            outcome = await self.core.ingest_batch(wire, topic=topics.batch_topic(fog_id))
+            if outcome.status is Status.DROPPED:
+                self._count("batch_dropped")
+                return  # logged by the core (batch_dropped, cause=topic_mismatch)
             self._count(f"batches_{outcome.status}")
             self._log_outcome(outcome)
             self._count("leases_closed", sum(1 for _, p in outcome.publish if not p))
@@ -420,15 +417,6 @@ class CloudService:
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         return await sleep_or_stop(self._stopping, seconds)
-
-
-def _claimed_fog(wire: bytes) -> str | None:
-    """The fog_id a batch's header claims (unverified), or None if it does not decode (the
-    core refuses it then, with the right reason and counter)."""
-    try:
-        return batch_fog_id(wire)
-    except Exception:  # any decoding failure: the core judges it properly
-        return None
 
 
 def pool_verifier(pool: Executor) -> Verifier:
