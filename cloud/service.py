@@ -453,7 +453,7 @@ class PrefetchVerifier:
         return await loop.run_in_executor(self._pool, check_batch, wire)
 
     def discard(self, wire: bytes) -> None:
-        """A queued batch that will not be ingested (stop, topic mismatch)."""
+        """A queued batch that will not be ingested (the service stops)."""
         started = self._started.pop(id(wire), None)
         if started is not None:
             started[1].cancel()
