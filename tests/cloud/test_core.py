@@ -17,6 +17,7 @@ from cloud.store import Tx
 from cloud.verify import CheckedBatch, check_batch
 from protocol import topics
 from protocol.batch import decode_batch
+from protocol.errors import Declined
 from protocol.leasing import LeaseReport, LeaseRequest
 from protocol.messages import Ack, Lease
 from protocol.reasons import Reason
@@ -218,3 +219,38 @@ async def test_lease_inputs_are_answered_at_the_inputs_time(world: World) -> Non
     ]
     retained = await core.handle(RetainedWanted())
     assert published in retained and all(isinstance(o, Publish) for o in retained)
+
+
+async def test_held_batches_left_behind_are_released_by_the_next_resend(world: World) -> None:
+    """As after a crash between two release transactions: the verifier fails on the first
+    held batch once (a fault injected around the real check_batch); what stays held is
+    booked when the fog resends the first unacked batch."""
+    w = world
+    wires = await alice_pays(w, 4)
+    failing: set[bytes] = set()
+
+    async def verifier(wire: bytes) -> CheckedBatch:
+        if wire in failing:
+            failing.discard(wire)
+            raise Declined(Reason.MALFORMED, "injected")
+        return check_batch(wire)
+
+    core = CloudCore(
+        store=w.store, issuer=w.issuer, clock=no_clock, policy=LeasePolicy(), verifier=verifier
+    )
+    for wire in (wires[2], wires[3]):  # verified on arrival: the fault is armed after
+        await core.handle(BatchArrived(wire=wire, now_ms=T0))
+    failing.add(wires[2])
+    await core.handle(BatchArrived(wire=wires[0], now_ms=T0))
+    judged, ack = await core.handle(BatchArrived(wire=wires[1], now_ms=T0))
+    assert judged == BatchJudged(
+        status=Status.BOOKED, fog_id="fog-a", number=2, booked=2, batches=1
+    )
+    assert isinstance(ack, Publish) and open_envelope(ack.payload, Ack).msg.number == 2
+    assert await count(w.store, "held") == 2
+    judged, ack = await core.handle(BatchArrived(wire=wires[2], now_ms=T0))  # the resend
+    assert judged == BatchJudged(
+        status=Status.BOOKED, fog_id="fog-a", number=3, booked=4, batches=2
+    )
+    assert isinstance(ack, Publish) and open_envelope(ack.payload, Ack).msg.number == 4
+    assert await count(w.store, "held") == 0 and await count(w.store, "transfers") == 8
