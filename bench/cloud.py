@@ -5,10 +5,11 @@
     .venv/bin/python bench/cloud.py --pg-dsn postgresql://...   # an existing server
 
 Builds signed batches as a fog would (spec section 7: real device and fog signatures, RFC
-9162 roots), then ingests them through ``cloud.ingest.Ingestor`` into a fresh store: the
-records' Ed25519 checks (two per record) run in a ``ProcessPoolExecutor`` of ``--workers``
-processes, ahead of the booking, which stays in this process (one transaction per batch,
-durable before its ack). It prints records/s, the single-core Ed25519 verify rate measured
+9162 roots), then hands them to ``CloudCore.handle(BatchArrived(...))`` (the typed entry
+point that the MQTT shell's ``ingest_batch`` wraps) over a fresh store: the records' Ed25519
+checks (two per record) run in a ``ProcessPoolExecutor`` of ``--workers`` processes, ahead
+of the booking, which stays in this process (one transaction per batch, durable before its
+ack). It prints records/s, the single-core Ed25519 verify rate measured
 in the same run (before, and again after each store's ingest: the target uses the best), and
 the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used, then the CPU per
 record that target leaves (1.25 x 2 verifies, everything included) against what the run spent.
@@ -32,7 +33,8 @@ import nacl.signing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloud import ledger, pgcluster, registry
-from cloud.ingest import Ingestor, Status
+from cloud.core import CloudCore
+from cloud.events import BatchArrived, BatchJudged, Status
 from cloud.leases import LeasePolicy, grant
 from cloud.pgstore import PgStore
 from cloud.sqlitestore import SqliteStore
@@ -132,11 +134,17 @@ async def ingest_all(
             return check_batch(wire)
         return await futures[id(wire)]
 
-    ingestor = Ingestor(store=store, issuer=world.issuer, clock=world.clock, verifier=verifier)
+    core = CloudCore(
+        store=store,
+        issuer=world.issuer,
+        clock=world.clock,
+        policy=LeasePolicy(),
+        verifier=verifier,
+    )
     start = time.perf_counter()
     for wire in batches:
-        out = await ingestor.ingest_batch(wire)
-        assert out.status is Status.BOOKED, out
+        judged = (await core.handle(BatchArrived(wire=wire, now_ms=world.now)))[0]
+        assert isinstance(judged, BatchJudged) and judged.status is Status.BOOKED, judged
     return time.perf_counter() - start
 
 

@@ -3,8 +3,11 @@
 ``plan(batch, state)`` looks at the verified records and at the slice of the store they touch
 (``BookState``: bindings of their devices, their leases, intents already booked, sequence
 numbers already used) and says which transfers to insert, which records to reject with which
-fault, how much each lease was drawn, how each account moves, and which alarms to raise. No
-I/O: ``cloud.ingest`` loads the state and applies the plan in one transaction.
+fault, how much each lease was drawn, how each account moves, and which alarms to raise.
+``book(batch, state, chain, now_ms=...)`` turns that into the rows to write (``Booking``:
+the batch, its records as evidence, transfers, lease draws, account moves, rejections) and
+the chain after the batch. No I/O: ``cloud.ledger`` reads the state (``booking_state``) and
+writes the rows (``write``), in the one transaction ``cloud.ingest`` runs.
 
 Rules (docs/protocol.md, section 15):
 - an intent id already booked is skipped (booked once, whatever path, however often);
@@ -19,9 +22,12 @@ Rules (docs/protocol.md, section 15):
 """
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Final, NamedTuple
 
+from cloud.chain import Chain
 from cloud.store import seq_bytes
 from cloud.verify import CheckedBatch, Fault
 
@@ -180,3 +186,47 @@ def plan(batch: CheckedBatch, state: BookState, keys: list[bytes] | None = None)
     if faults and batch.faults:
         out.rejected.sort(key=lambda r: r[0])  # position order
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    """Everything booking one batch writes, as rows (``cloud.ledger.write``), and the
+    decision they carry (``plan``: counts, alarms, devices to suspend)."""
+
+    plan: Plan
+    chain: Chain  # the fog's chain once the batch is booked
+    batch_row: tuple[str, int, bytes, bytes, int, int, int]  # the batches table's columns
+    record_rows: list[tuple[str, int, int, bytes, bytes]]  # fog, number, position, intent, record
+    transfer_rows: list[Sequence[object]]  # Transfer's fields, then fog, number, booked_ms
+    draw_rows: list[tuple[int, bytes]]  # (amount drawn now, lease id), by lease id
+    account_rows: list[tuple[str, str, int]]  # (account, currency, delta), sorted
+    rejected_rows: list[tuple[str, int, int, bytes | None, str]]
+
+
+def book(
+    batch: CheckedBatch,
+    state: BookState,
+    chain: Chain,
+    *,
+    now_ms: int,
+    keys: list[bytes] | None = None,
+) -> Booking:
+    """Book ``batch``, the next on ``chain`` (``cloud.chain.step`` said ``LINK``), against
+    ``state`` (read in the same transaction). ``state`` is updated as ``plan`` does."""
+    h = batch.header
+    assert len(batch.record_bytes) == h.count == batch.count
+    p = plan(batch, state, keys)
+    ids = [b"" if i is None else i for i in batch.intent_ids()]
+    tail = (h.fog_id, h.number, now_ms)
+    return Booking(
+        plan=p,
+        chain=chain.after(h),
+        batch_row=(h.fog_id, h.number, h.header_id, h.raw, h.first_index, h.count, now_ms),
+        record_rows=list(
+            zip(repeat(h.fog_id), repeat(h.number), range(h.count), ids, batch.record_bytes)
+        ),
+        transfer_rows=[t + tail for t in p.transfers],
+        draw_rows=[(amount, lease_id) for lease_id, amount in sorted(p.lease_draws.items())],
+        account_rows=[(a, c, d) for (a, c), d in sorted(p.balances.items())],
+        rejected_rows=[(h.fog_id, h.number, pos, i, str(f)) for pos, i, f in p.rejected],
+    )

@@ -1,16 +1,26 @@
-"""The cloud's message handlers behind one object: what the MQTT shell calls.
+"""The cloud's decisions behind one typed entry point: ``CloudCore.handle(input) -> outputs``.
 
-Each handler takes a payload's bytes as they came off the broker and returns what to publish
-(``(topic, payload)``, retained; an empty payload clears a retained topic). Bad input never
-raises and never changes state: it is counted (``Metrics``), logged with its reason code,
-and answered with nothing.
+The inputs and outputs are two closed sets of frozen dataclasses (``cloud.events``): a
+batch, a lease request or report that arrived, or a wish for the retained state, in; what to
+publish, the alarms raised, and what became of each message, out. The core reads no clock
+(time comes in with each input) and opens no socket: it decides, and keeps its state in the
+store through the ``Store``/``Tx`` interface (``cloud.store``), one transaction per input
+(or per batch, when a batch releases held ones), committed before the outputs are returned.
+Bad input never raises and never changes state: it is counted (``Metrics``), logged with its
+reason code, and answered with a ``BatchJudged``/``LeaseAnswered`` that says so.
 
-| topic (subscribed) | handler |
-| --- | --- |
-| ``fogpay/1/up/+/batch`` | ``ingest_batch`` |
-| ``fogpay/1/up/+/lreq`` | ``lease_request`` |
-| ``fogpay/1/up/+/lrep`` | ``lease_report`` |
-| (at start) | ``retained``: every credential, binding, revocation, lease and ack |
+- ``BatchArrived``: ``cloud.ingest.Ingestor``; ``BatchJudged``, ``Publish`` (the ack,
+  revocations of suspended devices, lease clearings), ``AlarmRaised``;
+- ``LeaseRequestArrived``: ``cloud.leases.handle_request``; ``LeaseAnswered``, ``Publish``
+  (the lease);
+- ``LeaseReportArrived``: ``cloud.leases.handle_report``; ``LeaseAnswered``, ``Publish``
+  (clearings);
+- ``RetainedWanted``: ``cloud.registry.retained``; a ``Publish`` per retained topic.
+
+The async methods ``ingest_batch(wire)``, ``lease_request(wire)``, ``lease_report(wire)`` and
+``retained()`` are thin wrappers for callers that hold a clock (the MQTT shell, the
+simulator, tests): each stamps its input with ``clock()`` and turns the outputs back into
+what it always returned (an ``IngestOutcome``; a list of ``(topic, payload)`` retained).
 """
 
 from collections.abc import Callable
@@ -18,7 +28,16 @@ from collections.abc import Callable
 import nacl.signing
 import structlog
 
-from cloud import leases, registry
+from cloud import events, leases, registry
+from cloud.events import (
+    BatchArrived,
+    Input,
+    LeaseAnswered,
+    LeaseReportArrived,
+    LeaseRequestArrived,
+    Output,
+    RetainedWanted,
+)
 from cloud.ingest import Ingestor, IngestOutcome, Verifier, verify_inline
 from cloud.leases import LeasePolicy
 from cloud.metrics import Metrics
@@ -26,7 +45,7 @@ from cloud.store import Store, Tx
 from protocol.errors import Declined
 
 log = structlog.get_logger()
-Publish = list[tuple[str, bytes]]
+Publish = list[tuple[str, bytes]]  # (topic, payload) retained: what the wrappers return
 
 
 class CloudCore:
@@ -40,19 +59,49 @@ class CloudCore:
         verifier: Verifier = verify_inline,
         metrics: Metrics | None = None,
     ) -> None:
+        """``clock`` only stamps the wrappers' inputs; ``handle`` reads no clock."""
         self.metrics = metrics or Metrics()
         self._store, self._issuer, self._clock, self._policy = store, issuer, clock, policy
         self._ingestor = Ingestor(
             store=store, issuer=issuer, clock=clock, verifier=verifier, metrics=self.metrics
         )
 
-    async def ingest_batch(self, wire: bytes) -> IngestOutcome:
-        return await self._ingestor.ingest_batch(wire)
+    async def handle(self, event: Input) -> list[Output]:
+        """Decide on one input; every output is durable when this returns."""
+        match event:
+            case BatchArrived():
+                return await self._ingestor.handle(event)
+            case LeaseRequestArrived():
+                return await self._lease_request(event)
+            case LeaseReportArrived():
+                return await self._lease_report(event)
+            case RetainedWanted():
+                rows = await self._store.transact(registry.retained)
+                return [events.Publish(topic=t, payload=p) for t, p in rows]
+        raise AssertionError(f"not a cloud input: {event!r}")  # mypy: the match is exhaustive
+
+    # ---- the wrappers: same meaning as ever -------------------------------------------
+
+    async def ingest_batch(self, wire: bytes, *, topic: str | None = None) -> IngestOutcome:
+        return IngestOutcome.of(
+            await self.handle(BatchArrived(wire=wire, now_ms=self._clock(), topic=topic))
+        )
 
     async def lease_request(self, wire: bytes) -> Publish:
+        return _published(await self.handle(LeaseRequestArrived(wire=wire, now_ms=self._clock())))
+
+    async def lease_report(self, wire: bytes) -> Publish:
+        return _published(await self.handle(LeaseReportArrived(wire=wire, now_ms=self._clock())))
+
+    async def retained(self) -> Publish:
+        return _published(await self.handle(RetainedWanted()))
+
+    # ---- lease messages ---------------------------------------------------------------
+
+    async def _lease_request(self, event: LeaseRequestArrived) -> list[Output]:
         async def fn(tx: Tx) -> leases.Granted | None:
             return await leases.handle_request(
-                tx, self._issuer, wire, now_ms=self._clock(), policy=self._policy
+                tx, self._issuer, event.wire, now_ms=event.now_ms, policy=self._policy
             )
 
         try:
@@ -60,10 +109,10 @@ class CloudCore:
         except Declined as exc:
             self.metrics.inc(f"lreq_refused_{exc.reason}")
             log.warning("lease_request_refused", reason=str(exc.reason))
-            return []
+            return [LeaseAnswered(kind="lreq", result="refused", reason=exc.reason)]
         if granted is None:
             self.metrics.inc("lreq_no_credit")
-            return []
+            return [LeaseAnswered(kind="lreq", result="no_credit")]
         self.metrics.inc("lease_granted")
         lease = granted.lease
         log.info(
@@ -73,17 +122,24 @@ class CloudCore:
             lease=lease.lease_id.hex(),
             amount_micros=lease.amount_micros,
         )
-        return [(granted.topic, granted.envelope)]
+        return [
+            LeaseAnswered(kind="lreq", result="granted", lease_id=lease.lease_id),
+            events.Publish(topic=granted.topic, payload=granted.envelope),
+        ]
 
-    async def lease_report(self, wire: bytes) -> Publish:
+    async def _lease_report(self, event: LeaseReportArrived) -> list[Output]:
         try:
-            cleared = await self._store.transact(lambda tx: leases.handle_report(tx, wire))
+            cleared = await self._store.transact(
+                lambda tx: leases.handle_report(tx, event.wire, now_ms=event.now_ms)
+            )
         except Declined as exc:
             self.metrics.inc(f"lrep_refused_{exc.reason}")
             log.warning("lease_report_refused", reason=str(exc.reason))
-            return []
+            return [LeaseAnswered(kind="lrep", result="refused", reason=exc.reason)]
         self.metrics.inc("lrep_accepted")
-        return [(topic, b"") for topic in cleared]
+        answered = LeaseAnswered(kind="lrep", result="accepted")
+        return [answered, *(events.Publish(topic=t, payload=b"") for t in cleared)]
 
-    async def retained(self) -> Publish:
-        return await self._store.transact(registry.retained)
+
+def _published(outputs: list[Output]) -> Publish:
+    return [(o.topic, o.payload) for o in outputs if isinstance(o, events.Publish)]

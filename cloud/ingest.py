@@ -1,59 +1,70 @@
-"""Batch ingest: verify a fog's batch, chain it, book it once, and sign the ack.
+"""Batch ingest: a batch verified once, chained, booked once, acked: the cloud core's batch half.
 
-``Ingestor.ingest_batch(wire)`` takes a batch's wire bytes as they came off
-``fogpay/1/up/{fog_id}/batch`` and returns an ``IngestOutcome`` with what to publish (the
-retained ack, revocations of suspended devices, leases to clear). The MQTT shell stays thin.
+``Ingestor.handle(BatchArrived)`` returns the core's outputs for one batch (``cloud.events``):
+exactly one ``BatchJudged``, the ``Publish``es (the retained ack, revocations of suspended
+devices, leases to clear) and an ``AlarmRaised`` per new alarm. ``ingest_batch(wire)`` wraps
+it for callers that want one ``IngestOutcome`` (the command line, tests, the bench).
 
-The chain (spec section 7): batch ``b`` of a fog is booked only after ``b - 1``, and only if
-its ``h`` is the id of the header booked as ``b - 1`` and its ``s`` continues the log. A
-batch from the future is *held* (stored, verified, not booked) until the gap fills; one
-that contradicts the chain (same ``b``, other header; or ``h`` not the previous id) is a
-*fork*: refused, and an alarm. A batch already booked is a *duplicate*: answered with the
-current ack, nothing changes. The ack names the highest batch booked with all before it.
+The path of a batch:
 
-Verification (``cloud.verify.check_batch``) is pure and CPU-bound; pass ``verifier`` to run
-it in a process pool. Booking (``cloud.booking.plan``) is pure too; this module only loads
-state, applies the plan and signs, in one transaction, durable before the ack is returned.
+1. ``verifier(wire)`` (``cloud.verify.check_batch``, pure and CPU-bound, in a process pool
+   when configured) decodes and verifies the batch once and hands back everything later
+   steps need: the header's fields, each record's verdict and decoded fields, and each
+   record's bytes. Nothing after it decodes the wire again. A batch that does not verify is
+   refused whole; one whose header names another fog than the topic it came on is dropped.
+2. One transaction (``_ingest``): read the fog's key and chain; ``cloud.chain.step`` (pure)
+   says duplicate, fork, hold, too far, or link; for a link ``cloud.ledger.booking_state``
+   reads what booking looks at, ``cloud.booking.book`` (pure) returns the rows and the
+   decision, and ``cloud.ledger.write`` writes them; alarms, suspensions, the new chain,
+   leases the chain now closes, and the signed ack, durable before anything is returned.
+3. A link may release a batch held behind it: the transaction names the next held batch,
+   which is verified (again: a held batch is verified when it arrives, before it is stored,
+   and when it is booked, perhaps after a restart) and booked in a transaction of its own,
+   up to ``HELD_BATCHES_MAX`` of them; the outputs are merged (the last ack wins).
+
+The chain (spec section 7, ``cloud.chain``): a batch from the future is *held* (stored,
+verified, not booked) until the gap fills; one that contradicts the chain is a *fork*:
+refused, and an alarm; a batch already booked is a *duplicate*: answered with the current
+ack, nothing changes. The ack names the highest batch booked with all before it.
 """
 
-import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Final
 
 import nacl.signing
 import structlog
 
-from cloud import booking, leases, registry
-from cloud.booking import ALARM_FORK, Alarm, BindingRow, BookState, LeaseRow, Plan, Transfer
+from cloud import leases, ledger, registry
+from cloud.booking import ALARM_FORK, Alarm, book
+from cloud.chain import HELD_BATCHES_MAX, Chain, Step, step
+from cloud.events import AlarmRaised, BatchArrived, BatchJudged, Output, Publish, Status
 from cloud.metrics import Metrics
-from cloud.store import Store, StoreConflict, Tx, fetch_in
-from cloud.verify import CheckedBatch, CheckedHeader, check_batch, check_header
+from cloud.store import Store, StoreConflict, Tx
+from cloud.verify import CheckedBatch, CheckedHeader, check_batch
 from protocol import topics
-from protocol.batch import decode_batch
 from protocol.errors import Declined
-from protocol.messages import ZERO_HASH, Ack
+from protocol.messages import Ack
 from protocol.reasons import Reason
 from protocol.signing import seal_signed
 
+__all__ = ["HELD_BATCHES_MAX", "IngestOutcome", "Ingestor", "Status", "Verifier", "verify_inline"]
+
 log = structlog.get_logger()
 
-HELD_BATCHES_MAX: Final = 64  # per fog: a gap longer than this is refused until it fills
 SUSPEND_REASON: Final = "suspended: cloned key (two intents at one q)"
 
+Verifier = Callable[[bytes], Awaitable[CheckedBatch]]
 
-class Status(enum.StrEnum):
-    BOOKED = "booked"
-    DUPLICATE = "duplicate"
-    HELD = "held"
-    FORK = "fork"
-    REFUSED = "refused"
-    DEFERRED = "deferred"  # the store gave up under contention; nothing written, no ack
+
+async def verify_inline(wire: bytes) -> CheckedBatch:
+    return check_batch(wire)
 
 
 @dataclass(slots=True)
 class IngestOutcome:
+    """One batch's outputs in one object (``IngestOutcome.of(outputs)``)."""
+
     status: Status
     fog_id: str = ""
     number: int = 0
@@ -71,19 +82,45 @@ class IngestOutcome:
                 return payload
         return None
 
+    @classmethod
+    def of(cls, outputs: list[Output]) -> "IngestOutcome":
+        [judged] = [o for o in outputs if isinstance(o, BatchJudged)]
+        return cls(
+            judged.status,
+            judged.fog_id,
+            judged.number,
+            judged.reason,
+            judged.booked,
+            judged.duplicates,
+            judged.rejected,
+            [o.kind for o in outputs if isinstance(o, AlarmRaised)],
+            [(o.topic, o.payload) for o in outputs if isinstance(o, Publish)],
+        )
+
 
 @dataclass(slots=True)
-class Chain:
-    number: int
-    header_id: bytes
-    next_index: int
+class _Done:
+    """What one ingest transaction did (merged over the held batches a link releases)."""
 
+    status: Status
+    booked: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    batches: int = 0
+    alarms: list[AlarmRaised] = field(default_factory=list)
+    publish: list[Publish] = field(default_factory=list)
+    next_held: bytes | None = None  # the held batch this link released, to book next
 
-Verifier = Callable[[bytes], Awaitable[CheckedBatch]]
-
-
-async def verify_inline(wire: bytes) -> CheckedBatch:
-    return check_batch(wire)
+    def merge(self, later: "_Done") -> None:
+        self.booked += later.booked
+        self.duplicates += later.duplicates
+        self.rejected += later.rejected
+        self.batches += later.batches
+        self.alarms.extend(later.alarms)
+        later_topics = {p.topic for p in later.publish}
+        self.publish = [p for p in self.publish if p.topic not in later_topics]
+        self.publish.extend(later.publish)
+        self.next_held = later.next_held
 
 
 class Ingestor:
@@ -96,195 +133,191 @@ class Ingestor:
         verifier: Verifier = verify_inline,
         metrics: Metrics | None = None,
     ) -> None:
+        """``clock`` stamps ``ingest_batch``'s input; ``handle`` reads no clock."""
         self._store = store
         self._issuer = issuer
         self._clock = clock
         self._verifier = verifier
         self.metrics = metrics or Metrics()
 
-    async def ingest_batch(self, wire: bytes) -> IngestOutcome:
+    async def ingest_batch(self, wire: bytes, *, topic: str | None = None) -> IngestOutcome:
         """Idempotent: the same bytes again change nothing and get the same ack."""
+        event = BatchArrived(wire=wire, now_ms=self._clock(), topic=topic)
+        return IngestOutcome.of(await self.handle(event))
+
+    async def handle(self, event: BatchArrived) -> list[Output]:
         try:
-            checked = await self._verifier(wire)
+            batch = await self._verifier(event.wire)
         except Declined as exc:
-            return self._refused(exc, None)
+            return [self._refused(exc, None)]
+        h = batch.header
+        if event.topic is not None and event.topic != topics.batch_topic(h.fog_id):
+            self.metrics.inc("batch_dropped_topic_mismatch")  # the shell counts batch_dropped
+            log.warning("batch_dropped", cause="topic_mismatch", topic=event.topic[:120])
+            judged = BatchJudged(
+                status=Status.DROPPED,
+                fog_id=h.fog_id,
+                number=h.number,
+                reason=Reason.TOPIC_MISMATCH,
+            )
+            return [judged]
         try:
-            out = await self._store.transact(lambda tx: self._ingest(tx, checked, wire))
+            done = await self._transact(batch, event.wire, event.now_ms, from_held=False)
+            for _ in range(HELD_BATCHES_MAX):  # the held batches this one releases
+                if done.next_held is None:
+                    break
+                held_wire, done.next_held = done.next_held, None
+                later = await self._book_held(held_wire, h.fog_id, event.now_ms)
+                if later is None:
+                    break
+                done.merge(later)
         except Declined as exc:
-            return self._refused(exc, checked.header)
+            return [self._refused(exc, h)]
         except StoreConflict:
             self.metrics.inc("batch_deferred")
-            h = checked.header
             log.warning("batch_deferred", fog_id=h.fog_id, batch=h.number)
-            return IngestOutcome(Status.DEFERRED, h.fog_id, h.number)
-        self.metrics.inc(f"batch_{out.status}")
-        self.metrics.inc("records_booked", out.booked)
-        self.metrics.inc("records_rejected", out.rejected)
-        for kind in out.alarms:
-            self.metrics.inc(f"alarm_{kind}")
+            return [BatchJudged(status=Status.DEFERRED, fog_id=h.fog_id, number=h.number)]
+        return self._judged(h, done)
+
+    async def _transact(
+        self, batch: CheckedBatch, wire: bytes, now_ms: int, *, from_held: bool
+    ) -> _Done:
+        done: _Done = await self._store.transact(
+            lambda tx: self._ingest(tx, batch, wire, now_ms, from_held)
+        )
+        return done
+
+    async def _book_held(self, wire: bytes, fog_id: str, now_ms: int) -> _Done | None:
+        """Book a held batch a link released (None: it is gone, or no longer verifies)."""
+        try:
+            batch = await self._verifier(wire)
+        except Declined as exc:  # our own row: only a damaged store gets here
+            log.error("held_batch_refused", fog_id=fog_id, reason=str(exc.reason))
+            return None
+        if batch.header.fog_id != fog_id:
+            log.error("held_batch_refused", fog_id=fog_id, reason="wrong_fog")
+            return None
+        try:
+            return await self._transact(batch, wire, now_ms, from_held=True)
+        except (Declined, StoreConflict) as exc:  # it stays held: the next batch retries
+            log.warning("held_batch_deferred", fog_id=fog_id, error=type(exc).__name__)
+            return None
+
+    def _judged(self, h: CheckedHeader, done: _Done) -> list[Output]:
+        judged = BatchJudged(
+            status=done.status,
+            fog_id=h.fog_id,
+            number=h.number,
+            booked=done.booked,
+            duplicates=done.duplicates,
+            rejected=done.rejected,
+            batches=done.batches,
+        )
+        self.metrics.inc(f"batch_{done.status}")
+        self.metrics.inc("records_booked", done.booked)
+        self.metrics.inc("records_rejected", done.rejected)
+        for alarm in done.alarms:
+            self.metrics.inc(f"alarm_{alarm.kind}")
         log.info(
             "batch_ingested",
-            fog_id=out.fog_id,
-            batch=out.number,
-            status=str(out.status),
-            booked=out.booked,
-            duplicates=out.duplicates,
-            rejected=out.rejected,
+            fog_id=h.fog_id,
+            batch=h.number,
+            status=str(done.status),
+            booked=done.booked,
+            duplicates=done.duplicates,
+            rejected=done.rejected,
+            batches=done.batches,
         )
-        return out
+        return [judged, *done.alarms, *done.publish]
 
-    def _refused(self, exc: Declined, header: CheckedHeader | None) -> IngestOutcome:
+    def _refused(self, exc: Declined, header: CheckedHeader | None) -> BatchJudged:
         self.metrics.inc(f"batch_refused_{exc.reason}")
         fog_id = "" if header is None else header.fog_id
         number = 0 if header is None else header.number
         log.warning("batch_refused", fog_id=fog_id, batch=number, reason=str(exc.reason))
-        return IngestOutcome(Status.REFUSED, fog_id, number, reason=exc.reason)
+        return BatchJudged(status=Status.REFUSED, fog_id=fog_id, number=number, reason=exc.reason)
 
-    async def _ingest(self, tx: Tx, batch: CheckedBatch, wire: bytes) -> IngestOutcome:
+    # ---- the transaction --------------------------------------------------------------
+
+    async def _ingest(
+        self, tx: Tx, batch: CheckedBatch, wire: bytes, now_ms: int, from_held: bool
+    ) -> _Done:
         h = batch.header
         key = await registry.fog_key(tx, h.fog_id)
         if key is None or key != h.signer:
             raise Declined(Reason.BAD_SIGNATURE, "batch: signer is not the fog's key")
-        out = IngestOutcome(Status.BOOKED, h.fog_id, h.number)
+        if from_held:
+            await _unhold(tx, h.fog_id, h.number)
         chain = await load_chain(tx, h.fog_id)
-        if h.number <= chain.number:
-            await self._past(tx, h, out)
-        elif h.number > chain.number + 1:
-            await self._hold(tx, h, chain, wire, out)
-        elif not await self._link(tx, chain, batch, wire, out):
-            out.status = Status.FORK
+        booked_id = await _booked_header_id(tx, h) if h.number <= chain.number else None
+        where, detail = step(h, chain, booked_id)
+        done = _Done(Status.BOOKED)
+        if where is Step.DUPLICATE:
+            done.status = Status.DUPLICATE
+        elif where is Step.FORK:
+            done.status = Status.FORK
+            alarm = Alarm(ALARM_FORK, f"{h.fog_id}:{h.number}:{h.header_id.hex()[:16]}", detail)
+            await self._alarm(tx, alarm, h.fog_id, now_ms, done)
+        elif where is Step.TOO_FAR:
+            raise Declined(Reason.RATE_LIMITED, detail)
+        elif where is Step.HOLD:
+            done.status = Status.HELD
+            await _hold(tx, h, wire)
         else:
-            await self._drain_held(tx, chain, out)
+            chain = await self._link(tx, batch, chain, now_ms, done)
         if chain.number > 0:
-            out.publish.append(await self._ack(tx, h.fog_id, chain))
-        return out
-
-    async def _past(self, tx: Tx, h: CheckedHeader, out: IngestOutcome) -> None:
-        row = await tx.fetchone(
-            "SELECT header_id FROM batches WHERE fog_id = ? AND number = ?", (h.fog_id, h.number)
-        )
-        if row is not None and bytes(row[0]) == h.header_id:
-            out.status = Status.DUPLICATE
-            return
-        out.status = Status.FORK
-        await self._fork(tx, h, "another header already booked at this number", out)
-
-    async def _fork(self, tx: Tx, h: CheckedHeader, detail: str, out: IngestOutcome) -> None:
-        alarm = Alarm(ALARM_FORK, f"{h.fog_id}:{h.number}:{h.header_id.hex()[:16]}", detail)
-        if await leases.add_alarm(tx, alarm, fog_id=h.fog_id, now_ms=self._clock()):
-            out.alarms.append(ALARM_FORK)
-
-    async def _hold(
-        self, tx: Tx, h: CheckedHeader, chain: Chain, wire: bytes, out: IngestOutcome
-    ) -> None:
-        out.status = Status.HELD
-        if h.number - chain.number > HELD_BATCHES_MAX:
-            raise Declined(Reason.RATE_LIMITED, "batch: too far ahead of the chain")
-        await tx.execute(
-            "INSERT INTO held (fog_id, number, header_id, wire) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (fog_id, number) DO NOTHING",
-            (h.fog_id, h.number, h.header_id, wire),
-        )
+            done.publish.append(await self._ack(tx, h.fog_id, chain))
+        return done
 
     async def _link(
-        self, tx: Tx, chain: Chain, batch: CheckedBatch, wire: bytes, out: IngestOutcome
-    ) -> bool:
-        """Book ``batch`` (checked from ``wire``) if it continues ``chain`` (advanced in
-        place); False on a fork."""
+        self, tx: Tx, batch: CheckedBatch, chain: Chain, now_ms: int, done: _Done
+    ) -> Chain:
+        """Book ``batch``, the next on ``chain``; returns the chain after it."""
         h = batch.header
-        if h.prev_id != chain.header_id or h.first_index != chain.next_index:
-            await self._fork(tx, h, "h or s does not continue the chain", out)
-            return False
-        state, keys = await load_state(tx, batch)
-        plan = booking.plan(batch, state, keys)
-        await self._apply(tx, batch, wire, plan, out)
-        chain.number, chain.header_id = h.number, h.header_id
-        chain.next_index = h.first_index + h.count
+        state, keys = await ledger.booking_state(tx, batch)
+        booking = book(batch, state, chain, now_ms=now_ms, keys=keys)
+        await ledger.write(tx, booking)
+        p = booking.plan
+        done.booked, done.duplicates, done.rejected = (
+            len(p.transfers),
+            p.duplicates,
+            len(p.rejected),
+        )
+        done.batches = 1
+        for alarm in p.alarms:
+            await self._alarm(tx, alarm, h.fog_id, now_ms, done)
+        for device in sorted(p.suspend):
+            await self._suspend(tx, device, h.fog_id, now_ms, done)
+        chain = booking.chain
         await save_chain(tx, h.fog_id, chain)
-        cleared = await leases.close_reported(tx, h.fog_id, chain.number)
-        out.publish.extend((t, b"") for t in cleared)
-        return True
+        cleared = await leases.close_reported(tx, h.fog_id, chain.number, now_ms=now_ms)
+        done.publish.extend(Publish(topic=t, payload=b"") for t in cleared)
+        await tx.execute("DELETE FROM held WHERE fog_id = ? AND number <= ?", (h.fog_id, h.number))
+        row = await tx.fetchone(
+            "SELECT wire FROM held WHERE fog_id = ? AND number = ?", (h.fog_id, h.number + 1)
+        )
+        done.next_held = None if row is None else bytes(row[0])
+        return chain
 
-    async def _drain_held(self, tx: Tx, chain: Chain, out: IngestOutcome) -> None:
-        fog_id = out.fog_id
-        for _ in range(HELD_BATCHES_MAX):
-            row = await tx.fetchone(
-                "SELECT wire FROM held WHERE fog_id = ? AND number = ?", (fog_id, chain.number + 1)
+    async def _alarm(self, tx: Tx, alarm: Alarm, fog_id: str, now_ms: int, done: _Done) -> None:
+        if await leases.add_alarm(tx, alarm, fog_id=fog_id, now_ms=now_ms):
+            done.alarms.append(
+                AlarmRaised(
+                    kind=alarm.kind, subject=alarm.subject, fog_id=fog_id, detail=alarm.detail
+                )
             )
-            if row is None:
-                return
-            await tx.execute(
-                "DELETE FROM held WHERE fog_id = ? AND number = ?", (fog_id, chain.number + 1)
-            )
-            wire = bytes(row[0])
-            if not await self._link(tx, chain, check_batch(wire), wire, out):
-                return
-        await tx.execute(
-            "DELETE FROM held WHERE fog_id = ? AND number <= ?", (fog_id, chain.number)
-        )
 
-    async def _apply(
-        self, tx: Tx, batch: CheckedBatch, wire: bytes, plan: Plan, out: IngestOutcome
-    ) -> None:
-        h, now = batch.header, self._clock()
-        _, records = decode_batch(wire)  # the bytes check_batch verified: kept as evidence
-        assert len(records) == h.count == batch.count
-        await tx.execute(
-            "INSERT INTO batches (fog_id, number, header_id, header, first_index, count, "
-            "received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (h.fog_id, h.number, h.header_id, h.raw, h.first_index, h.count, now),
-        )
-        ids = [b"" if i is None else i for i in batch.intent_ids()]
-        await tx.insert_rows(
-            "records",
-            ("fog_id", "number", "position", "intent_id", "record"),
-            list(zip(repeat(h.fog_id), repeat(h.number), range(len(records)), ids, records)),
-        )
-        tail = (h.fog_id, h.number, now)
-        await tx.insert_rows(
-            "transfers",
-            (*Transfer._fields, "fog_id", "number", "booked_ms"),
-            [t + tail for t in plan.transfers],
-        )
-        await tx.executemany(
-            "UPDATE leases SET drawn_micros = drawn_micros + ? WHERE lease_id = ?",
-            [(amount, lease_id) for lease_id, amount in sorted(plan.lease_draws.items())],
-        )
-        await tx.executemany(
-            "INSERT INTO accounts (account_id, currency, balance_micros) VALUES (?, ?, ?) "
-            "ON CONFLICT (account_id, currency) DO UPDATE "
-            "SET balance_micros = accounts.balance_micros + excluded.balance_micros",
-            [(a, c, d) for (a, c), d in sorted(plan.balances.items())],
-        )
-        await tx.executemany(
-            "INSERT INTO rejected (fog_id, number, position, intent_id, reason) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(h.fog_id, h.number, p, i, str(f)) for p, i, f in plan.rejected],
-        )
-        await self._alarms(tx, h.fog_id, plan, out)
-        out.booked += len(plan.transfers)
-        out.duplicates += plan.duplicates
-        out.rejected += len(plan.rejected)
+    async def _suspend(self, tx: Tx, device: bytes, fog_id: str, now_ms: int, done: _Done) -> None:
+        if await registry.is_revoked(tx, device):
+            return
+        await registry.issuer_revoke(tx, self._issuer, device, reason=SUSPEND_REASON, now_ms=now_ms)
+        topic = topics.revoke_topic(device)
+        row = await tx.fetchone("SELECT payload FROM retained WHERE topic = ?", (topic,))
+        assert row is not None
+        done.publish.append(Publish(topic=topic, payload=bytes(row[0])))
+        log.warning("device_suspended", fog_id=fog_id, device=device.hex()[:16])
 
-    async def _alarms(self, tx: Tx, fog_id: str, plan: Plan, out: IngestOutcome) -> None:
-        now = self._clock()
-        for alarm in plan.alarms:
-            if await leases.add_alarm(tx, alarm, fog_id=fog_id, now_ms=now):
-                out.alarms.append(alarm.kind)
-        for device in sorted(plan.suspend):
-            if await registry.is_revoked(tx, device):
-                continue
-            await registry.issuer_revoke(
-                tx, self._issuer, device, reason=SUSPEND_REASON, now_ms=now
-            )
-            row = await tx.fetchone(
-                "SELECT payload FROM retained WHERE topic = ?", (topics.revoke_topic(device),)
-            )
-            assert row is not None
-            out.publish.append((topics.revoke_topic(device), bytes(row[0])))
-            log.warning("device_suspended", fog_id=fog_id, device=device.hex()[:16])
-
-    async def _ack(self, tx: Tx, fog_id: str, chain: Chain) -> tuple[str, bytes]:
+    async def _ack(self, tx: Tx, fog_id: str, chain: Chain) -> Publish:
         """The fog's ack for ``chain``; Ed25519 is deterministic, so an unchanged chain gives
         the stored bytes again and nothing is written."""
         topic = topics.ack_topic(fog_id)
@@ -293,7 +326,7 @@ class Ingestor:
         row = await tx.fetchone("SELECT payload FROM retained WHERE topic = ?", (topic,))
         if row is None or bytes(row[0]) != raw:
             await registry.put_retained(tx, topic, raw)
-        return topic, raw
+        return Publish(topic=topic, payload=raw)
 
 
 async def load_chain(tx: Tx, fog_id: str) -> Chain:
@@ -301,7 +334,7 @@ async def load_chain(tx: Tx, fog_id: str) -> Chain:
         "SELECT number, header_id, next_index FROM chains WHERE fog_id = ?", (fog_id,)
     )
     if row is None:
-        return Chain(0, ZERO_HASH, 1)
+        return Chain()
     return Chain(row[0], bytes(row[1]), row[2])
 
 
@@ -314,40 +347,21 @@ async def save_chain(tx: Tx, fog_id: str, chain: Chain) -> None:
     )
 
 
-async def load_state(tx: Tx, batch: CheckedBatch) -> tuple[BookState, list[bytes]]:
-    """The slice of the store that booking ``batch`` reads, and ``booking.dseqs(batch)``.
-
-    One lookup by dseq (device + q) finds both the intents already booked and the
-    (device, q) already used: an intent id is the hash of a body holding its ``d`` and
-    ``q``, so a booked intent's transfer has the dseq of every record carrying that id."""
-    draws = batch.draws
-    keys = booking.dseqs(batch)
-    bindings: dict[bytes, list[BindingRow]] = {}
-    sql = (
-        "SELECT b.device, b.owner_id, b.currency, b.nb, b.na, o.nb, o.na FROM bindings b "
-        "JOIN owners o ON o.owner_id = b.owner_id WHERE b.device IN ({in})"
+async def _booked_header_id(tx: Tx, h: CheckedHeader) -> bytes | None:
+    row = await tx.fetchone(
+        "SELECT header_id FROM batches WHERE fog_id = ? AND number = ?", (h.fog_id, h.number)
     )
-    for row in await fetch_in(tx, sql, sorted(set(draws.devices))):
-        bindings.setdefault(bytes(row[0]), []).append(BindingRow(*row[1:7]))
-    lease_rows = await fetch_in(
-        tx,
-        "SELECT lease_id, owner_id, fog_id, currency, amount_micros, not_after_ms, drawn_micros "
-        "FROM leases WHERE lease_id IN ({in})",
-        sorted(set(draws.lease_ids)),
+    return None if row is None else bytes(row[0])
+
+
+async def _hold(tx: Tx, h: CheckedHeader, wire: bytes) -> None:
+    """Keep a verified batch from the future, as it came, until its gap fills."""
+    await tx.execute(
+        "INSERT INTO held (fog_id, number, header_id, wire) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (fog_id, number) DO NOTHING",
+        (h.fog_id, h.number, h.header_id, wire),
     )
-    leases_ = {bytes(r[0]): LeaseRow(*r[1:7]) for r in lease_rows}
-    ids = set(draws.intent_ids)
-    state = BookState(bindings, leases_, set(), {})
-    sql = "SELECT dseq, intent_id FROM transfers WHERE dseq IN ({in})"
-    for dseq, intent_id in await fetch_in(tx, sql, sorted(set(keys)), pg_array=True):
-        intent_id = bytes(intent_id)
-        state.seqs[bytes(dseq)] = intent_id
-        if intent_id in ids:
-            state.booked.add(intent_id)
-    return state, keys
 
 
-def batch_fog_id(wire: bytes) -> str:
-    """The fog a batch claims to come from (for logging before verification)."""
-    header, _ = decode_batch(wire)
-    return check_header(header).fog_id
+async def _unhold(tx: Tx, fog_id: str, number: int) -> None:
+    await tx.execute("DELETE FROM held WHERE fog_id = ? AND number = ?", (fog_id, number))

@@ -186,7 +186,7 @@ async def handle_request(
     return granted
 
 
-async def handle_report(tx: Tx, wire: bytes) -> list[str]:
+async def handle_report(tx: Tx, wire: bytes, *, now_ms: int = 0) -> list[str]:
     """Record a fog's signed ``lrep`` and close what can be closed; returns the retained
     topics to clear (closed leases). Idempotent by lease id."""
     signed = open_envelope(wire, LeaseReport)
@@ -209,7 +209,8 @@ async def handle_report(tx: Tx, wire: bytes) -> list[str]:
             (rep.drawn_micros, clamp_ms(rep.last_batch), rep.lease_id),
         )
     chain = await tx.fetchone("SELECT number FROM chains WHERE fog_id = ?", (rep.fog_id,))
-    cleared = await close_reported(tx, rep.fog_id, 0 if chain is None else chain[0])
+    number = 0 if chain is None else chain[0]
+    cleared = await close_reported(tx, rep.fog_id, number, now_ms=now_ms)
     topic = topics.lease_topic(rep.fog_id, rep.lease_id)
     state = await tx.fetchone("SELECT state FROM leases WHERE lease_id = ?", (rep.lease_id,))
     if topic not in cleared and state is not None and state[0] == STATE_CLOSED:
@@ -217,7 +218,7 @@ async def handle_report(tx: Tx, wire: bytes) -> list[str]:
     return cleared
 
 
-async def close_reported(tx: Tx, fog_id: str, chain_number: int) -> list[str]:
+async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int = 0) -> list[str]:
     """Close the fog's reported leases whose batches are all held; returns retained topics
     to clear. A report that disagrees with the booked draws leaves the lease in escrow."""
     rows = await tx.fetchall(
@@ -233,6 +234,7 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int) -> list[str]:
                 tx,
                 Alarm(ALARM_LEASE_REPORT, lease_id.hex(), f"reported {reported}, booked {drawn}"),
                 fog_id=fog_id,
+                now_ms=now_ms,
             )
             continue
         await tx.execute("UPDATE leases SET state = ? WHERE lease_id = ?", (STATE_CLOSED, lease_id))

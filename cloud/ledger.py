@@ -1,13 +1,82 @@
 """Double-entry ledger: every booked intent is one transfer, owner debited, payee credited.
 
-Balances live in ``accounts`` and move in the same transaction that inserts the transfer
-(``cloud.ingest``). ``check`` proves the books: per currency the accounts sum to zero, and
-every account's balance equals what its transfers say. Amounts are integer micros.
+This module both writes the books and checks them. ``booking_state`` reads the slice of the
+store a batch's booking looks at; ``cloud.booking.book`` decides (pure) and returns rows;
+``write`` writes them: the batch and its records (the evidence), the transfers, the lease
+draws, the account moves and the rejected records, in the transaction ``cloud.ingest`` runs,
+so balances move with the transfers that explain them. ``check`` proves the books: per
+currency the accounts sum to zero, and every account's balance equals what its transfers
+say. Amounts are integer micros.
 """
 
 from dataclasses import dataclass, field
 
-from cloud.store import Tx
+from cloud import booking
+from cloud.booking import BindingRow, Booking, BookState, LeaseRow, Transfer
+from cloud.store import Tx, fetch_in
+from cloud.verify import CheckedBatch
+
+_TRANSFER_COLUMNS = (*Transfer._fields, "fog_id", "number", "booked_ms")
+
+
+async def booking_state(tx: Tx, batch: CheckedBatch) -> tuple[BookState, list[bytes]]:
+    """The slice of the store that booking ``batch`` reads, and ``booking.dseqs(batch)``.
+
+    One lookup by dseq (device + q) finds both the intents already booked and the
+    (device, q) already used: an intent id is the hash of a body holding its ``d`` and
+    ``q``, so a booked intent's transfer has the dseq of every record carrying that id."""
+    draws = batch.draws
+    keys = booking.dseqs(batch)
+    bindings: dict[bytes, list[BindingRow]] = {}
+    sql = (
+        "SELECT b.device, b.owner_id, b.currency, b.nb, b.na, o.nb, o.na FROM bindings b "
+        "JOIN owners o ON o.owner_id = b.owner_id WHERE b.device IN ({in})"
+    )
+    for row in await fetch_in(tx, sql, sorted(set(draws.devices))):
+        bindings.setdefault(bytes(row[0]), []).append(BindingRow(*row[1:7]))
+    lease_rows = await fetch_in(
+        tx,
+        "SELECT lease_id, owner_id, fog_id, currency, amount_micros, not_after_ms, drawn_micros "
+        "FROM leases WHERE lease_id IN ({in})",
+        sorted(set(draws.lease_ids)),
+    )
+    leases_ = {bytes(r[0]): LeaseRow(*r[1:7]) for r in lease_rows}
+    ids = set(draws.intent_ids)
+    state = BookState(bindings, leases_, set(), {})
+    sql = "SELECT dseq, intent_id FROM transfers WHERE dseq IN ({in})"
+    for dseq, intent_id in await fetch_in(tx, sql, sorted(set(keys)), pg_array=True):
+        intent_id = bytes(intent_id)
+        state.seqs[bytes(dseq)] = intent_id
+        if intent_id in ids:
+            state.booked.add(intent_id)
+    return state, keys
+
+
+async def write(tx: Tx, b: Booking) -> None:
+    """Write a batch's booking. A duplicate batch or intent id fails the transaction
+    (primary keys): ``book`` never plans one, so that is a concurrent writer or a bug."""
+    await tx.execute(
+        "INSERT INTO batches (fog_id, number, header_id, header, first_index, count, "
+        "received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        b.batch_row,
+    )
+    await tx.insert_rows(
+        "records", ("fog_id", "number", "position", "intent_id", "record"), b.record_rows
+    )
+    await tx.insert_rows("transfers", _TRANSFER_COLUMNS, b.transfer_rows)
+    await tx.executemany(
+        "UPDATE leases SET drawn_micros = drawn_micros + ? WHERE lease_id = ?", b.draw_rows
+    )
+    await tx.executemany(
+        "INSERT INTO accounts (account_id, currency, balance_micros) VALUES (?, ?, ?) "
+        "ON CONFLICT (account_id, currency) DO UPDATE "
+        "SET balance_micros = accounts.balance_micros + excluded.balance_micros",
+        b.account_rows,
+    )
+    await tx.executemany(
+        "INSERT INTO rejected (fog_id, number, position, intent_id, reason) VALUES (?, ?, ?, ?, ?)",
+        b.rejected_rows,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ import structlog
 from cloud.backends import open_store
 from cloud.config import CloudConfig, ConfigError, MetricsConfig
 from cloud.core import CloudCore, Publish
-from cloud.ingest import IngestOutcome, Status, Verifier, batch_fog_id, verify_inline
+from cloud.ingest import IngestOutcome, Status, Verifier, verify_inline
 from cloud.metrics import CloudObserver, CloudState  # observability hook
 from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
@@ -340,15 +340,12 @@ class CloudService:
             await self._publish_locked(out)
 
     async def _handle_batch(self, fog_id: str, wire: bytes) -> None:
-        claimed = _claimed_fog(wire)
-        if claimed is not None and claimed != fog_id:
-            if self._prefetch is not None:
-                self._prefetch.discard(wire)
-            self._count("batch_dropped")
-            log.warning("batch_dropped", cause="topic_mismatch", fog_id=fog_id, claims=claimed)
-            return
         async with self._lock:
-            outcome = await self.core.ingest_batch(wire)
+            # the core checks the topic against the header it verified (decoded once)
+            outcome = await self.core.ingest_batch(wire, topic=topics.batch_topic(fog_id))
+            if outcome.status is Status.DROPPED:
+                self._count("batch_dropped")
+                return  # logged by the core (batch_dropped, cause=topic_mismatch)
             self._count(f"batches_{outcome.status}")
             self._log_outcome(outcome)
             self._count("leases_closed", sum(1 for _, p in outcome.publish if not p))
@@ -445,15 +442,6 @@ class CloudService:
         return await sleep_or_stop(self._stopping, seconds)
 
 
-def _claimed_fog(wire: bytes) -> str | None:
-    """The fog_id a batch's header claims (unverified), or None if it does not decode (the
-    core refuses it then, with the right reason and counter)."""
-    try:
-        return batch_fog_id(wire)
-    except Exception:  # any decoding failure: the core judges it properly
-        return None
-
-
 def pool_verifier(pool: Executor) -> Verifier:
     """A ``Verifier`` that runs ``check_batch`` (pure, CPU-bound) in ``pool``."""
 
@@ -488,7 +476,7 @@ class PrefetchVerifier:
         return await loop.run_in_executor(self._pool, check_batch, wire)
 
     def discard(self, wire: bytes) -> None:
-        """A queued batch that will not be ingested (stop, topic mismatch)."""
+        """A queued batch that will not be ingested (the service stops)."""
         started = self._started.pop(id(wire), None)
         if started is not None:
             started[1].cancel()

@@ -1,12 +1,14 @@
 """Properties of the pure booking plan over random batches (hypothesis)."""
 
+import dataclasses
 import hashlib
 import pickle
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.booking import BindingRow, BookState, LeaseRow, plan
+from cloud.booking import BindingRow, BookState, LeaseRow, book, plan
+from cloud.chain import Chain
 from cloud.verify import CheckedBatch, CheckedHeader, CheckedRecord, Fault
 from tests.cloud import reference_booking
 
@@ -111,3 +113,27 @@ def test_checked_batch_columns_round_trip() -> None:
     assert CheckedBatch.of(HEADER, b.records()) == b
     assert pickle.loads(pickle.dumps(b)) == b
     assert b.intent_ids() == [r.intent_id for r in b.records()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(record, min_size=1, max_size=40))
+def test_book_writes_the_reference_plan_as_rows(specs: list[tuple[object, ...]]) -> None:
+    """``book`` (plan + rows + the chain after) writes exactly what the per-record reference
+    decides, and nothing it does not."""
+    b = batch(specs)
+    header = dataclasses.replace(HEADER, count=b.count)
+    raw = tuple(bytes([p]) * 3 for p in range(b.count))  # each record's bytes, as received
+    verified = CheckedBatch(header, b.faults, b.draws, raw)
+    want = reference_booking.plan(verified, state())
+    got = book(verified, state(), Chain(), now_ms=77)
+    assert got.plan == want
+    assert got.batch_row == ("fog-a", 1, header.header_id, header.raw, 1, b.count, 77)
+    assert got.chain == Chain(1, header.header_id, 1 + b.count)
+    assert got.record_rows == [
+        ("fog-a", 1, p, b"" if i is None else i, raw[p]) for p, i in enumerate(b.intent_ids())
+    ]
+    assert got.transfer_rows == [(*t, "fog-a", 1, 77) for t in want.transfers]
+    assert got.draw_rows == [(a, lease) for lease, a in sorted(want.lease_draws.items())]
+    assert got.account_rows == sorted((a, c, d) for (a, c), d in want.balances.items())
+    assert sum(d for _, _, d in got.account_rows) == 0
+    assert got.rejected_rows == [("fog-a", 1, p, i, str(f)) for p, i, f in want.rejected]
