@@ -38,7 +38,6 @@ import structlog
 from cloud.config import CloudConfig
 from cloud.core import CloudCore
 from cloud.iso20022 import CreditorConfig, DebtorConfig
-from cloud.leases import LeasePolicy
 from cloud.settle_files import period_id_for, settle_and_write
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
@@ -65,12 +64,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 TRUST_WAIT_S_MAX: Final = 20.0
 BOOK_WAIT_S_MAX: Final = 30.0
 POLL_S: Final = 0.1
-# The issuer's lease policy: a first lease when the fog first sees an owner, top-ups as the
-# fog asks (fog side: demo_setup.LEASES), short lives so leases expire, are reported and close
-# during the run, returning what was not drawn.
-LEASE_POLICY: Final = LeasePolicy(
-    initial_micros=5_000_000, request_micros_max=40_000_000, lease_ms=setup.LEASE_MS
-)
+LEASE_POLICY: Final = setup.LEASE_POLICY  # the issuer's (demo_setup explains the numbers)
 CREDITOR: Final = CreditorConfig(
     name="fogpay Demo Operator",
     iban="DE89370400440532013000",
@@ -127,12 +121,13 @@ async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: flo
 
 
 def trust_expected() -> dict[str, int]:
-    """What the fog must have loaded before the devices pay (leases come on demand)."""
+    """What the fog must have loaded before the devices pay (top-ups come on demand)."""
     return {
         "fog_accepted": 1,
         "owner_accepted": len(cast.owners()),
         "bind_accepted": len(cast.devices()),
         "revoke_accepted": 1,
+        "lease_accepted": len(cast.PAYERS),  # the first lease of each paying owner
     }
 
 
