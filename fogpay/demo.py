@@ -44,8 +44,8 @@ from cloud.store import Store, Tx
 from edge.device import Device, DeviceSession
 from fog.daemon import FogDaemon
 from fogpay import demo_cast as cast
+from fogpay import demo_live, demo_report, demo_summary
 from fogpay import demo_setup as setup
-from fogpay import demo_summary
 from fogpay.demo_pay import Outcomes, run_payments
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
@@ -57,6 +57,7 @@ log = structlog.get_logger()
 
 MARKER_FILE: Final = ".fogpay-demo"
 SUMMARY_FILE: Final = "summary.json"
+REPORT_FILE: Final = "report.html"
 LOG_FILE: Final = "demo.log"
 SETTLEMENT_DIR: Final = "settlement"
 SECONDS_MAX: Final = 600.0
@@ -185,8 +186,10 @@ async def pay_and_book(
         session = DeviceSession(
             client, fog_id=cast.FOG_ID, fog_key=public_key(keys.fog), wildcard=True
         )
-        async with session:
-            outcomes = await run_payments(session, devices, cast.plan_payments(seconds))
+        plan = list(cast.plan_payments(seconds))
+        outcomes = Outcomes()
+        async with session, demo_live.showing(outcomes, seconds=seconds, planned=len(plan)):
+            await run_payments(session, devices, plan, outcomes)
         log.info("demo_payments_done", sent=outcomes.sent, **dict(outcomes.by_status))
 
         async def booked() -> bool:
@@ -225,6 +228,7 @@ async def run_demo(out: Path, seconds: float) -> dict[str, Any]:
         report = await settle(store, out)
         held = demo_summary.held_receipt_ids(devices.values())
         cloud = await demo_summary.read_cloud(store, held)
+        leases, transfers = await demo_report.read_ledger(store)
     finally:
         await store.close()
     facts = demo_summary.Facts(
@@ -238,6 +242,11 @@ async def run_demo(out: Path, seconds: float) -> dict[str, Any]:
     summary = demo_summary.build(facts, cloud, len(held))
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
     (out / SUMMARY_FILE).write_text(text)
+    draws = demo_report.draws_from(transfers, demo_report.receipt_times(devices.values()))
+    end_ms = max([outcomes.started_ms + int(seconds * 1000), *(d.at_ms for d in draws)])
+    charts = demo_report.drawdowns(leases, draws, end_ms=end_ms)
+    page = demo_report.html_report(summary, charts, t0_ms=outcomes.started_ms, end_ms=end_ms)
+    (out / REPORT_FILE).write_text(page, encoding="utf-8")
     return summary
 
 
@@ -287,6 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             structlog.reset_defaults()
             logging.getLogger().handlers.clear()
+    print()
     print(demo_summary.table(summary))
     print(f"\nsummary      {out / SUMMARY_FILE}")
+    print(f"report       {out / REPORT_FILE} (latency histogram, lease drawdown per owner)")
     return 0 if summary["ok"] else 1

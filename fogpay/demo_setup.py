@@ -40,14 +40,15 @@ DEVICE_USERNAME: Final = "device"
 # Leases. Nothing should make a device wait for budget. The issuer grants each paying owner
 # a first lease of 20 units when it registers the fog (``register_world``): nordfleet's six
 # EVs start charging together, up to 4.80 each. The fog tops an owner up when the room left
-# on its live leases falls under 20 units: nordfleet draws ~11 EUR/s, and a top-up takes a
-# lease round (<= 0.25 s) plus a request and its answer (~0.05 s). A top-up asks for 50, so
-# four leases (the cloud's cap of live leases per fog and owner: 20 + 50 + 50 + 30) reach
-# nordfleet's 150 EUR limit. The fog renews on room only, not ahead of expiry, so leases
-# live 30 s: a default run (10 s) sees none expire; a longer one sees them expire, reported
-# (lrep) and closed, their unused credit returned. An owner at its credit limit (hofer-farm,
-# oliver: their first lease is all of it) gets its top-up requests refused, logged
-# ``lease_refused`` by the cloud; the fog asks again after the next draws.
+# on its live leases falls under 30 units: a top-up takes a lease round (<= 0.25 s) plus a
+# request and its answer (~0.05 s), and nordfleet's schedule draws up to 20 EUR in half a
+# second (tests/demo/test_demo_report.py checks both against the schedule). A top-up asks
+# for 50, so four leases (the cloud's cap of live leases per fog and owner: 20 + 50 + 50 +
+# 30) reach nordfleet's 150 EUR limit. The fog renews on room only, not ahead of expiry, so
+# leases live 30 s: a default run (10 s) sees none expire; a longer one sees them expire,
+# reported (lrep) and closed, their unused credit returned. An owner at its credit limit
+# (hofer-farm, oliver: their first lease is all of it) has its top-up requests refused,
+# logged ``lease_refused`` by the cloud; the fog asks again after its next draws.
 LEASE_MS: Final = 30_000
 FIRST_LEASE_MICROS: Final = 20_000_000
 TOP_UP_MICROS: Final = 50_000_000
@@ -55,7 +56,7 @@ LEASE_POLICY: Final = LeasePolicy(
     initial_micros=FIRST_LEASE_MICROS, request_micros_max=TOP_UP_MICROS, lease_ms=LEASE_MS
 )
 LEASES: Final = LeaseConfig(
-    request_below_micros=20_000_000,
+    request_below_micros=30_000_000,
     request_micros=TOP_UP_MICROS,
     request_timeout_ms=500,
     request_attempts_max=2,  # a refused request is forgotten soon, so a new one can follow
