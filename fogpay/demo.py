@@ -1,18 +1,22 @@
 """``fogpay demo --out DIR [--seconds S]``: the whole path on 127.0.0.1, in one process.
 
 1. The cloud (issuer) registers the fog, seven owners (four that pay, three payees) and 30
-   devices with their proofs of possession; an owner revokes a stolen EV (``demo_setup``).
+   devices with their proofs of possession; an owner revokes a stolen EV; the issuer grants
+   each paying owner a first lease (``demo_setup``).
 2. The fog daemon starts with its embedded broker on a free port; the cloud's MQTT shell
    (``cloud.service.CloudService``) connects to it and publishes the trust material
    retained; the fog loads it.
 3. The devices pay for ``S`` seconds through the fog (``demo_pay``): charging, tolls,
-   bandwidth, and a few payments the fog must decline.
+   bandwidth, and a few payments the fog must decline; a live display shows the progress
+   (``demo_live``); the fog tops leases up as they run down.
 4. The fog seals batches; they reach the cloud on ``fogpay/1/up/{fog_id}/batch``, which
    verifies, books and acks them. The demo waits (bounded) until every sealed batch is
    booked, then stops the fog and the service.
 5. A settlement period closes (``cloud.settle``): CSV, pain.008, pain.001 and the
    reconciliation report in ``DIR/settlement/``; the ledger is checked; ``DIR/summary.json``
-   and a table on stdout say what happened (``demo_summary``). Exit 1 if an invariant fails.
+   and a table on stdout say what happened (``demo_summary``), ``DIR/report.html`` shows
+   the latency histogram and each owner's lease drawdown (``demo_report``). Exit 1 if an
+   invariant fails.
 
 ``DIR`` must be new or empty, or a directory an earlier demo wrote (it holds the marker
 file ``.fogpay-demo``), which is then emptied; anything else is refused (exit 2). Logs go to
