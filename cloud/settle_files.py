@@ -5,21 +5,78 @@ Files (in ``--out``, per period): ``<period>.csv`` (every line), ``<period>-pain
 transfers of the payouts, when any), ``<period>-report.json`` (reconciliation). They are
 written to a temporary name and renamed, inside the period's transaction: if writing fails
 the period is not closed.
+
+Before anything is written, every pain file is checked against the official ISO 20022 XSD
+shipped in ``cloud/schemas/`` (xmlschema) and against the SEPA rules the XSD leaves out
+(``cloud.sepa.check_document``). The builders in ``cloud.iso20022`` already check every
+value, so this is the last line of defence: a file a bank would reject is never handed over.
+A failure raises ``SettlementFileError`` naming the file and the first error, and writes
+nothing at all (not the CSV either), so the period is not closed.
 """
 
 import argparse
 import asyncio
+import functools
+import importlib.resources
 import json
 import os
+import re
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+import xmlschema
 
 from cloud.config import CloudConfig
-from cloud.iso20022 import pain001, pain008, settlement_csv
+from cloud.iso20022 import PAIN001_NS, PAIN008_NS, pain001, pain008, settlement_csv
+from cloud.sepa import SepaError, check_document
 from cloud.settle import close_period
 from cloud.store import Tx
 from protocol.errors import FogpayError
+
+# The root namespace of a pain document -> its XSD in cloud/schemas/ (package data)
+SCHEMA_FILES: Final = {
+    PAIN008_NS: "pain.008.001.02.xsd",
+    PAIN001_NS: "pain.001.001.03.xsd",
+}
+_NS_PREFIX: Final = re.compile(r"\{[^}]*\}")
+
+
+class SettlementFileError(FogpayError):
+    """A settlement file failed its schema or the SEPA rules; nothing was written."""
+
+
+@functools.cache
+def schema(namespace: str) -> xmlschema.XMLSchema:
+    """The shipped XSD of a pain namespace, parsed once per process (~0.5-1 s each)."""
+    name = SCHEMA_FILES[namespace]
+    with importlib.resources.as_file(importlib.resources.files("cloud") / "schemas" / name) as p:
+        # local files only: the XSDs import nothing, and nothing may be fetched
+        return xmlschema.XMLSchema(str(p), allow="local")
+
+
+def check_file(name: str, data: bytes) -> None:
+    """Raise SettlementFileError if ``name`` is a pain file that fails its XSD or the SEPA
+    rules; other files (CSV, report) pass."""
+    if not name.endswith(".xml"):
+        return
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise SettlementFileError(f"{name}: not XML: {exc}") from None
+    namespace = root.tag[1:].split("}", 1)[0] if root.tag.startswith("{") else ""
+    if namespace not in SCHEMA_FILES:
+        raise SettlementFileError(f"{name}: no shipped schema for namespace {namespace!r}")
+    error = next(schema(namespace).iter_errors(root), None)
+    if error is not None:
+        where = _NS_PREFIX.sub("", error.path or "")
+        reason = _NS_PREFIX.sub("", error.reason or error.message)
+        raise SettlementFileError(f"{name}: fails {SCHEMA_FILES[namespace]} at {where}: {reason}")
+    try:
+        check_document(data)
+    except SepaError as exc:
+        raise SettlementFileError(f"{name}: fails the SEPA rules: {exc}") from None
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -61,6 +118,9 @@ async def settle_and_write(
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> None:
+    """Check every file (``check_file``), then write each; a check failing writes nothing."""
+    for name, data in files.items():
+        check_file(name, data)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         _write(out / name, data)

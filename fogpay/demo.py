@@ -1,18 +1,22 @@
 """``fogpay demo --out DIR [--seconds S]``: the whole path on 127.0.0.1, in one process.
 
 1. The cloud (issuer) registers the fog, seven owners (four that pay, three payees) and 30
-   devices with their proofs of possession; an owner revokes a stolen EV (``demo_setup``).
+   devices with their proofs of possession; an owner revokes a stolen EV; the issuer grants
+   each paying owner a first lease (``demo_setup``).
 2. The fog daemon starts with its embedded broker on a free port; the cloud's MQTT shell
    (``cloud.service.CloudService``) connects to it and publishes the trust material
    retained; the fog loads it.
 3. The devices pay for ``S`` seconds through the fog (``demo_pay``): charging, tolls,
-   bandwidth, and a few payments the fog must decline.
+   bandwidth, and a few payments the fog must decline; a live display shows the progress
+   (``demo_live``); the fog tops leases up as they run down.
 4. The fog seals batches; they reach the cloud on ``fogpay/1/up/{fog_id}/batch``, which
    verifies, books and acks them. The demo waits (bounded) until every sealed batch is
    booked, then stops the fog and the service.
 5. A settlement period closes (``cloud.settle``): CSV, pain.008, pain.001 and the
    reconciliation report in ``DIR/settlement/``; the ledger is checked; ``DIR/summary.json``
-   and a table on stdout say what happened (``demo_summary``). Exit 1 if an invariant fails.
+   and a table on stdout say what happened (``demo_summary``), ``DIR/report.html`` shows
+   the latency histogram and each owner's lease drawdown (``demo_report``). Exit 1 if an
+   invariant fails.
 
 ``DIR`` must be new or empty, or a directory an earlier demo wrote (it holds the marker
 file ``.fogpay-demo``), which is then emptied; anything else is refused (exit 2). Logs go to
@@ -26,6 +30,7 @@ import json
 import logging
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -33,19 +38,19 @@ from typing import Any, Final, TextIO
 
 import aiomqtt
 import structlog
+from rich.console import Console
 
 from cloud.config import CloudConfig
 from cloud.core import CloudCore
 from cloud.iso20022 import CreditorConfig, DebtorConfig
-from cloud.leases import LeasePolicy
 from cloud.settle_files import period_id_for, settle_and_write
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from edge.device import Device, DeviceSession
 from fog.daemon import FogDaemon
 from fogpay import demo_cast as cast
+from fogpay import demo_live, demo_report, demo_summary
 from fogpay import demo_setup as setup
-from fogpay import demo_summary
 from fogpay.demo_pay import Outcomes, run_payments
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
@@ -58,6 +63,7 @@ log = structlog.get_logger()
 
 MARKER_FILE: Final = ".fogpay-demo"
 SUMMARY_FILE: Final = "summary.json"
+REPORT_FILE: Final = "report.html"
 LOG_FILE: Final = "demo.log"
 SETTLEMENT_DIR: Final = "settlement"
 SECONDS_MAX: Final = 600.0
@@ -65,12 +71,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 TRUST_WAIT_S_MAX: Final = 20.0
 BOOK_WAIT_S_MAX: Final = 30.0
 POLL_S: Final = 0.1
-# The issuer's lease policy: a first lease when the fog first sees an owner, top-ups as the
-# fog asks (fog side: demo_setup.LEASES), short lives so leases expire, are reported and close
-# during the run, returning what was not drawn.
-LEASE_POLICY: Final = LeasePolicy(
-    initial_micros=5_000_000, request_micros_max=40_000_000, lease_ms=setup.LEASE_MS
-)
+LEASE_POLICY: Final = setup.LEASE_POLICY  # the issuer's (demo_setup explains the numbers)
 CREDITOR: Final = CreditorConfig(
     name="fogpay Demo Operator",
     iban="DE89370400440532013000",
@@ -127,12 +128,13 @@ async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: flo
 
 
 def trust_expected() -> dict[str, int]:
-    """What the fog must have loaded before the devices pay (leases come on demand)."""
+    """What the fog must have loaded before the devices pay (top-ups come on demand)."""
     return {
         "fog_accepted": 1,
         "owner_accepted": len(cast.owners()),
         "bind_accepted": len(cast.devices()),
         "revoke_accepted": 1,
+        "lease_accepted": len(cast.PAYERS),  # the first lease of each paying owner
     }
 
 
@@ -150,7 +152,12 @@ async def cloud_counts(store: Store) -> tuple[int, int]:
 
 
 async def pay_and_book(
-    out: Path, store: Store, keys: setup.Keys, devices: dict[str, Device], seconds: float
+    out: Path,
+    store: Store,
+    keys: setup.Keys,
+    devices: dict[str, Device],
+    seconds: float,
+    progress: Console | None = None,
 ) -> tuple[Outcomes, bool, int]:
     """Fog, cloud service and devices: pay, then wait until every sealed batch is booked.
     Returns the outcomes, whether all batches were booked, and the batches the fog sealed."""
@@ -190,8 +197,13 @@ async def pay_and_book(
         session = DeviceSession(
             client, fog_id=cast.FOG_ID, fog_key=public_key(keys.fog), wildcard=True
         )
-        async with session:
-            outcomes = await run_payments(session, devices, cast.plan_payments(seconds))
+        plan = list(cast.plan_payments(seconds))
+        outcomes = Outcomes()
+        async with (
+            session,
+            demo_live.showing(outcomes, seconds=seconds, planned=len(plan), console=progress),
+        ):
+            await run_payments(session, devices, plan, outcomes)
         log.info("demo_payments_done", sent=outcomes.sent, **dict(outcomes.by_status))
 
         async def booked() -> bool:
@@ -218,18 +230,22 @@ async def settle(store: Store, out: Path) -> dict[str, Any]:
     return report
 
 
-async def run_demo(out: Path, seconds: float) -> dict[str, Any]:
-    """The whole demo; returns the summary (also written to ``out/summary.json``)."""
+async def run_demo(out: Path, seconds: float, *, progress: Console | None = None) -> dict[str, Any]:
+    """The whole demo; returns the summary (also written to ``out/summary.json``). The
+    progress display goes to ``progress`` (default: a console on stdout)."""
     keys = setup.new_keys(out)
     devices = setup.open_devices(out, keys)
     store = await SqliteStore.open(str(out / setup.CLOUD_DB_FILE))
     try:
         await setup.register_world(store, keys, devices, now_ms=now_ms())
         log.info("demo_world_registered", owners=len(cast.owners()), devices=len(devices))
-        outcomes, all_booked, sealed = await pay_and_book(out, store, keys, devices, seconds)
+        outcomes, all_booked, sealed = await pay_and_book(
+            out, store, keys, devices, seconds, progress
+        )
         report = await settle(store, out)
         held = demo_summary.held_receipt_ids(devices.values())
         cloud = await demo_summary.read_cloud(store, held)
+        leases, transfers = await demo_report.read_ledger(store)
     finally:
         await store.close()
     facts = demo_summary.Facts(
@@ -243,6 +259,11 @@ async def run_demo(out: Path, seconds: float) -> dict[str, Any]:
     summary = demo_summary.build(facts, cloud, len(held))
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
     (out / SUMMARY_FILE).write_text(text)
+    draws = demo_report.draws_from(transfers, demo_report.receipt_times(devices.values()))
+    end_ms = max([outcomes.started_ms + int(seconds * 1000), *(d.at_ms for d in draws)])
+    charts = demo_report.drawdowns(leases, draws, end_ms=end_ms)
+    page = demo_report.html_report(summary, charts, t0_ms=outcomes.started_ms, end_ms=end_ms)
+    (out / REPORT_FILE).write_text(page, encoding="utf-8")
     return summary
 
 
@@ -284,7 +305,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with open(out / LOG_FILE, "a", encoding="utf-8") as stream:
         _route_logs(stream)
         try:
-            summary = asyncio.run(run_demo(out, args.seconds))
+            # --json: stdout carries the summary alone, the progress goes to stderr
+            progress = Console(file=sys.stderr) if args.json else None
+            summary = asyncio.run(run_demo(out, args.seconds, progress=progress))
         except (FogpayError, OSError, aiomqtt.MqttError) as exc:  # OSError: TimeoutError too
             return fail("demo", f"failed: {describe(exc)} (see {out / LOG_FILE})")
         finally:
@@ -293,6 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
+        print()
         print(demo_summary.table(summary))
         print(f"\nsummary      {out / SUMMARY_FILE}")
+        print(f"report       {out / REPORT_FILE} (latency histogram, lease drawdown per owner)")
     return 0 if summary["ok"] else 1

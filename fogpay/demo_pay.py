@@ -24,10 +24,21 @@ from edge.simulate import LatencyHistogram
 from fogpay.demo_cast import Planned
 from protocol.errors import Declined
 
+PAID_KEPT_MAX: Final = 100_000  # ok payments remembered for the report (600 s x 40/s fit)
 PAY_TIMEOUT_S: Final = 3.0
 RETRANSMITS_MAX: Final = 3  # same bytes again after a timeout (edge SDK)
 TRANSIENT_RESENDS_MAX: Final = 20  # 3 s of resends: a lease request and its answer fit
 TRANSIENT_PAUSE_S: Final = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class Paid:
+    """An ok payment, as the demo saw it (for the live display and the report's histogram)."""
+
+    at_ms: int  # wall clock when its receipt was verified and stored
+    device: str
+    amount_micros: int
+    latency_us: int
 
 
 @dataclass(slots=True)
@@ -39,6 +50,9 @@ class Outcomes:
     resent: Counter[str] = field(default_factory=Counter)  # transient reasons, resent
     skipped: int = 0  # planned while the device was still busy with its previous payment
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    paid: list[Paid] = field(default_factory=list)  # the first PAID_KEPT_MAX ok payments
+    drawn: Counter[str] = field(default_factory=Counter)  # micros of ok payments per device
+    started_ms: int = 0  # wall clock when the first payment was due
 
     @property
     def sent(self) -> int:
@@ -88,17 +102,27 @@ async def pay_one(
     if status == "declined" and reason is not None:
         outcomes.by_reason[reason] += 1
     if status == "ok":
-        outcomes.latency.record((time.perf_counter_ns() - start) // 1000)
+        latency_us = (time.perf_counter_ns() - start) // 1000
+        outcomes.latency.record(latency_us)
+        outcomes.drawn[planned.device] += planned.amount_micros
+        if len(outcomes.paid) < PAID_KEPT_MAX:
+            at_ms = time.time_ns() // 1_000_000
+            outcomes.paid.append(Paid(at_ms, planned.device, planned.amount_micros, latency_us))
 
 
 async def run_payments(
-    session: DeviceSession, devices: dict[str, Device], plan: Iterable[Planned]
+    session: DeviceSession,
+    devices: dict[str, Device],
+    plan: Iterable[Planned],
+    outcomes: Outcomes | None = None,
 ) -> Outcomes:
     """Send each planned payment at its offset (seconds from now); wait for every outcome
-    (each is bounded by its timeouts and resends)."""
-    outcomes = Outcomes()
+    (each is bounded by its timeouts and resends). Counts go into ``outcomes`` as they
+    happen (a live display may read them meanwhile)."""
+    outcomes = Outcomes() if outcomes is None else outcomes
     locks = {name: asyncio.Lock() for name in devices}
     start = time.monotonic()
+    outcomes.started_ms = time.time_ns() // 1_000_000
     async with asyncio.TaskGroup() as tg:
         for planned in plan:
             delay = planned.offset_s - (time.monotonic() - start)

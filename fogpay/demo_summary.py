@@ -25,6 +25,7 @@ from cloud.store import Store, Tx, fetch_in
 from edge.device import Device
 from fogpay import demo_cast as cast
 from fogpay.demo_pay import Outcomes
+from fogpay.demo_report import latency_bins, terminal_histogram
 from protocol.money import format_micros, format_minor, minor_unit_micros
 
 LINES_SHOWN_MAX: Final = 40
@@ -148,6 +149,7 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
             "p99": h.percentile(99) / 1000,
             "max": h.max_us / 1000,
         },
+        "latency_histogram": latency_bins(p.latency_us for p in o.paid),
         "leases": cloud["leases"],
         "batches_sealed": facts.fog_batches_sealed,
         "batches": cloud["batches"],
@@ -230,6 +232,7 @@ def table(s: dict[str, Any]) -> str:
         f"declined     {_kv(s['reasons'])}",
         f"resent       {_kv(s['transient_resent'])} (transient declines, same intent resent)",
         f"latency ms   p50 {lat['p50']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}",
+        *(f"    {row}" for row in terminal_histogram(s["latency_histogram"]).splitlines()),
         "leases       "
         + "\n             ".join(
             f"{k} {v['granted']} ({v['closed']} closed): {_money(v['micros'], v['currency'])}"

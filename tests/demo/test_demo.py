@@ -3,9 +3,11 @@ files and databases it left behind (not against what the demo says about itself)
 
 import csv
 import json
+import re
 import sqlite3
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,11 +20,15 @@ from cloud.ledger import LedgerCheck
 from cloud.sepa import check_document
 from fogpay.cli import main
 from fogpay.demo import MARKER_FILE, prepare_out
+from fogpay.demo_cast import PAYERS
 from fogpay.demo_pay import Outcomes
 from fogpay.demo_summary import Facts, build
+from protocol.messages import Receipt
+from protocol.signing import open_envelope
 
 XSD: Final = Path(__file__).parents[1] / "cloud" / "data"
 DEMO_TIMEOUT_S: Final = 60.0
+SVG: Final = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +194,61 @@ def test_a_broken_invariant_fails_the_summary(demo: tuple[Path, dict[str, Any], 
     off = build(facts, cloud | {"check": LedgerCheck({"EUR": 1}, [], s["booked"])}, held)
     assert off["ok"] is False and off["invariants"]["ledger_sum_zero"] is False
     assert off["ledger_sum_micros"] == 1
+
+
+def test_report_html_is_self_contained_and_adds_up(
+    demo: tuple[Path, dict[str, Any], str],
+) -> None:
+    """report.html: no script, no link, nothing fetched; its histogram counts every ok
+    payment; each paying owner has a drawdown whose drawn total is what the cloud's leases
+    say was drawn (transfers timed by the devices' receipts vs the leases table)."""
+    out, s, stdout = demo
+    text = (out / "report.html").read_text(encoding="utf-8")
+    for banned in ("<script", "<link", "<img", "<iframe", "src=", "url(", "@import"):
+        assert banned not in text.lower(), banned
+    assert set(re.findall(r"https?://[^\s\"'<>]+", text)) == {
+        "http://www.w3.org/1999/xhtml",
+        "http://www.w3.org/2000/svg",
+    }  # namespace names, never fetched
+    root = ET.fromstring(text.split("\n", 1)[1])  # after the doctype: well-formed XML
+    bars = root.findall(f".//{SVG}rect[@class='bar']")
+    assert sum(int(b.attrib["data-count"]) for b in bars) == s["authorized"]
+    assert sum(b["count"] for b in s["latency_histogram"]) == s["authorized"]
+    drawn = {
+        p.attrib["data-owner"]: int(p.attrib["data-last-micros"])
+        for p in root.findall(f".//{SVG}polyline[@class='drawn']")
+    }
+    assert drawn == {k: v["drawn_micros"] for k, v in s["leases"].items()}
+    assert set(drawn) == {o.owner_id for o in PAYERS}
+    assert "report.html" in stdout
+
+
+def test_stdout_shows_progress_and_a_histogram(demo: tuple[Path, dict[str, Any], str]) -> None:
+    """Not a terminal here: plain progress lines, then the summary with its histogram."""
+    _, s, stdout = demo
+    progress = [line for line in stdout.splitlines() if re.match(r"\[\s*[\d.]+/3 s\]", line)]
+    assert progress and progress[-1].startswith("[  3.0/3 s]")
+    assert f"{s['sent']} paid: {s['authorized']} ok" in progress[-1]
+    rows = re.findall(r"^ +\S+ ms [█ ]+ (\d+)$", stdout, re.M)
+    assert rows and sum(int(n) for n in rows) == s["authorized"]
+
+
+def test_every_paying_owner_had_a_lease_before_its_first_payment(
+    demo: tuple[Path, dict[str, Any], str],
+) -> None:
+    """The issuer granted the first leases at registration: no owner's first payment waited
+    for an lreq round trip (the fog signed every ok receipt after its owner's first grant)."""
+    out, _, _ = demo
+    with sqlite3.connect(out / "cloud.sqlite") as db:
+        first_grant = dict(db.execute("SELECT owner_id, MIN(granted_ms) FROM leases GROUP BY 1"))
+        owner_of = {bytes(i): d for i, d in db.execute("SELECT intent_id, debit FROM transfers")}
+    first_paid: dict[str, int] = {}
+    for path in (out / "devices").glob("*/receipts.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            env = open_envelope(bytes.fromhex(rec["env"]), Receipt)
+            owner = owner_of[env.msg.intent_id]
+            first_paid[owner] = min(first_paid.get(owner, env.msg.time_ms), env.msg.time_ms)
+    assert set(first_paid) == {o.owner_id for o in PAYERS}
+    for owner, at in first_paid.items():
+        assert first_grant[owner] < at
