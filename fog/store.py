@@ -26,7 +26,7 @@ from typing import Final
 import nacl.signing
 
 from fog import batcher, trustdb
-from fog.authorize import Decision, DeviceView, Policy, authorize
+from fog.authorize import Decision, DeviceView, Policy, authorize, screen
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
 from fog.ratelimit import Buckets
@@ -56,7 +56,6 @@ from protocol.signing import (
     Signed,
     is_valid_public_key,
     message_id,
-    open_envelope,
     public_key,
     seal,
     split_envelope,
@@ -226,13 +225,15 @@ class FogStore:
 
     def _one(self, arrival: Arrival, group: Group, now_ms: int) -> Outcome:
         assert len(arrival.topic_device) == limits.KEY_BYTES
-        try:
-            signed = open_envelope(arrival.payload, Intent)
-        except Declined as exc:
-            return self._unopened(arrival.payload, exc, now_ms)
+        # the precedence of spec section 6, rows 1-3, then the retransmission, then 4-15:
+        # fog/authorize.py
+        signed, declined = screen(arrival.payload, arrival.topic_device)
+        if signed is None:
+            assert declined is not None
+            return self._unopened(arrival.payload, declined, now_ms)
+        if declined is not None:
+            return self._declined(signed, declined.reason, None, now_ms)
         intent = signed.msg
-        if intent.device != arrival.topic_device:
-            return self._declined(signed, Reason.TOPIC_MISMATCH, None, now_ms)
         state = group.device(intent.device)
         taken = False
         if intent.seq <= state.seq_last:  # else no record has this q, hence this intent id
