@@ -510,10 +510,8 @@ class FogCore:
             at = min(at, self._prune_at)
         if self._uplink and self._online:
             at = min(at, self._uplink_at, self._lease_at)
-            if self._declines:
+            if self._declines or self._touched:  # a round is wanted: at the gap's end
                 at = min(at, self._gap_until)
-            elif self._touched:
-                at = min(at, max(self._gap_until, self._seal_at))
         return at
 
     def _wake(self, at: int) -> list[FogOutput]:

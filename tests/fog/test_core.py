@@ -256,3 +256,33 @@ def test_authorizations_ask_for_a_top_up_under_the_threshold(world: World) -> No
     [req] = of(core.handle(Tick(now_ms=NOW + 250)), LeaseRequest)
     msg = open_envelope(req.payload, LeaseRequestMsg).msg
     assert msg.amount_micros == 50_000_000 and msg.device is None
+
+
+def test_the_same_inputs_give_the_same_outputs_byte_for_byte(world: World, tmp_path: Path) -> None:
+    """No clock, no randomness inside: two cores on copies of one database, fed the same
+    inputs, answer the same outputs (Ed25519 signatures are deterministic)."""
+    owner = world.owner()
+    world.lease(amount=3_000_000, na=NOW + 60_000)
+    devs = [world.device(owner) for _ in range(3)]
+    copies = [tmp_path / "a.db", tmp_path / "b.db"]
+    for path in copies:
+        src, dst = sqlite3.connect(world.path), sqlite3.connect(path)
+        src.backup(dst)
+        src.close()
+        dst.close()
+    inputs: list[object] = [Connected(now_ms=NOW), Tick(now_ms=NOW)]
+    for seq in (1, 2):
+        arrivals = tuple(Arrival(public_key(d), world.intent(d, seq, 700_000)) for d in devs)
+        inputs += [Intents(arrivals=arrivals, now_ms=NOW + seq), Tick(now_ms=NOW + 300 * seq)]
+    inputs += [Tick(now_ms=NOW + 70_000), Tick(now_ms=NOW + 80_000), Stats(now_ms=NOW)]
+    answers = []
+    for path in copies:
+        world.path = path
+        core = core_of(world)
+        answers.append([core.handle(i) for i in inputs])  # type: ignore[arg-type]
+        core.handle(Close(now_ms=NOW))
+    assert answers[0] == answers[1]
+    flat = [o for outs in answers[0] for o in outs]
+    assert of(flat, LeaseRequest) and of(flat, LeaseReport) and of(flat, BatchSend)
+    declined = [r for r in of(flat, Receipt) if r.outcome.status == "declined"]
+    assert {r.outcome.reason for r in declined} == {Reason.INSUFFICIENT_BUDGET}
