@@ -211,6 +211,7 @@ class TrustLoaded:
     reason: Reason | None = None
     detail: str = ""
     batch: int | None = None
+    answered_request: bool = False  # a lease that answers a pending lease request of ours
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -425,14 +426,15 @@ class FogCore:
             result = self._store.put_trust(arrival.msg_type, payload, now_ms=now)
         except Exception as exc:  # the seam: bad material is the store's to refuse
             return [Alarm(event="trust_failed", error=type(exc).__name__)]
+        pair = result.lease_pair
+        answered = pair is not None and self._requests.answered(pair)
         loaded = TrustLoaded(
             msg_type=arrival.msg_type,
             status=result.status,
             reason=result.reason,
             detail=result.detail,
+            answered_request=answered,
         )
-        if result.lease_pair is not None and self._requests.answered(result.lease_pair):
-            self._counts["lease_request_answered"] += 1
         return [loaded]
 
     def _ack(self, payload: bytes, mono: int) -> list[FogOutput]:

@@ -673,6 +673,8 @@ class FogDaemon:
 
     def _trust_loaded(self, out: TrustLoaded) -> None:
         self._count(f"{out.msg_type}_{out.status}")
+        if out.answered_request:
+            self._count("lease_request_answered")
         if out.status != "accepted" and out.status != "duplicate":
             self._log.warning(
                 "trust_refused",

@@ -71,6 +71,7 @@ OUTPUTS: list[FogOutput] = [
     LeaseReport(topic="t/l", payload=b"l", lease_id=b"L" * 16, drawn_micros=9, batch=2),
     Sealed(number=1, first_index=1, records=4),
     TrustLoaded(msg_type="ack", status="refused", reason=Reason.MALFORMED, detail="d", batch=3),
+    TrustLoaded(msg_type="lease", status="accepted", answered_request=True),
     LeaseClosed(lease_id=b"L" * 16),
     Pruned(records=12),
     Alarm(event="seal_failed", error="OperationalError"),
