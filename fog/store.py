@@ -1,7 +1,8 @@
 """The fog's durable state: trust material, leases, devices, the log and its batches.
 
-Synchronous, plain ``sqlite3``, used from ONE worker thread (the daemon's single-thread
-executor): the hot path is one thread hop per group of intents, not one per SQL statement.
+Synchronous, plain ``sqlite3``: the storage interface of ``FogCore`` (fog/core.py), its one
+caller, which runs in a process of its own or on the daemon's one worker thread; the hot path
+is one core input per group of intents, not one call per SQL statement.
 ``process`` decides a whole group in one ``BEGIN IMMEDIATE ... COMMIT``; the database is in WAL
 mode with ``synchronous=FULL``, so when ``process`` returns the group is durable and its
 receipts may leave. A crash before the COMMIT loses the whole group and no receipt of it has
@@ -89,7 +90,7 @@ class Arrival:
     topic_device: bytes  # the 32 key bytes parsed from the intent topic's device level
     payload: bytes  # raw MQTT payload (unverified)
     # time.perf_counter() when the daemon read it (fog_stats' answer_ms); not stored, not sent
-    # to the store process
+    # to the core's process
     received_s: float = field(default=0.0, compare=False)
 
 
@@ -443,7 +444,7 @@ class FogStore:
         self._conn.close()
 
     # ---- uplink and lease management (fog/uplink.py, fog/leasing.py) ----------------------
-    # Queries and updates of the batch, lease and log tables for the daemon's uplink, plus
+    # Queries and updates of the batch, lease and log tables for the core's uplink, plus
     # the table ``lease_reports`` (created here, IF NOT EXISTS: one row per lease reported to
     # the cloud; ``closed_ms`` is set once the cloud cleared the retained lease topic).
 

@@ -1,11 +1,12 @@
 """Trust material on MQTT: which retained topics carry what, and where a stored envelope goes.
 
 The issuer publishes owner credentials, fog credentials, bindings, revocations (all fogs) and
-leases (one fog) retained (spec section 8). The daemon hands each payload to
-``FogStore.put_trust`` under the message type its topic carries; the store verifies and keeps a
-copy, so a fog starts and authorizes with the broker's retained state gone. At start, on the
-embedded broker, the daemon republishes what it holds (``republish_topic``) so that amqtt's
-missing persistence costs nothing.
+leases (one fog) retained (spec section 8). ``FogCore`` classifies each message on the fog's
+subscriptions (``classify``) and hands the payload to ``FogStore.put_trust`` under the message
+type its topic carries; the store verifies and keeps a copy, so a fog starts and authorizes
+with the broker's retained state gone. At start, on the embedded broker, the daemon
+republishes what the core holds (``Republish``, ``republish_topic``) so that amqtt's missing
+persistence costs nothing.
 
 Pure functions: no I/O here.
 """
