@@ -20,6 +20,7 @@ seam; the child serves on).
 """
 
 import dataclasses
+import operator
 import struct
 from typing import Any, Final
 
@@ -87,6 +88,11 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Counters,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))
+_OUTCOME_VALUES: Final = operator.attrgetter(*_OUTCOME_FIELDS)
+_REASON_AT: Final = _OUTCOME_FIELDS.index("reason")
+_REASONS: Final = {str(r): r for r in Reason}
+_INTENTS_TAG: Final = _INPUTS.index(Intents)
+_RECEIPT_TAG: Final = _OUTPUTS.index(Receipt)
 
 
 class CoreWireError(StoreError):
@@ -97,54 +103,67 @@ class CoreError(StoreError):
     """The core raised (in the child); ``str()`` names the exception class and its text."""
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
 # ---- values that are not msgpack scalars ----------------------------------------------------
+# (a Reason is a str: msgpack packs it as one; it is read back through _REASONS)
 
 
 def _enc_value(name: str, value: Any) -> Any:
     if name == "arrivals":
         return [[a.topic_device, a.payload] for a in value]
     if name == "outcome":
-        return [_enc_value(f, getattr(value, f)) for f in _OUTCOME_FIELDS]
+        return _OUTCOME_VALUES(value)
     if name == "items":
         return [[k, v] for k, v in value]
-    if name == "reason":
-        return None if value is None else str(value)
     return value
 
 
 def _dec_value(name: str, value: Any) -> Any:
     if name == "arrivals":
-        return tuple(Arrival(bytes(d), bytes(p)) for d, p in value)
+        return tuple([Arrival(bytes(d), bytes(p)) for d, p in value])
     if name == "outcome":
-        return Outcome(**{f: _dec_value(f, v) for f, v in zip(_OUTCOME_FIELDS, value, strict=True)})
+        return _outcome(value)
     if name == "items":
         return tuple((str(k), int(v)) for k, v in value)
     if name == "reason":
-        return None if value is None else Reason(value)
+        return None if value is None else _REASONS[value]
     return value
 
 
+def _outcome(values: list[Any]) -> Outcome:
+    if len(values) != len(_OUTCOME_FIELDS):
+        raise ValueError("outcome: wrong number of fields")
+    reason = values[_REASON_AT]
+    if reason is not None:
+        values[_REASON_AT] = _REASONS[reason]
+    return Outcome(*values)
+
+
+_NAMES: Final[dict[type, tuple[str, ...]]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (*_INPUTS, *_OUTPUTS)
+}
+
+
 def _encode(obj: Any, table: tuple[type, ...]) -> list[Any]:
-    tag = table.index(type(obj))
-    return [tag, *(_enc_value(f, getattr(obj, f)) for f in _fields(type(obj)))]
+    cls = type(obj)
+    if cls is Receipt:  # the hot path: one per intent
+        return [_RECEIPT_TAG, obj.topic, _OUTCOME_VALUES(obj.outcome)]
+    return [table.index(cls), *(_enc_value(f, getattr(obj, f)) for f in _NAMES[cls])]
 
 
 def _decode(data: Any, table: tuple[type, ...]) -> Any:
-    if not isinstance(data, list) or not data or not isinstance(data[0], int):
+    if not isinstance(data, list) or not data or type(data[0]) is not int:
         raise CoreWireError("not a tagged message")
     if not 0 <= data[0] < len(table):
         raise CoreWireError(f"unknown tag {data[0]}")
     cls = table[data[0]]
-    names = _fields(cls)
+    names = _NAMES[cls]
     if len(data) != 1 + len(names):
         raise CoreWireError(f"{cls.__name__}: {len(data) - 1} fields, not {len(names)}")
     try:
+        if cls is Receipt:
+            return Receipt(topic=data[1], outcome=_outcome(data[2]))
         return cls(**{n: _dec_value(n, v) for n, v in zip(names, data[1:], strict=True)})
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError) as exc:
         raise CoreWireError(f"{cls.__name__}: {exc}") from exc
 
 
