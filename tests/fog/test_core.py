@@ -287,3 +287,23 @@ def test_the_same_inputs_give_the_same_outputs_byte_for_byte(world: World, tmp_p
     assert of(flat, LeaseRequest) and of(flat, LeaseReport) and of(flat, BatchSend)
     declined = [r for r in of(flat, Receipt) if r.outcome.status == "declined"]
     assert {r.outcome.reason for r in declined} == {Reason.INSUFFICIENT_BUDGET}
+
+
+def test_a_storage_failure_at_a_tick_is_an_alarm_and_the_core_carries_on(world: World) -> None:
+    owner = world.owner()
+    world.lease()
+    dev = world.device(owner)
+    core = core_of(world)
+    core.handle(Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 1)),), now_ms=NOW))
+    core.store._conn.execute("PRAGMA query_only = ON")  # every write now fails in SQLite
+    out = core.handle(Tick(now_ms=NOW + 5_000))
+    assert of(out, Alarm) == [Alarm(event="seal_failed", error="OperationalError")]
+    assert of(out, Sealed) == [] and of(out, Wake)
+    with pytest.raises(sqlite3.OperationalError):  # a group is not answered: nothing committed
+        core.handle(Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 2)),), now_ms=NOW))
+    core.store._conn.execute("PRAGMA query_only = OFF")
+    assert [s.number for s in of(core.handle(Tick(now_ms=NOW + 6_000)), Sealed)] == [1]
+    again = core.handle(
+        Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 2)),), now_ms=NOW)
+    )
+    assert of(again, Receipt)[0].outcome.status == "ok"
