@@ -186,6 +186,10 @@ class LeaseRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseReport:
+    """A lease report to publish. First send (``resend`` False): ``drawn_micros`` and
+    ``batch`` are what it reports; a resend carries the same bytes, and -1 for both (the
+    resend schedule keeps only the bytes)."""
+
     topic: str
     payload: bytes
     lease_id: bytes
