@@ -14,6 +14,7 @@
 
 APT_TIMEOUT_S=${APT_TIMEOUT_S:-600}
 
+# shellcheck disable=SC2012  # Debian's directory names: /usr/lib/postgresql/<major>/bin
 pg_bin() {  # Debian puts PostgreSQL's server binaries under /usr/lib/postgresql/<major>/bin
     command -v "$1" 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | sort -V | tail -n 1
 }

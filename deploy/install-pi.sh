@@ -54,6 +54,7 @@ SYSTEMCTL=1
 DRY=0
 
 die() { echo "install-pi: $*" >&2; exit 1; }
+usage() { echo "install-pi: $*" >&2; exit 2; }  # a bad option or value: nothing was done
 say() { echo "install-pi: $*"; }
 
 while [ $# -gt 0 ]; do
@@ -70,17 +71,18 @@ while [ $# -gt 0 ]; do
         --no-systemctl) SYSTEMCTL=0; shift ;;
         --dry-run) DRY=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown option $1 (--help lists them)" ;;
+        *) usage "unknown option $1 (--help lists them)" ;;
     esac
 done
 
-[[ "$FOG_ID" =~ ^[a-z0-9][a-z0-9._-]{0,62}$ ]] && [[ ! "$FOG_ID" =~ ^(trust|up|gossip)$ ]] \
-    || die "--fog-id $FOG_ID: must match ^[a-z0-9][a-z0-9._-]{0,62}$ and not be trust, up or gossip"
+if ! [[ "$FOG_ID" =~ ^[a-z0-9][a-z0-9._-]{0,62}$ ]] || [[ "$FOG_ID" =~ ^(trust|up|gossip)$ ]]; then
+    usage "--fog-id $FOG_ID: must match ^[a-z0-9][a-z0-9._-]{0,62}$ and not be trust, up or gossip"
+fi
 if [ -n "$ISSUER_KEY" ]; then
-    [[ "$ISSUER_KEY" =~ ^[0-9a-f]{64}$ ]] || die "--issuer-key: 64 lowercase hex characters"
+    [[ "$ISSUER_KEY" =~ ^[0-9a-f]{64}$ ]] || usage "--issuer-key: 64 lowercase hex characters"
 fi
 if [ -n "$PREFIX" ]; then
-    PREFIX="$(cd "$PREFIX" 2>/dev/null && pwd)" || die "--prefix $PREFIX: not a directory"
+    PREFIX="$(cd "$PREFIX" 2>/dev/null && pwd)" || usage "--prefix $PREFIX: not a directory"
     [ "$PREFIX" = / ] && PREFIX=""
 fi
 if [ -n "$PREFIX" ]; then
@@ -88,10 +90,10 @@ if [ -n "$PREFIX" ]; then
     SYSTEMCTL=0
 fi
 if [ -z "$SOURCE" ]; then
-    [ -f "$HERE/../pyproject.toml" ] || die "--source: give a fogpay checkout, sdist or wheel"
+    [ -f "$HERE/../pyproject.toml" ] || usage "--source: give a fogpay checkout, sdist or wheel"
     SOURCE="$(cd "$HERE/.." && pwd)"
 fi
-[ -e "$SOURCE" ] || die "--source $SOURCE: not found"
+[ -e "$SOURCE" ] || usage "--source $SOURCE: not found"
 SOURCE="$(cd "$(dirname "$SOURCE")" && pwd)/$(basename "$SOURCE")"
 
 ETC="$PREFIX/etc/fogpay"

@@ -45,6 +45,7 @@ blocks() {  # $1: section heading; prints the ```sh blocks under it, one after t
     ' "$README"
 }
 adapt() {
+    # shellcheck disable=SC2016  # the $(...) is for the chroot's shell
     sed -e 's/sudo //g' \
         -e 's|bash deploy/install-pi.sh|bash deploy/install-pi.sh --no-systemctl --source /root/wheels/fogpay-0.1.0-py3-none-any.whl --pip-args "--no-index --find-links /root/wheels"|' \
         -e 's|systemctl reload mosquitto|kill -HUP "$(cat /run/mosquitto/mosquitto.pid)"|'
@@ -59,6 +60,7 @@ adapt() {
     echo 'mkdir -m 740 -p /var/log/mosquitto /run/mosquitto'
     echo 'chown mosquitto /var/log/mosquitto /run/mosquitto'
     echo 'mosquitto -c /etc/mosquitto/mosquitto.conf -d'
+    # shellcheck disable=SC2016
     echo 'for _ in $(seq 100); do [ -s /run/mosquitto/mosquitto.pid ] && break; sleep 0.1; done'
     blocks "## 3. A standalone fog" | adapt | awk '
         /^#--block--/ && !started {
@@ -75,7 +77,7 @@ adapt() {
 
 cleanup() {  # only the two processes the script started, by their pid
     for pidfile in "$TARGET/root/fog.pid" "$TARGET/run/mosquitto/mosquitto.pid"; do
-        [ -s "$pidfile" ] && kill -TERM "$(cat "$pidfile")" 2>/dev/null || true
+        if [ -s "$pidfile" ]; then kill -TERM "$(cat "$pidfile")" 2>/dev/null || true; fi
     done
     sleep 2
     umount "$TARGET/dev" "$TARGET/proc" 2>/dev/null || true

@@ -253,9 +253,15 @@ def test_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_bad_fog_id_is_refused_before_anything_happens(tmp_path: Path) -> None:
-    done = install(tmp_path, "--fog-id", "Bad/Id", "--dry-run")
-    assert done.returncode == 1
-    assert "--fog-id Bad/Id: must match" in done.stderr
+    for args, error in (
+        (["--fog-id", "Bad/Id"], "--fog-id Bad/Id: must match"),
+        (["--fog-id", "trust"], "--fog-id trust: must match"),
+        (["--issuer-key", "00"], "--issuer-key: 64 lowercase hex characters"),
+        (["--frobnicate"], "unknown option --frobnicate"),
+    ):
+        done = install(tmp_path, *args)
+        assert (done.returncode, done.stdout) == (2, ""), args
+        assert done.stderr.startswith(f"install-pi: {error}"), done.stderr
     assert list(tmp_path.iterdir()) == []
 
 
