@@ -106,10 +106,15 @@ def postgres_available() -> bool:
     return bool(os.environ.get("FOGPAY_TEST_PG_DSN")) or pgcluster.available()
 
 
+_skipped_for: dict[str, int] = {}
+
+
 def missing_service(reason: str) -> None:
-    """Skip the running test for a missing service, or fail it under CI."""
+    """Skip the running test for a missing service (counted for the summary line), or fail
+    it under CI."""
     if under_ci():
         pytest.fail(f"CI=true: {reason} (.ci/run installs it)")
+    _skipped_for[reason] = _skipped_for.get(reason, 0) + 1
     pytest.skip(reason)
 
 
@@ -121,9 +126,6 @@ def require_mosquitto() -> str:
     return path
 
 
-_skipped_for: dict[str, int] = {}
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test marked ``mosquitto`` or ``postgres`` is skipped (failed under CI) before its
     fixtures run when the service is not installed."""
@@ -132,8 +134,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         ("postgres", postgres_available, POSTGRES_MISSING),
     ):
         if item.get_closest_marker(marker) is not None and not available():
-            if not under_ci():
-                _skipped_for[reason] = _skipped_for.get(reason, 0) + 1
             missing_service(reason)
 
 
