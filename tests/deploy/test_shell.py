@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["deploy/install-pi.sh", ".ci/services.sh", ".ci/run", "tests/deploy/debootstrap_pi.sh"]
+SCRIPTS = ["deploy/install-pi.sh", ".ci/services.sh", ".ci/run"]
+SCRIPTS += ["tests/deploy/debootstrap_pi.sh", "tests/deploy/fresh_machine.sh"]
 
 
 def test_the_scripts_pass_shellcheck() -> None:
