@@ -43,7 +43,7 @@ git -C "$CHECKOUT" archive HEAD | tar -x -C "$TARGET/home/tester/fogpay"
 chroot "$TARGET" chown -R tester:tester /home/tester/fogpay
 chroot "$TARGET" /usr/bin/env -i HOME=/home/tester PATH=/usr/local/bin:/usr/bin:/bin \
     PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels \
-    runuser -u tester -- bash -c 'cd /home/tester/fogpay && make test' 2>&1 | tee "$TARGET/make-test.log"
+    /usr/sbin/runuser -u tester -- bash -c 'cd /home/tester/fogpay && make test' 2>&1 | tee "$TARGET/make-test.log"
 rc=${PIPESTATUS[0]}
 echo "fresh_machine: make test exited $rc"
 exit "$rc"
