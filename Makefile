@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench clean vectors
+.PHONY: demo test check bench clean vectors services
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fogpay demo --out demo-out
 
+# Mosquitto and PostgreSQL: installed here where it can be (root and apt-get); otherwise the
+# tests that need them skip, with one line at the end saying how to enable them.
 test: $(STAMP)
+	@bash .ci/services.sh install-if-possible
 	$(BIN)/python -m pytest -q
+
+services:
+	bash .ci/services.sh install
 
 check: $(STAMP)
 	$(BIN)/ruff format --check protocol runtime fog edge cloud fogpay tests bench

@@ -281,14 +281,17 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     device_username = _username(raw, "device_username", "device")
     if device_username == username:
         raise ConfigError("broker.device_username: must differ from broker.username")
+    # The passwords are the embedded broker's accounts: with `url` the account is in the URL,
+    # and the password files need not exist (a fog on Mosquitto has none).
+    embedded = url is None
     return BrokerConfig(
         url=url,
         host=host,
         port=_int(raw, "port", DEFAULT_BROKER_PORT, 0, PORT_MAX, key="broker.port"),
         username=username,
-        password=_secret(raw, "password", base),
+        password=_secret(raw, "password", base) if embedded else "",
         device_username=device_username,
-        device_password=_secret(raw, "device_password", base),
+        device_password=_secret(raw, "device_password", base) if embedded else "",
         allow_public_bind=allow_public,
         process=_bool(raw, "process", True, key="broker.process"),
     )

@@ -4,8 +4,13 @@
   amqtt 0.12's deprecated default set stays off).
 - ``mosquitto_broker``: a Mosquitto subprocess (``/usr/sbin/mosquitto``) with a generated
   config: anonymous access, ``set_tcp_nodelay true``, raised queue limits, no persistence.
-  Tests using it should carry ``@pytest.mark.mosquitto``. Without the binary the test is
-  skipped, except under CI (``CI=true``), where it fails: CI installs the package.
+  Tests using it should carry ``@pytest.mark.mosquitto``.
+
+Services: a test marked ``mosquitto`` or ``postgres`` is skipped when the service is not
+installed, with one reason saying how to get it, and the run ends with one summary line per
+missing service. Under CI (``CI=true``) it fails instead: CI installs both (``.ci/run``).
+``FOGPAY_TEST_MOSQUITTO`` names the mosquitto binary when it is not on PATH, /usr/sbin or
+/usr/local/sbin (a path that does not exist: treated as not installed).
 
 Both yield a ``BrokerEndpoint``; ``start_mosquitto`` is there for tests that need extra
 config lines (ACLs, passwords) or to restart a broker.
@@ -19,12 +24,20 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from amqtt.broker import Broker
 
-MOSQUITTO_PATHS: Final = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+SBIN_DIRS: Final = ("/usr/local/sbin", "/usr/sbin")  # Debian's mosquitto; not on a user's PATH
+MOSQUITTO_ENV: Final = "FOGPAY_TEST_MOSQUITTO"
+MOSQUITTO_MISSING: Final = (
+    "mosquitto not installed: run `sudo apt-get install mosquitto` or `sudo make services`"
+)
+POSTGRES_MISSING: Final = (
+    "PostgreSQL not installed: run `sudo apt-get install postgresql` or `sudo make services`"
+    " (or set FOGPAY_TEST_PG_DSN)"
+)
 BROKER_START_TIMEOUT_S: Final = 10.0
 BROKER_STOP_TIMEOUT_S: Final = 5.0
 
@@ -59,20 +72,75 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def under_ci() -> bool:
+    """CI must not skip what it should test: a missing service fails there."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _search_path(*extra: str) -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), *extra])
+
+
 def mosquitto_path() -> str | None:
-    for path in MOSQUITTO_PATHS:
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which("mosquitto")
+    override = os.environ.get(MOSQUITTO_ENV)
+    if override is not None:
+        return override if os.access(override, os.X_OK) else None
+    return shutil.which("mosquitto", path=_search_path(*SBIN_DIRS))
+
+
+def mosquitto_passwd_path() -> str | None:
+    """``mosquitto_passwd`` (same Debian package: /usr/bin), only when mosquitto is there."""
+    binary = mosquitto_path()
+    if binary is None:
+        return None
+    return shutil.which("mosquitto_passwd", path=_search_path(str(Path(binary).parent)))
+
+
+def mosquitto_available() -> bool:
+    return mosquitto_path() is not None and mosquitto_passwd_path() is not None
+
+
+def postgres_available() -> bool:
+    from cloud import pgcluster
+
+    return bool(os.environ.get("FOGPAY_TEST_PG_DSN")) or pgcluster.available()
+
+
+_skipped_for: dict[str, int] = {}
+
+
+def missing_service(reason: str) -> None:
+    """Skip the running test for a missing service (counted for the summary line), or fail
+    it under CI."""
+    if under_ci():
+        pytest.fail(f"CI=true: {reason} (.ci/run installs it)")
+    _skipped_for[reason] = _skipped_for.get(reason, 0) + 1
+    pytest.skip(reason)
 
 
 def require_mosquitto() -> str:
     path = mosquitto_path()
-    if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("mosquitto is missing under CI (.ci/run installs it)")
-        pytest.skip("mosquitto binary not installed")
+    if path is None or mosquitto_passwd_path() is None:
+        missing_service(MOSQUITTO_MISSING)
+    assert path is not None
     return path
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``mosquitto`` or ``postgres`` is skipped (failed under CI) before its
+    fixtures run when the service is not installed."""
+    for marker, available, reason in (
+        ("mosquitto", mosquitto_available, MOSQUITTO_MISSING),
+        ("postgres", postgres_available, POSTGRES_MISSING),
+    ):
+        if item.get_closest_marker(marker) is not None and not available():
+            missing_service(reason)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for reason, count in sorted(_skipped_for.items()):
+        noun = "test" if count == 1 else "tests"
+        terminalreporter.write_line(f"fogpay: {count} {noun} skipped: {reason}", yellow=True)
 
 
 def wait_port(

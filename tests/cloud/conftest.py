@@ -2,7 +2,8 @@
 
 PostgreSQL comes from ``FOGPAY_TEST_PG_DSN`` (``.ci/run`` starts a cluster and sets it) or,
 locally, from a throwaway cluster this session starts when ``initdb``/``pg_ctl`` exist.
-Without either, PostgreSQL tests skip, except under CI (``CI=true``), where they fail.
+Without either, PostgreSQL tests skip (one reason: how to install it), except under CI
+(``CI=true``), where they fail.
 """
 
 import os
@@ -17,12 +18,9 @@ from cloud.pgstore import PgStore
 from cloud.sqlitestore import SqliteStore
 from cloud.store import Store
 from tests.cloud.world import World
+from tests.conftest import POSTGRES_MISSING, missing_service
 
 PG_DSN_ENV = "FOGPAY_TEST_PG_DSN"
-
-
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +30,7 @@ def pg_dsn() -> Iterator[str]:
         yield dsn
         return
     if not pgcluster.available():
-        if _under_ci():
-            pytest.fail(f"CI=true but no PostgreSQL: set {PG_DSN_ENV} or install postgresql")
-        pytest.skip(f"no PostgreSQL ({PG_DSN_ENV} unset, initdb not found)")
+        missing_service(POSTGRES_MISSING)
     cluster = pgcluster.start_cluster()
     try:
         yield cluster.dsn
