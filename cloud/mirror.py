@@ -26,7 +26,6 @@ raised. A production cloud does not run this: there the registry is the only way
 """
 
 import asyncio
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -43,7 +42,8 @@ from protocol.errors import Declined, FogpayError
 from protocol.messages import Binding, FogCredential, Lease, OwnerCredential, Revocation
 from protocol.signing import Signed, open_envelope
 from protocol.topics import Kind
-from runtime.mqttloop import new_client, read_until_stopped, run_connected
+from runtime.mqttloop import read_until_stopped
+from runtime.mqttshell import ClientSettings, serve
 
 log = structlog.get_logger()
 
@@ -269,31 +269,25 @@ class Mirror:
         self._stopping.set()
 
     async def run(self, *, ready: asyncio.Event | None = None) -> None:
-        def connect() -> aiomqtt.Client:
-            return new_client(
-                **self._client_args,
-                identifier=f"fogpay-mirror-{secrets.token_hex(8)}",
-                timeout=CONNECT_TIMEOUT_S,
-                max_queued_incoming_messages=INCOMING_MESSAGES_MAX,
-            )
-
-        def lost(exc: aiomqtt.MqttError, delay: float) -> None:
-            log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-
-        await run_connected(
-            connect=connect,
-            session=lambda client: self._session(client, ready),
-            stopping=self._stopping,
-            attempts_max=RECONNECT_ATTEMPTS_MAX,
-            on_lost=lost,
+        """The MQTT shell (runtime/mqttshell.py), subscribed to the trust and lease topics."""
+        settings = ClientSettings(
+            **self._client_args,
+            identifier_prefix="fogpay-mirror",
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            subscribe_timeout_s=SUBSCRIBE_TIMEOUT_S,
+            incoming_max=INCOMING_MESSAGES_MAX,
+            failures_max=RECONNECT_ATTEMPTS_MAX,
         )
 
-    async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
-        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-            await client.subscribe([(f, 1) for f in FILTERS])
-        if ready is not None:
-            ready.set()
-        await read_until_stopped(self._read(client), self._stopping, name="cloud.mirror")
+        async def lost(exc: aiomqtt.MqttError, delay: float) -> None:
+            log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
+
+        async def session(client: aiomqtt.Client) -> None:
+            if ready is not None:
+                ready.set()
+            await read_until_stopped(self._read(client), self._stopping, name="cloud.mirror")
+
+        await serve(settings, FILTERS, stopping=self._stopping, session=session, lost=lost)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

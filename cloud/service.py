@@ -30,7 +30,6 @@ it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
 import asyncio
 import contextlib
 import hashlib
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -53,7 +52,8 @@ from protocol.errors import FogpayError
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, unbind_component
-from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
+from runtime.mqttloop import read_until_stopped, sleep_or_stop
+from runtime.mqttshell import ClientSettings, serve
 
 log = structlog.get_logger()
 
@@ -202,36 +202,34 @@ class CloudService:
     # ---- MQTT ---------------------------------------------------------------------------
 
     async def _mqtt_loop(self, ready: asyncio.Event | None) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            client = aiomqtt.Client(
-                **self._client_args,
-                identifier=f"fogpay-cloud-{secrets.token_hex(8)}",
-                clean_session=True,  # fogs resend what was not acked
-                keepalive=KEEPALIVE_S,
-                timeout=CONNECT_TIMEOUT_S,
-                max_inflight_messages=INFLIGHT_MESSAGES_MAX,
-                max_queued_incoming_messages=INCOMING_MESSAGES_MAX,
-            )
-            client.pending_calls_threshold = PUBLISH_CONCURRENT_MAX * 2
-            try:
-                async with client:
-                    failures = 0
-                    await self._session(client, ready)
-                    return
-            except aiomqtt.MqttError as exc:
-                self._client = None
-                failures += 1
-                self._count("broker_disconnected")
-                if failures > RECONNECT_ATTEMPTS_MAX:
-                    raise
-                delay = reconnect_delay_s(failures)
-                log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-                await self._sleep_or_stop(delay)
+        """The MQTT shell (runtime/mqttshell.py): clean sessions, fogs resend what was not
+        acked; subscribed before ``_session`` runs."""
+        settings = ClientSettings(
+            **self._client_args,
+            identifier_prefix="fogpay-cloud",
+            keepalive_s=KEEPALIVE_S,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            subscribe_timeout_s=SUBSCRIBE_TIMEOUT_S,
+            inflight_max=INFLIGHT_MESSAGES_MAX,
+            incoming_max=INCOMING_MESSAGES_MAX,
+            pending_calls_threshold=PUBLISH_CONCURRENT_MAX * 2,
+            failures_max=RECONNECT_ATTEMPTS_MAX,
+        )
+
+        async def lost(exc: aiomqtt.MqttError, delay: float) -> None:
+            self._client = None
+            self._count("broker_disconnected")
+            log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
+
+        await serve(
+            settings,
+            FILTERS,
+            stopping=self._stopping,
+            session=lambda client: self._session(client, ready),
+            lost=lost,
+        )
 
     async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
-        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-            await client.subscribe([(f, 1) for f in FILTERS])
         self._count("broker_connected")
         log.info("broker_connected", port=self._port, filters=len(FILTERS))
         async with self._lock:

@@ -58,6 +58,7 @@ from protocol.signing import (
     seal_signed,
 )
 from runtime.keyfile import load_key_file, new_key_file
+from runtime.mqttshell import TCP_NODELAY_OPTION
 
 log = structlog.get_logger(component="edge")  # every edge line names it (runtime/logs.py)
 
@@ -72,7 +73,6 @@ RETRIES_MAX: Final = 100
 IN_FLIGHT_MAX: Final = 10_000
 UNSUBSCRIBE_TIMEOUT_S: Final = 5.0
 RECEIPTS_FILE_BYTES_MAX: Final = 256 * 1024 * 1024
-TCP_NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 DEVICE_SOCKET_OPTIONS: Final = (TCP_NODELAY_OPTION,)  # aiomqtt.Client(socket_options=...)
 
 

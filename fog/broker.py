@@ -33,7 +33,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -51,7 +50,6 @@ from protocol.errors import FogpayError
 log = structlog.get_logger()
 
 # Nagle's algorithm plus delayed ACKs turned a sub-millisecond round trip into 44-88 ms.
-TCP_NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 LISTENER_CONNECTIONS_MAX: Final = 10_000
 PROCESS_START_TIMEOUT_S: Final = 30.0
 PROCESS_STOP_TIMEOUT_S: Final = 15.0

@@ -13,7 +13,6 @@ from typing import Any, Final
 import aiomqtt
 import nacl.signing
 
-from fog.broker import TCP_NODELAY_OPTION
 from protocol import topics
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 from protocol.messages import (
@@ -26,6 +25,7 @@ from protocol.messages import (
 )
 from protocol.signing import message_id, open_envelope, public_key, seal, split_envelope
 from runtime.keyfile import write_key_file
+from runtime.mqttshell import TCP_NODELAY_OPTION
 
 RECEIPT_TIMEOUT_S: Final = 10.0
 DAY_MS: Final = 86_400_000
