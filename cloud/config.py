@@ -43,7 +43,7 @@ from typing import Any
 from cloud.iso20022 import CreditorConfig, DebtorConfig
 from cloud.leases import LeasePolicy
 from protocol.errors import FogpayError
-from runtime.http import ListenError, parse_listen
+from runtime.listen import ListenError, parse_listen
 
 STORE_DEFAULT = "sqlite://cloud.db"
 ISSUER_KEY_DEFAULT = "issuer.key"

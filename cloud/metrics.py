@@ -22,7 +22,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from cloud.config import MetricsConfig
 from cloud.store import Store, Tx
-from runtime.http import HttpServer, ListenError, Response, json_response
+from runtime.http import HttpServer, Response, json_response
+from runtime.listen import ListenError
 
 log = structlog.get_logger()
 

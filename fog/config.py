@@ -20,7 +20,7 @@ from protocol import limits
 from protocol.errors import FogpayError
 from protocol.messages import is_fog_id
 from protocol.signing import is_valid_public_key
-from runtime.http import ListenError, parse_listen
+from runtime.listen import ListenError, parse_listen
 
 DEFAULT_BROKER_HOST: Final = "127.0.0.1"
 DEFAULT_BROKER_PORT: Final = 1883

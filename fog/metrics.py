@@ -46,7 +46,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fog.config import FogConfig
 from fog.latency import BUCKETS, Histogram, bucket_of, upper_edge_ms
-from runtime.http import HttpServer, ListenError, Response, json_response
+from runtime.http import HttpServer, Response, json_response
+from runtime.listen import ListenError
 
 log = structlog.get_logger()
 

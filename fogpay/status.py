@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.http import ListenError, parse_listen, url_host
+from runtime.listen import ListenError, parse_listen, url_host
 
 HTTP_TIMEOUT_S: Final = 5.0
 BODY_BYTES_MAX: Final = 16 * 1024 * 1024

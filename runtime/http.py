@@ -14,7 +14,6 @@ and is logged (``http_handler_failed``); nothing a client sends can stop the ser
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Final
 
 import structlog
 
-from protocol.errors import FogpayError
+from runtime.listen import ListenError, url_host
 
 log = structlog.get_logger()
 
@@ -31,7 +30,6 @@ REQUEST_TIMEOUT_S: Final = 5.0
 HANDLER_TIMEOUT_S: Final = 10.0
 WRITE_TIMEOUT_S: Final = 10.0
 CONNECTIONS_MAX: Final = 16
-PORT_MAX: Final = 65535
 REASONS: Final = {
     200: "OK",
     400: "Bad Request",
@@ -41,10 +39,6 @@ REASONS: Final = {
     503: "Service Unavailable",
 }
 JSON_TYPE: Final = "application/json"
-
-
-class ListenError(FogpayError):
-    """A listen address is malformed, or cannot be bound."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,34 +53,6 @@ Handler = Callable[[], Awaitable[Response]]
 
 def json_response(status: int, obj: object) -> Response:
     return Response(status, json.dumps(obj, sort_keys=True).encode() + b"\n", JSON_TYPE)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` as (host, port); the host must be an IP
-    literal (no name lookup at start), the port 0 (pick a free one) to 65535."""
-    if not isinstance(value, str) or ":" not in value:
-        raise ListenError("must be HOST:PORT, e.g. 127.0.0.1:9464")
-    host, _, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ListenError("an IPv6 host goes in brackets: [::1]:9464")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ListenError(f"host {host!r} is not an IP address") from None
-    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > PORT_MAX:
-        raise ListenError(f"port {port_text!r} is not in [0, {PORT_MAX}]")
-    return host, int(port_text)
-
-
-def url_host(host: str) -> str:
-    """The host part of a URL reaching a server bound to ``host`` (a wildcard: loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 class HttpServer:

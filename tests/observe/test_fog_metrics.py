@@ -20,7 +20,7 @@ from fog.daemon import FogDaemon
 from protocol import topics
 from protocol.messages import Ack
 from protocol.signing import seal
-from runtime.http import ListenError
+from runtime.listen import ListenError
 from tests.conftest import free_port
 from tests.integration.devices import Device, Issuer, publish_retained, wallet, write_fog_files
 from tests.integration.fogrun import running_fog, wait_counter
