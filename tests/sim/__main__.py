@@ -12,6 +12,7 @@ import time
 
 import structlog
 
+from tests.sim.planted import BUGS, planted
 from tests.sim.simulation import FOGS_DEFAULT, STEPS_DEFAULT, Result, SimConfig, run
 
 
@@ -20,9 +21,10 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
 
-def report(result: Result, *, fogs: int, steps: int, out: list[str]) -> None:
+def report(result: Result, *, fogs: int, steps: int, plant: str | None, out: list[str]) -> None:
     extra = f" --fogs {fogs}" if fogs != FOGS_DEFAULT else ""
     extra += f" --steps {steps}" if steps != STEPS_DEFAULT else ""
+    extra += f" --plant {plant}" if plant else ""
     out.append(f"seed {result.seed}: VIOLATION at step {result.step}: {result.violations[0]}")
     out.append(f"  faults: {result.mix}")
     out.append(f"  replay: python -m tests.sim --seeds 1 --start {result.seed}{extra} -v")
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--fogs", type=int, default=FOGS_DEFAULT)
     p.add_argument("--steps", type=int, default=STEPS_DEFAULT, help="chaos-phase events")
+    p.add_argument("--plant", choices=sorted(BUGS), help="run with a known bug planted")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.fogs < 1 or args.steps < 1:
@@ -64,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         echo = print if args.verbose else None
         if echo is not None:
             print(f"== seed {seed}")
-        result = run(seed, config, echo=echo)
+        with planted(args.plant):
+            result = run(seed, config, echo=echo)
         results.append(result)
         if not result.ok:
             lines: list[str] = []
-            report(result, fogs=args.fogs, steps=args.steps, out=lines)
+            report(result, fogs=args.fogs, steps=args.steps, plant=args.plant, out=lines)
             print("\n".join(lines), flush=True)
     elapsed = time.perf_counter() - started
     print(f"{summary(results)}, {elapsed:.1f} s")

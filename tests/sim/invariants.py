@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud import ledger
 from cloud import leases as cloud_leases
+from cloud import ledger
 from tests.sim.devices import Held, SimDevice
 
 Row = tuple[object, ...]

@@ -476,13 +476,9 @@ class Simulation:
         return revoke
 
 
-async def run_seed(
-    seed: int, config: SimConfig, *, echo: Callable[[str], None] | None = None
-) -> Result:
+def run(seed: int, config: SimConfig, *, echo: Callable[[str], None] | None = None) -> Result:
+    """One seed in its own event loop and its own files (on /dev/shm when there is one: the
+    durability model is the transaction boundary, not the disk, so tmpfs loses nothing)."""
     base = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="fogpay-sim-", dir=base) as d:
-        return await Simulation(seed, Path(d), config, echo=echo).run()
-
-
-def run(seed: int, config: SimConfig, *, echo: Callable[[str], None] | None = None) -> Result:
-    return asyncio.run(run_seed(seed, config, echo=echo))
+        return asyncio.run(Simulation(seed, Path(d), config, echo=echo).run())
