@@ -121,6 +121,10 @@ class LeaseRequests:
 
     def due(self, *, now_ms: int) -> list[tuple[str, bytes]]:
         """Requests to send again now (same bytes); forgets those out of attempts."""
+        return [send for _, send in self.due_pairs(now_ms=now_ms)]
+
+    def due_pairs(self, *, now_ms: int) -> list[tuple[Pair, tuple[str, bytes]]]:
+        """``due``, each with the (owner, currency) it asks for."""
         out = []
         for pair, p in list(self.pending.items()):
             if now_ms < p.next_ms:
@@ -131,7 +135,7 @@ class LeaseRequests:
                 continue
             p.attempts += 1
             p.next_ms = now_ms + self.timeout_ms
-            out.append((lease_request_topic(self.fog_id), p.wire))
+            out.append((pair, (lease_request_topic(self.fog_id), p.wire)))
         return out
 
     def _request(
@@ -184,11 +188,15 @@ class LeaseReports:
     def __post_init__(self) -> None:
         assert self.retry_ms > 0
 
-    def track(self, lease_id: bytes, wire: bytes, *, now_ms: int) -> bool:
-        """Start sending ``wire`` (now); False if already tracked or full."""
+    def track(self, lease_id: bytes, wire: bytes, *, now_ms: int, sent: bool = False) -> bool:
+        """Start sending ``wire`` (due now; ``sent``: the caller sends it now, the first
+        resend is due after ``retry_ms``); False if already tracked or full."""
         if lease_id in self.pending or len(self.pending) >= REPORTS_OUTSTANDING_MAX:
             return False
-        self.pending[lease_id] = _Pending(wire, now_ms, attempts=0)
+        if sent:
+            self.pending[lease_id] = _Pending(wire, now_ms + self.retry_ms, attempts=1)
+        else:
+            self.pending[lease_id] = _Pending(wire, now_ms, attempts=0)
         return True
 
     def cleared(self, lease_id: bytes) -> bool:
@@ -200,6 +208,10 @@ class LeaseReports:
             p.next_ms = 0
 
     def due(self, *, now_ms: int) -> list[tuple[str, bytes]]:
+        return [send for _, send in self.due_items(now_ms=now_ms)]
+
+    def due_items(self, *, now_ms: int) -> list[tuple[bytes, tuple[str, bytes]]]:
+        """``due``, each with the lease id it reports."""
         out = []
         for lease_id, p in list(self.pending.items()):
             if now_ms < p.next_ms:
@@ -211,7 +223,7 @@ class LeaseReports:
             delay = min(REPORT_RETRY_MS_MAX, self.retry_ms * 2 ** min(p.attempts, 16))
             p.attempts += 1
             p.next_ms = now_ms + delay
-            out.append((lease_report_topic(self.fog_id), p.wire))
+            out.append((lease_id, (lease_report_topic(self.fog_id), p.wire)))
         return out
 
 

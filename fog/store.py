@@ -107,6 +107,9 @@ class Outcome:
     amount_micros: int | None
     log_index: int | None
     detail: str = ""  # why, for the log line (never a key or payload)
+    # the intent's c once its signature verified (None: malformed or bad_signature): which
+    # budget a lease request asks for, without decoding the intent again
+    currency: str | None = None
 
 
 AckOutcome = batcher.AckOutcome
@@ -329,6 +332,7 @@ class FogStore:
             owner_id=owner_id,
             amount_micros=amount_micros,
             log_index=log_index,
+            currency=i.currency,
         )
 
     def _authorized(

@@ -38,6 +38,8 @@ class TrustOutcome:
     reason: Reason | None  # when refused
     detail: str  # short description for the log line
     msg_id: bytes | None = None  # message id when the envelope verified
+    # an accepted lease: its (owner_id, currency), the budget it answers (no second decode)
+    lease_pair: tuple[str, str] | None = None
 
 
 def put(
@@ -86,7 +88,8 @@ def _store(
         (signed.id, msg_type, signed.raw, now_ms),
     )
     _insert_trust_row(c, signed)
-    return TrustOutcome("accepted", None, _describe(msg), signed.id)
+    pair = (msg.owner_id, msg.currency) if isinstance(msg, Lease) else None
+    return TrustOutcome("accepted", None, _describe(msg), signed.id, pair)
 
 
 def envelopes(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
