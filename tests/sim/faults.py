@@ -20,6 +20,9 @@ class FaultMix:
     cloud_crash: float  # per cloud event: probability that the cloud crashes after it
     down_ms_max: int  # how long a crashed node stays down, at most
     device_drop: float  # loss between devices and their fog (local broker)
+    # a cut is seen by the fog (its MQTT client talks to the cloud's broker: Disconnected,
+    # then Connected) or not (a bridge between brokers is cut: the fog only misses acks)
+    client_partition: bool = False
 
     @staticmethod
     def draw(rng: random.Random) -> "FaultMix":
@@ -36,6 +39,7 @@ class FaultMix:
             cloud_crash=maybe(0.4, 0.01, 0.05),
             down_ms_max=rng.choice((500, 3_000, 15_000)),
             device_drop=maybe(0.4, 0.05, 0.2),
+            client_partition=rng.random() < 0.5,
         )
 
     @staticmethod
@@ -51,5 +55,6 @@ class FaultMix:
             f"fog_crash={self.fog_crash}",
             f"cloud_crash={self.cloud_crash}",
             f"device_drop={self.device_drop}",
+            f"partition_seen={self.client_partition}",
         ]
         return " ".join(parts)

@@ -1,16 +1,16 @@
-"""One simulated fog: the real fog code, driven synchronously with the virtual clock.
+"""One simulated fog: the real ``fog.core.FogCore`` over its real ``FogStore`` file.
 
-This is the ONE adapter between the simulation and the fog. Today it drives the real
-synchronous ``FogStore`` (every decision, every durable write) and the fog's pure planners
-(``fog.leasing.LeaseRequests`` / ``LeaseReports`` / ``report_envelope``, ``fog.uplink.Window``,
-``fog.trust.classify``), doing by hand what the daemon's asyncio tasks do around them
-(``FogDaemon._dispatch`` / ``_process_group`` / ``_load_trust`` / ``_sealer``,
-``Uplink.run``, ``LeaseKeeper._round``), with ``now_ms`` from the virtual clock and the
-sends returned as an outbox instead of published. When ``fog.core.FogCore`` exists, this
-module drives it instead and nothing else in the simulator changes.
+This is the ONE adapter between the simulation and the fog: it plays the daemon's shell.
+Inputs go in with ``now_ms`` from the virtual clock (``mono_ms`` is left out: the core then
+times its resends on ``now_ms``, and the virtual clock never steps back); outputs come back
+sorted for the simulation: messages to send (receipts to devices; batches, lease requests
+and reports to the cloud), the earliest ``Wake`` the core asked for, and words for the trace.
+An ``Alarm`` (a part of the core failed at its seam) is returned too: in a run without disk
+errors every one is a bug, and the simulation reports it as a violation.
 
-A crash drops every object (the store's connection, the planners' memory, the rate buckets);
-a restart reopens the store from its file, as systemd restarting the daemon would.
+A crash drops every object (the store's connection, the core's memory: uplink window, lease
+requests and reports in flight, notes, rate buckets); a restart reopens the core from its
+file, as systemd restarting the daemon would.
 """
 
 from dataclasses import dataclass, field
@@ -19,23 +19,17 @@ from typing import Final
 
 import nacl.signing
 
+from fog import core
 from fog.authorize import Policy
-from fog.leasing import LeaseReports, LeaseRequests, report_envelope
-from fog.store import Arrival, FogStore, Outcome
-from fog.trust import classify
-from fog.uplink import Window
+from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.core import CoreConfig, FogCore, FogInput
+from fog.store import Arrival, Outcome
 from protocol import topics
-from protocol.errors import Declined, TopicError
-from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
-from protocol.messages import Intent, Lease, decode_body
-from protocol.reasons import Reason
-from protocol.signing import open_envelope, split_envelope
-from protocol.topics import Kind
+from protocol.errors import TopicError
 
 DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
 CLOUD: Final = "cloud"
 Send = tuple[str, str, bytes]  # (destination, topic, payload)
-Pair = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +37,8 @@ class FogSettings:
     """What ``fog.toml`` would say ([batch], [uplink], [lease], [policy]), sized for the sim."""
 
     records_max: int = 4
-    age_ms: int = 1_000
+    age_ms: int = 2_000
+    keep_acked_ms: int = 0  # 0: never prune
     window: int = 4
     ack_timeout_ms: int = 3_000
     request_below_micros: int = 20_000
@@ -51,7 +46,36 @@ class FogSettings:
     request_timeout_ms: int = 2_000
     request_attempts_max: int = 3
     report_retry_ms: int = 500
+    check_interval_ms: int = 1_000
     policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
+
+    def core_config(self, fog_id: str, issuer_key: bytes) -> CoreConfig:
+        return CoreConfig(
+            fog_id=fog_id,
+            issuer_key=issuer_key,
+            policy=self.policy,
+            batch=BatchConfig(
+                records_max=self.records_max, age_ms=self.age_ms, keep_acked_ms=self.keep_acked_ms
+            ),
+            uplink=UplinkConfig(window=self.window, ack_timeout_ms=self.ack_timeout_ms),
+            lease=LeaseConfig(
+                request_below_micros=self.request_below_micros,
+                request_micros=self.request_micros,
+                request_timeout_ms=self.request_timeout_ms,
+                request_attempts_max=self.request_attempts_max,
+                report_retry_ms=self.report_retry_ms,
+                check_interval_ms=self.check_interval_ms,
+            ),
+        )
+
+
+@dataclass(slots=True)
+class Outputs:
+    sends: list[Send] = field(default_factory=list)
+    wake_ms: int | None = None
+    words: list[str] = field(default_factory=list)
+    alarms: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 class FogNode:
@@ -65,162 +89,94 @@ class FogNode:
         settings: FogSettings,
     ) -> None:
         self.fog_id, self.path, self.settings = fog_id, path, settings
-        self._key, self._issuer = key, issuer_key
-        self.store: FogStore | None = None
+        self._key = key
+        self._config = settings.core_config(fog_id, issuer_key)
+        self.core: FogCore | None = None
         self.revoked_at: dict[bytes, int] = {}  # key -> when this fog accepted its revocation
         self.starts = 0
 
     @property
     def up(self) -> bool:
-        return self.store is not None
+        return self.core is not None
 
     # ---- life -----------------------------------------------------------------------------
 
-    def start(self, *, now_ms: int) -> None:
-        s = self.settings
-        self.store = FogStore.open(
-            self.path,
-            fog_id=self.fog_id,
-            fog_key=self._key,
-            issuer_key=self._issuer,
-            policy=s.policy,
-        )
-        self.store.uplink_init()
-        self._requests = LeaseRequests(
-            fog_id=self.fog_id,
-            key=self._key,
-            below_micros=s.request_below_micros,
-            request_micros=s.request_micros,
-            timeout_ms=s.request_timeout_ms,
-            attempts_max=s.request_attempts_max,
-        )
-        self._reports = LeaseReports(fog_id=self.fog_id, retry_ms=s.report_retry_ms)
-        self._window = Window(window=s.window, ack_timeout_ms=s.ack_timeout_ms)
-        self._touched: set[str] = set()
-        self._declines: dict[Pair, tuple[bytes, int]] = {}
-        for lease_id, wire in self.store.lease_reports_open():
-            self._reports.track(lease_id, wire, now_ms=0)
+    def start(self, *, now_ms: int, connected: bool) -> Outputs:
+        """Open the core from its file; ``connected``: its MQTT client is up at once."""
+        self.core = FogCore.open(self.path, config=self._config, fog_key=self._key)
         self.starts += 1
+        return self.connected(now_ms=now_ms) if connected else Outputs()
 
     def crash(self) -> None:
         """Drop everything in memory; committed transactions stay in the file."""
-        assert self.store is not None
-        self.store.close()
-        self.store = None
+        assert self.core is not None
+        self.core.store.close()
+        self.core = None
 
-    def reconnected(self) -> None:
-        """The link to the cloud came back (the daemon's ``_session`` start)."""
-        assert self.store is not None
-        self._window.reset()
-        self._reports.reset()
+    def connected(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Connected(now_ms=now_ms))
+
+    def disconnected(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Disconnected(now_ms=now_ms))
 
     # ---- inputs -----------------------------------------------------------------------------
 
-    def intents(self, arrivals: list[Arrival], *, now_ms: int) -> tuple[list[Outcome], list[Send]]:
-        """A group of intents: one durable transaction, then the receipts (outbox)."""
-        assert self.store is not None
-        outcomes = self.store.process(arrivals, now_ms=now_ms)
-        out: list[Send] = []
-        for arrival, o in zip(arrivals, outcomes, strict=True):
-            self._note(arrival, o)
-            out.append((DEVICE, topics.receipt_topic(self.fog_id, arrival.topic_device), o.receipt))
-        return outcomes, out
+    def intents(self, arrivals: list[Arrival], *, now_ms: int) -> Outputs:
+        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms))
 
-    def _note(self, arrival: Arrival, o: Outcome) -> None:
-        """What ``LeaseKeeper.note`` remembers for the next lease round."""
-        if o.owner_id is None:
-            return
-        if o.status == "ok" and not o.replay:
-            self._touched.add(o.owner_id)
-        elif o.reason is Reason.INSUFFICIENT_BUDGET and o.amount_micros is not None:
+    def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
+        out = self._handle(core.TrustMessage(topic=topic, payload=payload, now_ms=now_ms))
+        if "revoke accepted" in out.words:
             try:
-                env = split_envelope(arrival.payload, bytes_max=INTENT_ENVELOPE_BYTES_MAX)
-                currency = decode_body(Intent, env.body).currency
-            except Declined:
-                return
-            self._declines.setdefault((o.owner_id, currency), (o.device, o.amount_micros))
-
-    def message(self, topic: str, payload: bytes, *, now_ms: int) -> str:
-        """A message from the cloud's broker (trust, lease, cleared lease, ack): what the daemon's
-        ``_dispatch`` and ``_load_trust`` do. Returns a word for the trace."""
-        assert self.store is not None
-        try:
-            parsed = topics.parse(topic)
-        except TopicError:
-            return "bad_topic"
-        arrival = classify(parsed, payload, fog_id=self.fog_id)
-        if arrival is None:
-            if not payload and parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id:
-                assert parsed.lease_id is not None
-                closed = self.store.close_lease(parsed.lease_id, now_ms=now_ms)
-                self._reports.cleared(parsed.lease_id)
-                return "lease_closed" if closed else "lease_cleared"
-            return "ignored"
-        if arrival.msg_type == "ack":
-            return f"ack_{self.store.apply_ack(arrival.payload).status}"
-        result = self.store.put_trust(arrival.msg_type, arrival.payload, now_ms=now_ms)
-        if result.status == "accepted":
-            if arrival.msg_type == "lease":
-                lease = open_envelope(arrival.payload, Lease).msg
-                self._requests.answered((lease.owner_id, lease.currency))
-            elif arrival.msg_type == "revoke" and parsed.key is not None:
-                self.revoked_at.setdefault(parsed.key, now_ms)
-        return f"{arrival.msg_type}_{result.status}"
-
-    def tick(self, *, now_ms: int) -> list[Send]:
-        """The sealer, the uplink and the lease round, once each."""
-        assert self.store is not None
-        s, store = self.settings, self.store
-        store.seal_due(now_ms=now_ms, records_max=s.records_max, age_ms=s.age_ms)
-        out: list[Send] = []
-        for number in self._window.plan(store.unacked_numbers(s.window), now_ms=now_ms):
-            wire = store.batch_wire(number)
-            assert wire is not None, "an unacked batch is not in the store"
-            out.append((CLOUD, topics.batch_topic(self.fog_id), wire))
-        sends = self._ask(now_ms)
-        for draws in store.lease_reports_due(now_ms=now_ms):
-            wire = report_envelope(
-                self._key,
-                fog_id=self.fog_id,
-                lease_id=draws.lease_id,
-                drawn_micros=draws.drawn_micros,
-                last_batch=draws.last_batch,
-                now_ms=now_ms,
-            )
-            store.record_lease_report(draws, wire, now_ms=now_ms)
-            self._reports.track(draws.lease_id, wire, now_ms=now_ms)
-        sends += self._requests.due(now_ms=now_ms) + self._reports.due(now_ms=now_ms)
-        out += [(CLOUD, topic, wire) for topic, wire in sends]
+                key = topics.parse(topic).key
+            except TopicError:
+                key = None
+            if key is not None:
+                self.revoked_at.setdefault(key, now_ms)
         return out
 
-    def _ask(self, now_ms: int) -> list[tuple[str, bytes]]:
-        """``LeaseKeeper._ask``: requests for what was noted since the last round."""
-        assert self.store is not None
-        touched, declines = self._touched, self._declines
-        self._touched, self._declines = set(), {}
-        owners = touched | {owner for owner, _ in declines}
-        if not owners:
-            return []
-        room = self.store.lease_room(sorted(owners), now_ms=now_ms)
-        out = []
-        for pair, (device, amount) in declines.items():
-            send = self._requests.declined(
-                pair, device=device, amount_micros=amount, has_live=pair in room, now_ms=now_ms
-            )
-            if send is not None:
-                out.append(send)
-        for pair, left in room.items():
-            if pair[0] in touched and pair not in declines:
-                send = self._requests.room(pair, left, now_ms=now_ms)
-                if send is not None:
-                    out.append(send)
+    def tick(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Tick(now_ms=now_ms))
+
+    def _handle(self, event: FogInput) -> Outputs:
+        assert self.core is not None
+        out = Outputs()
+        for o in self.core.handle(event):
+            match o:
+                case core.Receipt():
+                    out.sends.append((DEVICE, o.topic, o.payload))
+                    out.outcomes.append(o.outcome)
+                case core.BatchSend() | core.LeaseRequest() | core.LeaseReport():
+                    out.sends.append((CLOUD, o.topic, o.payload))
+                    out.words.append(_describe(o))
+                case core.Wake():
+                    out.wake_ms = o.mono_ms if out.wake_ms is None else min(out.wake_ms, o.mono_ms)
+                case core.TrustLoaded():
+                    out.words.append(f"{o.msg_type or 'message'} {o.status}")
+                case core.LeaseClosed():
+                    out.words.append("lease closed")
+                case core.Sealed():
+                    out.words.append(f"sealed batch {o.number} ({o.records} records)")
+                case core.Pruned():
+                    out.words.append(f"pruned {o.records}")
+                case core.Alarm():
+                    out.alarms.append(f"{o.event}: {o.error}")
+                case core.Publish() | core.Counters():
+                    pass
         return out
+
+    # ---- for the simulation's quiet test --------------------------------------------------
 
     def idle(self) -> bool:
-        """Nothing left to send up: every record sealed and acked, every report cleared."""
-        assert self.store is not None
-        return (
-            not self.store.unacked_numbers(1)
-            and not self.store.lease_reports_open()
-            and not self._requests.pending
-        )
+        """Nothing left to send up: every sealed batch acked, every report cleared."""
+        assert self.core is not None
+        store = self.core.store
+        return not store.unacked_numbers(1) and not store.lease_reports_open()
+
+
+def _describe(o: core.BatchSend | core.LeaseRequest | core.LeaseReport) -> str:
+    if isinstance(o, core.BatchSend):
+        return f"send batch {o.number}"
+    if isinstance(o, core.LeaseRequest):
+        return f"{'resend' if o.resend else 'send'} lreq {o.owner_id}"
+    return f"{'resend' if o.resend else 'send'} lrep {o.lease_id.hex()[:8]}"

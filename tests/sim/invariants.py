@@ -96,6 +96,11 @@ class Checker:
                 "GROUP BY lease_id"
             )
         }
+        # records of closed leases may be pruned: what was drawn on a lease never shrinks
+        seen = self._draws[fog_id]
+        for lease_id, (d, t, c) in seen.items():
+            if lease_id not in draws or draws[lease_id][0] < d:
+                draws[lease_id] = (d, t, c)
         self._draws[fog_id] = draws
         for lease_id, (drawn, last_ms, _) in sorted(draws.items()):
             lease = self.leases.get(lease_id)
@@ -118,17 +123,32 @@ class Checker:
                 )
         return out
 
+    def unsealed(self, fog_id: str) -> int:
+        """Log records of ``fog_id`` in no sealed batch yet."""
+        conn = self._fogs[fog_id]
+        row = conn.execute(
+            "SELECT (SELECT coalesce(max(n), 0) FROM log) - "
+            "(SELECT coalesce(max(first_index + count) - 1, 0) FROM batches)"
+        ).fetchone()
+        return max(0, int(row[0]))
+
     def receipts_durable(self, fog_id: str, held: Sequence[Held]) -> list[str]:
         """Every ok receipt of ``fog_id`` a device holds is a record in the fog's file."""
         conn = self._fogs[fog_id]
         out = []
         for h in held:
             row = conn.execute("SELECT n FROM log WHERE intent_id = ?", (h.intent_id,)).fetchone()
+            if row is None and self._booked(h.intent_id):
+                continue  # pruned after the cloud acked it
             if row is None:
                 out.append(f"{fog_id}: receipt n={h.log_index} held, but not in the fog's file")
             elif int(row[0]) != h.log_index:
                 out.append(f"{fog_id}: receipt n={h.log_index} held, file says n={row[0]}")
         return out
+
+    def _booked(self, intent_id: bytes) -> bool:
+        sql = "SELECT 1 FROM transfers WHERE intent_id = ?"
+        return self._cloud.execute(sql, (intent_id,)).fetchone() is not None
 
     # ---- cloud ----------------------------------------------------------------------------
 
@@ -196,7 +216,7 @@ class Checker:
                     out.append(f"{dev.name}: ok receipt {h.fog_id} n={h.log_index} never booked")
                 elif b != (h.fog_id, h.amount_micros):
                     out.append(f"{dev.name}: receipt {h.fog_id} n={h.log_index} booked as {b}")
-        for fog_id, fconn in sorted(self._fogs.items()):
+        for fog_id, fconn in sorted(self._fogs.items()):  # pruned records were acked
             for n, intent_id in fconn.execute("SELECT n, intent_id FROM log ORDER BY n"):
                 if bytes(intent_id) not in booked:
                     out.append(f"{fog_id}: log record n={n} never booked")

@@ -38,7 +38,7 @@ from protocol.topics import Kind
 from tests.sim.cloudnode import CloudNode
 from tests.sim.devices import RETRY_MS, SimDevice
 from tests.sim.faults import FaultMix
-from tests.sim.fognode import CLOUD, FogNode, FogSettings, Send
+from tests.sim.fognode import CLOUD, FogNode, FogSettings, Outputs
 from tests.sim.invariants import Checker
 from tests.sim.network import Network
 from tests.sim.scheduler import Scheduler
@@ -46,6 +46,8 @@ from tests.sim.world import Cast
 
 INITIAL_MICROS: Final = 100_000
 TRACE_LINES: Final = 40
+CHAOS_EVERY_MS: Final = 1_000  # per fog: may it crash or be cut off now
+TICK_MS_MAX: Final = 5_000  # the shell's longest sleep when the core asks for no Tick
 FOGS_DEFAULT: Final = 3
 STEPS_DEFAULT: Final = 300
 
@@ -56,7 +58,6 @@ class SimConfig:
     steps: int = STEPS_DEFAULT  # events in the chaos phase
     heal_steps_max: int = 3_000
     heal_ms_max: int = 1_200_000
-    tick_ms: int = 1_000
     heal_tick_ms: int = 5_000
     mix: FaultMix | None = None  # None: drawn from the seed (swarm testing)
     faults: bool = True  # False: no faults at all (the mix is drawn, then ignored)
@@ -121,7 +122,11 @@ class Simulation:
             sched=self.sched,
         )
         settings = FogSettings(
-            request_below_micros=INITIAL_MICROS // 5, request_micros=INITIAL_MICROS
+            records_max=rng.choice((1, 4, 16)),
+            age_ms=rng.choice((500, 2_000, 5_000)),
+            keep_acked_ms=rng.choice((0, 0, 1_000, 10_000)),
+            request_below_micros=INITIAL_MICROS // 5,
+            request_micros=INITIAL_MICROS,
         )
         issuer = public_key(self.cast.issuer)
         self.fogs = {
@@ -141,6 +146,8 @@ class Simulation:
         self.trace: deque[str] = deque(maxlen=TRACE_LINES)
         self.stats: dict[str, int] = {}
         self._wake_token: dict[bytes, int] = {}
+        self._tick_at: dict[str, int] = {}
+        self._tick_token: dict[str, int] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -187,8 +194,7 @@ class Simulation:
         now = self.sched.now_ms
         await self.cloud.start()
         await self.cloud.transact(lambda tx: self.cast.register(tx, now_ms=now - 1_000))
-        for node in self.fogs.values():
-            node.start(now_ms=now)
+        started = {f: node.start(now_ms=now, connected=True) for f, node in self.fogs.items()}
         self.checker = Checker(
             cloud_path=self.cloud.path,
             fog_paths={f: n.path for f, n in self.fogs.items()},
@@ -196,6 +202,8 @@ class Simulation:
         )
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
+        for f, out in started.items():
+            self._after_fog(f, out)
         self._schedule_start()
         await self._loop(self.config.steps)
         await self._heal()
@@ -203,7 +211,7 @@ class Simulation:
     def _schedule_start(self) -> None:
         rng = self.rng
         for f in self.fogs:
-            self.sched.after(rng.randint(0, self.config.tick_ms), f"tick {f}", self._ticker(f))
+            self.sched.after(rng.randint(0, CHAOS_EVERY_MS), f"chaos {f}", self._chaos(f))
         for dev in self.devices.values():
             self._wake(dev, rng.randint(0, 2_000))
         for _ in range(rng.choice((0, 0, 1, 2))):
@@ -269,38 +277,61 @@ class Simulation:
         return not live and not self.checker.stranded(now_ms=now, known=True)
 
     def _sealed_all(self, node: FogNode) -> bool:
-        assert node.store is not None
-        return not node.store.unacked_numbers(1) and node.idle()
+        assert self.checker is not None
+        return self.checker.unsealed(node.fog_id) == 0
 
     # ---- events: fogs -------------------------------------------------------------------------
 
-    def _ticker(self, fog_id: str) -> Callable[[], object]:
+    def _want_tick(self, fog_id: str, at_ms: int) -> None:
+        """The core asked for a Tick by ``at_ms`` (its ``Wake``); the shell keeps the earliest.
+        In the heal phase ticks are spaced out (a slow shell), which only delays things."""
+        now = self.sched.now_ms
+        at = max(at_ms, now if self.chaos else now + self.config.heal_tick_ms)
+        pending = self._tick_at.get(fog_id)
+        if pending is not None and now <= pending <= at:
+            return
+        self._tick_at[fog_id] = at
+        token = self._tick_token[fog_id] = self._tick_token.get(fog_id, 0) + 1
+
         def tick() -> object:
+            if self._tick_token[fog_id] != token:
+                return None  # superseded by an earlier wake-up
+            del self._tick_at[fog_id]
             node = self.fogs[fog_id]
-            interval = self.config.tick_ms if self.chaos else self.config.heal_tick_ms
-            self.sched.after(interval, f"tick {fog_id}", tick)
             if not node.up:
-                return None
-            if self.chaos and self._chaos_at_fog(fog_id):
-                return "crashed" if not node.up else "cut off"
+                return None  # the restart asks again
             out = node.tick(now_ms=self.sched.now_ms)
+            if out.wake_ms is None:  # the shell's longest sleep
+                out.wake_ms = self.sched.now_ms + TICK_MS_MAX
             self._after_fog(fog_id, out)
-            return f"sent {len(out)}" if out else None
+            return ", ".join(out.words) or None
 
-        return tick
+        self.sched.at(at, f"tick {fog_id}", tick)
 
-    def _chaos_at_fog(self, fog_id: str) -> bool:
-        rng, mix = self.rng, self.mix
-        if rng.random() < mix.fog_crash:
-            self._fog_crash(fog_id)
-            return True
-        if fog_id not in self.net.cut and rng.random() < mix.partition:
-            self.net.cut.add(fog_id)
-            self.count("partitions")
-            heal_in = rng.randint(100, max(100, mix.partition_ms_max))
-            self.sched.after(heal_in, f"heal {fog_id}", lambda: self._fog_heal(fog_id))
-            return True
-        return False
+    def _chaos(self, fog_id: str) -> Callable[[], object]:
+        def chaos() -> object:
+            if not self.chaos:
+                return None
+            self.sched.after(CHAOS_EVERY_MS, f"chaos {fog_id}", chaos)
+            rng, mix = self.rng, self.mix
+            if self.fogs[fog_id].up and rng.random() < mix.fog_crash:
+                self._fog_crash(fog_id)
+                return "crashed"
+            if fog_id not in self.net.cut and rng.random() < mix.partition:
+                return self._fog_cut(fog_id)
+            return None
+
+        return chaos
+
+    def _fog_cut(self, fog_id: str) -> str:
+        self.net.cut.add(fog_id)
+        self.count("partitions")
+        node = self.fogs[fog_id]
+        if self.mix.client_partition and node.up:
+            self._after_fog(fog_id, node.disconnected(now_ms=self.sched.now_ms))
+        heal_in = self.rng.randint(100, max(100, self.mix.partition_ms_max))
+        self.sched.after(heal_in, f"heal {fog_id}", lambda: self._fog_heal(fog_id))
+        return "cut off from the cloud"
 
     def _fog_crash(self, fog_id: str) -> None:
         self.fogs[fog_id].crash()
@@ -313,40 +344,51 @@ class Simulation:
         node = self.fogs[fog_id]
         if node.up:
             return None
-        node.start(now_ms=self.sched.now_ms)
+        cut = fog_id in self.net.cut
+        out = node.start(
+            now_ms=self.sched.now_ms, connected=not (cut and self.mix.client_partition)
+        )
         self.net.down.discard(fog_id)
         held = [h for d in self.devices.values() for h in d.held.values() if h.fog_id == fog_id]
         assert self.checker is not None
         self.fail(self.checker.receipts_durable(fog_id, held))
-        if fog_id not in self.net.cut:
+        if not cut:
             self.net.resubscribe(fog_id)
-        return f"restarted from its file ({len(held)} receipts held by devices found in it)"
+        self._after_fog(fog_id, out)
+        return f"restarted from its file ({len(held)} receipts held by devices: all in it)"
 
     def _fog_heal(self, fog_id: str) -> str | None:
         if fog_id not in self.net.cut:
             return None
         self.net.cut.discard(fog_id)
-        if self.fogs[fog_id].up:
-            self.net.resubscribe(fog_id)  # the bridge reconnects: retained messages again
+        node = self.fogs[fog_id]
+        if node.up:
+            if self.mix.client_partition:
+                self._after_fog(fog_id, node.connected(now_ms=self.sched.now_ms))
+            self.net.resubscribe(fog_id)  # (re)subscribed: the retained messages again
         return "link to the cloud back"
 
-    def _after_fog(self, fog_id: str, out: list[Send]) -> None:
+    def _after_fog(self, fog_id: str, out: Outputs) -> None:
         """Check the fog's file; maybe crash before its outputs leave; else send them."""
         node = self.fogs[fog_id]
+        if out.alarms:
+            raise Violation(f"{fog_id} core alarm: {'; '.join(out.alarms)}")
         assert self.checker is not None
         self.fail(self.checker.fog(fog_id, node.revoked_at))
         self.fail(self.checker.owners())
-        if self.chaos and out and self.rng.random() < self.mix.fog_crash / 2:
+        if self.chaos and out.sends and self.rng.random() < self.mix.fog_crash / 2:
             self._fog_crash(fog_id)  # committed, and then the power went: nothing published
-            self.note(f"{fog_id} crashed before publishing {len(out)} messages")
+            self.note(f"{fog_id} crashed before publishing {len(out.sends)} messages")
             return
-        for dst, topic, payload in out:
+        for dst, topic, payload in out.sends:
             if dst == CLOUD:
                 self.net.send(fog_id, CLOUD, topic, payload)
             else:
                 device = topics.parse(topic).key
                 assert device is not None
                 self.net.send(fog_id, self.devices[device].name, topic, payload, local=True)
+        if out.wake_ms is not None:
+            self._want_tick(fog_id, out.wake_ms)
 
     # ---- events: deliveries -------------------------------------------------------------------
 
@@ -366,13 +408,13 @@ class Simulation:
             return "bad topic"
         if parsed.kind is Kind.INTENT:
             assert parsed.key is not None
-            outcomes, out = node.intents([Arrival(parsed.key, payload)], now_ms=now)
+            out = node.intents([Arrival(parsed.key, payload)], now_ms=now)
             self._after_fog(fog_id, out)
-            o = outcomes[0]
+            o = out.outcomes[0]
             return f"{o.status} {o.reason or ''}".strip() + (" replay" if o.replay else "")
-        word = node.message(topic, payload, now_ms=now)
-        self._after_fog(fog_id, [])
-        return word
+        out = node.message(topic, payload, now_ms=now)
+        self._after_fog(fog_id, out)
+        return ", ".join(out.words) or "ignored"
 
     def _at_device(self, topic: str, payload: bytes) -> object:
         parsed = topics.parse(topic)
