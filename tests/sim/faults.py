@@ -5,8 +5,22 @@ often and crashes the cloud; every fault is switched off entirely in some seeds,
 that only shows when one fault is absent (or when two meet) is reached too.
 """
 
+import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Final
+
+# the faults a replay can switch off (``--without``): name -> FaultMix field
+FAULTS: Final = {
+    "drop": "drop",
+    "dup": "duplicate",
+    "delay": "delay_ms_max",
+    "partition": "partition",
+    "fog_crash": "fog_crash",
+    "cloud_crash": "cloud_crash",
+    "device_drop": "device_drop",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +59,14 @@ class FaultMix:
     @staticmethod
     def none() -> "FaultMix":
         return FaultMix(0.0, 0.0, 0, 0.0, 0, 0.0, 0.0, 0, 0.0)
+
+    def without(self, names: Sequence[str]) -> "FaultMix":
+        """This mix with the faults ``names`` (keys of ``FAULTS``) switched off."""
+        off: dict[str, Any] = {FAULTS[n]: 0 for n in names}
+        return dataclasses.replace(self, **off)
+
+    def has(self, name: str) -> bool:
+        return bool(getattr(self, FAULTS[name]))
 
     def describe(self) -> str:
         parts = [

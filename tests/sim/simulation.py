@@ -46,6 +46,8 @@ from tests.sim.world import Cast
 
 INITIAL_MICROS: Final = 100_000
 TRACE_LINES: Final = 40
+THINK_MS_MIN, THINK_MS_MAX = 50, 1_000  # a device's pause between two payments
+EVENTS_PER_STEP_MAX: Final = 20
 CHAOS_EVERY_MS: Final = 1_000  # per fog: may it crash or be cut off now
 TICK_MS_MAX: Final = 5_000  # the shell's longest sleep when the core asks for no Tick
 FOGS_DEFAULT: Final = 3
@@ -55,12 +57,13 @@ STEPS_DEFAULT: Final = 300
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     fogs: int = FOGS_DEFAULT
-    steps: int = STEPS_DEFAULT  # events in the chaos phase
+    steps: int = STEPS_DEFAULT  # events that did something, in the chaos phase
     heal_steps_max: int = 3_000
     heal_ms_max: int = 1_200_000
     heal_tick_ms: int = 5_000
     mix: FaultMix | None = None  # None: drawn from the seed (swarm testing)
     faults: bool = True  # False: no faults at all (the mix is drawn, then ignored)
+    without: tuple[str, ...] = ()  # faults of the drawn mix switched off (faults.FAULTS)
 
 
 @dataclass(slots=True)
@@ -104,12 +107,12 @@ class Simulation:
         self.seed, self.config, self._echo = seed, config, echo
         self.rng = random.Random(seed)
         rng = self.rng
-        drawn = FaultMix.draw(rng)
-        self.mix = config.mix or (drawn if config.faults else FaultMix.none())
+        FaultMix.draw(rng)  # drawn even when replaced: the rest of the seed stays the same
+        self.mix = self.mix_of(seed, config)
         self.policy = LeasePolicy(
             initial_micros=INITIAL_MICROS,
             request_micros_max=INITIAL_MICROS * 2,
-            lease_ms=rng.choice((5_000, 20_000, 60_000)),
+            lease_ms=rng.choice((3_000, 10_000, 30_000)),
         )
         self.cast = Cast.draw(rng, fogs=config.fogs, initial_micros=INITIAL_MICROS)
         self.sched = Scheduler()
@@ -148,6 +151,13 @@ class Simulation:
         self._wake_token: dict[bytes, int] = {}
         self._tick_at: dict[str, int] = {}
         self._tick_token: dict[str, int] = {}
+
+    @staticmethod
+    def mix_of(seed: int, config: SimConfig) -> FaultMix:
+        """The fault mix ``seed`` runs with under ``config`` (drawn first from its generator)."""
+        drawn = FaultMix.draw(random.Random(seed))
+        mix = config.mix or (drawn if config.faults else FaultMix.none())
+        return mix.without(config.without)
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -219,7 +229,14 @@ class Simulation:
             self.sched.after(rng.randint(1_000, 10_000), f"revoke {dev.name}", self._revoker(dev))
 
     async def _loop(self, steps: int, *, until: Callable[[], bool] | None = None) -> None:
-        for _ in range(steps):
+        """Run events until ``steps`` of them did something (a tick with nothing to do, a
+        stale wake-up do not count; every event is numbered in the trace), the queue is
+        empty, or ``until()`` (asked every 25 events) is true. Bounded: at most
+        ``EVENTS_PER_STEP_MAX`` events per step."""
+        done = 0
+        for _ in range(steps * EVENTS_PER_STEP_MAX):
+            if done >= steps:
+                return
             event = self.sched.pop()
             if event is None:
                 return
@@ -235,6 +252,7 @@ class Simulation:
                 self.note(f"{event.what}: raised {type(exc).__name__}")
                 raise Violation(f"{event.what} raised {type(exc).__name__}: {exc}") from exc
             if outcome is not None:
+                done += 1
                 self.note(f"{event.what}: {outcome}")
             if until is not None and self.step % 25 == 0 and until():
                 return
@@ -429,7 +447,7 @@ class Simulation:
             assert self.checker is not None
             self.fail(self.checker.receipts_durable(parsed.fog_id, held))
         if had is not None and dev.inflight is None:
-            self._wake(dev, self.rng.randint(100, 3_000))
+            self._wake(dev, self.rng.randint(THINK_MS_MIN, THINK_MS_MAX))
         return f"{dev.name} {word}"
 
     async def _at_cloud(self, topic: str, payload: bytes) -> object:
@@ -481,7 +499,7 @@ class Simulation:
             if sent is None:
                 self.count("payments_given_up")
                 if self.chaos:
-                    self._wake(dev, self.rng.randint(100, 3_000))
+                    self._wake(dev, self.rng.randint(THINK_MS_MIN, THINK_MS_MAX))
                 return "gave up"
             self.net.send(dev.name, dev.inflight.fog_id, *sent, local=True)
             self._wake(dev, RETRY_MS)

@@ -86,7 +86,9 @@ def test_the_command_line_reports_and_replays(tmp_path: Path) -> None:
     ok = sim("--seeds", "2", "--start", "3")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert re.match(r"2 seeds, 0 violations, \d+ payments", ok.stdout.splitlines()[-1])
-    bad = sim("--seeds", "2", "--start", "1", "--plant", "revocation")
+    bad = sim("--seeds", "3", "--start", "0", "--plant", "revocation", "--no-shrink")
     assert bad.returncode == 1
-    assert "python -m tests.sim --seeds 1 --start 1 --plant revocation -v" in bad.stdout
-    assert re.match(r"2 seeds, [12] violations, ", bad.stdout.splitlines()[-1])
+    assert re.search(
+        r"replay: python -m tests.sim --seeds 1 --start \d --plant revocation -v", bad.stdout
+    )
+    assert re.match(r"3 seeds, [123] violations, ", bad.stdout.splitlines()[-1])
