@@ -10,12 +10,10 @@ smaller replay's command and last events follow. ``-v`` prints every event as it
 
 import argparse
 import dataclasses
-import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Final
-
-import structlog
 
 from tests.sim.faults import FAULTS
 from tests.sim.planted import BUGS, planted
@@ -25,15 +23,12 @@ from tests.sim.simulation import (
     Result,
     SimConfig,
     Simulation,
+    quiet_logs,
     run,
+    run_many,
 )
 
 SHRINK_RUNS_MAX: Final = 16  # binary search over the steps
-
-
-def quiet_logs() -> None:
-    """The system under test logs through structlog: keep the simulator's output readable."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 
 
 def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
@@ -93,6 +88,20 @@ def summary(results: list[Result]) -> str:
     )
 
 
+def _results(
+    seeds: range, config: SimConfig, args: argparse.Namespace, jobs: int
+) -> Iterator[Result]:
+    if jobs > 1:
+        yield from run_many(seeds, config, jobs=jobs)
+        return
+    for seed in seeds:
+        echo = print if args.verbose else None
+        if echo is not None:
+            print(f"== seed {seed}")
+        with planted(args.plant):
+            yield run(seed, config, echo=echo)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__)
     p.add_argument("--seeds", type=int, default=100)
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plant", choices=sorted(BUGS), help="run with a known bug planted")
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
+    p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.fogs < 1 or args.steps < 1:
@@ -115,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     config = SimConfig(fogs=args.fogs, steps=args.steps, without=without)
     results = []
     started = time.perf_counter()
-    for seed in range(args.start, args.start + args.seeds):
-        echo = print if args.verbose else None
-        if echo is not None:
-            print(f"== seed {seed}")
-        with planted(args.plant):
-            result = run(seed, config, echo=echo)
+    seeds = range(args.start, args.start + args.seeds)
+    if args.verbose or args.plant:  # one process: echo in order; a plant lives in this one
+        jobs = 1
+    else:
+        jobs = max(1, args.jobs)
+    for seed, result in zip(seeds, _results(seeds, config, args, jobs), strict=True):
         results.append(result)
         if result.ok:
             continue
