@@ -42,6 +42,7 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
 def report(result: Result, *, config: SimConfig, plant: str | None, out: list[str]) -> None:
     out.append(f"seed {result.seed}: VIOLATION at step {result.step}: {result.violations[0]}")
     out.append(f"  faults: {result.mix}")
+    out.append(f"  set-up: {result.setup}")
     out.append(f"  replay: {replay_command(result.seed, config, plant)}")
     out.append(f"  last {len(result.trace)} events:")
     out.extend(f"    {line}" for line in result.trace)

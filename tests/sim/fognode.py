@@ -87,8 +87,13 @@ class FogNode:
         issuer_key: bytes,
         path: Path,
         settings: FogSettings,
+        skew_ms: int = 0,
     ) -> None:
+        """``skew_ms``: this fog's clock minus the simulation's (every ``now_ms`` given to a
+        method is the simulation's; the core sees its own clock, and ``Outputs.wake_ms`` is
+        given back in the simulation's time)."""
         self.fog_id, self.path, self.settings = fog_id, path, settings
+        self.skew_ms = skew_ms
         self._key = key
         self._config = settings.core_config(fog_id, issuer_key)
         self.core: FogCore | None = None
@@ -114,29 +119,30 @@ class FogNode:
         self.core = None
 
     def connected(self, *, now_ms: int) -> Outputs:
-        return self._handle(core.Connected(now_ms=now_ms))
+        return self._handle(core.Connected(now_ms=now_ms + self.skew_ms))
 
     def disconnected(self, *, now_ms: int) -> Outputs:
-        return self._handle(core.Disconnected(now_ms=now_ms))
+        return self._handle(core.Disconnected(now_ms=now_ms + self.skew_ms))
 
     # ---- inputs -----------------------------------------------------------------------------
 
     def intents(self, arrivals: list[Arrival], *, now_ms: int) -> Outputs:
-        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms))
+        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
 
     def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
-        out = self._handle(core.TrustMessage(topic=topic, payload=payload, now_ms=now_ms))
+        fog_ms = now_ms + self.skew_ms
+        out = self._handle(core.TrustMessage(topic=topic, payload=payload, now_ms=fog_ms))
         if "revoke accepted" in out.words:
             try:
                 key = topics.parse(topic).key
             except TopicError:
                 key = None
             if key is not None:
-                self.revoked_at.setdefault(key, now_ms)
+                self.revoked_at.setdefault(key, fog_ms)  # fog time, as the log's at_ms
         return out
 
     def tick(self, *, now_ms: int) -> Outputs:
-        return self._handle(core.Tick(now_ms=now_ms))
+        return self._handle(core.Tick(now_ms=now_ms + self.skew_ms))
 
     def _handle(self, event: FogInput) -> Outputs:
         assert self.core is not None
@@ -150,7 +156,8 @@ class FogNode:
                     out.sends.append((CLOUD, o.topic, o.payload))
                     out.words.append(_describe(o))
                 case core.Wake():
-                    out.wake_ms = o.mono_ms if out.wake_ms is None else min(out.wake_ms, o.mono_ms)
+                    at = o.mono_ms - self.skew_ms
+                    out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
                 case core.TrustLoaded():
                     out.words.append(f"{o.msg_type or 'message'} {o.status}")
                 case core.LeaseClosed():

@@ -53,6 +53,7 @@ INITIAL_MICROS: Final = 100_000
 TRACE_LINES: Final = 40
 THINK_MS_MIN, THINK_MS_MAX = 50, 1_000  # a device's pause between two payments
 EVENTS_PER_STEP_MAX: Final = 20
+REGISTERED_BEFORE_MS: Final = 5_000  # credentials valid from before the start (and skew)
 CHAOS_EVERY_MS: Final = 1_000  # per fog: may it crash or be cut off now
 TICK_MS_MAX: Final = 5_000  # the shell's longest sleep when the core asks for no Tick
 FOGS_DEFAULT: Final = 3
@@ -75,6 +76,7 @@ class SimConfig:
 class Result:
     seed: int
     mix: str
+    setup: str = ""
     violations: list[str] = field(default_factory=list)
     step: int = 0
     trace: list[str] = field(default_factory=list)
@@ -137,6 +139,7 @@ class Simulation:
             request_micros=INITIAL_MICROS,
         )
         issuer = public_key(self.cast.issuer)
+        skew = rng.choice((0, 0, 200, 2_000))  # fog clocks off the cloud's by up to this
         self.fogs = {
             f: FogNode(
                 fog_id=f,
@@ -144,6 +147,7 @@ class Simulation:
                 issuer_key=issuer,
                 path=directory / f"{f}.sqlite",
                 settings=settings,
+                skew_ms=rng.randint(-skew, skew),
             )
             for f in fog_ids
         }
@@ -156,6 +160,17 @@ class Simulation:
         self._wake_token: dict[bytes, int] = {}
         self._tick_at: dict[str, int] = {}
         self._tick_token: dict[str, int] = {}
+
+    def describe(self) -> str:
+        """The seed's drawn set-up, for a failure report."""
+        s = next(iter(self.fogs.values())).settings
+        skews = ",".join(str(n.skew_ms) for n in self.fogs.values())
+        owners = ",".join(f"{o.owner_id}:{o.limit_micros}" for o in self.cast.owners)
+        return (
+            f"lease_ms={self.policy.lease_ms} records_max={s.records_max} age_ms={s.age_ms} "
+            f"keep_acked_ms={s.keep_acked_ms} fog_skews_ms={skews} devices={len(self.devices)} "
+            f"limits={owners}"
+        )
 
     @staticmethod
     def mix_of(seed: int, config: SimConfig) -> FaultMix:
@@ -183,7 +198,7 @@ class Simulation:
     # ---- the run ----------------------------------------------------------------------------
 
     async def run(self) -> Result:
-        result = Result(self.seed, self.mix.describe())
+        result = Result(self.seed, self.mix.describe(), self.describe())
         try:
             with seeded_urandom(random.Random(self.rng.getrandbits(64))):
                 await self._run()
@@ -208,7 +223,9 @@ class Simulation:
         self.sched_start = self.sched.now_ms
         now = self.sched.now_ms
         await self.cloud.start()
-        await self.cloud.transact(lambda tx: self.cast.register(tx, now_ms=now - 1_000))
+        await self.cloud.transact(
+            lambda tx: self.cast.register(tx, now_ms=now - REGISTERED_BEFORE_MS)
+        )
         started = {f: node.start(now_ms=now, connected=True) for f, node in self.fogs.items()}
         self.checker = Checker(
             cloud_path=self.cloud.path,

@@ -36,7 +36,9 @@ def quiet_logs() -> Iterator[None]:
 
 
 def describe(r: Result) -> str:
-    return "\n".join([f"seed {r.seed}: {r.violations[0]}", f"faults: {r.mix}", *r.trace])
+    return "\n".join(
+        [f"seed {r.seed}: {r.violations[0]}", f"faults: {r.mix}", f"set-up: {r.setup}", *r.trace]
+    )
 
 
 def test_a_few_hundred_seeds_keep_every_invariant() -> None:
