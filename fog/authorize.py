@@ -1,10 +1,33 @@
-"""The fog's decision on one payment intent: pure (no I/O, no clock, no randomness).
+"""The fog's decision on one payment intent: the reason precedence of spec section 6, here.
 
-The store opens and verifies the envelope (``malformed``, ``bad_signature``), checks the topic
-(``topic_mismatch``) and answers retransmissions of authorized intents; then it gathers what
-the fog knows about the device (``DeviceView``), the owner's live leases (``LeaseView``) and
-the device's rate bucket, and calls ``authorize``. The checks run in the precedence order of
-spec section 6, so the first reason that applies is the one given.
+Pure: no I/O, no clock, no randomness. Hold this module against the spec's reason table: each
+row is one numbered check below, in the table's order, and the first that applies is the
+answer (``ORDER`` is the table; a test per row holds it).
+
+| #  | code                  | where                                                        |
+| -- | --------------------- | ------------------------------------------------------------ |
+| 1  | `malformed`           | ``screen``: ``open_envelope`` (size, envelope, type, body)   |
+| 2  | `bad_signature`       | ``screen``: ``open_envelope`` (signature; signer is ``d``)   |
+| 3  | `topic_mismatch`      | ``screen``                                                   |
+| -- | retransmission        | ``FogStore._one``: an authorized intent sent again gets its  |
+|    |                       | stored receipt "right after the first three checks"          |
+| 4  | `wrong_fog`           | ``authorize``                                                |
+| 5  | `unknown_device`      | ``authorize``                                                |
+| 6  | `revoked`             | ``authorize``                                                |
+| 7  | `expired`             | ``authorize``                                                |
+| 8  | `seq_conflict`        | ``authorize``                                                |
+| 9  | `stale`               | ``authorize`` (sequence, then the clock window)              |
+| 10 | `rate_limited`        | ``authorize`` (the bucket is charged from here on)           |
+| 11 | `currency`            | ``authorize``                                                |
+| 12 | `payee_not_allowed`   | ``authorize``                                                |
+| 13 | `limit_tx`            | ``authorize``                                                |
+| 14 | `limit_day`           | ``authorize``                                                |
+| 15 | `insufficient_budget` | ``authorize`` (``pick_lease``)                                |
+
+Within rows 1 and 2 the order of section 6 of docs/protocol.md holds (``protocol/signing.py``
+verifies first and still decodes the body, so a payload both malformed and badly signed is
+``malformed``). The store gathers what rows 4 to 15 need (``DeviceView``, the owner's
+``LeaseView``s, the device's rate bucket) inside the group's transaction.
 
 Rules the spec leaves open (docs/protocol.md, section 13):
 
@@ -26,10 +49,29 @@ from dataclasses import dataclass
 from typing import Final
 
 from fog.ratelimit import Bucket
+from protocol.errors import Declined
 from protocol.messages import Binding, Intent, OwnerCredential
 from protocol.reasons import Reason
+from protocol.signing import Signed, open_envelope
 
 DAY_MS: Final = 86_400_000
+ORDER: Final = (  # spec section 6: when several apply, the first is given
+    Reason.MALFORMED,
+    Reason.BAD_SIGNATURE,
+    Reason.TOPIC_MISMATCH,
+    Reason.WRONG_FOG,
+    Reason.UNKNOWN_DEVICE,
+    Reason.REVOKED,
+    Reason.EXPIRED,
+    Reason.SEQ_CONFLICT,
+    Reason.STALE,
+    Reason.RATE_LIMITED,
+    Reason.CURRENCY,
+    Reason.PAYEE_NOT_ALLOWED,
+    Reason.LIMIT_TX,
+    Reason.LIMIT_DAY,
+    Reason.INSUFFICIENT_BUDGET,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,45 +163,18 @@ def pick_lease(leases: Sequence[LeaseView], intent: Intent, *, now_ms: int) -> L
     return min(fits, key=lambda lease: (lease.not_after_ms, lease.lease_id))
 
 
-def _identity(intent: Intent, view: DeviceView, *, fog_id: str, now_ms: int) -> Reason | None:
-    """wrong_fog, unknown_device, revoked, expired: the checks of who is paying."""
-    if intent.fog_id != fog_id:
-        return Reason.WRONG_FOG
-    binding, owner = view.binding, view.owner
-    if binding is None or owner is None:
-        return Reason.UNKNOWN_DEVICE
-    assert binding.device == intent.device and binding.owner_id == owner.owner_id
-    if view.device_revoked or view.owner_revoked:
-        return Reason.REVOKED
-    if not within(binding.not_before_ms, binding.not_after_ms, now_ms):
-        return Reason.EXPIRED
-    if not within(owner.not_before_ms, owner.not_after_ms, now_ms):
-        return Reason.EXPIRED
-    return None
-
-
-def _order(intent: Intent, view: DeviceView, policy: Policy, *, now_ms: int) -> Reason | None:
-    """seq_conflict and stale: is this intent new and on time."""
-    if view.seq_taken:
-        return Reason.SEQ_CONFLICT
-    if intent.seq <= view.seq_last:
-        return Reason.STALE
-    if abs(intent.time_ms - now_ms) > policy.clock_skew_ms:
-        return Reason.STALE
-    return None
-
-
-def _limits(intent: Intent, binding: Binding, day_total: int) -> Reason | None:
-    """currency, payee_not_allowed, limit_tx, limit_day: what the binding allows."""
-    if intent.currency != binding.currency:
-        return Reason.CURRENCY
-    if binding.payees is not None and intent.payee_id not in binding.payees:
-        return Reason.PAYEE_NOT_ALLOWED
-    if intent.amount_micros > binding.tx_max_micros:
-        return Reason.LIMIT_TX
-    if day_total + intent.amount_micros > binding.day_max_micros:
-        return Reason.LIMIT_DAY
-    return None
+def screen(
+    payload: bytes, topic_device: bytes
+) -> tuple[Signed[Intent], None] | tuple[Signed[Intent] | None, Declined]:
+    """Rows 1 to 3: ``(intent, None)`` when it passed; else the decline with its detail, and
+    the verified intent for ``topic_mismatch`` (the receipt names its d and q)."""
+    try:
+        signed = open_envelope(payload, Intent)  # rows 1 and 2
+    except Declined as exc:
+        return None, exc
+    if signed.msg.device != topic_device:  # row 3
+        return signed, Declined(Reason.TOPIC_MISMATCH, "d is not the topic's device")
+    return signed, None
 
 
 def authorize(
@@ -172,29 +187,49 @@ def authorize(
     policy: Policy,
     now_ms: int,
 ) -> Decision:
-    """Decide on an intent whose envelope verified and whose topic matched (spec section 6,
-    from ``wrong_fog`` on). ``leases`` are the owner's leases at this fog (any currency, any
-    expiry: this function filters them); ``bucket`` is the device's rate bucket (None: full).
-    """
+    """Rows 4 to 15, for an intent that passed ``screen`` and is not a retransmission of an
+    authorized one. ``leases`` are the owner's leases at this fog (any currency, any expiry:
+    row 15 filters them); ``bucket`` is the device's rate bucket (None: full)."""
     before = bucket if bucket is not None else Bucket.full(policy.rate_burst, now_ms)
-    reason = _identity(intent, view, fog_id=fog_id, now_ms=now_ms)
-    if reason is None:
-        reason = _order(intent, view, policy, now_ms=now_ms)
+    binding, owner = view.binding, view.owner
+    reason: Reason | None = None
+    if intent.fog_id != fog_id:
+        reason = Reason.WRONG_FOG  # 4
+    elif binding is None or owner is None:
+        reason = Reason.UNKNOWN_DEVICE  # 5
+    elif view.device_revoked or view.owner_revoked:
+        reason = Reason.REVOKED  # 6
+    elif not within(binding.not_before_ms, binding.not_after_ms, now_ms) or not within(
+        owner.not_before_ms, owner.not_after_ms, now_ms
+    ):
+        reason = Reason.EXPIRED  # 7
+    elif view.seq_taken:
+        reason = Reason.SEQ_CONFLICT  # 8
+    elif intent.seq <= view.seq_last or abs(intent.time_ms - now_ms) > policy.clock_skew_ms:
+        reason = Reason.STALE  # 9
     if reason is not None:
         return Decision(reason=reason, bucket=before)
+    assert binding is not None and owner is not None
+    assert binding.device == intent.device and binding.owner_id == owner.owner_id
     after = before.refilled(rate_per_s=policy.rate_per_s, burst=policy.rate_burst, now_ms=now_ms)
     if after.tokens < 1.0:
-        return Decision(reason=Reason.RATE_LIMITED, bucket=after)
+        return Decision(reason=Reason.RATE_LIMITED, bucket=after)  # 10
     after = Bucket(after.tokens - 1.0, after.at_ms)
-    assert view.binding is not None
     day = utc_day(now_ms)
     day_total = view.day_micros if view.day == day else 0
-    reason = _limits(intent, view.binding, day_total)
+    if intent.currency != binding.currency:
+        reason = Reason.CURRENCY  # 11
+    elif binding.payees is not None and intent.payee_id not in binding.payees:
+        reason = Reason.PAYEE_NOT_ALLOWED  # 12
+    elif intent.amount_micros > binding.tx_max_micros:
+        reason = Reason.LIMIT_TX  # 13
+    elif day_total + intent.amount_micros > binding.day_max_micros:
+        reason = Reason.LIMIT_DAY  # 14
     if reason is not None:
         return Decision(reason=reason, bucket=after)
     lease = pick_lease(leases, intent, now_ms=now_ms)
     if lease is None:
-        return Decision(reason=Reason.INSUFFICIENT_BUDGET, bucket=after)
+        return Decision(reason=Reason.INSUFFICIENT_BUDGET, bucket=after)  # 15
     return Decision(
         reason=None,
         bucket=after,

@@ -13,7 +13,7 @@ transaction: a crash seals a batch wholly or not at all, and the next ``seal_due
 
 Acks only move forward: ``ack b`` with the header id of our batch ``b`` marks it and every
 earlier batch acked. Records stay in the database after the ack (retransmitted intents are
-still answered from the log); pruning acked records is left for later.
+still answered from the log) until ``FogStore.prune`` removes them (old enough, lease closed).
 """
 
 import sqlite3

@@ -211,6 +211,7 @@ class TrustLoaded:
     reason: Reason | None = None
     detail: str = ""
     batch: int | None = None
+    answered_request: bool = False  # a lease that answers a pending lease request of ours
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -425,14 +426,15 @@ class FogCore:
             result = self._store.put_trust(arrival.msg_type, payload, now_ms=now)
         except Exception as exc:  # the seam: bad material is the store's to refuse
             return [Alarm(event="trust_failed", error=type(exc).__name__)]
+        pair = result.lease_pair
+        answered = pair is not None and self._requests.answered(pair)
         loaded = TrustLoaded(
             msg_type=arrival.msg_type,
             status=result.status,
             reason=result.reason,
             detail=result.detail,
+            answered_request=answered,
         )
-        if result.lease_pair is not None and self._requests.answered(result.lease_pair):
-            self._counts["lease_request_answered"] += 1
         return [loaded]
 
     def _ack(self, payload: bytes, mono: int) -> list[FogOutput]:
@@ -510,10 +512,8 @@ class FogCore:
             at = min(at, self._prune_at)
         if self._uplink and self._online:
             at = min(at, self._uplink_at, self._lease_at)
-            if self._declines:
+            if self._declines or self._touched:  # a round is wanted: at the gap's end
                 at = min(at, self._gap_until)
-            elif self._touched:
-                at = min(at, max(self._gap_until, self._seal_at))
         return at
 
     def _wake(self, at: int) -> list[FogOutput]:

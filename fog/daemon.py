@@ -1,29 +1,32 @@
-"""The fog daemon: a thin asyncio shell around ``FogStore`` (all decisions live there).
+"""The fog daemon: a thin asyncio shell around ``FogCore`` (fog/core.py: every decision).
 
 Flow. MQTT messages arrive on one aiomqtt client. Intents go into a bounded queue
 (``INTENT_QUEUE_MAX``; when full, an intent is dropped and counted: the device retransmits).
-The processor takes whatever is queued (up to ``GROUP_MAX``), makes one executor hop that runs
-``store.process(group)`` as one durable SQLite transaction, and only then publishes the
-receipts (QoS 1): a receipt never leaves before its transaction committed. There is no
-artificial waiting: under low load a group is one intent (latency), under load groups grow
-by themselves (throughput). Trust material (owner, fog, bind, revoke, lease, ack) goes through
-its own bounded queue to ``store.put_trust`` / ``store.apply_ack``.
+The processor takes whatever is queued (up to ``GROUP_MAX``) and hands it to the core as one
+``Intents`` input, which the core decides in one durable SQLite transaction; only then are the
+receipts published (QoS 1): a receipt never leaves before its transaction committed. There is
+no artificial waiting: under low load a group is one intent (latency), under load groups grow
+by themselves (throughput). Every other message on our subscriptions (trust material, leases,
+a cleared lease topic, acks) goes through its own bounded queue to the core as a
+``TrustMessage``. The ticker gives the core a ``Tick`` when it asked for one (``Wake``) and at
+least every ``TICK_S_MAX``: the core seals, prunes, plans the uplink and runs lease rounds,
+and answers with what to publish (batches, lease requests and reports), which the ticker
+publishes. The core's outputs are logged and counted here; the core itself logs nothing.
 
-Threads. Every store call runs in ONE worker thread (``ThreadPoolExecutor(max_workers=1)``):
-SQLite never blocks the event loop and never sees two threads on its connection.
+Where the core runs. ``store_process = true`` (the default): in a child process
+(``fog/storeproc.py``), reached through one codec of the core's inputs and outputs
+(``fog/corewire.py``), straight from the event loop with no thread hop. ``false``: in this
+process, on ONE worker thread (``ThreadPoolExecutor(max_workers=1)``): SQLite never blocks the
+event loop and never sees two threads on its connection. Either way inputs reach the core one
+at a time, in the order they were given.
 
-Uplink (``[uplink] enabled``, the default). Sealed batches go up to the cloud through the same
-client (``fog.uplink``: ``Window`` says which, at most ``uplink.window`` unacked in flight, all
-again after a reconnect or ``uplink.ack_timeout_ms`` without an ack moving). Leases
-(``fog.leases``): after each group the owners it touched and its ``insufficient_budget``
-declines are noted; the lease task asks the cloud for budget (``fog/leasing.py``), reports
-expired leases once their draws are sealed, and closes them when the cloud clears their
-retained topic. All of it through the one store thread, none of it in the intent path.
+Time. Each input carries the wall clock (``clock``, for what is stored and signed) and
+``time.monotonic`` (for the core's resend timers).
 
 Stop. ``stop()`` (SIGTERM) stops taking intents, lets the group in flight commit and publish
-its receipts, then closes the client, the store and the embedded broker. Cancelling ``run()``
-is abrupt but safe: a transaction in the worker thread still commits or rolls back whole, and
-a device that lost its receipt retransmits and gets the stored one.
+its receipts, then closes the client, the core (``Close``) and the embedded broker. Cancelling
+``run()`` is abrupt but safe: an input in the child or the worker thread still commits or
+rolls back whole, and a device that lost its receipt retransmits and gets the stored one.
 """
 
 import asyncio
@@ -33,7 +36,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final
 
 import aiomqtt
 import nacl.signing
@@ -42,12 +45,36 @@ import structlog
 from fog.authorize import Policy
 from fog.broker import TCP_NODELAY_OPTION, BrokerLostError, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
+from fog.core import (
+    Alarm,
+    BatchSend,
+    Close,
+    Connected,
+    CoreConfig,
+    Counters,
+    Disconnected,
+    FogCore,
+    FogInput,
+    FogOutput,
+    Intents,
+    LeaseClosed,
+    LeaseReport,
+    LeaseRequest,
+    Pruned,
+    Publish,
+    Receipt,
+    Republish,
+    Sealed,
+    Stats,
+    Tick,
+    TrustLoaded,
+    TrustMessage,
+    Wake,
+)
 from fog.latency import Histogram
-from fog.leasing import LeaseKeeper
-from fog.store import PRUNE_ROWS_MAX, AckOutcome, Arrival, FogStore, Outcome, TrustOutcome
-from fog.storeproc import RemoteMethod, StoreProcess, StoreProcessError
-from fog.trust import TRUST_PAYLOAD_BYTES_MAX, TrustArrival, classify, republish_topic
-from fog.uplink import Link, Uplink
+from fog.store import Arrival, Outcome
+from fog.storeproc import CoreProcess, StoreProcessError
+from fog.trust import TRUST_PAYLOAD_BYTES_MAX
 from protocol import topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
@@ -56,7 +83,6 @@ from runtime.logs import short
 from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
 
 log = structlog.get_logger()
-T = TypeVar("T")
 
 INTENT_QUEUE_MAX: Final = 10_000
 TRUST_QUEUE_MAX: Final = 10_000
@@ -67,12 +93,10 @@ CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
 STOP_DRAIN_TIMEOUT_S: Final = 10.0
 RECONNECT_ATTEMPTS_MAX: Final = 1000  # consecutive; then exit and let systemd restart us
-SEAL_INTERVAL_S_MIN: Final = 0.01
-SEAL_INTERVAL_S_MAX: Final = 1.0
-PRUNE_IDLE_S: Final = 10.0  # between pruning steps that found less than a full step to do
+TICK_S_MAX: Final = 1.0  # the core is given a Tick at least this often, whatever it asked
+TICK_RETRY_S: Final = 1.0  # after a Tick that failed
 INFLIGHT_MESSAGES_MAX: Final = 1000
 KEEPALIVE_S: Final = 30
-LEASE_CLEARED: Final = "lease_cleared"  # trust-queue type: an empty retained lease payload
 
 
 class FogStartError(FogpayError):
@@ -83,8 +107,13 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def mono_ms() -> int:
+    """For the core's resend timers: elapsed time, whatever the wall clock does."""
+    return time.monotonic_ns() // 1_000_000
+
+
 class FogDaemon:
-    """One fog: embedded broker (or a connection to Mosquitto), store, processor, sealer.
+    """One fog: embedded broker (or a connection to Mosquitto), core, processor, ticker.
 
     ``run()`` until ``stop()`` or cancellation; ``ready`` is set once the broker is up and the
     subscriptions are active. ``broker_port`` is the port actually bound (config port 0 picks
@@ -103,8 +132,8 @@ class FogDaemon:
         self._clock = clock
         self._fog_key = fog_key
         self._started = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-store")
-        self._store: FogStore | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
+        self._core: FogCore | CoreProcess | None = None
         self._broker: EmbeddedBroker | BrokerProcess | None = None
         if config.broker.embedded:
             kind = BrokerProcess if config.broker.process else EmbeddedBroker
@@ -112,31 +141,22 @@ class FogDaemon:
         self._client: aiomqtt.Client | None = None
         # None is stop()'s wake-up for a processor waiting on an empty queue
         self._intents: asyncio.Queue[Arrival | None] = asyncio.Queue(INTENT_QUEUE_MAX)
-        self._trust: asyncio.Queue[TrustArrival] = asyncio.Queue(TRUST_QUEUE_MAX)
+        self._trust: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(TRUST_QUEUE_MAX)
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._counters: dict[str, int] = {}
-        self._store_counters: dict[str, int] = {}
+        self._core_counters: dict[str, int] = {}
         self._republished = False
         self._publishing: set[asyncio.Task[None]] = set()
-        # fog_stats: per intent, read -> receipt handed to the client; per group, the store call
+        self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
+        self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
+        # fog_stats: per intent, read -> receipt handed to the client; per group, the core call
         self._answer_time = Histogram()
         self._store_time = Histogram()
         self._log = log.bind(fog_id=config.fog_id)
         self._debug = config.log_level == "debug"
-        self._prune_at = 0.0  # monotonic time of the next pruning step
-        # a child process died (store or embedded broker): run() raises it
+        # a child process died (core or embedded broker): run() raises it
         self._fatal: StoreProcessError | BrokerLostError | None = None
-        self._link = Link(
-            fog_id=config.fog_id,
-            call=self._call,
-            client=lambda: self._client,
-            count=self._count,
-            log=self._log,
-            stopping=self._stopping,
-        )
-        self._uplink = Uplink(self._link, config.uplink) if config.uplink.enabled else None
-        self._leases: LeaseKeeper | None = None  # needs the key: made when the store opens
 
     # ---- public API -------------------------------------------------------------------
 
@@ -149,9 +169,8 @@ class FogDaemon:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Daemon counters merged with the store's as of the last stats tick or stop."""
-        leases = self._leases.abandoned if self._leases is not None else {}
-        return {**self._store_counters, **leases, **self._counters}
+        """Daemon counters merged with the core's as of the last stats tick or stop."""
+        return {**self._core_counters, **self._counters}
 
     async def stop(self) -> None:
         """Graceful stop: no new intents; the group in flight commits and is answered."""
@@ -164,21 +183,18 @@ class FogDaemon:
         self._started = True
         self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
         try:
-            self._store = await self._call(self._open_store)
-            await self._call(self._store.uplink_init)
+            loop = asyncio.get_running_loop()
+            self._core = await loop.run_in_executor(self._executor, self._open_core)
             if self._broker is not None:
                 await self._start_broker(self._broker)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._mqtt_loop(ready), name="fog.mqtt")
                 tg.create_task(self._processor(), name="fog.processor")
                 tg.create_task(self._trust_worker(), name="fog.trust")
-                tg.create_task(self._sealer(), name="fog.sealer")
+                tg.create_task(self._ticker(), name="fog.ticker")
                 tg.create_task(self._stats(), name="fog.stats")
                 if isinstance(self._broker, BrokerProcess):
                     tg.create_task(self._watch_broker(self._broker), name="fog.broker")
-                if self._uplink is not None and self._leases is not None:
-                    tg.create_task(self._uplink.run(self._store), name="fog.uplink")
-                    tg.create_task(self._leases.run(self._store), name="fog.leases")
         finally:
             await self._shutdown()
         if self._fatal is not None:
@@ -194,55 +210,83 @@ class FogDaemon:
                 f"broker.port: cannot listen on {b.host}:{b.port}: {cause}"
             ) from exc
 
-    # ---- store calls, one thread ----------------------------------------------------------
+    # ---- the core: one input at a time --------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a store method: on the store thread, or (``store_process``) as a message to the
-        store process straight from the loop, with no thread hop."""
-        if isinstance(fn, RemoteMethod):
+    def _open_core(self) -> FogCore | CoreProcess:
+        """On the worker thread (opening waits for SQLite, or for the child to start)."""
+        c = self.config
+        config = CoreConfig(
+            fog_id=c.fog_id,
+            issuer_key=c.issuer_key,
+            policy=Policy(
+                clock_skew_ms=c.policy.clock_skew_ms,
+                rate_per_s=c.policy.rate_per_s,
+                rate_burst=c.policy.rate_burst,
+            ),
+            batch=c.batch,
+            uplink=c.uplink,
+            lease=c.lease,
+        )
+        key = self._fog_key or load_key_file(c.key_file)
+        core: FogCore | CoreProcess
+        if c.store_process:
+            core = CoreProcess.start(c.db, config=config, fog_key=key)
+            pid = core.pid
+        else:
+            core, pid = FogCore.open(c.db, config=config, fog_key=key), os.getpid()
+        self._log.info("store_opened", process=c.store_process, pid=pid)
+        return core
+
+    def _times(self) -> dict[str, int]:
+        return {"now_ms": self._clock(), "mono_ms": mono_ms()}
+
+    async def _handle(self, event: FogInput) -> list[FogOutput]:
+        """The core's answer to ``event``: from the child process (no thread hop), or from
+        the worker thread. Raises what the core raised; a lost child stops the fog."""
+        core = self._core
+        assert core is not None, "the core is closed"
+        return await self._handle_on(core, event)
+
+    async def _handle_on(self, core: FogCore | CoreProcess, event: FogInput) -> list[FogOutput]:
+        if isinstance(core, CoreProcess):
             try:
-                result: T = await fn.proxy.acall(fn.name, *args, **kwargs)
+                return await core.ahandle(event)
             except StoreProcessError as exc:
                 self._store_lost(exc)
                 raise
-            return result
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(self._executor, core.handle, event)
 
-    def _open_store(self) -> FogStore:
-        c = self.config
-        policy = Policy(
-            clock_skew_ms=c.policy.clock_skew_ms,
-            rate_per_s=c.policy.rate_per_s,
-            rate_burst=c.policy.rate_burst,
-        )
-        key = self._fog_key or load_key_file(c.key_file)
-        if c.uplink.enabled:
-            self._leases = LeaseKeeper(self._link, c.lease, clock=self._clock, key=key)
-        opener = StoreProcess.start if c.store_process else FogStore.open
-        store = opener(c.db, fog_id=c.fog_id, fog_key=key, issuer_key=c.issuer_key, policy=policy)
-        pid = store.pid if isinstance(store, StoreProcess) else os.getpid()
-        self._log.info("store_opened", process=c.store_process, pid=pid)
-        return cast(FogStore, store)  # StoreProcess answers FogStore's methods (by name)
+    async def _tell_core(self, event: Connected | Disconnected) -> None:
+        """A link change: never raises (a lost core is noticed and stops the fog)."""
+        if self._core is None:
+            return
+        try:
+            await self._act(await self._handle(event))
+        except Exception as exc:
+            self._count("core_failed")
+            self._log.error("core_failed", input=type(event).__name__, error=type(exc).__name__)
 
     async def _shutdown(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            with contextlib.suppress(Exception):
-                self._store_counters = await self._call(store.counters)
-            if not isinstance(store, StoreProcess):
-                await asyncio.shield(self._call(store.close))
-            elif isinstance(self._fatal, StoreProcessError):
-                store.close()  # the process is gone: reap it
-            else:  # the store closes its database (checkpoint), then the process exits
-                await asyncio.shield(store.acall("close"))
+        core, self._core = self._core, None
+        if core is not None:
+            try:
+                if isinstance(core, CoreProcess) and isinstance(self._fatal, StoreProcessError):
+                    core.close()  # the process is gone: reap it
+                else:  # the core closes its database (checkpoint); a child then exits
+                    closing = self._handle_on(core, Close(**self._times()))
+                    await self._act(await asyncio.shield(closing))
+            except Exception as exc:
+                self._log.error("core_close_failed", error=type(exc).__name__)
+                if isinstance(core, CoreProcess):
+                    core.close()
         self._executor.shutdown(wait=True)
         if self._broker is not None:
             await self._broker.stop()
         self._log.info("fog_stopped", **self.counters)
 
     def _store_lost(self, exc: StoreProcessError) -> None:
-        """The store process is gone (killed, crashed): nothing can be authorized or sealed.
+        """The core's process is gone (killed, crashed): nothing can be authorized or sealed.
         Stop, and let ``run`` raise it: systemd restarts the fog, which reopens the store
         from its file (every group either committed or not)."""
         self._lost(exc, "store_process_lost")
@@ -318,6 +362,7 @@ class FogDaemon:
                     return
             except aiomqtt.MqttError as exc:
                 self._client = None
+                await self._tell_core(Disconnected(**self._times()))
                 self._count("broker_disconnected")
                 failures += 1
                 if failures > RECONNECT_ATTEMPTS_MAX:
@@ -339,9 +384,9 @@ class FogDaemon:
         self._client = client
         self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=len(filters))
-        if self._uplink is not None and self._leases is not None:
-            self._uplink.reconnected()
-            self._leases.reconnected()
+        # what went to the old connection may not have reached the cloud: the core sends
+        # every unacked batch and open report again
+        await self._tell_core(Connected(**self._times()))
         if self._broker is not None and not self._republished:
             await self._republish_trust(client)
         if ready is not None:
@@ -355,15 +400,12 @@ class FogDaemon:
 
     async def _republish_trust(self, client: aiomqtt.Client) -> None:
         """amqtt keeps nothing across restarts: put back what the fog holds, retained."""
-        assert self._store is not None
-        envelopes = await self._call(self._store.trust_envelopes)
-        closed = await self._call(self._store.closed_lease_ids)
         count = 0
-        for msg_type, envelope in envelopes:
-            topic = republish_topic(msg_type, envelope)
-            if topic is None or _closed_lease(topic, closed):
-                continue
-            await client.publish(topic, envelope, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
+        for out in await self._handle(Republish(**self._times())):
+            assert isinstance(out, Publish)
+            await client.publish(
+                out.topic, out.payload, qos=1, retain=out.retain, timeout=PUBLISH_TIMEOUT_S
+            )
             count += 1
         self._republished = True
         self._log.info("trust_republished", count=count)
@@ -380,7 +422,8 @@ class FogDaemon:
                 self._log.error("message_dropped", cause=type(exc).__name__)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        """Route one message; never raises (bad input is logged and counted)."""
+        """Route one message; never raises (bad input is logged and counted). What is not
+        an intent is the core's to classify (``TrustMessage``)."""
         try:
             parsed = topics.parse(topic)
         except TopicError:
@@ -388,25 +431,19 @@ class FogDaemon:
             self._log.warning("message_dropped", cause="bad_topic", topic=topic[:120])
             return
         if parsed.kind is Kind.INTENT:
-            self._enqueue_intent(parsed, topic, payload)
-            return
-        arrival = classify(parsed, payload, fog_id=self.config.fog_id)
-        if arrival is None and _is_cleared_lease(parsed, payload, self.config.fog_id):
-            assert parsed.lease_id is not None
-            arrival = TrustArrival(LEASE_CLEARED, parsed.lease_id)
-        if arrival is None:
+            self._enqueue_intent(parsed, payload)
             return
         if len(payload) > TRUST_PAYLOAD_BYTES_MAX:
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="too_large", size=len(payload))
             return
         try:
-            self._trust.put_nowait(arrival)
+            self._trust.put_nowait((topic, payload))
         except asyncio.QueueFull:
             self._count("trust_dropped")
-            self._log.warning("trust_dropped", cause="queue_full", type=arrival.msg_type)
+            self._log.warning("trust_dropped", cause="queue_full", kind=str(parsed.kind))
 
-    def _enqueue_intent(self, parsed: topics.Topic, topic: str, payload: bytes) -> None:
+    def _enqueue_intent(self, parsed: topics.Topic, payload: bytes) -> None:
         if parsed.fog_id != self.config.fog_id or self._stopping.is_set():
             self._count("intent_dropped")
             return
@@ -449,25 +486,26 @@ class FogDaemon:
         return group
 
     async def _process_group(self, group: list[Arrival]) -> None:
-        store = self._store
-        assert store is not None
         started = time.perf_counter()
         try:
-            outcomes = await self._call(store.process, group, now_ms=self._clock())
+            outputs = await self._handle(Intents(arrivals=tuple(group), **self._times()))
         except Exception as exc:  # the seam: a bug or a disk error must not kill the fog
             self._count("group_failed")
             self._log.error("group_failed", size=len(group), error=type(exc).__name__)
             return
         self._store_time.add(time.perf_counter() - started)
-        for outcome in outcomes:
-            self._log_outcome(outcome)
-        if self._leases is not None:
-            self._leases.note(group, outcomes)
+        receipts: list[Receipt] = []
+        for out in outputs:
+            if isinstance(out, Receipt):
+                receipts.append(out)
+                self._log_outcome(out.outcome)
+            elif isinstance(out, Wake):
+                self._wake_until(out.mono_ms)
         # The group is durable: its receipts may leave. The next group commits while they do
         # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
         if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
             await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.create_task(self._publish_receipts(group, outcomes), name="fog.publish")
+        task = asyncio.create_task(self._publish_receipts(group, receipts), name="fog.publish")
         self._publishing.add(task)
         task.add_done_callback(self._published)
 
@@ -505,25 +543,24 @@ class FogDaemon:
             seq=o.seq,
         )
 
-    async def _publish_receipts(self, group: list[Arrival], outcomes: list[Outcome]) -> None:
+    async def _publish_receipts(self, group: list[Arrival], receipts: list[Receipt]) -> None:
         client = self._client
         if client is None:
-            self._count("receipt_unsent", len(outcomes))
+            self._count("receipt_unsent", len(receipts))
             return
-        sends = [self._publish_one(client, a, o) for a, o in zip(group, outcomes, strict=True)]
+        sends = [self._publish_one(client, a, r) for a, r in zip(group, receipts, strict=True)]
         await asyncio.gather(*sends)
 
-    async def _publish_one(self, client: aiomqtt.Client, a: Arrival, o: Outcome) -> None:
-        topic = topics.receipt_topic(self.config.fog_id, a.topic_device)
+    async def _publish_one(self, client: aiomqtt.Client, a: Arrival, r: Receipt) -> None:
         self._answer_time.add(time.perf_counter() - a.received_s)
         try:
-            await client.publish(topic, o.receipt, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            await client.publish(r.topic, r.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
             self._count("receipt_published")
         except aiomqtt.MqttError as exc:
             self._count("receipt_unsent")
-            self._log.warning("receipt_unsent", device=short(o.device), error=str(exc))
+            self._log.warning("receipt_unsent", device=short(r.outcome.device), error=str(exc))
 
-    # ---- trust, sealing, stats ------------------------------------------------------------
+    # ---- trust, time, what the core asks for ----------------------------------------------
 
     async def _trust_worker(self) -> None:
         while True:
@@ -534,110 +571,148 @@ class FogDaemon:
                 getter.cancel()
                 return
             stopping.cancel()
-            await self._load_trust(getter.result())
+            topic, payload = getter.result()
+            try:
+                outputs = await self._handle(
+                    TrustMessage(topic=topic, payload=payload, **self._times())
+                )
+            except Exception as exc:  # the seam: bad material is the core's to refuse
+                self._count("trust_failed")
+                self._log.error("trust_failed", error=type(exc).__name__)
+                continue
+            await self._act(outputs)
 
-    async def _load_trust(self, arrival: TrustArrival) -> None:
-        store = self._store
-        assert store is not None
-        if arrival.msg_type == LEASE_CLEARED:
-            if self._leases is not None:
-                await self._leases.cleared(store, arrival.payload)
-            self._prune_at = 0.0  # a closed lease may free records: prune at the next tick
-            return
+    async def _ticker(self) -> None:
+        """Give the core a Tick when it asked (``Wake``), at least every ``TICK_S_MAX``."""
+        while True:
+            delay = TICK_S_MAX
+            if self._wake_at is not None:
+                delay = min(delay, max(0.0, (self._wake_at - mono_ms()) / 1000))
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._woken()
+            if self._stopping.is_set():
+                return
+            if self._wake_at is not None and self._wake_at > mono_ms() and self._wake.is_set():
+                continue  # an earlier Wake came: sleep again, to it
+            self._wake_at = None  # from here, only Wakes given after this Tick count
+            try:
+                outputs = await self._handle(Tick(**self._times()))
+            except Exception as exc:  # the seam: try again in a while
+                self._count("tick_failed")
+                self._log.error("tick_failed", error=type(exc).__name__)
+                self._wake_until(mono_ms() + int(TICK_RETRY_S * 1000))
+                continue
+            await self._act(outputs)
+
+    async def _woken(self) -> None:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        woken = asyncio.ensure_future(self._wake.wait())
         try:
-            if arrival.msg_type == "ack":
-                result: TrustOutcome | AckOutcome = await self._call(
-                    store.apply_ack, arrival.payload
-                )
-            else:
-                result = await self._call(
-                    store.put_trust, arrival.msg_type, arrival.payload, now_ms=self._clock()
-                )
-        except Exception as exc:  # the seam: bad material is the store's to refuse
-            self._count("trust_failed")
-            self._log.error("trust_failed", type=arrival.msg_type, error=type(exc).__name__)
-            return
-        self._count(f"{arrival.msg_type}_{result.status}")
-        if result.status == "refused":
+            await asyncio.wait({stopping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            woken.cancel()
+
+    def _wake_until(self, at_ms: int) -> None:
+        if self._wake_at is None or at_ms < self._wake_at:
+            self._wake_at = at_ms
+            self._wake.set()
+
+    async def _act(self, outputs: list[FogOutput]) -> None:
+        """Publish, log and count what the core answered (receipts: ``_process_group``)."""
+        for out in outputs:
+            match out:
+                case Wake():
+                    self._wake_until(out.mono_ms)
+                case Sealed():
+                    self._count("batch_sealed")
+                    self._log.info(
+                        "batch_sealed",
+                        batch=out.number,
+                        first_index=out.first_index,
+                        records=out.records,
+                    )
+                case BatchSend():
+                    if await self._publish_up(out.topic, out.payload):
+                        self._count("batch_sent")
+                        self._log.info("batch_sent", batch=out.number, size=len(out.payload))
+                case LeaseRequest():
+                    if not out.resend:
+                        self._count("lease_requested")
+                        self._log.info("lease_requested", owner=out.owner_id, currency=out.currency)
+                    await self._publish_up(out.topic, out.payload)
+                case LeaseReport():
+                    if not out.resend:
+                        self._count("lease_reported")
+                        self._log.info(
+                            "lease_reported",
+                            lease=out.lease_id.hex(),
+                            drawn_micros=out.drawn_micros,
+                            batch=out.batch,
+                        )
+                    await self._publish_up(out.topic, out.payload)
+                case TrustLoaded():
+                    self._trust_loaded(out)
+                case LeaseClosed():
+                    self._count("lease_closed")
+                    self._log.info("lease_closed", lease=out.lease_id.hex())
+                case Pruned():
+                    self._count("records_pruned", out.records)
+                    if self._debug:
+                        self._log.debug("log_pruned", records=out.records)
+                case Alarm():
+                    self._count(out.event)
+                    self._log.error(out.event, error=out.error)
+                case Counters():
+                    self._core_counters = out.as_dict()
+                case Receipt() | Publish():
+                    raise AssertionError(f"{type(out).__name__} outside its input")
+
+    def _trust_loaded(self, out: TrustLoaded) -> None:
+        self._count(f"{out.msg_type}_{out.status}")
+        if out.answered_request:
+            self._count("lease_request_answered")
+        if out.status != "accepted" and out.status != "duplicate":
             self._log.warning(
                 "trust_refused",
-                type=arrival.msg_type,
-                reason=str(result.reason),
-                detail=result.detail,
+                type=out.msg_type,
+                reason=str(out.reason),
+                detail=out.detail,
             )
             return
-        event = {"lease": "lease_loaded", "ack": "ack_applied"}.get(arrival.msg_type)
+        event = {"lease": "lease_loaded", "ack": "ack_applied"}.get(out.msg_type)
         self._log.info(
-            event or "trust_loaded",
-            type=arrival.msg_type,
-            status=result.status,
-            detail=result.detail,
+            event or "trust_loaded", type=out.msg_type, status=out.status, detail=out.detail
         )
-        if result.status != "accepted":
-            return
-        if isinstance(result, AckOutcome):
+        if out.status == "accepted" and out.msg_type == "ack":
             self._count("batch_acked")
-            self._log.info("batch_acked", batch=result.number)
-            self._prune_at = 0.0  # acked records may go: prune at the next tick
-            if self._uplink is not None:
-                self._uplink.wake()
-        elif arrival.msg_type == "lease" and self._leases is not None:
-            self._leases.arrived(arrival.payload)
+            self._log.info("batch_acked", batch=out.batch)
 
-    async def _sealer(self) -> None:
-        batch = self.config.batch
-        interval = min(SEAL_INTERVAL_S_MAX, max(SEAL_INTERVAL_S_MIN, batch.age_ms / 4000))
-        while not await self._sleep_or_stop(interval):
-            store = self._store
-            assert store is not None
-            try:
-                sealed = await self._call(
-                    store.seal_due,
-                    now_ms=self._clock(),
-                    records_max=batch.records_max,
-                    age_ms=batch.age_ms,
-                )
-            except Exception as exc:  # keep authorizing; sealing retries next tick
-                self._count("seal_failed")
-                self._log.error("seal_failed", error=type(exc).__name__)
-                continue
-            if batch.keep_acked_ms and time.monotonic() >= self._prune_at:
-                await self._prune(store, batch.keep_acked_ms)
-            for b in sealed:
-                self._count("batch_sealed")
-                self._log.info(
-                    "batch_sealed",
-                    batch=b.number,
-                    first_index=b.first_index,
-                    records=len(b.records),
-                )
-            if sealed and self._uplink is not None and self._leases is not None:
-                for b in sealed:
-                    self._uplink.sealed(b.number, b.wire)
-                self._leases.wake()
-
-    async def _prune(self, store: FogStore, keep_ms: int) -> None:
-        """Delete a few hundred log records nothing needs any more (FogStore.prune), at each
-        sealer tick: small steps, so a store call never holds intents back for long."""
+    async def _publish_up(self, topic: str, payload: bytes) -> bool:
+        """QoS 1, not retained, with a deadline; False (counted, logged) when it failed. The
+        core sends it again on its own schedule."""
+        client = self._client
+        if client is None:
+            self._count("uplink_unsent")
+            return False
         try:
-            pruned = await self._call(store.prune, now_ms=self._clock(), keep_ms=keep_ms)
-        except Exception as exc:  # keep authorizing; pruning retries next tick
-            self._count("prune_failed")
-            self._log.error("prune_failed", error=type(exc).__name__)
-            return
-        if pruned:
-            self._count("records_pruned", pruned)
-            if self._debug:
-                self._log.debug("log_pruned", records=pruned)
-        # a full step: more is waiting, go on next tick; else look again in a while
-        full = pruned >= PRUNE_ROWS_MAX
-        self._prune_at = time.monotonic() + (0.0 if full else PRUNE_IDLE_S)
+            await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            self._count("uplink_unsent")
+            self._log.warning("uplink_unsent", topic=topic.rsplit("/", 1)[-1], error=str(exc))
+            return False
+        return True
 
     async def _stats(self) -> None:
-        while not await self._sleep_or_stop(self.config.stats_interval_s):
-            store = self._store
-            assert store is not None
-            self._store_counters = await self._call(store.counters)
+        while not await sleep_or_stop(self._stopping, self.config.stats_interval_s):
+            try:
+                await self._act(await self._handle(Stats(**self._times())))
+            except Exception as exc:
+                self._log.error("stats_failed", error=type(exc).__name__)
+                continue
             self._log.info(
                 "fog_stats",
                 queued=self._intents.qsize(),
@@ -645,17 +720,3 @@ class FogDaemon:
                 **self._answer_time.take("answer_ms"),
                 **self._store_time.take("store_ms"),
             )
-
-    async def _sleep_or_stop(self, seconds: float) -> bool:
-        """Sleep ``seconds``; True at once when stopping."""
-        return await sleep_or_stop(self._stopping, seconds)
-
-
-def _is_cleared_lease(parsed: topics.Topic, payload: bytes, fog_id: str) -> bool:
-    """An empty retained payload on one of our lease topics: the cloud closed the lease."""
-    return not payload and parsed.kind is Kind.LEASE and parsed.fog_id == fog_id
-
-
-def _closed_lease(topic: str, closed: set[bytes]) -> bool:
-    parsed = topics.parse(topic)
-    return parsed.kind is Kind.LEASE and parsed.lease_id in closed

@@ -1,7 +1,8 @@
 """The fog's durable state: trust material, leases, devices, the log and its batches.
 
-Synchronous, plain ``sqlite3``, used from ONE worker thread (the daemon's single-thread
-executor): the hot path is one thread hop per group of intents, not one per SQL statement.
+Synchronous, plain ``sqlite3``: the storage interface of ``FogCore`` (fog/core.py), its one
+caller, which runs in a process of its own or on the daemon's one worker thread; the hot path
+is one core input per group of intents, not one call per SQL statement.
 ``process`` decides a whole group in one ``BEGIN IMMEDIATE ... COMMIT``; the database is in WAL
 mode with ``synchronous=FULL``, so when ``process`` returns the group is durable and its
 receipts may leave. A crash before the COMMIT loses the whole group and no receipt of it has
@@ -26,7 +27,7 @@ from typing import Final
 import nacl.signing
 
 from fog import batcher, trustdb
-from fog.authorize import Decision, DeviceView, Policy, authorize
+from fog.authorize import Decision, DeviceView, Policy, authorize, screen
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
 from fog.ratelimit import Buckets
@@ -56,7 +57,6 @@ from protocol.signing import (
     Signed,
     is_valid_public_key,
     message_id,
-    open_envelope,
     public_key,
     seal,
     split_envelope,
@@ -90,7 +90,7 @@ class Arrival:
     topic_device: bytes  # the 32 key bytes parsed from the intent topic's device level
     payload: bytes  # raw MQTT payload (unverified)
     # time.perf_counter() when the daemon read it (fog_stats' answer_ms); not stored, not sent
-    # to the store process
+    # to the core's process
     received_s: float = field(default=0.0, compare=False)
 
 
@@ -226,13 +226,15 @@ class FogStore:
 
     def _one(self, arrival: Arrival, group: Group, now_ms: int) -> Outcome:
         assert len(arrival.topic_device) == limits.KEY_BYTES
-        try:
-            signed = open_envelope(arrival.payload, Intent)
-        except Declined as exc:
-            return self._unopened(arrival.payload, exc, now_ms)
+        # the precedence of spec section 6, rows 1-3, then the retransmission, then 4-15:
+        # fog/authorize.py
+        signed, declined = screen(arrival.payload, arrival.topic_device)
+        if signed is None:
+            assert declined is not None
+            return self._unopened(arrival.payload, declined, now_ms)
+        if declined is not None:
+            return self._declined(signed, declined.reason, None, now_ms)
         intent = signed.msg
-        if intent.device != arrival.topic_device:
-            return self._declined(signed, Reason.TOPIC_MISMATCH, None, now_ms)
         state = group.device(intent.device)
         taken = False
         if intent.seq <= state.seq_last:  # else no record has this q, hence this intent id
@@ -442,7 +444,7 @@ class FogStore:
         self._conn.close()
 
     # ---- uplink and lease management (fog/uplink.py, fog/leasing.py) ----------------------
-    # Queries and updates of the batch, lease and log tables for the daemon's uplink, plus
+    # Queries and updates of the batch, lease and log tables for the core's uplink, plus
     # the table ``lease_reports`` (created here, IF NOT EXISTS: one row per lease reported to
     # the cloud; ``closed_ms`` is set once the cloud cleared the retained lease topic).
 

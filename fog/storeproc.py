@@ -1,28 +1,28 @@
-"""The fog's store in a child process: ``FogStore`` methods as calls over a pipe.
+"""The fog's core in a child process: ``FogCore.handle`` over a socket pair, one codec.
 
-Why. The event loop (MQTT through aiomqtt/paho) and the store (decode, verify, authorize,
+Why. The event loop (MQTT through aiomqtt/paho) and the core (decode, verify, authorize,
 SQLite, sign) each cost a few hundred microseconds of Python per intent. On one thread pool
 they share the GIL: each waits for the other, every verify or commit hands the GIL over and
 waits to get it back, and at 1,000 intents/s the process ran near one core's worth of
-GIL time (bench/fog.py). In a process of its own the store runs on another core, and the
+GIL time (bench/fog.py). In a process of its own the core runs on another core, and the
 loop never waits for it.
 
-How. ``StoreProcess.start(...)`` starts ``python -m fog.storeproc`` (a fresh interpreter: no
+How. ``CoreProcess.start(...)`` starts ``python -m fog.storeproc`` (a fresh interpreter: no
 fork of a process with threads and an event loop, and no re-import of the embedder's main
 script as ``multiprocessing`` would do) with one end of a socket pair, sends it what it needs
-to open ``FogStore``, and then the child serves one call at a time: ``(method, args,
-kwargs)`` in, ``(True, result)`` or ``(False, exception)`` out, pickled by
-``multiprocessing.connection.Connection`` over the socket pair. The daemon calls it from
-its single store thread, exactly as it calls a ``FogStore`` there (``proxy.process`` is a
-callable like ``store.process``), so the order of calls and the one-transaction-per-call
-contract are unchanged.
+to open a ``FogCore`` (``corewire.open_frame``), and then the child handles one input at a
+time: a ``FogInput`` in, its ``FogOutput``s (or the error the core raised) out, encoded by
+``fog/corewire.py``, the one codec for that closed set of messages. Nothing else crosses: there
+is no remote method call, so a new store method cannot become a wire message by accident.
+Inputs are written in the order made and answered in that order, so the one transaction per
+``Intents`` input and the order of inputs are exactly those of an in-process core.
 
 Life and death. The child ignores SIGINT and SIGTERM (systemd signals the whole unit at once;
-the parent decides when to stop: it drains the group in flight, then calls ``close``). It
-exits after ``close`` or when the pipe breaks: if the parent is SIGKILLed, the child finishes
-the call in hand (one SQLite transaction: all or nothing either way), finds the pipe gone and
-exits. Intents are answered only by the parent, after the child returned the committed
-outcome, so durability before the receipt holds as in the thread design.
+the parent decides when to stop: it drains the group in flight, then sends ``Close``). It
+exits after ``Close`` or when the socket breaks: if the parent is SIGKILLed, the child finishes
+the input in hand (one SQLite transaction: all or nothing either way), finds the socket gone
+and exits. Intents are answered only by the parent, after the child returned the committed
+outcome, so durability before the receipt holds as in-process.
 
 Secrets. The fog key crosses as its 32-byte seed over the socket pair, never in argv or the
 environment, and is never logged.
@@ -30,159 +30,132 @@ environment, and is never logged.
 
 import asyncio
 import collections
+import contextlib
 import gc
-import multiprocessing.connection
-import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import nacl.signing
 
-from fog.authorize import Policy
+from fog import corewire
 from fog.childenv import child_env
+from fog.core import Close, CoreConfig, FogCore, FogInput, FogOutput
+from fog.corewire import HEADER, CoreWireError
 from fog.schema import StoreError
-from fog.store import Arrival, FogStore, Outcome
 
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
-HEADER: Final = struct.Struct("!i")  # multiprocessing.connection's frame header (< 2 GiB)
-FRAME_BYTES_MAX: Final = 256 * 1024 * 1024  # far above any call: a bigger size is a bug
+FRAME_BYTES_MAX: Final = corewire.FRAME_BYTES_MAX
 
 
 class StoreProcessError(StoreError):
-    """The store process died, or answered with something that cannot be read."""
+    """The core's process died, or answered with something that cannot be read."""
 
 
-class RemoteMethod:
-    """``proxy.process`` etc.: called like the ``FogStore`` bound method (blocking), or
-    awaited through ``StoreProcess.acall`` (the daemon's way, without a thread hop)."""
-
-    __slots__ = ("__name__", "name", "proxy")
-
-    def __init__(self, proxy: "StoreProcess", name: str) -> None:
-        self.proxy = proxy
-        self.name = name
-        self.__name__ = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.proxy.call(self.name, *args, **kwargs)
-
-
-class StoreProcess:
-    """A ``FogStore`` living in a child process, which serves one call at a time: the
-    blocking ``call`` from one thread, or ``acall`` from one event loop (calls written in
+class CoreProcess:
+    """A ``FogCore`` living in a child process, which handles one input at a time: the
+    blocking ``handle`` from one thread, or ``ahandle`` from one event loop (inputs written in
     the order made, answered in that order), not both."""
 
     def __init__(self, sock: socket.socket, proc: "subprocess.Popen[bytes]") -> None:
         self._sock = sock
         self._proc = proc
         self._closed = False
-        self._channel: _Channel | None = None  # once an event loop calls (acall)
+        self._channel: _Channel | None = None  # once an event loop calls (ahandle)
         self._opening: asyncio.Lock | None = None
 
     @classmethod
     def start(
-        cls,
-        path: str | Path,
-        *,
-        fog_id: str,
-        fog_key: nacl.signing.SigningKey,
-        issuer_key: bytes,
-        policy: Policy,
-    ) -> "StoreProcess":
-        """Start the child and open the store there; raises what ``FogStore.open`` raised."""
+        cls, path: str | Path, *, config: CoreConfig, fog_key: nacl.signing.SigningKey
+    ) -> "CoreProcess":
+        """Start the child and open the core there; raises ``CoreError`` (a ``StoreError``)
+        with what ``FogCore.open`` raised."""
         ours, theirs = socket.socketpair()
-        env = child_env()
         with theirs:
             try:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "fog.storeproc", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
-                    env=env,
+                    env=child_env(),
                     stdin=subprocess.DEVNULL,
                 )
             except BaseException:
                 ours.close()
                 raise
-        store = cls(ours, proc)
+        core = cls(ours, proc)
         try:
             ours.settimeout(START_TIMEOUT_S)
-            opening = pickle.dumps((str(path), fog_id, bytes(fog_key), issuer_key, policy))
-            store._send_frame(HEADER.pack(len(opening)) + opening)
-            store._answer(store._recv_frame())  # the child's open: None, or what it raised
+            ours.sendall(corewire.open_frame(str(path), bytes(fog_key), config))
+            corewire.read_reply(_recv_frame(ours))  # [] or what the child's open raised
             ours.settimeout(None)
         except TimeoutError:
-            store._kill()
-            raise StoreProcessError(f"store process not ready in {START_TIMEOUT_S:.0f} s") from None
+            core._kill()
+            raise StoreProcessError(f"core process not ready in {START_TIMEOUT_S:.0f} s") from None
         except BaseException:
-            store._kill()
+            core._kill()
             raise
-        return store
+        return core
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
-    def __getattr__(self, name: str) -> RemoteMethod:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return RemoteMethod(self, name)
+    # ---- blocking (one thread) ---------------------------------------------------------
 
-    # ---- blocking calls (one thread) ---------------------------------------------------
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def handle(self, event: FogInput) -> list[FogOutput]:
+        """``FogCore.handle`` in the child; raises ``CoreError`` if the core raised there,
+        ``StoreProcessError`` if the child is gone."""
         if self._channel is not None:
-            raise StoreProcessError("store process: called blocking after awaited calls")
-        frame = self._request(method, args, kwargs)
+            raise StoreProcessError("core process: handled blocking after awaited inputs")
+        frame = self._frame(event)
         self._sock.setblocking(True)
         try:
-            self._send_frame(frame)
-            answer = self._recv_frame()
+            self._sock.sendall(frame)
+            answer = _recv_frame(self._sock)
         except OSError as exc:
             raise self._gone(exc) from exc
-        return self._finish(method, answer)
+        return self._finish(event, answer)
 
     def close(self) -> None:
-        """Close the store in the child and wait for the child to exit (blocking; after
-        awaited calls, ``await acall("close")`` instead)."""
+        """Close the core in the child and wait for the child to exit (blocking; after
+        awaited inputs, ``await ahandle(Close(...))`` instead). Killed if it is stuck."""
         if self._closed:
             return
         if self._channel is not None:
             self._kill()
             return
         try:
-            self.call("close")
+            self.handle(Close(now_ms=0))
         finally:
             self._closed = True
             self._sock.close()
             self._wait_exit()
 
-    # ---- awaited calls (one event loop) ------------------------------------------------
+    # ---- awaited (one event loop) -------------------------------------------------------
 
-    async def acall(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """``call`` without blocking the loop. Calls are written in the order they are made
-        and the child answers them in that order (no waiting for one answer before sending
-        the next). A cancelled caller's call still runs (the child commits or not, as a
-        thread would); its answer is dropped."""
-        frame = self._request(method, args, kwargs)
+    async def ahandle(self, event: FogInput) -> list[FogOutput]:
+        """``handle`` without blocking the loop. Inputs are written in the order given and
+        the child answers them in that order (no waiting for one answer before sending the
+        next). A cancelled caller's input still runs (the child commits or not, as a thread
+        would); its answer is dropped."""
+        frame = self._frame(event)
         channel = await self._channel_open()
         answer = await channel.send(frame)
-        result = self._finish(method, answer)
-        if method == "close":
+        outputs = self._finish(event, answer)
+        if isinstance(event, Close):
             self._closed = True
             channel.close()
             await asyncio.get_running_loop().run_in_executor(None, self._wait_exit)
-        return result
+        return outputs
 
     async def _channel_open(self) -> "_Channel":
         if self._channel is not None:
             return self._channel
-        if self._opening is None:  # calls made while the channel opens queue here, in order
+        if self._opening is None:  # inputs sent while the channel opens queue here, in order
             self._opening = asyncio.Lock()
         async with self._opening:
             if self._channel is None:
@@ -192,57 +165,22 @@ class StoreProcess:
                 self._channel = channel
         return self._channel
 
-    # ---- frames: 4-byte big-endian length + pickle (multiprocessing.connection's) ------
+    # ---- frames ----------------------------------------------------------------------------
 
-    def _request(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    def _frame(self, event: FogInput) -> bytes:
         if self._closed:
-            raise StoreProcessError("store process closed")
-        if method == "process":  # the hot path: plain tuples pickle several times faster
-            args = ([(a.topic_device, a.payload) for a in args[0]],)
-        payload = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        return HEADER.pack(len(payload)) + payload
+            raise StoreProcessError("core process closed")
+        return corewire.input_frame(event)
 
-    def _finish(self, method: str, answer: bytes) -> Any:
-        result = self._answer(answer)
-        if method == "process":
-            return [Outcome(*fields) for fields in result]
-        return result
-
-    def _answer(self, answer: bytes) -> Any:
+    def _finish(self, event: FogInput, answer: bytes) -> list[FogOutput]:
         try:
-            ok, value = pickle.loads(answer)
-        except Exception as exc:
-            raise StoreProcessError(f"unreadable answer: {type(exc).__name__}") from exc
-        if ok:
-            return value
-        raise value
-
-    def _send_frame(self, frame: bytes) -> None:
-        self._sock.sendall(frame)
-
-    def _recv_frame(self) -> bytes:
-        return self._recv_exactly(self._frame_size(self._recv_exactly(HEADER.size)))
-
-    def _recv_exactly(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = self._sock.recv_into(view[got:])
-            if k == 0:
-                raise ConnectionResetError("store process closed the socket")
-            got += k
-        return bytes(buf)
-
-    @staticmethod
-    def _frame_size(head: bytes) -> int:
-        (size,) = HEADER.unpack(head)
-        if not 0 <= size <= FRAME_BYTES_MAX:
-            raise StoreProcessError(f"bad frame size {size}")
-        return int(size)
+            return corewire.read_reply(answer)
+        except CoreWireError as exc:
+            raise StoreProcessError(f"unreadable answer: {exc}") from exc
 
     def _gone(self, exc: BaseException) -> StoreProcessError:
         self._closed = True
-        return StoreProcessError(f"store process gone: {type(exc).__name__}")
+        return StoreProcessError(f"core process gone: {type(exc).__name__}")
 
     def _wait_exit(self) -> None:
         try:
@@ -259,8 +197,26 @@ class StoreProcess:
         self._proc.wait(STOP_TIMEOUT_S)
 
 
+def _recv_frame(sock: socket.socket) -> bytes:
+    (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    if size > FRAME_BYTES_MAX:
+        raise StoreProcessError(f"bad frame size {size}")
+    return _recv_exactly(sock, size)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionResetError("the other end closed the socket")
+        got += k
+    return bytes(buf)
+
+
 class _Channel(asyncio.Protocol):
-    """The parent's end on the event loop: frames out, answers matched to calls in order."""
+    """The parent's end on the event loop: frames out, answers matched to inputs in order."""
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
@@ -275,7 +231,7 @@ class _Channel(asyncio.Protocol):
     def send(self, frame: bytes) -> "asyncio.Future[bytes]":
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         if self._lost is not None or self._transport is None:
-            future.set_exception(StoreProcessError(f"store process gone: {self._lost}"))
+            future.set_exception(StoreProcessError(f"core process gone: {self._lost}"))
             return future
         self._waiting.append(future)
         self._transport.write(frame)
@@ -285,7 +241,7 @@ class _Channel(asyncio.Protocol):
         self._buf += data
         while len(self._buf) >= HEADER.size:
             (size,) = HEADER.unpack_from(self._buf)
-            if not 0 <= size <= FRAME_BYTES_MAX or not self._waiting:
+            if size > FRAME_BYTES_MAX or not self._waiting:
                 self._fail(f"unexpected frame of {size} bytes")
                 return
             if len(self._buf) < HEADER.size + size:
@@ -308,92 +264,52 @@ class _Channel(asyncio.Protocol):
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
-                future.set_exception(StoreProcessError(f"store process gone: {why}"))
+                future.set_exception(StoreProcessError(f"core process gone: {why}"))
         self.close()
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """The child: open the store, then answer calls until ``close`` or a broken pipe."""
+def _serve(sock: socket.socket) -> None:
+    """The child: open the core, then answer inputs until ``Close`` or a broken socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        path, fog_id, seed, issuer_key, policy = conn.recv()
-    except (OSError, EOFError):
+        path, seed, config = corewire.read_open(_recv_frame(sock))
+    except (OSError, CoreWireError):
         return  # the parent is gone
     try:
-        store = FogStore.open(
-            path,
-            fog_id=fog_id,
-            fog_key=nacl.signing.SigningKey(seed),
-            issuer_key=issuer_key,
-            policy=policy,
-        )
+        core = FogCore.open(path, config=config, fog_key=nacl.signing.SigningKey(seed))
     except BaseException as exc:  # the parent raises it
-        _reply(conn, False, exc)
+        _reply(sock, corewire.error_frame(exc))
         return
     del seed
     gc.collect()
     gc.freeze()  # as the daemon does once serving: full collections skip the start-up heap
-    _reply(conn, True, None)
+    _reply(sock, corewire.outputs_frame([]))
     while True:
         try:
-            method, args, kwargs = conn.recv()
-        except (OSError, EOFError):
-            break  # the parent is gone: nothing is half-done, every call is one transaction
+            event = corewire.read_input(_recv_frame(sock))
+        except (OSError, CoreWireError, StoreProcessError):
+            break  # the parent is gone (or mad): nothing is half-done, each input is atomic
         try:
-            if method == "process":
-                arrivals = [Arrival(device, payload) for device, payload in args[0]]
-                outcomes = store.process(arrivals, **kwargs)
-                result: Any = [_fields(o) for o in outcomes]
-            else:
-                result = getattr(store, method)(*args, **kwargs)
+            frame = corewire.outputs_frame(core.handle(event))
         except Exception as exc:
-            if not _reply(conn, False, exc):
-                break
-            continue
-        if not _reply(conn, True, result):
+            frame = corewire.error_frame(exc)
+        if not _reply(sock, frame):
             break
-        if method == "close":
+        if isinstance(event, Close):
             return
-    _close_quietly(store)
+    with contextlib.suppress(Exception):  # exiting anyway; SQLite's WAL keeps what committed
+        core.handle(Close(now_ms=0))
 
 
-def _fields(o: Outcome) -> tuple[Any, ...]:
-    return (
-        o.receipt,
-        o.status,
-        o.reason,
-        o.replay,
-        o.intent_id,
-        o.device,
-        o.seq,
-        o.owner_id,
-        o.amount_micros,
-        o.log_index,
-        o.detail,
-    )
-
-
-def _reply(conn: multiprocessing.connection.Connection, ok: bool, value: Any) -> bool:
-    """Send a result; an exception that does not pickle goes as a StoreError with its text.
-    False when the parent is gone."""
+def _reply(sock: socket.socket, frame: bytes) -> bool:
+    """Send an answer; False when the parent is gone."""
     try:
-        try:
-            conn.send((ok, value))
-        except (pickle.PicklingError, TypeError, AttributeError):
-            conn.send((False, StoreError(f"{type(value).__name__}: {value}")))
-    except (OSError, EOFError):
+        sock.sendall(frame)
+    except OSError:
         return False
     return True
 
 
-def _close_quietly(store: FogStore) -> None:
-    """The parent vanished between calls: close the connection (no transaction is open)."""
-    try:
-        store.close()
-    except Exception:  # exiting anyway; SQLite's WAL keeps what committed
-        return
-
-
 if __name__ == "__main__":
-    _serve(multiprocessing.connection.Connection(int(sys.argv[1])))
+    _serve(socket.socket(fileno=int(sys.argv[1])))

@@ -1,11 +1,12 @@
 """Trust material on MQTT: which retained topics carry what, and where a stored envelope goes.
 
 The issuer publishes owner credentials, fog credentials, bindings, revocations (all fogs) and
-leases (one fog) retained (spec section 8). The daemon hands each payload to
-``FogStore.put_trust`` under the message type its topic carries; the store verifies and keeps a
-copy, so a fog starts and authorizes with the broker's retained state gone. At start, on the
-embedded broker, the daemon republishes what it holds (``republish_topic``) so that amqtt's
-missing persistence costs nothing.
+leases (one fog) retained (spec section 8). ``FogCore`` classifies each message on the fog's
+subscriptions (``classify``) and hands the payload to ``FogStore.put_trust`` under the message
+type its topic carries; the store verifies and keeps a copy, so a fog starts and authorizes
+with the broker's retained state gone. At start, on the embedded broker, the daemon
+republishes what the core holds (``Republish``, ``republish_topic``) so that amqtt's missing
+persistence costs nothing.
 
 Pure functions: no I/O here.
 """
@@ -22,8 +23,9 @@ from protocol.messages import (
     Message,
     OwnerCredential,
     Revocation,
+    decode_body,
 )
-from protocol.signing import open_envelope
+from protocol.signing import split_envelope
 from protocol.topics import Kind
 
 TRUST_KINDS: Final[dict[Kind, str]] = {
@@ -62,8 +64,8 @@ def classify(topic: topics.Topic, payload: bytes, *, fog_id: str) -> TrustArriva
 
 def republish_topic(msg_type: str, envelope: bytes) -> str | None:
     """The retained topic a stored trust envelope belongs on, or None for types we don't
-    republish. Stored envelopes were verified when loaded; a stored one that no longer opens
-    is a bug in the store, hence the assertion."""
+    republish. Stored envelopes were verified when loaded: the body is decoded, not verified
+    again. A stored one that no longer decodes is a bug in the store, hence the assertion."""
     cls: type[Message] | None = {
         OwnerCredential.TYPE: OwnerCredential,
         FogCredential.TYPE: FogCredential,
@@ -74,7 +76,8 @@ def republish_topic(msg_type: str, envelope: bytes) -> str | None:
     if cls is None:
         return None
     try:
-        msg: Message = open_envelope(envelope, cls).msg
+        env = split_envelope(envelope, bytes_max=cls.ENVELOPE_BYTES_MAX)
+        msg: Message = decode_body(cls, env.body)
     except Declined as exc:
         raise AssertionError(f"stored {msg_type} envelope does not open: {exc}") from exc
     if isinstance(msg, OwnerCredential):

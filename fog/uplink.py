@@ -15,34 +15,18 @@ An ack does not delete anything at once: records go later, once old enough and t
 closed (``FogStore.prune``, ``batch.keep_acked_ms``), so a retransmitted intent still gets its
 stored receipt meanwhile.
 
-``Window`` is pure (the clock is passed in). ``Uplink`` is the daemon's ``fog.uplink`` task
-around it; ``Link`` is what that task and the lease task (``fog.leasing.LeaseKeeper``) share
-with the daemon: its store thread, its one MQTT client, its counters, its log.
+``Window`` is pure (the clock is passed in). ``FogCore`` (fog/core.py) plans with it after
+every seal, every ack that moved and every uplink tick, and hands the batches to send to the
+daemon; the wire of a batch just sealed is kept for its first send (rebuilding a batch from
+the log costs milliseconds), a resend reads it from the store.
 """
 
-import asyncio
-import contextlib
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
-
-import aiomqtt
-
-from fog.config import UplinkConfig
-from fog.store import FogStore
-from protocol import topics
+from typing import Final
 
 WINDOW_MAX: Final = 64  # the cloud holds at most 64 batches ahead of its chain
 RESENDS_MAX: Final = 1_000_000  # go-back-N rounds counted (a counter, not a stop)
 ACK_WAIT_MS_MAX: Final = 300_000  # the wait for an ack doubles per silent round, to this
-PUBLISH_TIMEOUT_S: Final = 5.0
-TICK_S_MAX: Final = 1.0
-
-
-def mono_ms() -> int:
-    """For resend timers: elapsed time, whatever the wall clock does."""
-    return time.monotonic_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -91,102 +75,3 @@ class Window:
     def failed(self, number: int) -> None:
         """Publishing ``number`` failed: it is sent again at the next plan."""
         self.sent.pop(number, None)
-
-
-@dataclass(slots=True)
-class Link:
-    """The daemon's pieces the uplink and lease tasks use."""
-
-    fog_id: str
-    call: Callable[..., Awaitable[Any]]  # run a store method on the daemon's store thread
-    client: Callable[[], aiomqtt.Client | None]  # the connected client, if any
-    count: Callable[..., None]  # count(name, n=1)
-    log: Any  # the daemon's bound structlog logger
-    stopping: asyncio.Event
-
-    async def publish(self, topic: str, payload: bytes) -> bool:
-        """QoS 1, not retained, with a deadline; False (counted, logged) when it failed."""
-        client = self.client()
-        if client is None:
-            self.count("uplink_unsent")
-            return False
-        try:
-            await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
-        except aiomqtt.MqttError as exc:
-            self.count("uplink_unsent")
-            self.log.warning("uplink_unsent", topic=topic.rsplit("/", 1)[-1], error=str(exc))
-            return False
-        return True
-
-    async def wait(self, wake: asyncio.Event, seconds: float) -> bool:
-        """Wait for ``wake`` (then clear it) or ``seconds``; True at once when stopping."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                stopping = asyncio.create_task(self.stopping.wait())
-                woken = asyncio.create_task(wake.wait())
-                try:
-                    await asyncio.wait({stopping, woken}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopping.cancel()
-                    woken.cancel()
-        wake.clear()
-        return self.stopping.is_set()
-
-
-class Uplink:
-    """The ``fog.uplink`` task: publishes what ``Window`` says, woken by seals, acks and
-    reconnects (``wake``, ``reconnected``), and at least every tick."""
-
-    def __init__(self, link: Link, config: UplinkConfig) -> None:
-        self._link = link
-        self._window = Window(window=config.window, ack_timeout_ms=config.ack_timeout_ms)
-        self._tick_s = min(TICK_S_MAX, config.ack_timeout_ms / 4000)
-        self._wake = asyncio.Event()
-        # Wires of batches just sealed, so their first send needs no store call: rebuilding
-        # a batch from the log holds the store thread for milliseconds, and authorizations
-        # queue behind it. Bounded; a resend or a batch not kept here is read from the store.
-        self._fresh: dict[int, bytes] = {}
-        self._fresh_max = config.window
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def sealed(self, number: int, wire: bytes) -> None:
-        """Batch ``number`` was sealed with these bytes: keep them for its first send."""
-        self._fresh[number] = wire
-        while len(self._fresh) > self._fresh_max:
-            del self._fresh[min(self._fresh)]
-        self._wake.set()
-
-    def reconnected(self) -> None:
-        """What went to the old connection may not have reached the cloud: all again."""
-        self._window.reset()
-        self._wake.set()
-
-    async def run(self, store: FogStore) -> None:
-        link = self._link
-        while not await link.wait(self._wake, self._tick_s):
-            if link.client() is None:
-                continue
-            try:
-                numbers = await link.call(store.unacked_numbers, self._window.window)
-                if numbers:  # acked batches leave the cache
-                    for n in [n for n in self._fresh if n < numbers[0]]:
-                        del self._fresh[n]
-                for number in self._window.plan(numbers, now_ms=mono_ms()):
-                    await self._send(store, number)
-            except Exception as exc:  # the seam: the uplink retries at the next tick
-                link.count("uplink_failed")
-                link.log.error("uplink_failed", error=type(exc).__name__)
-
-    async def _send(self, store: FogStore, number: int) -> None:
-        link = self._link
-        wire = self._fresh.pop(number, None)
-        if wire is None:
-            wire = await link.call(store.batch_wire, number)
-        assert wire is not None, "an unacked batch is not in the store"
-        if await link.publish(topics.batch_topic(link.fog_id), wire):
-            link.count("batch_sent")
-            link.log.info("batch_sent", batch=number, size=len(wire))
-        else:
-            self._window.failed(number)

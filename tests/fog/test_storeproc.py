@@ -1,18 +1,33 @@
-"""The store in a child process (fog/storeproc.py): a real second process on a real SQLite
-file, answering exactly what a FogStore on a thread answers."""
+"""The core in a child process (fog/storeproc.py): a real second process on a real SQLite
+file, answering exactly what an in-process FogCore answers, through fog/corewire.py."""
 
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fog.config import BatchConfig, UplinkConfig
+from fog.core import (
+    Close,
+    CoreConfig,
+    Counters,
+    FogCore,
+    FogOutput,
+    Intents,
+    Receipt,
+    Sealed,
+    Stats,
+    Tick,
+)
+from fog.corewire import CoreError
 from fog.schema import StoreError
 from fog.store import Arrival, FogStore
-from fog.storeproc import StoreProcess, StoreProcessError
+from fog.storeproc import CoreProcess, StoreProcessError
 from protocol.signing import public_key
 from tests.conftest import process_running
 from tests.fog.world import NOW, World
@@ -20,18 +35,18 @@ from tests.fog.world import NOW, World
 EXIT_WAIT_S = 10.0
 
 
-def opening(world: World) -> dict[str, Any]:
-    """What FogStore.open and StoreProcess.start take besides the path."""
-    return {
-        "fog_id": world.fog_id,
-        "fog_key": world.fog_key,
-        "issuer_key": public_key(world.issuer),
-        "policy": world.policy,
-    }
+def config(world: World) -> CoreConfig:
+    return CoreConfig(
+        fog_id=world.fog_id,
+        issuer_key=public_key(world.issuer),
+        policy=world.policy,
+        batch=BatchConfig(records_max=256, age_ms=1_000),
+        uplink=UplinkConfig(enabled=False),
+    )
 
 
-def start(world: World) -> StoreProcess:
-    return StoreProcess.start(world.path, **opening(world))
+def start(world: World) -> CoreProcess:
+    return CoreProcess.start(world.path, config=config(world), fog_key=world.fog_key)
 
 
 def provisioned(world: World, devices: int) -> list[tuple[bytes, bytes]]:
@@ -43,79 +58,111 @@ def provisioned(world: World, devices: int) -> list[tuple[bytes, bytes]]:
     return [(public_key(d), world.intent(d, 1, 1_000)) for d in devs]
 
 
-def test_process_answers_as_a_thread_store_would_and_the_log_holds_it(world: World) -> None:
+def receipts(outputs: list[FogOutput]) -> list[Receipt]:
+    return [o for o in outputs if isinstance(o, Receipt)]
+
+
+def test_the_child_answers_as_an_in_process_core_would_and_the_log_holds_it(
+    world: World, tmp_path: Path
+) -> None:
     items = provisioned(world, 3)
+    arrivals = tuple(Arrival(d, p) for d, p in items)
     proc = start(world)
     try:
         assert proc.pid != os.getpid() and process_running(proc.pid)
-        arrivals = [Arrival(d, p) for d, p in items]
-        outcomes = proc.process(arrivals, now_ms=NOW)
-        assert [o.status for o in outcomes] == ["ok"] * 3
-        again = proc.process(arrivals[:1], now_ms=NOW)  # a retransmission: the same bytes
-        assert again[0].replay and again[0].receipt == outcomes[0].receipt
-        assert proc.counters()["intents_ok"] == 3
-        sealed = proc.seal_due(now_ms=NOW + 60_000, records_max=256, age_ms=1_000)
-        assert [len(b.records) for b in sealed] == [3]
-        assert proc.batch_wire(sealed[0].number) == sealed[0].wire
+        outputs = receipts(proc.handle(Intents(arrivals=arrivals, now_ms=NOW)))
+        assert [r.outcome.status for r in outputs] == ["ok"] * 3
+        again = receipts(proc.handle(Intents(arrivals=arrivals[:1], now_ms=NOW)))
+        assert again[0].outcome.replay and again[0].payload == outputs[0].payload
+        [counters] = proc.handle(Stats(now_ms=NOW))
+        assert isinstance(counters, Counters) and counters.as_dict()["intents_ok"] == 3
+        sealed = [o for o in proc.handle(Tick(now_ms=NOW + 60_000)) if isinstance(o, Sealed)]
+        assert sealed == [Sealed(number=1, first_index=1, records=3)]
     finally:
         proc.close()
     assert not process_running(proc.pid)
     store = world.reopen()  # what the child committed is in the file
-    again = store.process([Arrival(*items[1])], now_ms=NOW)
-    assert again[0].replay and again[0].receipt == outcomes[1].receipt
+    again_here = store.process([Arrival(*items[1])], now_ms=NOW)
+    assert again_here[0].replay and again_here[0].receipt == outputs[1].payload
+    # an in-process core on a copy of the file answers the same intents from the same
+    # durable records: replays, with the very receipts the child sent
+    world.store.close()
+    copy = tmp_path / "copy.db"
+    src, dst = sqlite3.connect(world.path), sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    local = FogCore.open(copy, config=config(world), fog_key=world.fog_key)
+    try:
+        here = receipts(local.handle(Intents(arrivals=arrivals, now_ms=NOW)))
+        assert [r.outcome for r in here] == [
+            type(r.outcome)(**{**_fields(r.outcome), "replay": True}) for r in outputs
+        ]
+    finally:
+        local.handle(Close(now_ms=NOW))
+    world.store = world.open()
 
 
-def test_an_exception_in_the_store_is_raised_in_the_caller_and_the_process_serves_on(
+def _fields(o: object) -> dict[str, object]:
+    return {f: getattr(o, f) for f in o.__dataclass_fields__}  # type: ignore[attr-defined]
+
+
+def test_an_exception_in_the_core_is_raised_in_the_caller_and_the_process_serves_on(
     world: World,
 ) -> None:
-    provisioned(world, 1)
+    items = provisioned(world, 1)
     proc = start(world)
     try:
-        with pytest.raises(AssertionError):
-            proc.unacked_numbers(0)  # FogStore asserts 1 <= limit
-        with pytest.raises(AttributeError):
-            proc.no_such_method()
-        assert proc.unacked_numbers(8) == []
+        with pytest.raises(CoreError, match="AssertionError"):
+            proc.handle(Intents(arrivals=(Arrival(b"short", b"x"),), now_ms=NOW))
+        outputs = receipts(proc.handle(Intents(arrivals=(Arrival(*items[0]),), now_ms=NOW)))
+        assert outputs[0].outcome.status == "ok"
     finally:
         proc.close()
 
 
 def test_open_failure_is_raised_by_start(world: World, tmp_path: Path) -> None:
     newer = tmp_path / "newer.db"
-    FogStore.open(newer, **opening(world)).close()
+    FogStore.open(
+        newer,
+        fog_id=world.fog_id,
+        fog_key=world.fog_key,
+        issuer_key=public_key(world.issuer),
+        policy=world.policy,
+    ).close()
     con = sqlite3.connect(newer)
     con.execute("UPDATE schema_version SET version = 999")
     con.commit()
     con.close()
     with pytest.raises(StoreError, match="newer"):
-        StoreProcess.start(newer, **opening(world))
+        CoreProcess.start(newer, config=config(world), fog_key=world.fog_key)
 
 
-async def test_awaited_calls_from_many_tasks_are_served_one_at_a_time(world: World) -> None:
+async def test_awaited_inputs_from_many_tasks_are_handled_one_at_a_time(world: World) -> None:
     items = provisioned(world, 40)
     proc = start(world)
     try:
-        calls = [proc.acall("process", [Arrival(d, p)], now_ms=NOW) for d, p in items]
-        calls += [proc.acall("unacked_numbers", 8) for _ in range(10)]
+        calls = [proc.ahandle(Intents(arrivals=(Arrival(d, p),), now_ms=NOW)) for d, p in items]
+        calls += [proc.ahandle(Stats(now_ms=NOW)) for _ in range(10)]
         results = await asyncio.gather(*calls)
-        outcomes = [r[0] for r in results[: len(items)]]
+        outcomes = [receipts(r)[0].outcome for r in results[: len(items)]]
         assert [o.status for o in outcomes] == ["ok"] * len(items)
         assert sorted(o.log_index for o in outcomes) == list(range(1, len(items) + 1))
-        with pytest.raises(AssertionError):
-            await proc.acall("unacked_numbers", 0)
-        await proc.acall("close")
+        with pytest.raises(CoreError):
+            await proc.ahandle(Intents(arrivals=(Arrival(b"", b""),), now_ms=NOW))
+        await proc.ahandle(Close(now_ms=NOW))
     finally:
         proc.close()
     assert not process_running(proc.pid)
     with pytest.raises(StoreProcessError):
-        proc.counters()
+        await proc.ahandle(Stats(now_ms=NOW))
 
 
 def test_the_child_exits_when_its_parent_goes_and_keeps_what_committed(world: World) -> None:
     """A SIGKILLed daemon closes its end of the socket: the child finishes, then exits."""
     items = provisioned(world, 2)
     proc = start(world)
-    outcomes = proc.process([Arrival(*items[0])], now_ms=NOW)
+    outputs = receipts(proc.handle(Intents(arrivals=(Arrival(*items[0]),), now_ms=NOW)))
     proc._sock.close()  # what the kernel does for a killed parent
     deadline = time.monotonic() + EXIT_WAIT_S
     while process_running(proc.pid) and time.monotonic() < deadline:
@@ -124,7 +171,7 @@ def test_the_child_exits_when_its_parent_goes_and_keeps_what_committed(world: Wo
     proc._proc.wait(EXIT_WAIT_S)
     store = world.reopen()
     again = store.process([Arrival(*items[0])], now_ms=NOW)
-    assert again[0].replay and again[0].receipt == outcomes[0].receipt
+    assert again[0].replay and again[0].receipt == outputs[0].payload
 
 
 def test_the_fog_key_is_not_on_the_child_command_line_or_environment(world: World) -> None:
@@ -138,3 +185,14 @@ def test_the_fog_key_is_not_on_the_child_command_line_or_environment(world: Worl
             assert seed not in text and seed.hex().encode() not in text
     finally:
         proc.close()
+
+
+def test_the_core_imports_no_io() -> None:
+    """Sans-IO: importing the core pulls in no event loop, MQTT client or logger."""
+    code = (
+        "import sys, fog.core\n"
+        "bad = [m for m in ('asyncio', 'aiomqtt', 'paho', 'structlog', 'socket') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

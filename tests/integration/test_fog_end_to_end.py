@@ -20,7 +20,7 @@ import structlog.testing
 from fog.broker import BrokerLostError, BrokerProcess
 from fog.config import load_config
 from fog.daemon import FogDaemon
-from fog.storeproc import StoreProcess, StoreProcessError
+from fog.storeproc import CoreProcess, StoreProcessError
 from protocol import topics
 from protocol.messages import Receipt
 from protocol.reasons import Reason
@@ -452,9 +452,9 @@ async def test_a_dead_store_process_stops_the_fog_with_its_error(
     """Killed or crashed, the store process takes nothing down silently: the daemon logs
     store_process_lost, stops, and run() raises (the CLI exits 1; systemd restarts it)."""
     async with serving(tmp_path, issuer) as (daemon, task):
-        store = daemon._store
-        assert isinstance(store, StoreProcess)
-        await kill_child(daemon, task, store.pid, StoreProcessError, "store_process_lost")
+        core = daemon._core
+        assert isinstance(core, CoreProcess)
+        await kill_child(daemon, task, core.pid, StoreProcessError, "store_process_lost")
 
 
 async def test_a_dead_broker_process_stops_the_fog_with_its_error(
