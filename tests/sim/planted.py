@@ -7,8 +7,9 @@ Each replaces one real function for the duration of a run and puts it back after
 - ``lease_room``: the fog draws on a lease whatever room is left (``pick_lease`` without the
   room test): caught when the fog's file refuses the overdraft (a CHECK constraint: the store
   raises) or as a draw above the amount;
-- ``revocation``: the fog ignores revocations (``DeviceView.device_revoked`` never read):
-  caught as an authorization after the fog stored the device's revocation;
+- ``revocation``: the fog ignores revocations (the store calls ``authorize`` with a view whose
+  ``device_revoked`` and ``owner_revoked`` are false): caught as an authorization after the
+  fog stored the device's revocation;
 - ``cloud_escrow``: the cloud's credit check forgets what was drawn on closed leases and not
   settled (``cloud.leases.exposure`` counts open leases only), so an owner's returned leases
   free credit that was spent: caught as outstanding + drawn above the owner's limit.
@@ -21,12 +22,12 @@ from typing import Any, Final
 
 from cloud import leases
 from cloud.store import Tx
-from fog import authorize
+from fog import authorize, store
 from fog.authorize import LeaseView
 from protocol.messages import Intent
 
 _real_pick: Final = authorize.pick_lease
-_real_identity: Final = authorize._identity
+_real_authorize: Final = authorize.authorize  # what fog.store imported
 
 
 def _pick_ignoring_expiry(
@@ -45,9 +46,11 @@ def _pick_ignoring_room(
     return min(fits, key=lambda x: (x.not_after_ms, x.lease_id)) if fits else None
 
 
-def _identity_ignoring_revocation(intent: Intent, view: authorize.DeviceView, **kw: Any) -> Any:
+def _authorize_ignoring_revocation(
+    intent: Intent, view: authorize.DeviceView, *args: Any, **kw: Any
+) -> Any:
     view = dataclasses.replace(view, device_revoked=False, owner_revoked=False)
-    return _real_identity(intent, view, **kw)
+    return _real_authorize(intent, view, *args, **kw)
 
 
 async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
@@ -63,7 +66,7 @@ async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
 BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "lease_expiry": (authorize, "pick_lease", _pick_ignoring_expiry),
     "lease_room": (authorize, "pick_lease", _pick_ignoring_room),
-    "revocation": (authorize, "_identity", _identity_ignoring_revocation),
+    "revocation": (store, "authorize", _authorize_ignoring_revocation),
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
 }
 
