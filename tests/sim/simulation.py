@@ -1,13 +1,14 @@
 """One seeded run: the cast, the nodes, the network, the scheduler, the invariants.
 
-A run has two phases. **Chaos**: devices pay, fogs tick (seal, send batches, ask for and
-report leases), the cloud answers, and the seed's fault mix drops, delays, duplicates and
-reorders messages, cuts fogs off the cloud, and crashes fogs and the cloud (a crash may come
-right after a transaction committed and before its outputs were published). A few devices
-are revoked by their owners. **Heal**: faults stop, every node is restarted and reconnected,
-devices finish what they have in flight and pay no more, and virtual time passes until
-everything is quiet (or a bound is hit). Safety invariants are checked after every step; the
-liveness ones at the end (``tests/sim/invariants.py``). The first violation stops the run.
+A run has two phases. **Chaos**: devices pay, fogs tick when their core's ``Wake`` asks
+(seal, send batches, ask for and report leases), the cloud answers, and the seed's fault mix
+drops, delays, duplicates and reorders messages, cuts fogs off the cloud, and crashes fogs
+and the cloud (a crash may come right after a transaction committed and before its outputs
+were published). A few devices are revoked by their owners. **Heal**: faults stop, every node
+is restarted and reconnected, devices finish what they have in flight and pay no more, and
+virtual time passes (fog ticks at least ``heal_tick_ms`` apart) until everything is quiet
+(or a bound is hit). Safety invariants are checked after every step; the liveness ones at
+the end (``tests/sim/invariants.py``). The first violation stops the run.
 
 Everything random comes from ``random.Random(seed)``: the cast's keys, the fault mix, each
 fault, each delay, each payment; even the cloud's lease ids (``os.urandom`` is routed to the
