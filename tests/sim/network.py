@@ -4,9 +4,9 @@ between a fog and the cloud; and the broker's retained topics.
 Every message is the real MQTT payload on its real topic (``protocol.topics``); the network
 only decides whether, when and how often it arrives. A message in flight is lost if, when it
 would arrive, its sender or its destination is down or its link is cut (a TCP connection
-dying with the crash or the partition). Retained messages (what the cloud publishes: credentials, bindings, revocations,
-leases, acks) are kept as a broker keeps them and sent again to a fog whenever it
-(re)subscribes: after a restart and when its partition heals.
+dying with the crash or the partition). Retained messages (what the cloud publishes:
+credentials, bindings, revocations, leases, acks) are kept as a broker keeps them and sent
+again to a fog whenever it (re)subscribes: after a restart and when its partition heals.
 """
 
 import random

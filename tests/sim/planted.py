@@ -10,6 +10,9 @@ Each replaces one real function for the duration of a run and puts it back after
 - ``revocation``: the fog ignores revocations (the store calls ``authorize`` with a view whose
   ``device_revoked`` and ``owner_revoked`` are false): caught as an authorization after the
   fog stored the device's revocation;
+- ``uplink_resend``: the fog's uplink never sends a batch again once sent
+  (``fog.uplink.Window.plan`` without its go-back-N; only a reconnect still resends): a lost
+  batch stays lost, caught by the heal phase's liveness check (records never booked);
 - ``cloud_escrow``: the cloud's credit check forgets what was drawn on closed leases and not
   settled (``cloud.leases.exposure`` counts open leases only), so an owner's returned leases
   free credit that was spent: caught as outstanding + drawn above the owner's limit.
@@ -24,6 +27,7 @@ from cloud import leases
 from cloud.store import Tx
 from fog import authorize, store
 from fog.authorize import LeaseView
+from fog.uplink import Window
 from protocol.messages import Intent
 
 _real_pick: Final = authorize.pick_lease
@@ -53,6 +57,13 @@ def _authorize_ignoring_revocation(
     return _real_authorize(intent, view, *args, **kw)
 
 
+def _plan_never_resending(self: Window, unacked: list[int], *, now_ms: int) -> list[int]:
+    out = [n for n in unacked if n not in self.sent]
+    for n in out:
+        self.sent[n] = now_ms
+    return out
+
+
 async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
     row = await tx.fetchone(
         "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
@@ -67,6 +78,7 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "lease_expiry": (authorize, "pick_lease", _pick_ignoring_expiry),
     "lease_room": (authorize, "pick_lease", _pick_ignoring_room),
     "revocation": (store, "authorize", _authorize_ignoring_revocation),
+    "uplink_resend": (Window, "plan", _plan_never_resending),
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
 }
 
