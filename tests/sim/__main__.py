@@ -35,6 +35,7 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
     extra = f" --fogs {config.fogs}" if config.fogs != FOGS_DEFAULT else ""
     extra += f" --steps {config.steps}" if config.steps != STEPS_DEFAULT else ""
     extra += f" --without {','.join(config.without)}" if config.without else ""
+    extra += " --strict-leases" if config.strict_leases else ""
     extra += f" --plant {plant}" if plant else ""
     return f"python -m tests.sim --seeds 1 --start {seed}{extra} -v"
 
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         "--without", default="", help=f"faults to switch off, comma-separated: {','.join(FAULTS)}"
     )
     p.add_argument("--plant", choices=sorted(BUGS), help="run with a known bug planted")
+    p.add_argument(
+        "--strict-leases",
+        action="store_true",
+        help="a lease the cloud granted and its fog never stored, open after the heal, is a "
+        "violation too",
+    )
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
     p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
@@ -123,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(w not in FAULTS for w in without):
         p.error(f"--without takes {','.join(FAULTS)}")
     quiet_logs()
-    config = SimConfig(fogs=args.fogs, steps=args.steps, without=without)
+    config = SimConfig(
+        fogs=args.fogs, steps=args.steps, without=without, strict_leases=args.strict_leases
+    )
     results = []
     started = time.perf_counter()
     seeds = range(args.start, args.start + args.seeds)

@@ -74,7 +74,9 @@ class CloudNode:
             return f"batch {out.number} {out.status}", list(out.publish)
         if kind is Kind.LEASE_REQUEST:
             pub = await self.core.lease_request(payload)
-            return ("lease_granted" if pub else "lreq_unanswered"), pub
+            if not pub:
+                return "lreq unanswered", pub
+            return f"lease {pub[0][0].rsplit('/', 1)[-1][:8]} granted (or granted again)", pub
         if kind is Kind.LEASE_REPORT:
             pub = await self.core.lease_report(payload)
             return f"lrep cleared={len(pub)}", pub

@@ -132,13 +132,16 @@ class FogNode:
     def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
         fog_ms = now_ms + self.skew_ms
         out = self._handle(core.TrustMessage(topic=topic, payload=payload, now_ms=fog_ms))
-        if "revoke accepted" in out.words:
-            try:
-                key = topics.parse(topic).key
-            except TopicError:
-                key = None
-            if key is not None:
-                self.revoked_at.setdefault(key, fog_ms)  # fog time, as the log's at_ms
+        try:
+            parsed: topics.Topic | None = topics.parse(topic)
+        except TopicError:
+            parsed = None
+        if not out.words and not payload:
+            out.words.append("cleared (nothing to close)")
+        if parsed is not None and parsed.lease_id is not None:  # name the lease in the trace
+            out.words = [f"lease {parsed.lease_id.hex()[:8]}: {w}" for w in out.words]
+        if "revoke accepted" in out.words and parsed is not None and parsed.key is not None:
+            self.revoked_at.setdefault(parsed.key, fog_ms)  # fog time, as the log's at_ms
         return out
 
     def tick(self, *, now_ms: int) -> Outputs:

@@ -71,6 +71,9 @@ class SimConfig:
     mix: FaultMix | None = None  # None: drawn from the seed (swarm testing)
     faults: bool = True  # False: no faults at all (the mix is drawn, then ignored)
     without: tuple[str, ...] = ()  # faults of the drawn mix switched off (faults.FAULTS)
+    # a lease its fog never stored and that stays open at the cloud is a violation too (off:
+    # a known gap of the lease protocol, counted as "leases stranded"; see README.md)
+    strict_leases: bool = False
 
 
 @dataclass(slots=True)
@@ -301,7 +304,15 @@ class Simulation:
         assert self.checker is not None
         now = self.sched.now_ms
         self.fail(self.checker.converged(list(self.devices.values()), now_ms=now))
-        self.count("leases_stranded", len(self.checker.stranded(now_ms=now, known=False)))
+        stranded = self.checker.stranded(now_ms=now, known=False)
+        self.count("leases_stranded", len(stranded))
+        if self.config.strict_leases:
+            self.fail(
+                [
+                    f"cloud: lease {x.hex()[:8]} expired, open, never held by its fog"
+                    for x in stranded
+                ]
+            )
 
     def _quiet(self, end_ms: int) -> bool:
         if self.sched.now_ms >= end_ms:
