@@ -186,6 +186,10 @@ class LeaseRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseReport:
+    """A lease report to publish. First send (``resend`` False): ``drawn_micros`` and
+    ``batch`` are what it reports; a resend carries the same bytes, and -1 for both (the
+    resend schedule keeps only the bytes)."""
+
     topic: str
     payload: bytes
     lease_id: bytes
@@ -319,7 +323,6 @@ class FogCore:
         self._gap_until = 0  # no round for drawing owners before this
         self._prune_at = 0
         self._wake_sent: int | None = None  # the earliest Wake given since the last Tick
-        self._counts: Counter[str] = Counter()
 
     @classmethod
     def open(
@@ -658,7 +661,6 @@ class FogCore:
 
     def _counters(self) -> Counters:
         counts = Counter(self._store.counters())
-        counts.update(self._counts)
         counts["lease_requests_abandoned"] = self._requests.abandoned
         counts["lease_reports_abandoned"] = self._reports.abandoned
         return Counters(items=tuple(sorted(counts.items())))

@@ -32,18 +32,17 @@ rolls back whole, and a device that lost its receipt retransmits and gets the st
 import asyncio
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Final
 
 import aiomqtt
 import nacl.signing
 import structlog
 
 from fog.authorize import Policy
-from fog.broker import TCP_NODELAY_OPTION, BrokerLostError, BrokerProcess, EmbeddedBroker
+from fog.broker import BrokerLostError, BrokerProcess, EmbeddedBroker
 from fog.config import FogConfig, parse_broker_url
 from fog.core import (
     Alarm,
@@ -80,7 +79,8 @@ from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import short
-from runtime.mqttloop import read_until_stopped, reconnect_delay_s, sleep_or_stop
+from runtime.mqttloop import read_until_stopped, sleep_or_stop
+from runtime.mqttshell import ClientSettings, serve
 
 log = structlog.get_logger()
 
@@ -320,58 +320,37 @@ class FogDaemon:
 
     # ---- MQTT ---------------------------------------------------------------------------
 
-    def _client_args(self) -> dict[str, Any]:
+    def _client_settings(self) -> ClientSettings:
         b = self.config.broker
+        username: str | None
+        password: str | None
         if b.url is None:
             host = "127.0.0.1" if b.host in ("0.0.0.0", "localhost") else b.host
             host = "::1" if host == "::" else host
-            return {
-                "hostname": host,
-                "port": self.broker_port,
-                "username": b.username,
-                "password": b.password,
-            }
-        addr = parse_broker_url(b.url)
-        return {
-            "hostname": addr.host,
-            "port": addr.port,
-            "username": addr.username,
-            "password": addr.password,
-        }
+            port, username, password = self.broker_port, b.username, b.password
+        else:
+            addr = parse_broker_url(b.url)
+            host, port, username, password = addr.host, addr.port, addr.username, addr.password
+        return ClientSettings(
+            hostname=host,
+            port=port,
+            username=username,
+            password=password,
+            # unguessable (a random suffix): on amqtt a client reusing our id could take our
+            # session over
+            identifier_prefix=f"fogpay-fog-{self.config.fog_id}",
+            keepalive_s=KEEPALIVE_S,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            subscribe_timeout_s=SUBSCRIBE_TIMEOUT_S,
+            inflight_max=INFLIGHT_MESSAGES_MAX,
+            incoming_max=INTENT_QUEUE_MAX,
+            # we publish a whole group's receipts at once by design; warn only past that
+            pending_calls_threshold=GROUP_MAX * 2,
+            failures_max=RECONNECT_ATTEMPTS_MAX,
+        )
 
     async def _mqtt_loop(self, ready: asyncio.Event | None) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            client = aiomqtt.Client(
-                **self._client_args(),
-                # unguessable: on amqtt a client reusing our id could take our session over
-                identifier=f"fogpay-fog-{self.config.fog_id}-{secrets.token_hex(8)}",
-                clean_session=True,  # amqtt persistence is not trusted; devices retransmit
-                keepalive=KEEPALIVE_S,
-                timeout=CONNECT_TIMEOUT_S,
-                max_inflight_messages=INFLIGHT_MESSAGES_MAX,
-                max_queued_incoming_messages=INTENT_QUEUE_MAX,
-                socket_options=(TCP_NODELAY_OPTION,),
-            )
-            # we publish a whole group's receipts at once by design; warn only past that
-            client.pending_calls_threshold = GROUP_MAX * 2
-            try:
-                async with client:
-                    failures = 0
-                    await self._session(client, ready)
-                    return
-            except aiomqtt.MqttError as exc:
-                self._client = None
-                await self._tell_core(Disconnected(**self._times()))
-                self._count("broker_disconnected")
-                failures += 1
-                if failures > RECONNECT_ATTEMPTS_MAX:
-                    raise
-                delay = reconnect_delay_s(failures)
-                self._log.warning("broker_disconnected", error=str(exc), retry_s=round(delay, 3))
-                await sleep_or_stop(self._stopping, delay)
-
-    async def _session(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
+        """The MQTT shell (runtime/mqttshell.py): a clean session; devices retransmit."""
         fog_id = self.config.fog_id
         filters = [
             topics.intent_filter(fog_id),
@@ -379,11 +358,30 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
-        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-            await client.subscribe([(f, 1) for f in filters])
+
+        async def session(client: aiomqtt.Client) -> None:
+            await self._session(client, ready, filters=len(filters))
+
+        await serve(
+            self._client_settings(),
+            filters,
+            stopping=self._stopping,
+            session=session,
+            lost=self._broker_lost,
+        )
+
+    async def _broker_lost(self, exc: aiomqtt.MqttError, delay_s: float) -> None:
+        self._client = None
+        await self._tell_core(Disconnected(**self._times()))
+        self._count("broker_disconnected")
+        self._log.warning("broker_disconnected", error=str(exc), retry_s=round(delay_s, 3))
+
+    async def _session(
+        self, client: aiomqtt.Client, ready: asyncio.Event | None, *, filters: int
+    ) -> None:
         self._client = client
         self._count("broker_connected")
-        self._log.info("broker_connected", port=self.broker_port, filters=len(filters))
+        self._log.info("broker_connected", port=self.broker_port, filters=filters)
         # what went to the old connection may not have reached the cloud: the core sends
         # every unacked batch and open report again
         await self._tell_core(Connected(**self._times()))

@@ -1,0 +1,100 @@
+"""One MQTT shell: connect (TCP_NODELAY), subscribe, serve a session, reconnect with jitter.
+
+Every long-lived client of ours has the same outer loop: make an aiomqtt client, connect,
+subscribe with a deadline, hand the connected client to the caller's session, and when the
+connection drops (``aiomqtt.MqttError``) back off with a capped, jittered delay
+(``runtime.mqttloop.reconnect_delay_s``) and do it again, until told to stop or a bound of
+consecutive failures is passed (then the error is raised: systemd restarts the process).
+``serve`` is that loop, with the settings spelled out once in ``ClientSettings``; the fog
+daemon uses it (the cloud service and the device SDK have the same shape and can move to it).
+
+A session is the caller's: it reads ``client.messages`` (``runtime.mqttloop.read_until_stopped``)
+and publishes with its own deadlines; returning from it ends ``serve``. Sessions are clean
+(``clean_session=True``): what matters survives in the applications' own retransmission.
+"""
+
+import asyncio
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiomqtt
+
+from runtime.mqttloop import reconnect_delay_s, sleep_or_stop
+
+# Nagle's algorithm holds small packets back waiting for an ACK: a receipt or a PUBACK would
+# wait for the peer's delayed ACK (up to 40 ms on Linux) under light load.
+TCP_NODELAY_OPTION: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+QOS: Final = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientSettings:
+    hostname: str
+    port: int
+    identifier_prefix: str  # a random suffix follows: a guessed id cannot take a session over
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    keepalive_s: int = 30
+    connect_timeout_s: float = 5.0
+    subscribe_timeout_s: float = 5.0
+    inflight_max: int = 1000  # QoS 1 messages of ours in flight
+    incoming_max: int = 10_000  # messages aiomqtt queues for the reader
+    pending_calls_threshold: int = 512  # aiomqtt warns past this many calls in flight
+    failures_max: int = 1000  # consecutive failed connections; then MqttError is raised
+
+    def __post_init__(self) -> None:
+        assert 0 < self.port < 65_536 and self.failures_max >= 0
+        assert self.connect_timeout_s > 0 and self.subscribe_timeout_s > 0
+
+
+def client_for(settings: ClientSettings) -> aiomqtt.Client:
+    """A new, unconnected client with the settings (and TCP_NODELAY)."""
+    client = aiomqtt.Client(
+        hostname=settings.hostname,
+        port=settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=f"{settings.identifier_prefix}-{secrets.token_hex(8)}",
+        clean_session=True,
+        keepalive=settings.keepalive_s,
+        timeout=settings.connect_timeout_s,
+        max_inflight_messages=settings.inflight_max,
+        max_queued_incoming_messages=settings.incoming_max,
+        socket_options=(TCP_NODELAY_OPTION,),
+    )
+    client.pending_calls_threshold = settings.pending_calls_threshold
+    return client
+
+
+async def serve(
+    settings: ClientSettings,
+    filters: Sequence[str],
+    *,
+    stopping: asyncio.Event,
+    session: Callable[[aiomqtt.Client], Awaitable[None]],
+    lost: Callable[[aiomqtt.MqttError, float], Awaitable[None]],
+) -> None:
+    """Connect, subscribe to ``filters`` (QoS 1), run ``session(client)``; on a lost or
+    failed connection call ``lost(error, delay_s)`` and try again after ``delay_s`` (unless
+    stopping). Returns when a session returns or when stopping; raises the last
+    ``MqttError`` after ``failures_max`` consecutive failures."""
+    failures = 0
+    while not stopping.is_set():
+        client = client_for(settings)
+        try:
+            async with client:
+                failures = 0
+                async with asyncio.timeout(settings.subscribe_timeout_s):
+                    await client.subscribe([(f, QOS) for f in filters])
+                await session(client)
+                return
+        except aiomqtt.MqttError as exc:
+            failures += 1
+            if failures > settings.failures_max:
+                raise
+            delay = reconnect_delay_s(failures)
+            await lost(exc, delay)
+            await sleep_or_stop(stopping, delay)
