@@ -1,0 +1,192 @@
+"""One simulated fog: the real ``fog.core.FogCore`` over its real ``FogStore`` file.
+
+This is the ONE adapter between the simulation and the fog: it plays the daemon's shell.
+Inputs go in with ``now_ms`` from the virtual clock (``mono_ms`` is left out: the core then
+times its resends on ``now_ms``, and the virtual clock never steps back); outputs come back
+sorted for the simulation: messages to send (receipts to devices; batches, lease requests
+and reports to the cloud), the earliest ``Wake`` the core asked for, and words for the trace.
+An ``Alarm`` (a part of the core failed at its seam) is returned too: in a run without disk
+errors every one is a bug, and the simulation reports it as a violation.
+
+A crash drops every object (the store's connection, the core's memory: uplink window, lease
+requests and reports in flight, notes, rate buckets); a restart reopens the core from its
+file, as systemd restarting the daemon would.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import nacl.signing
+
+from fog import core
+from fog.authorize import Policy
+from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.core import CoreConfig, FogCore, FogInput
+from fog.store import Arrival, Outcome
+from protocol import topics
+from protocol.errors import TopicError
+
+DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
+CLOUD: Final = "cloud"
+Send = tuple[str, str, bytes]  # (destination, topic, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class FogSettings:
+    """What ``fog.toml`` would say ([batch], [uplink], [lease], [policy]), sized for the sim."""
+
+    records_max: int = 4
+    age_ms: int = 2_000
+    keep_acked_ms: int = 0  # 0: never prune
+    window: int = 4
+    ack_timeout_ms: int = 3_000
+    request_below_micros: int = 20_000
+    request_micros: int = 100_000
+    request_timeout_ms: int = 2_000
+    request_attempts_max: int = 3
+    report_retry_ms: int = 500
+    check_interval_ms: int = 1_000
+    policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
+
+    def core_config(self, fog_id: str, issuer_key: bytes) -> CoreConfig:
+        return CoreConfig(
+            fog_id=fog_id,
+            issuer_key=issuer_key,
+            policy=self.policy,
+            batch=BatchConfig(
+                records_max=self.records_max, age_ms=self.age_ms, keep_acked_ms=self.keep_acked_ms
+            ),
+            uplink=UplinkConfig(window=self.window, ack_timeout_ms=self.ack_timeout_ms),
+            lease=LeaseConfig(
+                request_below_micros=self.request_below_micros,
+                request_micros=self.request_micros,
+                request_timeout_ms=self.request_timeout_ms,
+                request_attempts_max=self.request_attempts_max,
+                report_retry_ms=self.report_retry_ms,
+                check_interval_ms=self.check_interval_ms,
+            ),
+        )
+
+
+@dataclass(slots=True)
+class Outputs:
+    sends: list[Send] = field(default_factory=list)
+    wake_ms: int | None = None
+    words: list[str] = field(default_factory=list)
+    alarms: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class FogNode:
+    def __init__(
+        self,
+        *,
+        fog_id: str,
+        key: nacl.signing.SigningKey,
+        issuer_key: bytes,
+        path: Path,
+        settings: FogSettings,
+        skew_ms: int = 0,
+    ) -> None:
+        """``skew_ms``: this fog's clock minus the simulation's (every ``now_ms`` given to a
+        method is the simulation's; the core sees its own clock, and ``Outputs.wake_ms`` is
+        given back in the simulation's time)."""
+        self.fog_id, self.path, self.settings = fog_id, path, settings
+        self.skew_ms = skew_ms
+        self._key = key
+        self._config = settings.core_config(fog_id, issuer_key)
+        self.core: FogCore | None = None
+        self.revoked_at: dict[bytes, int] = {}  # key -> when this fog accepted its revocation
+        self.starts = 0
+
+    @property
+    def up(self) -> bool:
+        return self.core is not None
+
+    # ---- life -----------------------------------------------------------------------------
+
+    def start(self, *, now_ms: int, connected: bool) -> Outputs:
+        """Open the core from its file; ``connected``: its MQTT client is up at once."""
+        self.core = FogCore.open(self.path, config=self._config, fog_key=self._key)
+        self.starts += 1
+        return self.connected(now_ms=now_ms) if connected else Outputs()
+
+    def crash(self) -> None:
+        """Drop everything in memory; committed transactions stay in the file."""
+        assert self.core is not None
+        self.core.store.close()
+        self.core = None
+
+    def connected(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Connected(now_ms=now_ms + self.skew_ms))
+
+    def disconnected(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Disconnected(now_ms=now_ms + self.skew_ms))
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def intents(self, arrivals: list[Arrival], *, now_ms: int) -> Outputs:
+        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
+
+    def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
+        fog_ms = now_ms + self.skew_ms
+        out = self._handle(core.TrustMessage(topic=topic, payload=payload, now_ms=fog_ms))
+        try:
+            parsed: topics.Topic | None = topics.parse(topic)
+        except TopicError:
+            parsed = None
+        if not out.words and not payload:
+            out.words.append("cleared (nothing to close)")
+        if parsed is not None and parsed.lease_id is not None:  # name the lease in the trace
+            out.words = [f"lease {parsed.lease_id.hex()[:8]}: {w}" for w in out.words]
+        if "revoke accepted" in out.words and parsed is not None and parsed.key is not None:
+            self.revoked_at.setdefault(parsed.key, fog_ms)  # fog time, as the log's at_ms
+        return out
+
+    def tick(self, *, now_ms: int) -> Outputs:
+        return self._handle(core.Tick(now_ms=now_ms + self.skew_ms))
+
+    def _handle(self, event: FogInput) -> Outputs:
+        assert self.core is not None
+        out = Outputs()
+        for o in self.core.handle(event):
+            match o:
+                case core.Receipt():
+                    out.sends.append((DEVICE, o.topic, o.payload))
+                    out.outcomes.append(o.outcome)
+                case core.BatchSend() | core.LeaseRequest() | core.LeaseReport():
+                    out.sends.append((CLOUD, o.topic, o.payload))
+                    out.words.append(_describe(o))
+                case core.Wake():
+                    at = o.mono_ms - self.skew_ms
+                    out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
+                case core.TrustLoaded():
+                    out.words.append(f"{o.msg_type or 'message'} {o.status}")
+                case core.LeaseClosed():
+                    out.words.append("lease closed")
+                case core.Sealed():
+                    out.words.append(f"sealed batch {o.number} ({o.records} records)")
+                case core.Pruned():
+                    out.words.append(f"pruned {o.records}")
+                case core.Alarm():
+                    out.alarms.append(f"{o.event}: {o.error}")
+                case core.Publish() | core.Counters():
+                    pass
+        return out
+
+    # ---- for the simulation's quiet test --------------------------------------------------
+
+    def idle(self) -> bool:
+        """Nothing left to send up: every sealed batch acked, every report cleared."""
+        assert self.core is not None
+        store = self.core.store
+        return not store.unacked_numbers(1) and not store.lease_reports_open()
+
+
+def _describe(o: core.BatchSend | core.LeaseRequest | core.LeaseReport) -> str:
+    if isinstance(o, core.BatchSend):
+        return f"send batch {o.number}"
+    if isinstance(o, core.LeaseRequest):
+        return f"{'resend' if o.resend else 'send'} lreq {o.owner_id}"
+    return f"{'resend' if o.resend else 'send'} lrep {o.lease_id.hex()[:8]}"

@@ -1,0 +1,243 @@
+"""The invariants, checked after every step and at the end, against the real files.
+
+The checker reads every fog's SQLite file and the cloud's through its own read connections
+(as an auditor would: nothing in the system under test is asked about itself), plus what the
+devices hold. Each check returns violations as one line each; an empty list is a pass.
+
+Safety, after every step:
+
+- per lease: the draws in a fog's log on a lease sum to at most its amount, none is later
+  than its expiry, and the lease is one the cloud granted to that fog;
+- per owner: outstanding leases (at ``max(amount, drawn)``, drawn as the fogs' logs say) plus
+  what was drawn on closed leases stay within the credit limit; and so does the cloud's own
+  ``cloud.leases.exposure``;
+- no intent booked twice: a transfer per intent id (the key) and per (device, q);
+- a fog authorizes nothing for a device after it stored the device's revocation;
+- every ok receipt a device holds is in its fog's file, at the log index it names (checked
+  when the receipt arrives and again after every restart of that fog);
+- the cloud raised no alarm (fork, cloned key, lease overdrawn or drawn late, report
+  mismatch) and rejected no record: in a run without attackers each is a bug;
+- the ledger sums to zero in every currency and every balance equals its transfers
+  (``cloud.ledger.check``).
+
+Liveness, after the heal phase: every ok receipt a device holds is booked exactly once,
+every record of every fog's log is booked, and every lease past its expiry is closed.
+"""
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud import leases as cloud_leases
+from cloud import ledger
+from tests.sim.devices import Held, SimDevice
+
+Row = tuple[object, ...]
+
+
+class ReadTx:
+    """``cloud.store.Tx`` for reading over a plain sqlite3 connection, so that the cloud's own
+    checks (``ledger.check``, ``leases.exposure``) run against the file unchanged."""
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, tuple(params)).fetchone()
+        return row
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        raise AssertionError("the checker only reads")
+
+
+@dataclass(frozen=True, slots=True)
+class CloudLease:
+    owner_id: str
+    fog_id: str
+    amount_micros: int
+    not_after_ms: int
+    state: str
+
+
+def _ro(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    return conn
+
+
+class Checker:
+    def __init__(self, *, cloud_path: Path, fog_paths: dict[str, Path], limits: dict[str, int]):
+        self._cloud = _ro(cloud_path)
+        self._fogs = {f: _ro(p) for f, p in fog_paths.items()}
+        self._limits = limits
+        self.leases: dict[bytes, CloudLease] = {}
+        # per fog: lease_id -> (drawn, last at_ms, records) from its log
+        self._draws: dict[str, dict[bytes, tuple[int, int, int]]] = {f: {} for f in fog_paths}
+
+    def close(self) -> None:
+        self._cloud.close()
+        for conn in self._fogs.values():
+            conn.close()
+
+    # ---- fogs ---------------------------------------------------------------------------
+
+    def fog(self, fog_id: str, revoked_at: dict[bytes, int]) -> list[str]:
+        conn = self._fogs[fog_id]
+        out = []
+        draws = {
+            bytes(lid): (int(s), int(t), int(c))
+            for lid, s, t, c in conn.execute(
+                "SELECT lease_id, SUM(amount_micros), MAX(at_ms), COUNT(*) FROM log "
+                "GROUP BY lease_id"
+            )
+        }
+        # records of closed leases may be pruned: what was drawn on a lease never shrinks
+        seen = self._draws[fog_id]
+        for lease_id, (d, t, c) in seen.items():
+            if lease_id not in draws or draws[lease_id][0] < d:
+                draws[lease_id] = (d, t, c)
+        self._draws[fog_id] = draws
+        for lease_id, (drawn, last_ms, _) in sorted(draws.items()):
+            lease = self.leases.get(lease_id)
+            tag = f"{fog_id} lease {lease_id.hex()[:8]}"
+            if lease is None:
+                out.append(f"{tag}: drawn on, but the cloud never granted it")
+            elif lease.fog_id != fog_id:
+                out.append(f"{tag}: drawn on, but granted to {lease.fog_id}")
+            else:
+                if drawn > lease.amount_micros:
+                    out.append(f"{tag}: drawn {drawn} > amount {lease.amount_micros}")
+                if last_ms > lease.not_after_ms:
+                    out.append(f"{tag}: drawn at {last_ms} > expiry {lease.not_after_ms}")
+        for device, at_ms in revoked_at.items():
+            row = conn.execute("SELECT MAX(at_ms) FROM log WHERE device = ?", (device,)).fetchone()
+            if row[0] is not None and int(row[0]) > at_ms:
+                out.append(
+                    f"{fog_id}: authorized device {device.hex()[:8]} at {row[0]} after storing "
+                    f"its revocation at {at_ms}"
+                )
+        return out
+
+    def unsealed(self, fog_id: str) -> int:
+        """Log records of ``fog_id`` in no sealed batch yet."""
+        conn = self._fogs[fog_id]
+        row = conn.execute(
+            "SELECT (SELECT coalesce(max(n), 0) FROM log) - "
+            "(SELECT coalesce(max(first_index + count) - 1, 0) FROM batches)"
+        ).fetchone()
+        return max(0, int(row[0]))
+
+    def receipts_durable(self, fog_id: str, held: Sequence[Held]) -> list[str]:
+        """Every ok receipt of ``fog_id`` a device holds is a record in the fog's file."""
+        conn = self._fogs[fog_id]
+        out = []
+        for h in held:
+            row = conn.execute("SELECT n FROM log WHERE intent_id = ?", (h.intent_id,)).fetchone()
+            if row is None and self._booked(h.intent_id):
+                continue  # pruned after the cloud acked it
+            if row is None:
+                out.append(f"{fog_id}: receipt n={h.log_index} held, but not in the fog's file")
+            elif int(row[0]) != h.log_index:
+                out.append(f"{fog_id}: receipt n={h.log_index} held, file says n={row[0]}")
+        return out
+
+    def _booked(self, intent_id: bytes) -> bool:
+        sql = "SELECT 1 FROM transfers WHERE intent_id = ?"
+        return self._cloud.execute(sql, (intent_id,)).fetchone() is not None
+
+    # ---- cloud ----------------------------------------------------------------------------
+
+    async def cloud(self) -> list[str]:
+        conn = self._cloud
+        self.leases = {
+            bytes(r[0]): CloudLease(r[1], r[2], int(r[3]), int(r[4]), r[5])
+            for r in conn.execute(
+                "SELECT lease_id, owner_id, fog_id, amount_micros, not_after_ms, state FROM leases"
+            )
+        }
+        out = []
+        for dseq, n in conn.execute(
+            "SELECT dseq, COUNT(*) FROM transfers GROUP BY dseq HAVING COUNT(*) > 1"
+        ):
+            out.append(f"cloud: {n} intents booked at one (device, q) {bytes(dseq).hex()[:12]}")
+        for kind, subject, fog_id, detail in conn.execute(
+            "SELECT kind, subject, fog_id, detail FROM alarms ORDER BY kind, subject"
+        ):
+            out.append(f"cloud: alarm {kind} from {fog_id} on {subject[:16]}: {detail}")
+        for fog_id, number, position, reason in conn.execute(
+            "SELECT fog_id, number, position, reason FROM rejected ORDER BY fog_id, number"
+        ):
+            out.append(f"cloud: rejected {fog_id} batch {number} record {position}: {reason}")
+        tx = ReadTx(conn)
+        check = await ledger.check(tx)  # type: ignore[arg-type]
+        if not check.ok:
+            out.append(f"cloud: ledger does not balance: {check.sums} {check.mismatched[:3]}")
+        for owner_id, limit in sorted(self._limits.items()):
+            exposure = await cloud_leases.exposure(tx, owner_id)  # type: ignore[arg-type]
+            if exposure > limit:
+                out.append(f"cloud: owner {owner_id} exposure {exposure} > limit {limit}")
+        return out
+
+    def owners(self) -> list[str]:
+        """Ground truth across all fogs: outstanding + drawn within each owner's limit."""
+        drawn: dict[bytes, int] = {}
+        for per_fog in self._draws.values():
+            for lease_id, (d, _, _) in per_fog.items():
+                drawn[lease_id] = drawn.get(lease_id, 0) + d
+        total: dict[str, int] = {}
+        for lease_id, lease in self.leases.items():
+            d = drawn.get(lease_id, 0)
+            held = max(lease.amount_micros, d) if lease.state == cloud_leases.STATE_OPEN else d
+            total[lease.owner_id] = total.get(lease.owner_id, 0) + held
+        return [
+            f"owner {o}: leases outstanding + drawn {t} > limit {self._limits[o]}"
+            for o, t in sorted(total.items())
+            if t > self._limits[o]
+        ]
+
+    # ---- after the heal phase --------------------------------------------------------------
+
+    def converged(self, devices: Sequence[SimDevice], *, now_ms: int) -> list[str]:
+        conn = self._cloud
+        booked = {
+            bytes(i): (f, int(a))
+            for i, f, a in conn.execute("SELECT intent_id, fog_id, amount_micros FROM transfers")
+        }
+        out = []
+        for dev in devices:
+            for h in dev.held.values():
+                b = booked.get(h.intent_id)
+                if b is None:
+                    out.append(f"{dev.name}: ok receipt {h.fog_id} n={h.log_index} never booked")
+                elif b != (h.fog_id, h.amount_micros):
+                    out.append(f"{dev.name}: receipt {h.fog_id} n={h.log_index} booked as {b}")
+        for fog_id, fconn in sorted(self._fogs.items()):  # pruned records were acked
+            for n, intent_id in fconn.execute("SELECT n, intent_id FROM log ORDER BY n"):
+                if bytes(intent_id) not in booked:
+                    out.append(f"{fog_id}: log record n={n} never booked")
+        for lease_id in self.stranded(now_ms=now_ms, known=True):
+            lease = self.leases[lease_id]
+            out.append(f"cloud: lease {lease_id.hex()[:8]} of {lease.fog_id} expired, open")
+        return out
+
+    def stranded(self, *, now_ms: int, known: bool) -> list[bytes]:
+        """Expired leases still open at the cloud, whose fog holds them (``known``: the fog
+        should have reported them) or never stored them (it got the lease only after its
+        expiry, and a fog refuses expired material: nothing will ever report it)."""
+        out = []
+        for lease_id, lease in sorted(self.leases.items()):
+            if lease.state != cloud_leases.STATE_OPEN or lease.not_after_ms >= now_ms:
+                continue
+            row = (
+                self._fogs[lease.fog_id]
+                .execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease_id,))
+                .fetchone()
+            )
+            if (row is not None) == known:
+                out.append(lease_id)
+        return out
