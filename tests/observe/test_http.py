@@ -8,16 +8,8 @@ from typing import Final
 
 import pytest
 
-from runtime.http import (
-    CONNECTIONS_MAX,
-    REQUEST_BYTES_MAX,
-    HttpServer,
-    ListenError,
-    Response,
-    json_response,
-    parse_listen,
-    url_host,
-)
+from runtime.http import CONNECTIONS_MAX, REQUEST_BYTES_MAX, HttpServer, Response, json_response
+from runtime.listen import ListenError, parse_listen, url_host
 
 IO_TIMEOUT_S: Final = 10.0
 
