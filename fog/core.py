@@ -431,6 +431,7 @@ class FogCore:
             return [Alarm(event="trust_failed", error=type(exc).__name__)]
         pair = result.lease_pair
         answered = pair is not None and self._requests.answered(pair)
+        reports = self._report_unused(result.expired_lease, now, _mono(event))
         loaded = TrustLoaded(
             msg_type=arrival.msg_type,
             status=result.status,
@@ -438,7 +439,27 @@ class FogCore:
             detail=result.detail,
             answered_request=answered,
         )
-        return [loaded]
+        return [loaded, *reports]
+
+    def _report_unused(self, lease_id: bytes | None, now: int, mono: int) -> list[FogOutput]:
+        """A lease of ours arrived already expired (a grant delayed or resent past its
+        life): the fog never drew on it, so it reports it unused at once, or the cloud would
+        hold its amount in escrow for good (found by tests/sim)."""
+        if lease_id is None:
+            return []
+        wire = report_envelope(
+            self._key,
+            fog_id=self.fog_id,
+            lease_id=lease_id,
+            drawn_micros=0,
+            last_batch=0,
+            now_ms=now,
+        )
+        if not self._store.record_unused_lease_report(lease_id, wire, now_ms=now):
+            return []
+        self._reports.track(lease_id, wire, now_ms=mono, sent=True)
+        topic = lease_report_topic(self.fog_id)
+        return [LeaseReport(topic=topic, payload=wire, lease_id=lease_id, drawn_micros=0, batch=0)]
 
     def _ack(self, payload: bytes, mono: int) -> list[FogOutput]:
         result = self._store.apply_ack(payload)

@@ -184,6 +184,8 @@ class FogStore:
         conn = connect(path)
         try:
             migrate(conn)
+            with transaction(conn):  # trust checks it (a lease reported unused is refused)
+                conn.execute(LEASE_REPORTS_DDL)
             return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
         except BaseException:
             conn.close()
@@ -449,7 +451,8 @@ class FogStore:
     # the cloud; ``closed_ms`` is set once the cloud cleared the retained lease topic).
 
     def uplink_init(self) -> None:
-        """Create the lease report table if missing (idempotent; call once after open)."""
+        """Create the lease report table if missing (idempotent; ``open`` does it too, for a
+        store opened by an older fogpay before this call existed)."""
         with transaction(self._conn):
             self._conn.execute(LEASE_REPORTS_DDL)
 
@@ -569,6 +572,25 @@ class FogStore:
                 "UPDATE leases SET not_after_ms = ? WHERE lease_id = ?",
                 (LEASE_REPORTED_NOT_AFTER_MS, draws.lease_id),
             )
+
+    def record_unused_lease_report(self, lease_id: bytes, envelope: bytes, *, now_ms: int) -> bool:
+        """A lease of ours that arrived already expired was never stored, so nothing was
+        drawn on it: keep its report (``u`` = 0, ``b`` = 0), resent until the cloud clears
+        the lease. False if the lease is stored or reported already (nothing to do)."""
+        with transaction(self._conn):
+            known = self._conn.execute(
+                "SELECT 1 FROM leases WHERE lease_id = ? UNION ALL "
+                "SELECT 1 FROM lease_reports WHERE lease_id = ?",
+                (lease_id, lease_id),
+            ).fetchone()
+            if known is not None:
+                return False
+            self._conn.execute(
+                "INSERT INTO lease_reports (lease_id, drawn_micros, batch, envelope, "
+                "reported_ms) VALUES (?, 0, 0, ?, ?)",
+                (lease_id, envelope, now_ms),
+            )
+        return True
 
     def lease_reports_open(self) -> list[tuple[bytes, bytes]]:
         """(lease_id, report envelope) of every report the cloud has not cleared yet."""

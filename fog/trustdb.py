@@ -40,6 +40,9 @@ class TrustOutcome:
     msg_id: bytes | None = None  # message id when the envelope verified
     # an accepted lease: its (owner_id, currency), the budget it answers (no second decode)
     lease_pair: tuple[str, str] | None = None
+    # a lease of this fog that arrived already expired: its id (the fog reports it unused,
+    # or the cloud would hold its amount in escrow for good)
+    expired_lease: bytes | None = None
 
 
 def put(
@@ -64,7 +67,9 @@ def put(
         return TrustOutcome("refused", exc.reason, exc.detail[:DETAIL_CHARS_MAX])
     problem = _trust_problem(signed, fog_id=fog_id, now_ms=now_ms)
     if problem is not None:
-        return TrustOutcome("refused", problem[0], problem[1], signed.id)
+        ours_expired = isinstance(signed.msg, Lease) and problem[0] is Reason.EXPIRED
+        expired = signed.msg.lease_id if isinstance(signed.msg, Lease) and ours_expired else None
+        return TrustOutcome("refused", problem[0], problem[1], signed.id, expired_lease=expired)
     with transaction(conn):
         return _store(conn, msg_type, signed, now_ms, full)
 
@@ -81,6 +86,9 @@ def _store(
             return TrustOutcome(
                 "refused", Reason.MALFORMED, "lease id reused with other terms", signed.id
             )
+        reported = c.execute("SELECT 1 FROM lease_reports WHERE lease_id = ?", (msg.lease_id,))
+        if reported.fetchone() is not None:  # reported unused: a promise never to draw on it
+            return TrustOutcome("refused", Reason.EXPIRED, "lease reported already", signed.id)
     if full:
         return TrustOutcome("refused", Reason.MALFORMED, "trust store full", signed.id)
     c.execute(

@@ -221,6 +221,41 @@ def test_an_expired_lease_is_reported_once_its_draws_are_sealed_and_closed_when_
     assert topics.owner_topic("acme") in {p.topic for p in published}
 
 
+def test_a_lease_that_arrives_expired_is_reported_unused_once_and_never_drawn(
+    world: World,
+) -> None:
+    """Found by tests/sim: a grant resent and delivered past its life was refused and never
+    reported, so the cloud held its amount in escrow for good."""
+    owner = world.owner()
+    dev = world.device(owner)
+    core = core_of(world)
+    core.handle(Connected(now_ms=NOW))
+    env = world.lease_envelope(amount=10_000_000, na=NOW + 60_000)
+    lease_id = open_envelope(env, Lease).msg.lease_id
+    late = TrustMessage(
+        topic=topics.lease_topic(world.fog_id, lease_id), payload=env, now_ms=NOW + 61_000
+    )
+    out = core.handle(late)
+    assert [(t.status, t.reason) for t in of(out, TrustLoaded)] == [("refused", Reason.EXPIRED)]
+    [report] = of(out, LeaseReport)
+    assert (report.lease_id, report.drawn_micros, report.batch) == (lease_id, 0, 0)
+    msg = open_envelope(report.payload, LeaseReportMsg, signer=public_key(world.fog_key)).msg
+    assert (msg.lease_id, msg.drawn_micros, msg.last_batch) == (lease_id, 0, 0)
+    assert of(core.handle(late), LeaseReport) == []  # redelivered: reported once
+    # a clock that went back makes the lease look live: the promise holds, it is refused
+    early = TrustMessage(topic=late.topic, payload=env, now_ms=NOW)
+    assert [t.status for t in of(core.handle(early), TrustLoaded)] == ["refused"]
+    out = core.handle(
+        Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 1)),), now_ms=NOW)
+    )
+    assert of(out, Receipt)[0].outcome.reason is Reason.INSUFFICIENT_BUDGET
+    # resent until the cloud clears the lease, then closed
+    [resent] = of(core.handle(Tick(now_ms=NOW + 61_000 + 5_001)), LeaseReport)
+    assert resent.resend and resent.payload == report.payload
+    cleared = TrustMessage(topic=late.topic, payload=b"", now_ms=NOW + 70_000)
+    assert of(core.handle(cleared), LeaseClosed) == [LeaseClosed(lease_id=lease_id)]
+
+
 def test_a_restarted_core_resends_open_reports_and_unacked_batches(world: World) -> None:
     owner = world.owner()
     world.lease(amount=10_000_000, na=NOW + 60_000)

@@ -71,9 +71,10 @@ class SimConfig:
     mix: FaultMix | None = None  # None: drawn from the seed (swarm testing)
     faults: bool = True  # False: no faults at all (the mix is drawn, then ignored)
     without: tuple[str, ...] = ()  # faults of the drawn mix switched off (faults.FAULTS)
-    # a lease its fog never stored and that stays open at the cloud is a violation too (off:
-    # a known gap of the lease protocol, counted as "leases stranded"; see README.md)
-    strict_leases: bool = False
+    # a lease its fog never stored and that stays open at the cloud is a violation (off: only
+    # counted as "leases stranded"; the fog reports such a lease unused since fog/core.py's
+    # _report_unused, see README.md)
+    strict_leases: bool = True
 
 
 @dataclass(slots=True)
