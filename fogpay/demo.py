@@ -269,7 +269,7 @@ async def run_demo(out: Path, seconds: float, *, progress: Console | None = None
 
 def _route_logs(stream: TextIO) -> None:
     """structlog and the libraries' stdlib logging (warnings and up) to the demo's log."""
-    configure(json=True, stream=stream)
+    configure(json=True, stream=stream, component="demo")
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()
     root.handlers[:] = [handler]

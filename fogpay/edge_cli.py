@@ -302,7 +302,7 @@ def _error(what: str, exc: BaseException) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    configure(json=False, level=args.log_level, stream=sys.stderr)
+    configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
     if args.duration is None and args.count is None:
         return fail("edge simulate", "give --duration or --count", code=EXIT_USAGE)
     if not 1 <= args.connections <= CONNECTIONS_MAX or not 1 <= args.devices <= DEVICES_MAX:
@@ -349,7 +349,7 @@ async def pay_once(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pay(args: argparse.Namespace) -> int:
-    configure(json=False, level=args.log_level, stream=sys.stderr)
+    configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
     try:
         result = asyncio.run(pay_once(args))
     except (PaymentError, FogpayError, KeyFileError, aiomqtt.MqttError, OSError) as exc:
