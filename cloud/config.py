@@ -123,10 +123,15 @@ def load(
     rails = data.get("rails", {})
     if not isinstance(rails, dict):
         raise ConfigError("rails: must be a table")
+    unknown_rails = set(rails) - {"creditor", "debtor"}
+    if unknown_rails:
+        raise ConfigError(f"rails.{sorted(unknown_rails)[0]}: unknown table")
     store_url = store or os.environ.get("FOGPAY_CLOUD_STORE") or data.get("store", STORE_DEFAULT)
     key = issuer_key or os.environ.get("FOGPAY_CLOUD_ISSUER_KEY") or data.get("issuer_key")
     if not isinstance(store_url, str):
         raise ConfigError("store: must be a string")
+    if not isinstance(key, str | None) or key == "":
+        raise ConfigError("issuer_key: must be a file path")
     return CloudConfig(
         store=store_url,
         issuer_key=Path(key or ISSUER_KEY_DEFAULT),
