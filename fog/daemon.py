@@ -456,7 +456,19 @@ class FogDaemon:
             outcomes = await self._call(store.process, group, now_ms=self._clock())
         except Exception as exc:  # the seam: a bug or a disk error must not kill the fog
             self._count("group_failed")
-            self._log.error("group_failed", size=len(group), error=type(exc).__name__)
+            self._log.error(
+                "group_failed", size=len(group), error=type(exc).__name__, detail=str(exc)[:200]
+            )
+            if isinstance(exc, StoreProcessError):
+                return  # the store is gone: the fog stops
+            try:  # nothing recorded: declined (transient), signed, never ok
+                outcomes = await self._call(store.decline_unrecorded, group, now_ms=self._clock())
+            except Exception:
+                return  # the devices retransmit
+            self._count("group_declined", len(group))
+            for outcome in outcomes:
+                self._log_outcome(outcome)
+            await self._publish_receipts(group, outcomes)
             return
         self._store_time.add(time.perf_counter() - started)
         for outcome in outcomes:
