@@ -19,7 +19,9 @@ import asyncio
 import json
 import os
 import random
+import re
 import sqlite3
+from pathlib import Path
 from typing import Final
 
 import pytest
@@ -28,7 +30,7 @@ from protocol.messages import BatchHeader, Receipt
 from protocol.signing import open_envelope
 from tests.conftest import process_running
 from tests.integration.devices import Device, Wallet, wallet
-from tests.integration.test_fog_process import exited, store_pids
+from tests.integration.test_fog_process import exited
 from tests.pipeline.test_restarts import (
     cloud_config,
     kill,
@@ -67,6 +69,21 @@ async def pay_until(w: Wallet, device: Device, held: list[bytes], stop: asyncio.
             await asyncio.sleep(TRANSIENT_RETRY_S)
         assert open_envelope(raw, Receipt).msg.ok, open_envelope(raw, Receipt).msg.reason
         held.append(raw)
+
+
+def store_pids(log: Path) -> list[int]:
+    """The store processes the fog's log names, oldest first. A SIGKILLed fog may leave half
+    a line, which the next start's first line continues: split such lines, skip the half."""
+    pids = []
+    for line in log.read_text().splitlines():
+        for part in re.split(r"(?<=\})(?=\{)", line):
+            try:
+                e = json.loads(part)
+            except ValueError:
+                continue
+            if e.get("event") == "store_opened" and e.get("process"):
+                pids.append(e["pid"])
+    return pids
 
 
 async def receipts_grow(held: list[bytes], by: int) -> None:
