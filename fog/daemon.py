@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -220,7 +221,12 @@ class FogDaemon:
         if c.uplink.enabled:
             self._leases = LeaseKeeper(self._link, c.lease, clock=self._clock, key=key)
         opener = StoreProcess.start if c.store_process else FogStore.open
-        store = opener(c.db, fog_id=c.fog_id, fog_key=key, issuer_key=c.issuer_key, policy=policy)
+        try:
+            store = opener(
+                c.db, fog_id=c.fog_id, fog_key=key, issuer_key=c.issuer_key, policy=policy
+            )
+        except sqlite3.Error as exc:  # read-only, missing directory, not a database: one line
+            raise FogStartError(f"db: cannot open {c.db}: {exc}") from exc
         pid = store.pid if isinstance(store, StoreProcess) else os.getpid()
         self._log.info("store_opened", process=c.store_process, pid=pid)
         return cast(FogStore, store)  # StoreProcess answers FogStore's methods (by name)
