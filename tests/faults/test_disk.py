@@ -15,10 +15,12 @@ answering nothing.
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -240,5 +242,130 @@ def test_read_only_database_refuses_to_start_with_one_line(tmp_path: Path) -> No
     print(
         json.dumps(
             {"event": "disk_read_only_campaign", "exit": result.returncode, "stderr": stderr}
+        )
+    )
+
+
+EXT4_IOC_SHUTDOWN: Final = 0x8004587D  # _IOR('X', 125, __u32): the file system fails all I/O
+EXT4_GOING_FLAGS_LOGFLUSH: Final = 1  # what committed stays (the journal is flushed first)
+LOOP_IMAGE_BYTES: Final = 32 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def ext4_loop(image: Path, directory: Path) -> Iterator[Path]:
+    """An ext4 file system in ``image``, loop-mounted on ``directory`` (skip if not allowed)."""
+    directory.mkdir()
+    with image.open("wb") as f:
+        f.truncate(LOOP_IMAGE_BYTES)
+    try:
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+        mounted = made.returncode == 0 and mount_loop(image, directory)
+    except OSError as exc:
+        pytest.skip(f"cannot make an ext4 loop file system here: {exc}")
+    if not mounted:
+        pytest.skip("cannot loop-mount an ext4 file system here (needs root and /dev/loop*)")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)
+
+
+def mount_loop(image: Path, directory: Path) -> bool:
+    result = subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=False)
+    return result.returncode == 0
+
+
+def shut_down(directory: Path) -> None:
+    """EXT4_IOC_SHUTDOWN: from now on every read and write on the file system fails (EIO),
+    as on a disk that died or a file system the kernel turned read-only after errors."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_LOGFLUSH))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mosquitto
+async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_nothing(
+    tmp_path: Path, mosquitto_broker: BrokerEndpoint
+) -> None:
+    issuer = Issuer()
+    devices = [Device(FOG) for _ in range(DEVICES)]
+    image, disk_dir = tmp_path / "disk.img", tmp_path / "disk"
+    with ext4_loop(image, disk_dir) as disk:
+        config = write_fog_files(
+            tmp_path,
+            fog_id=FOG,
+            issuer_key=issuer.public,
+            broker=f'url = "{mosquitto_broker.url}"',
+            extra=LIMITS,
+        )
+        text = config.read_text().replace(str(tmp_path / "fog.sqlite"), str(disk / "fog.sqlite"))
+        config.write_text(text)
+        trust = [issuer.owner_credential(), issuer.lease(FOG, 10**12)]
+        trust += [issuer.binding(d.public) for d in devices]
+        await publish_retained("127.0.0.1", mosquitto_broker.port, trust)
+        log = tmp_path / "fog.log"
+        held: list[bytes] = []
+        refused: list[tuple[Device, bytes]] = []
+        fog = start_fog(config, log)
+        try:
+            async with wallet("127.0.0.1", mosquitto_broker.port, FOG) as w:
+                for d in devices * 3:
+                    intent = d.intent(100)
+                    while (r := await answer(w, d, intent)).reason is not None:
+                        assert r.reason.transient  # trust still loading
+                        await asyncio.sleep(0.05)
+                    held += w.raw_for(r.intent_id)[-1:]
+                shut_down(disk)
+                for d in devices:
+                    intent = d.intent(100)
+                    r = await answer(w, d, intent)
+                    assert r.reason == "rate_limited", r.reason  # never ok: nothing recorded
+                    refused.append((d, intent))
+                assert fog.poll() is None  # still running, answering
+                failed = [e for e in events(log) if e["event"] == "group_failed"]
+                assert any("disk I/O error" in str(e.get("detail")) for e in failed), failed
+        finally:
+            fog.send_signal(signal.SIGTERM)
+            stop_rc = await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
+        await asyncio.to_thread(subprocess.run, ["umount", str(disk)], check=True)
+        assert await asyncio.to_thread(
+            mount_loop, image, disk
+        )  # the disk is back (here: the same, mounted again)
+        fog = start_fog(config, log)
+        try:
+            async with wallet("127.0.0.1", mosquitto_broker.port, FOG) as w:
+                for d, intent in refused:  # the same bytes again: authorized now
+                    while (r := await answer(w, d, intent)).reason is not None:
+                        assert r.reason.transient
+                        await asyncio.sleep(0.05)
+                    held += w.raw_for(r.intent_id)[-1:]
+        finally:
+            fog.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
+        assert rc == 0
+        con = sqlite3.connect(disk / "fog.sqlite")
+        try:
+            stored = {
+                bytes(i): bytes(r) for i, r in con.execute("SELECT intent_id, receipt FROM log")
+            }
+        finally:
+            con.close()
+    assert len(held) == 4 * DEVICES
+    for raw in held:
+        assert stored[open_envelope(raw, Receipt).msg.intent_id] == raw
+    assert len(stored) == len(held)
+    print(
+        json.dumps(
+            {
+                "event": "disk_failed_campaign",
+                "paid_before": 3 * DEVICES,
+                "declined_while_failed": len(refused),
+                "group_failed_lines": len(failed),
+                "stop_exit_on_failed_disk": stop_rc,
+                "paid_after_restart": len(refused),
+                "ok_receipts_held_all_logged": len(held),
+            }
         )
     )
