@@ -40,7 +40,7 @@ import msgpack
 
 from protocol import topics
 from protocol.errors import Declined
-from protocol.messages import Binding, Intent, Receipt
+from protocol.messages import ZERO_KEY, Binding, Intent, Receipt
 from protocol.signing import message_id, open_envelope, seal, split_envelope
 from tests.conftest import MosquittoProcess, start_mosquitto
 from tests.faults import mutate as mu
@@ -139,16 +139,17 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def expected_id(payload: bytes) -> bytes:
+def expected_id(payload: bytes) -> tuple[bytes, str | None]:
     """The ``i`` of the fog's receipt for ``payload`` on an intent topic (spec section 6 and
-    docs/protocol.md section 6): the intent id, or SHA-256 of the payload when malformed."""
+    docs/protocol.md section 6): the intent id, or SHA-256 of the payload when malformed;
+    and the reason the decoders alone decide (malformed, bad_signature), else None."""
     try:
-        return open_envelope(payload, Intent).id
+        return open_envelope(payload, Intent).id, None
     except Declined as exc:
         if exc.reason == "bad_signature":
             env = split_envelope(payload, bytes_max=Intent.ENVELOPE_BYTES_MAX)
-            return message_id(Intent.TYPE, env.body)
-        return hashlib.sha256(payload).digest()
+            return message_id(Intent.TYPE, env.body), "bad_signature"
+        return hashlib.sha256(payload).digest(), "malformed"
 
 
 @dataclass
@@ -340,10 +341,16 @@ async def wait_answers(w: Wallet, sent: Counter[bytes], timeout_s: float) -> Non
 
 
 def check_answers(
-    fig: FogFigures, w: Wallet, s: Scene, sent: Counter[bytes], replays: Counter[bytes]
+    fig: FogFigures,
+    w: Wallet,
+    s: Scene,
+    sent: Counter[bytes],
+    replays: Counter[bytes],
+    decoded: dict[bytes, str],
 ) -> None:
-    """Each id answered as often as sent; an ok receipt only for a replay, and then the
-    stored one byte for byte (a mutation of a paid intent with a broken signature shares
+    """Each id answered as often as sent; malformed and bad_signature payloads declined so
+    (a malformed one with zero ``d`` and ``q = 0``); an ok receipt only for a replay, and then
+    the stored one byte for byte (a mutation of a paid intent with a broken signature shares
     its intent id, and is declined)."""
     stored = {open_envelope(p, Intent).id: r for _, p, r in s.paid}
     for i, n in sent.items():
@@ -360,6 +367,11 @@ def check_answers(
                 fig.reasons["ok_replay"] += 1
             else:
                 fig.reasons[str(r.reason)] += 1
+                want = decoded.get(i)
+                if want is not None and r.reason != want:
+                    fig.wrong_answers.append(f"{r.reason} for a {want} payload {i.hex()[:16]}")
+                if r.reason == "malformed" and (r.device, r.seq) != (ZERO_KEY, 0):
+                    fig.wrong_answers.append("malformed receipt with d or q set")
         if oks != replays[i]:
             fig.wrong_answers.append(f"{replays[i]} replays, {oks} ok receipts: {i.hex()[:16]}")
 
@@ -428,12 +440,15 @@ async def run(directory: Path, count: int, *, seed: int = 1) -> FogFigures:
 async def chunk(fig: FogFigures, rng: random.Random, s: Scene, w: Wallet, pub: Any, n: int) -> None:
     sent: Counter[bytes] = Counter()
     replays: Counter[bytes] = Counter()
+    decoded: dict[bytes, str] = {}
     sends = []
     for _ in range(n):
         roll = rng.random()
         if roll < INTENT_SHARE:
             topic, payload, op = intent_garbage(rng, s)
-            i = expected_id(payload)
+            i, reason = expected_id(payload)
+            if reason is not None:
+                decoded[i] = reason
             sent[i] += 1
             replays[i] += op == "replay"
             fig.answerable += 1
@@ -446,7 +461,7 @@ async def chunk(fig: FogFigures, rng: random.Random, s: Scene, w: Wallet, pub: A
         sends.append(pub.publish(topic, payload, qos=1, timeout=ANSWER_TIMEOUT_S))
     await asyncio.gather(*sends)
     await wait_answers(w, sent, ANSWER_TIMEOUT_S)
-    check_answers(fig, w, s, sent, replays)
+    check_answers(fig, w, s, sent, replays, decoded)
     for i in sent:  # forget them: the next chunk may send the same ids again
         w._by_id.pop(i, None)
 
