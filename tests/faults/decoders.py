@@ -145,7 +145,7 @@ class Crash(Exception):
     """A decoder raised something other than Declined."""
 
 
-def _guarded(fig: DecoderFigures, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _guarded(fig: DecoderFigures, name: str, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
     fig.calls += 1
     try:
         return verdict(fn, *args, **kwargs)
@@ -156,8 +156,8 @@ def _guarded(fig: DecoderFigures, name: str, fn: Any, *args: Any, **kwargs: Any)
 def check_payload(fig: DecoderFigures, rng: random.Random, op: str, raw: bytes) -> None:
     """All decoders on ``raw``: no crash, and fast == reference."""
 
-    def same(name: str, fast: Any, ref: Any, *args: Any, **kwargs: Any) -> tuple[object, ...]:
-        a = _guarded(fig, f"fast.{name}", fast, *args, **kwargs)
+    def same(name: str, fast: Any, ref: Any, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        a: tuple[Any, ...] = _guarded(fig, f"fast.{name}", fast, *args, **kwargs)
         b = _guarded(fig, f"reference.{name}", ref, *args, **kwargs)
         if a[:2] != b[:2]:
             fig.disagreements.append(f"{op} {name} {raw.hex()}")
@@ -177,7 +177,7 @@ def check_payload(fig: DecoderFigures, rng: random.Random, op: str, raw: bytes) 
                 bytes_max=bytes_max,
             )
             if split[0] == "ok":
-                env = split[1]
+                env: signing.RawEnvelope = split[1]
                 own = BY_TYPE.get(env.type)
                 body = env.body
         other = rng.choice(CLASSES)
