@@ -347,6 +347,7 @@ def check_answers(
     sent: Counter[bytes],
     replays: Counter[bytes],
     decoded: dict[bytes, str],
+    ops: dict[bytes, set[str]],
 ) -> None:
     """Each id answered as often as sent; malformed and bad_signature payloads declined so
     (a malformed one with zero ``d`` and ``q = 0``); an ok receipt only for a replay, and then
@@ -373,7 +374,9 @@ def check_answers(
                 if r.reason == "malformed" and (r.device, r.seq) != (ZERO_KEY, 0):
                     fig.wrong_answers.append("malformed receipt with d or q set")
         if oks != replays[i]:
-            fig.wrong_answers.append(f"{replays[i]} replays, {oks} ok receipts: {i.hex()[:16]}")
+            fig.wrong_answers.append(
+                f"{replays[i]} replays, {oks} ok receipts: {i.hex()[:16]} {sorted(ops[i])}"
+            )
 
 
 async def run(directory: Path, count: int, *, seed: int = 1) -> FogFigures:
@@ -441,6 +444,8 @@ async def chunk(fig: FogFigures, rng: random.Random, s: Scene, w: Wallet, pub: A
     sent: Counter[bytes] = Counter()
     replays: Counter[bytes] = Counter()
     decoded: dict[bytes, str] = {}
+    ops: dict[bytes, set[str]] = {}
+    paid = {open_envelope(p, Intent).id for _, p, _ in s.paid}
     sends = []
     for _ in range(n):
         roll = rng.random()
@@ -450,7 +455,10 @@ async def chunk(fig: FogFigures, rng: random.Random, s: Scene, w: Wallet, pub: A
             if reason is not None:
                 decoded[i] = reason
             sent[i] += 1
-            replays[i] += op == "replay"
+            # a replay is what opens as an authorized intent: the replay operator's payloads,
+            # and a mutation that gave the same bytes back (a byte set to its own value...)
+            replays[i] += reason is None and i in paid
+            ops.setdefault(i, set()).add(op)
             fig.answerable += 1
         else:
             maker = trust_garbage if roll < INTENT_SHARE + TRUST_SHARE else bad_topic_garbage
@@ -461,7 +469,7 @@ async def chunk(fig: FogFigures, rng: random.Random, s: Scene, w: Wallet, pub: A
         sends.append(pub.publish(topic, payload, qos=1, timeout=ANSWER_TIMEOUT_S))
     await asyncio.gather(*sends)
     await wait_answers(w, sent, ANSWER_TIMEOUT_S)
-    check_answers(fig, w, s, sent, replays, decoded)
+    check_answers(fig, w, s, sent, replays, decoded, ops)
     for i in sent:  # forget them: the next chunk may send the same ids again
         w._by_id.pop(i, None)
 
