@@ -111,6 +111,8 @@ class FogFigures:
             "rss_kib_last": rss[-1],
             "rss_kib_peak": max(rss),
             "rss_samples": len(self.rss_kib),
+            # at 0, 25, 50, 75 and 100 % of the run: flat, or growing all along
+            "rss_kib_quartiles": [rss[(len(rss) - 1) * q // 4] for q in range(5)],
             "seconds": round(self.seconds, 1),
             "ops": dict(sorted(self.ops.items())),
             "receipt_reasons": dict(sorted(self.reasons.items())),
