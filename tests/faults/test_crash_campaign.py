@@ -28,11 +28,11 @@ import pytest
 
 from protocol.messages import BatchHeader, Receipt
 from protocol.signing import open_envelope
+from runtime.keyfile import write_key_file
 from tests.conftest import process_running
 from tests.integration.devices import Device, Wallet, wallet
 from tests.integration.test_fog_process import exited
 from tests.pipeline.test_restarts import (
-    cloud_config,
     kill,
     pipe,  # noqa: F401 (the fixture)
     spawn,
@@ -41,7 +41,7 @@ from tests.pipeline.test_restarts import (
     wait_all_acked,
     wait_booked,
 )
-from tests.pipeline.world import Pipeline
+from tests.pipeline.world import FOG_EXTRA, Pipeline
 
 ROUNDS: Final = int(os.environ.get("FOGPAY_CRASH_ROUNDS", "2"))
 SEED: Final = int(os.environ.get("FOGPAY_CRASH_SEED", "1"))
@@ -52,6 +52,28 @@ TRANSIENT_RETRY_S: Final = 0.1
 ATTEMPTS_MAX: Final = 200
 RECEIPTS_TIMEOUT_S: Final = 60.0
 PAYERS_STOP_TIMEOUT_S: Final = 120.0
+# Leases large enough for the whole run. The pipeline tests' 50,000-micro leases cap a fog at
+# 4 live leases x 50,000 = 2,000 payments of 100 per lease lifetime (1 h): the cloud refuses
+# a fifth live lease, and a fog reports a lease only after it expired. A 30-round run with
+# another seed reached that cap (insufficient_budget for minutes): capacity, not a crash.
+REQUEST_MICROS: Final = 5_000_000
+FOG_LEASES: Final = FOG_EXTRA.replace(
+    "request_micros = 50000", f"request_micros = {REQUEST_MICROS}"
+)
+
+
+def cloud_config(p: Pipeline) -> Path:
+    """tests/pipeline/test_restarts.py's cloud config with leases of REQUEST_MICROS."""
+    key = p.directory / "issuer.key"
+    write_key_file(key, p.world.issuer)
+    path = p.directory / "cloud.toml"
+    path.write_text(
+        f'store = "sqlite://{p.directory / "cloud.db"}"\nissuer_key = "{key}"\n'
+        f"[lease]\ninitial_micros = {REQUEST_MICROS}\nrequest_micros_max = {REQUEST_MICROS}\n"
+        f'[service]\nbroker_url = "{p.broker.url}"\nverify_workers = 0\n'
+        "stats_interval_s = 1.0\n"
+    )
+    return path
 
 
 async def pay_until(w: Wallet, device: Device, held: list[bytes], stop: asyncio.Event) -> None:
@@ -98,7 +120,8 @@ async def test_fog_and_cloud_killed_at_random_lose_and_double_nothing(pipe: Pipe
     p = pipe
     rng = random.Random(SEED)
     await p.owner("alice", limit=10**12)
-    config = await p.fog("fog-a")
+    assert FOG_LEASES != FOG_EXTRA
+    config = await p.fog("fog-a", extra=FOG_LEASES)
     fog_db = p.directory / "fog-a" / "fog.sqlite"
     devices = [await p.device("alice", "fog-a") for _ in range(DEVICES)]
     cloud_args = ["-m", "fogpay.cli", "cloud", "--config", str(cloud_config(p)), "run"]
