@@ -59,6 +59,7 @@ Outputs (``FogOutput``):
 - ``Counters(items)``: answers ``Stats`` and ``Close``.
 """
 
+import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -376,11 +377,19 @@ class FogCore:
     # ---- intents -------------------------------------------------------------------------
 
     def _intents(self, event: Intents) -> list[FogOutput]:
-        outcomes = self._store.process(event.arrivals, now_ms=event.now_ms)
+        alarms: list[FogOutput] = []
+        try:
+            outcomes = self._store.process(event.arrivals, now_ms=event.now_ms)
+        except sqlite3.Error as exc:  # a full, read-only or failed disk: nothing was recorded
+            # the devices get a signed, transient decline (never an ok for what is not on disk)
+            outcomes = self._store.decline_unrecorded(event.arrivals, now_ms=event.now_ms)
+            alarms.append(Alarm(event="group_failed", error=f"{type(exc).__name__}: {exc}"[:200]))
         out: list[FogOutput] = [
             Receipt(topic=topics.receipt_topic(self.fog_id, a.topic_device), outcome=o)
             for a, o in zip(event.arrivals, outcomes, strict=True)
         ]
+        if alarms:
+            return out + alarms
         if self._uplink:
             wake = self._note(outcomes, _mono(event))
             if wake is not None:

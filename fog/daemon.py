@@ -32,6 +32,7 @@ rolls back whole, and a device that lost its receipt retransmits and gets the st
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,7 @@ from fog.core import (
 )
 from fog.latency import Histogram
 from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
+from fog.schema import open_problem
 from fog.store import Arrival, Outcome
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
@@ -248,11 +250,14 @@ class FogDaemon:
         )
         key = self._fog_key or load_key_file(c.key_file)
         core: FogCore | CoreProcess
-        if c.store_process:
-            core = CoreProcess.start(c.db, config=config, fog_key=key)
-            pid = core.pid
-        else:
-            core, pid = FogCore.open(c.db, config=config, fog_key=key), os.getpid()
+        try:
+            if c.store_process:
+                core = CoreProcess.start(c.db, config=config, fog_key=key)
+                pid = core.pid
+            else:
+                core, pid = FogCore.open(c.db, config=config, fog_key=key), os.getpid()
+        except sqlite3.Error as exc:  # read-only file system, a failed disk: one line, no trace
+            raise open_problem(c.db, exc) from exc
         self._log.info("store_opened", process=c.store_process, pid=pid)
         return core
 
@@ -507,7 +512,7 @@ class FogDaemon:
         started = time.perf_counter()
         try:
             outputs = await self._handle(Intents(arrivals=tuple(group), **self._times()))
-        except Exception as exc:  # the seam: a bug or a disk error must not kill the fog
+        except Exception as exc:  # the seam: a bug must not kill the fog; devices retransmit
             self._count("group_failed")
             self._log.error("group_failed", size=len(group), error=type(exc).__name__)
             return
@@ -519,6 +524,10 @@ class FogDaemon:
                 self._log_outcome(out.outcome)
             elif isinstance(out, Wake):
                 self._wake_until(out.mono_ms)
+            elif isinstance(out, Alarm):  # the disk failed: the group was declined, not recorded
+                self._count(out.event)
+                self._count("group_declined", len(group))
+                self._log.error(out.event, size=len(group), error=out.error)
         # The group is durable: its receipts may leave. The next group commits while they do
         # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
         if len(self._publishing) >= PUBLISHING_GROUPS_MAX:

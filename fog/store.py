@@ -265,6 +265,24 @@ class FogStore:
         assert owner_id is not None and leases is not None
         return self._authorized(signed, decision, owner_id, leases, group, now_ms)
 
+    def decline_unrecorded(self, arrivals: Sequence[Arrival], *, now_ms: int) -> list[Outcome]:
+        """Answers for a group whose ``process`` raised (a full disk, a read-only or broken
+        database): nothing is read or written. Each intent gets what the first checks of
+        spec section 6 give (rows 1-3: malformed, bad_signature, topic_mismatch), else
+        ``rate_limited``: transient, the device sends the same bytes again later (and then
+        gets the stored receipt, if the intent had been authorized before). Never an ok for
+        something not recorded."""
+        out = []
+        for a in arrivals:
+            signed, declined = screen(a.payload, a.topic_device)
+            if signed is None:
+                assert declined is not None
+                out.append(self._unopened(a.payload, declined, now_ms))
+                continue
+            reason = declined.reason if declined is not None else Reason.RATE_LIMITED
+            out.append(self._declined(signed, reason, None, now_ms))
+        return out
+
     def _unopened(self, payload: bytes, exc: Declined, now_ms: int) -> Outcome:
         """malformed, or bad_signature (then the body is well-formed: answer with its d, q)."""
         if exc.reason is Reason.BAD_SIGNATURE:
