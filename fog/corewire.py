@@ -53,7 +53,7 @@ from fog.core import (
     TrustMessage,
     Wake,
 )
-from fog.schema import StoreError
+from fog.schema import StoreError, StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
 
@@ -211,11 +211,14 @@ def error_frame(exc: BaseException) -> bytes:
 
 
 def read_reply(body: bytes) -> list[FogOutput]:
-    """The outputs of a reply; raises ``CoreError`` for an error reply."""
+    """The outputs of a reply; raises ``CoreError`` for an error reply (``StoreOpenError`` as
+    itself: the CLI tells an unusable database from a failure)."""
     data = unpack(body)
     if not isinstance(data, list) or len(data) < 2:
         raise CoreWireError("not a reply")
     if data[0] == ERROR and len(data) == 3:
+        if data[1] == StoreOpenError.__name__:  # the configured database is unusable: exit 2
+            raise StoreOpenError(str(data[2]))
         raise CoreError(f"{data[1]}: {data[2]}")
     if data[0] != OK or not isinstance(data[1], list):
         raise CoreWireError("not a reply")

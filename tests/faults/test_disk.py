@@ -171,7 +171,7 @@ async def test_full_disk_declines_with_a_reason_and_recovers(
                 assert (await answer(w, d, intent)).reason == "rate_limited"
                 failed = [e for e in events(log) if e["event"] == "group_failed"]
                 assert failed and failed[-1]["level"] == "error"
-                assert "full" in str(failed[-1].get("detail", "")), failed[-1]
+                assert "full" in str(failed[-1].get("error", "")), failed[-1]
                 (disk / "filler").unlink()  # space returns
                 for d, intent in refused:  # the same bytes again: authorized now
                     raw = await w.pay_until_answered(
@@ -325,7 +325,7 @@ async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_not
                     refused.append((d, intent))
                 assert fog.poll() is None  # still running, answering
                 failed = [e for e in events(log) if e["event"] == "group_failed"]
-                assert any("disk I/O error" in str(e.get("detail")) for e in failed), failed
+                assert any("disk I/O error" in str(e.get("error")) for e in failed), failed
         finally:
             fog.send_signal(signal.SIGTERM)
             stop_rc = await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)

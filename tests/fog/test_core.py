@@ -334,8 +334,14 @@ def test_a_storage_failure_at_a_tick_is_an_alarm_and_the_core_carries_on(world: 
     out = core.handle(Tick(now_ms=NOW + 5_000))
     assert of(out, Alarm) == [Alarm(event="seal_failed", error="OperationalError")]
     assert of(out, Sealed) == [] and of(out, Wake)
-    with pytest.raises(sqlite3.OperationalError):  # a group is not answered: nothing committed
-        core.handle(Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 2)),), now_ms=NOW))
+    # a group that cannot be recorded is declined (transient, signed), never ok; nothing kept
+    failed = core.handle(
+        Intents(arrivals=(Arrival(public_key(dev), world.intent(dev, 2)),), now_ms=NOW)
+    )
+    assert [r.outcome.reason for r in of(failed, Receipt)] == [Reason.RATE_LIMITED]
+    [alarm] = of(failed, Alarm)
+    assert alarm.event == "group_failed" and alarm.error.startswith("OperationalError")
+    assert log_rows(world.path) == 1
     core.store._conn.execute("PRAGMA query_only = OFF")
     assert [s.number for s in of(core.handle(Tick(now_ms=NOW + 6_000)), Sealed)] == [1]
     again = core.handle(

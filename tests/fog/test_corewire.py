@@ -1,6 +1,7 @@
 """fog/corewire.py: every input and output of the core round-trips; bad frames are refused."""
 
 import dataclasses
+import sqlite3
 import typing
 
 import msgpack
@@ -35,6 +36,7 @@ from fog.core import (
     Wake,
 )
 from fog.corewire import CoreError, CoreWireError
+from fog.schema import StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
 
@@ -156,3 +158,13 @@ def test_bad_replies_are_refused() -> None:
     for value in ([], [0], [0, [[99]]], [2, []], [1, "X"]):
         with pytest.raises(CoreWireError):
             corewire.read_reply(msgpack.packb(value))
+
+
+def test_an_unusable_database_in_the_child_arrives_as_store_open_error() -> None:
+    """The CLI exits 2 for a database the configuration names wrongly (runtime.cli): the
+    child's StoreOpenError must not become a generic CoreError on the way."""
+    with pytest.raises(StoreOpenError, match="not writable"):
+        corewire.read_reply(body(corewire.error_frame(StoreOpenError("database x: not writable"))))
+    with pytest.raises(corewire.CoreError, match="OperationalError: disk I/O error") as caught:
+        corewire.read_reply(body(corewire.error_frame(sqlite3.OperationalError("disk I/O error"))))
+    assert not isinstance(caught.value, StoreOpenError)
