@@ -41,6 +41,13 @@ CLOUD_TABLES: Final = {
     "rails.creditor": "creditor",
     "rails.debtor": "debtor",
 }
+# ``[metrics]`` (fog and cloud): ``listen = "HOST:PORT"`` is parsed into two fields, host and port
+METRICS_KEYS: Final = ("metrics.enabled", "metrics.listen")
+
+
+def _listen(metrics: Any) -> str:
+    host = f"[{metrics.host}]" if ":" in metrics.host else metrics.host
+    return f"{host}:{metrics.port}"
 
 
 def _literals(path: Path) -> set[str]:
@@ -111,6 +118,8 @@ def fog_default(key: str) -> Any:
                 raise KeyError(key) from None
         raise AssertionError(f"{key}: the parser takes a config without it")
     value: Any = _fog_parse(copy.deepcopy(FOG_BASE))
+    if key == "metrics.listen":
+        return _listen(value.metrics)
     for part in key.split("."):
         value = getattr(value, part)
     return value
@@ -148,6 +157,8 @@ def cloud_keys() -> set[str]:
     keys = top - tables
     for table in CLOUD_TABLES:
         keys |= {f"{table}.{f.name}" for f in dataclasses.fields(_cloud_class(table))}
+    if "metrics" in keys:  # a table of its own keys, not a dataclass built from the table
+        keys = (keys - {"metrics"}) | set(METRICS_KEYS)
     return keys
 
 
@@ -156,6 +167,9 @@ def cloud_default(key: str) -> Any:
     table, _, name = key.rpartition(".")
     if not table:
         return getattr(cloud_config.load(None), name)
+    if key in METRICS_KEYS:
+        metrics = cloud_config.load(None).metrics
+        return _listen(metrics) if name == "listen" else metrics.enabled
     f = {f.name: f for f in dataclasses.fields(_cloud_class(table))}[name]
     if f.default is not dataclasses.MISSING:
         return f.default
