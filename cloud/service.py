@@ -53,7 +53,7 @@ from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
-from runtime.mqttshell import ClientSettings, serve
+from runtime.mqttshell import ClientSettings, Publisher, serve
 
 log = structlog.get_logger()
 
@@ -370,24 +370,21 @@ class CloudService:
         if client is None:
             self._count("publish_failed", len(items))
             return
-        for start in range(0, len(items), PUBLISH_CONCURRENT_MAX):
-            part = items[start : start + PUBLISH_CONCURRENT_MAX]
-            results = await asyncio.gather(
-                *(self._publish_one(client, t, p) for t, p in part), return_exceptions=True
-            )
-            for (topic, payload), result in zip(part, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._published.pop(topic, None)
-                    self._count("publish_failed")
-                    log.warning("publish_failed", topic=topic[:120], error=type(result).__name__)
-                elif payload:
-                    self._published[topic] = _digest(payload)
-                else:
-                    self._published.pop(topic, None)
-
-    async def _publish_one(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
-        await client.publish(topic, payload, qos=1, retain=True, timeout=PUBLISH_TIMEOUT_S)
-        self._count("published")
+        publisher = Publisher(
+            client, in_flight_max=PUBLISH_CONCURRENT_MAX, timeout_s=PUBLISH_TIMEOUT_S
+        )
+        results = await publisher.publish_all(items, retain=True)
+        for (topic, payload), result in zip(items, results, strict=True):
+            if result is not None:
+                self._published.pop(topic, None)
+                self._count("publish_failed")
+                log.warning("publish_failed", topic=topic[:120], error=type(result).__name__)
+                continue
+            self._count("published")
+            if payload:
+                self._published[topic] = _digest(payload)
+            else:
+                self._published.pop(topic, None)
 
     async def _refresher(self) -> None:
         while not await self._sleep_or_stop(REFRESH_S):

@@ -83,7 +83,7 @@ from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, short, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
-from runtime.mqttshell import ClientSettings, serve
+from runtime.mqttshell import ClientSettings, Publisher, serve
 
 log = structlog.get_logger()
 
@@ -142,6 +142,7 @@ class FogDaemon:
             kind = BrokerProcess if config.broker.process else EmbeddedBroker
             self._broker = kind(config.broker)
         self._client: aiomqtt.Client | None = None
+        self._publisher: Publisher | None = None  # the shell's bounded queue on _client
         # None is stop()'s wake-up for a processor waiting on an empty queue
         self._intents: asyncio.Queue[Arrival | None] = asyncio.Queue(INTENT_QUEUE_MAX)
         self._trust: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(TRUST_QUEUE_MAX)
@@ -396,7 +397,7 @@ class FogDaemon:
         )
 
     async def _broker_lost(self, exc: aiomqtt.MqttError, delay_s: float) -> None:
-        self._client = None
+        self._client = self._publisher = None
         await self._tell_core(Disconnected(**self._times()))
         self._count("broker_disconnected")
         self._log.warning("broker_disconnected", error=str(exc), retry_s=round(delay_s, 3))
@@ -405,6 +406,9 @@ class FogDaemon:
         self, client: aiomqtt.Client, ready: asyncio.Event | None, *, filters: int
     ) -> None:
         self._client = client
+        self._publisher = Publisher(
+            client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S
+        )
         self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=filters)
         # what went to the old connection may not have reached the cloud: the core sends
@@ -419,7 +423,7 @@ class FogDaemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
                 await self._drained.wait()
-        self._client = None
+        self._client = self._publisher = None
 
     async def _republish_trust(self, client: aiomqtt.Client) -> None:
         """amqtt keeps nothing across restarts: put back what the fog holds, retained."""
@@ -571,17 +575,17 @@ class FogDaemon:
         )
 
     async def _publish_receipts(self, group: list[Arrival], receipts: list[Receipt]) -> None:
-        client = self._client
-        if client is None:
+        publisher = self._publisher
+        if publisher is None:
             self._count("receipt_unsent", len(receipts))
             return
-        sends = [self._publish_one(client, a, r) for a, r in zip(group, receipts, strict=True)]
+        sends = [self._publish_one(publisher, a, r) for a, r in zip(group, receipts, strict=True)]
         await asyncio.gather(*sends)
 
-    async def _publish_one(self, client: aiomqtt.Client, a: Arrival, r: Receipt) -> None:
+    async def _publish_one(self, publisher: Publisher, a: Arrival, r: Receipt) -> None:
         self._answer_time.add(time.perf_counter() - a.received_s)
         try:
-            await client.publish(r.topic, r.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            await publisher.publish(r.topic, r.payload)
             self._count("receipt_published")
         except aiomqtt.MqttError as exc:
             self._count("receipt_unsent")
@@ -721,12 +725,12 @@ class FogDaemon:
     async def _publish_up(self, topic: str, payload: bytes) -> bool:
         """QoS 1, not retained, with a deadline; False (counted, logged) when it failed. The
         core sends it again on its own schedule."""
-        client = self._client
-        if client is None:
+        publisher = self._publisher
+        if publisher is None:
             self._count("uplink_unsent")
             return False
         try:
-            await client.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+            await publisher.publish(topic, payload)
         except aiomqtt.MqttError as exc:
             self._count("uplink_unsent")
             self._log.warning("uplink_unsent", topic=topic.rsplit("/", 1)[-1], error=str(exc))

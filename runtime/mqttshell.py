@@ -6,7 +6,9 @@ connection drops (``aiomqtt.MqttError``) back off with a capped, jittered delay
 (``runtime.mqttloop.reconnect_delay_s``) and do it again, until told to stop or a bound of
 consecutive failures is passed (then the error is raised: systemd restarts the process).
 ``serve`` is that loop, with the settings spelled out once in ``ClientSettings``; the fog
-daemon uses it (the cloud service and the device SDK have the same shape and can move to it).
+daemon, the cloud service and the mirror use it. ``Publisher`` is the bounded publish queue
+on a connected client (the fog's receipts and uplink, the cloud's retained answers);
+``client_for`` makes every client of the project, the device tools' too (TCP_NODELAY).
 
 A session is the caller's: it reads ``client.messages`` (``runtime.mqttloop.read_until_stopped``)
 and publishes with its own deadlines; returning from it ends ``serve``. Sessions are clean
@@ -98,3 +100,40 @@ async def serve(
             delay = reconnect_delay_s(failures)
             await lost(exc, delay)
             await sleep_or_stop(stopping, delay)
+
+
+class Publisher:
+    """The shell's bounded publish queue on one connected client: QoS 1 publishes, at most
+    ``in_flight_max`` waiting for their PUBACK at once (a caller past that waits its turn:
+    the backpressure reaches the producer instead of piling up in aiomqtt), each with its own
+    deadline. ``peak`` is the most that were in flight at once (for tests and stats)."""
+
+    def __init__(self, client: aiomqtt.Client, *, in_flight_max: int, timeout_s: float) -> None:
+        assert in_flight_max >= 1 and timeout_s > 0
+        self._client = client
+        self._slots = asyncio.Semaphore(in_flight_max)
+        self._timeout_s = timeout_s
+        self._in_flight = 0
+        self.peak = 0
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Raises ``aiomqtt.MqttError`` (a lost connection, a deadline passed)."""
+        async with self._slots:
+            self._in_flight += 1
+            self.peak = max(self.peak, self._in_flight)
+            try:
+                await self._client.publish(
+                    topic, payload, qos=QOS, retain=retain, timeout=self._timeout_s
+                )
+            finally:
+                self._in_flight -= 1
+
+    async def publish_all(
+        self, items: Sequence[tuple[str, bytes]], *, retain: bool = False
+    ) -> list[BaseException | None]:
+        """Publish every item (within the bound); per item None (acknowledged) or the error."""
+        results = await asyncio.gather(
+            *(self.publish(topic, payload, retain=retain) for topic, payload in items),
+            return_exceptions=True,
+        )
+        return [r if isinstance(r, BaseException) else None for r in results]

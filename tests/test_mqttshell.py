@@ -7,7 +7,7 @@ import socket
 import aiomqtt
 import pytest
 
-from runtime.mqttshell import ClientSettings, serve
+from runtime.mqttshell import ClientSettings, Publisher, client_for, serve
 from tests.conftest import BrokerEndpoint, free_port
 
 TOPIC = "fogpay-test/shell/echo"
@@ -96,3 +96,37 @@ async def test_a_stop_ends_the_retries() -> None:
             lost=lost,
         )
     assert calls == 1
+
+
+async def test_the_publisher_bounds_what_is_in_flight_and_every_message_arrives(
+    amqtt_broker: BrokerEndpoint,
+) -> None:
+    topic = "fogpay-test/shell/bounded"
+    count, bound = 200, 8
+    async with aiomqtt.Client("127.0.0.1", amqtt_broker.port, identifier="shell-sub") as sub:
+        await sub.subscribe(topic, qos=1)
+        publisher_client = client_for(settings(amqtt_broker.port, inflight_max=100))
+        async with asyncio.timeout(30), publisher_client:
+            publisher = Publisher(publisher_client, in_flight_max=bound, timeout_s=5)
+            items = [(topic, i.to_bytes(2, "big")) for i in range(count)]
+            assert await publisher.publish_all(items) == [None] * count
+            assert 1 < publisher.peak <= bound  # concurrent, and never past the bound
+        got: set[bytes] = set()
+        async with asyncio.timeout(30):
+            async for message in sub.messages:
+                assert isinstance(message.payload, bytes)
+                got.add(message.payload)
+                if len(got) == count:
+                    break
+        assert got == {p for _, p in items}
+
+
+async def test_the_publisher_reports_a_failure_per_message_after_the_connection_is_gone(
+    amqtt_broker: BrokerEndpoint,
+) -> None:
+    client = client_for(settings(amqtt_broker.port))
+    async with asyncio.timeout(30):
+        async with client:
+            publisher = Publisher(client, in_flight_max=4, timeout_s=2)
+        results = await publisher.publish_all([("fogpay-test/shell/gone", b"x")] * 3)
+    assert len(results) == 3 and all(isinstance(r, aiomqtt.MqttError) for r in results)
