@@ -234,7 +234,9 @@ done
 
 as_user=()
 [ "$ROOT" -eq 1 ] && [ "$(id -un)" != "$SVC_USER" ] && as_user=(runuser -u "$SVC_USER" --)
-run "${as_user[@]}" "$FOGPAY" fog check-config --config "$ETC/fog.toml"
+# the broker is checked by the fog itself at start (it reconnects); Mosquitto may not be
+# running yet while this script sets it up
+run "${as_user[@]}" "$FOGPAY" fog check-config --skip-broker --config "$ETC/fog.toml"
 
 if [ "$SYSTEMCTL" -eq 1 ]; then
     run systemctl daemon-reload

@@ -37,7 +37,8 @@ def example_config(tmp_path: Path, *, url: bool) -> Path:
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(FOGPAY), "fog", "check-config", "--config", str(path)],
+        # the broker is not running here: config and database are what these tests are about
+        [str(FOGPAY), "fog", "check-config", "--skip-broker", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,16 +46,29 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_example_with_a_broker_url_needs_no_password_files(tmp_path: Path) -> None:
-    done = check_config(example_config(tmp_path, url=True))
-    assert (done.returncode, done.stderr) == (0, "")
-    assert done.stdout == f"ok: fog fog-a, db {tmp_path}/fog.sqlite, external broker\n"
+    path = example_config(tmp_path, url=True)
+    done = check_config(path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "ok",
+        "config",
+        str(path) + ":",
+        "fog",
+        "fog-a,",
+        "key",
+        f"{tmp_path}/fog.key,",
+        "external",
+        "broker",
+    ]
+    assert lines[1].startswith(f"ok   database  {tmp_path}/fog.sqlite")
 
 
 def test_the_embedded_broker_still_needs_its_password_files(tmp_path: Path) -> None:
     done = check_config(example_config(tmp_path, url=False))
     assert done.returncode == 2
-    assert done.stderr.startswith("fogpay fog: broker.password_file: ")
-    assert "No such file or directory" in done.stderr
+    assert done.stderr.startswith("fogpay: fog check-config: config: ")
+    assert "broker.password_file: " in done.stderr and "No such file or directory" in done.stderr
 
 
 @pytest.mark.parametrize("name", ["fogpay-pi.conf", "fogpay-server.conf"])
