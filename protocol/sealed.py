@@ -10,10 +10,12 @@ for a public key, ``crypto_sign_ed25519_sk_to_curve25519`` for its secret), so a
 no second key.
 
 - **Sealed receipt** (fog -> device): the payload on the device's receipt topic is one msgpack
-  ``bin`` holding ``crypto_box_seal(receipt envelope, X25519(d))``. Inside is the ordinary
-  fog-signed receipt envelope, the same bytes the fog keeps in its log record and sends to
-  the cloud: sign, then seal. A plain envelope starts with ``0x94`` (array of 4); a sealed
-  payload with ``0xc4``/``0xc5``/``0xc6`` (bin 8/16/32): the first byte tells them apart.
+  ``bin`` holding ``crypto_box_seal(receipt envelope || zero padding, X25519(d))``. Inside is
+  the ordinary fog-signed receipt envelope, the same bytes the fog keeps in its log record and
+  sends to the cloud (sign, then seal), padded with 0..63 zero bytes to a multiple of 64 so
+  that ok and declined receipts (217..242 bytes) all seal to the same size. A plain envelope
+  starts with ``0x94`` (array of 4); a sealed payload with ``0xc4``/``0xc5``/``0xc6`` (bin
+  8/16/32): the first byte tells them apart.
 - **Sealed memo** (device -> memo's recipient): the intent's ``sm`` holds
   ``crypto_box_seal(memo, R)`` for an X25519 key ``R`` the device chose (the payee's, agreed
   out of band, or the device's own). The device signs the sealed bytes: the fog and the cloud
@@ -24,6 +26,7 @@ Every failure raises ``Declined(MALFORMED)`` with a detail; nothing here logs or
 
 from typing import Final
 
+import msgpack
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
@@ -40,6 +43,7 @@ SEALED_MEMO_BYTES_MAX: Final = limits.MEMO_BYTES_MAX + SEAL_OVERHEAD_BYTES  # 11
 SEALED_RECEIPT_BOX_BYTES_MAX: Final = limits.INTENT_ENVELOPE_BYTES_MAX + SEAL_OVERHEAD_BYTES
 # the payload on a receipt topic: bin 16 header (3 bytes) + the box (560) = 563
 SEALED_RECEIPT_BYTES_MAX: Final = SEALED_RECEIPT_BOX_BYTES_MAX + 3
+PAD_BLOCK_BYTES: Final = 64  # a sealed receipt's plaintext is a multiple of this
 _BIN_HEADERS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of length
 
 
@@ -111,7 +115,7 @@ def seal_receipt(envelope: bytes, device: bytes) -> bytes:
     one msgpack bin holding the sealed box (canonical header: bin 8 or bin 16)."""
     if len(envelope) > limits.INTENT_ENVELOPE_BYTES_MAX:
         raise _fail("receipt envelope over 512 bytes")
-    box = seal(envelope, x25519_public(device))
+    box = seal(pad(envelope), x25519_public(device))
     n = len(box)
     header = bytes([0xC4, n]) if n < 256 else bytes([0xC5]) + n.to_bytes(2, "big")
     return header + box
@@ -135,10 +139,39 @@ def unwrap_receipt(payload: bytes) -> bytes:
     return payload[1 + width :]
 
 
+def pad(envelope: bytes) -> bytes:
+    """``envelope`` followed by the fewest zero bytes that make it a multiple of 64 long."""
+    return envelope + bytes(-len(envelope) % PAD_BLOCK_BYTES)
+
+
+def unpad(plaintext: bytes) -> bytes:
+    """The envelope at the start of a sealed receipt's plaintext: one msgpack object, then
+    0..63 zero bytes, the whole a multiple of 64 long; raises Declined(MALFORMED). (The
+    envelope itself is checked strictly afterwards, section 6.)"""
+    if not 0 < len(plaintext) <= limits.INTENT_ENVELOPE_BYTES_MAX:
+        raise _fail("padded receipt size out of range")
+    if len(plaintext) % PAD_BLOCK_BYTES:
+        raise _fail("padded receipt not a multiple of 64 bytes")
+    unpacker = msgpack.Unpacker(
+        max_buffer_size=len(plaintext),
+        max_bin_len=limits.INTENT_ENVELOPE_BYTES_MAX,
+        max_str_len=limits.INTENT_ENVELOPE_BYTES_MAX,
+        max_array_len=8,
+        max_map_len=0,
+        max_ext_len=0,
+    )
+    unpacker.feed(plaintext)
+    try:
+        unpacker.skip()
+    except Exception as exc:  # msgpack's OutOfData, ValueError, FormatError...: all malformed
+        raise _fail("no envelope before the padding") from exc
+    end = unpacker.tell()
+    if plaintext[end:] != bytes(len(plaintext) - end) or len(plaintext) - end >= PAD_BLOCK_BYTES:
+        raise _fail("padding is not 0..63 zero bytes")
+    return plaintext[:end]
+
+
 def open_receipt(payload: bytes, secret: nacl.public.PrivateKey) -> bytes:
     """The receipt envelope inside a sealed payload (still to be verified as any receipt:
     the fog's signature, then ``i``, ``d``, ``q``); raises Declined(MALFORMED)."""
-    envelope = open_box(unwrap_receipt(payload), secret)
-    if len(envelope) > limits.INTENT_ENVELOPE_BYTES_MAX:
-        raise _fail("receipt envelope over 512 bytes")  # unreachable by the box size rule
-    return envelope
+    return unpad(open_box(unwrap_receipt(payload), secret))

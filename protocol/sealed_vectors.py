@@ -137,7 +137,7 @@ def boxes() -> list[dict[str, str]]:
         _box("memo", MEMO, "device"),
         _box("memo_empty", b"", "device"),
         _box("memo_to_payee", MEMO, "stranger"),  # sealed to someone else's key (the payee's)
-        _box("receipt", receipt, "device"),
+        _box("receipt", sealed.pad(receipt), "device"),
     ]
 
 
@@ -158,6 +158,12 @@ def refused() -> list[dict[str, str]]:
     box, plain = bytes.fromhex(sealed_receipt["box"]), bytes.fromhex(sealed_receipt["plaintext"])
     good = _bin(box)
     stranger = _bin(seal_fixed("receipt_to_stranger", plain, x25519_pub("stranger")))
+    envelope, device = sealed.unpad(plain), x25519_pub("device")
+
+    def padded(name: str, plaintext: bytes) -> bytes:
+        return _bin(seal_fixed(name, plaintext, device))
+
+    over = len(plain) + sealed.PAD_BLOCK_BYTES - len(envelope)  # 64 zero bytes or more
     cases: list[tuple[str, str, bytes]] = [
         ("truncated", "receipt_payload", good[:-1]),
         ("trailing_byte", "receipt_payload", good + b"\x00"),
@@ -169,6 +175,11 @@ def refused() -> list[dict[str, str]]:
         ("box_too_short", "receipt_payload", _bin(bytes(48))),
         ("box_too_long", "receipt_payload", _bin(bytes(sealed.SEALED_RECEIPT_BOX_BYTES_MAX + 1))),
         ("not_a_bin", "receipt_payload", pack("sealed")),
+        ("not_padded", "receipt_payload", padded("not_padded", envelope)),
+        ("padding_not_zero", "receipt_payload", padded("padding_not_zero", plain[:-1] + b"\x01")),
+        ("padding_64_bytes", "receipt_payload", padded("padding_64_bytes", envelope + bytes(over))),
+        ("only_padding", "receipt_payload", padded("only_padding", bytes(256))),
+        ("envelope_cut_short", "receipt_payload", padded("cut", sealed.pad(envelope[:-1]))),
     ]  # fmt: skip
     memo_box = seal_fixed("memo", MEMO, x25519_pub("device"))
     bodies: list[tuple[str, bytes]] = [
@@ -192,8 +203,9 @@ def refused() -> list[dict[str, str]]:
         }
         for n, body in bodies
     ]
-    for o in out:
-        o["reason"] = str(Reason.MALFORMED)
+    for o in out:  # the envelope cut short opens, but its signature lost its last byte
+        cut = o["name"] == "envelope_cut_short"
+        o["reason"] = str(Reason.BAD_SIGNATURE if cut else Reason.MALFORMED)
     return out
 
 

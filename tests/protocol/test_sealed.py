@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import limits, sealed, sealed_vectors
+from protocol.codec import pack
 from protocol.errors import Declined
 from protocol.messages import Intent, Receipt, decode_body, encode_body
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal_signed
-from protocol.vectors import dumps, key, pub
+from protocol.vectors import T0_MS, dumps, key, pub
 
 ROLES = sealed_vectors.KEY_ROLES
 
@@ -98,14 +99,44 @@ def test_golden_intent_and_sealed_receipt() -> None:
     assert not sealed.is_sealed_payload(envelope)  # a plain envelope: array of 4
 
 
+def device_opens(payload: bytes, opener: str) -> Receipt:
+    """What a device does with a payload on its receipt topic (16.5): open, then verify."""
+    envelope = sealed.open_receipt(payload, secret(opener))
+    return open_envelope(envelope, Receipt, signer=pub("fog")).msg
+
+
 def test_every_refused_vector_is_refused() -> None:
+    reasons = {case["reason"] for case in golden()["refused"]}
+    assert reasons == {"malformed", "bad_signature"}
     for case in golden()["refused"]:
         payload = bytes.fromhex(case["payload"])
-        assert case["reason"] == "malformed"
-        if case["topic_type"] == "receipt_payload":
-            refused(sealed.open_receipt, payload, secret(case["opener"]))
-        else:
-            refused(open_envelope, payload, Intent)
+        with pytest.raises(Declined) as e:
+            if case["topic_type"] == "receipt_payload":
+                device_opens(payload, case["opener"])
+            else:
+                open_envelope(payload, Intent)
+        assert str(e.value.reason) == case["reason"], case["name"]
+
+
+def test_sealed_receipts_are_padded_to_one_size() -> None:
+    """ok and every decline of a realistic size seal to the same length (16.4)."""
+    sizes = set()
+    base: dict[str, Any] = {"intent_id": bytes(32), "device": pub("device"), "seq": 1}
+    receipts = [
+        Receipt(**base, status="ok", log_index=n, lease_id=bytes(16), time_ms=T0_MS)
+        for n in (1, 2**40)
+    ]
+    receipts += [
+        Receipt(**base, status="declined", reason=r, time_ms=T0_MS)
+        for r in Reason
+        if r is not Reason.MALFORMED
+    ]
+    for r in receipts:
+        envelope = seal_signed(r, key("fog")).raw
+        payload = sealed.seal_receipt(envelope, pub("device"))
+        assert sealed.open_receipt(payload, secret("device")) == envelope
+        sizes.add(len(payload))
+    assert sizes == {3 + 256 + sealed.SEAL_OVERHEAD_BYTES}
 
 
 def test_every_truncated_prefix_and_bit_flip_of_a_sealed_receipt_is_refused() -> None:
@@ -165,8 +196,9 @@ def test_memo_round_trip_through_an_intent(memo: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(envelope=st.binary(min_size=1, max_size=limits.INTENT_ENVELOPE_BYTES_MAX))
-def test_receipt_round_trip_and_randomized(envelope: bytes) -> None:
+@given(blob=st.binary(max_size=limits.INTENT_ENVELOPE_BYTES_MAX - 3))
+def test_receipt_round_trip_and_randomized(blob: bytes) -> None:
+    envelope = pack(blob)  # any one msgpack object up to 512 bytes survives the padding
     a = sealed.seal_receipt(envelope, pub("device"))
     b = sealed.seal_receipt(envelope, pub("device"))
     assert a != b  # a fresh ephemeral key each time

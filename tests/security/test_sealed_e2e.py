@@ -97,6 +97,7 @@ def test_the_core_seals_what_was_asked_for_and_the_log_keeps_it_plain(tmp_path: 
         else:
             assert payload == o.outcome.receipt
             open_envelope(payload, Receipt, signer=fog_pub)
+    assert len({len(o.payload) for o in out if o.outcome.sealed}) == 1  # ok, decline: padded
     assert out[0].outcome.status == "ok" and out[6].outcome.replay
     assert out[6].outcome.receipt == out[0].outcome.receipt
     assert [o.outcome.reason for o in out[1:5]] == [
