@@ -328,11 +328,11 @@ class FogStore:
         status = STATUS_OK if reason is None else STATUS_DECLINED
         i = signed.msg
         # a d of mixed order verifies but has no X25519 form: only declines can carry one (a
-        # binding refuses such keys), and they go plain
+        # binding refuses such keys, so ok and replays need no check), and they go plain
         sealed = (
             i.seal_receipts is not None
             and reason is not Reason.TOPIC_MISMATCH
-            and is_valid_public_key(i.device)
+            and (reason is None or is_valid_public_key(i.device))
         )
         return Outcome(
             receipt=receipt,
