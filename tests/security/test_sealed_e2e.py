@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import nacl.signing
@@ -24,6 +25,7 @@ from fog.core import CoreConfig, FogCore, Intents
 from fog.core import Receipt as ReceiptOut
 from fog.store import Arrival
 from protocol import sealed, topics
+from protocol.errors import Declined
 from protocol.messages import Intent, Receipt
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
@@ -226,3 +228,38 @@ async def _flow(p: Pipeline, tmp_path: Path) -> None:
     assert opened == {r.raw for r in [*ok, no_budget.value.receipt]}
     plain_topic = topics.receipt_topic("fog-a", plain.public_key)
     assert [x for t, x in seen if t == plain_topic] == [plain_ok.raw]  # unaffected
+
+
+# ---- the device's rules (16.5) ---------------------------------------------------------------
+
+
+def test_a_sealing_device_takes_plain_receipts_only_for_early_declines(tmp_path: Path) -> None:
+    fog = nacl.signing.SigningKey.generate()
+    fog_pub = public_key(fog)
+    dev = Device.open(tmp_path / "s", fog_id="fog-a", fog_key=fog_pub, sealing=True)
+    old = Device.open(tmp_path / "p", fog_id="fog-a", fog_key=fog_pub)
+    intent = dev.new_intent("shop", 5, "EUR", memo=b"m-1")
+    assert intent.msg.memo is None and intent.msg.seal_receipts == sealed.SCHEME
+    assert dev.read_memo(intent) == b"m-1"
+    with pytest.raises(Declined):
+        old.read_memo(intent)  # sealed to dev: another device's key does not open it
+    base: dict[str, Any] = {
+        "intent_id": intent.id,
+        "device": dev.public_key,
+        "seq": intent.msg.seq,
+        "time_ms": 1,
+    }
+    ok = seal(Receipt(**base, status="ok", log_index=1, lease_id=bytes(16)), fog)
+    bad_sig = seal(Receipt(**base, status="declined", reason=Reason.BAD_SIGNATURE), fog)
+    assert dev.open_receipt(sealed.seal_receipt(ok, dev.public_key)).raw == ok
+    assert dev.check_receipt(sealed.seal_receipt(ok, dev.public_key), intent) is not None
+    with pytest.raises(Declined):
+        dev.open_receipt(ok)  # plain ok: the fog did not keep the bargain
+    assert dev.check_receipt(ok, intent) is None
+    assert dev.open_receipt(bad_sig).raw == bad_sig
+    with pytest.raises(Declined):
+        dev.open_receipt(sealed.seal_receipt(ok, old.public_key))  # sealed to another device
+    assert old.open_receipt(ok).raw == ok  # a device that did not opt in: as before
+    plain = old.new_intent("shop", 5, "EUR", memo=b"m-2")
+    assert plain.msg.memo == b"m-2" and plain.msg.sealed_memo is None
+    assert plain.msg.seal_receipts is None
