@@ -33,6 +33,7 @@ check: $(STAMP)
 vectors: $(STAMP)
 	$(BIN)/python -m protocol.vectors
 	$(BIN)/python -m protocol.leasing_vectors
+	$(BIN)/python -m protocol.sealed_vectors
 
 bench: $(STAMP)
 	$(BIN)/python bench/fog.py

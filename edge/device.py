@@ -45,7 +45,7 @@ import aiomqtt
 import nacl.signing
 import structlog
 
-from protocol import topics
+from protocol import limits, sealed, topics
 from protocol.errors import Declined, FogpayError, TopicError
 from protocol.messages import Intent, Receipt, encode_body
 from protocol.reasons import Reason
@@ -74,6 +74,9 @@ IN_FLIGHT_MAX: Final = 10_000
 UNSUBSCRIBE_TIMEOUT_S: Final = 5.0
 RECEIPTS_FILE_BYTES_MAX: Final = 256 * 1024 * 1024
 DEVICE_SOCKET_OPTIONS: Final = (TCP_NODELAY_OPTION,)  # aiomqtt.Client(socket_options=...)
+# a fog answers these before it has read an intent it can trust, so they come plain even to a
+# device that asked for sealed receipts (docs/protocol.md section 16)
+PLAIN_REASONS: Final = frozenset({Reason.MALFORMED, Reason.BAD_SIGNATURE, Reason.TOPIC_MISMATCH})
 
 
 class DeviceStateError(FogpayError):
@@ -144,11 +147,21 @@ class Device:
         fog_key: bytes,
         seq_block: int,
         clock: Callable[[], int],
+        sealing: bool = False,
+        memo_recipient: bytes | None = None,
     ) -> None:
         assert 1 <= seq_block <= SEQ_BLOCK_MAX
         self.state_dir = state_dir
         self._key = key
         self.public_key = public_key(key)
+        # the sealing extension: receipts sealed to this key, memos sealed to memo_recipient
+        # (an X25519 key; this device's own when None)
+        self.sealing = sealing
+        self._x25519 = sealed.x25519_private(key)
+        self.x25519_public = bytes(self._x25519.public_key)
+        if memo_recipient is not None and len(memo_recipient) != limits.KEY_BYTES:
+            raise DeviceStateError("memo_recipient is not a 32-byte X25519 key")
+        self.memo_recipient = memo_recipient or self.x25519_public
         self.fog_id = fog_id
         self.fog_key = fog_key
         self._seq_block = seq_block
@@ -167,8 +180,14 @@ class Device:
         fog_key: bytes,
         seq_block: int = SEQ_BLOCK_DEFAULT,
         clock: Callable[[], int] = time_ms,
+        sealing: bool = False,
+        memo_recipient: bytes | None = None,
     ) -> "Device":
-        """Open (or create, with a new key) the device whose state lives in ``state_dir``."""
+        """Open (or create, with a new key) the device whose state lives in ``state_dir``.
+
+        ``sealing``: every intent asks for its receipt sealed to this device's key (``sr``)
+        and carries its memo sealed (``sm``) to ``memo_recipient`` (an X25519 public key, e.g.
+        the payee's; this device's own ``x25519_public`` when None)."""
         if not is_valid_public_key(fog_key):
             raise DeviceStateError("fog_key is not a valid Ed25519 public key")
         path = Path(state_dir)
@@ -176,7 +195,16 @@ class Device:
         key_path = path / KEY_FILE
         key = load_key_file(key_path) if key_path.exists() else new_key_file(key_path)
         topics.receipt_topic(fog_id, public_key(key))  # validates fog_id
-        return cls(path, key, fog_id=fog_id, fog_key=fog_key, seq_block=seq_block, clock=clock)
+        return cls(
+            path,
+            key,
+            fog_id=fog_id,
+            fog_key=fog_key,
+            seq_block=seq_block,
+            clock=clock,
+            sealing=sealing,
+            memo_recipient=memo_recipient,
+        )
 
     @property
     def key_hex(self) -> str:
@@ -215,7 +243,11 @@ class Device:
     def new_intent(
         self, payee_id: str, amount_micros: int, currency: str, *, memo: bytes | None = None
     ) -> Signed[Intent]:
-        """Seal a new intent with a fresh q (raises Declined(MALFORMED) for invalid fields)."""
+        """Seal a new intent with a fresh q (raises Declined(MALFORMED) for invalid fields).
+        A sealing device seals ``memo`` to its memo recipient and asks for a sealed receipt."""
+        sealed_memo = None
+        if self.sealing and memo is not None:
+            sealed_memo, memo = sealed.seal_memo(memo, self.memo_recipient), None
         intent = Intent(
             device=self.public_key,
             fog_id=self.fog_id,
@@ -225,6 +257,8 @@ class Device:
             currency=currency,
             time_ms=self._clock(),
             memo=memo,
+            sealed_memo=sealed_memo,
+            seal_receipts=sealed.SCHEME if self.sealing else None,
         )
         encode_body(intent)  # validate (raises MALFORMED) before spending a q on it
         q = self._reserve_seq()
@@ -233,10 +267,30 @@ class Device:
 
     # --- receipts ----------------------------------------------------------------------
 
+    def open_receipt(self, payload: bytes) -> Signed[Receipt]:
+        """A payload of this device's receipt topic, sealed or plain, as a receipt verified
+        under the fog's key; raises Declined. A sealing device takes a plain receipt only for
+        the reasons a fog gives before it read a trustworthy intent (``PLAIN_REASONS``)."""
+        if sealed.is_sealed_payload(payload):
+            return open_envelope(
+                sealed.open_receipt(payload, self._x25519), Receipt, signer=self.fog_key
+            )
+        receipt = open_envelope(payload, Receipt, signer=self.fog_key)
+        if self.sealing and receipt.msg.reason not in PLAIN_REASONS:
+            raise Declined(Reason.MALFORMED, "sealed: a plain receipt to a sealing device")
+        return receipt
+
+    def read_memo(self, intent: Signed[Intent]) -> bytes | None:
+        """The memo of one of this device's intents: ``m``, or ``sm`` opened with this
+        device's key (raises Declined(MALFORMED) if it was sealed to another recipient)."""
+        if intent.msg.sealed_memo is not None:
+            return sealed.open_memo(intent.msg.sealed_memo, self._x25519)
+        return intent.msg.memo
+
     def check_receipt(self, payload: bytes, intent: Signed[Intent]) -> Signed[Receipt] | None:
         """The receipt if it is the fog's answer to ``intent``, else None (logged)."""
         try:
-            receipt = open_envelope(payload, Receipt, signer=self.fog_key)
+            receipt = self.open_receipt(payload)
         except Declined as exc:
             log.warning("receipt_ignored", device=self.key_hex[:16], reason=str(exc.reason))
             return None
@@ -376,6 +430,7 @@ class DeviceSession:
         self._in_flight: dict[bytes, _InFlight] = {}
         self._slots = asyncio.Semaphore(in_flight_max)
         self._subscribed: list[str] = []
+        self._devices: dict[bytes, Device] = {}  # attached or paying, by key: opens receipts
         self._reader: asyncio.Task[None] | None = None
         self.ignored = 0  # receipts that failed verification or matched nothing in flight
 
@@ -410,6 +465,7 @@ class DeviceSession:
     async def attach(self, device: Device) -> None:
         """Subscribe to ``device``'s receipt topic (no-op in wildcard mode)."""
         assert device.fog_id == self.fog_id and device.fog_key == self.fog_key
+        self._devices[device.public_key] = device
         if not self.wildcard:
             await self._subscribe(topics.receipt_topic(self.fog_id, device.public_key))
 
@@ -434,8 +490,14 @@ class DeviceSession:
             return  # not ours: the client may carry other subscriptions
         if parsed.kind is not topics.Kind.RECEIPT or parsed.fog_id != self.fog_id:
             return
+        device = self._devices.get(parsed.key) if parsed.key is not None else None
         try:
-            receipt = open_envelope(payload, Receipt, signer=self.fog_key)
+            if device is not None:
+                receipt = device.open_receipt(payload)
+            elif sealed.is_sealed_payload(payload):
+                raise Declined(Reason.MALFORMED, "sealed: no device of this topic here")
+            else:
+                receipt = open_envelope(payload, Receipt, signer=self.fog_key)
         except Declined as exc:
             self.ignored += 1
             log.warning("receipt_ignored", reason=str(exc.reason), fog_id=self.fog_id)
@@ -499,6 +561,7 @@ class DeviceSession:
         self, device: Device, intent: Signed[Intent], timeout_s: float, retries_max: int
     ) -> Signed[Receipt]:
         topic = topics.intent_topic(self.fog_id, device.public_key)
+        self._devices.setdefault(device.public_key, device)
         future: asyncio.Future[Signed[Receipt]] = asyncio.get_running_loop().create_future()
         async with self._slots:
             assert intent.id not in self._in_flight

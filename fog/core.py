@@ -78,6 +78,7 @@ from protocol import topics
 from protocol.errors import TopicError
 from protocol.leasing import lease_report_topic
 from protocol.reasons import Reason
+from protocol.sealed import seal_receipt
 from protocol.topics import Kind
 
 SEAL_INTERVAL_MS_MIN: Final = 10
@@ -159,7 +160,12 @@ class Receipt:
 
     @property
     def payload(self) -> bytes:
-        return self.outcome.receipt
+        """What to publish: the receipt envelope, or for an intent that asked for it the
+        envelope sealed to the device's key (docs/protocol.md section 16). Sealing draws an
+        ephemeral key (libsodium's randomness) here, at the output, not in the core's
+        decisions: every read seals afresh, and each opens to the same envelope."""
+        o = self.outcome
+        return seal_receipt(o.receipt, o.device) if o.sealed else o.receipt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

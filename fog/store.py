@@ -110,6 +110,10 @@ class Outcome:
     # the intent's c once its signature verified (None: malformed or bad_signature): which
     # budget a lease request asks for, without decoding the intent again
     currency: str | None = None
+    # publish the receipt sealed to ``device`` (docs/protocol.md section 16): the intent asked
+    # (``sr``) and passed decoding, its signature and the topic check; ``receipt`` stays the
+    # plain envelope (the log record holds it as it is)
+    sealed: bool = False
 
 
 AckOutcome = batcher.AckOutcome
@@ -343,6 +347,13 @@ class FogStore:
     ) -> Outcome:
         status = STATUS_OK if reason is None else STATUS_DECLINED
         i = signed.msg
+        # a d of mixed order verifies but has no X25519 form: only declines can carry one (a
+        # binding refuses such keys, so ok and replays need no check), and they go plain
+        sealed = (
+            i.seal_receipts is not None
+            and reason is not Reason.TOPIC_MISMATCH
+            and (reason is None or is_valid_public_key(i.device))
+        )
         return Outcome(
             receipt=receipt,
             status=status,
@@ -355,6 +366,7 @@ class FogStore:
             amount_micros=amount_micros,
             log_index=log_index,
             currency=i.currency,
+            sealed=sealed,
         )
 
     def _authorized(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from types import MemberDescriptorType
 from typing import Any, ClassVar, Final, TypeVar
 
-from protocol import limits
+from protocol import limits, sealed
 from protocol.codec import pack, unpack_body, unpack_strict
 from protocol.errors import Declined
 from protocol.reasons import Reason
@@ -85,6 +85,12 @@ def _bin(n: int) -> Callable[[object], bool]:
 
 def _is_memo(v: object) -> bool:
     return type(v) is bytes and len(v) <= limits.MEMO_BYTES_MAX
+
+
+def _is_sealed_memo(v: object) -> bool:
+    return (
+        type(v) is bytes and sealed.SEALED_MEMO_BYTES_MIN <= len(v) <= sealed.SEALED_MEMO_BYTES_MAX
+    )
 
 
 def _is_text64(v: object) -> bool:
@@ -211,6 +217,14 @@ class Intent(Message):
     currency: str
     time_ms: int
     memo: bytes | None = None
+    # the sealing extension (docs/protocol.md section 16): a memo sealed to a key the device
+    # chose, and the request that receipts to this intent come sealed to d
+    sealed_memo: bytes | None = None
+    seal_receipts: int | None = None
+
+    def validate(self) -> None:
+        if self.memo is not None and self.sealed_memo is not None:
+            raise _fail("intent: m and sm exclude each other")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -326,6 +340,8 @@ Intent.SCHEMA = (
     Field("c", "currency", is_currency),
     Field("t", "time_ms", UINT),
     Field("m", "memo", _is_memo, optional=True),
+    Field("sm", "sealed_memo", _is_sealed_memo, optional=True),
+    Field("sr", "seal_receipts", _uint(sealed.SCHEME, sealed.SCHEME), optional=True),
 )
 Receipt.SCHEMA = (
     Field("i", "intent_id", HASH),
