@@ -88,7 +88,7 @@ async def report(w: World, fog: str, lease_id: bytes, drawn: int, batch: int) ->
 async def test_report_returns_the_unused_part_once_batches_are_held(world: World) -> None:
     w = world
     await setup(w)
-    device = await w.device("alice", tx_max_micros=LIMIT)
+    device = await w.device("alice")
     lease_id = (await w.lease("alice", "fog-a", 400_000)).lease.lease_id
     fog = w.fogs["fog-a"]
     b1 = fog.cut([fog.authorize(device, seq=1, lease_id=lease_id, amount=150_000, payee="shop")])
@@ -124,7 +124,7 @@ async def test_expired_unreported_lease_stays_counted(world: World) -> None:
 async def test_report_that_disagrees_keeps_escrow_and_alarms(world: World) -> None:
     w = world
     await setup(w)
-    device = await w.device("alice", tx_max_micros=LIMIT)
+    device = await w.device("alice")
     lease_id = (await w.lease("alice", "fog-a", 400_000)).lease.lease_id
     fog = w.fogs["fog-a"]
     await w.ingestor().ingest_batch(
