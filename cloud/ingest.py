@@ -53,6 +53,18 @@ __all__ = ["HELD_BATCHES_MAX", "IngestOutcome", "Ingestor", "Status", "Verifier"
 log = structlog.get_logger()
 
 SUSPEND_REASON: Final = "suspended: cloned key (two intents at one q)"
+ALARM_RECORD_REJECTED: Final = "record_rejected"
+
+
+def rejected_alarm(h: CheckedHeader, position: int, intent_id: bytes | None, fault: str) -> Alarm:
+    """A record of an accepted batch the cloud does not book: money a fog may have paid out
+    (an ok receipt) that no one will collect. One alarm per record, its evidence the fog,
+    batch, position, intent id and reason (``unknown_device``: trust the cloud never
+    registered; ``lease_mismatch``, ``unknown_lease``, ...). Subject ``FOG:BATCH:POSITION``."""
+    intent = "-" if intent_id is None else intent_id.hex()
+    detail = f"fog={h.fog_id} batch={h.number} position={position} intent={intent} reason={fault}"
+    return Alarm(ALARM_RECORD_REJECTED, f"{h.fog_id}:{h.number}:{position}", detail)
+
 
 Verifier = Callable[[bytes], Awaitable[CheckedBatch]]
 
@@ -286,6 +298,10 @@ class Ingestor:
         done.batches = 1
         for alarm in p.alarms:
             await self._alarm(tx, alarm, h.fog_id, now_ms, done)
+        for position, intent_id, fault in p.rejected:
+            await self._alarm(
+                tx, rejected_alarm(h, position, intent_id, fault), h.fog_id, now_ms, done
+            )
         for device in sorted(p.suspend):
             await self._suspend(tx, device, h.fog_id, now_ms, done)
         chain = booking.chain

@@ -175,7 +175,9 @@ async def fog_credential(tx: Tx, fog_id: str) -> bytes | None:
 
 async def bind_device(tx: Tx, envelope: bytes, proof: bytes, *, now_ms: int) -> Binding:
     """Register an owner-signed binding after checking the owner's signature, the owner's
-    standing and the device's proof of possession (``protocol.signing.possession_proof``)."""
+    standing, the device's proof of possession (``protocol.signing.possession_proof``) and
+    that its ``tx`` limit (one payment) does not exceed the owner's credit limit (``day`` may:
+    it is per fog and day, leases bound what is spent)."""
     try:
         signed = open_envelope(envelope, Binding)
     except Declined as exc:
@@ -193,6 +195,11 @@ async def bind_device(tx: Tx, envelope: bytes, proof: bytes, *, now_ms: int) -> 
         raise RegistryError("binding refused: proof of possession does not verify")
     if b.currency != owner.currency:
         raise RegistryError(f"binding refused: currency {b.currency} != owner's")
+    if b.tx_max_micros > owner.limit_micros:
+        raise RegistryError(
+            f"binding refused: tx limit {b.tx_max_micros} micros exceeds the owner's credit "
+            f"limit {owner.limit_micros}"
+        )
     sql = (
         "INSERT INTO bindings (binding_id, device, owner_id, nb, na, currency, envelope, "
         "registered_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (binding_id) DO NOTHING"

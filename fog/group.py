@@ -41,7 +41,7 @@ DECODED_CACHE_MAX: Final = 65_536  # decoded bindings and credentials, by messag
 _VOUCHER_COLUMNS: Final = (
     "SELECT b.id, b.body, b.nb, b.na, o.id, o.body, o.nb, o.na, "
     "EXISTS (SELECT 1 FROM revocations r WHERE r.key = b.device AND r.signer IN (?2, o.key)), "
-    "EXISTS (SELECT 1 FROM revocations r WHERE r.key = o.key AND r.signer = ?2) "
+    "EXISTS (SELECT 1 FROM revocations r WHERE r.key = o.key AND r.signer IN (?2, o.key)) "
     "FROM bindings b JOIN owners o ON o.owner_id = b.owner_id AND o.key = b.signer "
     "WHERE b.device = ?1 "
 )
@@ -87,7 +87,7 @@ class Voucher:
     owner_nb: int
     owner_na: int
     device_revoked: bool  # by the issuer or by this owner key
-    owner_revoked: bool  # this owner key, by the issuer
+    owner_revoked: bool  # this owner key, by the issuer or by itself
 
     def rank(self, now_ms: int) -> tuple[bool, int, bytes, bool, int, bytes]:
         """Highest wins: valid binding, latest nb, highest id; then valid credential, latest

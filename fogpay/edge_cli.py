@@ -1,9 +1,11 @@
 """``fogpay edge simulate`` (load simulator) and ``fogpay edge pay`` (one payment).
 
 Both talk to a fog given either as ``--sandbox DIR`` (reads DIR/sandbox.json; the simulator
-then provisions its devices itself with the sandbox's issuer seed: an owner, one binding per
-device, a lease) or as ``--broker URL --fog-id ID --fog-key HEX`` (devices provisioned by
-someone else, e.g. with ``fogpay device bind``).
+then registers its devices in the sandbox's cloud registry, DIR/cloud.sqlite: an owner, one
+binding per device with its proof of possession, a lease within the owner's credit; the
+sandbox's cloud service publishes them, the simulator publishes no trust itself) or as
+``--broker URL --fog-id ID --fog-key HEX`` (devices registered by someone else, e.g. with
+``fogpay cloud device bind``, or by hand for a standalone fog with ``fogpay device bind``).
 """
 
 import argparse
@@ -46,8 +48,8 @@ from fogpay.provision import (
     parse_broker_url,
     publish_retained,
 )
-from protocol.errors import FogpayError
-from protocol.signing import is_valid_public_key
+from protocol.errors import Declined, FogpayError
+from protocol.signing import is_valid_public_key, public_key, seal
 from runtime.cli import EXIT_USAGE, UsageError, fail, json_option, report
 from runtime.keyfile import KeyFileError, load_key_file
 from runtime.logs import configure
@@ -69,6 +71,7 @@ class Target:
     fog_id: str
     fog_key: bytes
     issuer: nacl.signing.SigningKey | None  # sandbox mode: we may provision
+    cloud_db: Path | None = None  # sandbox mode: its cloud's registry (SQLite), the one writer
 
 
 def target_from_args(args: argparse.Namespace) -> Target:
@@ -90,7 +93,8 @@ def target_from_args(args: argparse.Namespace) -> Target:
         except FogpayError as exc:
             raise UsageError(f"--sandbox {exc}") from None
         issuer = load_key_file(directory / info.issuer_seed_file)
-        return Target(info.broker, info.fog_id, info.fog_key, issuer)
+        cloud_db = None if info.cloud_db is None else directory / info.cloud_db
+        return Target(info.broker, info.fog_id, info.fog_key, issuer, cloud_db)
     if args.broker is None or args.fog_id is None or args.fog_key is None:
         raise UsageError("target: give --sandbox DIR, or --broker, --fog-id and --fog-key")
     try:
@@ -230,19 +234,119 @@ async def _provision(
     lease_micros = (
         args.lease or args.amount * (args.count or int(args.rate * args.duration) + 1) * 2
     )
-    pubs = provision_publications(
-        target.issuer,
-        owner,
-        devices,
-        owner_id=args.owner_id,
-        fog_id=target.fog_id,
-        currency=args.currency,
-        lease_micros=lease_micros + args.amount,
-        tx_max_micros=args.amount,
+    pubs = (
+        []
+        if target.cloud_db is not None
+        else provision_publications(
+            target.issuer,
+            owner,
+            devices,
+            owner_id=args.owner_id,
+            fog_id=target.fog_id,
+            currency=args.currency,
+            lease_micros=lease_micros + args.amount,
+            tx_max_micros=args.amount,
+        )
     )
-    await publish_retained(target.broker, pubs)
+    if target.cloud_db is not None:  # the sandbox's cloud registers and publishes them
+        await register_in_cloud(
+            target.cloud_db,
+            target.issuer,
+            owner,
+            devices,
+            owner_id=args.owner_id,
+            fog_id=target.fog_id,
+            currency=args.currency,
+            lease_micros=lease_micros + args.amount,
+            tx_max_micros=args.amount,
+        )
+    else:  # --broker with --issuer-key: a standalone fog, no cloud to register with
+        await publish_retained(target.broker, pubs)
     async with asyncio.timeout(READY_TIMEOUT_S):
         await wait_until_payable(session, devices[-1], payment)
+
+
+async def register_in_cloud(
+    cloud_db: Path,
+    issuer: nacl.signing.SigningKey,
+    owner: nacl.signing.SigningKey,
+    devices: Sequence[Device],
+    *,
+    owner_id: str,
+    fog_id: str,
+    currency: str,
+    lease_micros: int,
+    tx_max_micros: int,
+) -> None:
+    """Register the simulator's owner, its devices' bindings (each with its proof of
+    possession) and one lease in the sandbox's cloud registry, in one transaction, with the
+    registry's checks; the sandbox's cloud service then publishes them retained (within
+    about a second). An owner id registered under another key is refused: its devices
+    would pay at the fog under trust the cloud never registered. The simulator stands in for
+    its owner's credit officer: the owner's credit limit is raised to cover the run."""
+    from cloud import leases, registry
+    from cloud.errors import RegistryError
+    from cloud.sqlitestore import SqliteStore
+    from cloud.store import Tx
+
+    owner_key = public_key(owner)
+    now = now_ms()
+    validity = Validity.days(VALIDITY_DAYS, now=now)
+
+    async def fn(tx: Tx) -> None:
+        known = await registry.get_owner(tx, owner_id)
+        if known is None:
+            await registry.add_owner(
+                tx,
+                issuer,
+                owner_id=owner_id,
+                key=owner_key,
+                limit_micros=lease_micros,
+                currency=currency,
+                funding_ref="",
+                now_ms=now,
+            )
+        elif known.key != owner_key:
+            raise ProvisionError(
+                f"owner {owner_id!r} is registered in the sandbox's cloud with another key "
+                "(give its first run's --devices-dir, or another --owner-id)"
+            )
+        else:
+            short = lease_micros - await leases.available(tx, owner_id)
+            if short > 0:
+                await registry.set_limit(tx, owner_id, known.limit_micros + short)
+        for d in devices:
+            b = make_binding(
+                d.public_key,
+                owner_id=owner_id,
+                currency=currency,
+                tx_max_micros=tx_max_micros,
+                day_max_micros=lease_micros,
+                validity=validity,
+            )
+            proof = d.prove_possession(binding_body(b))
+            await registry.bind_device(tx, seal(b, owner), proof, now_ms=now)
+        policy = leases.LeasePolicy(
+            initial_micros=min(lease_micros, leases.LeasePolicy().initial_micros),
+            request_micros_max=lease_micros,
+        )
+        await leases.grant(
+            tx,
+            issuer,
+            owner_id=owner_id,
+            fog_id=fog_id,
+            amount_micros=lease_micros,
+            now_ms=now,
+            policy=policy,
+        )
+
+    store = await SqliteStore.open(str(cloud_db))
+    try:
+        await store.transact(fn)
+    except (RegistryError, Declined) as exc:
+        raise ProvisionError(f"the sandbox's cloud registry refused: {exc}") from exc
+    finally:
+        await store.close()
 
 
 def _print_progress(summary: Summary) -> None:

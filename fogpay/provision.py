@@ -5,8 +5,12 @@ spec's topic, the envelope bytes, and a printable summary with ids in hex and ne
 key). ``publish_retained`` sends publications to a broker, retained with QoS 1, as spec
 section 8 wants for trust and lease topics. The CLI commands (``fogpay issuer init``,
 ``issuer certify-fog``, ``owner add``, ``device bind``, ``device revoke``, ``lease grant``)
-are a few lines each over these two layers. This stands in for the cloud registry until the
-cloud issue replaces it.
+are a few lines each over these two layers. They are for a fog without a cloud
+(``uplink.enabled = false``): where a cloud runs, it is the one writer of trust
+(docs/protocol.md 15.1: only its broker account may publish the trust and lease topics) and
+owners, bindings, revocations and leases go through its registry (``fogpay cloud owner add``,
+``device bind``, ``device revoke --envelope``, ``lease grant``); a fog that acts on anything
+else raises ``record_rejected`` alarms at the cloud.
 
 Proof of possession (spec section 3 leaves it to us): the device signs
 ``b"fogpay/1/pop\\x00" + binding body`` with its own key (``protocol.signing.possession_proof``).

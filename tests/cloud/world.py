@@ -102,6 +102,7 @@ class World:
     policy: LeasePolicy = field(default_factory=LeasePolicy)
     owners: dict[str, nacl.signing.SigningKey] = field(default_factory=dict)
     fogs: dict[str, FogLog] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)  # owner_id -> credit limit
 
     def clock(self) -> int:
         return self.now
@@ -117,6 +118,7 @@ class World:
     ) -> None:
         key = new_key()
         self.owners[owner_id] = key
+        self.limits[owner_id] = limit
 
         async def add(tx: Tx) -> bytes:
             return await registry.add_owner(
@@ -152,7 +154,8 @@ class World:
             "not_before_ms": self.now - 1000,
             "not_after_ms": self.now + 86_400_000,
             "currency": "EUR",
-            "tx_max_micros": 10_000_000,
+            # the registry refuses a tx limit over the owner's credit limit
+            "tx_max_micros": min(10_000_000, self.limits.get(owner, 10_000_000)),
             "day_max_micros": 100_000_000,
         }
         args.update(kw)

@@ -125,9 +125,16 @@ def test_revoked_owner_revokes_its_devices(world: World, acme: Acme) -> None:
     assert world.pay(dev, 1).reason is Reason.REVOKED
 
 
-def test_owner_cannot_revoke_itself_out_of_the_issuers_hands(world: World, acme: Acme) -> None:
+def test_owner_revoking_itself_revokes_its_devices(world: World, acme: Acme) -> None:
     owner, dev = acme
-    world.revoke(public_key(owner), signer=owner)  # only the issuer revokes owners
+    assert world.pay(dev, 1).status == "ok"
+    world.revoke(public_key(owner), signer=owner)  # the owner withdraws (protocol 13.3)
+    assert world.pay(dev, 2).reason is Reason.REVOKED
+
+
+def test_owner_cannot_revoke_another_owner(world: World, acme: Acme) -> None:
+    owner, dev = acme
+    world.revoke(public_key(owner), signer=key())  # a key that is not this owner's
     assert world.pay(dev, 1).status == "ok"
 
 
