@@ -36,7 +36,6 @@ test_amqtt_holes.py holds each):
    message goes nowhere; the PUBACK may still have been sent before the close.
 """
 
-import hashlib
 import hmac
 import json
 import os
@@ -55,6 +54,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
+from protocol.login import account_digest
+
 log = structlog.get_logger()
 
 ROLE_OPERATOR: Final = "operator"
@@ -66,19 +67,7 @@ KEY_HEX_CHARS: Final = 64
 ROOT: Final = "fogpay/1"
 
 
-def digest(password: str) -> str:
-    """How an account file keeps a password: SHA-256, hex. Device passwords are 128-bit
-    random-equivalent secrets (``device_password``), so a fast hash is enough."""
-    return hashlib.sha256(password.encode()).hexdigest()
-
-
-def device_password(login_secret: bytes, device: bytes) -> str:
-    """A device's broker password: HMAC-SHA256(login_secret, "fogpay/1 broker login" || key),
-    the first 16 bytes, base64url without padding (22 characters). docs/protocol.md."""
-    import base64
-
-    mac = hmac.new(login_secret, b"fogpay/1 broker login" + device, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac[:16]).rstrip(b"=").decode()
+digest = account_digest
 
 
 @dataclass(frozen=True, slots=True)
