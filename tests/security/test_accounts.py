@@ -1,0 +1,312 @@
+"""Broker accounts and roles on both brokers, made from the cloud's registry.
+
+- The embedded broker (``fog.brokerauth.HardenedBroker`` as the fog runs it) and Mosquitto
+  with the shipped ``fogpay-server.conf`` + ``fogpay.acl``: per role, allowed and denied
+  publish and subscribe.
+- A real cloud store: a device's account appears when its binding is registered and
+  disappears when it is revoked (``cloud.accounts.AccountSync`` writing the amqtt accounts
+  file, and ``sync_once`` writing Mosquitto's password file and sending it SIGHUP).
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import nacl.signing
+import pytest
+
+from cloud import registry
+from cloud.accounts import AccountSync, AccountTargets, sync_once
+from cloud.sqlitestore import SqliteStore
+from cloud.store import Tx
+from fog.broker import EmbeddedBroker
+from fog.config import BrokerConfig
+from fogpay.provision import Validity, binding_body, make_binding
+from protocol.login import account_digest, device_password, device_username
+from protocol.signing import possession_proof, public_key, seal_signed
+from tests.conftest import free_port, launch_mosquitto
+from tests.integration.test_fog_mosquitto import deploy_conf, password_file
+
+SECRET = bytes(range(32))
+OPERATOR_PW = "operator-pw"
+BOUND_S = 10.0
+FOG = "fog-a"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def intent(fog: str, key: str) -> str:
+    return f"fogpay/1/{fog}/intent/{key}"
+
+
+def receipt(fog: str, key: str) -> str:
+    return f"fogpay/1/{fog}/receipt/{key}"
+
+
+class World:
+    """A cloud store with an owner; devices bound (with proofs) and revoked for real."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.issuer = nacl.signing.SigningKey.generate()
+        self.owner = nacl.signing.SigningKey.generate()
+
+    async def setup(self) -> None:
+        async def fn(tx: Tx) -> None:
+            await registry.add_owner(
+                tx,
+                self.issuer,
+                owner_id="alice",
+                key=public_key(self.owner),
+                limit_micros=1_000_000,
+                currency="EUR",
+                funding_ref="",
+                now_ms=now_ms() - 60_000,
+            )
+
+        await self.store.transact(fn)
+
+    async def bind(self, device: nacl.signing.SigningKey) -> None:
+        b = make_binding(
+            public_key(device),
+            owner_id="alice",
+            currency="EUR",
+            tx_max_micros=1000,
+            day_max_micros=10_000,
+            validity=Validity.days(1, now=now_ms()),
+        )
+        proof = possession_proof(device, binding_body(b))
+        envelope = seal_signed(b, self.owner).raw
+
+        async def fn(tx: Tx) -> None:
+            await registry.bind_device(tx, envelope, proof, now_ms=now_ms())
+
+        await self.store.transact(fn)
+
+    async def revoke(self, device: nacl.signing.SigningKey) -> None:
+        async def fn(tx: Tx) -> None:
+            await registry.issuer_revoke(
+                tx, self.issuer, public_key(device), reason="stolen", now_ms=now_ms()
+            )
+
+        await self.store.transact(fn)
+
+
+def login(device: nacl.signing.SigningKey) -> tuple[str, str]:
+    key = public_key(device)
+    return device_username(key), device_password(SECRET, key)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    store = await SqliteStore.open(str(tmp_path / "cloud.sqlite"))
+    w = World(store)
+    await w.setup()
+    try:
+        yield w
+    finally:
+        await store.close()
+
+
+def amqtt_targets(tmp_path: Path) -> AccountTargets:
+    fixed = {"operator": {"role": "operator", "sha256": account_digest(OPERATOR_PW)}}
+    return AccountTargets(amqtt_file=tmp_path / "accounts.json", amqtt_fixed=fixed)
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[int]:
+    config = BrokerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        password="fog-pw",
+        accounts_file=str(tmp_path / "accounts.json"),
+        process=False,
+    )
+    broker = EmbeddedBroker(config)
+    await broker.start()
+    try:
+        yield broker.port
+    finally:
+        await broker.stop()
+
+
+def client(port: int, user: str, password: str, **kw: Any) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", port, username=user, password=password, **kw)
+
+
+async def first_of(c: aiomqtt.Client, wanted: set[bytes]) -> list[bytes]:
+    """Messages until one of ``wanted`` arrives (bounded); all of them, in order."""
+    got: list[bytes] = []
+    async with asyncio.timeout(BOUND_S):
+        async for m in c.messages:
+            got.append(bytes(m.payload))  # type: ignore[arg-type]
+            if got[-1] in wanted:
+                return got
+    return got
+
+
+async def can_login(port: int, user: str, password: str) -> bool:
+    try:
+        async with client(port, user, password):
+            return True
+    except aiomqtt.MqttCodeError:
+        return False
+
+
+async def check_device_rights(
+    port: int, a: tuple[str, str], b_key: str, op: tuple[str, str], fog: str
+) -> None:
+    """Device A: its own intent goes through, B's does not; it reads its own receipts and
+    trust, never B's receipts. ``op`` is an account that may write receipts and trust and
+    read intents."""
+    a_key = a[0]
+    async with client(port, *op, identifier="op") as o:
+        await o.subscribe(intent(fog, "+"), qos=1)
+        # reads: A subscribes to every receipt of the fog, to B's and to its own; only its own
+        # reach it (the embedded broker refuses the first two, Mosquitto filters deliveries)
+        async with client(port, *a, identifier="a-read") as dev:
+            await dev.subscribe(receipt(fog, "+"), qos=1)
+            await dev.subscribe(receipt(fog, b_key), qos=1)
+            await dev.subscribe(receipt(fog, a_key), qos=1)
+            await o.publish(receipt(fog, b_key), b"B's receipt", qos=1)
+            await o.publish(receipt(fog, a_key), b"A's receipt", qos=1)
+            got = await first_of(dev, {b"A's receipt"})
+            assert got == [b"A's receipt"]
+        # writes: B's intent and a trust topic never arrive; A's own does
+        try:
+            async with client(port, *a, identifier="a-write") as dev:
+                await dev.publish(intent(fog, b_key), b"forged", qos=1)
+                await dev.publish(f"fogpay/1/trust/bind/{b_key}", b"forged trust", qos=1)
+        except aiomqtt.MqttError:
+            pass  # the embedded broker closes a connection at a denied publish
+        async with client(port, *a, identifier="a-write2") as dev:
+            await dev.publish(intent(fog, a_key), b"A's intent", qos=1)
+        assert await first_of(o, {b"A's intent"}) == [b"A's intent"]
+
+
+async def test_roles_on_the_embedded_broker(tmp_path: Path, world: World, embedded: int) -> None:
+    a, b = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    for d in (a, b):
+        await world.bind(d)
+    await sync_once(world.store, SECRET, amqtt_targets(tmp_path), now_ms=now_ms())
+    await check_device_rights(embedded, login(a), login(b)[0], ("operator", OPERATOR_PW), FOG)
+    # a device may subscribe to trust (SUBACK granted) but not to everything
+    async with client(embedded, *login(a)) as dev:
+        granted = await dev.subscribe("fogpay/1/trust/#", qos=1)
+        denied = await dev.subscribe("fogpay/1/#", qos=1)
+    assert [int(getattr(g, "value", g)) for g in granted] == [1]
+    assert [int(getattr(g, "value", g)) for g in denied] == [0x80]
+    # wrong passwords and unknown accounts are refused
+    assert not await can_login(embedded, login(a)[0], login(b)[1])
+    assert not await can_login(embedded, "operator", "nope")
+    assert not await can_login(embedded, "device", "")
+
+
+@pytest.mark.mosquitto
+async def test_roles_on_mosquitto_with_the_shipped_acl(tmp_path: Path, world: World) -> None:
+    a, b = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    for d in (a, b):
+        await world.bind(d)
+    base = password_file(tmp_path, {FOG: "fog-pw", "issuer": "issuer-pw"})
+    passwd = tmp_path / "fogpay.passwd"
+    targets = AccountTargets(mosquitto_passwd=passwd, mosquitto_base=base)
+    await sync_once(world.store, SECRET, targets, now_ms=now_ms())
+    port = free_port()
+    broker = launch_mosquitto(
+        tmp_path, port, deploy_conf("fogpay-server.conf", tmp_path, port, passwd)
+    )
+    try:
+        await check_device_rights(port, login(a), login(b)[0], (FOG, "fog-pw"), FOG)
+        assert not await can_login(port, login(a)[0], login(b)[1])
+        # the issuer may publish trust; a device's trust write never reaches a reader
+        async with client(port, *login(b), identifier="b") as reader:
+            await reader.subscribe("fogpay/1/trust/#", qos=1)
+            async with client(port, *login(a), identifier="a") as dev:
+                await dev.publish("fogpay/1/trust/owner/x", b"forged", qos=1)
+            async with client(port, "issuer", "issuer-pw") as issuer:
+                await issuer.publish("fogpay/1/trust/owner/x", b"issuer's", qos=1)
+            assert await first_of(reader, {b"issuer's"}) == [b"issuer's"]
+    finally:
+        broker.stop()
+
+
+async def wait_login(port: int, user: str, password: str, *, want: bool) -> None:
+    """Until a login succeeds (``want``) or is refused: bounded in time."""
+    async with asyncio.timeout(BOUND_S):
+        for _ in range(int(BOUND_S / 0.05)):
+            if await can_login(port, user, password) is want:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"login of {user[:16]} never became {want}")
+
+
+async def test_embedded_accounts_follow_registration_and_revocation(
+    tmp_path: Path, world: World, embedded: int
+) -> None:
+    sync = AccountSync(
+        store=world.store, secret=SECRET, targets=amqtt_targets(tmp_path), clock=now_ms
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(sync.run(ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), BOUND_S)
+        device = nacl.signing.SigningKey.generate()
+        user, pw = login(device)
+        assert not await can_login(embedded, user, pw)
+        await world.bind(device)
+        await wait_login(embedded, user, pw, want=True)
+        async with client(embedded, "operator", OPERATOR_PW, identifier="op") as o:
+            await o.subscribe(intent(FOG, "+"), qos=1)
+            async with client(embedded, user, pw, identifier="dev") as dev:
+                await dev.publish(intent(FOG, user), b"before", qos=1)
+                assert await first_of(o, {b"before"}) == [b"before"]
+                await world.revoke(device)
+                await wait_login(embedded, user, pw, want=False)
+                # the open connection lost its rights too
+                try:
+                    await dev.publish(intent(FOG, user), b"after", qos=1)
+                except aiomqtt.MqttError:
+                    pass
+            async with client(embedded, "operator", OPERATOR_PW, identifier="op2") as o2:
+                await o2.publish(intent(FOG, "f" * 64), b"sentinel", qos=1)
+            assert await first_of(o, {b"sentinel"}) == [b"sentinel"]
+    finally:
+        await sync.stop()
+        await asyncio.wait_for(task, BOUND_S)
+
+
+@pytest.mark.mosquitto
+async def test_mosquitto_accounts_follow_registration_and_revocation(
+    tmp_path: Path, world: World
+) -> None:
+    base = password_file(tmp_path, {FOG: "fog-pw", "issuer": "issuer-pw"})
+    passwd = tmp_path / "fogpay.passwd"
+    pid_file = tmp_path / "mosquitto.pid"
+    targets = AccountTargets(
+        mosquitto_passwd=passwd, mosquitto_base=base, mosquitto_pid_file=pid_file
+    )
+    first = AccountTargets(mosquitto_passwd=passwd, mosquitto_base=base)  # nothing to reload
+    await sync_once(world.store, SECRET, first, now_ms=now_ms())
+    port = free_port()
+    broker = launch_mosquitto(
+        tmp_path, port, deploy_conf("fogpay-server.conf", tmp_path, port, passwd)
+    )
+    pid_file.write_text(f"{broker.process.pid}\n")
+    try:
+        device = nacl.signing.SigningKey.generate()
+        user, pw = login(device)
+        assert not await can_login(port, user, pw)
+        await world.bind(device)
+        await sync_once(world.store, SECRET, targets, now_ms=now_ms())
+        await wait_login(port, user, pw, want=True)
+        await world.revoke(device)
+        await sync_once(world.store, SECRET, targets, now_ms=now_ms())
+        await wait_login(port, user, pw, want=False)
+        assert await can_login(port, FOG, "fog-pw")  # the base accounts stay
+    finally:
+        broker.stop()
