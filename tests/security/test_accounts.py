@@ -317,3 +317,48 @@ async def test_mosquitto_accounts_follow_registration_and_revocation(
         assert await can_login(port, FOG, "fog-pw")  # the base accounts stay
     finally:
         broker.stop()
+
+
+def test_the_sandbox_gives_each_bound_device_its_own_login(tmp_path: Path) -> None:
+    """``fogpay sandbox`` as a process: a device bound with the CLI pays through its own
+    login (``fogpay sandbox credentials``); once revoked, that login is refused."""
+    from dataclasses import replace
+
+    from edge.device import Device
+    from fogpay.provision import BrokerAddress
+    from fogpay.sandbox import SANDBOX_JSON, SandboxInfo
+    from tests.edge.test_sandbox_process import (
+        broker_url,
+        cli,
+        pay,
+        provision,
+        start_sandbox,
+        stop_sandbox,
+    )
+
+    directory, work, log = tmp_path / "sbx", tmp_path / "work", tmp_path / "sandbox.log"
+    work.mkdir()
+    proc = start_sandbox(directory, log)
+    try:
+        info = SandboxInfo.load(directory / SANDBOX_JSON)
+        assert info.broker.username == "operator"
+        device = Device.open(work / "dev", fog_id=info.fog_id, fog_key=info.fog_key)
+        login = cli("sandbox", "credentials", "--dir", str(directory), "--device", device.key_hex)
+        assert login[0]["username"] == device.key_hex and len(login[0]["password"]) == 22
+        port = info.broker.port
+        assert not asyncio.run(can_login(port, login[0]["username"], login[0]["password"]))
+        provision(directory, work, info, device)
+        asyncio.run(wait_login(port, login[0]["username"], login[0]["password"], want=True))
+        own = replace(
+            info,
+            broker=BrokerAddress("127.0.0.1", port, login[0]["username"], login[0]["password"]),
+        )
+        receipt = asyncio.run(pay(own, device, 10_000))
+        assert receipt.msg.ok and receipt.signer == info.fog_key
+        cli(
+            "device", "revoke", "--signer-key", str(work / "owner.key"),
+            "--key", device.key_hex, "--reason", "stolen", "--broker", broker_url(info),
+        )  # fmt: skip
+        asyncio.run(wait_login(port, login[0]["username"], login[0]["password"], want=False))
+    finally:
+        assert stop_sandbox(proc) == 0
