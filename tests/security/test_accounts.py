@@ -362,3 +362,11 @@ def test_the_sandbox_gives_each_bound_device_its_own_login(tmp_path: Path) -> No
         asyncio.run(wait_login(port, login[0]["username"], login[0]["password"], want=False))
     finally:
         assert stop_sandbox(proc) == 0
+
+
+def test_the_login_golden_vector_of_docs_protocol() -> None:
+    password = device_password(bytes(range(32)), bytes.fromhex("aa" * 32))
+    assert password == "yCZOC8CWDXRFYT6oWpUxCQ"
+    digest = "3239c6bf7e479cf4d6bf6c82fa5c35b67f84d5372092773270a41f7a7e5b30c0"
+    assert account_digest(password) == digest
+    assert device_password(bytes(32), bytes.fromhex("aa" * 32)) != password
