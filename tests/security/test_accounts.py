@@ -9,6 +9,7 @@
 """
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -370,3 +371,41 @@ def test_the_login_golden_vector_of_docs_protocol() -> None:
     digest = "3239c6bf7e479cf4d6bf6c82fa5c35b67f84d5372092773270a41f7a7e5b30c0"
     assert account_digest(password) == digest
     assert device_password(bytes(32), bytes.fromhex("aa" * 32)) != password
+
+
+def run_cli(cmd: list[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_the_cloud_cli_writes_the_account_files(tmp_path: Path, world: World) -> None:
+    """``fogpay cloud accounts sync|login`` over the same store, as an operator runs them."""
+    import json
+    import sys
+
+    device = nacl.signing.SigningKey.generate()
+    await world.bind(device)
+    secret_file = tmp_path / "login.secret"
+    secret_file.write_text(SECRET.hex() + "\n")
+    base = tmp_path / "base.passwd"
+    base.write_text("issuer:$7$101$x$y\n")
+    store = f"sqlite://{tmp_path / 'cloud.sqlite'}"
+    fogpay = [sys.executable, "-m", "fogpay.cli", "cloud"]
+    common = ["--store", store, "--login-secret-file", str(secret_file)]
+    sync = [*fogpay, "accounts", "sync", *common, "--mosquitto-base", str(base)]
+    sync += ["--mosquitto-passwd", str(tmp_path / "out.passwd")]
+    sync += ["--amqtt-file", str(tmp_path / "accounts.json")]
+    key_hex = public_key(device).hex()
+    done = await asyncio.to_thread(run_cli, sync)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"devices": 1}
+    lines = (tmp_path / "out.passwd").read_text().splitlines()
+    assert lines[0] == "issuer:$7$101$x$y" and lines[1].startswith(f"{key_hex}:$7$101$")
+    accounts = json.loads((tmp_path / "accounts.json").read_text())["accounts"]
+    assert accounts[key_hex]["sha256"] == account_digest(login(device)[1])
+    login_cmd = [*fogpay, "accounts", "login", key_hex, *common]
+    done = await asyncio.to_thread(run_cli, login_cmd)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"username": key_hex, "password": login(device)[1]}
+    bad = [*fogpay, "accounts", "login", "zz", *common]
+    done = await asyncio.to_thread(run_cli, bad)
+    assert done.returncode == 2 and done.stderr.startswith("fogpay: ")
