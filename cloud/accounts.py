@@ -109,8 +109,12 @@ def _reload_mosquitto(pid_file: Path) -> None:
     os.kill(pid, signal.SIGHUP)
 
 
-async def sync_once(store: Store, secret: bytes, targets: AccountTargets, *, now_ms: int) -> int:
-    """Write the targets from the registry; returns the number of device accounts."""
+async def sync_once(
+    store: Store, secret: bytes, targets: AccountTargets, *, now_ms: int, reload: bool = False
+) -> int:
+    """Write the targets from the registry; returns the number of device accounts. Mosquitto
+    is sent SIGHUP when its file changed, or always with ``reload`` (a failed SIGHUP is
+    retried so)."""
 
     async def fn(tx: Tx) -> list[bytes]:
         return await registry.login_devices(tx, now_ms=now_ms)
@@ -123,10 +127,11 @@ async def sync_once(store: Store, secret: bytes, targets: AccountTargets, *, now
     if targets.mosquitto_passwd is not None:
         base = targets.mosquitto_base.read_text() if targets.mosquitto_base else ""
         data = render_mosquitto(devices, secret, base)
-        if _write_if_changed(targets.mosquitto_passwd, data):
+        changed = _write_if_changed(targets.mosquitto_passwd, data)
+        if changed:
             log.info("accounts_written", target="mosquitto", devices=len(devices))
-            if targets.mosquitto_pid_file is not None:
-                _reload_mosquitto(targets.mosquitto_pid_file)
+        if (changed or reload) and targets.mosquitto_pid_file is not None:
+            _reload_mosquitto(targets.mosquitto_pid_file)
     return len(devices)
 
 
@@ -156,15 +161,21 @@ class AccountSync:
         loop = asyncio.get_running_loop()
         seen: tuple[int, int, int] | None = None
         full_at = 0.0
-        first = True
+        first, failed, failures = True, False, 0
         while not self._stopping.is_set():
             try:
                 fingerprint = await self._store.transact(registry.login_fingerprint)
-                if fingerprint != seen or loop.time() >= full_at:
-                    await sync_once(self._store, self._secret, self._targets, now_ms=self._clock())
-                    seen, full_at = fingerprint, loop.time() + FULL_S
+                if failed or fingerprint != seen or loop.time() >= full_at:
+                    now_ms = self._clock()
+                    await sync_once(
+                        self._store, self._secret, self._targets, now_ms=now_ms, reload=failed
+                    )
+                    seen, full_at, failed, failures = fingerprint, loop.time() + FULL_S, False, 0
             except (OSError, ValueError) as exc:  # a file or the pid file: retried
-                log.error("accounts_sync_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                failed, failures = True, failures + 1
+                if failures & (failures - 1) == 0:  # 1st, 2nd, 4th, 8th... in a row
+                    error = f"{type(exc).__name__}: {exc}"[:200]
+                    log.error("accounts_sync_failed", error=error, failures=failures)
             if first and ready is not None:
                 ready.set()
             first = False
