@@ -87,7 +87,10 @@ def config_accounts(broker: BrokerConfig) -> dict[str, brokerauth.Account]:
 
 
 def warn_if_public(config: BrokerConfig) -> None:
-    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``)."""
+    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``), or
+    with the legacy shared device account (every topic: ``fog.brokerauth``)."""
+    if config.device_password:
+        log.warning("broker_shared_account", username=config.device_username)
     if config.allow_public_bind:
         log.warning(
             "broker_public_bind_forced",

