@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cloud import accounts_cli, leases, registry
 from cloud import config as cloud_config
-from cloud import leases, registry
 from cloud.backends import open_store
 from cloud.cli import (
     Sub,
@@ -83,6 +83,7 @@ def register_commands(cmds: Sub) -> None:
     p.add_argument("--out", help="write the proof JSON to this file")
     _owner(cmds, add)
     _device(cmds, add)
+    accounts_cli.register(cmds, add)
     fog = cmds.add_parser("fog", help="fogs").add_subparsers(dest="fog_command", required=True)
     p = add("add", cmd_fog_add, "register a fog and sign its credential", fog)
     p.add_argument("fog_id")

@@ -266,3 +266,28 @@ async def devices(tx: Tx, owner_id: str | None = None) -> list[DeviceRow]:
     sql += f" ORDER BY b.owner_id, b.device LIMIT {DEVICE_LIST_MAX}"
     rows = await tx.fetchall(sql, params)
     return [DeviceRow(bytes(r[0]), r[1], r[2], r[3], r[4], r[5] > 0) for r in rows]
+
+
+async def login_devices(tx: Tx, *, now_ms: int) -> list[bytes]:
+    """The devices that get a broker account (``cloud.accounts``): a binding valid at
+    ``now_ms`` of an active owner, the device key not revoked. Ordered, at most
+    ``DEVICE_LIST_MAX`` x 10."""
+    rows = await tx.fetchall(
+        "SELECT DISTINCT b.device FROM bindings b JOIN owners o ON o.owner_id = b.owner_id "
+        "WHERE o.status = ? AND b.nb <= ? AND b.na > ? "
+        "AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.key = b.device) "
+        f"ORDER BY b.device LIMIT {DEVICE_LIST_MAX * 10}",
+        (STATUS_ACTIVE, now_ms, now_ms),
+    )
+    return [bytes(r[0]) for r in rows]
+
+
+async def login_fingerprint(tx: Tx) -> tuple[int, int, int]:
+    """Changes whenever a binding, a revocation or an owner's status changes (cheap)."""
+    row = await tx.fetchone(
+        "SELECT (SELECT COUNT(*) FROM bindings), (SELECT COUNT(*) FROM revocations), "
+        "(SELECT COUNT(*) FROM owners WHERE status = ?)",
+        (STATUS_ACTIVE,),
+    )
+    assert row is not None
+    return (int(row[0]), int(row[1]), int(row[2]))

@@ -8,8 +8,9 @@ keep-alive; it bounds neither packet sizes nor queues; and ``AnonymousAuthPlugin
 sessions anonymous, which purges persistent sessions at once. Hence:
 
 - it binds loopback unless ``broker.allow_public_bind`` forces otherwise (warned at every start);
-- ``PasswordAuthPlugin`` below checks a username and password and never marks a session
-  anonymous (two accounts: the fog's own and one shared by devices);
+- ``fog.brokerauth`` checks logins against the config's accounts and the accounts file (one
+  per device, roles and topic ACLs), never marks a session anonymous, and closes amqtt's
+  holes with retained messages, client ids and denied publishes (its docstring);
 - the application bounds payload sizes (the daemon declines oversized intents unread);
 - the fog republishes the trust material it keeps in SQLite at start instead of trusting
   amqtt's (absent) persistence;
@@ -28,21 +29,16 @@ JSON lines on stderr, and shuts down on SIGTERM or when its stdin closes (its fo
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import json
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
 from amqtt.broker import Broker
-from amqtt.contexts import BaseContext
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 
+from fog import brokerauth
 from fog.childenv import child_env
 from fog.config import BrokerConfig
 from protocol.errors import FogpayError
@@ -55,35 +51,9 @@ PROCESS_START_TIMEOUT_S: Final = 30.0
 PROCESS_STOP_TIMEOUT_S: Final = 15.0
 
 
-def _digest(password: str) -> str:
-    return hashlib.sha256(password.encode()).hexdigest()
-
-
-class PasswordAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped here
-    """Username and password from the fog's config; never marks a session anonymous."""
-
-    @dataclass
-    class Config:
-        users: dict[str, str] = field(default_factory=dict)  # username -> sha256 hex of password
-
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self._users: dict[str, str] = dict(self._get_config_option("users", {}))
-
-    async def authenticate(self, *, session: Session) -> bool | None:
-        if session is None or not session.username:
-            return False
-        expected = self._users.get(session.username)
-        if expected is None:
-            return False
-        return hmac.compare_digest(expected, _digest(session.password or ""))
-
-
 def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
     """The amqtt configuration: one TCP listener, our auth plugin, no default plugin set
     (amqtt 0.12's default set allows anonymous access and warns with DeprecationWarning)."""
-    users = {broker.username: _digest(broker.password)}
-    users[broker.device_username] = _digest(broker.device_password)
     if broker.device_username == broker.username:
         raise AssertionError("config check lets no device account shadow the fog's")
     host = f"[{broker.host}]" if ":" in broker.host else broker.host
@@ -95,12 +65,32 @@ def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
                 "max_connections": LISTENER_CONNECTIONS_MAX,
             }
         },
-        "plugins": {f"{__name__}.PasswordAuthPlugin": {"users": users}},
+        "plugins": brokerauth.plugins_config(config_accounts(broker), broker.accounts_file),
     }
 
 
+def config_accounts(broker: BrokerConfig) -> dict[str, brokerauth.Account]:
+    """The config's accounts: the fog's own (operator) and the legacy shared device account
+    (none when ``device_password`` is empty)."""
+    accounts = {
+        broker.username: brokerauth.Account(
+            broker.username, brokerauth.ROLE_OPERATOR, brokerauth.digest(broker.password)
+        )
+    }
+    if broker.device_password:
+        accounts[broker.device_username] = brokerauth.Account(
+            broker.device_username,
+            brokerauth.ROLE_SHARED_DEVICE,
+            brokerauth.digest(broker.device_password),
+        )
+    return accounts
+
+
 def warn_if_public(config: BrokerConfig) -> None:
-    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``)."""
+    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``), or
+    with the legacy shared device account (every topic: ``fog.brokerauth``)."""
+    if config.device_password:
+        log.warning("broker_shared_account", username=config.device_username)
     if config.allow_public_bind:
         log.warning(
             "broker_public_bind_forced",
@@ -120,7 +110,7 @@ class EmbeddedBroker:
 
     async def start(self) -> None:
         warn_if_public(self._config)
-        broker = Broker(amqtt_config(self._config))
+        broker = brokerauth.HardenedBroker(amqtt_config(self._config))
         await broker.start()
         self._broker = broker
         self.port = _bound_port(broker)

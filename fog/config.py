@@ -71,6 +71,8 @@ class BrokerConfig:
     device_username: str = "device"
     device_password: str = field(default="", repr=False)
     allow_public_bind: bool = False
+    # the embedded broker's accounts file (fog.brokerauth; written by cloud.accounts), or ""
+    accounts_file: str = ""
     # the embedded broker in a child process (python -m fog.broker) rather than on the fog's
     # event loop: amqtt costs more CPU per message than the fog's own client
     process: bool = True
@@ -263,7 +265,7 @@ def _issuer_key(raw: Mapping[str, Any]) -> bytes:
 def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     known = {"url", "host", "port", "username", "password", "password_file"}
     known |= {"device_username", "device_password", "device_password_file", "allow_public_bind"}
-    known |= {"process"}
+    known |= {"process", "accounts_file"}
     _no_unknown(raw, "broker.", known)
     url = raw.get("url")
     if url is not None:
@@ -294,6 +296,7 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
         device_password=_secret(raw, "device_password", base) if embedded else "",
         allow_public_bind=allow_public,
         process=_bool(raw, "process", True, key="broker.process"),
+        accounts_file=str(_path(raw, "accounts_file", base)) if "accounts_file" in raw else "",
     )
 
 

@@ -8,7 +8,13 @@ books)::
     issuer.seed            the issuer's 32-byte Ed25519 seed, hex (0600): the cloud's key
     fog.key                the fog's key (0600)
     broker-fog.password    the fog's own broker account (0600), also used by the cloud
-    broker-device.password the account given to clients in sandbox.json (0600)
+    broker-operator.password  the operator account given to clients in sandbox.json (0600):
+                           may publish trust and lease topics and read everything
+    broker-login.secret    the login secret devices' broker passwords derive from (0600,
+                           hex; ``protocol.login``): ``fogpay sandbox credentials``
+    accounts.json          the embedded broker's accounts, rewritten from the registry by
+                           ``cloud.accounts.AccountSync`` (a device has an account while its
+                           binding is registered and not revoked)
     fog.sqlite             the fog's store
     cloud.sqlite           the cloud's store: registry, leases, booked batches, ledger
     sandbox.json           written atomically once everything is ready; removed at start
@@ -44,6 +50,7 @@ import nacl.signing
 import structlog
 
 from cloud import registry
+from cloud.accounts import AccountSync, AccountTargets, sync_once
 from cloud.config import MetricsConfig
 from cloud.core import CloudCore
 from cloud.leases import LeasePolicy
@@ -55,7 +62,8 @@ from fog.schema import StoreOpenError
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
-from protocol.signing import public_key
+from protocol.login import LOGIN_SECRET_BYTES, account_digest, device_password, device_username
+from protocol.signing import is_valid_public_key, public_key
 from runtime.cli import EXIT_USAGE, fail, report
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
 from runtime.logs import configure
@@ -68,8 +76,10 @@ FOG_DB_FILE: Final = "fog.sqlite"
 CLOUD_DB_FILE: Final = "cloud.sqlite"
 FOG_USERNAME: Final = "fog"
 FOG_PASSWORD_FILE: Final = "broker-fog.password"
-DEVICE_PASSWORD_FILE: Final = "broker-device.password"
-DEVICE_USERNAME: Final = "device"
+OPERATOR_PASSWORD_FILE: Final = "broker-operator.password"
+OPERATOR_USERNAME: Final = "operator"
+LOGIN_SECRET_FILE: Final = "broker-login.secret"
+ACCOUNTS_FILE: Final = "accounts.json"
 FOG_ID_DEFAULT: Final = "sandbox"
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 30.0
@@ -139,13 +149,14 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _secret_file(path: Path) -> None:
+def _secret_file(path: Path, content: str | None = None) -> None:
     """Create a random password file (0600) unless it exists."""
     if path.exists():
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, secrets.token_urlsafe(PASSWORD_BYTES).encode() + b"\n")
+        text = secrets.token_urlsafe(PASSWORD_BYTES) if content is None else content
+        os.write(fd, text.encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -158,8 +169,9 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
     for name in (ISSUER_SEED_FILE, FOG_KEY_FILE):
         if not (directory / name).exists():
             new_key_file(directory / name)
-    for name in (FOG_PASSWORD_FILE, DEVICE_PASSWORD_FILE):
+    for name in (FOG_PASSWORD_FILE, OPERATOR_PASSWORD_FILE):
         _secret_file(directory / name)
+    _secret_file(directory / LOGIN_SECRET_FILE, secrets.token_hex(LOGIN_SECRET_BYTES))
     issuer = load_key_file(directory / ISSUER_SEED_FILE)
     return config_from_dict(
         {
@@ -172,8 +184,7 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
                 "port": port,
                 "username": FOG_USERNAME,
                 "password_file": FOG_PASSWORD_FILE,
-                "device_username": DEVICE_USERNAME,
-                "device_password_file": DEVICE_PASSWORD_FILE,
+                "accounts_file": ACCOUNTS_FILE,
             },
             "metrics": {"enabled": True, "listen": f"{HOST}:0"},
         },
@@ -185,7 +196,9 @@ def sandbox_info(
     directory: Path, config: FogConfig, port: int, metrics: dict[str, str] | None = None
 ) -> SandboxInfo:
     return SandboxInfo(
-        broker=BrokerAddress(HOST, port, DEVICE_USERNAME, config.broker.device_password),
+        broker=BrokerAddress(
+            HOST, port, OPERATOR_USERNAME, _first_line(directory, OPERATOR_PASSWORD_FILE)
+        ),
         fog_id=config.fog_id,
         fog_key=public_key(load_key_file(config.key_file)),
         issuer_key=config.issuer_key,
@@ -193,6 +206,29 @@ def sandbox_info(
         cloud_db=CLOUD_DB_FILE,
         metrics=metrics,
     )
+
+
+def _first_line(directory: Path, name: str) -> str:
+    lines = (directory / name).read_text().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def login_secret(directory: Path) -> bytes:
+    """DIR's login secret; raises FogpayError when it is not 32+ bytes of hex."""
+    try:
+        secret = bytes.fromhex(_first_line(directory, LOGIN_SECRET_FILE))
+    except ValueError:
+        secret = b""
+    if len(secret) < LOGIN_SECRET_BYTES:
+        raise FogpayError(f"{directory / LOGIN_SECRET_FILE}: not {LOGIN_SECRET_BYTES} bytes of hex")
+    return secret
+
+
+def account_targets(directory: Path) -> AccountTargets:
+    """The embedded broker's accounts file, with the operator account fixed in it."""
+    operator = _first_line(directory, OPERATOR_PASSWORD_FILE)
+    fixed = {OPERATOR_USERNAME: {"role": "operator", "sha256": account_digest(operator)}}
+    return AccountTargets(amqtt_file=directory / ACCOUNTS_FILE, amqtt_fixed=fixed)
 
 
 async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAULT) -> None:
@@ -204,6 +240,8 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
     store = await SqliteStore.open(str(directory / CLOUD_DB_FILE))
     try:
         await register_fog(store, issuer, config)
+        secret, targets = login_secret(directory), account_targets(directory)
+        await sync_once(store, secret, targets, now_ms=now_ms())  # before the broker starts
         daemon = FogDaemon(config)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -214,6 +252,12 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
                 running("sandbox.fog", with_ready(daemon.run), daemon.stop)
             )
             tasks, cloud_url = await _start_cloud(stack, store, issuer, config, daemon.broker_port)
+            sync = AccountSync(store=store, secret=secret, targets=targets, clock=now_ms)
+            tasks.append(
+                await stack.enter_async_context(
+                    running("sandbox.accounts", with_ready(sync.run), sync.stop)
+                )
+            )
             metrics = {"fog": daemon.observer.url, "cloud": cloud_url}
             info = sandbox_info(
                 directory,
@@ -288,14 +332,45 @@ async def _start_cloud(
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("sandbox", help="an issuer, a fog and the cloud on 127.0.0.1, state in DIR")
-    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--dir", type=Path, help="required")
     p.add_argument("--port", type=int, default=0, help="broker port (0: pick a free one)")
     p.add_argument("--fog-id", default=FOG_ID_DEFAULT)
     p.add_argument("--console", action="store_true", help="human log lines instead of JSON")
     p.set_defaults(func=cmd_sandbox)
+    actions = p.add_subparsers(dest="action", metavar="{credentials}")
+    c = actions.add_parser("credentials", help="a device's broker login, as JSON")
+    c.add_argument("--dir", required=True, type=Path)
+    c.add_argument("--device", required=True, help="the device's public key, 64 hex characters")
+    c.set_defaults(func=cmd_credentials)
+
+
+def credentials(directory: Path, device: bytes) -> dict[str, str]:
+    """The broker login of ``device`` in the sandbox DIR (protocol.login)."""
+    secret = login_secret(directory)
+    return {"username": device_username(device), "password": device_password(secret, device)}
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    text: str = args.device.strip().lower()
+    try:
+        device = bytes.fromhex(text)
+    except ValueError:
+        device = b""
+    if len(text) != 64 or not is_valid_public_key(device):
+        return fail(
+            "sandbox credentials", "--device: not a 64-hex Ed25519 public key", code=EXIT_USAGE
+        )
+    try:
+        login = credentials(args.dir, device)
+    except (OSError, FogpayError) as exc:
+        return fail("sandbox credentials", str(exc), code=EXIT_USAGE)
+    print(json.dumps(login))
+    return 0
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    if args.dir is None:
+        return fail("sandbox", "--dir DIR is required", code=EXIT_USAGE)
     configure(json=not args.console, component="sandbox")
     directory: Path = args.dir
     try:
