@@ -53,7 +53,13 @@ from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
-from runtime.mqttshell import MQTTS_PORT_DEFAULT, ClientSettings, TlsSettings, serve
+from runtime.mqttshell import (
+    MQTTS_PORT_DEFAULT,
+    BrokerTlsError,
+    ClientSettings,
+    TlsSettings,
+    serve,
+)
 
 log = structlog.get_logger()
 
@@ -187,6 +193,8 @@ class CloudService:
                     tg.create_task(self._worker(), name="cloud.worker")
                     tg.create_task(self._refresher(), name="cloud.refresh")
                     tg.create_task(self._stats(), name="cloud.stats")
+            except* BrokerTlsError as refused:  # a wrong CA or name: one line, not a group
+                raise refused.exceptions[0] from None
             finally:
                 await self.observer.stop()  # observability hook
             log.info("cloud_stopped", **self.counters)

@@ -184,6 +184,11 @@ class FogDaemon:
         return parse_broker_url(self.config.broker.url).port
 
     @property
+    def broker_tls_port(self) -> int | None:
+        """The embedded broker's TLS listener port (``broker.tls_port``), once started."""
+        return None if self._broker is None else self._broker.tls_port
+
+    @property
     def counters(self) -> dict[str, int]:
         """Daemon counters merged with the core's as of the last stats tick or stop."""
         return {**self._core_counters, **self._counters}

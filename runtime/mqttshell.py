@@ -38,6 +38,18 @@ MQTTS_PORT_DEFAULT: Final = 8883
 _NAME_MISMATCH_CODES: Final = frozenset({62, 64})
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho leaves the socket of a failed handshake (a refused certificate) open until the
+    garbage collector finds it: close it where the handshake fails."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TlsSettings:
     """``mqtts://``: the server's certificate must chain to ``ca_file`` (the system's CAs when
@@ -61,6 +73,7 @@ class TlsSettings:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.sslsocket_class = _ClosingSSLSocket
         if self.cert_file is not None and self.key_file is not None:
             ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
         return ctx
