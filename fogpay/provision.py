@@ -240,7 +240,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ProvisionError(
-            f"broker URL must be mqtt[s]://[user:pass@]host[:port], got {_redacted(url)!r}"
+            f"broker URL must be mqtt:// or mqtts://[user:pass@]host[:port], got {_redacted(url)!r}"
         )
     tls_on = parts.scheme == "mqtts"
     try:
