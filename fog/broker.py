@@ -109,7 +109,8 @@ class _ConnectionLimits:
                 self._multiplier *= 128
                 if byte & 0x80:
                     continue
-                if 2 + self._length > self.packet_bytes_max:
+                length_bytes = {128: 1, 128**2: 2, 128**3: 3}.get(self._multiplier, 4)
+                if 1 + length_bytes + self._length > self.packet_bytes_max:
                     raise PacketTooLargeError(
                         f"packet of {self._length} bytes over {self.packet_bytes_max}"
                     )
