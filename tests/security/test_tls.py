@@ -19,6 +19,7 @@ from cloud.service import CloudService, wall_ms
 from edge.device import Device
 from fogpay.certs import issue, make_ca
 from fogpay.provision import BrokerAddress
+from fogpay.sandbox import SANDBOX_JSON, SandboxInfo
 from protocol.signing import public_key
 from runtime.mqttshell import BrokerTlsError, TlsSettings
 from tests.conftest import (
@@ -227,3 +228,26 @@ async def test_the_cloud_service_runs_over_mqtts_to_the_shipped_mosquitto(
                 await service(tmp_path / "other/ca.pem").run()
     finally:
         await store.close()
+
+
+async def test_the_sandbox_advertises_its_tls_listener_and_it_answers(tmp_path: Path) -> None:
+    from tests.edge.test_sandbox_process import start_sandbox, stop_sandbox
+
+    directory = tmp_path / "sb"
+    proc = start_sandbox(directory, tmp_path / "sandbox.log")
+    try:
+        info = SandboxInfo.load(directory / SANDBOX_JSON)
+        assert info.tls is not None and info.tls["host"] == "127.0.0.1"
+        assert info.tls["port"] != info.broker.port
+        ca = directory / info.tls["ca_file"]
+        assert (ca.parent / "ca.key").stat().st_mode & 0o077 == 0
+        b = info.broker
+        secure = BrokerAddress(
+            info.tls["host"], info.tls["port"], b.username, b.password, TlsSettings(ca_file=ca)
+        )
+        client = secure.client()
+        async with asyncio.timeout(10):
+            await secure.connect(client)
+        await client.__aexit__(None, None, None)
+    finally:
+        assert stop_sandbox(proc) == 0
