@@ -6,6 +6,8 @@ deploy/mosquitto/fogpay-server.conf), on 127.0.0.1:
 
 - the victim publishes a 200-byte message (QoS 1) every ``--interval-ms`` to a responder that
   echoes it back (QoS 1) and times each round trip: ``--samples`` of them;
+- the amqtt broker three ways: limits off, the default limits (packet size, inflight), and
+  those plus ``broker.packets_per_s = --rate``;
 - first without a flood, then while a flooder on its own raw TCP connection writes 512-byte
   QoS 1 PUBLISHes as fast as the socket takes them and never reads a PUBACK (a broken or
   hostile device), at most ``--flood-max`` packets.
@@ -182,8 +184,10 @@ async def measure(name: str, port: int, user: str | None, args: argparse.Namespa
     print(_line(name, "flooded", loud, args.samples, sent), flush=True)
 
 
-async def amqtt_broker(args: argparse.Namespace, *, limited: bool) -> None:
-    config = BrokerConfig(port=0, password="bench-fog", device_password=PASSWORD)
+async def amqtt_broker(args: argparse.Namespace, *, limited: bool, rate: int = 0) -> None:
+    config = BrokerConfig(
+        port=0, password="bench-fog", device_password=PASSWORD, packets_per_s=rate
+    )
     if not limited:
         config = dataclasses.replace(
             config, packet_bytes_max=PACKET_BYTES_MAX, inflight_max=BROKER_INFLIGHT_MAX
@@ -191,7 +195,9 @@ async def amqtt_broker(args: argparse.Namespace, *, limited: bool) -> None:
     broker = BrokerProcess(config)
     await broker.start()
     try:
-        name = "amqtt (limits)" if limited else "amqtt (limits off)"
+        name = "amqtt (limits off)"
+        if limited:
+            name = f"amqtt (limits, {rate}/s)" if rate else "amqtt (limits)"
         await measure(name, broker.port, USER, args)
     finally:
         await broker.stop()
@@ -245,8 +251,9 @@ async def main(args: argparse.Namespace) -> None:
         f"{FLOOD_PAYLOAD}-byte QoS 1 PUBLISHes, never reading; {os.cpu_count()} CPUs",
         flush=True,
     )
-    await amqtt_broker(args, limited=True)
     await amqtt_broker(args, limited=False)
+    await amqtt_broker(args, limited=True)
+    await amqtt_broker(args, limited=True, rate=args.rate)
     await mosquitto_broker(args)
 
 
@@ -255,6 +262,7 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--interval-ms", type=float, default=10.0)
     parser.add_argument("--phase-s", type=float, default=30.0, help="cap on each phase")
+    parser.add_argument("--rate", type=int, default=200, help="broker.packets_per_s to try")
     parser.add_argument("--flood-max", type=int, default=2_000_000, help="cap on packets")
     a = parser.parse_args()
     assert 0 < a.samples <= 100_000 and 0 < a.phase_s <= 600 and a.flood_max > 0

@@ -14,7 +14,9 @@ sessions anonymous, which purges persistent sessions at once. Hence:
   ``LimitedBroker`` below bounds every connection: a packet longer than
   ``broker.packet_bytes_max`` closes it before its body is read, and past
   ``broker.inflight_max`` QoS 1 PUBLISHes read and not yet acknowledged it stops reading that
-  connection (TCP pushes back on the sender alone) until acknowledgements catch up;
+  connection (TCP pushes back on the sender alone) until acknowledgements catch up; with
+  ``broker.packets_per_s`` set, every connection but the fog's own reads at most that many
+  packets a second (one second of burst);
 - a TLS listener (``broker.tls_port``) beside the loopback one, TLS 1.2 at least; client
   certificates are required (and checked against ``broker.tls_ca_file``) when that is set;
 - the fog republishes the trust material it keeps in SQLite at start instead of trusting
@@ -66,6 +68,7 @@ PROCESS_STOP_TIMEOUT_S: Final = 15.0
 # inflight_max reached: wait this long for acknowledgements, then read on (a PUBLISH the
 # broker never acknowledges, refused by an ACL, must not stall a connection for ever)
 INFLIGHT_WAIT_S: Final = 5.0
+_CONNECT: Final = 1
 _PUBLISH: Final = 3
 _ACKS: Final = frozenset({0x40, 0x50})  # PUBACK, PUBREC: the broker took a QoS 1/2 PUBLISH
 
@@ -80,10 +83,25 @@ class _ConnectionLimits:
     header's remaining length is checked before the body is read, and QoS 1/2 PUBLISHes are
     counted until the broker writes their PUBACK/PUBREC."""
 
-    def __init__(self, packet_bytes_max: int, inflight_max: int) -> None:
+    def __init__(
+        self,
+        packet_bytes_max: int,
+        inflight_max: int,
+        *,
+        packets_per_s: int = 0,
+        exempt: frozenset[str] = frozenset(),
+    ) -> None:
         self.packet_bytes_max = packet_bytes_max
         self.inflight_max = inflight_max
         self.inflight = 0
+        # a token bucket of packets (0: none), one second of burst; not for ``exempt``
+        # usernames (the fog's own account), read from the CONNECT packet
+        self.packets_per_s = packets_per_s
+        self._exempt = exempt
+        self.username: str | None = None
+        self.tokens = float(packets_per_s)
+        self.refilled = time.monotonic()
+        self._connect: bytearray | None = None
         self.acked = asyncio.Event()
         self._state = 0  # 0: first byte next; 1: in the length; 2: in the body
         self._kind = 0
@@ -101,6 +119,8 @@ class _ConnectionLimits:
             if self._state == 0:
                 self._kind, self._qos = data[i] >> 4, (data[i] >> 1) & 3
                 self._length, self._multiplier, self._state = 0, 1, 1
+                if self._kind == _CONNECT and self.username is None:
+                    self._connect = bytearray()
                 i += 1
             elif self._state == 1:
                 byte = data[i]
@@ -118,6 +138,8 @@ class _ConnectionLimits:
                 self._end_if_done()
             else:
                 take = min(self._body_left, n - i)
+                if self._connect is not None:
+                    self._connect += data[i : i + take]
                 self._body_left -= take
                 i += take
                 self._end_if_done()
@@ -127,11 +149,44 @@ class _ConnectionLimits:
             self._state = 0
             if self._kind == _PUBLISH and self._qos > 0:
                 self.inflight += 1
+            if self._connect is not None:
+                self.username, self._connect = _connect_username(bytes(self._connect)), None
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.packets_per_s > 0 and self.username not in self._exempt
+
+    def wait_s(self) -> float:
+        """Take a token for the next packet; how long to wait first (0: none)."""
+        now = time.monotonic()
+        rate = self.packets_per_s
+        self.tokens = min(float(rate), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / rate
 
     def wrote(self, data: bytes) -> None:
         if data and data[0] in _ACKS and self.inflight > 0:
             self.inflight -= 1
             self.acked.set()
+
+
+def _connect_username(body: bytes) -> str:
+    """The username of an MQTT 3.1.1 CONNECT body ("" when absent or unreadable: such a
+    session is refused by the auth plugin anyway)."""
+    try:
+        at = 2 + int.from_bytes(body[0:2], "big")  # protocol name
+        flags = body[at + 1]
+        at += 4  # level, flags, keep-alive
+        fields = 1 + (2 if flags & 0x04 else 0)  # client id; will topic and message
+        for _ in range(fields):
+            at += 2 + int.from_bytes(body[at : at + 2], "big")
+        if not flags & 0x80:
+            return ""
+        size = int.from_bytes(body[at : at + 2], "big")
+        return body[at + 2 : at + 2 + size].decode("utf-8", "replace")
+    except IndexError:
+        return ""
 
 
 class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped here
@@ -141,6 +196,10 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is unt
 
     async def read(self, n: int = -1) -> bytes:
         limits = self._limits
+        if limits.at_packet_start() and limits.rate_limited:
+            pause = limits.wait_s()
+            if pause > 0:
+                await asyncio.sleep(pause)
         if limits.at_packet_start() and limits.inflight >= limits.inflight_max:
             deadline = time.monotonic() + INFLIGHT_WAIT_S
             while limits.inflight >= limits.inflight_max:
@@ -176,15 +235,30 @@ class LimitedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
     """amqtt with per-connection limits (packet size, QoS 1 inflight) and a strict TLS
     listener context."""
 
-    def __init__(self, config: dict[str, Any], *, packet_bytes_max: int, inflight_max: int):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        packet_bytes_max: int,
+        inflight_max: int,
+        packets_per_s: int = 0,
+        exempt: frozenset[str] = frozenset(),
+    ):
         super().__init__(config)
         self._packet_bytes_max = packet_bytes_max
         self._inflight_max = inflight_max
+        self._packets_per_s = packets_per_s
+        self._exempt = exempt
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        limits = _ConnectionLimits(self._packet_bytes_max, self._inflight_max)
+        limits = _ConnectionLimits(
+            self._packet_bytes_max,
+            self._inflight_max,
+            packets_per_s=self._packets_per_s,
+            exempt=self._exempt,
+        )
         try:
             await self._client_connected(
                 listener_name, _LimitedReader(reader, limits), _LimitedWriter(writer, limits)
@@ -290,6 +364,8 @@ class EmbeddedBroker:
             amqtt_config(self._config),
             packet_bytes_max=self._config.packet_bytes_max,
             inflight_max=self._config.inflight_max,
+            packets_per_s=self._config.packets_per_s,
+            exempt=frozenset({self._config.username}),
         )
         await broker.start()
         self._broker = broker

@@ -44,6 +44,7 @@ PACKET_BYTES_MAX: Final = 256 * 1024 * 1024 - 1  # MQTT's own bound on a packet
 PACKET_BYTES_MIN: Final = 4096
 DEFAULT_BROKER_INFLIGHT_MAX: Final = 256
 BROKER_INFLIGHT_MAX: Final = 65_535
+PACKETS_PER_S_MAX: Final = 1_000_000
 
 # Environment variables that override a TOML key (systemd EnvironmentFile, containers).
 ENV_OVERRIDES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -96,6 +97,9 @@ class BrokerConfig:
     # the connection; QoS 1 PUBLISHes read and not yet acknowledged (more: reading pauses)
     packet_bytes_max: int = DEFAULT_PACKET_BYTES_MAX
     inflight_max: int = DEFAULT_BROKER_INFLIGHT_MAX
+    # packets a second read from one connection other than the fog's own (0: no limit; a
+    # gateway carrying many devices on one connection needs room for all of them)
+    packets_per_s: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -299,7 +303,7 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     known = {"url", "host", "port", "username", "password", "password_file"}
     known |= {"device_username", "device_password", "device_password_file", "allow_public_bind"}
     known |= {"process", "ca_file", "cert_file", "key_file", "tls_port", "tls_cert_file"}
-    known |= {"tls_key_file", "tls_ca_file", "packet_bytes_max", "inflight_max"}
+    known |= {"tls_key_file", "tls_ca_file", "packet_bytes_max", "inflight_max", "packets_per_s"}
     _no_unknown(raw, "broker.", known)
     url = raw.get("url")
     if url is not None:
@@ -346,6 +350,9 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
             1,
             BROKER_INFLIGHT_MAX,
             key="broker.inflight_max",
+        ),
+        packets_per_s=_int(
+            raw, "packets_per_s", 0, 0, PACKETS_PER_S_MAX, key="broker.packets_per_s"
         ),
     )
 

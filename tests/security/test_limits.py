@@ -168,3 +168,12 @@ def test_an_oversized_length_is_refused_before_its_body() -> None:
     fits = _ConnectionLimits(packet_bytes_max=4096, inflight_max=10)
     fits.feed(b"\x30" + _length(4093))  # exactly 4096 bytes
     assert not fits.at_packet_start()
+
+
+def test_the_rate_limit_reads_the_username_and_spares_the_fog() -> None:
+    for user, limited in (("fog", False), ("device", True)):
+        limits = _ConnectionLimits(4096, 10, packets_per_s=5, exempt=frozenset({"fog"}))
+        limits.feed(connect_packet(user, "pw"))
+        assert limits.username == user and limits.rate_limited is limited
+    waits = [limits.wait_s() for _ in range(6)]  # a burst of 5, then the 6th waits
+    assert waits[:5] == [0.0] * 5 and waits[5] > 0
