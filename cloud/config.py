@@ -83,6 +83,12 @@ class ServiceConfig:
                 raise ConfigError(f"service.{name}: must be a file name")
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError("service.cert_file: give cert_file and key_file together")
+        workers = self.verify_workers
+        if type(workers) is not int or not 0 <= workers <= VERIFY_WORKERS_MAX:
+            raise ConfigError(f"service.verify_workers: an integer in [0, {VERIFY_WORKERS_MAX}]")
+        stats = self.stats_interval_s
+        if type(stats) not in (int, float) or not 0.1 <= stats <= STATS_INTERVAL_S_MAX:
+            raise ConfigError("service.stats_interval_s: a number of seconds in [0.1, 86400]")
 
     def tls(self) -> TlsSettings | None:
         """The client TLS settings for an ``mqtts://`` broker_url (None for mqtt://)."""
@@ -93,12 +99,6 @@ class ServiceConfig:
             cert_file=None if self.cert_file is None else Path(self.cert_file),
             key_file=None if self.key_file is None else Path(self.key_file),
         )
-        workers = self.verify_workers
-        if type(workers) is not int or not 0 <= workers <= VERIFY_WORKERS_MAX:
-            raise ConfigError(f"service.verify_workers: an integer in [0, {VERIFY_WORKERS_MAX}]")
-        stats = self.stats_interval_s
-        if type(stats) not in (int, float) or not 0.1 <= stats <= STATS_INTERVAL_S_MAX:
-            raise ConfigError("service.stats_interval_s: a number of seconds in [0.1, 86400]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
