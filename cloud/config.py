@@ -10,7 +10,10 @@ request_micros_max = 100000000
 lease_ms = 3600000
 
 [service]          # fogpay cloud run: the MQTT shell (cloud/service.py)
-broker_url = "mqtt://issuer:PASSWORD@127.0.0.1:1883"
+broker_url = "mqtt://issuer:PASSWORD@127.0.0.1:1883"  # or mqtts://...:8883 with:
+# ca_file = "/etc/fogpay/tls/ca.pem"       # the broker's CA (unset: the system's CAs)
+# cert_file = "/etc/fogpay/tls/cloud.pem"  # a client certificate, with key_file
+# key_file = "/etc/fogpay/tls/cloud.key"
 verify_workers = 2   # processes verifying batches; 0: in the event loop
 stats_interval_s = 60.0
 
@@ -44,6 +47,7 @@ from cloud.iso20022 import CreditorConfig, DebtorConfig
 from cloud.leases import LeasePolicy
 from protocol.errors import FogpayError
 from runtime.listen import ListenError, parse_listen
+from runtime.tlsconf import TlsSettings
 
 STORE_DEFAULT = "sqlite://cloud.db"
 ISSUER_KEY_DEFAULT = "issuer.key"
@@ -61,19 +65,40 @@ class ConfigError(FogpayError):
 class ServiceConfig:
     """``[service]``: the MQTT shell (``fogpay cloud run``)."""
 
-    broker_url: str = BROKER_URL_DEFAULT  # mqtt://[user:password@]host[:port]
+    broker_url: str = BROKER_URL_DEFAULT  # mqtt[s]://[user:password@]host[:port]
     verify_workers: int = 2  # batch verification processes; 0 verifies in the event loop
     stats_interval_s: float = 60.0
+    # mqtts:// only: the broker's CA (unset: the system's CAs) and a client certificate
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.broker_url, str) or not self.broker_url.startswith("mqtt://"):
-            raise ConfigError("service.broker_url: must be an mqtt:// URL")
+        url = self.broker_url
+        if not isinstance(url, str) or not url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError("service.broker_url: must be an mqtt:// or mqtts:// URL")
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"service.{name}: must be a file name")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("service.cert_file: give cert_file and key_file together")
         workers = self.verify_workers
         if type(workers) is not int or not 0 <= workers <= VERIFY_WORKERS_MAX:
             raise ConfigError(f"service.verify_workers: an integer in [0, {VERIFY_WORKERS_MAX}]")
         stats = self.stats_interval_s
         if type(stats) not in (int, float) or not 0.1 <= stats <= STATS_INTERVAL_S_MAX:
             raise ConfigError("service.stats_interval_s: a number of seconds in [0.1, 86400]")
+
+    def tls(self) -> TlsSettings | None:
+        """The client TLS settings for an ``mqtts://`` broker_url (None for mqtt://)."""
+        if not self.broker_url.startswith("mqtts://"):
+            return None
+        return TlsSettings(
+            ca_file=None if self.ca_file is None else Path(self.ca_file),
+            cert_file=None if self.cert_file is None else Path(self.cert_file),
+            key_file=None if self.key_file is None else Path(self.key_file),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

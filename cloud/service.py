@@ -53,7 +53,14 @@ from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
-from runtime.mqttshell import ClientSettings, Publisher, serve
+from runtime.mqttshell import (
+    MQTTS_PORT_DEFAULT,
+    BrokerTlsError,
+    ClientSettings,
+    Publisher,
+    serve,
+)
+from runtime.tlsconf import TlsSettings
 
 log = structlog.get_logger()
 
@@ -115,6 +122,7 @@ class CloudService:
         stats_s: float = STATS_S_DEFAULT,
         prefetch: "PrefetchVerifier | None" = None,
         metrics: MetricsConfig | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         """``store`` (the core's) enables the cheap change check; without it the service
         diffs ``core.retained()`` every ``FULL_REFRESH_S`` only. ``prefetch``: the core's
@@ -126,6 +134,7 @@ class CloudService:
             "port": broker_port,
             "username": username,
             "password": password,
+            "tls": tls,
         }
         self._clock, self._store, self._stats_s = clock, store, stats_s
         self._prefetch = prefetch
@@ -185,6 +194,8 @@ class CloudService:
                     tg.create_task(self._worker(), name="cloud.worker")
                     tg.create_task(self._refresher(), name="cloud.refresh")
                     tg.create_task(self._stats(), name="cloud.stats")
+            except* BrokerTlsError as refused:  # a wrong CA or name: one line, not a group
+                raise refused.exceptions[0] from None
             finally:
                 await self.observer.stop()  # observability hook
             log.info("cloud_stopped", **self.counters)
@@ -477,16 +488,20 @@ class PrefetchVerifier:
             started[1].cancel()
 
 
-def broker_address(url: str) -> dict[str, Any]:
-    """``mqtt://[user:password@]host[:port]`` as CloudService keyword arguments."""
+def broker_address(url: str, tls: TlsSettings | None = None) -> dict[str, Any]:
+    """``mqtt[s]://[user:password@]host[:port]`` as CloudService keyword arguments (``tls``
+    for mqtts://: ``ServiceConfig.tls()``)."""
     parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ConfigError("service.broker_url: must be mqtt://[user:password@]host[:port]")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError("service.broker_url: must be mqtt[s]://[user:password@]host[:port]")
+    secure = parts.scheme == "mqtts"
     try:
-        port = parts.port or BROKER_PORT_DEFAULT
+        port = parts.port or (MQTTS_PORT_DEFAULT if secure else BROKER_PORT_DEFAULT)
     except ValueError:
         raise ConfigError("service.broker_url: invalid port") from None
+    extra = {"tls": tls or TlsSettings()} if secure else {}
     return {
+        **extra,
         "broker_host": parts.hostname,
         "broker_port": port,
         "username": unquote(parts.username) if parts.username is not None else None,
@@ -509,7 +524,7 @@ def build_service(
     )
     return CloudService(
         core=core,
-        **broker_address(config.service.broker_url),
+        **broker_address(config.service.broker_url, config.service.tls()),
         clock=clock,
         store=store,
         stats_s=config.service.stats_interval_s,

@@ -11,7 +11,15 @@ sessions anonymous, which purges persistent sessions at once. Hence:
 - ``fog.brokerauth`` checks logins against the config's accounts and the accounts file (one
   per device, roles and topic ACLs), never marks a session anonymous, and closes amqtt's
   holes with retained messages, client ids and denied publishes (its docstring);
-- the application bounds payload sizes (the daemon declines oversized intents unread);
+- the application bounds payload sizes (the daemon declines oversized intents unread), and
+  ``LimitedBroker`` below bounds every connection: a packet longer than
+  ``broker.packet_bytes_max`` closes it before its body is read, and past
+  ``broker.inflight_max`` QoS 1 PUBLISHes read and not yet acknowledged it stops reading that
+  connection (TCP pushes back on the sender alone) until acknowledgements catch up; with
+  ``broker.packets_per_s`` set, every connection but the fog's own reads at most that many
+  packets a second (one second of burst);
+- a TLS listener (``broker.tls_port``) beside the loopback one, TLS 1.2 at least; client
+  certificates are required (and checked against ``broker.tls_ca_file``) when that is set;
 - the fog republishes the trust material it keeps in SQLite at start instead of trusting
   amqtt's (absent) persistence;
 - QoS is best effort: end-to-end receipts and idempotent retransmission carry reliability.
@@ -32,11 +40,15 @@ import dataclasses
 import json
 import os
 import signal
+import ssl
 import sys
+import time
 from typing import Any, Final
 
 import structlog
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
+from amqtt.errors import BrokerError
 
 from fog import brokerauth
 from fog.childenv import child_env
@@ -49,6 +61,227 @@ log = structlog.get_logger()
 LISTENER_CONNECTIONS_MAX: Final = 10_000
 PROCESS_START_TIMEOUT_S: Final = 30.0
 PROCESS_STOP_TIMEOUT_S: Final = 15.0
+# inflight_max reached: wait this long for acknowledgements, then read on (a PUBLISH the
+# broker never acknowledges, refused by an ACL, must not stall a connection for ever)
+INFLIGHT_WAIT_S: Final = 5.0
+_CONNECT: Final = 1
+_PUBLISH: Final = 3
+_ACKS: Final = frozenset({0x40, 0x50})  # PUBACK, PUBREC: the broker took a QoS 1/2 PUBLISH
+
+
+class PacketTooLargeError(Exception):
+    """A client announced a packet over ``broker.packet_bytes_max``: its connection closes.
+    (Not an amqtt MQTTError: amqtt would skip the packet and read on.)"""
+
+
+class _ConnectionLimits:
+    """The MQTT framing of one connection as the broker reads it, byte by byte: the fixed
+    header's remaining length is checked before the body is read, and QoS 1/2 PUBLISHes are
+    counted until the broker writes their PUBACK/PUBREC."""
+
+    def __init__(
+        self,
+        packet_bytes_max: int,
+        inflight_max: int,
+        *,
+        packets_per_s: int = 0,
+        exempt: frozenset[str] = frozenset(),
+    ) -> None:
+        self.packet_bytes_max = packet_bytes_max
+        self.inflight_max = inflight_max
+        self.inflight = 0
+        # a token bucket of packets (0: none), one second of burst; not for ``exempt``
+        # usernames (the fog's own account), read from the CONNECT packet
+        self.packets_per_s = packets_per_s
+        self._exempt = exempt
+        self.username: str | None = None
+        self.tokens = float(packets_per_s)
+        self.refilled = time.monotonic()
+        self._connect: bytearray | None = None
+        self.acked = asyncio.Event()
+        self._state = 0  # 0: first byte next; 1: in the length; 2: in the body
+        self._kind = 0
+        self._qos = 0
+        self._length = 0
+        self._multiplier = 1
+        self._body_left = 0
+
+    def at_packet_start(self) -> bool:
+        return self._state == 0
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._state == 0:
+                self._kind, self._qos = data[i] >> 4, (data[i] >> 1) & 3
+                self._length, self._multiplier, self._state = 0, 1, 1
+                if self._kind == _CONNECT and self.username is None:
+                    self._connect = bytearray()
+                i += 1
+            elif self._state == 1:
+                byte = data[i]
+                i += 1
+                self._length += (byte & 0x7F) * self._multiplier
+                self._multiplier *= 128
+                if byte & 0x80:
+                    continue
+                length_bytes = {128: 1, 128**2: 2, 128**3: 3}.get(self._multiplier, 4)
+                if 1 + length_bytes + self._length > self.packet_bytes_max:
+                    raise PacketTooLargeError(
+                        f"packet of {self._length} bytes over {self.packet_bytes_max}"
+                    )
+                self._body_left, self._state = self._length, 2
+                self._end_if_done()
+            else:
+                take = min(self._body_left, n - i)
+                if self._connect is not None:
+                    self._connect += data[i : i + take]
+                self._body_left -= take
+                i += take
+                self._end_if_done()
+
+    def _end_if_done(self) -> None:
+        if self._body_left == 0:
+            self._state = 0
+            if self._kind == _PUBLISH and self._qos > 0:
+                self.inflight += 1
+            if self._connect is not None:
+                self.username, self._connect = _connect_username(bytes(self._connect)), None
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.packets_per_s > 0 and self.username not in self._exempt
+
+    def wait_s(self) -> float:
+        """Take a token for the next packet; how long to wait first (0: none)."""
+        now = time.monotonic()
+        rate = self.packets_per_s
+        self.tokens = min(float(rate), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / rate
+
+    def wrote(self, data: bytes) -> None:
+        if data and data[0] in _ACKS and self.inflight > 0:
+            self.inflight -= 1
+            self.acked.set()
+
+
+def _connect_username(body: bytes) -> str:
+    """The username of an MQTT 3.1.1 CONNECT body ("" when absent or unreadable: such a
+    session is refused by the auth plugin anyway)."""
+    try:
+        at = 2 + int.from_bytes(body[0:2], "big")  # protocol name
+        flags = body[at + 1]
+        at += 4  # level, flags, keep-alive
+        fields = 1 + (2 if flags & 0x04 else 0)  # client id; will topic and message
+        for _ in range(fields):
+            at += 2 + int.from_bytes(body[at : at + 2], "big")
+        if not flags & 0x80:
+            return ""
+        size = int.from_bytes(body[at : at + 2], "big")
+        return body[at + 2 : at + 2 + size].decode("utf-8", "replace")
+    except IndexError:
+        return ""
+
+
+class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped here
+    def __init__(self, reader: asyncio.StreamReader, limits: _ConnectionLimits) -> None:
+        super().__init__(reader)
+        self._limits = limits
+
+    async def read(self, n: int = -1) -> bytes:
+        limits = self._limits
+        if limits.at_packet_start() and limits.rate_limited:
+            pause = limits.wait_s()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        if limits.at_packet_start() and limits.inflight >= limits.inflight_max:
+            deadline = time.monotonic() + INFLIGHT_WAIT_S
+            while limits.inflight >= limits.inflight_max:
+                limits.acked.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("broker_inflight_wait_expired", inflight=limits.inflight)
+                    limits.inflight = 0
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await limits.acked.wait()
+        data: bytes = await super().read(n)
+        try:
+            limits.feed(data)
+        except PacketTooLargeError as exc:
+            log.warning("broker_packet_refused", reason=str(exc))
+            raise
+        return data
+
+
+class _LimitedWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt is untyped here
+    def __init__(self, writer: asyncio.StreamWriter, limits: _ConnectionLimits) -> None:
+        super().__init__(writer)
+        self._limits = limits
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._limits.wrote(data)
+
+
+class LimitedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
+    """amqtt with per-connection limits (packet size, QoS 1 inflight) and a strict TLS
+    listener context."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        packet_bytes_max: int,
+        inflight_max: int,
+        packets_per_s: int = 0,
+        exempt: frozenset[str] = frozenset(),
+    ):
+        super().__init__(config)
+        self._packet_bytes_max = packet_bytes_max
+        self._inflight_max = inflight_max
+        self._packets_per_s = packets_per_s
+        self._exempt = exempt
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        limits = _ConnectionLimits(
+            self._packet_bytes_max,
+            self._inflight_max,
+            packets_per_s=self._packets_per_s,
+            exempt=self._exempt,
+        )
+        try:
+            await self._client_connected(
+                listener_name, _LimitedReader(reader, limits), _LimitedWriter(writer, limits)
+            )
+        except PacketTooLargeError:  # in the CONNECT, before amqtt has a session to close
+            writer.close()
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        """TLS 1.2+; client certificates required and verified against ``cafile`` when it
+        is given, not asked for otherwise (amqtt's own trusts the system CAs for them)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(listener["certfile"], listener["keyfile"])
+            if listener.get("cafile"):
+                ctx.load_verify_locations(cafile=listener["cafile"])
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(f"TLS listener: {exc}") from exc
+        return ctx
+
+
+class FogBroker(LimitedBroker, brokerauth.HardenedBroker):
+    """The embedded broker: per-connection limits (``LimitedBroker``: its reads and TLS) over
+    the hardened sessions and ACLs (``fog.brokerauth.HardenedBroker``); the two override
+    disjoint methods of amqtt's ``Broker``."""
 
 
 def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
@@ -57,14 +290,26 @@ def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
     if broker.device_username == broker.username:
         raise AssertionError("config check lets no device account shadow the fog's")
     host = f"[{broker.host}]" if ":" in broker.host else broker.host
+    listeners: dict[str, Any] = {
+        "default": {
+            "type": "tcp",
+            "bind": f"{host}:{broker.port}",
+            "max_connections": LISTENER_CONNECTIONS_MAX,
+        }
+    }
+    if broker.tls_port is not None:
+        listeners["tls"] = {
+            "type": "tcp",
+            "bind": f"{host}:{broker.tls_port}",
+            "max_connections": LISTENER_CONNECTIONS_MAX,
+            "ssl": True,
+            "certfile": broker.tls_cert_file,
+            "keyfile": broker.tls_key_file,
+        }
+        if broker.tls_ca_file:
+            listeners["tls"]["cafile"] = broker.tls_ca_file
     return {
-        "listeners": {
-            "default": {
-                "type": "tcp",
-                "bind": f"{host}:{broker.port}",
-                "max_connections": LISTENER_CONNECTIONS_MAX,
-            }
-        },
+        "listeners": listeners,
         "plugins": brokerauth.plugins_config(config_accounts(broker), broker.accounts_file),
     }
 
@@ -107,14 +352,29 @@ class EmbeddedBroker:
         self._config = config
         self._broker: Broker | None = None
         self.port = 0
+        self.tls_port: int | None = None
 
     async def start(self) -> None:
         warn_if_public(self._config)
-        broker = brokerauth.HardenedBroker(amqtt_config(self._config))
+        broker = FogBroker(
+            amqtt_config(self._config),
+            packet_bytes_max=self._config.packet_bytes_max,
+            inflight_max=self._config.inflight_max,
+            packets_per_s=self._config.packets_per_s,
+            exempt=frozenset({self._config.username}),
+        )
         await broker.start()
         self._broker = broker
         self.port = _bound_port(broker)
-        log.info("broker_started", host=self._config.host, port=self.port, kind="amqtt")
+        if self._config.tls_port is not None:
+            self.tls_port = _bound_port(broker, "tls")
+        log.info(
+            "broker_started",
+            host=self._config.host,
+            port=self.port,
+            tls_port=self.tls_port,
+            kind="amqtt",
+        )
 
     async def stop(self) -> None:
         broker, self._broker = self._broker, None
@@ -123,8 +383,8 @@ class EmbeddedBroker:
             log.info("broker_stopped", port=self.port)
 
 
-def _bound_port(broker: Broker) -> int:
-    server = broker._servers["default"].instance  # amqtt keeps asyncio.Server here
+def _bound_port(broker: Broker, listener: str = "default") -> int:
+    server = broker._servers[listener].instance  # amqtt keeps asyncio.Server here
     sockets = getattr(server, "sockets", None)
     assert sockets, "amqtt listener has no socket"
     port: int = sockets[0].getsockname()[1]
@@ -140,6 +400,7 @@ class BrokerProcess:
         self._config = config
         self._proc: asyncio.subprocess.Process | None = None
         self.port = 0
+        self.tls_port: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -188,8 +449,14 @@ class BrokerProcess:
             await self._end(kill=True)
             raise BrokerStartError(str(answer.get("error", "no answer")))
         self.port = int(answer["port"])
+        self.tls_port = None if answer.get("tls_port") is None else int(answer["tls_port"])
         log.info(
-            "broker_started", host=self._config.host, port=self.port, kind="amqtt", pid=proc.pid
+            "broker_started",
+            host=self._config.host,
+            port=self.port,
+            tls_port=self.tls_port,
+            kind="amqtt",
+            pid=proc.pid,
         )
 
     async def stop(self) -> None:
@@ -243,7 +510,7 @@ async def _serve_child(answer_fd: int) -> int:
     except Exception as exc:  # amqtt wraps OSError (address in use...) in BrokerError
         _answer(answer_fd, {"error": str(exc.__cause__ or exc)})
         return 1
-    _answer(answer_fd, {"port": broker.port})
+    _answer(answer_fd, {"port": broker.port, "tls_port": broker.tls_port})
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the fog decides when to stop

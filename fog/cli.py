@@ -21,7 +21,7 @@ from typing import Any, Final
 import aiomqtt
 import structlog
 
-from fog.config import ConfigError, FogConfig, load_config, parse_broker_url
+from fog.config import ConfigError, FogConfig, broker_tls, load_config, parse_broker_url
 from fog.schema import MIGRATIONS, StoreOpenError, connect, schema_version
 from protocol.errors import FogpayError
 from runtime.cli import (
@@ -36,6 +36,7 @@ from runtime.cli import (
 )
 from runtime.keyfile import KeyFileError, load_key_file
 from runtime.logs import configure, route_stdlib_logging
+from runtime.mqttshell import BrokerTlsError, ClientSettings, client_for, connect_client
 
 log = structlog.get_logger()
 
@@ -142,26 +143,31 @@ def check_broker(config: FogConfig) -> Check:
             return Check("broker", False, f"{where}: cannot listen: {exc.strerror or exc}")
         return Check("broker", True, f"{where}: can listen")
     addr = parse_broker_url(b.url)
-    where = f"mqtt://{addr.host}:{addr.port}"
+    settings = ClientSettings(
+        hostname=addr.host,
+        port=addr.port,
+        username=addr.username,
+        password=addr.password,
+        identifier_prefix=f"fogpay-check-{os.getpid()}",
+        connect_timeout_s=BROKER_CHECK_TIMEOUT_S,
+        tls=broker_tls(b) if addr.tls else None,
+    )
+    where = settings.url
     try:
-        asyncio.run(_connect_once(addr.host, addr.port, addr.username, addr.password))
+        asyncio.run(_connect_once(settings))
+    except BrokerTlsError as exc:
+        return Check("broker", False, str(exc))
     except (aiomqtt.MqttError, OSError) as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
         return Check("broker", False, f"{where}: cannot connect: {why}")
     return Check("broker", True, f"{where}: connected as {addr.username or '(anonymous)'}")
 
 
-async def _connect_once(host: str, port: int, username: str | None, password: str | None) -> None:
+async def _connect_once(settings: ClientSettings) -> None:
     async with asyncio.timeout(BROKER_CHECK_TIMEOUT_S):
-        async with aiomqtt.Client(
-            host,
-            port,
-            username=username,
-            password=password,
-            identifier=f"fogpay-check-{os.getpid()}",
-            timeout=BROKER_CHECK_TIMEOUT_S,
-        ):
-            pass
+        client = client_for(settings)
+        await connect_client(client, settings)
+        await client.__aexit__(None, None, None)
 
 
 def run_checks(path: str, *, broker: bool = True) -> list[Check]:

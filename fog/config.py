@@ -21,6 +21,7 @@ from protocol.errors import FogpayError
 from protocol.messages import is_fog_id
 from protocol.signing import is_valid_public_key
 from runtime.listen import ListenError, parse_listen
+from runtime.tlsconf import TlsSettings
 
 DEFAULT_BROKER_HOST: Final = "127.0.0.1"
 DEFAULT_BROKER_PORT: Final = 1883
@@ -36,6 +37,14 @@ BATCH_AGE_MS_MAX: Final = 3_600_000
 RATE_PER_S_MAX: Final = 100_000
 SECRET_CHARS_MAX: Final = 256
 USERNAME_CHARS_MAX: Final = 64
+DEFAULT_MQTTS_PORT: Final = 8883
+# a batch (protocol.limits.BATCH_WIRE_BYTES_MAX) plus its topic and MQTT header
+DEFAULT_PACKET_BYTES_MAX: Final = limits.BATCH_WIRE_BYTES_MAX + 4096
+PACKET_BYTES_MAX: Final = 256 * 1024 * 1024 - 1  # MQTT's own bound on a packet
+PACKET_BYTES_MIN: Final = 4096
+DEFAULT_BROKER_INFLIGHT_MAX: Final = 256
+BROKER_INFLIGHT_MAX: Final = 65_535
+PACKETS_PER_S_MAX: Final = 1_000_000
 
 # Environment variables that override a TOML key (systemd EnvironmentFile, containers).
 ENV_OVERRIDES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -76,6 +85,23 @@ class BrokerConfig:
     # the embedded broker in a child process (python -m fog.broker) rather than on the fog's
     # event loop: amqtt costs more CPU per message than the fog's own client
     process: bool = True
+    # TLS for the fog's own connection to ``url`` when it is mqtts:// (paths as str: the
+    # config travels to the broker process as JSON)
+    ca_file: str | None = None  # the broker's CA; None: the system's CAs
+    cert_file: str | None = None  # a client certificate, when the broker asks for one
+    key_file: str | None = None
+    # the embedded broker's TLS listener (devices beyond loopback): None: none; 0: a free port
+    tls_port: int | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None  # set: clients must present a certificate from this CA
+    # abuse limits of the embedded broker, per connection: a packet longer than this closes
+    # the connection; QoS 1 PUBLISHes read and not yet acknowledged (more: reading pauses)
+    packet_bytes_max: int = DEFAULT_PACKET_BYTES_MAX
+    inflight_max: int = DEFAULT_BROKER_INFLIGHT_MAX
+    # packets a second read from one connection other than the fog's own (0: no limit; a
+    # gateway carrying many devices on one connection needs room for all of them)
+    packets_per_s: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -168,27 +194,40 @@ class FogConfig:
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
-    """A parsed ``mqtt://user:pass@host:port`` URL."""
+    """A parsed ``mqtt://user:pass@host:port`` or ``mqtts://`` URL."""
 
     host: str
     port: int
     username: str | None
     password: str | None
+    tls: bool = False
+
+
+def broker_tls(broker: BrokerConfig) -> TlsSettings:
+    """The fog's client TLS settings for an ``mqtts://`` ``broker.url``."""
+    return TlsSettings(
+        ca_file=None if broker.ca_file is None else Path(broker.ca_file),
+        cert_file=None if broker.cert_file is None else Path(broker.cert_file),
+        key_file=None if broker.key_file is None else Path(broker.key_file),
+    )
 
 
 def parse_broker_url(url: str, *, key: str = "broker.url") -> BrokerAddress:
     parts = urlsplit(url)
-    if parts.scheme != "mqtt":
-        raise ConfigError(f"{key}: scheme must be mqtt:// (got {parts.scheme or 'none'!r})")
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            f"{key}: scheme must be mqtt:// or mqtts:// (got {parts.scheme or 'none'!r})"
+        )
+    tls = parts.scheme == "mqtts"
     try:
-        port = parts.port or DEFAULT_BROKER_PORT
+        port = parts.port or (DEFAULT_MQTTS_PORT if tls else DEFAULT_BROKER_PORT)
     except ValueError:
         raise ConfigError(f"{key}: invalid port") from None
     if not parts.hostname:
         raise ConfigError(f"{key}: missing host")
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return BrokerAddress(parts.hostname, port, user, password)
+    return BrokerAddress(parts.hostname, port, user, password, tls)
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> FogConfig:
@@ -265,7 +304,16 @@ def _issuer_key(raw: Mapping[str, Any]) -> bytes:
 def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     known = {"url", "host", "port", "username", "password", "password_file"}
     known |= {"device_username", "device_password", "device_password_file", "allow_public_bind"}
-    known |= {"process", "accounts_file"}
+    known |= {
+        "process",
+        "accounts_file",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "tls_port",
+        "tls_cert_file",
+    }
+    known |= {"tls_key_file", "tls_ca_file", "packet_bytes_max", "inflight_max", "packets_per_s"}
     _no_unknown(raw, "broker.", known)
     url = raw.get("url")
     if url is not None:
@@ -297,7 +345,61 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
         allow_public_bind=allow_public,
         process=_bool(raw, "process", True, key="broker.process"),
         accounts_file=str(_path(raw, "accounts_file", base)) if "accounts_file" in raw else "",
+        **_broker_tls(raw, base, url),
+        packet_bytes_max=_int(
+            raw,
+            "packet_bytes_max",
+            DEFAULT_PACKET_BYTES_MAX,
+            PACKET_BYTES_MIN,
+            PACKET_BYTES_MAX,
+            key="broker.packet_bytes_max",
+        ),
+        inflight_max=_int(
+            raw,
+            "inflight_max",
+            DEFAULT_BROKER_INFLIGHT_MAX,
+            1,
+            BROKER_INFLIGHT_MAX,
+            key="broker.inflight_max",
+        ),
+        packets_per_s=_int(
+            raw, "packets_per_s", 0, 0, PACKETS_PER_S_MAX, key="broker.packets_per_s"
+        ),
     )
+
+
+def _file(raw: Mapping[str, Any], name: str, base: Path) -> str | None:
+    """A readable file named by ``broker.<name>`` (relative to the config), or None."""
+    if raw.get(name) is None:
+        return None
+    path = _path(raw, name, base)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"broker.{name}: {path}: {exc.strerror}") from exc
+    return str(path)
+
+
+def _broker_tls(raw: Mapping[str, Any], base: Path, url: str | None) -> dict[str, Any]:
+    """The TLS keys: the client side (``ca_file``... for an ``mqtts://`` url) and the embedded
+    broker's TLS listener (``tls_*``)."""
+    out: dict[str, Any] = {n: _file(raw, n, base) for n in ("ca_file", "cert_file", "key_file")}
+    if (out["cert_file"] is None) != (out["key_file"] is None):
+        raise ConfigError("broker.cert_file: give cert_file and key_file together")
+    if url is not None and not parse_broker_url(url).tls and any(out.values()):
+        raise ConfigError("broker.ca_file: TLS files need an mqtts:// broker.url")
+    listener = {n: _file(raw, n, base) for n in ("tls_cert_file", "tls_key_file", "tls_ca_file")}
+    port = raw.get("tls_port")
+    if port is not None:
+        port = _int(raw, "tls_port", 0, 0, PORT_MAX, key="broker.tls_port")
+        if url is not None:
+            raise ConfigError("broker.tls_port: only for the embedded broker (no broker.url)")
+        if listener["tls_cert_file"] is None or listener["tls_key_file"] is None:
+            raise ConfigError("broker.tls_port: needs broker.tls_cert_file and tls_key_file")
+    elif any(listener.values()):
+        raise ConfigError("broker.tls_cert_file: set broker.tls_port for a TLS listener")
+    return {**out, **listener, "tls_port": port}
 
 
 def _batch(raw: Mapping[str, Any]) -> BatchConfig:

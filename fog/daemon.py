@@ -44,7 +44,7 @@ import structlog
 
 from fog.authorize import Policy
 from fog.broker import BrokerLostError, BrokerProcess, EmbeddedBroker
-from fog.config import FogConfig, parse_broker_url
+from fog.config import FogConfig, broker_tls, parse_broker_url
 from fog.core import (
     Alarm,
     BatchSend,
@@ -84,6 +84,7 @@ from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, short, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
 from runtime.mqttshell import ClientSettings, Publisher, serve
+from runtime.tlsconf import TlsSettings
 
 log = structlog.get_logger()
 
@@ -185,6 +186,11 @@ class FogDaemon:
             return self._broker.port
         assert self.config.broker.url is not None
         return parse_broker_url(self.config.broker.url).port
+
+    @property
+    def broker_tls_port(self) -> int | None:
+        """The embedded broker's TLS listener port (``broker.tls_port``), once started."""
+        return None if self._broker is None else self._broker.tls_port
 
     @property
     def counters(self) -> dict[str, int]:
@@ -350,6 +356,7 @@ class FogDaemon:
         b = self.config.broker
         username: str | None
         password: str | None
+        tls: TlsSettings | None = None
         if b.url is None:
             host = "127.0.0.1" if b.host in ("0.0.0.0", "localhost") else b.host
             host = "::1" if host == "::" else host
@@ -357,6 +364,7 @@ class FogDaemon:
         else:
             addr = parse_broker_url(b.url)
             host, port, username, password = addr.host, addr.port, addr.username, addr.password
+            tls = broker_tls(b) if addr.tls else None
         return ClientSettings(
             hostname=host,
             port=port,
@@ -373,6 +381,7 @@ class FogDaemon:
             # we publish a whole group's receipts at once by design; warn only past that
             pending_calls_threshold=GROUP_MAX * 2,
             failures_max=RECONNECT_ATTEMPTS_MAX,
+            tls=tls,
         )
 
     async def _mqtt_loop(self, ready: asyncio.Event | None) -> None:

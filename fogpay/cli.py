@@ -29,6 +29,7 @@ from runtime.keyfile import KeyFileError
 
 COMMAND_MODULES = (
     "fogpay.keys_cli",
+    "fogpay.certs",
     "fogpay.provision",
     "fog.cli",
     "fogpay.edge_cli",

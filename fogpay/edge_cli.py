@@ -112,7 +112,7 @@ def target_from_args(args: argparse.Namespace) -> Target:
 async def connected(broker: BrokerAddress, name: str) -> AsyncIterator[aiomqtt.Client]:
     client = broker.client(identifier=f"fogpay-{name}-{secrets.token_hex(4)}")
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        await client.__aenter__()
+        await broker.connect(client)
     try:
         yield client
     finally:
@@ -385,7 +385,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sandbox", help="sandbox DIR (or its sandbox.json)")
-    p.add_argument("--broker", help="mqtt://[user:pass@]127.0.0.1:PORT")
+    p.add_argument(
+        "--broker", help="mqtt://[user:pass@]127.0.0.1:PORT or mqtts://HOST:PORT?ca_file=CA.pem"
+    )
     p.add_argument("--fog-id")
     p.add_argument("--fog-key", help="fog public key (hex)")
     p.add_argument("--payee", default="shop-1")

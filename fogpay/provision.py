@@ -28,12 +28,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
 import nacl.signing
 
-from edge.device import DEVICE_SOCKET_OPTIONS
 from protocol import limits, topics
 from protocol.errors import Declined, FogpayError
 from protocol.messages import (
@@ -54,6 +53,8 @@ from protocol.signing import (
 )
 from runtime.cli import report
 from runtime.keyfile import KeyFileError, load_key_file, new_key_file
+from runtime.mqttshell import ClientSettings, client_for, connect_client
+from runtime.tlsconf import TlsSettings
 
 ISSUER_SEED_FILE: Final = "issuer.seed"
 VALIDITY_DAYS_DEFAULT: Final = 365
@@ -62,6 +63,7 @@ DAY_MS: Final = 86_400_000
 PUBLISH_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 MQTT_PORT_DEFAULT: Final = 1883
+MQTTS_PORT_DEFAULT: Final = 8883
 
 
 class ProvisionError(FogpayError):
@@ -203,40 +205,80 @@ class BrokerAddress:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsSettings | None = None  # mqtts://: the CA (and client certificate) to use
 
-    def client(self, **kwargs: Any) -> aiomqtt.Client:
-        """An aiomqtt client for this broker, with TCP_NODELAY (edge.device explains why)."""
-        kwargs.setdefault("socket_options", DEVICE_SOCKET_OPTIONS)
-        return aiomqtt.Client(
-            self.host,
-            self.port,
+    @property
+    def url(self) -> str:
+        """``mqtt(s)://host:port``, no credentials (for messages)."""
+        return self.settings().url
+
+    def settings(self, identifier_prefix: str = "fogpay-tool") -> ClientSettings:
+        return ClientSettings(
+            hostname=self.host,
+            port=self.port,
+            identifier_prefix=identifier_prefix,
             username=self.username,
             password=self.password,
-            timeout=PUBLISH_TIMEOUT_S,
-            **kwargs,
+            connect_timeout_s=PUBLISH_TIMEOUT_S,
+            tls=self.tls,
         )
+
+    def client(self, *, identifier: str | None = None) -> aiomqtt.Client:
+        """An aiomqtt client for this broker through ``runtime.mqttshell.client_for`` (TCP_NODELAY,
+        TLS when mqtts://); connect it with ``connect`` for the one-line TLS error."""
+        return client_for(self.settings(), identifier=identifier)
+
+    async def connect(self, client: aiomqtt.Client) -> None:
+        """Connect ``client`` (made by ``client``); a refused certificate raises
+        ``BrokerTlsError`` (``broker mqtts://...: TLS: ...``)."""
+        await connect_client(client, self.settings())
+
+
+URL_TLS_KEYS: Final = ("ca_file", "cert_file", "key_file")
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://user:pass@host:port`` (user, pass and port optional) or ``host:port``."""
+    """``mqtt://user:pass@host:port`` (user, pass and port optional), ``host:port``, or
+    ``mqtts://...?ca_file=PATH[&cert_file=PATH&key_file=PATH]`` (TLS; port 8883 by default;
+    no ca_file: the system's CAs)."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ProvisionError(f"broker URL must be mqtt://[user:pass@]host[:port], got {url!r}")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ProvisionError(
+            f"broker URL must be mqtt:// or mqtts://[user:pass@]host[:port], got {_redacted(url)!r}"
+        )
+    tls_on = parts.scheme == "mqtts"
     try:
-        port = parts.port or MQTT_PORT_DEFAULT
+        port = parts.port or (MQTTS_PORT_DEFAULT if tls_on else MQTT_PORT_DEFAULT)
     except ValueError as exc:
-        raise ProvisionError(f"broker URL: bad port in {url!r}") from exc
+        raise ProvisionError(f"broker URL: bad port in {_redacted(url)!r}") from exc
+    query = parse_qs(parts.query, strict_parsing=False)
+    unknown = set(query) - set(URL_TLS_KEYS)
+    if unknown:
+        raise ProvisionError(f"broker URL: unknown parameter {sorted(unknown)[0]!r}")
+    files = {k: Path(v[-1]) for k, v in query.items()}
+    if files and not tls_on:
+        raise ProvisionError("broker URL: ca_file, cert_file and key_file need mqtts://")
+    if ("cert_file" in files) != ("key_file" in files):
+        raise ProvisionError("broker URL: give cert_file and key_file together")
+    tls = TlsSettings(**files) if tls_on else None
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return BrokerAddress(parts.hostname, port, user, password)
+    return BrokerAddress(parts.hostname, port, user, password, tls)
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 async def publish_retained(broker: BrokerAddress, pubs: Iterable[Publication]) -> None:
     """Publish each message retained with QoS 1; returns once the broker acknowledged all."""
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         client = broker.client()
-        await client.__aenter__()
+        await broker.connect(client)
     try:
         for pub in pubs:
             await client.publish(pub.topic, pub.payload, qos=1, retain=True)

@@ -59,6 +59,7 @@ from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
 from fog.schema import StoreOpenError
+from fogpay.certs import CA_CERT, issue, make_ca
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
@@ -84,6 +85,8 @@ FOG_ID_DEFAULT: Final = "sandbox"
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 30.0
 PASSWORD_BYTES: Final = 18
+TLS_DIR: Final = "tls"  # the sandbox's lab CA and its broker's certificate (fogpay certs)
+TLS_SERVER_NAME: Final = "localhost"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +101,8 @@ class SandboxInfo:
     cloud_db: str | None = None  # the cloud's SQLite store, a file name inside DIR
     # component ("fog", "cloud") -> metrics endpoint URL
     metrics: dict[str, str] | None = field(default=None, hash=False)
+    # the broker's TLS listener: {"host", "port", "ca_file" (a file name inside DIR)}
+    tls: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         broker: dict[str, Any] = {"host": self.broker.host, "port": self.broker.port}
@@ -113,6 +118,7 @@ class SandboxInfo:
             }
             | ({} if self.cloud_db is None else {"cloud": {"db": self.cloud_db}})
             | ({} if self.metrics is None else {"metrics": dict(self.metrics)})
+            | ({} if self.tls is None else {"tls": dict(self.tls)})
         )
 
     @classmethod
@@ -133,9 +139,23 @@ class SandboxInfo:
                 metrics={str(k): str(v) for k, v in raw["metrics"].items()}
                 if "metrics" in raw
                 else None,
+                tls=_tls_block(raw["tls"]) if "tls" in raw else None,
             )
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise FogpayError(f"{path}: not a sandbox.json ({type(exc).__name__}: {exc})") from exc
+
+
+def _tls_block(raw: Any) -> dict[str, Any]:
+    return {"host": str(raw["host"]), "port": int(raw["port"]), "ca_file": str(raw["ca_file"])}
+
+
+def _tls_files(directory: Path) -> None:
+    """The sandbox's lab CA and a server certificate for 127.0.0.1 (once; kept after)."""
+    tls = directory / TLS_DIR
+    if not (tls / CA_CERT).exists():
+        make_ca(tls)
+    if not (tls / f"{TLS_SERVER_NAME}.pem").exists():
+        issue(tls, TLS_SERVER_NAME, server=True, ips=(HOST,))
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
@@ -172,6 +192,7 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
     for name in (FOG_PASSWORD_FILE, OPERATOR_PASSWORD_FILE):
         _secret_file(directory / name)
     _secret_file(directory / LOGIN_SECRET_FILE, secrets.token_hex(LOGIN_SECRET_BYTES))
+    _tls_files(directory)
     issuer = load_key_file(directory / ISSUER_SEED_FILE)
     return config_from_dict(
         {
@@ -185,6 +206,9 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
                 "username": FOG_USERNAME,
                 "password_file": FOG_PASSWORD_FILE,
                 "accounts_file": ACCOUNTS_FILE,
+                "tls_port": 0,
+                "tls_cert_file": f"{TLS_DIR}/{TLS_SERVER_NAME}.pem",
+                "tls_key_file": f"{TLS_DIR}/{TLS_SERVER_NAME}.key",
             },
             "metrics": {"enabled": True, "listen": f"{HOST}:0"},
         },
@@ -193,8 +217,15 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
 
 
 def sandbox_info(
-    directory: Path, config: FogConfig, port: int, metrics: dict[str, str] | None = None
+    directory: Path,
+    config: FogConfig,
+    port: int,
+    metrics: dict[str, str] | None = None,
+    tls_port: int | None = None,
 ) -> SandboxInfo:
+    tls = None
+    if tls_port is not None:
+        tls = {"host": HOST, "port": tls_port, "ca_file": f"{TLS_DIR}/{CA_CERT}"}
     return SandboxInfo(
         broker=BrokerAddress(
             HOST, port, OPERATOR_USERNAME, _first_line(directory, OPERATOR_PASSWORD_FILE)
@@ -205,6 +236,7 @@ def sandbox_info(
         issuer_seed_file=ISSUER_SEED_FILE,
         cloud_db=CLOUD_DB_FILE,
         metrics=metrics,
+        tls=tls,
     )
 
 
@@ -264,6 +296,7 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
                 config,
                 daemon.broker_port,
                 {k: v for k, v in metrics.items() if v is not None},
+                daemon.broker_tls_port,
             )
             write_json_atomic(directory / SANDBOX_JSON, info.to_json())
             log.info("sandbox_ready", port=info.broker.port, fog_id=fog_id, dir=str(directory))
