@@ -333,7 +333,8 @@ def config_accounts(broker: BrokerConfig) -> dict[str, brokerauth.Account]:
 
 def warn_if_public(config: BrokerConfig) -> None:
     """At every start of a broker bound beyond loopback (``broker.allow_public_bind``), or
-    with the legacy shared device account (every topic: ``fog.brokerauth``)."""
+    with the legacy shared device account (every device's intents and receipts:
+    ``fog.brokerauth``)."""
     if config.device_password:
         log.warning("broker_shared_account", username=config.device_username)
     if config.allow_public_bind:

@@ -17,9 +17,12 @@ Roles, over spec section 8 topics:
 - ``device`` (username = key hex K): publishes only ``fogpay/1/+/intent/K``, reads only
   ``fogpay/1/+/receipt/K`` and the retained trust material ``fogpay/1/trust/#``.
 - ``shared_device`` (legacy, one account for all devices, only when
-  ``broker.device_password`` is set): keeps the rights it always had, every topic, so that
-  existing set-ups (the demo, tests that provision through it) keep working; it is the hole
-  per-device accounts close, so leave ``broker.device_password`` empty (the sandbox does).
+  ``broker.device_password`` is set): a device's rights for every device at once: publishes
+  any intent topic, reads any receipt topic and the retained trust material; never trust,
+  leases, acks or the uplink. Devices sharing it can still read each other's receipts and
+  publish under each other's topics (the fog declines an intent whose signer is not its
+  topic's device), so leave ``broker.device_password`` empty and give devices their own
+  accounts (the sandbox does).
 
 ``HardenedBroker`` fixes in a subclass what amqtt 0.12.1 gets wrong (tests/security/
 test_amqtt_holes.py holds each):
@@ -176,8 +179,10 @@ def allowed(account: Account, topic: str, *, write: bool) -> bool:
         if write:
             return _covers(f"{ROOT}/+/intent/{me}", topic)
         return _covers(f"{ROOT}/+/receipt/{me}", topic) or _covers(f"{ROOT}/trust/#", topic)
-    if account.role == ROLE_SHARED_DEVICE:
-        return True  # legacy: the rights it always had (see the module docstring)
+    if account.role == ROLE_SHARED_DEVICE:  # a device's rights, for every device (docstring)
+        if write:
+            return _covers(f"{ROOT}/+/intent/+", topic)
+        return _covers(f"{ROOT}/+/receipt/+", topic) or _covers(f"{ROOT}/trust/#", topic)
     return False
 
 

@@ -3,6 +3,7 @@ provisioning builders, and an MQTT observer that records what crosses a topic.""
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -61,7 +62,10 @@ async def provision(
         lease_micros=LEASE_MICROS,
         tx_max_micros=TX_MAX_MICROS,
     )
-    await publish_retained(broker, pubs)
+    # trust goes in through the fog's own (operator) account: a device account may not
+    # publish it (fog/brokerauth.py roles)
+    operator = dataclasses.replace(broker, username=fog.config.broker.username, password=FOG_PW)
+    await publish_retained(operator, pubs)
     await wait_counter(fog, "bind_accepted", len(devices))
     await wait_counter(fog, "lease_accepted")
 

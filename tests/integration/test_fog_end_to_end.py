@@ -62,16 +62,24 @@ def issuer() -> Issuer:
 class Transport:
     name: str
     broker_toml: str  # the fog config's [broker] table
-    creds: dict[str, Any]  # what devices and the issuer connect with
+    creds: dict[str, Any]  # what devices connect with
     top: str = ""  # top-level config lines
+    trust_creds: dict[str, Any] | None = None  # the issuer's (trust, leases); None: ``creds``
+
+    @property
+    def issuer_creds(self) -> dict[str, Any]:
+        return self.trust_creds or self.creds
 
 
-AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW})
+# on the embedded broker the shared device account may not publish trust: the fog's may
+OPERATOR = {"username": "fog", "password": FOG_PW}
+AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW}, "", OPERATOR)
 AMQTT_IN_PROCESS = Transport(  # broker and store in the daemon's own process
     "amqtt-in-process",
     EMBEDDED + "process = false\n",
     {"username": "device", "password": DEV_PW},
     "store_process = false\n",
+    OPERATOR,
 )
 
 
@@ -105,7 +113,7 @@ async def provision(
     items = [issuer.owner_credential()]
     items += [issuer.binding(d.public) for d in devices]
     items.append(issuer.lease(FOG, lease_micros))
-    await publish_retained("127.0.0.1", daemon.broker_port, items, **t.creds)
+    await publish_retained("127.0.0.1", daemon.broker_port, items, **t.issuer_creds)
     await wait_counter(daemon, "owner_accepted")
     await wait_counter(daemon, "bind_accepted", len(devices))
     await wait_counter(daemon, "lease_accepted")
@@ -181,7 +189,7 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
         items.append(poor.binding(d["budget"].public))
         items += [issuer.lease(FOG, 1_000_000), poor.lease(FOG, 10)]
         items.append(issuer.revocation(d["revoked"].public))
-        await publish_retained("127.0.0.1", fog.broker_port, items, **transport.creds)
+        await publish_retained("127.0.0.1", fog.broker_port, items, **transport.issuer_creds)
         await wait_counter(fog, "bind_accepted", 12)
         await wait_counter(fog, "lease_accepted", 2)
         await wait_counter(fog, "revoke_accepted", 1)
@@ -261,8 +269,7 @@ async def test_every_decline_code_is_answered_signed_and_changes_nothing(
                 "127.0.0.1",
                 fog.broker_port,
                 [poor.lease(FOG, 100)],
-                username="device",
-                password=DEV_PW,
+                **transport.issuer_creds,
             )
             await wait_counter(fog, "lease_accepted", 3)
             r = await expect(None, b.intent_topic, short_of_budget, intent_id(short_of_budget))
@@ -322,8 +329,7 @@ async def test_revocation_takes_effect_while_running(
                 "127.0.0.1",
                 fog.broker_port,
                 [issuer.revocation(device.public)],
-                username="device",
-                password=DEV_PW,
+                **transport.issuer_creds,
             )
             await wait_counter(fog, "revoke_accepted")
             receipt = await w.pay(device, device.intent(100))
@@ -334,14 +340,13 @@ async def test_revocation_takes_effect_while_running(
                 "127.0.0.1",
                 fog.broker_port,
                 [issuer.binding(other.public)],
-                username="device",
-                password=DEV_PW,
+                **transport.issuer_creds,
             )
             await wait_counter(fog, "bind_accepted", 2)
             assert (await w.pay(other, other.intent(100))).ok
             owner_revocation = issuer.revocation(bytes(issuer.owner_key.verify_key))
             await publish_retained(
-                "127.0.0.1", fog.broker_port, [owner_revocation], **transport.creds
+                "127.0.0.1", fog.broker_port, [owner_revocation], **transport.issuer_creds
             )
             await wait_counter(fog, "revoke_accepted", 2)
             assert (await w.pay(other, other.intent(100))).reason == Reason.REVOKED
@@ -400,12 +405,12 @@ async def test_bad_trust_material_is_refused_counted_and_changes_nothing(
             stranger.binding(device.public),  # signed by an owner key nobody vouched for
             (topics.owner_topic("acme"), bytes(2000)),  # too large: dropped unread
         ]
-        await publish_retained("127.0.0.1", fog.broker_port, bad, **transport.creds)
+        await publish_retained("127.0.0.1", fog.broker_port, bad, **transport.issuer_creds)
         await wait_counter(fog, "trust_dropped")
         await wait_counter(fog, "bind_refused")
         await wait_counter(fog, "owner_refused")
         await publish_retained(
-            "127.0.0.1", fog.broker_port, [issuer.lease(FOG, 1_000)], **transport.creds
+            "127.0.0.1", fog.broker_port, [issuer.lease(FOG, 1_000)], **transport.issuer_creds
         )
         await wait_counter(fog, "lease_accepted")
         async with wallet("127.0.0.1", fog.broker_port, FOG, **transport.creds) as w:

@@ -31,6 +31,7 @@ FOG_PW = "fog-secret"
 DEV_PW = "device-secret"
 EMBEDDED = f'port = 0\npassword = "{FOG_PW}"\ndevice_password = "{DEV_PW}"\n'
 CREDS = {"username": "device", "password": DEV_PW}
+OPERATOR = {"username": "fog", "password": FOG_PW}  # trust and acks: a device may not
 METRICS = '[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n'
 LEASE_MICROS: Final = 1_000_000
 PAID_MICROS: Final = 100_000
@@ -80,7 +81,7 @@ async def test_payments_budget_backlog_and_acks_show_in_the_metrics(tmp_path: Pa
 
         items = [issuer.owner_credential(), issuer.binding(payer.public)]
         items += [issuer.binding(spender.public), issuer.lease(FOG, LEASE_MICROS)]
-        await publish_retained("127.0.0.1", fog.broker_port, items, **CREDS)
+        await publish_retained("127.0.0.1", fog.broker_port, items, **OPERATOR)
         await wait_counter(fog, "lease_accepted")
         await wait_counter(fog, "bind_accepted", 2)
         async with wallet("127.0.0.1", fog.broker_port, FOG, **CREDS) as w:
@@ -126,7 +127,7 @@ async def test_payments_budget_backlog_and_acks_show_in_the_metrics(tmp_path: Pa
             header_id = _header_id(tmp_path / "fog.sqlite", number)
             ack = seal(Ack(fog_id=FOG, number=number, header_id=header_id), issuer.key)
             await publish_retained(
-                "127.0.0.1", fog.broker_port, [(topics.ack_topic(FOG), ack)], **CREDS
+                "127.0.0.1", fog.broker_port, [(topics.ack_topic(FOG), ack)], **OPERATOR
             )
             # the database moves first, the daemon's counter once the store call returned
             s = await wait_scrape(

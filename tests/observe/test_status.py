@@ -25,7 +25,7 @@ from tests.integration.devices import (
     write_fog_files,
 )
 from tests.integration.fogrun import running_fog, wait_counter
-from tests.observe.test_fog_metrics import CREDS, EMBEDDED, FOG
+from tests.observe.test_fog_metrics import CREDS, EMBEDDED, FOG, OPERATOR
 
 RUN_TIMEOUT_S: Final = 30.0
 LEASE_MICROS: Final = 2_500_000
@@ -58,7 +58,7 @@ async def test_status_of_a_fog_by_url_and_by_config(tmp_path: Path) -> None:
     async with running_fog(config) as fog:
         items = [issuer.owner_credential(), issuer.binding(payer.public)]
         items.append(issuer.lease(FOG, LEASE_MICROS))
-        await publish_retained("127.0.0.1", fog.broker_port, items, **CREDS)
+        await publish_retained("127.0.0.1", fog.broker_port, items, **OPERATOR)
         await wait_counter(fog, "lease_accepted")
         await wait_counter(fog, "bind_accepted")
         async with wallet("127.0.0.1", fog.broker_port, FOG, **CREDS) as w:

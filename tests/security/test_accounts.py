@@ -409,3 +409,41 @@ async def test_the_cloud_cli_writes_the_account_files(tmp_path: Path, world: Wor
     bad = [*fogpay, "accounts", "login", "zz", *common]
     done = await asyncio.to_thread(run_cli, bad)
     assert done.returncode == 2 and done.stderr.startswith("fogpay: ")
+
+
+async def test_the_legacy_shared_device_account_has_a_devices_rights_only(tmp_path: Path) -> None:
+    """``broker.device_password`` (the demo's shared account): intents and receipts of any
+    device, trust read-only; never trust, leases or acks, so a device holding it cannot
+    publish an owner credential the cloud never registered."""
+    config = BrokerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        password="fog-pw",
+        device_password="dev-pw",
+        process=False,
+    )
+    broker = EmbeddedBroker(config)
+    await broker.start()
+    fog, key = FOG, "ab" * 32
+    forged = {b"forged trust", b"forged lease", b"forged ack"}
+    try:
+        async with client(broker.port, "fog", "fog-pw", identifier="op") as op:
+            await op.subscribe("fogpay/1/#", qos=1)
+            for topic, payload in (
+                (f"fogpay/1/trust/owner/{'cd' * 32}", b"forged trust"),
+                (f"fogpay/1/{fog}/lease/{'00' * 16}", b"forged lease"),
+                (f"fogpay/1/{fog}/ack", b"forged ack"),
+            ):
+                try:
+                    async with client(broker.port, "device", "dev-pw") as dev:
+                        await dev.publish(topic, payload, qos=1)
+                except aiomqtt.MqttError:
+                    pass  # the embedded broker closes a connection at a denied publish
+            async with client(broker.port, "device", "dev-pw", identifier="dev-ok") as dev:
+                granted = await dev.subscribe(receipt(fog, "+"), qos=1)
+                assert [suback(g) for g in granted] == [1]
+                await dev.publish(intent(fog, key), b"an intent", qos=1)
+            got = await first_of(op, {b"an intent"})
+            assert forged.isdisjoint(got) and got[-1] == b"an intent"
+    finally:
+        await broker.stop()
