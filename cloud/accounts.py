@@ -35,6 +35,7 @@ import structlog
 from cloud import registry
 from cloud.store import Store, Tx
 from protocol.login import account_digest, device_password, device_username
+from runtime.files import write_atomic
 
 log = structlog.get_logger()
 
@@ -93,14 +94,7 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o640)
     return True
 
 

@@ -57,6 +57,7 @@ from protocol.signing import (
     public_key,
     seal_signed,
 )
+from runtime.files import write_atomic
 from runtime.keyfile import load_key_file, new_key_file
 from runtime.mqttshell import TCP_NODELAY_OPTION
 
@@ -107,26 +108,6 @@ class PaymentTimeout(PaymentError):
 
 def time_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def answers(receipt: Signed[Receipt], intent: Signed[Intent]) -> bool:
@@ -234,7 +215,7 @@ class Device:
         """The next q, durable in ``seq`` before it is returned."""
         if self._seq_next > self._seq_reserved:
             reserved = self._seq_next + self._seq_block - 1
-            _write_atomic(self.state_dir / SEQ_FILE, f"{reserved}\n".encode())
+            write_atomic(self.state_dir / SEQ_FILE, f"{reserved}\n".encode())
             self._seq_reserved = reserved
         q = self._seq_next
         self._seq_next += 1
