@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from cloud.config import MetricsConfig
 from cloud.store import Store, Tx
-from runtime.http import HttpServer, Response, json_response
+from runtime.http import HttpServer, Response, healthz, readyz_response
 from runtime.listen import ListenError
 
 log = structlog.get_logger()
@@ -95,7 +95,7 @@ class CloudObserver:
     async def start(self) -> None:
         if not self._config.enabled:
             return
-        routes = {"/metrics": self._metrics, "/healthz": _healthz, "/readyz": self._readyz}
+        routes = {"/metrics": self._metrics, "/healthz": healthz, "/readyz": self._readyz}
         server = HttpServer(routes, host=self._config.host, port=self._config.port)
         try:
             await server.start()
@@ -138,10 +138,7 @@ class CloudObserver:
         return Response(200, await self.scrape(), CONTENT_TYPE_LATEST)
 
     async def _readyz(self) -> Response:
-        why = self.ready()
-        if why:
-            return json_response(503, {"ready": False, "why": why})
-        return json_response(200, {"ready": True})
+        return readyz_response(self.ready())
 
     def families(self) -> Iterator[Metric]:
         counters = self._state.counters()
@@ -199,10 +196,6 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         return self._observer.families()
-
-
-async def _healthz() -> Response:
-    return json_response(200, {"alive": True})
 
 
 def _ingest(c: Mapping[str, int]) -> Iterator[Metric]:

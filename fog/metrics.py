@@ -46,7 +46,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fog.config import FogConfig
 from fog.latency import BUCKETS, Histogram, bucket_of, upper_edge_ms
-from runtime.http import HttpServer, Response, json_response
+from runtime.http import HttpServer, Response, healthz, readyz_response
 from runtime.listen import ListenError
 
 log = structlog.get_logger()
@@ -239,7 +239,7 @@ class FogObserver:
         m = self._config.metrics
         if not m.enabled:
             return
-        routes = {"/metrics": self._metrics, "/healthz": _healthz, "/readyz": self._readyz}
+        routes = {"/metrics": self._metrics, "/healthz": healthz, "/readyz": self._readyz}
         server = HttpServer(routes, host=m.host, port=m.port)
         try:
             await server.start()
@@ -286,10 +286,7 @@ class FogObserver:
         return Response(200, await self.scrape(), CONTENT_TYPE_LATEST)
 
     async def _readyz(self) -> Response:
-        why = self.ready()
-        if why:
-            return json_response(503, {"ready": False, "why": why})
-        return json_response(200, {"ready": True})
+        return readyz_response(self.ready())
 
     def families(self) -> Iterator[Metric]:
         s, c = self._state, self._config
@@ -366,10 +363,6 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         return self._observer.families()
-
-
-async def _healthz() -> Response:
-    return json_response(200, {"alive": True})
 
 
 def _info(fog_id: str) -> Metric:

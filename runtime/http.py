@@ -55,6 +55,18 @@ def json_response(status: int, obj: object) -> Response:
     return Response(status, json.dumps(obj, sort_keys=True).encode() + b"\n", JSON_TYPE)
 
 
+async def healthz() -> Response:
+    """``/healthz``: the event loop answers."""
+    return json_response(200, {"alive": True})
+
+
+def readyz_response(why: list[str]) -> Response:
+    """``/readyz``: 200 when nothing keeps the service from being ready, else 503 saying why."""
+    if why:
+        return json_response(503, {"ready": False, "why": why})
+    return json_response(200, {"ready": True})
+
+
 class HttpServer:
     """``routes`` maps a path to a handler. ``start()`` binds (port 0: a free one, then
     ``port`` says which); ``close()`` stops listening and ends open connections."""
