@@ -18,9 +18,11 @@ demo: $(STAMP)
 
 # Mosquitto and PostgreSQL: installed here where it can be (root and apt-get); otherwise the
 # tests that need them skip, with one line at the end saying how to enable them.
+# Two workers (pytest-xdist): the tests wait on brokers and processes as much as they compute,
+# and every test has its own ports, files and schema.
 test: $(STAMP)
 	@bash .ci/services.sh install-if-possible
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 services:
 	bash .ci/services.sh install

@@ -19,7 +19,7 @@ from protocol.reasons import Reason
 
 ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 CURRENCY_PATTERN: Final = re.compile(r"[A-Z]{3}")
-RESERVED_FOG_IDS: Final = frozenset({"trust", "up", "gossip"})
+RESERVED_FOG_IDS: Final = frozenset({"trust", "up", "gossip", "held"})
 STATUS_OK: Final = "ok"
 STATUS_DECLINED: Final = "declined"
 ZERO_KEY: Final = bytes(32)

@@ -1,4 +1,5 @@
-"""MQTT topics of spec section 8: build and parse, rejecting malformed levels."""
+"""MQTT topics of spec section 8 (and the project's sections 14 and 17): build and parse,
+rejecting malformed levels."""
 
 import enum
 import re
@@ -26,13 +27,22 @@ class Kind(enum.StrEnum):
     ACK = "ack"
     LEASE_REQUEST = "lreq"  # fog -> cloud, protocol.leasing.LeaseRequest
     LEASE_REPORT = "lrep"  # fog -> cloud, protocol.leasing.LeaseReport
+    # federation (docs/protocol.md section 17): fog -> peer fog, under fogpay/1/gossip/{to}/
+    GOSSIP_BATCH = "gossip_batch"  # a batch of any origin fog, to a replica holder
+    GOSSIP_RACC = "gossip_racc"  # a replica holder's signed ack, to the origin
+    GOSSIP_FETCH = "gossip_fetch"  # a restoring fog asks a holder for its own batches
+    GOSSIP_SEEN = "gossip_seen"  # (device, q, intent id) a fog authorized
+    GOSSIP_REVOKE = "gossip_revoke"  # a revocation passed on from fog to fog
+    RELAY = "relay"  # fog -> cloud: another fog's batch, forwarded by a replica holder
+    HELD_RECORDS = "held_records"  # device -> cloud: records (intent, receipt) it holds
+    HELD_ACK = "held_ack"  # cloud -> device: what the cloud made of them
 
 
 @dataclass(frozen=True, slots=True)
 class Topic:
     kind: Kind
     fog_id: str | None = None
-    key: bytes | None = None  # device (intent, receipt, bind) or revoked key
+    key: bytes | None = None  # device (intent, receipt, bind, held) or revoked key
     owner_id: str | None = None
     lease_id: bytes | None = None
 
@@ -87,6 +97,28 @@ def ack_topic(fog_id: str) -> str:
     return f"{ROOT}/up/{_fog(fog_id)}/ack"
 
 
+def relay_topic(fog_id: str) -> str:
+    """Where fog ``fog_id`` forwards another fog's batch to the cloud (section 17)."""
+    return f"{ROOT}/up/{_fog(fog_id)}/relay"
+
+
+def gossip_topic(to_fog_id: str, kind: str) -> str:
+    """``fogpay/1/gossip/{to_fog_id}/{kind}``, kind one of GOSSIP_LEVELS (section 17)."""
+    if kind not in _GOSSIP_KINDS:
+        raise TopicError(f"unknown gossip topic {kind!r}")
+    return f"{ROOT}/gossip/{_fog(to_fog_id)}/{kind}"
+
+
+def held_topic(device: bytes) -> str:
+    """Device -> cloud: the records a device holds (section 17)."""
+    return f"{ROOT}/held/{key_hex(device)}/records"
+
+
+def held_ack_topic(device: bytes) -> str:
+    """Cloud -> device: the answer to its held records (section 17)."""
+    return f"{ROOT}/held/{key_hex(device)}/ack"
+
+
 # Subscription filters
 def intent_filter(fog_id: str) -> str:
     return f"{ROOT}/{_fog(fog_id)}/intent/+"
@@ -104,6 +136,14 @@ TRUST_FILTER: Final = f"{ROOT}/trust/#"
 BATCH_FILTER: Final = f"{ROOT}/up/+/batch"
 LEASE_REQUEST_FILTER: Final = f"{ROOT}/up/+/lreq"
 LEASE_REPORT_FILTER: Final = f"{ROOT}/up/+/lrep"
+RELAY_FILTER: Final = f"{ROOT}/up/+/relay"
+ACK_FILTER: Final = f"{ROOT}/up/+/ack"  # a replica holder learns what the cloud has
+HELD_FILTER: Final = f"{ROOT}/held/+/records"
+
+
+def gossip_filter(fog_id: str) -> str:
+    """Everything peers send to fog ``fog_id``."""
+    return f"{ROOT}/gossip/{_fog(fog_id)}/+"
 
 
 def _key(level: str) -> bytes:
@@ -125,7 +165,18 @@ _UP_KINDS: Final = {
     "ack": Kind.ACK,
     "lreq": Kind.LEASE_REQUEST,
     "lrep": Kind.LEASE_REPORT,
+    "relay": Kind.RELAY,
 }
+# fog -> fog, under fogpay/1/gossip/{to_fog_id}/ (section 17)
+_GOSSIP_KINDS: Final = {
+    "batch": Kind.GOSSIP_BATCH,
+    "racc": Kind.GOSSIP_RACC,
+    "fetch": Kind.GOSSIP_FETCH,
+    "seen": Kind.GOSSIP_SEEN,
+    "revoke": Kind.GOSSIP_REVOKE,
+}
+GOSSIP_LEVELS: Final = tuple(_GOSSIP_KINDS)
+_HELD_KINDS: Final = {"records": Kind.HELD_RECORDS, "ack": Kind.HELD_ACK}
 
 
 def parse(topic: str) -> Topic:
@@ -150,6 +201,16 @@ def parse(topic: str) -> Topic:
         if up_kind is None:
             raise TopicError(f"unknown up topic {c!r}")
         return Topic(up_kind, fog_id=_fog(b))
+    if a == "gossip":  # fog_id = the fog the message is for
+        gossip_kind = _GOSSIP_KINDS.get(c)
+        if gossip_kind is None:
+            raise TopicError(f"unknown gossip topic {c!r}")
+        return Topic(gossip_kind, fog_id=_fog(b))
+    if a == "held":
+        held_kind = _HELD_KINDS.get(c)
+        if held_kind is None:
+            raise TopicError(f"unknown held topic {c!r}")
+        return Topic(held_kind, key=_key(b))
     kind = _FOG_KINDS.get(b)
     if kind is None:
         raise TopicError(f"unknown fog topic {b!r}")

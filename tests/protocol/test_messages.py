@@ -249,7 +249,7 @@ def test_id_pattern_and_reserved_fog_ids() -> None:
     for bad in ("", "a" * 64, "-a", ".a", "_a", "A", "a/b", "a+", "a#", "é", "a b", "a\x00"):
         malformed(pack(body | {"p": bad}), Intent)
         malformed(pack(body | {"f": bad}), Intent)
-    for reserved in ("trust", "up", "gossip"):
+    for reserved in ("trust", "up", "gossip", "held"):
         malformed(pack(body | {"f": reserved}), Intent)
         assert decode_body(Intent, pack(body | {"p": reserved})).payee_id == reserved
 

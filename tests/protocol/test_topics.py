@@ -45,7 +45,18 @@ def test_every_topic_of_section_8() -> None:
     ]
     for topic, want in cases.items():
         assert topics.parse(topic) == want
-    assert {t.kind for t in cases.values()} == set(Kind)
+    federation = {
+        topics.relay_topic("fog-1"): Topic(Kind.RELAY, fog_id="fog-1"),
+        topics.held_topic(DEVICE): Topic(Kind.HELD_RECORDS, key=DEVICE),
+        topics.held_ack_topic(DEVICE): Topic(Kind.HELD_ACK, key=DEVICE),
+        **{
+            topics.gossip_topic("fog-1", level): Topic(Kind("gossip_" + level), fog_id="fog-1")
+            for level in topics.GOSSIP_LEVELS
+        },
+    }
+    for topic, want in federation.items():
+        assert topics.parse(topic) == want
+    assert {t.kind for t in (cases | federation).values()} == set(Kind)
 
 
 def matches(filt: str, topic: str) -> bool:
@@ -132,6 +143,15 @@ def test_build_parse_round_trip(fog: str, owner: str, key: bytes, lease: bytes) 
         "fogpay/1/up//lrep",
         "fogpay/1/fog-1/lreq/" + HEX,
         "/fogpay/1/up/fog-1/batch",
+        "fogpay/1/gossip/fog-1/other",
+        "fogpay/1/gossip/held/batch",
+        "fogpay/1/gossip/fog-1/batch/x",
+        "fogpay/1/gossip/fog-1/+",
+        "fogpay/1/held/" + HEX + "/other",
+        "fogpay/1/held/" + HEX.upper() + "/records",
+        "fogpay/1/held/fog-1/records",
+        "fogpay/1/up/fog-1/RELAY",
+        "fogpay/1/held/intent/" + HEX,
     ],
 )
 def test_malformed_topics_are_refused(topic: str) -> None:
@@ -139,7 +159,19 @@ def test_malformed_topics_are_refused(topic: str) -> None:
         topics.parse(topic)
 
 
-@pytest.mark.parametrize("fog", ["", "trust", "up", "gossip", "Fog", "a/b", "+", "#", "a" * 64])
+def test_federation_topics_round_trip() -> None:
+    for level in topics.GOSSIP_LEVELS:
+        parsed = topics.parse(topics.gossip_topic("fog-2", level))
+        assert parsed.fog_id == "fog-2" and parsed.kind.value == "gossip_" + level
+    assert topics.parse(topics.relay_topic("fog-1")) == topics.Topic(Kind.RELAY, fog_id="fog-1")
+    held = topics.parse(topics.held_topic(DEVICE))
+    assert held == topics.Topic(Kind.HELD_RECORDS, key=DEVICE)
+    assert topics.parse(topics.held_ack_topic(DEVICE)).kind is Kind.HELD_ACK
+    with pytest.raises(TopicError):
+        topics.gossip_topic("fog-2", "intent")
+
+
+@pytest.mark.parametrize("fog", ["", "trust", "up", "gossip", "held", "Fog", "a/b", "+", "#", "a" * 64])
 def test_builders_refuse_invalid_fog_ids(fog: str) -> None:
     for build in (topics.fog_topic, topics.batch_topic, topics.ack_topic, topics.intent_filter):
         with pytest.raises(TopicError):
