@@ -159,6 +159,28 @@ class LeaseConfig:
     check_interval_ms: int = DEFAULT_LEASE_CHECK_MS  # how often expiry and resends are checked
 
 
+FEDERATION_PEERS_MAX: Final = 32
+REPLICAS_MAX: Final = 8
+DEFAULT_REPLICAS: Final = 2
+DEFAULT_RELAY_AFTER_MS: Final = 30_000
+DEFAULT_REPLICA_KEEP_MS: Final = 900_000  # > the clock window, so a restore sees every replay
+DEFAULT_REPLICA_BYTES_MAX: Final = 256 * 1024 * 1024
+DEFAULT_SEEN_EVERY_MS: Final = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationConfig:
+    """``[federation]``: the fog's peers (docs/protocol.md section 17). No peers: the fog is
+    alone with its cloud, as before the federation."""
+
+    peers: tuple[str, ...] = ()  # peer fog_ids, in the order replicas are placed
+    replicas: int = DEFAULT_REPLICAS  # k: peers that must hold a batch before it is safe
+    relay_after_ms: int = DEFAULT_RELAY_AFTER_MS  # a held replica the cloud lacks goes up then
+    replica_keep_ms: int = DEFAULT_REPLICA_KEEP_MS  # kept this long after the cloud's ack
+    replica_bytes_max: int = DEFAULT_REPLICA_BYTES_MAX  # replicas of others, on this disk
+    seen_every_ms: int = DEFAULT_SEEN_EVERY_MS  # (device, q, intent) authorized, to every peer
+
+
 DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9464"
 
 
@@ -185,6 +207,7 @@ class FogConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
     log_level: str = "info"
     # true: the store (verify, SQLite, sign) runs in a child process (fog/storeproc.py), off
@@ -265,7 +288,8 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         raw,
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
-        | {"stats_interval_s", "log_level", "uplink", "lease", "store_process", "metrics"},
+        | {"stats_interval_s", "log_level", "uplink", "lease", "store_process", "metrics"}
+        | {"federation"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -284,6 +308,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         uplink=_uplink(_table(raw, "uplink")),
         lease=_lease(_table(raw, "lease")),
         metrics=_metrics(_table(raw, "metrics")),
+        federation=_federation(_table(raw, "federation"), fog_id),
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
         store_process=_bool(raw, "store_process", True, key="store_process"),
@@ -460,6 +485,40 @@ def _uplink(raw: Mapping[str, Any]) -> UplinkConfig:
             TIMEOUT_MS_MAX,
             key="uplink.ack_timeout_ms",
         ),
+    )
+
+
+def _federation(raw: Mapping[str, Any], fog_id: str) -> FederationConfig:
+    known = {"peers", "replicas", "relay_after_ms", "replica_keep_ms", "replica_bytes_max"}
+    _no_unknown(raw, "federation.", known | {"seen_every_ms"})
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list) or len(peers) > FEDERATION_PEERS_MAX:
+        raise ConfigError(f"federation.peers: a list of at most {FEDERATION_PEERS_MAX} fog_ids")
+    for peer in peers:
+        if not is_fog_id(peer) or peer == fog_id:
+            raise ConfigError(f"federation.peers: {peer!r} is not another fog's fog_id")
+    if len(set(peers)) != len(peers):
+        raise ConfigError("federation.peers: a peer is listed twice")
+
+    def ms(name: str, default: int, low: int = 10) -> int:
+        return _int(raw, name, default, low, TIMEOUT_MS_MAX, key=f"federation.{name}")
+
+    return FederationConfig(
+        peers=tuple(peers),
+        replicas=_int(
+            raw, "replicas", DEFAULT_REPLICAS, 0, REPLICAS_MAX, key="federation.replicas"
+        ),
+        relay_after_ms=ms("relay_after_ms", DEFAULT_RELAY_AFTER_MS),
+        replica_keep_ms=ms("replica_keep_ms", DEFAULT_REPLICA_KEEP_MS, 0),
+        replica_bytes_max=_int(
+            raw,
+            "replica_bytes_max",
+            DEFAULT_REPLICA_BYTES_MAX,
+            1024 * 1024,
+            2**40,
+            key="federation.replica_bytes_max",
+        ),
+        seen_every_ms=ms("seen_every_ms", DEFAULT_SEEN_EVERY_MS),
     )
 
 

@@ -122,7 +122,7 @@ def fog_default(key: str) -> Any:
         return _listen(value.metrics)
     for part in key.split("."):
         value = getattr(value, part)
-    return value
+    return list(value) if isinstance(value, tuple) else value  # a TOML array
 
 
 def _cloud_class(table: str) -> type:

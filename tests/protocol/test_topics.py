@@ -171,7 +171,9 @@ def test_federation_topics_round_trip() -> None:
         topics.gossip_topic("fog-2", "intent")
 
 
-@pytest.mark.parametrize("fog", ["", "trust", "up", "gossip", "held", "Fog", "a/b", "+", "#", "a" * 64])
+@pytest.mark.parametrize(
+    "fog", ["", "trust", "up", "gossip", "held", "Fog", "a/b", "+", "#", "a" * 64]
+)
 def test_builders_refuse_invalid_fog_ids(fog: str) -> None:
     for build in (topics.fog_topic, topics.batch_topic, topics.ack_topic, topics.intent_filter):
         with pytest.raises(TopicError):
