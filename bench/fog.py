@@ -113,6 +113,53 @@ def cpu_s(pid: int, *, tree: bool = True) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+FSYNC_SECONDS = 2.0
+FSYNC_RATE_PER_S = 200  # about the fog's group commits at 1,000 intents/s
+FSYNC_BLOCK = b"\0" * 4096
+
+
+def fsync_floor(directory: Path, seconds: float = FSYNC_SECONDS) -> dict[str, float]:
+    """The disk's fsync latency in ``directory`` (where the fog's database is), measured in
+    the same run just before the fog's paced phase: 4 KiB written in place and fsynced,
+    ``FSYNC_RATE_PER_S`` times a second (bench/fsync.py does the same at length). A receipt
+    leaves after its group's commit is on disk: this is the floor of the fog's latency."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix="fsync-floor-")
+    latencies: list[float] = []
+    try:
+        end = time.monotonic() + seconds
+        for i in range(int(seconds * FSYNC_RATE_PER_S)):  # bounded in count and in time
+            if time.monotonic() > end:
+                break
+            os.pwrite(fd, FSYNC_BLOCK, (i % 256) * len(FSYNC_BLOCK))
+            t = time.perf_counter()
+            os.fsync(fd)
+            latencies.append((time.perf_counter() - t) * 1000)
+            time.sleep(max(0.0, 1 / FSYNC_RATE_PER_S - (time.perf_counter() - t)))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    latencies.sort()
+    return {
+        "fsync_p50_ms": round(latencies[len(latencies) // 2], 2),
+        "fsync_p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2),
+    }
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of ``pids`` and all their descendants (VmRSS summed), in MB."""
+    total_kb = 0
+    for top in pids:
+        for pid in _tree(top):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total_kb += int(line.split()[1])
+            except OSError:
+                continue  # gone meanwhile
+    return round(total_kb / 1024, 1)
+
+
 def machine_cpu_s() -> tuple[float, float]:
     """(busy, all) CPU seconds of the whole machine so far, summed over its cores, from the
     first line of /proc/stat (idle and iowait are not busy)."""
@@ -366,6 +413,130 @@ def wait_fog_ready(log: Path, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"fog not ready: {log.read_text()[-2000:]}")
 
 
+CROWD_DEVICES = 10_000
+CROWD_OWNERS = 1_000
+CROWD_RATE_PER_S = 2_000.0
+
+
+def provision_crowd(
+    world: World, db: Path, devices: int = CROWD_DEVICES, owners: int = CROWD_OWNERS
+) -> list[loadgen.Shot]:
+    """A fog database with ``devices`` bound devices of ``owners`` owners (one lease each),
+    built on tmpfs when there is one (11,000 trust messages, one commit each) and copied into
+    place; the shots pay once with every device."""
+    shm = Path("/dev/shm")
+    scratch = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else db.parent, prefix="crowd-"))
+    keys = [nacl.signing.SigningKey.generate() for _ in range(owners)]
+    crowd = [nacl.signing.SigningKey.generate() for _ in range(devices)]
+    now = int(time.time() * 1000)
+    try:
+        store = FogStore.open(
+            scratch / "fog.sqlite",
+            fog_id=FOG_ID,
+            fog_key=world.fog_key,
+            issuer_key=public_key(world.issuer),
+            policy=Policy(),
+        )
+        try:
+            for i, key in enumerate(keys):
+                cred = OwnerCredential(
+                    owner_id=f"owner-{i}", key=public_key(key), not_before_ms=0, not_after_ms=FAR_MS
+                )
+                store.put_trust("owner", seal(cred, world.issuer), now_ms=now)
+                lease = Lease(
+                    lease_id=secrets.token_bytes(16),
+                    owner_id=f"owner-{i}",
+                    fog_id=FOG_ID,
+                    amount_micros=10**12,
+                    currency="EUR",
+                    not_after_ms=FAR_MS,
+                )
+                store.put_trust("lease", seal(lease, world.issuer), now_ms=now)
+            for j, d in enumerate(crowd):
+                b = Binding(
+                    device=public_key(d),
+                    owner_id=f"owner-{j % owners}",
+                    not_before_ms=0,
+                    not_after_ms=FAR_MS,
+                    currency="EUR",
+                    tx_max_micros=10**9,
+                    day_max_micros=2**53,
+                )
+                store.put_trust("bind", seal(b, keys[j % owners]), now_ms=now)
+        finally:
+            store.close()
+        shutil.copy(scratch / "fog.sqlite", db)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    shots = []
+    for d in crowd:
+        dev = public_key(d)
+        intent = Intent(
+            device=dev,
+            fog_id=FOG_ID,
+            seq=1,
+            payee_id=PAYEE_ID,
+            amount_micros=AMOUNT_MICROS,
+            currency="EUR",
+            time_ms=now,
+        )
+        shots.append(loadgen.Shot(topics.intent_topic(FOG_ID, dev), seal(intent, d), dev.hex()))
+    return shots
+
+
+def measure_crowd(kind: str, world: World, d: Path) -> dict[str, Any]:
+    """Resident memory of the fog (all its processes; with Mosquitto, the broker's too) with
+    10,000 bound devices and 1,000 owners: idle after start, and after every device paid
+    once (the fog's caches then hold them all). The larger is the figure."""
+    d.mkdir(parents=True)
+    password = secrets.token_hex(8)
+    port = free_port()
+    db = (world.db_dir or d) / f"crowd-{kind}.sqlite"
+    shots = provision_crowd(world, db)
+    with contextlib.ExitStack() as stack:
+        pids: list[int] = []
+        if kind == "mosquitto":
+            conf = mosquitto_conf(d, port)
+            broker = stack.enter_context(process([MOSQUITTO, "-c", str(conf)], d / "mosquitto.log"))
+            pids.append(broker.pid)
+            wait_port(port)
+            cfg = world.fog_config(db, broker_url=f"mqtt://127.0.0.1:{port}", port=0, password="")
+            user: str | None = None
+            pw: str | None = None
+        else:
+            cfg = world.fog_config(db, broker_url=None, port=port, password=password)
+            user, pw = "device", password
+        fog_run = [str(VENV_BIN / "fogpay"), "fog", "run", "--config", str(cfg)]
+        p = stack.enter_context(process(fog_run, d / "fog.log"))
+        pids.append(p.pid)
+        if kind == "amqtt":
+            wait_port(port)
+        wait_fog_ready(d / "fog.log", p)
+        time.sleep(2.0)
+        idle = rss_mb(pids)
+        paid = asyncio.run(
+            loadgen.run(
+                "127.0.0.1",
+                port,
+                FOG_ID,
+                shots,
+                rate=CROWD_RATE_PER_S,
+                window=WINDOW * 10,
+                duration_s=len(shots) / CROWD_RATE_PER_S + 1,
+                username=user,
+                password=pw,
+            )
+        )
+        time.sleep(1.0)
+        after = rss_mb(pids)
+    return {
+        "rss_mb_10k_idle": idle,
+        "rss_mb_10k_after_paying": after,
+        "rss_mb_10k_devices": max(idle, after),
+        "crowd_statuses": dict(paid.statuses),
+    }
+
+
 def measure_target(kind: str, target: str, world: World, seconds: float, d: Path) -> dict[str, Any]:
     """One measurement of one target on a fresh broker (and, for the fog, a fresh database)."""
     d.mkdir(parents=True)
@@ -374,9 +545,11 @@ def measure_target(kind: str, target: str, world: World, seconds: float, d: Path
     responder = [sys.executable, "bench/responder.py", "--port", str(port), "--fog-id", FOG_ID]
     fog_run = [str(VENV_BIN / "fogpay"), "fog", "run", "--config"]
     with contextlib.ExitStack() as stack:
+        broker_pids: list[int] = []
         if kind == "mosquitto":
             conf = mosquitto_conf(d, port)
-            stack.enter_context(process([MOSQUITTO, "-c", str(conf)], d / "mosquitto.log"))
+            mq = stack.enter_context(process([MOSQUITTO, "-c", str(conf)], d / "mosquitto.log"))
+            broker_pids.append(mq.pid)
             wait_port(port)
             creds: tuple[str | None, str | None] = (None, None)
         else:
@@ -392,6 +565,7 @@ def measure_target(kind: str, target: str, world: World, seconds: float, d: Path
             return measure(world, p.pid, port, seconds, creds)
         db = (world.db_dir or d) / f"fog-{d.parent.name}-{d.name}.sqlite"
         world.provision(db)
+        floor = fsync_floor(db.parent)  # the disk under the database, this run
         if kind == "mosquitto":
             url = f"mqtt://127.0.0.1:{port}"
             cfg = world.fog_config(db, broker_url=url, port=0, password="")
@@ -401,8 +575,11 @@ def measure_target(kind: str, target: str, world: World, seconds: float, d: Path
         if kind == "amqtt":
             wait_port(port)
         wait_fog_ready(d / "fog.log", p)
+        time.sleep(1.0)
+        idle = rss_mb([p.pid, *broker_pids])  # every process of the fog, and its broker
         result = measure(world, p.pid, port, seconds, creds)
-    return {**result, **fog_side(d / "fog.log", *result["paced_window"])}  # the fog has stopped
+    side = fog_side(d / "fog.log", *result["paced_window"])  # the fog has stopped
+    return {**result, **side, **floor, "rss_mb_idle": idle}
 
 
 def fog_side(log: Path, start: float, end: float) -> dict[str, float]:
@@ -501,6 +678,58 @@ def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def summary_run(broker: str, r: dict[str, Any]) -> dict[str, Any]:
+    """One broker's figures in the shape of issue 15's ``--json``."""
+    fog, responder, crowd = r.get("fog", {}), r.get("responder", {}), r.get("crowd", {})
+    return {
+        "broker": "amqtt" if broker == "amqtt" else broker,
+        "fog_per_s": fog.get("per_s"),
+        "responder_per_s": responder.get("per_s"),
+        "p50_ms_at_1000": fog.get("p50_ms_at_1000"),
+        "p99_ms_at_1000": fog.get("p99_ms_at_1000"),
+        "fsync_p50_ms": fog.get("fsync_p50_ms"),
+        "fsync_p99_ms": fog.get("fsync_p99_ms"),
+        "rss_mb_idle": fog.get("rss_mb_idle"),
+        "rss_mb_10k_devices": crowd.get("rss_mb_10k_devices"),
+    }
+
+
+def _ratio(value: float | None, floor: float | None) -> str:
+    if value is None or floor is None or not floor:
+        return "-"
+    return f"{value / floor:.2f}"
+
+
+def floors_table(summary: dict[str, Any]) -> str:
+    """Each figure beside its floor, measured in the same run, and the bar of issue 15."""
+    rows = [
+        f"{'broker':10} {'figure':24} {'value':>9} {'floor':>9} {'ratio':>6}  bar",
+    ]
+    for r in summary["runs"]:
+        b = r["broker"]
+        p50, p99 = r["p50_ms_at_1000"], r["p99_ms_at_1000"]
+        f50, f99 = r["fsync_p50_ms"], r["fsync_p99_ms"]
+        lines = [
+            ("throughput /s", r["fog_per_s"], r["responder_per_s"], ">= 0.80 of the responder"),
+            ("p50 ms at 1,000/s", p50, f50, f"<= fsync p50 + 2 = {_plus(f50, 2)}"),
+            ("p99 ms at 1,000/s", p99, f99, f"<= fsync p99 + 5 = {_plus(f99, 5)}"),
+            ("RSS MB idle", r["rss_mb_idle"], 60.0, "< 60 (all processes)"),
+            ("RSS MB 10k devices", r["rss_mb_10k_devices"], 80.0, "< 80"),
+        ]
+        for name, value, floor, bar in lines:
+            ratio = _ratio(value, floor)
+            rows.append(f"{b:10} {name:24} {_fmt(value):>9} {_fmt(floor):>9} {ratio:>6}  {bar}")
+    return "\n".join(rows)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f}"
+
+
+def _plus(x: float | None, y: float) -> str:
+    return "-" if x is None else f"{x + y:.1f}"
+
+
 def budget(broker: str, responder: dict[str, Any], fog: dict[str, Any]) -> str:
     """What a ratio of 0.8 asks of the fog, from the same run's figures.
 
@@ -553,6 +782,11 @@ def main() -> int:
         metavar="LINES",
         help="lines for the fog config's [broker] table, e.g. 'process = false'",
     )
+    ap.add_argument(
+        "--no-crowd",
+        action="store_true",
+        help="skip the memory run with 10,000 bound devices and 1,000 owners",
+    )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, databases)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -576,18 +810,19 @@ def main() -> int:
             b: run_broker(b, world, args.seconds, targets, args.rounds)
             for b in args.brokers.split(",")
         }
-    main_broker = "mosquitto" if "mosquitto" in runs else next(iter(runs))
-    m = runs[main_broker]
+        if "fog" in targets and not args.no_crowd:
+            for b in runs:
+                runs[b]["crowd"] = measure_crowd(b, world, world.dir / b / "crowd")
     summary = {
-        "fog_per_s": m.get("fog", {}).get("per_s"),
-        "responder_per_s": m.get("responder", {}).get("per_s"),
         "verify_per_s": round(verify_per_s),
-        "p50_ms_at_1000": m.get("fog", {}).get("p50_ms_at_1000"),
-        "p99_ms_at_1000": m.get("fog", {}).get("p99_ms_at_1000"),
-        "broker": main_broker,
-        "runs": runs,
+        "runs": [summary_run(b, r) for b, r in runs.items()],
     }
-    print(json.dumps(summary) if args.json else table(verify_per_s, runs))
+    if args.json:
+        print(json.dumps({**summary, "detail": runs}))
+    else:
+        print(table(verify_per_s, runs))
+        print()
+        print(floors_table(summary))
     return 0
 
 
