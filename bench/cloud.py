@@ -18,6 +18,7 @@ Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if ini
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import secrets
@@ -148,7 +149,14 @@ async def ingest_all(
     return time.perf_counter() - start
 
 
-async def run_store(name: str, store: Store, args: argparse.Namespace, rate: float) -> None:
+def say(args: argparse.Namespace, text: str) -> None:
+    """The readable lines: on stdout, or on stderr under ``--json`` (stdout is the object)."""
+    print(text, file=sys.stderr if args.json else sys.stdout)
+
+
+async def run_store(
+    name: str, store: Store, args: argparse.Namespace, rate: float
+) -> dict[str, object]:
     world = World(store)
     devices = [nacl.signing.SigningKey.generate() for _ in range(DEVICES)]
     lease_id = await populate(world, devices)
@@ -171,27 +179,38 @@ async def run_store(name: str, store: Store, args: argparse.Namespace, rate: flo
     per_s = args.records / elapsed
     cores = max(1, workers)
     target = 0.8 * (rate / 2) * cores
-    print(
+    say(
+        args,
         f"{name:8s} {args.records:>8,} records in {elapsed:6.2f} s = {per_s:>9,.0f} records/s "
         f"(built in {built:.1f} s; {workers} verify workers) | target 0.8 x {rate:,.0f}/2 x "
         f"{cores} = {target:,.0f} records/s: {'met' if per_s >= target else 'NOT met'}"
-        f" (verify rate: the best of {before:,.0f}/s before and {after:,.0f}/s after)"
+        f" (verify rate: the best of {before:,.0f}/s before and {after:,.0f}/s after)",
     )
     us = 1e6 / args.records
-    print(
+    say(
+        args,
         f"{'':8s} CPU per record: verify workers {children * us:.1f} us, this process "
         f"{main_cpu * us:.1f} us (2 verifies: {2e6 / rate:.1f} us"
-        f"{'; the PostgreSQL server not counted' if name == 'postgres' else ''})"
+        f"{'; the PostgreSQL server not counted' if name == 'postgres' else ''})",
     )
     # With every core used busy, records/s = cores / (CPU per record): the target allows
     # cores / target = 1.25 x 2 verifies of CPU per record, all work included.
     allowed, verifies = cores * 1e6 / target, 2e6 / rate
     spent = (children + main_cpu) * us
-    print(
+    say(
+        args,
         f"{'':8s} budget: the target allows {allowed:.1f} us CPU per record on {cores} cores"
         f" (1.25 x 2 verifies): {allowed - verifies:.1f} us besides the verifies; this run"
-        f" spent {spent:.1f} us, {spent - verifies:.1f} us besides them"
+        f" spent {spent:.1f} us, {spent - verifies:.1f} us besides them",
     )
+    # one ingest process over the store: partitions by fog across processes are not built yet
+    return {
+        "store": name,
+        "partitions": 1,
+        "ingest_per_s": round(per_s),
+        "verify_per_s": round(rate),
+        "target_per_s": round(target),
+    }
 
 
 def _children_cpu() -> float:
@@ -210,14 +229,26 @@ class _null:
 async def main(args: argparse.Namespace) -> None:
     logs.configure(json=True, level="warning")  # one batch_ingested line per batch otherwise
     rate = verify_rate()
-    print(
-        f"single-core Ed25519 verify: {rate:,.0f}/s (libsodium via PyNaCl); cpus: {os.cpu_count()}"
+    say(
+        args,
+        f"single-core Ed25519 verify: {rate:,.0f}/s (libsodium via PyNaCl); cpus: {os.cpu_count()}",
     )
+    runs: list[dict[str, object]] = []
+    try:
+        await measure_stores(args, rate, runs)
+    finally:
+        if args.json:
+            print(json.dumps({"verify_per_s": round(rate), "cores": os.cpu_count(), "runs": runs}))
+
+
+async def measure_stores(
+    args: argparse.Namespace, rate: float, runs: list[dict[str, object]]
+) -> None:
     if "sqlite" in args.stores:
         with tempfile.TemporaryDirectory() as d:
             store = await SqliteStore.open(f"{d}/cloud.db")
             try:
-                await run_store("sqlite", store, args, rate)
+                runs.append(await run_store("sqlite", store, args, rate))
             finally:
                 await store.close()
     if "postgres" in args.stores:
@@ -225,14 +256,14 @@ async def main(args: argparse.Namespace) -> None:
         dsn = args.pg_dsn or os.environ.get("FOGPAY_TEST_PG_DSN")
         if dsn is None:
             if not pgcluster.available():
-                print("postgres: skipped (no --pg-dsn and no initdb)")
+                say(args, "postgres: skipped (no --pg-dsn and no initdb)")
                 return
             cluster = pgcluster.start_cluster(fsync=True)
             dsn = cluster.dsn
         try:
             pg = await PgStore.open(dsn, schema=None)
             try:
-                await run_store("postgres", pg, args, rate)
+                runs.append(await run_store("postgres", pg, args, rate))
             finally:
                 await pg.close()
         finally:
@@ -247,4 +278,5 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="0: verify inline")
     p.add_argument("--stores", default="sqlite,postgres")
     p.add_argument("--pg-dsn")
+    p.add_argument("--json", action="store_true", help="print one JSON object (issue 15's shape)")
     asyncio.run(main(p.parse_args()))
