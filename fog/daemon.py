@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,20 @@ def wall_ms() -> int:
 def mono_ms() -> int:
     """For the core's resend timers: elapsed time, whatever the wall clock does."""
     return time.monotonic_ns() // 1_000_000
+
+
+def _close_unused_core(opening: "asyncio.Future[FogCore | CoreProcess]") -> None:
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    core = opening.result()
+    threading.Thread(target=_close_core, args=(core,), name="fog.close-unused").start()
+
+
+def _close_core(core: FogCore | CoreProcess) -> None:
+    if isinstance(core, CoreProcess):
+        core.close()
+    else:
+        core.handle(Close(now_ms=0))
 
 
 class FogDaemon:
@@ -210,8 +225,7 @@ class FogDaemon:
         self._log.info("fog_starting", db=str(self.config.db), embedded=self._broker is not None)
         try:
             await self.observer.start()  # observability hook: /metrics, /healthz, /readyz
-            loop = asyncio.get_running_loop()
-            self._core = await loop.run_in_executor(self._executor, self._open_core)
+            self._core = await self._open_core_async()
             if self._broker is not None:
                 await self._start_broker(self._broker)
             async with asyncio.TaskGroup() as tg:
@@ -239,6 +253,19 @@ class FogDaemon:
             ) from exc
 
     # ---- the core: one input at a time --------------------------------------------------------
+
+    async def _open_core_async(self) -> FogCore | CoreProcess:
+        """Open the core on the worker thread. Cancelled meanwhile (a stop, a test's timeout
+        on a slow machine), the thread still finishes opening: the core it opens is then
+        closed on a thread of its own, so no store process or socket is left behind (found
+        as ResourceWarnings in a later test of CI)."""
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(self._executor, self._open_core)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unused_core)
+            raise
 
     def _open_core(self) -> FogCore | CoreProcess:
         """On the worker thread (opening waits for SQLite, or for the child to start)."""
