@@ -29,6 +29,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from fog import peers
 from fog.authorize import LeaseView
 from fog.sqlints import from_i64, to_i64
 from protocol.messages import Binding, Message, OwnerCredential, decode_body
@@ -110,6 +111,8 @@ class DeviceState:
     day: int
     day_micros: int
     stored_seq: int | None  # seq_last in the database; None: no row
+    peer_seq: int = 0  # the peers' high-water mark (fog/peers.py; read, never written here)
+    suspended: bool = False  # suspended here as a clone (fog/peers.py)
 
 
 @dataclass(slots=True)
@@ -169,6 +172,8 @@ class Reads:
         self._decoded: dict[bytes, Message] = {}
         self._fingerprint: tuple[int, int] | None = None
         self._version = 0
+        # any peer high-water mark or suspension stored (fog/peers.py); False: not read
+        self.peer_marks = False
 
     def begin(self, conn: sqlite3.Connection) -> None:
         """At the start of a group, inside its transaction: forget unless nothing changed."""
@@ -265,6 +270,8 @@ class Group:
             else:
                 seq = from_i64(row[0])
                 state = DeviceState(seq, row[1], row[2], seq)
+            if self._reads.peer_marks:
+                state.peer_seq, state.suspended = peers.device_marks(self._conn, device)
             self._reads.devices[device] = state
         return state
 
