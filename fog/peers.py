@@ -118,8 +118,8 @@ class SeenOutcome:
     fog_id: str = ""  # the sender
     entries: int = 0
     raised: int = 0  # entries that raised a peer's high-water mark
-    clones: tuple[Clone, ...] = ()  # collisions found by this message (each device once)
-    suspended: int = 0  # devices newly suspended by it
+    clones: tuple[Clone, ...] = ()  # devices this message revealed as clones (suspended now)
+    collisions: int = 0  # entries colliding (with devices suspended before, too)
 
 
 def fog_key_valid(
@@ -161,14 +161,14 @@ def apply_seen(
             "refused", Reason.BAD_SIGNATURE, f"not signed by a fog credential of {msg.fog_id}"
         )
     with transaction(conn):
-        raised, clones, new = note_marks(conn, msg.fog_id, msg.entries, own_fog_id, now_ms)
+        raised, clones, collisions = note_marks(conn, msg.fog_id, msg.entries, own_fog_id, now_ms)
     return SeenOutcome(
         "accepted",
         fog_id=msg.fog_id,
         entries=len(msg.entries),
         raised=raised,
         clones=clones,
-        suspended=new,
+        collisions=collisions,
     )
 
 
@@ -182,9 +182,9 @@ def note_marks(
     """Inside the caller's transaction: what peer ``fog_id`` authorized (from its ``seen``,
     or from the records of its batches a replica holder verified) raises the peer
     high-water marks and is compared with this fog's log and other peers' reports. Returns
-    (marks raised, clones found, devices newly suspended)."""
-    raised, clones, suspended = 0, [], 0
-    seen_devices: set[bytes] = set()
+    (marks raised, the clones that suspended a device now, entries colliding). A device
+    already suspended is not reported again (a resent ``seen`` raises no second alarm)."""
+    raised, clones, collisions = 0, [], 0
     for d, q, i in entries:
         q64 = to_i64(q)
         clone = _collision(conn, d, q64, i, fog_id, own_fog_id)
@@ -194,10 +194,10 @@ def note_marks(
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING",
                 (d, q64, i, fog_id, now_ms),
             )
-        elif d not in seen_devices:
-            seen_devices.add(d)
-            clones.append(clone)
-            suspended += suspend(conn, clone, now_ms)
+        else:
+            collisions += 1
+            if suspend(conn, clone, now_ms):
+                clones.append(clone)
         changed = conn.execute(
             "INSERT INTO peer_seq (device, seq, fog_id, at_ms) VALUES (?1, ?2, ?3, ?4) "
             "ON CONFLICT (device) DO UPDATE SET seq = excluded.seq, fog_id = excluded.fog_id, "
@@ -205,7 +205,7 @@ def note_marks(
             (d, q64, fog_id, now_ms),
         ).rowcount
         raised += changed
-    return raised, tuple(clones), suspended
+    return raised, tuple(clones), collisions
 
 
 def _collision(

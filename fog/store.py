@@ -661,8 +661,8 @@ class FogStore:
             self._reads.peer_marks = True  # the next group reads the marks (and forgets)
         self._counts[f"seen_{out.status}"] += 1
         self._counts["seen_entries"] += out.entries
-        self._counts["cloned_keys"] += len(out.clones)
-        self._counts["devices_suspended"] += out.suspended
+        self._counts["devices_suspended"] += len(out.clones)
+        self._counts["seen_collisions"] += out.collisions
         return out
 
     def note_peer_marks(
@@ -673,8 +673,8 @@ class FogStore:
         with transaction(self._conn):
             out = peers.note_marks(self._conn, fog_id, list(entries), self.fog_id, now_ms)
         self._reads.peer_marks = True
-        self._counts["cloned_keys"] += len(out[1])
-        self._counts["devices_suspended"] += out[2]
+        self._counts["devices_suspended"] += len(out[1])
+        self._counts["seen_collisions"] += out[2]
         return out
 
     def suspended_devices(self) -> list[tuple[bytes, int, str]]:
