@@ -26,7 +26,8 @@ never stop: a report is never abandoned, whatever the length of an outage (docs/
 
 Renewal. An owner that drew and whose live leases all expire within ``lease.renew_before_ms``
 is asked a top-up (``LeaseRequests.renew``) before they do, so a fog cut off from the cloud
-later still holds budget for up to one more lease life. After a lease's ``na`` nothing is
+later still holds budget for up to one more lease life (not for a lease that lived less than
+that window when it arrived: ``FogStore.lease_expiring``). After a lease's ``na`` nothing is
 drawn on it (``fog.authorize.pick_lease``): a fog whose budget expired while cut off
 declines ``insufficient_budget``.
 

@@ -715,16 +715,28 @@ class FogStore:
         self, owner_ids: Sequence[str], *, now_ms: int, within_ms: int
     ) -> set[tuple[str, str]]:
         """(owner_id, currency) pairs whose live, unreported leases with room all expire
-        within ``within_ms`` of ``now_ms`` (the latest ``na`` is that close)."""
+        within ``within_ms`` of ``now_ms`` (the latest ``na`` is that close), unless that
+        latest lease lived ``within_ms`` or less when it arrived: a lease that short is
+        short by design (its whole life is inside the window), and renewing it ahead would
+        ask for a lease at every draw."""
         out: set[tuple[str, str]] = set()
         for owner_id in sorted(set(owner_ids))[:LEASE_OWNERS_QUERIED_MAX]:
             rows = self._conn.execute(
-                "SELECT currency, max(not_after_ms) FROM leases WHERE owner_id = ? AND "
-                "not_after_ms >= ? AND drawn_micros < amount_micros AND lease_id NOT IN "
-                "(SELECT lease_id FROM lease_reports) GROUP BY currency",
+                "SELECT l.currency, l.not_after_ms, t.received_ms FROM leases l "
+                "JOIN trust t ON t.id = l.id WHERE l.owner_id = ? AND l.not_after_ms >= ? "
+                "AND l.drawn_micros < l.amount_micros AND l.lease_id NOT IN "
+                "(SELECT lease_id FROM lease_reports)",
                 (owner_id, now_ms),
             ).fetchall()
-            out.update((owner_id, str(c)) for c, na in rows if int(na) - now_ms <= within_ms)
+            latest: dict[str, tuple[int, int]] = {}
+            for currency, na, received in rows:
+                if str(currency) not in latest or int(na) > latest[str(currency)][0]:
+                    latest[str(currency)] = (int(na), int(received))
+            out.update(
+                (owner_id, c)
+                for c, (na, received) in latest.items()
+                if na - now_ms <= within_ms and na - received > within_ms
+            )
         return out
 
 

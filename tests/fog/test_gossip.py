@@ -521,6 +521,24 @@ def test_the_next_lease_is_asked_before_the_live_one_expires(tmp_path: Path) -> 
         f.close()
 
 
+def test_a_lease_shorter_than_the_window_is_not_renewed_ahead(tmp_path: Path) -> None:
+    """A 60 s lease lives inside the 5 min window from the start: renewing it ahead would
+    ask for a lease at every draw; top-ups on room still work as before."""
+    f = Federation(
+        tmp_path,
+        {"fog-a": ()},
+        lease=LeaseConfig(request_below_micros=0, renew_before_ms=300_000),
+        lease_life_ms=60_000,
+    )
+    try:
+        dev = f.device()
+        for q in range(1, 4):
+            assert f.pay("fog-a", dev, q).outcome.status == "ok"
+            assert of(f.tick("fog-a", 1_000), LeaseRequest) == []
+    finally:
+        f.close()
+
+
 def test_renewal_off_with_zero(tmp_path: Path) -> None:
     f = Federation(
         tmp_path,
