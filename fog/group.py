@@ -15,7 +15,9 @@ inserts, updates or deletes, whoever in FogStore wrote it (trust material, lease
 later code), and ``data_version`` moves when another connection commits. The next group
 compares it inside its BEGIN IMMEDIATE and forgets everything if either moved; a failed group
 forgets everything. The one exception is ``restamp``: FogStore calls it around writes that
-touch only the ``batches`` table (sealing, acks), which nothing here reads. The writes are
+touch only the ``batches`` table (sealing, acks) or the gossip cursor and peers' reports
+(``fog/peers.py``), which nothing here reads, and around a peer's ``seen`` after forgetting
+the devices it names (their peer marks, read here, may have moved). The writes are
 compare-and-set (a lease's drawn amount and a device's stored sequence must still be what was
 read), so even a flaw in this reasoning could not draw money twice: the group would fail with
 an AssertionError and roll back.

@@ -119,6 +119,7 @@ class SeenOutcome:
     entries: int = 0
     raised: int = 0  # entries that raised a peer's high-water mark
     clones: tuple[Clone, ...] = ()  # devices this message revealed as clones (suspended now)
+    devices: frozenset[bytes] = frozenset()  # the devices it names
     collisions: int = 0  # entries colliding (with devices suspended before, too)
 
 
@@ -169,6 +170,7 @@ def apply_seen(
         raised=raised,
         clones=clones,
         collisions=collisions,
+        devices=frozenset(e.device for e in msg.entries),
     )
 
 

@@ -653,12 +653,19 @@ class FogStore:
     # ---- federation: sequence gossip, clones, the uplink's backlog (fog/peers.py) ---------
 
     def apply_seen(self, envelope: bytes, *, now_ms: int) -> peers.SeenOutcome:
-        """A peer's ``seen``: verified, its entries noted durably (docs/protocol.md 17.4)."""
+        """A peer's ``seen``: verified, its entries noted durably (docs/protocol.md 17.4).
+        What groups cache stays valid but for the devices it names (their marks may have
+        moved): those are forgotten, the rest kept (``Reads.restamp``): a peer's seen twice
+        a second must not empty the cache of every device."""
+        changes = self._conn.total_changes
         out = peers.apply_seen(
             self._conn, envelope, own_fog_id=self.fog_id, issuer=self._issuer, now_ms=now_ms
         )
         if out.status == "accepted":
-            self._reads.peer_marks = True  # the next group reads the marks (and forgets)
+            self._reads.peer_marks = True  # from now on groups read the marks
+            for device in out.devices:
+                self._reads.devices.pop(device, None)
+            self._reads.restamp(changes, self._conn.total_changes)
         self._counts[f"seen_{out.status}"] += 1
         self._counts["seen_entries"] += out.entries
         self._counts["devices_suspended"] += len(out.clones)

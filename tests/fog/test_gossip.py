@@ -553,3 +553,33 @@ def test_renewal_off_with_zero(tmp_path: Path) -> None:
         assert of(f.tick("fog-a", 1_000), LeaseRequest) == []
     finally:
         f.close()
+
+
+def test_records_learnt_from_a_replica_feed_the_same_marks(two: Federation) -> None:
+    """``FogStore.note_peer_marks``: what a replica holder verified of another fog's batch
+    (docs/protocol.md 17.2) counts as that fog's seen."""
+    dev, clone = two.device(), two.device()
+    ok = two.pay("fog-b", clone, 4).outcome
+    store = two.cores["fog-b"].store
+    raised, clones, collisions = store.note_peer_marks(
+        "fog-a",
+        [SeenEntry(public_key(dev), 9, bytes(32)), SeenEntry(public_key(clone), 4, bytes(32))],
+        now_ms=two.now,
+    )
+    assert (raised, collisions) == (2, 1) and ok.status == "ok"
+    assert [c.device for c in clones] == [public_key(clone)]
+    assert two.pay("fog-b", dev, 9).outcome.reason is Reason.STALE
+    assert two.pay("fog-b", dev, 10).outcome.status == "ok"
+    assert two.pay("fog-b", clone, 5).outcome.reason is Reason.REVOKED
+
+
+def test_a_seen_keeps_what_groups_cached_of_other_devices_valid(two: Federation) -> None:
+    """A seen forgets only the devices it names: the others' cached state stays right."""
+    named, other = two.device(), two.device()
+    for q in (1, 2):
+        assert two.pay("fog-b", other, q).outcome.status == "ok"  # cached at fog-b
+    two.pay("fog-a", named, 5)
+    two.gossip("fog-a")
+    assert two.pay("fog-b", other, 2).outcome.reason is Reason.SEQ_CONFLICT  # its own q 2
+    assert two.pay("fog-b", other, 3).outcome.status == "ok"
+    assert two.pay("fog-b", named, 5).outcome.reason is Reason.STALE
