@@ -6,6 +6,8 @@ published on the retained trust topic both fogs read)."""
 
 from pathlib import Path
 
+import pytest
+
 from protocol import topics
 from protocol.messages import FogCredential
 from protocol.reasons import Reason
@@ -23,10 +25,15 @@ from tests.integration.devices import (
 from tests.integration.fogrun import running_fog, wait_counter
 
 
-def fog_files(tmp_path: Path, fog_id: str, peer: str, issuer: Issuer, broker: str) -> Path:
+def fog_files(
+    tmp_path: Path, fog_id: str, peer: str, issuer: Issuer, broker: str, *, child: bool
+) -> Path:
     directory = tmp_path / fog_id
     directory.mkdir()
-    extra = f'store_process = false\n[federation]\npeers = ["{peer}"]\nseen_every_ms = 50\n'
+    extra = (
+        f"store_process = {'true' if child else 'false'}\n"
+        f'[federation]\npeers = ["{peer}"]\nseen_every_ms = 50\n'
+    )
     return write_fog_files(
         directory,
         fog_id=fog_id,
@@ -44,12 +51,13 @@ def credential(issuer: Issuer, fog_id: str, config: Path) -> tuple[str, bytes]:
     return topics.fog_topic(fog_id), seal(cred, issuer.key)
 
 
+@pytest.mark.parametrize("child", [True, False], ids=["store-process", "store-thread"])
 async def test_seen_and_a_revocation_travel_between_two_fog_daemons(
-    tmp_path: Path, amqtt_broker: BrokerEndpoint
+    tmp_path: Path, amqtt_broker: BrokerEndpoint, child: bool
 ) -> None:
     issuer = Issuer()
-    config_a = fog_files(tmp_path, "fog-a", "fog-b", issuer, amqtt_broker.url)
-    config_b = fog_files(tmp_path, "fog-b", "fog-a", issuer, amqtt_broker.url)
+    config_a = fog_files(tmp_path, "fog-a", "fog-b", issuer, amqtt_broker.url, child=child)
+    config_b = fog_files(tmp_path, "fog-b", "fog-a", issuer, amqtt_broker.url, child=child)
     at_a = Device("fog-a")
     at_b = Device("fog-b", key=at_a.key)  # the same key, paying at the other fog
     async with running_fog(config_a) as fog_a, running_fog(config_b) as fog_b:
