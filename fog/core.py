@@ -77,7 +77,7 @@ import nacl.signing
 from fog.authorize import Policy
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
-from fog.peers import SEEN_ROUND_ENTRIES_MAX
+from fog.peers import PEER_SEEN_PRUNE_ROWS, SEEN_ROUND_ENTRIES_MAX
 from fog.store import PRUNE_ROWS_MAX, Arrival, FogStore, Outcome
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
@@ -101,7 +101,7 @@ NOTES_MAX: Final = 10_000  # owners and declines noted between two lease rounds
 ROUND_GAP_MS: Final = 250
 FRESH_MAX: Final = 64  # wires of batches just sealed, kept for their first send
 BACKLOG_CHECK_MS: Final = 1_000  # how often unacked records are counted (uplink_backlog)
-PEER_PRUNE_MS: Final = 10_000  # how often old peer reports are pruned (fog/peers.py)
+PEER_PRUNE_MS: Final = 10_000  # old peer reports pruned this often (at once while a step is full)
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -526,12 +526,19 @@ class FogCore:
                 self._seen_sent = rows[-1][0]
             if len(rows) >= SEEN_ROUND_ENTRIES_MAX:
                 self._seen_at = mono  # more is waiting
-            if mono >= self._peer_prune_at:
-                self._peer_prune_at = mono + PEER_PRUNE_MS
-                self._store.prune_peer_seen(now_ms=now)
         except Exception as exc:  # the seam: the next round tries again from the cursor
             self._seen_sent = None
             out.append(Alarm(event="gossip_failed", error=type(exc).__name__))
+
+    def _prune_peers(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """Peers' reports past their keep time, one small step (fog/peers.py); a full step:
+        more is waiting, the next tick goes on."""
+        try:
+            deleted = self._store.prune_peer_seen(now_ms=now)
+        except Exception as exc:  # keep authorizing; pruning retries in a while
+            out.append(Alarm(event="prune_failed", error=type(exc).__name__))
+            deleted = 0
+        self._peer_prune_at = mono + (0 if deleted >= PEER_SEEN_PRUNE_ROWS else PEER_PRUNE_MS)
 
     def _check_backlog(self, limit: int, out: list[FogOutput]) -> None:
         """``uplink_backlog`` when the records the cloud has not acked exceed ``limit``;
@@ -642,6 +649,8 @@ class FogCore:
             self._check_backlog(backlog, out)
         if self._peers and self._online and mono >= self._seen_at:
             self._seen_round(now, mono, out)
+        if self._peers and mono >= self._peer_prune_at:
+            self._prune_peers(now, mono, out)
         out.extend(self._wake(self._next_at()))
         return out
 
@@ -655,8 +664,10 @@ class FogCore:
                 at = min(at, self._gap_until)
         if self._uplink and self.config.uplink.backlog_alarm_records:
             at = min(at, self._backlog_at)
-        if self._peers and self._online:
-            at = min(at, self._seen_at)
+        if self._peers:
+            at = min(at, self._peer_prune_at)
+            if self._online:
+                at = min(at, self._seen_at)
         return at
 
     def _wake(self, at: int) -> list[FogOutput]:

@@ -6,8 +6,9 @@ Tables (created by ``init``, IF NOT EXISTS, like ``lease_reports``):
   like every stored ``q``), with the peer and when. It is the peers' half of the ``stale``
   check: a device's intent is stale when ``q <= max(own seq_last, peer_seq)``
   (``fog.authorize``, row 9). One row per device, kept for good (as ``devices``).
-- ``peer_seen``: the ``(d, q, i)`` peers reported, kept ``PEER_SEEN_KEEP_MS`` (pruned in small
-  steps): two peers reporting different intent ids at one ``(d, q)`` is a clone.
+- ``peer_seen``: the ``(d, q, i)`` peers reported, kept ``PEER_SEEN_KEEP_MS`` after arrival
+  (pruned in small steps, at every tick while a step is full): two peers reporting
+  different intent ids at one ``(d, q)`` is a clone.
 - ``suspended``: devices suspended here because their key signed two intents with one ``q``
   (a clone): the evidence (both intent ids, where each was authorized). A suspended device is
   declined ``revoked`` (row 6) until the issuer decides; nothing here lifts it (the key is
@@ -62,7 +63,12 @@ PEERS_DDL: Final = (
 )
 SEEN_ROUND_MESSAGES_MAX: Final = 8  # seen messages per peer per round (then the next tick)
 SEEN_ROUND_ENTRIES_MAX: Final = SEEN_ROUND_MESSAGES_MAX * SEEN_ENTRIES_MAX
-PEER_SEEN_KEEP_MS: Final = 86_400_000  # a peer's (d, q, i) kept a day to compare with
+# a peer's (d, q, i) kept an hour after it arrived, to compare with another peer's: two fogs
+# that both authorized one (d, q) did so before hearing from each other, so their reports
+# arrive close together (this fog's own log is compared for as long as it keeps records; the
+# cloud compares everything at booking). Bounded by time, not rows: at 100 reports a second
+# from all peers together, 360,000 rows (about 40 MB).
+PEER_SEEN_KEEP_MS: Final = 3_600_000
 PEER_SEEN_PRUNE_ROWS: Final = 512  # per round
 _CURSOR: Final = "seen"
 

@@ -583,3 +583,19 @@ def test_a_seen_keeps_what_groups_cached_of_other_devices_valid(two: Federation)
     assert two.pay("fog-b", other, 2).outcome.reason is Reason.SEQ_CONFLICT  # its own q 2
     assert two.pay("fog-b", other, 3).outcome.status == "ok"
     assert two.pay("fog-b", named, 5).outcome.reason is Reason.STALE
+
+
+def test_peer_reports_are_pruned_after_their_keep_time_the_marks_stay(
+    three: Federation,
+) -> None:
+    dev = three.device()
+    three.pay("fog-a", dev, 3)
+    three.gossip("fog-a")  # fog-b holds fog-a's report of (d, 3)
+    three.tick("fog-b", HOUR_MS + 1_000)  # past the keep time: pruned at that tick
+    conn = sqlite3.connect(three.tmp / "fog-b.sqlite")
+    try:
+        assert conn.execute("SELECT count(*) FROM peer_seen").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM peer_seq").fetchone()[0] == 1
+    finally:
+        conn.close()
+    assert three.pay("fog-b", dev, 3).outcome.reason is Reason.STALE  # the mark stays
