@@ -13,10 +13,10 @@ answer (``ORDER`` is the table; a test per row holds it).
 |    |                       | stored receipt "right after the first three checks"          |
 | 4  | `wrong_fog`           | ``authorize``                                                |
 | 5  | `unknown_device`      | ``authorize``                                                |
-| 6  | `revoked`             | ``authorize``                                                |
+| 6  | `revoked`             | ``authorize`` (also a device suspended here as a clone)      |
 | 7  | `expired`             | ``authorize``                                                |
 | 8  | `seq_conflict`        | ``authorize``                                                |
-| 9  | `stale`               | ``authorize`` (sequence, then the clock window)              |
+| 9  | `stale`               | ``authorize`` (sequence: own and peers' marks; clock window) |
 | 10 | `rate_limited`        | ``authorize`` (the bucket is charged from here on)           |
 | 11 | `currency`            | ``authorize``                                                |
 | 12 | `payee_not_allowed`   | ``authorize``                                                |
@@ -95,7 +95,10 @@ class DeviceView:
     ``binding`` is the binding in force (None: unknown device); ``owner`` is the owner
     credential that vouches for it (same owner_id, and its key signed the binding; None:
     unknown). ``seq_taken``: an authorized intent with this device and ``q`` exists (it has a
-    different intent id, since retransmissions were answered before).
+    different intent id, since retransmissions were answered before). ``peer_seq_last``: the
+    highest ``q`` a peer fog reported authorizing (``fog/peers.py``, docs/protocol.md 17.4);
+    ``suspended``: the device's key signed two intents with one ``q`` (a clone), so it is
+    declined ``revoked`` here until the issuer decides.
     """
 
     binding: Binding | None
@@ -104,6 +107,8 @@ class DeviceView:
     owner_revoked: bool = False
     seq_last: int = 0  # highest q authorized for the device (0: none)
     seq_taken: bool = False
+    peer_seq_last: int = 0  # highest q peers reported authorizing (0: none)
+    suspended: bool = False
     day: int = 0  # UTC day number of day_micros
     day_micros: int = 0  # authorized on that day
 
@@ -197,7 +202,7 @@ def authorize(
         reason = Reason.WRONG_FOG  # 4
     elif binding is None or owner is None:
         reason = Reason.UNKNOWN_DEVICE  # 5
-    elif view.device_revoked or view.owner_revoked:
+    elif view.device_revoked or view.owner_revoked or view.suspended:
         reason = Reason.REVOKED  # 6
     elif not within(binding.not_before_ms, binding.not_after_ms, now_ms) or not within(
         owner.not_before_ms, owner.not_after_ms, now_ms
@@ -205,7 +210,10 @@ def authorize(
         reason = Reason.EXPIRED  # 7
     elif view.seq_taken:
         reason = Reason.SEQ_CONFLICT  # 8
-    elif intent.seq <= view.seq_last or abs(intent.time_ms - now_ms) > policy.clock_skew_ms:
+    elif (
+        intent.seq <= max(view.seq_last, view.peer_seq_last)
+        or abs(intent.time_ms - now_ms) > policy.clock_skew_ms
+    ):
         reason = Reason.STALE  # 9
     if reason is not None:
         return Decision(reason=reason, bucket=before)

@@ -135,6 +135,9 @@ DEFAULT_REQUEST_ATTEMPTS: Final = 5
 REQUEST_ATTEMPTS_MAX: Final = 100
 DEFAULT_REPORT_RETRY_MS: Final = 5_000
 DEFAULT_LEASE_CHECK_MS: Final = 1_000
+DEFAULT_BACKLOG_ALARM_RECORDS: Final = 100_000
+BACKLOG_ALARM_RECORDS_MAX: Final = 2**40
+DEFAULT_RENEW_BEFORE_MS: Final = 300_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +147,8 @@ class UplinkConfig:
     enabled: bool = True  # false: no batch, lreq or lrep leaves this fog
     window: int = DEFAULT_UPLINK_WINDOW  # unacked batches in flight
     ack_timeout_ms: int = DEFAULT_ACK_TIMEOUT_MS  # no ack moved: send from the first unacked
+    # alarm uplink_backlog past this many unacked records (0: off; docs/protocol.md 17.6)
+    backlog_alarm_records: int = DEFAULT_BACKLOG_ALARM_RECORDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +162,8 @@ class LeaseConfig:
     report: bool = True  # report expired leases (lrep) so their unused credit returns
     report_retry_ms: int = DEFAULT_REPORT_RETRY_MS  # first resend delay, doubling to 5 min
     check_interval_ms: int = DEFAULT_LEASE_CHECK_MS  # how often expiry and resends are checked
+    # ask an owner's next lease when its live leases all expire within this (0: off; 17.6)
+    renew_before_ms: int = DEFAULT_RENEW_BEFORE_MS
 
 
 FEDERATION_PEERS_MAX: Final = 32
@@ -471,7 +478,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
 
 
 def _uplink(raw: Mapping[str, Any]) -> UplinkConfig:
-    _no_unknown(raw, "uplink.", {"enabled", "window", "ack_timeout_ms"})
+    _no_unknown(raw, "uplink.", {"enabled", "window", "ack_timeout_ms", "backlog_alarm_records"})
     return UplinkConfig(
         enabled=_bool(raw, "enabled", True, key="uplink.enabled"),
         window=_int(
@@ -484,6 +491,14 @@ def _uplink(raw: Mapping[str, Any]) -> UplinkConfig:
             100,
             TIMEOUT_MS_MAX,
             key="uplink.ack_timeout_ms",
+        ),
+        backlog_alarm_records=_int(
+            raw,
+            "backlog_alarm_records",
+            DEFAULT_BACKLOG_ALARM_RECORDS,
+            0,
+            BACKLOG_ALARM_RECORDS_MAX,
+            key="uplink.backlog_alarm_records",
         ),
     )
 
@@ -525,6 +540,7 @@ def _federation(raw: Mapping[str, Any], fog_id: str) -> FederationConfig:
 def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
     known = {"request_below_micros", "request_micros", "request_timeout_ms"}
     known |= {"request_attempts_max", "report", "report_retry_ms", "check_interval_ms"}
+    known |= {"renew_before_ms"}
     _no_unknown(raw, "lease.", known)
 
     def ms(name: str, default: int) -> int:
@@ -560,6 +576,14 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
         report=_bool(raw, "report", True, key="lease.report"),
         report_retry_ms=ms("report_retry_ms", DEFAULT_REPORT_RETRY_MS),
         check_interval_ms=ms("check_interval_ms", DEFAULT_LEASE_CHECK_MS),
+        renew_before_ms=_int(
+            raw,
+            "renew_before_ms",
+            DEFAULT_RENEW_BEFORE_MS,
+            0,
+            TIMEOUT_MS_MAX,
+            key="lease.renew_before_ms",
+        ),
     )
 
 

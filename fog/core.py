@@ -31,10 +31,14 @@ Inputs (``FogInput``), each a frozen dataclass:
   arrival, same order, all durable. Raises only for a storage failure (nothing committed).
 - ``TrustMessage(topic, payload, now_ms)``: anything else on the fog's subscriptions: trust
   material (owner, fog, bind, revoke), a lease, an empty retained lease payload (the cloud
-  closed the lease), an ack. Outputs a ``TrustLoaded`` (or ``LeaseClosed``), and for an ack that
-  moved the uplink window, the next ``BatchSend``s.
+  closed the lease), an ack, a peer's ``seen`` or revocation (``gossip/{me}/seen|revoke``).
+  Outputs a ``TrustLoaded`` (or ``LeaseClosed``), and for an ack that moved the uplink window,
+  the next ``BatchSend``s; a revocation newly accepted goes on to every peer (``Publish``); a
+  ``seen`` that reveals a cloned key gives ``Alarm("cloned_key")``.
 - ``Tick(now_ms)``: time passed: seal what is due, prune, plan the uplink, run a lease round
-  (requests, reports, resends) when one is due. Ends with a ``Wake``.
+  (requests, reports, resends) when one is due, check the uplink's backlog, and with
+  ``federation.peers`` send each peer a ``seen`` of what was authorized since the last one
+  (docs/protocol.md 17.4). Ends with a ``Wake``.
 - ``Connected(now_ms)`` / ``Disconnected(now_ms)``: the MQTT link came up (everything unacked
   and every open report goes again) or went down (nothing goes up until it is back). A core
   starts disconnected.
@@ -54,6 +58,8 @@ Outputs (``FogOutput``):
   by the core's own timers: the shell never retries.
 - ``Sealed(number, first_index, records)``, ``TrustLoaded(...)``, ``LeaseClosed(lease_id)``,
   ``Pruned(records)``, ``Alarm(event, error)``: what happened, for the log and counters.
+  ``Publish`` also carries the federation's gossip to peers (``gossip/{peer}/seen`` and
+  ``revoke``), from ``Tick`` and ``TrustMessage``.
 - ``Wake(mono_ms)``: the core wants a ``Tick`` no later than this (the shell keeps the
   earliest since its last Tick).
 - ``Counters(items)``: answers ``Stats`` and ``Close``.
@@ -69,16 +75,19 @@ from typing import Final
 import nacl.signing
 
 from fog.authorize import Policy
-from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
+from fog.peers import PEER_SEEN_PRUNE_ROWS, SEEN_ROUND_ENTRIES_MAX
 from fog.store import PRUNE_ROWS_MAX, Arrival, FogStore, Outcome
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
 from protocol import topics
 from protocol.errors import TopicError
+from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen
 from protocol.leasing import lease_report_topic
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
+from protocol.signing import seal
 from protocol.topics import Kind
 
 SEAL_INTERVAL_MS_MIN: Final = 10
@@ -91,6 +100,8 @@ NOTES_MAX: Final = 10_000  # owners and declines noted between two lease rounds
 # budget does not wait.
 ROUND_GAP_MS: Final = 250
 FRESH_MAX: Final = 64  # wires of batches just sealed, kept for their first send
+BACKLOG_CHECK_MS: Final = 1_000  # how often unacked records are counted (uplink_backlog)
+PEER_PRUNE_MS: Final = 10_000  # old peer reports pruned this often (at once while a step is full)
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -239,7 +250,9 @@ class Pruned:
 class Alarm:
     """A part failed (a storage error, a bug caught at the seam); it retries at the next
     Tick. ``event``: seal_failed, prune_failed, uplink_failed, lease_upkeep_failed,
-    trust_failed."""
+    trust_failed, gossip_failed. Or something someone must look at: cloned_key (a device
+    key signed two intents with one q; the device is suspended here), uplink_backlog (more
+    unacked records than ``uplink.backlog_alarm_records``) and uplink_backlog_cleared."""
 
     event: str
     error: str
@@ -284,6 +297,7 @@ class CoreConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
 
 def _mono(event: FogInput) -> int:
@@ -330,6 +344,16 @@ class FogCore:
         self._gap_until = 0  # no round for drawing owners before this
         self._prune_at = 0
         self._wake_sent: int | None = None  # the earliest Wake given since the last Tick
+        # federation gossip (docs/protocol.md 17.4, 17.5)
+        self._peers = config.federation.peers
+        self._seen_at = 0
+        # the last log index of the seen round handed out: made the durable cursor at the
+        # next round (the shell has published it by then), forgotten on Disconnected (a crash
+        # or a lost link sends that round again: never skipped)
+        self._seen_sent: int | None = None
+        self._peer_prune_at = 0
+        self._backlog_at = 0
+        self._backlog_high = False  # uplink_backlog raised and not cleared
 
     @classmethod
     def open(
@@ -368,6 +392,7 @@ class FogCore:
                 return self._connected(event)
             case Disconnected():
                 self._online = False
+                self._seen_sent = None  # that round may not have left: send it again
                 return []
             case Republish():
                 return self._republish()
@@ -433,6 +458,8 @@ class FogCore:
         if not payload and parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id:
             assert parsed.lease_id is not None
             return self._lease_cleared(parsed.lease_id, now)
+        if parsed.kind is Kind.GOSSIP_SEEN:
+            return self._seen(parsed, payload, now) if parsed.fog_id == self.fog_id else []
         arrival = classify(parsed, payload, fog_id=self.fog_id)
         if arrival is None:
             return []
@@ -454,7 +481,81 @@ class FogCore:
             detail=result.detail,
             answered_request=answered,
         )
-        return [loaded, *reports]
+        forwards: list[FogOutput] = []
+        if arrival.msg_type == "revoke" and result.status == "accepted":
+            forwards = self._gossip_all("revoke", payload)  # 17.5: new here, so on to peers
+        return [loaded, *reports, *forwards]
+
+    # ---- federation gossip (docs/protocol.md 17.4, 17.5; SQL in fog/peers.py) -------------
+
+    def _gossip_all(self, kind: str, payload: bytes) -> list[FogOutput]:
+        return [Publish(topic=topics.gossip_topic(p, kind), payload=payload) for p in self._peers]
+
+    def _seen(self, parsed: topics.Topic, payload: bytes, now: int) -> list[FogOutput]:
+        """A peer's ``seen``: its marks stored; a collision is a clone (alarm, suspended)."""
+        if len(payload) > SEEN_ENVELOPE_BYTES_MAX:
+            return [TrustLoaded(msg_type="seen", status="dropped", detail="too large")]
+        try:
+            result = self._store.apply_seen(payload, now_ms=now)
+        except Exception as exc:  # the seam: a storage failure; the peer sends it again
+            return [Alarm(event="gossip_failed", error=type(exc).__name__)]
+        detail = result.detail or (
+            f"{result.entries} entries from {result.fog_id}, {result.raised} marks raised"
+        )
+        out: list[FogOutput] = [
+            TrustLoaded(msg_type="seen", status=result.status, reason=result.reason, detail=detail)
+        ]
+        out.extend(Alarm(event="cloned_key", error=c.describe()) for c in result.clones)
+        return out
+
+    def _seen_round(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """What was authorized since the last round, to every peer, from the durable cursor
+        (at most ``SEEN_ROUND_ENTRIES_MAX``; more waiting: the next tick goes on)."""
+        self._seen_at = mono + self.config.federation.seen_every_ms
+        try:
+            if self._seen_sent is not None:
+                self._store.set_seen_cursor(self._seen_sent)
+                self._seen_sent = None
+            rows = self._store.authorized_after(self._store.seen_cursor())
+            entries = [e for _, e in rows]
+            for k in range(0, len(entries), SEEN_ENTRIES_MAX):
+                chunk = tuple(entries[k : k + SEEN_ENTRIES_MAX])
+                wire = seal(Seen(fog_id=self.fog_id, entries=chunk, time_ms=now), self._key)
+                out.extend(self._gossip_all("seen", wire))
+            if rows:
+                self._seen_sent = rows[-1][0]
+            if len(rows) >= SEEN_ROUND_ENTRIES_MAX:
+                self._seen_at = mono  # more is waiting
+        except Exception as exc:  # the seam: the next round tries again from the cursor
+            self._seen_sent = None
+            out.append(Alarm(event="gossip_failed", error=type(exc).__name__))
+
+    def _prune_peers(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """Peers' reports past their keep time, one small step (fog/peers.py); a full step:
+        more is waiting, the next tick goes on."""
+        try:
+            deleted = self._store.prune_peer_seen(now_ms=now)
+        except Exception as exc:  # keep authorizing; pruning retries in a while
+            out.append(Alarm(event="prune_failed", error=type(exc).__name__))
+            deleted = 0
+        self._peer_prune_at = mono + (0 if deleted >= PEER_SEEN_PRUNE_ROWS else PEER_PRUNE_MS)
+
+    def _check_backlog(self, limit: int, out: list[FogOutput]) -> None:
+        """``uplink_backlog`` when the records the cloud has not acked exceed ``limit``;
+        ``uplink_backlog_cleared`` once they are below it again (docs/protocol.md 17.6)."""
+        try:
+            records = self._store.unacked_records()
+        except Exception as exc:
+            out.append(Alarm(event="uplink_failed", error=type(exc).__name__))
+            return
+        if records > limit and not self._backlog_high:
+            self._backlog_high = True
+            out.append(Alarm(event="uplink_backlog", error=f"{records} unacked records > {limit}"))
+        elif records < limit and self._backlog_high:
+            self._backlog_high = False
+            out.append(
+                Alarm(event="uplink_backlog_cleared", error=f"{records} unacked records < {limit}")
+            )
 
     def _report_unused(self, lease_id: bytes | None, now: int, mono: int) -> list[FogOutput]:
         """A lease of ours arrived already expired (a grant delayed or resent past its
@@ -542,6 +643,14 @@ class FogCore:
                 out.extend(self._plan_uplink(mono))
             if self._round_due(mono, sealed):
                 self._lease_round(now, mono, out)
+        backlog = self.config.uplink.backlog_alarm_records
+        if backlog and self._uplink and mono >= self._backlog_at:
+            self._backlog_at = mono + BACKLOG_CHECK_MS
+            self._check_backlog(backlog, out)
+        if self._peers and self._online and mono >= self._seen_at:
+            self._seen_round(now, mono, out)
+        if self._peers and mono >= self._peer_prune_at:
+            self._prune_peers(now, mono, out)
         out.extend(self._wake(self._next_at()))
         return out
 
@@ -553,6 +662,12 @@ class FogCore:
             at = min(at, self._uplink_at, self._lease_at)
             if self._declines or self._touched:  # a round is wanted: at the gap's end
                 at = min(at, self._gap_until)
+        if self._uplink and self.config.uplink.backlog_alarm_records:
+            at = min(at, self._backlog_at)
+        if self._peers:
+            at = min(at, self._peer_prune_at)
+            if self._online:
+                at = min(at, self._seen_at)
         return at
 
     def _wake(self, at: int) -> list[FogOutput]:
@@ -652,6 +767,12 @@ class FogCore:
         if not owners:
             return []
         room = self._store.lease_room(sorted(owners), now_ms=now)
+        renew = self.config.lease.renew_before_ms
+        expiring = (
+            self._store.lease_expiring(sorted(touched), now_ms=now, within_ms=renew)
+            if renew and touched
+            else set()
+        )
         asked: list[tuple[Pair, tuple[str, bytes] | None]] = []
         for pair, (device, amount) in declines.items():
             send = self._requests.declined(
@@ -665,7 +786,10 @@ class FogCore:
             asked.append((pair, send))
         for pair, left in room.items():
             if pair[0] in touched and pair not in declines:
-                asked.append((pair, self._requests.room(pair, left, now_ms=mono, fog_time_ms=now)))
+                send = self._requests.room(pair, left, now_ms=mono, fog_time_ms=now)
+                if send is None and pair in expiring:  # 17.6: the next lease before na
+                    send = self._requests.renew(pair, now_ms=mono, fog_time_ms=now)
+                asked.append((pair, send))
         return [
             LeaseRequest(topic=send[0], payload=send[1], owner_id=pair[0], currency=pair[1])
             for pair, send in asked
@@ -698,5 +822,4 @@ class FogCore:
     def _counters(self) -> Counters:
         counts = Counter(self._store.counters())
         counts["lease_requests_abandoned"] = self._requests.abandoned
-        counts["lease_reports_abandoned"] = self._reports.abandoned
         return Counters(items=tuple(sorted(counts.items())))

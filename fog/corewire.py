@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgpack
 
 from fog.authorize import Policy
-from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.core import (
     Alarm,
     BatchSend,
@@ -237,13 +237,15 @@ def open_frame(path: str, seed: bytes, config: CoreConfig) -> bytes:
             dataclasses.asdict(config.batch),
             dataclasses.asdict(config.uplink),
             dataclasses.asdict(config.lease),
+            dataclasses.asdict(config.federation),
         ]
     )
 
 
 def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
     try:
-        path, seed, fog_id, issuer, policy, batch, uplink, lease = unpack(body)
+        path, seed, fog_id, issuer, policy, batch, uplink, lease, federation = unpack(body)
+        federation["peers"] = tuple(federation["peers"])
         config = CoreConfig(
             fog_id=fog_id,
             issuer_key=issuer,
@@ -251,6 +253,7 @@ def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
             batch=BatchConfig(**batch),
             uplink=UplinkConfig(**uplink),
             lease=LeaseConfig(**lease),
+            federation=FederationConfig(**federation),
         )
     except (TypeError, ValueError) as exc:
         raise CoreWireError(f"bad open frame: {exc}") from exc

@@ -80,6 +80,7 @@ from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
 from protocol import topics
 from protocol.errors import FogpayError, TopicError
+from protocol.gossip import SEEN_ENVELOPE_BYTES_MAX
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, short, unbind_component
@@ -281,6 +282,7 @@ class FogDaemon:
             batch=c.batch,
             uplink=c.uplink,
             lease=c.lease,
+            federation=c.federation,
         )
         key = self._fog_key or load_key_file(c.key_file)
         core: FogCore | CoreProcess
@@ -420,6 +422,8 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
+        if self.config.federation.peers:  # what peers send us (docs/protocol.md 17)
+            filters.append(topics.gossip_filter(fog_id))
 
         async def session(client: aiomqtt.Client) -> None:
             await self._session(client, ready, filters=len(filters))
@@ -496,7 +500,10 @@ class FogDaemon:
         if parsed.kind is Kind.INTENT:
             self._enqueue_intent(parsed, payload)
             return
-        if len(payload) > TRUST_PAYLOAD_BYTES_MAX:
+        limit = (
+            SEEN_ENVELOPE_BYTES_MAX if parsed.kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX
+        )
+        if len(payload) > limit:
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="too_large", size=len(payload))
             return
@@ -732,14 +739,30 @@ class FogDaemon:
                         self._log.debug("log_pruned", records=out.records)
                 case Alarm():
                     self._count(out.event)
-                    self._log.error(out.event, error=out.error)
+                    if out.event.endswith("_cleared"):  # an alarm that ended
+                        self._log.info(out.event, detail=out.error)
+                    else:
+                        self._log.error(out.event, error=out.error)
+                case Publish():  # gossip to a peer (docs/protocol.md 17.4, 17.5)
+                    kind = out.topic.rsplit("/", 1)[-1]
+                    if await self._publish_up(out.topic, out.payload):
+                        self._count(f"gossip_{kind}_sent")
+                        to = out.topic.split("/")[3]
+                        if kind != "seen":  # seen: twice a second per peer, counted
+                            self._log.info("gossip_sent", kind=kind, to=to, size=len(out.payload))
+                        elif self._debug:
+                            self._log.debug("gossip_sent", kind=kind, to=to, size=len(out.payload))
                 case Counters():
                     self._core_counters = out.as_dict()
-                case Receipt() | Publish():
+                case Receipt():
                     raise AssertionError(f"{type(out).__name__} outside its input")
 
     def _trust_loaded(self, out: TrustLoaded) -> None:
         self._count(f"{out.msg_type}_{out.status}")
+        if out.msg_type == "seen" and out.status == "accepted":  # twice a second per peer
+            if self._debug:
+                self._log.debug("seen_applied", detail=out.detail)
+            return
         if out.answered_request:
             self._count("lease_request_answered")
         if out.status != "accepted" and out.status != "duplicate":

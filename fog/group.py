@@ -15,7 +15,9 @@ inserts, updates or deletes, whoever in FogStore wrote it (trust material, lease
 later code), and ``data_version`` moves when another connection commits. The next group
 compares it inside its BEGIN IMMEDIATE and forgets everything if either moved; a failed group
 forgets everything. The one exception is ``restamp``: FogStore calls it around writes that
-touch only the ``batches`` table (sealing, acks), which nothing here reads. The writes are
+touch only the ``batches`` table (sealing, acks) or the gossip cursor and peers' reports
+(``fog/peers.py``), which nothing here reads, and around a peer's ``seen`` after forgetting
+the devices it names (their peer marks, read here, may have moved). The writes are
 compare-and-set (a lease's drawn amount and a device's stored sequence must still be what was
 read), so even a flaw in this reasoning could not draw money twice: the group would fail with
 an AssertionError and roll back.
@@ -29,6 +31,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from fog import peers
 from fog.authorize import LeaseView
 from fog.sqlints import from_i64, to_i64
 from protocol.messages import Binding, Message, OwnerCredential, decode_body
@@ -110,6 +113,8 @@ class DeviceState:
     day: int
     day_micros: int
     stored_seq: int | None  # seq_last in the database; None: no row
+    peer_seq: int = 0  # the peers' high-water mark (fog/peers.py; read, never written here)
+    suspended: bool = False  # suspended here as a clone (fog/peers.py)
 
 
 @dataclass(slots=True)
@@ -169,6 +174,8 @@ class Reads:
         self._decoded: dict[bytes, Message] = {}
         self._fingerprint: tuple[int, int] | None = None
         self._version = 0
+        # any peer high-water mark or suspension stored (fog/peers.py); False: not read
+        self.peer_marks = False
 
     def begin(self, conn: sqlite3.Connection) -> None:
         """At the start of a group, inside its transaction: forget unless nothing changed."""
@@ -265,6 +272,8 @@ class Group:
             else:
                 seq = from_i64(row[0])
                 state = DeviceState(seq, row[1], row[2], seq)
+            if self._reads.peer_marks:
+                state.peer_seq, state.suspended = peers.device_marks(self._conn, device)
             self._reads.devices[device] = state
         return state
 

@@ -20,8 +20,16 @@ Reports. Once a lease has expired and every draw on it is in a sealed batch, the
 an ``lrep`` (``u`` = what it drew, ``b`` = the last batch holding a draw), stores it, stops
 drawing on the lease for good, and sends it until the cloud clears the retained lease topic
 (an empty payload on ``fogpay/1/{fog_id}/lease/{lease_hex}``); then the lease is closed in
-the fog's store. Resends back off from ``report_retry_ms`` to ``REPORT_RETRY_MS_MAX``, at most
-``REPORT_ATTEMPTS_MAX`` times per run of the daemon.
+the fog's store. Resends back off from ``report_retry_ms`` to ``REPORT_RETRY_MS_MAX`` and
+never stop: a report is never abandoned, whatever the length of an outage (docs/protocol.md
+17.6); without it the lease's unused part stays in escrow at the cloud.
+
+Renewal. An owner that drew and whose live leases all expire within ``lease.renew_before_ms``
+is asked a top-up (``LeaseRequests.renew``) before they do, so a fog cut off from the cloud
+later still holds budget for up to one more lease life (not for a lease that lived less than
+that window when it arrived: ``FogStore.lease_expiring``). After a lease's ``na`` nothing is
+drawn on it (``fog.authorize.pick_lease``): a fog whose budget expired while cut off
+declines ``insufficient_budget``.
 
 ``LeaseRequests`` and ``LeaseReports`` are pure state machines (the clock is passed in);
 ``FogCore`` (fog/core.py) drives them: it notes the owners that drew and the declines for want
@@ -45,7 +53,6 @@ from protocol.signing import seal
 REQUESTS_OUTSTANDING_MAX: Final = 10_000  # (owner, currency) pairs with a request in flight
 REPORTS_OUTSTANDING_MAX: Final = 10_000
 REPORT_RETRY_MS_MAX: Final = 300_000
-REPORT_ATTEMPTS_MAX: Final = 200
 Pair = tuple[str, str]  # (owner_id, currency)
 
 
@@ -98,6 +105,15 @@ class LeaseRequests:
         the threshold."""
         if room_micros >= self.below_micros:
             return None
+        t = now_ms if fog_time_ms is None else fog_time_ms
+        return self._request(pair, self.request_micros, None, now_ms, t)
+
+    def renew(
+        self, pair: Pair, *, now_ms: int, fog_time_ms: int | None = None
+    ) -> tuple[str, bytes] | None:
+        """The live leases of ``pair`` all expire within ``lease.renew_before_ms``: ask for
+        ``request_micros`` more now, with a later ``na``, while the cloud can still be
+        reached (docs/protocol.md 17.6)."""
         t = now_ms if fog_time_ms is None else fog_time_ms
         return self._request(pair, self.request_micros, None, now_ms, t)
 
@@ -164,12 +180,13 @@ def report_envelope(
 
 @dataclass(slots=True)
 class LeaseReports:
-    """Reports sent and not yet cleared by the cloud, with their resend schedule."""
+    """Reports sent and not yet cleared by the cloud, with their resend schedule: a delay
+    doubling from ``retry_ms`` to ``REPORT_RETRY_MS_MAX``, then that, for as long as it
+    takes (never abandoned)."""
 
     fog_id: str
     retry_ms: int
     pending: dict[bytes, _Pending] = field(default_factory=dict)  # lease_id -> report
-    abandoned: int = 0
 
     def __post_init__(self) -> None:
         assert self.retry_ms > 0
@@ -201,10 +218,6 @@ class LeaseReports:
         out = []
         for lease_id, p in list(self.pending.items()):
             if now_ms < p.next_ms:
-                continue
-            if p.attempts >= REPORT_ATTEMPTS_MAX:
-                del self.pending[lease_id]
-                self.abandoned += 1
                 continue
             delay = min(REPORT_RETRY_MS_MAX, self.retry_ms * 2 ** min(p.attempts, 16))
             p.attempts += 1

@@ -17,7 +17,10 @@ What the database answers at each scrape (``read_store``):
   them was sealed. Acks move a prefix (``UPDATE ... WHERE number <= b``), so the first unacked
   batch is found by bisection over the batch numbers (consecutive from 1): a few primary-key
   lookups, however long the history;
-- the records authorized but not sealed into a batch yet.
+- the records authorized but not sealed into a batch yet, and all the records the cloud
+  has not acked (sealed or not: the uplink's backlog, alarm ``uplink_backlog``);
+- the devices suspended here as clones and the devices with a peer's sequence mark
+  (``fog/peers.py``, docs/protocol.md 17.4).
 
 "Uplink up" is judged from the same: uplink enabled, the broker connected, and no unacked
 batch older than ``uplink.ack_timeout_ms`` (the age at which the fog itself decides that no
@@ -61,7 +64,7 @@ EXPORT_LE_S: Final = tuple(
     m * 10.0**e for e in range(-4, 2) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if m * 10.0**e <= 60
 )
 # counters that mean something failed and someone should look (the rest are events)
-ALARM_SUFFIXES: Final = ("_failed", "_lost")
+ALARM_SUFFIXES: Final = ("_failed", "_lost", "cloned_key", "uplink_backlog")
 
 
 class RunningHistogram(Histogram):
@@ -128,6 +131,9 @@ class StoreView:
     unacked: int
     oldest_unacked_sealed_ms: int | None
     unsealed_records: int
+    unacked_records: int = 0  # sealed in unacked batches, or not sealed yet
+    suspended_devices: int = 0
+    peer_marked_devices: int = 0
 
 
 def read_store(db: Path, *, now_ms: int) -> StoreView:
@@ -142,18 +148,28 @@ def read_store(db: Path, *, now_ms: int) -> StoreView:
         first = conn.execute("SELECT min(number) FROM batches").fetchone()[0]
         last = conn.execute("SELECT max(number) FROM batches").fetchone()[0]
         unacked, oldest = 0, None
+        unsealed = _unsealed(conn, last)
+        unacked_records = unsealed
         if last is not None:
             head = _first_unacked(conn, int(first), int(last))
             if head is not None:
                 unacked = int(last) - head + 1
-                row = conn.execute("SELECT sealed_ms FROM batches WHERE number = ?", (head,))
-                oldest = int(row.fetchone()[0])
+                row = conn.execute(
+                    "SELECT sealed_ms, first_index FROM batches WHERE number = ?", (head,)
+                ).fetchone()
+                oldest = int(row[0])
+                newest = conn.execute("SELECT max(n) FROM log").fetchone()[0]
+                unacked_records = max(0, int(newest or 0) - int(row[1]) + 1)
+        suspended, marked = _peer_counts(conn)
         return StoreView(
             budget=budget,
             batches_sealed=0 if last is None else int(last),
             unacked=unacked,
             oldest_unacked_sealed_ms=oldest,
-            unsealed_records=_unsealed(conn, last),
+            unsealed_records=unsealed,
+            unacked_records=unacked_records,
+            suspended_devices=suspended,
+            peer_marked_devices=marked,
         )
     finally:
         conn.close()
@@ -173,6 +189,19 @@ def _budget(conn: sqlite3.Connection, now_ms: int) -> dict[tuple[str, str], tupl
         (now_ms, now_ms, OWNERS_LISTED_MAX),
     ).fetchall()
     return {(str(o), str(c)): (int(left), int(n)) for o, c, left, n in rows}
+
+
+def _peer_counts(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(devices suspended as clones, devices with a peer's mark); 0, 0 before the tables."""
+    known = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+        "('suspended', 'peer_seq')"
+    ).fetchone()[0]
+    if known < 2:
+        return 0, 0
+    suspended = conn.execute("SELECT count(*) FROM suspended").fetchone()[0]
+    marked = conn.execute("SELECT count(*) FROM peer_seq").fetchone()[0]
+    return int(suspended), int(marked)
 
 
 def _first_unacked(conn: sqlite3.Connection, first: int, last: int) -> int | None:
@@ -349,6 +378,27 @@ class FogObserver:
         )
         yield _gauge(
             "unsealed_records", "authorized records not in a batch yet", view.unsealed_records
+        )
+        yield _gauge(
+            "unacked_records",
+            "records the cloud has not acked (sealed or not): the uplink's backlog",
+            view.unacked_records,
+        )
+        limit = c.uplink.backlog_alarm_records
+        yield _gauge(
+            "uplink_backlog",
+            "1: unacked records over uplink.backlog_alarm_records (0 when off)",
+            int(c.uplink.enabled and limit > 0 and view.unacked_records > limit),
+        )
+        yield _gauge(
+            "suspended_devices",
+            "devices suspended here as cloned keys (docs/protocol.md 17.4)",
+            view.suspended_devices,
+        )
+        yield _gauge(
+            "peer_marked_devices",
+            "devices with a sequence mark reported by a peer fog",
+            view.peer_marked_devices,
         )
         if c.uplink.enabled:
             up = broker_up and age_s * 1000.0 < c.uplink.ack_timeout_ms

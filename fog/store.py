@@ -26,7 +26,7 @@ from typing import Final
 
 import nacl.signing
 
-from fog import batcher, trustdb
+from fog import batcher, peers, trustdb
 from fog.authorize import Decision, DeviceView, Policy, authorize, screen
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
@@ -44,6 +44,7 @@ from fog.trustdb import (
 from protocol import limits
 from protocol.batch import encode_batch, encode_record
 from protocol.errors import Declined
+from protocol.gossip import SeenEntry
 from protocol.messages import (
     STATUS_DECLINED,
     STATUS_OK,
@@ -171,6 +172,7 @@ class FogStore:
         # consecutive from 1, or from where pruning stopped (prune keeps the newest record)
         assert count == last - first + 1, "log indexes are not consecutive"
         self._trust_rows: int = conn.execute("SELECT count(*) FROM trust").fetchone()[0]
+        self._reads.peer_marks = peers.has_marks(conn)
 
     @classmethod
     def open(
@@ -190,6 +192,7 @@ class FogStore:
             migrate(conn)
             with transaction(conn):  # trust checks it (a lease reported unused is refused)
                 conn.execute(LEASE_REPORTS_DDL)
+            peers.init(conn)  # the federation's gossip tables (fog/peers.py)
             return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
         except BaseException:
             conn.close()
@@ -647,6 +650,102 @@ class FogStore:
         ).fetchall()
         return {bytes(r[0]) for r in rows}
 
+    # ---- federation: sequence gossip, clones, the uplink's backlog (fog/peers.py) ---------
+
+    def apply_seen(self, envelope: bytes, *, now_ms: int) -> peers.SeenOutcome:
+        """A peer's ``seen``: verified, its entries noted durably (docs/protocol.md 17.4).
+        What groups cache stays valid but for the devices it names (their marks may have
+        moved): those are forgotten, the rest kept (``Reads.restamp``): a peer's seen twice
+        a second must not empty the cache of every device."""
+        changes = self._conn.total_changes
+        out = peers.apply_seen(
+            self._conn, envelope, own_fog_id=self.fog_id, issuer=self._issuer, now_ms=now_ms
+        )
+        if out.status == "accepted":
+            self._reads.peer_marks = True  # from now on groups read the marks
+            for device in out.devices:
+                self._reads.devices.pop(device, None)
+            self._reads.restamp(changes, self._conn.total_changes)
+        self._counts[f"seen_{out.status}"] += 1
+        self._counts["seen_entries"] += out.entries
+        self._counts["devices_suspended"] += len(out.clones)
+        self._counts["seen_collisions"] += out.collisions
+        return out
+
+    def note_peer_marks(
+        self, fog_id: str, entries: Sequence[SeenEntry], *, now_ms: int
+    ) -> tuple[int, tuple[peers.Clone, ...], int]:
+        """What peer ``fog_id`` authorized, learnt otherwise than by its ``seen`` (the
+        records of its batches this fog holds as a replica): the same marks and checks."""
+        with transaction(self._conn):
+            out = peers.note_marks(self._conn, fog_id, list(entries), self.fog_id, now_ms)
+        self._reads.peer_marks = True
+        self._counts["devices_suspended"] += len(out[1])
+        self._counts["seen_collisions"] += out[2]
+        return out
+
+    def suspended_devices(self) -> list[tuple[bytes, int, str]]:
+        """(device, q, evidence) of the devices suspended here as clones."""
+        return peers.suspended(self._conn)
+
+    def seen_cursor(self) -> int:
+        return peers.cursor(self._conn)
+
+    def set_seen_cursor(self, n: int) -> None:
+        changes = self._conn.total_changes
+        peers.set_cursor(self._conn, n)
+        self._reads.restamp(changes, self._conn.total_changes)  # not a table groups read
+
+    def authorized_after(self, after_n: int) -> list[tuple[int, SeenEntry]]:
+        """The log's records after ``after_n``, in order, for the next ``seen``s."""
+        return peers.authorized_after(self._conn, after_n)
+
+    def prune_peer_seen(self, *, now_ms: int) -> int:
+        changes = self._conn.total_changes
+        deleted = peers.prune_seen(self._conn, now_ms=now_ms)
+        self._reads.restamp(changes, self._conn.total_changes)  # not a table groups read
+        return deleted
+
+    def unacked_records(self) -> int:
+        """Log records the cloud has not acked: from the first unacked batch's first record
+        (or the end of the last sealed batch) to the newest record."""
+        row = self._conn.execute(
+            "SELECT first_index FROM batches WHERE acked = 0 ORDER BY number LIMIT 1"
+        ).fetchone()
+        if row is None:
+            row = self._conn.execute(
+                "SELECT coalesce(max(first_index + count), 1) FROM batches"
+            ).fetchone()
+        return max(0, self._next_n - int(row[0]))
+
+    def lease_expiring(
+        self, owner_ids: Sequence[str], *, now_ms: int, within_ms: int
+    ) -> set[tuple[str, str]]:
+        """(owner_id, currency) pairs whose live, unreported leases with room all expire
+        within ``within_ms`` of ``now_ms`` (the latest ``na`` is that close), unless that
+        latest lease lived ``within_ms`` or less when it arrived: a lease that short is
+        short by design (its whole life is inside the window), and renewing it ahead would
+        ask for a lease at every draw."""
+        out: set[tuple[str, str]] = set()
+        for owner_id in sorted(set(owner_ids))[:LEASE_OWNERS_QUERIED_MAX]:
+            rows = self._conn.execute(
+                "SELECT l.currency, l.not_after_ms, t.received_ms FROM leases l "
+                "JOIN trust t ON t.id = l.id WHERE l.owner_id = ? AND l.not_after_ms >= ? "
+                "AND l.drawn_micros < l.amount_micros AND l.lease_id NOT IN "
+                "(SELECT lease_id FROM lease_reports)",
+                (owner_id, now_ms),
+            ).fetchall()
+            latest: dict[str, tuple[int, int]] = {}
+            for currency, na, received in rows:
+                if str(currency) not in latest or int(na) > latest[str(currency)][0]:
+                    latest[str(currency)] = (int(na), int(received))
+            out.update(
+                (owner_id, c)
+                for c, (na, received) in latest.items()
+                if na - now_ms <= within_ms and na - received > within_ms
+            )
+        return out
+
 
 def _device_view(voucher: Voucher | None, state: DeviceState, taken: bool) -> DeviceView:
     """What authorize needs about the device: ``taken`` is an authorized record with the
@@ -660,6 +759,8 @@ def _device_view(voucher: Voucher | None, state: DeviceState, taken: bool) -> De
         owner_revoked=voucher.owner_revoked,
         seq_last=state.seq_last,
         seq_taken=taken,
+        peer_seq_last=state.peer_seq,
+        suspended=state.suspended,
         day=state.day,
         day_micros=state.day_micros,
     )

@@ -54,6 +54,8 @@ def classify(topic: topics.Topic, payload: bytes, *, fog_id: str) -> TrustArriva
         return None
     if topic.kind is Kind.ACK:
         return TrustArrival("ack", payload) if topic.fog_id == fog_id else None
+    if topic.kind is Kind.GOSSIP_REVOKE:  # a peer passes a revocation on (section 17.5)
+        return TrustArrival("revoke", payload) if topic.fog_id == fog_id else None
     msg_type = TRUST_KINDS.get(topic.kind)
     if msg_type is None:
         return None

@@ -9,7 +9,8 @@ trailing bytes after the top-level object are refused. Every failure becomes
 third of a body's decoding time): it finds a duplicate key of the top-level map by comparing
 the decoded map's size with the count its header declares. It does not see duplicates inside
 a nested map, which is sound only where a nested map is refused anyway: a body's values are
-ints, str, bin or an array of str (spec section 5), no field check accepts a map, so
+ints, str, bin, an array of str (spec section 5) or arrays of such scalars (the federation's
+``seen``, docs/protocol.md 17.4), no field check accepts a map, so
 ``protocol.messages.decode_body`` refuses any body holding one (and says why after decoding
 it again with ``unpack_strict``).
 """
@@ -68,7 +69,9 @@ def unpack_strict(
         raise Declined(Reason.MALFORMED, f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-def unpack_body(data: bytes, *, bytes_max: int, what: str = "body") -> Any:
+def unpack_body(
+    data: bytes, *, bytes_max: int, items_max: int = CONTAINER_ITEMS_MAX, what: str = "body"
+) -> Any:
     """``unpack_strict`` for a message body (a flat map): see the module docstring for why a
     duplicate key is caught here without a hook, and where that is valid."""
     if type(data) is not bytes and not isinstance(data, bytearray | memoryview):
@@ -84,14 +87,16 @@ def unpack_body(data: bytes, *, bytes_max: int, what: str = "body") -> Any:
             ext_hook=_no_ext,
             max_str_len=bytes_max,
             max_bin_len=bytes_max,
-            max_array_len=CONTAINER_ITEMS_MAX,
-            max_map_len=CONTAINER_ITEMS_MAX,
+            max_array_len=items_max,
+            max_map_len=items_max,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises ValueError, TypeError, UnicodeDecodeError, ...
         raise Declined(Reason.MALFORMED, f"{what}: {type(exc).__name__}: {exc}") from exc
     if type(obj) is dict and len(obj) != _map_count(data):
-        unpack_strict(data, bytes_max=bytes_max, what=what)  # names the duplicate key
+        unpack_strict(
+            data, bytes_max=bytes_max, items_max=items_max, what=what
+        )  # names the duplicate key
         raise AssertionError("a map shorter than its header has a duplicate key")
     return obj
 

@@ -13,7 +13,7 @@ from types import MemberDescriptorType
 from typing import Any, ClassVar, Final, TypeVar
 
 from protocol import limits, sealed
-from protocol.codec import pack, unpack_body, unpack_strict
+from protocol.codec import CONTAINER_ITEMS_MAX, pack, unpack_body, unpack_strict
 from protocol.errors import Declined
 from protocol.reasons import Reason
 
@@ -129,6 +129,9 @@ class Field:
     # Never true for a map: decode_body relies on it (see protocol.codec.unpack_body).
     check: Callable[[object], bool]
     optional: bool = False
+    # what the checked wire value becomes on the dataclass (None: an array becomes a tuple);
+    # for a field whose values nest arrays (``protocol.gossip``'s entries)
+    convert: Callable[[Any], Any] | None = None
 
 
 class Message:
@@ -138,6 +141,8 @@ class Message:
     TYPE: ClassVar[str]
     SCHEMA: ClassVar[tuple[Field, ...]]
     ENVELOPE_BYTES_MAX: ClassVar[int] = limits.IDENTITY_ENVELOPE_BYTES_MAX
+    # items of one msgpack array or map inside the body (a larger one is malformed)
+    ITEMS_MAX: ClassVar[int] = CONTAINER_ITEMS_MAX
 
     def validate(self) -> None:
         """Cross-field rules; raises Declined(MALFORMED)."""
@@ -396,7 +401,7 @@ M = TypeVar("M", bound=Message)
 
 def _wire_value(value: object) -> object:
     if isinstance(value, tuple):
-        return list(value)
+        return [_wire_value(v) for v in value]
     if isinstance(value, Reason):
         return str(value)
     return value
@@ -425,10 +430,11 @@ def decode_body(cls: type[M], body: bytes) -> M:
     thorough way, ``unpack_strict`` and ``_decode_checked`` rule by rule, which refuses it
     with the rule broken (or, never in practice, accepts it: the verdict is that path's)."""
     decoder = _DECODERS.get(cls) or _compile(cls)
-    obj = unpack_body(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=decoder.what)
+    size, items = cls.ENVELOPE_BYTES_MAX, cls.ITEMS_MAX
+    obj = unpack_body(body, bytes_max=size, items_max=items, what=decoder.what)
     msg = decoder.fast(obj) if type(obj) is dict else None
     if msg is None:
-        strict = unpack_strict(body, bytes_max=cls.ENVELOPE_BYTES_MAX, what=decoder.what)
+        strict = unpack_strict(body, bytes_max=size, items_max=items, what=decoder.what)
         msg = _decode_checked(cls, strict)
     msg.validate()
     return msg
@@ -492,7 +498,10 @@ def _compile(cls: type[Message]) -> _Decoder:
             ]
         else:
             lines += [f"    {v} = obj[{f.key!r}]", f"    if not ({test}):", "        return None"]
-        if f.check not in _INLINE:  # only an opaque check may accept an array
+        if f.convert is not None:
+            env[f"convert{i}"] = f.convert
+            lines.append(f"    if {v} is not None: {v} = convert{i}({v})")
+        elif f.check not in _INLINE:  # only an opaque check may accept an array
             lines.append(f"    if type({v}) is list: {v} = tuple({v})")
         if cls is Receipt and f.attr == "reason":
             lines.append(f"    if {v} is not None: {v} = Reason({v})")
@@ -525,7 +534,9 @@ def _decode_checked(cls: type[M], obj: object) -> M:
         value = obj[f.key]
         if not f.check(value):
             raise _fail(f"{cls.TYPE}.{f.key}: invalid value")
-        if type(value) is list:
+        if f.convert is not None:
+            value = f.convert(value)
+        elif type(value) is list:
             value = tuple(value)
         elif f.attr == "reason" and cls is Receipt:
             value = Reason(value)

@@ -9,7 +9,7 @@ import pytest
 
 from fog import corewire
 from fog.authorize import Policy
-from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.core import (
     Alarm,
     BatchSend,
@@ -118,8 +118,11 @@ def test_the_open_frame_round_trips() -> None:
         issuer_key=b"k" * 32,
         policy=Policy(clock_skew_ms=5, rate_per_s=2.5, rate_burst=3),
         batch=BatchConfig(records_max=7, age_ms=8, keep_acked_ms=9),
-        uplink=UplinkConfig(enabled=False, window=2, ack_timeout_ms=11),
-        lease=LeaseConfig(request_below_micros=1, request_micros=2, report=False),
+        uplink=UplinkConfig(enabled=False, window=2, ack_timeout_ms=11, backlog_alarm_records=12),
+        lease=LeaseConfig(
+            request_below_micros=1, request_micros=2, report=False, renew_before_ms=3
+        ),
+        federation=FederationConfig(peers=("fog-1", "fog-2"), replicas=1, seen_every_ms=13),
     )
     assert corewire.read_open(body(corewire.open_frame("/x.db", b"s" * 32, config))) == (
         "/x.db",

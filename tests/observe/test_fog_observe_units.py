@@ -50,6 +50,12 @@ def test_the_backlog_found_by_bisection_is_what_a_count_says(
     assert (view.unacked, view.oldest_unacked_sealed_ms) == (count, oldest)
     assert view.batches_sealed == batches
     assert view.unsealed_records == 3
+    records = conn.execute(
+        "SELECT count(*) FROM log WHERE n >= coalesce((SELECT min(first_index) FROM batches "
+        "WHERE acked = 0), (SELECT coalesce(max(first_index + count), 1) FROM batches))"
+    ).fetchone()[0]
+    assert view.unacked_records == records  # the uplink's backlog (uplink_backlog)
+    assert (view.suspended_devices, view.peer_marked_devices) == (0, 0)  # no gossip tables
     conn.close()
 
 
