@@ -1,0 +1,86 @@
+"""The cloud service's federation inputs on a real broker and a real SQLite store
+(docs/protocol.md 17.7, 17.8): a device's held records are booked and answered with a hack
+(not retained); another fog's relay of a batch is booked as the origin's batch and acked on
+the origin's ack topic; the origin's own copy is then a duplicate."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cloud import ledger
+from cloud.core import CloudCore
+from cloud.leases import LeasePolicy
+from cloud.service import CloudService
+from cloud.sqlitestore import SqliteStore
+from protocol import topics
+from protocol.batch import decode_record
+from protocol.held import HeldAck, encode_held
+from protocol.messages import Ack, Intent
+from protocol.signing import open_envelope, public_key
+from tests.cloud.world import World, count
+from tests.conftest import BrokerEndpoint
+from tests.pipeline.mqtt import publish, running_service, wait_for, watcher
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
+    w = World(store)
+    yield w
+    check = await store.transact(ledger.check)
+    await store.close()
+    assert check.ok, f"ledger out of balance: {check}"
+
+
+def service(w: World, broker: BrokerEndpoint) -> CloudService:
+    core = CloudCore(store=w.store, issuer=w.issuer, clock=w.clock, policy=LeasePolicy(5_000))
+    return CloudService(core=core, broker_host=broker.host, broker_port=broker.port, store=w.store)
+
+
+def intent_id(record: bytes) -> bytes:
+    return open_envelope(decode_record(record)[0], Intent).id
+
+
+async def test_held_upload_and_relay_through_the_service(
+    world: World, amqtt_broker: BrokerEndpoint
+) -> None:
+    w = world
+    await w.owner("alice")
+    fog = await w.fog("fog-a")
+    await w.fog("fog-b")
+    lease_id = (await w.lease("alice", "fog-a")).lease.lease_id
+    device = await w.device("alice")
+    d = public_key(device)
+    r1, r2, r3 = (fog.authorize(device, seq=q, lease_id=lease_id) for q in (1, 2, 3))
+    wire = fog.cut([r1, r2, r3])
+    host, port = amqtt_broker.host, amqtt_broker.port
+    hack_topic, ack_topic = topics.held_ack_topic(d), topics.ack_topic("fog-a")
+    async with (
+        running_service(service(w, amqtt_broker)) as svc,
+        watcher(host, port, [hack_topic, ack_topic]) as seen,
+    ):
+        await publish(host, port, [(topics.held_topic(d), encode_held([r1, r2]))])
+        await wait_for(lambda: seen.has(hack_topic))
+        hack = open_envelope(seen.last[hack_topic], HeldAck, signer=public_key(w.issuer)).msg
+        assert list(hack.booked) == [intent_id(r1), intent_id(r2)] and hack.faults == []
+        # fog-b relays fog-a's batch: booked as fog-a's, acked on fog-a's topic
+        await publish(host, port, [(topics.relay_topic("fog-b"), wire)])
+        await wait_for(lambda: seen.has(ack_topic))
+        assert open_envelope(seen.last[ack_topic], Ack).msg.number == 1
+        # fog-a's own copy and a garbage upload later: a duplicate; refused
+        await publish(
+            host,
+            port,
+            [(topics.batch_topic("fog-a"), wire), (topics.held_topic(d), b"\x90")],
+        )
+        await wait_for(
+            lambda: (
+                svc.counters.get("batches_duplicate", 0) == 1
+                and svc.counters.get("held_refused", 0) == 1
+            )
+        )
+    c = svc.counters
+    assert (c["batches_relayed"], c["batches_booked"], c["held_answered"]) == (1, 1, 1)
+    assert (c["held_records_booked"], c["held_records_already"]) == (2, 0)
+    assert await count(w.store, "transfers") == 3
