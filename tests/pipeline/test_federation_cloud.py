@@ -84,3 +84,26 @@ async def test_held_upload_and_relay_through_the_service(
     assert (c["batches_relayed"], c["batches_booked"], c["held_answered"]) == (1, 1, 1)
     assert (c["held_records_booked"], c["held_records_already"]) == (2, 0)
     assert await count(w.store, "transfers") == 3
+
+
+async def test_closing_a_lost_fogs_leases_clears_them_on_the_broker(
+    world: World, amqtt_broker: BrokerEndpoint
+) -> None:
+    """``fogpay cloud fog close-leases`` writes only the store; the running service's
+    retained refresh publishes the clearing."""
+    from cloud import leases
+
+    w = world
+    await w.owner("alice")
+    await w.fog("fog-a")
+    lease_id = (await w.lease("alice", "fog-a")).lease.lease_id
+    topic = topics.lease_topic("fog-a", lease_id)
+    host, port = amqtt_broker.host, amqtt_broker.port
+    async with (
+        running_service(service(w, amqtt_broker)),
+        watcher(host, port, [topics.lease_filter("fog-a")]) as seen,
+    ):
+        await wait_for(lambda: seen.has(topic))
+        closed = await w.tx(lambda tx: leases.close_fog_leases(tx, "fog-a"))
+        assert [c.lease_id for c in closed] == [lease_id]
+        await wait_for(lambda: seen.last.get(topic) == b"")
