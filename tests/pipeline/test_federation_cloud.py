@@ -6,6 +6,7 @@ the origin's ack topic; the origin's own copy is then a duplicate."""
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from cloud import ledger
@@ -107,3 +108,65 @@ async def test_closing_a_lost_fogs_leases_clears_them_on_the_broker(
         closed = await w.tx(lambda tx: leases.close_fog_leases(tx, "fog-a"))
         assert [c.lease_id for c in closed] == [lease_id]
         await wait_for(lambda: seen.last.get(topic) == b"")
+
+
+@pytest.mark.mosquitto
+async def test_held_and_relay_through_mosquitto_with_the_shipped_acl(
+    world: World, tmp_path: Path
+) -> None:
+    """deploy/mosquitto/fogpay.acl lets a device upload only on its own held topic and read
+    only its own hack, a fog relay only on its own relay topic, and the cloud (``issuer``)
+    read both and answer."""
+    from edge.device import Device
+    from tests.conftest import free_port, launch_mosquitto
+    from tests.edge.test_held_upload import bind, pay
+    from tests.integration.test_fog_mosquitto import deploy_conf, password_file
+
+    w = world
+    await w.owner("alice")
+    await w.owner("shop", limit=0)
+    fog = await w.fog("fog-a")
+    await w.fog("fog-b")
+    lease_id = (await w.lease("alice", "fog-a")).lease.lease_id
+    device = Device.open(
+        tmp_path / "dev", fog_id="fog-a", fog_key=public_key(fog.key), clock=w.clock
+    )
+    await bind(w, device)
+    intents = [pay(device, fog, lease_id) for _ in range(2)]
+    wire = fog.cut(device.held_records())
+    d = device.key_hex
+    accounts = {"issuer": "issuer-pw", "fog-b": "fog-pw", d: "device-pw", "0" * 64: "other-pw"}
+    passwd = password_file(tmp_path, accounts)
+    port = free_port()
+    broker = launch_mosquitto(
+        tmp_path, port, deploy_conf("fogpay-server.conf", tmp_path, port, passwd)
+    )
+    try:
+        core = CloudCore(store=w.store, issuer=w.issuer, clock=w.clock, policy=LeasePolicy())
+        svc = CloudService(
+            core=core, broker_host="127.0.0.1", broker_port=port, username="issuer",
+            password="issuer-pw", store=w.store,
+        )  # fmt: skip
+        async with running_service(svc):
+            # another device's account may not publish on this device's held topic
+            async with aiomqtt.Client(
+                "127.0.0.1", port, username="0" * 64, password="other-pw", timeout=10
+            ) as other:
+                await other.publish(topics.held_topic(device.public_key), b"\x90", qos=1)
+            async with aiomqtt.Client(
+                "127.0.0.1", port, username=d, password="device-pw", timeout=10
+            ) as client:
+                result = await device.upload_held(
+                    client, issuer_key=public_key(w.issuer), timeout_s=10
+                )
+            assert sorted(result.booked) == sorted(i.id for i in intents)
+            async with aiomqtt.Client(
+                "127.0.0.1", port, username="fog-b", password="fog-pw", timeout=10
+            ) as fog_b:
+                await fog_b.publish(topics.relay_topic("fog-b"), wire, qos=1)
+            await wait_for(lambda: svc.counters.get("batches_relayed", 0) == 1)
+        assert svc.counters.get("held_refused", 0) == 0  # the other account's was not delivered
+        assert svc.counters["held_answered"] == 1
+        assert await count(w.store, "transfers") == 2
+    finally:
+        broker.stop()
