@@ -9,7 +9,7 @@ A device's whole durable state is a small directory::
     held.jsonl      the ok receipts with their intents (batch records) the cloud has not
                     said it booked: appended and fsynced with each receipt, rewritten
                     atomically when a ``hack`` lists some (docs/protocol.md 17.7); at most
-                    ``held_max`` records, the oldest dropped beyond (logged ``held_evicted``)
+                    ``held_max`` records; beyond, the oldest eighth is dropped (``held_evicted``)
 
 Sequence numbers (spec: ``q`` strictly increasing over the device's whole life) are reserved
 in blocks of ``seq_block``: before the first ``q`` of a block is used, the block's last number
@@ -372,9 +372,13 @@ class Device:
         record = encode_record(intent.raw, receipt.raw)
         self._held[intent.id] = record
         if len(self._held) > self._held_max:
-            oldest = next(iter(self._held))
-            del self._held[oldest]
-            log.warning("held_evicted", device=self.key_hex[:16], intent=oldest.hex()[:16])
+            # full: drop the oldest eighth at once, so the file is rewritten once per
+            # held_max / 8 payments, not at every one
+            keep = self._held_max - max(1, self._held_max // 8)
+            evicted = len(self._held) - keep
+            for old in list(self._held)[:evicted]:
+                del self._held[old]
+            log.warning("held_evicted", device=self.key_hex[:16], evicted=evicted)
             self._write_held()
             return
         line = json.dumps({"i": intent.id.hex(), "r": record.hex()})

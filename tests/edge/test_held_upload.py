@@ -19,6 +19,7 @@ from cloud.leases import LeasePolicy
 from cloud.service import CloudService
 from cloud.sqlitestore import SqliteStore
 from edge.device import HELD_FILE, Device
+from protocol.batch import decode_record
 from protocol.held import HeldAck
 from protocol.messages import Binding, Intent, Receipt
 from protocol.signing import Signed, open_envelope, public_key, seal, seal_signed
@@ -137,7 +138,10 @@ def test_held_is_bounded_and_survives_a_torn_line(tmp_path: Path) -> None:
     device = Device.open(tmp_path / "d", fog_id="fog-a", fog_key=public_key(fog.key), held_max=3)
     intents = [pay(device, fog, bytes(16)) for _ in range(5)]
     held = device.held_records()
-    assert len(held) == 3  # the two oldest were evicted (logged held_evicted)
+    # full at the 4th: the oldest eighth (at least one) went, then the 4th went in: 2 left;
+    # the 5th makes 3
+    assert len(held) == 3
+    assert [decode_record(r)[0] for r in held] == [i.raw for i in intents[2:]]
     with open(tmp_path / "d" / HELD_FILE, "a") as f:
         f.write('{"i": "00')  # a crash in the middle of an append
     reopened = Device.open(tmp_path / "d", fog_id="fog-a", fog_key=public_key(fog.key))
