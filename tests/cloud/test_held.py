@@ -3,12 +3,14 @@ another fog, against a real store (SQLite and PostgreSQL): booked once whatever 
 them, the batch that later brings them still books the rest and moves the chain, leases close
 at what was booked, refusals change nothing."""
 
+import json
+
 from cloud import leases
 from cloud.core import CloudCore
 from cloud.events import HeldJudged, Publish
 from cloud.ingest import ALARM_RECORD_REJECTED, Status
 from cloud.leases import LeasePolicy
-from cloud.proof import build_proof
+from cloud.proof import build_proof, verify_proof
 from cloud.settle import close_period
 from cloud.store import Tx
 from protocol import topics
@@ -74,6 +76,8 @@ async def test_upload_books_then_the_batch_books_only_the_rest(world: World) -> 
     # a proof without a batch: the receipt, its fog, its owner and binding
     proof = await w.tx(lambda tx: build_proof(tx, intent_id(r1)))
     assert proof is not None and "header" not in proof and proof["binding"]
+    ok = verify_proof(json.dumps(proof), public_key(w.issuer))  # checks offline
+    assert (ok.batch, ok.owner_id, ok.fog_id) == (None, "alice", "fog-a")
 
     # the same upload again: both listed booked, nothing changes
     before = await snapshot(w.store)
