@@ -5,6 +5,8 @@ at what was booked, refusals change nothing."""
 
 import json
 
+import pytest
+
 from cloud import leases
 from cloud.core import CloudCore
 from cloud.events import HeldJudged, Publish
@@ -243,3 +245,53 @@ async def test_a_relayed_batch_is_the_origins_batch(world: World) -> None:
     # without relayed_by, another fog's topic is still dropped
     b3 = fog.cut([fog.authorize(device, seq=3, lease_id=lease_id)])
     assert (await core.ingest_batch(b3, topic=topics.batch_topic("fog-b"))).status is Status.DROPPED
+
+
+@pytest.mark.parametrize("seed", [3, 11, 23])
+async def test_any_interleaving_of_uploads_and_batches_books_each_intent_once(
+    world: World, seed: int
+) -> None:
+    """Random uploads (subsets, repeats, any order) between a fog's batches: every record
+    booked exactly once, the lease drawn exactly the sum, the chain at the last batch."""
+    import random
+
+    w = world
+    lease_id = await setup(w)
+    device = await w.device("alice")
+    d = public_key(device)
+    fog = w.fogs["fog-a"]
+    core = core_of(w)
+    rng = random.Random(seed)
+    batches: list[list[bytes]] = []
+    wires: list[bytes] = []
+    seq = 0
+    for _ in range(6):
+        records = []
+        for q in range(1, rng.randint(1, 5) + 1):
+            seq += 1
+            records.append(
+                fog.authorize(device, seq=seq, lease_id=lease_id, amount=q, payee="shop")
+            )
+        batches.append(records)
+        wires.append(fog.cut(records))  # each batch sealed after its records, as a fog does
+    everything = [r for records in batches for r in records]
+    pending = list(range(len(wires)))
+    while pending:
+        if rng.random() < 0.5:
+            upload = rng.sample(everything, rng.randint(1, min(16, len(everything))))
+            judged, _ = await core.held_upload(encode_held(upload), d)
+            assert judged.booked + judged.already == len(set(upload))
+        else:
+            b = pending.pop(rng.randrange(len(pending)))  # out of order: some are held
+            await core.ingest_batch(wires[b])
+    for wire in wires:  # the fog resends what is not acked: all linked now
+        await core.ingest_batch(wire)
+    assert await count(w.store, "transfers") == len(everything)
+    assert await drawn(w, lease_id) == sum(sum(range(1, len(r) + 1)) for r in batches)
+
+    async def chain(tx: Tx) -> int:
+        row = await tx.fetchone("SELECT number FROM chains WHERE fog_id = 'fog-a'")
+        assert row is not None
+        return int(row[0])
+
+    assert await w.tx(chain) == len(wires)
