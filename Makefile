@@ -37,6 +37,7 @@ vectors: $(STAMP)
 	$(BIN)/python -m protocol.leasing_vectors
 	$(BIN)/python -m protocol.sealed_vectors
 	$(BIN)/python -m protocol.gossip_vectors
+	$(BIN)/python -m protocol.held_vectors
 
 bench: $(STAMP)
 	$(BIN)/python bench/fog.py

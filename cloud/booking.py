@@ -98,6 +98,9 @@ class Plan:
     transfers: list[Transfer] = field(default_factory=list)
     rejected: list[tuple[int, bytes | None, Fault]] = field(default_factory=list)
     duplicates: int = 0
+    # (position, intent id) of the duplicates: a transfer booked from a device's upload
+    # (number 0) is pointed at the batch that brings its record (section 17.8)
+    duplicate_ids: list[tuple[int, bytes]] = field(default_factory=list)
     lease_draws: dict[bytes, int] = field(default_factory=lambda: defaultdict(int))
     balances: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     alarms: list[Alarm] = field(default_factory=list)
@@ -135,6 +138,7 @@ def plan(batch: CheckedBatch, state: BookState, keys: list[bytes] | None = None)
     for position, intent_id, device, dseq, seq, payee, amount, currency, lease_id, t in rows:
         if intent_id in booked:  # booked once, whatever path, however often
             out.duplicates += 1
+            out.duplicate_ids.append((position, intent_id))
             continue
         # a binding valid at the receipt's time, one in the intent's currency first
         binding = None
@@ -201,6 +205,8 @@ class Booking:
     draw_rows: list[tuple[int, bytes]]  # (amount drawn now, lease id), by lease id
     account_rows: list[tuple[str, str, int]]  # (account, currency, delta), sorted
     rejected_rows: list[tuple[str, int, int, bytes | None, str]]
+    # (number, position, intent id, fog): duplicates whose transfer came from an upload
+    relink_rows: list[tuple[int, int, bytes, str]] = field(default_factory=list)
 
 
 def book(
@@ -229,4 +235,5 @@ def book(
         draw_rows=[(amount, lease_id) for lease_id, amount in sorted(p.lease_draws.items())],
         account_rows=[(a, c, d) for (a, c), d in sorted(p.balances.items())],
         rejected_rows=[(h.fog_id, h.number, pos, i, str(f)) for pos, i, f in p.rejected],
+        relink_rows=[(h.number, pos, i, h.fog_id) for pos, i in p.duplicate_ids],
     )

@@ -22,6 +22,7 @@ import nacl.signing
 from cloud import config as cloud_config
 from cloud import leases, ledger, registry
 from cloud.backends import StoreOpenError, open_store
+from cloud.bound import Bound, owner_bound
 from cloud.proof import ProofError, build_proof, verify_proof
 from cloud.schema import SchemaError
 from cloud.store import Store, Tx
@@ -230,10 +231,11 @@ def cmd_prove(args: argparse.Namespace) -> int:
     return 0
 
 
-def owner_json(owner: registry.Owner, exposure: int) -> dict[str, Any]:
+def owner_json(owner: registry.Owner, exposure: int, bound: Bound | None = None) -> dict[str, Any]:
     from cloud.settlement import mask_funding_ref
 
-    return {
+    extra = {} if bound is None else {"partition_bound": bound.as_json()}
+    return extra | {
         "owner_id": owner.owner_id,
         "name": owner.name,
         "key": owner.key.hex(),
@@ -247,8 +249,11 @@ def owner_json(owner: registry.Owner, exposure: int) -> dict[str, Any]:
     }
 
 
-async def show_owner(tx: Tx, owner_id: str) -> dict[str, Any]:
+async def show_owner(tx: Tx, owner_id: str, *, policy_life_ms: int) -> dict[str, Any]:
+    """The owner, its exposure and its partition bound (docs/protocol.md 17.9);
+    ``policy_life_ms``: the lease policy's life (L when the owner holds no open lease)."""
     owner = await registry.get_owner(tx, owner_id)
     if owner is None:
         raise FogpayError(f"no owner {owner_id!r}")
-    return owner_json(owner, await leases.exposure(tx, owner_id))
+    bound = await owner_bound(tx, owner_id, now_ms=now_ms(), policy_life_ms=policy_life_ms)
+    return owner_json(owner, await leases.exposure(tx, owner_id), bound)

@@ -4,6 +4,7 @@ commands are in ``cloud.cli``, which imports nothing of this module)."""
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,14 @@ def register_commands(cmds: Sub) -> None:
     p = add("add", cmd_fog_add, "register a fog and sign its credential", fog)
     p.add_argument("fog_id")
     _key_options(p)
+    p = add(
+        "close-leases",
+        cmd_fog_close_leases,
+        "close every open lease of a lost fog at its booked draws (without --yes: show them)",
+        fog,
+    )
+    p.add_argument("fog_id")
+    p.add_argument("--yes", action="store_true", help="close them (default: only show)")
     lease = cmds.add_parser("lease", help="leases").add_subparsers(dest="lease_cmd", required=True)
     p = add("grant", cmd_lease_grant, "grant a lease of an owner's credit to a fog", lease)
     p.add_argument("owner_id")
@@ -161,14 +170,19 @@ def cmd_owner_add(args: argparse.Namespace) -> int:
 
 
 def cmd_owner_show(args: argparse.Namespace) -> int:
-    _out(run_tx(args, lambda tx, cfg: show_owner(tx, args.owner_id)))
+    _out(
+        run_tx(
+            args,
+            lambda tx, cfg: show_owner(tx, args.owner_id, policy_life_ms=cfg.lease.lease_ms),
+        )
+    )
     return 0
 
 
 def cmd_owner_limit(args: argparse.Namespace) -> int:
     async def fn(tx: Tx, cfg: Any) -> dict[str, Any]:
         await registry.set_limit(tx, args.owner_id, args.limit_micros)
-        return await show_owner(tx, args.owner_id)
+        return await show_owner(tx, args.owner_id, policy_life_ms=cfg.lease.lease_ms)
 
     _out(run_tx(args, fn))
     return 0
@@ -181,6 +195,50 @@ def cmd_fog_add(args: argparse.Namespace) -> int:
         return await registry.add_fog(tx, issuer(cfg), fog_id=args.fog_id, key=key, now_ms=now_ms())
 
     _out({"fog_id": args.fog_id, "credential": run_tx(args, fn).hex()})
+    return 0
+
+
+def cmd_fog_close_leases(args: argparse.Namespace) -> int:
+    """docs/cloud.md "A fog that lost its disk": close the fog's open leases at what the
+    cloud booked on them; print each and what returned to each owner."""
+
+    async def fn(tx: Tx, cfg: Any) -> list[leases.ForceClosed]:
+        if await registry.fog_key(tx, args.fog_id) is None:
+            raise FogpayError(f"no fog {args.fog_id!r}")
+        if args.yes:
+            return await leases.close_fog_leases(tx, args.fog_id)
+        return await leases.open_fog_leases(tx, args.fog_id)
+
+    closed = run_tx(args, fn)
+    returned: dict[str, dict[str, int]] = {}
+    for lease in closed:
+        owner = returned.setdefault(lease.owner_id, {})
+        owner[lease.currency] = owner.get(lease.currency, 0) + lease.returned_micros
+    _out(
+        {
+            "fog_id": args.fog_id,
+            "closed": args.yes,
+            "leases": [
+                {
+                    "lease_id": lease.lease_id.hex(),
+                    "owner_id": lease.owner_id,
+                    "currency": lease.currency,
+                    "amount_micros": lease.amount_micros,
+                    "drawn_micros": lease.drawn_micros,
+                    "returned_micros": lease.returned_micros,
+                    "not_after_ms": lease.not_after_ms,
+                }
+                for lease in closed
+            ],
+            "returned": returned,
+        }
+    )
+    if not args.yes and closed:
+        print(
+            f"fogpay: {len(closed)} open lease(s) of {args.fog_id} shown, none closed: "
+            "add --yes to close them",
+            file=sys.stderr,
+        )
     return 0
 
 

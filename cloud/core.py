@@ -15,7 +15,10 @@ reason code, and answered with a ``BatchJudged``/``LeaseAnswered`` that says so.
   (the lease);
 - ``LeaseReportArrived``: ``cloud.leases.handle_report``; ``LeaseAnswered``, ``Publish``
   (clearings);
-- ``RetainedWanted``: ``cloud.registry.retained``; a ``Publish`` per retained topic.
+- ``RetainedWanted``: ``cloud.registry.retained``; a ``Publish`` per retained topic;
+- ``HeldArrived``: ``cloud.held.HeldBooker``; ``HeldJudged``, the ``hack`` (a ``Publish``
+  not retained), ``AlarmRaised``, ``Publish`` (revocations, clearings). A relayed batch is a
+  ``BatchArrived`` with ``relayed_by``.
 
 The async methods ``ingest_batch(wire)``, ``lease_request(wire)``, ``lease_report(wire)`` and
 ``retained()`` are thin wrappers for callers that hold a clock (the MQTT shell, the
@@ -31,6 +34,8 @@ import structlog
 from cloud import events, leases, registry
 from cloud.events import (
     BatchArrived,
+    HeldArrived,
+    HeldJudged,
     Input,
     LeaseAnswered,
     LeaseReportArrived,
@@ -38,6 +43,7 @@ from cloud.events import (
     Output,
     RetainedWanted,
 )
+from cloud.held import HeldBooker
 from cloud.ingest import Ingestor, IngestOutcome, Verifier, verify_inline
 from cloud.leases import LeasePolicy
 from cloud.metrics import Metrics
@@ -65,6 +71,7 @@ class CloudCore:
         self._ingestor = Ingestor(
             store=store, issuer=issuer, clock=clock, verifier=verifier, metrics=self.metrics
         )
+        self._held = HeldBooker(store=store, issuer=issuer, metrics=self.metrics)
 
     async def handle(self, event: Input) -> list[Output]:
         """Decide on one input; every output is durable when this returns."""
@@ -78,14 +85,28 @@ class CloudCore:
             case RetainedWanted():
                 rows = await self._store.transact(registry.retained)
                 return [events.Publish(topic=t, payload=p) for t, p in rows]
+            case HeldArrived():
+                return await self._held.handle(event)
         raise AssertionError(f"not a cloud input: {event!r}")  # mypy: the match is exhaustive
 
     # ---- the wrappers: same meaning as ever -------------------------------------------
 
-    async def ingest_batch(self, wire: bytes, *, topic: str | None = None) -> IngestOutcome:
-        return IngestOutcome.of(
-            await self.handle(BatchArrived(wire=wire, now_ms=self._clock(), topic=topic))
+    async def ingest_batch(
+        self, wire: bytes, *, topic: str | None = None, relayed_by: str | None = None
+    ) -> IngestOutcome:
+        event = BatchArrived(wire=wire, now_ms=self._clock(), topic=topic, relayed_by=relayed_by)
+        return IngestOutcome.of(await self.handle(event))
+
+    async def held_upload(
+        self, payload: bytes, device: bytes
+    ) -> tuple[HeldJudged, list[events.Publish]]:
+        """A device's held payload: what became of it, and what to publish (the ``hack``
+        last, not retained; revocations and clearings retained)."""
+        outputs = await self.handle(
+            HeldArrived(payload=payload, device=device, now_ms=self._clock())
         )
+        [judged] = [o for o in outputs if isinstance(o, HeldJudged)]
+        return judged, [o for o in outputs if isinstance(o, events.Publish)]
 
     async def lease_request(self, wire: bytes) -> Publish:
         return _published(await self.handle(LeaseRequestArrived(wire=wire, now_ms=self._clock())))

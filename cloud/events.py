@@ -12,7 +12,12 @@ Inputs (where from: what the core does):
   chain, book, ack;
 - ``LeaseRequestArrived(wire, now_ms)``, from ``.../lreq``: grant a lease, or refuse;
 - ``LeaseReportArrived(wire, now_ms)``, from ``.../lrep``: record it, close leases;
-- ``RetainedWanted()``, at start, reconnect and refresh: everything published retained.
+- ``RetainedWanted()``, at start, reconnect and refresh: everything published retained;
+- ``HeldArrived(payload, device, now_ms)``, from ``fogpay/1/held/{device_hex}/records``:
+  book the records a device hands in that no batch has brought, answer a ``hack``.
+
+A batch relayed by another fog (``fogpay/1/up/{carrier}/relay``) is a ``BatchArrived``
+with ``relayed_by`` = the carrier.
 
 There is no ``Tick``: the cloud has no timers of its own. Every decision it makes answers a
 message (a lease expires for the fog, which reports it; a held batch waits for the batch
@@ -27,7 +32,9 @@ Outputs:
 - ``BatchJudged(status, ...)``: what became of a batch, with its counts; exactly one per
   ``BatchArrived``;
 - ``LeaseAnswered(kind, result, reason)``: what became of an ``lreq``/``lrep``; exactly one
-  per lease input.
+  per lease input;
+- ``HeldJudged(device, ...)``: what became of a held payload; exactly one per
+  ``HeldArrived``.
 
 Every output of an input is durable before the core returns it: the store's transaction
 committed, so an ack, a lease or a clearing never leaves before what it states.
@@ -49,6 +56,9 @@ class BatchArrived:
     # the topic it came on; None when it did not come over MQTT (a file, a test): then the
     # fog the header names is not checked against a topic
     topic: str | None = None
+    # the fog that relayed it on fogpay/1/up/{carrier}/relay (section 17.8): ingested as a
+    # batch of the header's fog, whatever the carrier; the topic is then not checked
+    relayed_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +78,16 @@ class RetainedWanted:
     pass
 
 
-Input = BatchArrived | LeaseRequestArrived | LeaseReportArrived | RetainedWanted
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldArrived:
+    """A device's held payload (section 17.7) from ``fogpay/1/held/{device_hex}/records``."""
+
+    payload: bytes
+    device: bytes  # the topic's device
+    now_ms: int
+
+
+Input = BatchArrived | LeaseRequestArrived | LeaseReportArrived | RetainedWanted | HeldArrived
 
 # ---- outputs ------------------------------------------------------------------------------
 
@@ -120,4 +139,18 @@ class LeaseAnswered:
     lease_id: bytes = b""  # the lease granted
 
 
-Output = Publish | AlarmRaised | BatchJudged | LeaseAnswered
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldJudged:
+    """What became of one held payload: exactly one per ``HeldArrived``. ``refused``: the
+    payload did not decode (nothing is answered); else the counts of its records, and the
+    ``hack`` is among the outputs (a ``Publish``, not retained)."""
+
+    device: bytes
+    refused: bool = False
+    booked: int = 0  # records booked by this upload
+    already: int = 0  # records whose intent was booked before (a batch, an earlier upload)
+    rejected: int = 0  # records not booked, with a fault
+    deferred: bool = False  # the store gave up under contention: nothing written, no hack
+
+
+Output = Publish | AlarmRaised | BatchJudged | LeaseAnswered | HeldJudged

@@ -163,7 +163,10 @@ class Ingestor:
         except Declined as exc:
             return [self._refused(exc, None)]
         h = batch.header
-        if event.topic is not None and event.topic != topics.batch_topic(h.fog_id):
+        if event.relayed_by is not None:  # a replica holder's relay: the header's fog counts
+            self.metrics.inc("batch_relayed")
+            log.info("batch_relayed", fog_id=h.fog_id, batch=h.number, carrier=event.relayed_by)
+        elif event.topic is not None and event.topic != topics.batch_topic(h.fog_id):
             self.metrics.inc("batch_dropped_topic_mismatch")  # the shell counts batch_dropped
             log.warning("batch_dropped", cause="topic_mismatch", topic=event.topic[:120])
             judged = BatchJudged(
@@ -324,14 +327,9 @@ class Ingestor:
             )
 
     async def _suspend(self, tx: Tx, device: bytes, fog_id: str, now_ms: int, done: _Done) -> None:
-        if await registry.is_revoked(tx, device):
-            return
-        await registry.issuer_revoke(tx, self._issuer, device, reason=SUSPEND_REASON, now_ms=now_ms)
-        topic = topics.revoke_topic(device)
-        row = await tx.fetchone("SELECT payload FROM retained WHERE topic = ?", (topic,))
-        assert row is not None
-        done.publish.append(Publish(topic=topic, payload=bytes(row[0])))
-        log.warning("device_suspended", fog_id=fog_id, device=device.hex()[:16])
+        published = await suspend_device(tx, self._issuer, device, fog_id=fog_id, now_ms=now_ms)
+        if published is not None:
+            done.publish.append(published)
 
     async def _ack(self, tx: Tx, fog_id: str, chain: Chain) -> Publish:
         """The fog's ack for ``chain``; Ed25519 is deterministic, so an unchanged chain gives
@@ -343,6 +341,21 @@ class Ingestor:
         if row is None or bytes(row[0]) != raw:
             await registry.put_retained(tx, topic, raw)
         return Publish(topic=topic, payload=raw)
+
+
+async def suspend_device(
+    tx: Tx, issuer: nacl.signing.SigningKey, device: bytes, *, fog_id: str, now_ms: int
+) -> Publish | None:
+    """The issuer revokes a cloned device's key (15.3); the revocation to publish, or None
+    if the key was revoked before."""
+    if await registry.is_revoked(tx, device):
+        return None
+    await registry.issuer_revoke(tx, issuer, device, reason=SUSPEND_REASON, now_ms=now_ms)
+    topic = topics.revoke_topic(device)
+    row = await tx.fetchone("SELECT payload FROM retained WHERE topic = ?", (topic,))
+    assert row is not None
+    log.warning("device_suspended", fog_id=fog_id, device=device.hex()[:16])
+    return Publish(topic=topic, payload=bytes(row[0]))
 
 
 async def load_chain(tx: Tx, fog_id: str) -> Chain:

@@ -254,3 +254,69 @@ async def add_alarm(tx: Tx, alarm: Alarm, *, fog_id: str, now_ms: int = 0) -> bo
     if n:
         log.warning("alarm_raised", kind=alarm.kind, fog_id=fog_id, subject=alarm.subject[:16])
     return n == 1
+
+
+@dataclass(frozen=True, slots=True)
+class ForceClosed:
+    """A lease ``close_fog_leases`` closed (or would close)."""
+
+    lease_id: bytes
+    owner_id: str
+    currency: str
+    amount_micros: int
+    drawn_micros: int  # booked draws: what the lease closes at
+    not_after_ms: int
+    topic: str  # the retained lease topic cleared
+
+    @property
+    def returned_micros(self) -> int:
+        """What returns to the owner's credit: the lease no longer counts, its booked
+        draws do (as transfers on a closed lease, 14.5)."""
+        return max(0, self.amount_micros - self.drawn_micros)
+
+
+async def open_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
+    rows = await tx.fetchall(
+        "SELECT lease_id, owner_id, currency, amount_micros, drawn_micros, not_after_ms "
+        "FROM leases WHERE fog_id = ? AND state = ? ORDER BY granted_ms, lease_id",
+        (fog_id, STATE_OPEN),
+    )
+    return [
+        ForceClosed(
+            bytes(r[0]),
+            r[1],
+            r[2],
+            int(r[3]),
+            int(r[4]),
+            int(r[5]),
+            topics.lease_topic(fog_id, bytes(r[0])),
+        )
+        for r in rows
+    ]
+
+
+async def close_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
+    """Close every open lease of ``fog_id`` at its booked draws, as if the fog had reported
+    ``u`` = booked (docs/protocol.md 17.8: a fog that lost its disk cannot report, and its
+    restored self never draws on the old leases). Clears the retained lease topics (the
+    service publishes the clearings within a second). Draws that arrive later (a relay, a
+    device's upload) are still booked, on a closed lease (14.5)."""
+    closed = await open_fog_leases(tx, fog_id)
+    chain = await tx.fetchone("SELECT number FROM chains WHERE fog_id = ?", (fog_id,))
+    number = 0 if chain is None else int(chain[0])
+    for lease in closed:
+        await tx.execute(
+            "UPDATE leases SET state = ?, reported_micros = COALESCE(reported_micros, ?), "
+            "report_batch = COALESCE(report_batch, ?) WHERE lease_id = ?",
+            (STATE_CLOSED, lease.drawn_micros, number, lease.lease_id),
+        )
+        await tx.execute("DELETE FROM retained WHERE topic = ?", (lease.topic,))
+        log.warning(
+            "lease_force_closed",
+            fog_id=fog_id,
+            owner=lease.owner_id,
+            lease=lease.lease_id.hex(),
+            drawn=lease.drawn_micros,
+            returned=lease.returned_micros,
+        )
+    return closed

@@ -77,6 +77,41 @@ async def write(tx: Tx, b: Booking) -> None:
         "INSERT INTO rejected (fog_id, number, position, intent_id, reason) VALUES (?, ?, ?, ?, ?)",
         b.rejected_rows,
     )
+    if b.relink_rows:  # booked from a device's upload (number 0): now in this batch
+        await tx.executemany(
+            "UPDATE transfers SET number = ?, position = ? "
+            "WHERE intent_id = ? AND fog_id = ? AND number = 0",
+            b.relink_rows,
+        )
+
+
+HELD_NUMBER = 0  # transfers.number of a transfer booked from a device's upload (17.8)
+
+
+async def write_held(
+    tx: Tx, fog_id: str, plan: booking.Plan, records: dict[bytes, bytes], *, now_ms: int
+) -> None:
+    """Write what ``booking.plan`` decided for records a device handed in (``records``:
+    intent id -> record bytes): the transfers (batch number 0 until a batch of their fog
+    brings the record), the records as evidence, the lease draws and the account moves,
+    in the caller's transaction."""
+    tail = (fog_id, HELD_NUMBER, now_ms)
+    await tx.insert_rows("transfers", _TRANSFER_COLUMNS, [t + tail for t in plan.transfers])
+    await tx.executemany(
+        "INSERT INTO held_records (intent_id, fog_id, device, record, received_ms) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (intent_id) DO NOTHING",
+        [(t.intent_id, fog_id, t.device, records[t.intent_id], now_ms) for t in plan.transfers],
+    )
+    await tx.executemany(
+        "UPDATE leases SET drawn_micros = drawn_micros + ? WHERE lease_id = ?",
+        [(amount, lease_id) for lease_id, amount in sorted(plan.lease_draws.items())],
+    )
+    await tx.executemany(
+        "INSERT INTO accounts (account_id, currency, balance_micros) VALUES (?, ?, ?) "
+        "ON CONFLICT (account_id, currency) DO UPDATE "
+        "SET balance_micros = accounts.balance_micros + excluded.balance_micros",
+        [(a, c, d) for (a, c), d in sorted(plan.balances.items())],
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,7 +144,7 @@ async def build_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
         (intent_id,),
     )
     if row is None:
-        return None
+        return await _held_proof(tx, intent_id)
     fog_id, number, position, header, count, fog_cred, owner_cred, record, owner_id, device = row
     leaves = await tx.fetchall(
         "SELECT record FROM records WHERE fog_id = ? AND number = ? ORDER BY position",
@@ -167,6 +167,33 @@ async def build_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
         "index": position,
         "size": count,
         "path": [h.hex() for h in merkle.inclusion_proof(hashes, position)],
+    }
+
+
+async def _held_proof(tx: Tx, intent_id: bytes) -> dict[str, Any] | None:
+    """The proof of an intent booked from a device's upload that no batch has brought yet
+    (docs/protocol.md 17.8): the receipt, the fog credential, the owner credential and the
+    binding, without the batch group (there is no batch to prove it in)."""
+    row = await tx.fetchone(
+        "SELECT f.credential, o.credential, h.record, t.debit, t.device FROM transfers t "
+        "JOIN held_records h ON h.intent_id = t.intent_id "
+        "JOIN fogs f ON f.fog_id = t.fog_id JOIN owners o ON o.owner_id = t.debit "
+        "WHERE t.intent_id = ? AND t.number = 0",
+        (intent_id,),
+    )
+    if row is None:
+        return None
+    fog_cred, owner_cred, record, owner_id, device = row
+    intent_env, receipt_env = decode_record(bytes(record))
+    receipt_time = open_envelope(receipt_env, Receipt).msg.time_ms
+    binding = await _binding_envelope(tx, bytes(device), owner_id, receipt_time)
+    return {
+        "fogpay_proof": PROOF_VERSION,
+        "intent": intent_env.hex(),
+        "receipt": receipt_env.hex(),
+        "fog_credential": bytes(fog_cred).hex(),
+        "owner_credential": bytes(owner_cred).hex(),
+        "binding": binding.hex(),
     }
 
 

@@ -69,6 +69,9 @@ TABLES: Final = (
     "CREATE INDEX IF NOT EXISTS transfers_dseq ON transfers (dseq)",
     "CREATE INDEX IF NOT EXISTS transfers_lease ON transfers (lease_id)",
     "CREATE INDEX IF NOT EXISTS transfers_period ON transfers (period, debit)",
+    """CREATE TABLE IF NOT EXISTS held_records (
+        intent_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, device {blob} NOT NULL,
+        record {blob} NOT NULL, received_ms {int} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT NOT NULL, currency TEXT NOT NULL, balance_micros {int} NOT NULL,
         PRIMARY KEY (account_id, currency))""",

@@ -7,12 +7,15 @@ One aiomqtt client (reconnecting with capped, jittered backoff) subscribes, QoS 
 | ``fogpay/1/up/+/batch`` | ``core.ingest_batch`` (verified in a process pool: ``open_service``) |
 | ``fogpay/1/up/+/lreq`` | ``core.lease_request`` |
 | ``fogpay/1/up/+/lrep`` | ``core.lease_report`` |
+| ``fogpay/1/up/+/relay`` | ``core.ingest_batch(relayed_by=carrier)`` (17.8) |
+| ``fogpay/1/held/+/records`` | ``core.held_upload``, answered by a ``hack`` (17.7) |
 
 and publishes, retained, every ``(topic, payload)`` a handler returns (an empty payload
-clears a retained topic). The reader only sorts messages into two bounded queues (payload
-sizes are checked there, before anything is decoded); ONE worker takes lease messages first,
-then batches, and runs each handler and its publications under one lock, so what the broker
-retains always follows the store's order. A full queue drops (counted): fogs resend.
+clears a retained topic), except the ``hack``, which is not retained. The reader only sorts
+messages into three bounded queues (payload sizes are checked there, before anything is
+decoded); ONE worker takes lease messages first, then held uploads, then batches, and runs
+each handler and its publications under one lock, so what the broker retains always follows
+the store's order. A full queue drops (counted): fogs and devices resend.
 
 Retained state. At start and after every reconnect the service publishes everything
 ``core.retained()`` returns (credentials, bindings, revocations, leases, acks). Every
@@ -49,6 +52,7 @@ from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
 from protocol import limits, topics
 from protocol.errors import FogpayError
+from protocol.held import HELD_BYTES_MAX
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
 from runtime.logs import bind_component, unbind_component
@@ -66,6 +70,7 @@ log = structlog.get_logger()
 
 BATCH_QUEUE_MAX: Final = 64  # batches (<= 1 MiB each) waiting: 64 MiB at most
 LEASE_QUEUE_MAX: Final = 1_000
+HELD_QUEUE_MAX: Final = 256  # held payloads (<= 20 KiB each) waiting: 5 MiB at most
 PUBLISH_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 SUBSCRIBE_TIMEOUT_S: Final = 10.0
@@ -79,10 +84,18 @@ INFLIGHT_MESSAGES_MAX: Final = 100
 INCOMING_MESSAGES_MAX: Final = 2_000
 KEEPALIVE_S: Final = 30
 BROKER_PORT_DEFAULT: Final = 1883
-FILTERS: Final = (topics.BATCH_FILTER, topics.LEASE_REQUEST_FILTER, topics.LEASE_REPORT_FILTER)
+FILTERS: Final = (
+    topics.BATCH_FILTER,
+    topics.LEASE_REQUEST_FILTER,
+    topics.LEASE_REPORT_FILTER,
+    topics.RELAY_FILTER,
+    topics.HELD_FILTER,
+)
 # what the service handles, with each payload's size limit (checked before decoding)
 _HANDLED: Final = {
     Kind.BATCH: limits.BATCH_WIRE_BYTES_MAX,
+    Kind.RELAY: limits.BATCH_WIRE_BYTES_MAX,
+    Kind.HELD_RECORDS: HELD_BYTES_MAX,
     Kind.LEASE_REQUEST: limits.IDENTITY_ENVELOPE_BYTES_MAX,
     Kind.LEASE_REPORT: limits.IDENTITY_ENVELOPE_BYTES_MAX,
 }
@@ -138,7 +151,9 @@ class CloudService:
         }
         self._clock, self._store, self._stats_s = clock, store, stats_s
         self._prefetch = prefetch
-        self._batches: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(BATCH_QUEUE_MAX)
+        # (fog_id of the topic, wire, relayed: the topic's fog is the carrier)
+        self._batches: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(BATCH_QUEUE_MAX)
+        self._held: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(HELD_QUEUE_MAX)
         self._leases: asyncio.Queue[tuple[Kind, bytes]] = asyncio.Queue(LEASE_QUEUE_MAX)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -156,7 +171,11 @@ class CloudService:
                 counters=lambda: self.counters,
                 broker_up=lambda: self._client is not None,
                 stopping=self._stopping.is_set,
-                queued=lambda: {"batches": self._batches.qsize(), "leases": self._leases.qsize()},
+                queued=lambda: {
+                    "batches": self._batches.qsize(),
+                    "leases": self._leases.qsize(),
+                    "held": self._held.qsize(),
+                },
                 store=store,
             ),
         )
@@ -270,21 +289,31 @@ class CloudService:
             parsed = topics.parse(topic)
         except FogpayError:
             parsed = None
-        if parsed is None or (parsed.fog_id is None and parsed.kind in _HANDLED):
+        if parsed is None:
             self._count("message_dropped")
             log.warning("message_dropped", cause="bad_topic", topic=topic[:120])
             return
-        if parsed.kind not in _HANDLED or parsed.fog_id is None:
+        if parsed.kind not in _HANDLED:
             self._count("message_ignored")  # amqtt sends every retained message on CONNECT
             return
         bytes_max = _HANDLED[parsed.kind]
-        kind = "batch" if parsed.kind is Kind.BATCH else "lease"
+        if parsed.kind is Kind.HELD_RECORDS:
+            assert parsed.key is not None
+            if not payload or len(payload) > bytes_max:
+                self._count("held_dropped")
+                log.warning("held_dropped", cause="size", size=len(payload))
+                return
+            self._put(self._held, (parsed.key, payload), "held_dropped")
+            return
+        assert parsed.fog_id is not None
+        kind = "lease" if parsed.kind in (Kind.LEASE_REQUEST, Kind.LEASE_REPORT) else "batch"
         if not payload or len(payload) > bytes_max:
             self._count(f"{kind}_dropped")
             log.warning(f"{kind}_dropped", cause="size", fog_id=parsed.fog_id, size=len(payload))
             return
-        if parsed.kind is Kind.BATCH:
-            if self._put(self._batches, (parsed.fog_id, payload), "batch_dropped"):
+        if kind == "batch":
+            relayed = parsed.kind is Kind.RELAY
+            if self._put(self._batches, (parsed.fog_id, payload, relayed), "batch_dropped"):
                 if self._prefetch is not None:
                     self._prefetch.prefetch(payload)
         else:
@@ -304,7 +333,7 @@ class CloudService:
 
     async def _worker(self) -> None:
         while True:
-            if self._leases.empty() and self._batches.empty():
+            if self._leases.empty() and self._held.empty() and self._batches.empty():
                 if self._stopping.is_set():
                     return
                 self._wake.clear()
@@ -313,12 +342,15 @@ class CloudService:
             if not self._leases.empty():
                 kind, payload = self._leases.get_nowait()
                 await self._guarded(self._handle_lease(kind, payload), str(kind))
+            elif not self._held.empty():
+                device, payload = self._held.get_nowait()
+                await self._guarded(self._handle_held(device, payload), "held")
             elif not self._stopping.is_set():
-                fog_id, wire = self._batches.get_nowait()
-                await self._guarded(self._handle_batch(fog_id, wire), "batch")
+                fog_id, wire, relayed = self._batches.get_nowait()
+                await self._guarded(self._handle_batch(fog_id, wire, relayed), "batch")
             else:
                 while not self._batches.empty():  # stopping: left to the fogs' resend
-                    _, wire = self._batches.get_nowait()
+                    _, wire, _ = self._batches.get_nowait()
                     if self._prefetch is not None:
                         self._prefetch.discard(wire)
                 return
@@ -348,17 +380,41 @@ class CloudService:
                 self._count("leases_closed", len(out))
             await self._publish_locked(out)
 
-    async def _handle_batch(self, fog_id: str, wire: bytes) -> None:
+    async def _handle_batch(self, fog_id: str, wire: bytes, relayed: bool = False) -> None:
         async with self._lock:
-            # the core checks the topic against the header it verified (decoded once)
-            outcome = await self.core.ingest_batch(wire, topic=topics.batch_topic(fog_id))
+            # the core checks the topic against the header it verified (decoded once); a
+            # relayed batch is the header's fog's, whoever carried it
+            if relayed:
+                outcome = await self.core.ingest_batch(
+                    wire, topic=topics.relay_topic(fog_id), relayed_by=fog_id
+                )
+            else:
+                outcome = await self.core.ingest_batch(wire, topic=topics.batch_topic(fog_id))
             if outcome.status is Status.DROPPED:
                 self._count("batch_dropped")
                 return  # logged by the core (batch_dropped, cause=topic_mismatch)
             self._count(f"batches_{outcome.status}")
+            if relayed:
+                self._count("batches_relayed")
             self._log_outcome(outcome)
             self._count("leases_closed", sum(1 for _, p in outcome.publish if not p))
             await self._publish_locked(outcome.publish)
+
+    async def _handle_held(self, device: bytes, payload: bytes) -> None:
+        async with self._lock:
+            judged, published = await self.core.held_upload(payload, device)
+            if judged.refused:
+                self._count("held_refused")  # logged by the core (held_refused)
+                return
+            if judged.deferred:
+                self._count("held_deferred")  # no hack: the device uploads again
+                return
+            self._count("held_answered")
+            retained = [(p.topic, p.payload) for p in published if p.retain]
+            self._count("leases_closed", sum(1 for _, p in retained if not p))
+            await self._publish_locked(retained)
+            hacks = [(p.topic, p.payload) for p in published if not p.retain]
+            await self._publish_locked(hacks, retain=False)
 
     def _log_outcome(self, out: IngestOutcome) -> None:
         ctx = {"fog_id": out.fog_id, "batch": out.number}
@@ -374,9 +430,10 @@ class CloudService:
 
     # ---- publishing -------------------------------------------------------------------
 
-    async def _publish_locked(self, items: Publish) -> None:
+    async def _publish_locked(self, items: Publish, *, retain: bool = True) -> None:
         """Publish ``items`` retained (caller holds the lock); a failure is counted and
-        repaired by the full publish after the reconnect."""
+        repaired by the full publish after the reconnect. ``retain=False``: an answer (the
+        ``hack``), not state: a lost one is answered again when the device resends."""
         client = self._client
         if client is None:
             self._count("publish_failed", len(items))
@@ -384,7 +441,7 @@ class CloudService:
         publisher = Publisher(
             client, in_flight_max=PUBLISH_CONCURRENT_MAX, timeout_s=PUBLISH_TIMEOUT_S
         )
-        results = await publisher.publish_all(items, retain=True)
+        results = await publisher.publish_all(items, retain=retain)
         for (topic, payload), result in zip(items, results, strict=True):
             if result is not None:
                 self._published.pop(topic, None)
@@ -392,6 +449,8 @@ class CloudService:
                 log.warning("publish_failed", topic=topic[:120], error=type(result).__name__)
                 continue
             self._count("published")
+            if not retain:
+                continue
             if payload:
                 self._published[topic] = _digest(payload)
             else:
@@ -441,6 +500,7 @@ class CloudService:
                 at_ms=self._clock(),
                 batches_queued=self._batches.qsize(),
                 leases_queued=self._leases.qsize(),
+                held_queued=self._held.qsize(),
                 **self.counters,
             )
 

@@ -84,6 +84,12 @@ async def _receipts_total(tx: Tx, period_id: str) -> dict[str, int]:
         "AND r.number = t.number AND r.position = t.position WHERE t.period = ?",
         (period_id,),
     )
+    # booked from a device's upload and in no batch yet (docs/protocol.md 17.8)
+    rows += await tx.fetchall(
+        "SELECT h.record FROM transfers t JOIN held_records h ON h.intent_id = t.intent_id "
+        "WHERE t.period = ? AND t.number = 0",
+        (period_id,),
+    )
     out: dict[str, int] = {}
     for (record,) in rows:
         intent_env, _ = decode_record(bytes(record))

@@ -6,6 +6,10 @@ A device's whole durable state is a small directory::
     seq             highest sequence number reserved, decimal; replaced atomically, fsynced
     receipts.jsonl  one verified ok receipt per line, appended and fsynced: the device's
                     proof of payment
+    held.jsonl      the ok receipts with their intents (batch records) the cloud has not
+                    said it booked: appended and fsynced with each receipt, rewritten
+                    atomically when a ``hack`` lists some (docs/protocol.md 17.7); at most
+                    ``held_max`` records; beyond, the oldest eighth is dropped (``held_evicted``)
 
 Sequence numbers (spec: ``q`` strictly increasing over the device's whole life) are reserved
 in blocks of ``seq_block``: before the first ``q`` of a block is used, the block's last number
@@ -21,6 +25,11 @@ seals an intent, publishes it with QoS 1, waits for the receipt, and on timeout 
 receipt, byte for byte). A receipt counts only if it verifies under the fog's key and its
 ``i``, ``d`` and ``q`` match an intent in flight; anything else is logged and ignored. One
 payment per device is in flight at a time, so a device's intents reach the fog in ``q`` order.
+
+Held receipts: a fog that loses its disk loses the records it had not handed on; the device
+still holds them. ``Device.upload_held(client, issuer_key=...)`` publishes them (16 per
+``held`` payload) on ``fogpay/1/held/{device_hex}/records`` and waits for the cloud's
+``hack`` on ``.../ack``; the records it lists (booked, or refused with a fault) are forgotten.
 
 Latency: an intent is one small write. With Nagle's algorithm on, the kernel holds it back
 while an earlier segment is unacknowledged, and the broker delays its ACK up to ~40 ms: a
@@ -46,7 +55,9 @@ import nacl.signing
 import structlog
 
 from protocol import limits, sealed, topics
+from protocol.batch import encode_record
 from protocol.errors import Declined, FogpayError, TopicError
+from protocol.held import HELD_RECORDS_MAX, HeldAck, encode_held
 from protocol.messages import Intent, Receipt, encode_body
 from protocol.reasons import Reason
 from protocol.signing import (
@@ -66,6 +77,10 @@ log = structlog.get_logger(component="edge")  # every edge line names it (runtim
 KEY_FILE: Final = "device.key"
 SEQ_FILE: Final = "seq"
 RECEIPTS_FILE: Final = "receipts.jsonl"
+HELD_FILE: Final = "held.jsonl"
+HELD_MAX_DEFAULT: Final = 4_096  # records kept for upload (about 1.7 MB of file at most)
+HELD_MAX: Final = 1_000_000
+UPLOAD_TIMEOUT_S_DEFAULT: Final = 5.0
 SEQ_BLOCK_DEFAULT: Final = 32
 SEQ_BLOCK_MAX: Final = 1_000_000
 PAY_TIMEOUT_S_DEFAULT: Final = 5.0
@@ -95,6 +110,16 @@ class PaymentDeclined(PaymentError):
         super().__init__(f"payment declined: {reason}")
         self.reason = reason
         self.receipt = receipt
+
+
+@dataclass(frozen=True, slots=True)
+class UploadResult:
+    """What ``Device.upload_held`` achieved."""
+
+    booked: list[bytes]  # intent ids the cloud lists as booked (by this upload or before)
+    refused: list[tuple[bytes, str]]  # (intent id, fault) the cloud will not book
+    unanswered: int  # records sent that no hack answered (still held)
+    held: int  # records still held after the upload
 
 
 class PaymentTimeout(PaymentError):
@@ -130,8 +155,10 @@ class Device:
         clock: Callable[[], int],
         sealing: bool = False,
         memo_recipient: bytes | None = None,
+        held_max: int = HELD_MAX_DEFAULT,
     ) -> None:
         assert 1 <= seq_block <= SEQ_BLOCK_MAX
+        assert 1 <= held_max <= HELD_MAX
         self.state_dir = state_dir
         self._key = key
         self.public_key = public_key(key)
@@ -150,6 +177,8 @@ class Device:
         self._seq_reserved = self._read_seq()
         self._seq_next = self._seq_reserved + 1
         self._receipt_ids = self._load_receipt_ids()
+        self._held_max = held_max
+        self._held = self._load_held()  # intent id -> record, oldest first
         self.lock = asyncio.Lock()  # one payment in flight per device
 
     @classmethod
@@ -163,6 +192,7 @@ class Device:
         clock: Callable[[], int] = time_ms,
         sealing: bool = False,
         memo_recipient: bytes | None = None,
+        held_max: int = HELD_MAX_DEFAULT,
     ) -> "Device":
         """Open (or create, with a new key) the device whose state lives in ``state_dir``.
 
@@ -185,6 +215,7 @@ class Device:
             clock=clock,
             sealing=sealing,
             memo_recipient=memo_recipient,
+            held_max=held_max,
         )
 
     @property
@@ -294,9 +325,14 @@ class Device:
                 continue  # a torn last line after a crash: that receipt was never returned
         return ids
 
-    def store_receipt(self, receipt: Signed[Receipt]) -> None:
-        """Append a verified ok receipt (idempotent by intent id), durable on return."""
+    def store_receipt(self, receipt: Signed[Receipt], intent: Signed[Intent] | None = None) -> None:
+        """Append a verified ok receipt (idempotent by intent id), durable on return. With
+        its ``intent``, the record is also held for upload until the cloud says it booked
+        it (written first: a receipt this returns is always held)."""
         assert receipt.msg.ok and receipt.msg.device == self.public_key
+        if intent is not None:
+            assert answers(receipt, intent)
+            self._hold(intent, receipt)
         if receipt.msg.intent_id in self._receipt_ids:
             return
         line = json.dumps(
@@ -312,6 +348,145 @@ class Device:
             f.flush()
             os.fsync(f.fileno())
         self._receipt_ids.add(receipt.msg.intent_id)
+
+    # --- held records (docs/protocol.md 17.7) -------------------------------------------
+
+    def _load_held(self) -> dict[bytes, bytes]:
+        path = self.state_dir / HELD_FILE
+        held: dict[bytes, bytes] = {}
+        if not path.exists():
+            return held
+        if path.stat().st_size > RECEIPTS_FILE_BYTES_MAX:
+            raise DeviceStateError(f"{path}: larger than {RECEIPTS_FILE_BYTES_MAX} bytes")
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                held[bytes.fromhex(rec["i"])] = bytes.fromhex(rec["r"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash: that receipt was never returned
+        return held
+
+    def _hold(self, intent: Signed[Intent], receipt: Signed[Receipt]) -> None:
+        if intent.id in self._held:
+            return
+        record = encode_record(intent.raw, receipt.raw)
+        self._held[intent.id] = record
+        if len(self._held) > self._held_max:
+            # full: drop the oldest eighth at once, so the file is rewritten once per
+            # held_max / 8 payments, not at every one
+            keep = self._held_max - max(1, self._held_max // 8)
+            evicted = len(self._held) - keep
+            for old in list(self._held)[:evicted]:
+                del self._held[old]
+            log.warning("held_evicted", device=self.key_hex[:16], evicted=evicted)
+            self._write_held()
+            return
+        line = json.dumps({"i": intent.id.hex(), "r": record.hex()})
+        with open(self.state_dir / HELD_FILE, "a", encoding="ascii") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_held(self) -> None:
+        lines = "".join(
+            json.dumps({"i": i.hex(), "r": r.hex()}) + "\n" for i, r in self._held.items()
+        )
+        write_atomic(self.state_dir / HELD_FILE, lines.encode("ascii"))
+
+    def held_records(self) -> list[bytes]:
+        """The records (intent, ok receipt) no ``hack`` has listed yet, oldest first."""
+        return list(self._held.values())
+
+    def apply_hack(self, payload: bytes, issuer_key: bytes) -> HeldAck | None:
+        """Forget the records a ``hack`` lists (booked, or refused with a fault: the cloud
+        will never book those); the file is rewritten atomically. Returns the hack, or None
+        if it is not the issuer's answer to this device (logged, nothing changes)."""
+        try:
+            ack = open_envelope(payload, HeldAck, signer=issuer_key).msg
+        except Declined as exc:
+            log.warning("hack_ignored", device=self.key_hex[:16], reason=str(exc.reason))
+            return None
+        if ack.device != self.public_key:
+            log.warning("hack_ignored", device=self.key_hex[:16], reason="not_this_device")
+            return None
+        listed = [*ack.booked, *(i for i, _ in ack.faults)]
+        gone = [i for i in listed if self._held.pop(i, None) is not None]
+        if gone:
+            self._write_held()
+        for intent_id, fault in ack.faults:
+            log.warning(
+                "held_not_booked",
+                device=self.key_hex[:16],
+                intent=intent_id.hex()[:16],
+                fault=fault,
+            )
+        return ack
+
+    async def upload_held(
+        self,
+        client: aiomqtt.Client,
+        *,
+        issuer_key: bytes,
+        timeout_s: float = UPLOAD_TIMEOUT_S_DEFAULT,
+        retries_max: int = RETRIES_MAX_DEFAULT,
+    ) -> UploadResult:
+        """Hand the held records to the cloud over ``client`` (whose message stream this call
+        reads while it runs): 16 per ``held`` payload, each sent again (same bytes) after
+        ``timeout_s`` until a ``hack`` answers every record in it, ``retries_max`` times."""
+        assert 0 <= retries_max <= RETRIES_MAX and timeout_s > 0
+        ack_topic = topics.held_ack_topic(self.public_key)
+        answered: dict[bytes, str | None] = {}  # intent id -> None (booked) or the fault
+        changed = asyncio.Event()
+
+        async def read() -> None:
+            async for message in client.messages:
+                payload = message.payload
+                if str(message.topic) != ack_topic or not isinstance(payload, bytes | bytearray):
+                    continue
+                ack = self.apply_hack(bytes(payload), issuer_key)
+                if ack is not None:
+                    answered.update((i, None) for i in ack.booked)
+                    answered.update(ack.faults)
+                    changed.set()
+
+        unanswered = 0
+        async with self.lock:
+            await client.subscribe(ack_topic, qos=1)
+            reader = asyncio.create_task(read(), name="edge.upload.read")
+            try:
+                held = list(self._held.items())
+                for start in range(0, len(held), HELD_RECORDS_MAX):
+                    chunk = held[start : start + HELD_RECORDS_MAX]
+                    payload = encode_held([r for _, r in chunk])
+                    ids = {i for i, _ in chunk}
+                    for attempt in range(1 + retries_max):
+                        if attempt:
+                            log.info("held_resent", device=self.key_hex[:16], records=len(ids))
+                        await client.publish(topics.held_topic(self.public_key), payload, qos=1)
+                        if await _wait_answered(ids, answered, changed, timeout_s, reader):
+                            break
+                    unanswered += len(ids - answered.keys())
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await reader
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.unsubscribe(ack_topic, timeout=UNSUBSCRIBE_TIMEOUT_S)
+        result = UploadResult(
+            booked=[i for i, f in answered.items() if f is None],
+            refused=[(i, f) for i, f in answered.items() if f is not None],
+            unanswered=unanswered,
+            held=len(self._held),
+        )
+        log.info(
+            "held_uploaded",
+            device=self.key_hex[:16],
+            booked=len(result.booked),
+            refused=len(result.refused),
+            unanswered=unanswered,
+            held=result.held,
+        )
+        return result
 
     def receipts(self) -> list[Signed[Receipt]]:
         """Every stored receipt, re-verified under the fog key it was stored with."""
@@ -353,6 +528,33 @@ class Device:
                 timeout_s=timeout_s,
                 retries_max=retries_max,
             )
+
+
+async def _wait_answered(
+    ids: set[bytes],
+    answered: dict[bytes, str | None],
+    changed: asyncio.Event,
+    timeout_s: float,
+    reader: "asyncio.Task[None]",
+) -> bool:
+    """Wait until every id is answered (True) or ``timeout_s`` passes (False); the reader's
+    failure (the connection died) is raised."""
+    waiter: asyncio.Task[bool] | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not ids <= answered.keys():
+                changed.clear()
+                waiter = asyncio.create_task(changed.wait())
+                done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    reader.result()  # raises what ended it
+                    raise aiomqtt.MqttError("the message stream ended")
+    except TimeoutError:
+        return False
+    finally:
+        if waiter is not None:
+            waiter.cancel()
+    return True
 
 
 def client_socket(client: aiomqtt.Client) -> socket.socket | None:
@@ -534,7 +736,7 @@ class DeviceSession:
             assert receipt.msg.reason is not None
             bound.info("payment_declined", reason=str(receipt.msg.reason))
             raise PaymentDeclined(receipt.msg.reason, receipt)
-        device.store_receipt(receipt)
+        device.store_receipt(receipt, intent)
         bound.info("payment_authorized", amount_micros=intent.msg.amount_micros)
         return receipt
 

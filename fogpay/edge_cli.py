@@ -1,4 +1,5 @@
-"""``fogpay edge simulate`` (load simulator) and ``fogpay edge pay`` (one payment).
+"""``fogpay edge simulate`` (load simulator), ``fogpay edge pay`` (one payment) and ``fogpay
+edge upload`` (hand the receipts a device holds to the cloud, docs/protocol.md 17.7).
 
 Both talk to a fog given either as ``--sandbox DIR`` (reads DIR/sandbox.json; the simulator
 then registers its devices in the sandbox's cloud registry, DIR/cloud.sqlite: an owner, one
@@ -381,6 +382,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--memo", help="memo (text, <= 64 bytes)")
     p.set_defaults(func=cmd_pay)
+    p = cmds.add_parser(
+        "upload",
+        help="hand the receipts the device in --state holds to the cloud (prints JSON)",
+        parents=[json_option()],
+    )
+    _target_args(p)
+    p.add_argument("--state", required=True, type=Path, help="device state dir")
+    p.add_argument("--issuer", help="the issuer's public key (hex); --sandbox gives it")
+    p.set_defaults(func=cmd_upload)
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
@@ -452,6 +462,49 @@ async def pay_once(args: argparse.Namespace) -> dict[str, Any]:
         "log_index": r.log_index,
         "lease": r.lease_id.hex() if r.lease_id else None,
     }
+
+
+async def upload_once(args: argparse.Namespace) -> dict[str, Any]:
+    target = target_from_args(args)
+    if args.issuer is not None:
+        try:
+            issuer_key = bytes.fromhex(args.issuer)
+        except ValueError:
+            raise UsageError("--issuer: not hex") from None
+    elif target.issuer is not None:
+        issuer_key = public_key(target.issuer)
+    else:
+        raise UsageError("--issuer: the issuer's public key is needed to check its answers")
+    if not is_valid_public_key(issuer_key):
+        raise UsageError("--issuer: not a valid Ed25519 public key")
+    device = Device.open(args.state, fog_id=target.fog_id, fog_key=target.fog_key)
+    held = len(device.held_records())
+    if held == 0:
+        return {"device": device.key_hex, "sent": 0, "booked": 0, "refused": [], "held": 0}
+    async with connected(target.broker, "upload") as client:
+        result = await device.upload_held(
+            client, issuer_key=issuer_key, timeout_s=args.timeout, retries_max=args.retries
+        )
+    return {
+        "device": device.key_hex,
+        "sent": held,
+        "booked": len(result.booked),
+        "refused": [{"intent": i.hex(), "fault": f} for i, f in result.refused],
+        "unanswered": result.unanswered,
+        "held": result.held,
+    }
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Exit 0 when the cloud answered every record held, 1 otherwise (no answer: the cloud
+    or the bridge to it is unreachable; the records stay held for the next upload)."""
+    configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
+    try:
+        result = asyncio.run(upload_once(args))
+    except (FogpayError, KeyFileError, aiomqtt.MqttError, OSError) as exc:
+        return _error("upload", exc)
+    print(json.dumps(result, sort_keys=True))
+    return 0 if result.get("unanswered", 0) == 0 else 1
 
 
 def cmd_pay(args: argparse.Namespace) -> int:

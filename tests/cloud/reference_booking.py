@@ -26,6 +26,7 @@ def plan(batch: CheckedBatch, state: BookState) -> Plan:
         assert rec.intent_id is not None
         if rec.intent_id in state.booked:
             out.duplicates += 1
+            out.duplicate_ids.append((rec.position, rec.intent_id))
             continue
         fault = _book(batch.header.fog_id, rec, state, out)
         if fault is not None:

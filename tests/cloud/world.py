@@ -202,6 +202,7 @@ STATE_TABLES = (
     "batches",
     "records",
     "held",
+    "held_records",
     "chains",
     "rejected",
     "alarms",
