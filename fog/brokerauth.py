@@ -175,15 +175,25 @@ def allowed(account: Account, topic: str, *, write: bool) -> bool:
     if account.role == ROLE_OPERATOR:
         return True
     if account.role == ROLE_DEVICE:
-        me = account.username
-        if write:
-            return _covers(f"{ROOT}/+/intent/{me}", topic)
-        return _covers(f"{ROOT}/+/receipt/{me}", topic) or _covers(f"{ROOT}/trust/#", topic)
+        return _device_may(account.username, topic, write=write)
     if account.role == ROLE_SHARED_DEVICE:  # a device's rights, for every device (docstring)
-        if write:
-            return _covers(f"{ROOT}/+/intent/+", topic)
-        return _covers(f"{ROOT}/+/receipt/+", topic) or _covers(f"{ROOT}/trust/#", topic)
+        return _device_may("+", topic, write=write)
     return False
+
+
+def _device_may(me: str, topic: str, *, write: bool) -> bool:
+    """A device (``me``: its key in hex, or ``+`` for the shared account): its intents and
+    the receipts it holds (docs/protocol.md 17.7) out; its receipts, its held records'
+    answers and the trust material in."""
+    if write:
+        return _covers(f"{ROOT}/+/intent/{me}", topic) or _covers(
+            f"{ROOT}/held/{me}/records", topic
+        )
+    return (
+        _covers(f"{ROOT}/+/receipt/{me}", topic)
+        or _covers(f"{ROOT}/held/{me}/ack", topic)
+        or _covers(f"{ROOT}/trust/#", topic)
+    )
 
 
 def fixed_accounts(users: Mapping[str, Mapping[str, str]]) -> dict[str, Account]:

@@ -167,11 +167,17 @@ async def can_login(port: int, user: str, password: str) -> bool:
 
 
 async def check_device_rights(
-    port: int, a: tuple[str, str], b_key: str, op: tuple[str, str], fog: str
+    port: int,
+    a: tuple[str, str],
+    b_key: str,
+    op: tuple[str, str],
+    fog: str,
+    held_op: tuple[str, str] | None = None,
 ) -> None:
     """Device A: its own intent goes through, B's does not; it reads its own receipts and
     trust, never B's receipts. ``op`` is an account that may write receipts and trust and
-    read intents."""
+    read intents; ``held_op`` one that reads held records and writes their answers (default
+    ``op``)."""
     a_key = a[0]
     async with client(port, *op, identifier="op") as o:
         await o.subscribe(intent(fog, "+"), qos=1)
@@ -195,6 +201,23 @@ async def check_device_rights(
         async with client(port, *a, identifier="a-write2") as dev:
             await dev.publish(intent(fog, a_key), b"A's intent", qos=1)
         assert await first_of(o, {b"A's intent"}) == [b"A's intent"]
+    # held receipts (docs/protocol.md 17.7): A hands in its own and reads its own answers only
+    async with client(port, *(held_op or op), identifier="op-held") as o:
+        await o.subscribe("fogpay/1/held/+/records", qos=1)
+        async with client(port, *a, identifier="a-held") as dev:
+            await dev.subscribe(f"fogpay/1/held/{b_key}/ack", qos=1)
+            await dev.subscribe(f"fogpay/1/held/{a_key}/ack", qos=1)
+            await o.publish(f"fogpay/1/held/{b_key}/ack", b"B's hack", qos=1)
+            await o.publish(f"fogpay/1/held/{a_key}/ack", b"A's hack", qos=1)
+            assert await first_of(dev, {b"A's hack"}) == [b"A's hack"]
+        try:
+            async with client(port, *a, identifier="a-held-forge") as dev:
+                await dev.publish(f"fogpay/1/held/{b_key}/records", b"forged held", qos=1)
+        except aiomqtt.MqttError:
+            pass  # the embedded broker closes a connection at a denied publish
+        async with client(port, *a, identifier="a-held-own") as dev:
+            await dev.publish(f"fogpay/1/held/{a_key}/records", b"A's held", qos=1)
+        assert await first_of(o, {b"A's held"}) == [b"A's held"]
 
 
 async def test_roles_on_the_embedded_broker(tmp_path: Path, world: World, embedded: int) -> None:
@@ -229,7 +252,8 @@ async def test_roles_on_mosquitto_with_the_shipped_acl(tmp_path: Path, world: Wo
         tmp_path, port, deploy_conf("fogpay-server.conf", tmp_path, port, passwd)
     )
     try:
-        await check_device_rights(port, login(a), login(b)[0], (FOG, "fog-pw"), FOG)
+        issuer = ("issuer", "issuer-pw")  # it reads held records and answers them
+        await check_device_rights(port, login(a), login(b)[0], (FOG, "fog-pw"), FOG, issuer)
         assert not await can_login(port, login(a)[0], login(b)[1])
         # the issuer may publish trust; a device's trust write never reaches a reader
         async with client(port, *login(b), identifier="b") as reader:
