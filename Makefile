@@ -36,6 +36,7 @@ vectors: $(STAMP)
 	$(BIN)/python -m protocol.vectors
 	$(BIN)/python -m protocol.leasing_vectors
 	$(BIN)/python -m protocol.sealed_vectors
+	$(BIN)/python -m protocol.replica_vectors
 
 bench: $(STAMP)
 	$(BIN)/python bench/fog.py
