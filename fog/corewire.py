@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgpack
 
 from fog.authorize import Policy
-from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.core import (
     Alarm,
     BatchSend,
@@ -53,6 +53,7 @@ from fog.core import (
     TrustMessage,
     Wake,
 )
+from fog.replicas import ReplicaEvent
 from fog.schema import StoreError, StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
@@ -86,6 +87,7 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Alarm,
     Wake,
     Counters,
+    ReplicaEvent,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))
 _OUTCOME_VALUES: Final = operator.attrgetter(*_OUTCOME_FIELDS)
@@ -237,13 +239,15 @@ def open_frame(path: str, seed: bytes, config: CoreConfig) -> bytes:
             dataclasses.asdict(config.batch),
             dataclasses.asdict(config.uplink),
             dataclasses.asdict(config.lease),
+            dataclasses.asdict(config.federation),
         ]
     )
 
 
 def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
     try:
-        path, seed, fog_id, issuer, policy, batch, uplink, lease = unpack(body)
+        path, seed, fog_id, issuer, policy, batch, uplink, lease, federation = unpack(body)
+        federation["peers"] = tuple(federation["peers"])
         config = CoreConfig(
             fog_id=fog_id,
             issuer_key=issuer,
@@ -251,6 +255,7 @@ def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
             batch=BatchConfig(**batch),
             uplink=UplinkConfig(**uplink),
             lease=LeaseConfig(**lease),
+            federation=FederationConfig(**federation),
         )
     except (TypeError, ValueError) as exc:
         raise CoreWireError(f"bad open frame: {exc}") from exc

@@ -73,11 +73,12 @@ from fog.core import (
 )
 from fog.latency import Histogram
 from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
+from fog.replicas import ReplicaEvent
 from fog.schema import open_problem
 from fog.store import Arrival, Outcome
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
-from protocol import topics
+from protocol import limits, topics
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind
 from runtime.keyfile import load_key_file
@@ -254,6 +255,7 @@ class FogDaemon:
             batch=c.batch,
             uplink=c.uplink,
             lease=c.lease,
+            federation=c.federation,
         )
         key = self._fog_key or load_key_file(c.key_file)
         core: FogCore | CoreProcess
@@ -393,6 +395,8 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
+        if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip
+            filters += [topics.gossip_filter(fog_id), topics.ACK_FILTER]
 
         async def session(client: aiomqtt.Client) -> None:
             await self._session(client, ready, filters=len(filters))
@@ -469,7 +473,7 @@ class FogDaemon:
         if parsed.kind is Kind.INTENT:
             self._enqueue_intent(parsed, payload)
             return
-        if len(payload) > TRUST_PAYLOAD_BYTES_MAX:
+        if len(payload) > _payload_max(parsed.kind):
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="too_large", size=len(payload))
             return
@@ -708,8 +712,25 @@ class FogDaemon:
                     self._log.error(out.event, error=out.error)
                 case Counters():
                     self._core_counters = out.as_dict()
-                case Receipt() | Publish():
+                case Publish():  # gossip to a peer fog, or a relay to the cloud
+                    await self._publish_up(out.topic, out.payload)
+                case ReplicaEvent():
+                    self._replica_event(out)
+                case Receipt():
                     raise AssertionError(f"{type(out).__name__} outside its input")
+
+    def _replica_event(self, out: ReplicaEvent) -> None:
+        """Replication (fog/replicas.py): one log line and one counter per event."""
+        self._count(out.event)
+        fields = {"origin": out.origin, "batch": out.number, "detail": out.detail}
+        if out.event in ("replica_fork", "replica_full"):
+            self._log.error(out.event, **fields)
+        elif out.event == "replica_refused":
+            self._log.warning(out.event, **fields)
+        elif out.event in ("replica_stored", "replica_acked") and not self._debug:
+            return  # one per batch per peer: counted, logged at debug
+        else:
+            self._log.info(out.event, **fields)
 
     def _trust_loaded(self, out: TrustLoaded) -> None:
         self._count(f"{out.msg_type}_{out.status}")
@@ -760,3 +781,8 @@ class FogDaemon:
                 **self._answer_time.take("answer_ms"),
                 **self._store_time.take("store_ms"),
             )
+
+
+def _payload_max(kind: Kind) -> int:
+    """A batch offered by a peer is as large as a batch; everything else is trust-sized."""
+    return limits.BATCH_WIRE_BYTES_MAX if kind is Kind.GOSSIP_BATCH else TRUST_PAYLOAD_BYTES_MAX
