@@ -135,7 +135,10 @@ def verify_batch(wire: bytes, keys_of: Callable[[str], list[bytes]]) -> Verified
         raise Declined(Reason.MALFORMED, "batch: too large")
     header_env, records = decode_batch(wire)
     header, header_id, signer = open_message(header_env, BatchHeader)
-    if signer not in keys_of(header.fog_id):
+    keys = keys_of(header.fog_id)
+    if not keys:  # its credential has not arrived yet: the origin sends again
+        raise Declined(Reason.BAD_SIGNATURE, f"batch: unknown fog {header.fog_id}")
+    if signer not in keys:
         raise Declined(Reason.BAD_SIGNATURE, f"batch: not signed by fog {header.fog_id}")
     if header.count != len(records):
         raise Declined(Reason.MALFORMED, "batch: n differs from the records")
@@ -263,7 +266,10 @@ class Replication:
         except Declined as exc:
             return [_ev("replica_refused", "", 0, exc.detail)]
         r = signed.msg
-        if r.origin != self.fog_id or signed.signer not in fog_keys(self.conn, r.holder):
+        keys = fog_keys(self.conn, r.holder)
+        if not keys:  # its credential has not arrived yet: the holder answers again
+            return [_ev("replica_refused", r.origin, r.number, f"unknown fog {r.holder}")]
+        if r.origin != self.fog_id or signed.signer not in keys:
             return [
                 _ev(
                     "replica_refused",
@@ -343,7 +349,10 @@ class Replication:
         except Declined as exc:
             return [_ev("replica_refused", "", 0, exc.detail)]
         f = signed.msg
-        if signed.signer not in fog_keys(self.conn, f.fog_id):
+        keys = fog_keys(self.conn, f.fog_id)
+        if not keys:
+            return [_ev("replica_refused", f.fog_id, f.from_number, f"unknown fog {f.fog_id}")]
+        if signed.signer not in keys:
             return [_ev("replica_refused", f.fog_id, f.from_number, "fetch not signed by its fog")]
         rows = self.conn.execute(
             "SELECT number, wire FROM replicas WHERE origin = ? AND number >= ? "

@@ -81,12 +81,19 @@ def summary(results: list[Result]) -> str:
             totals[k] = totals.get(k, 0) + v
     bad = sum(1 for r in results if not r.ok)
     crashes = totals.get("fog_crashes", 0) + totals.get("cloud_crashes", 0)
+    at_risk = max((r.stats.get("records_at_risk_max", 0) for r in results), default=0)
     return (
         f"{len(results)} seeds, {bad} violations, {totals.get('payments', 0)} payments, "
         f"{totals.get('receipts_ok', 0)} ok receipts, {crashes} crashes, "
         f"{totals.get('partitions', 0)} partitions, {totals.get('net_dropped', 0)} dropped, "
         f"{totals.get('leases_stranded', 0)} leases stranded, "
-        f"{totals.get('steps', 0)} steps"
+        f"{totals.get('steps', 0)} steps; federation: "
+        f"{totals.get('disk_losses', 0)} disks lost, {totals.get('fogs_restored', 0)} fogs "
+        f"restored ({totals.get('records_restored', 0)} records), "
+        f"{totals.get('fogs_dead', 0)} unrecoverable, "
+        f"{totals.get('receipts_lost_with_disk', 0)} device receipts to upload, "
+        f"{totals.get('peer_partitions', 0)} peer partitions, "
+        f"records at risk max {at_risk}"
     )
 
 

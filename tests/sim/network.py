@@ -29,6 +29,8 @@ Deliver = Callable[[str, str, bytes], object]  # (destination, topic, payload)
 def label(topic: str) -> str:
     """A short name for a topic in a trace line."""
     levels = topic.split("/")
+    if levels[2] == "gossip":
+        return levels[4]
     return (
         levels[-2]
         if levels[-2] in ("intent", "receipt", "lease", "bind", "revoke")
@@ -50,11 +52,14 @@ class Network:
         self._deliver = deliver
         self.down: set[str] = set()
         self.cut: set[str] = set()  # fogs whose link to the cloud is cut
+        self.peer_cut: set[frozenset[str]] = set()  # fog-to-fog links cut (both ways)
         self.retained: dict[str, bytes] = {}
         self.counts: dict[str, int] = {"sent": 0, "dropped": 0, "duplicated": 0}
 
     def blocked(self, src: str, dst: str) -> bool:
         if dst in self.down or src in self.down:
+            return True
+        if frozenset((src, dst)) in self.peer_cut:
             return True
         return (src == CLOUD and dst in self.cut) or (dst == CLOUD and src in self.cut)
 
@@ -90,7 +95,9 @@ class Network:
             return []
         if parsed.kind in TRUST_KINDS:
             return list(self._fog_ids)
-        if parsed.kind in (Kind.LEASE, Kind.ACK) and parsed.fog_id in self._fog_ids:
+        if parsed.kind is Kind.ACK:  # its fog, and every fog with peers (ACK_FILTER)
+            return list(self._fog_ids)
+        if parsed.kind is Kind.LEASE and parsed.fog_id in self._fog_ids:
             assert parsed.fog_id is not None
             return [parsed.fog_id]
         return []
