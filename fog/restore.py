@@ -62,6 +62,14 @@ def cloud_ack_number(payload: bytes | None, *, fog_id: str, issuer: bytes) -> in
     return ack.number if ack.fog_id == fog_id else 0
 
 
+def batch_number(wire: bytes) -> int:
+    """The batch number a wire's header states (0 if it does not decode); not verified."""
+    try:
+        return _header(decode_batch(wire)[0]).number
+    except Declined:
+        return 0
+
+
 def plan(
     wires: Iterable[bytes], *, fog_id: str, fog_public: bytes, cloud_acked: int
 ) -> RestorePlan:

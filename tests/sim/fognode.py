@@ -89,7 +89,7 @@ class Outputs:
     words: list[str] = field(default_factory=list)
     alarms: list[str] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
-    racced: list[int] = field(default_factory=list)  # our batches a peer newly holds
+    racced: list[tuple[int, str]] = field(default_factory=list)  # (our batch, its holder)
 
 
 class FogNode:
@@ -233,7 +233,7 @@ class FogNode:
                     out.words.append(f"{label(o.topic)} to {dst}")
                 case ReplicaEvent():
                     if o.event == "replica_acked":
-                        out.racced.append(o.number)
+                        out.racced.append((o.number, o.origin))  # origin: the holder here
                     if o.event == "replica_fetched":
                         self.last_fetched = o.number
                     transient = o.event == "replica_refused" and "unknown fog" in o.detail

@@ -35,6 +35,7 @@ import structlog
 from cloud import registry
 from cloud.leases import LeasePolicy
 from cloud.store import Tx
+from fog import restore
 from fog.restore import RestoreError
 from fog.store import Arrival
 from protocol import topics
@@ -171,6 +172,8 @@ class Simulation:
         self._tick_token: dict[str, int] = {}
         self.lost: set[str] = set()  # fogs whose file was destroyed, waiting for a restore
         self.dead: set[str] = set()  # fogs whose chain head was lost: down for good
+        # (origin, batch) -> holders whose racc the origin took: they hold it durably
+        self.held_by: dict[tuple[str, int], set[str]] = {}
 
     def describe(self) -> str:
         """The seed's drawn set-up, for a failure report."""
@@ -443,6 +446,8 @@ class Simulation:
         self.net.down.add(fog_id)
         self.lost.add(fog_id)
         self.count("disk_losses")
+        for holders in self.held_by.values():  # the replicas it held are gone with it
+            holders.discard(fog_id)
         assert self.checker is not None
         self.checker.disk_lost(fog_id, before_ms=self.sched.now_ms + MAX_SKEW_MS)
         down = self.rng.randint(50, max(50, self.mix.down_ms_max))
@@ -462,10 +467,10 @@ class Simulation:
             self.sched.after(1_000, f"restore {fog_id}", lambda: self._restore(fog_id))
             return "restore waits for its peers"
         now = self.sched.now_ms
-        wires: list[bytes] = []
-        for p in node.peers:
-            wires.extend(fetch_all(self.fogs[p], fog_id, node.key, now_ms=now))
+        per_peer = {p: fetch_all(self.fogs[p], fog_id, node.key, now_ms=now) for p in node.peers}
+        wires = [w for p in node.peers for w in per_peer[p]]
         ack = self.net.retained.get(topics.ack_topic(fog_id))
+        self.fail(self._fetched_all(fog_id, per_peer, ack))
         retired = [
             parsed.lease_id
             for t in self.net.retained
@@ -495,6 +500,30 @@ class Simulation:
             self.net.resubscribe(fog_id)
         self._after_fog(fog_id, out)
         return f"restored from its peers: {got} records"
+
+    def _fetched_all(
+        self, fog_id: str, per_peer: dict[str, list[bytes]], ack: bytes | None
+    ) -> list[str]:
+        """A racc is a promise: every batch a peer acked comes back to a fetch from it,
+        unless the peer pruned it after the cloud's ack (it then keeps a newer one of the
+        origin) or lost its own disk since."""
+        acked = restore.cloud_ack_number(ack, fog_id=fog_id, issuer=public_key(self.cast.issuer))
+        out = []
+        for peer, wires in sorted(per_peer.items()):
+            fetched = {restore.batch_number(w) for w in wires}
+            promised = [
+                n for (f, n), holders in self.held_by.items() if f == fog_id and peer in holders
+            ]
+            if not promised:
+                continue
+            missing = [n for n in sorted(promised) if n not in fetched and n > acked]
+            if missing or max(fetched, default=0) < max(promised):
+                out.append(
+                    f"{fog_id}: {peer} acked batches {sorted(promised)[-8:]} (cloud ack "
+                    f"{acked}), its fetch returned {sorted(fetched)[-8:]}"
+                )
+        self.held_by = {k: v for k, v in self.held_by.items() if k[0] != fog_id}
+        return out
 
     def _fog_crash(self, fog_id: str) -> None:
         self.fogs[fog_id].crash()
@@ -537,8 +566,9 @@ class Simulation:
         if out.alarms:
             raise Violation(f"{fog_id} core alarm: {'; '.join(out.alarms)}")
         assert self.checker is not None
-        for number in out.racced:  # what reached a peer must be booked in the end
+        for number, holder in out.racced:  # what reached a peer must be booked in the end
             self.checker.racced(fog_id, number)
+            self.held_by[(fog_id, number)] = self.held_by.get((fog_id, number), set()) | {holder}
         self.fail(self.checker.fog(fog_id, node.revoked_at))
         self.fail(self.checker.owners())
         if self.chaos and out.sends and self.rng.random() < self.mix.fog_crash / 2:
