@@ -53,6 +53,9 @@ class Network:
         self.down: set[str] = set()
         self.cut: set[str] = set()  # fogs whose link to the cloud is cut
         self.peer_cut: set[frozenset[str]] = set()  # fog-to-fog links cut (both ways)
+        # bumped when a fog's disk (and the broker on it, with its queues) is lost: what was
+        # in flight from or to it then never arrives
+        self.epoch: dict[str, int] = {}
         self.retained: dict[str, bytes] = {}
         self.counts: dict[str, int] = {"sent": 0, "dropped": 0, "duplicated": 0}
 
@@ -74,13 +77,16 @@ class Network:
         if self._rng.random() < mix.duplicate:
             copies = 2
             self.counts["duplicated"] += 1
+        epochs = (self.epoch.get(src, 0), self.epoch.get(dst, 0))
         for _ in range(copies):
             delay = LATENCY_MS + self._rng.randint(0, mix.delay_ms_max)
             what = f"deliver {src}->{dst} {label(topic)}"
-            self._sched.after(delay, what, lambda: self._arrive(src, dst, topic, payload))
+            self._sched.after(delay, what, lambda: self._arrive(src, dst, topic, payload, epochs))
 
-    def _arrive(self, src: str, dst: str, topic: str, payload: bytes) -> object:
-        if self.blocked(src, dst):
+    def _arrive(
+        self, src: str, dst: str, topic: str, payload: bytes, epochs: tuple[int, int]
+    ) -> object:
+        if self.blocked(src, dst) or epochs != (self.epoch.get(src, 0), self.epoch.get(dst, 0)):
             self.counts["dropped"] += 1
             return None
         return self._deliver(dst, topic, payload)

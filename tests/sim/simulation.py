@@ -444,6 +444,7 @@ class Simulation:
         self.fogs[fog_id].crash()
         self.fogs[fog_id].destroy()
         self.net.down.add(fog_id)
+        self.net.epoch[fog_id] = self.net.epoch.get(fog_id, 0) + 1
         self.lost.add(fog_id)
         self.count("disk_losses")
         for holders in self.held_by.values():  # the replicas it held are gone with it
