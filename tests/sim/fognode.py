@@ -55,7 +55,7 @@ class FogSettings:
     policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
 
     def core_config(
-        self, fog_id: str, issuer_key: bytes, peers: tuple[str, ...] = ()
+        self, fog_id: str, issuer_key: bytes, peers: tuple[str, ...] = (), replicas: int = 2
     ) -> CoreConfig:
         return CoreConfig(
             fog_id=fog_id,
@@ -75,7 +75,7 @@ class FogSettings:
             ),
             federation=FederationConfig(
                 peers=peers,
-                replicas=min(2, len(peers)),
+                replicas=min(replicas, len(peers)),
                 relay_after_ms=self.relay_after_ms,
                 replica_keep_ms=self.replica_keep_ms,
             ),
@@ -103,6 +103,7 @@ class FogNode:
         settings: FogSettings,
         skew_ms: int = 0,
         peers: tuple[str, ...] = (),
+        replicas: int = 2,
     ) -> None:
         """``skew_ms``: this fog's clock minus the simulation's (every ``now_ms`` given to a
         method is the simulation's; the core sees its own clock, and ``Outputs.wake_ms`` is
@@ -111,7 +112,7 @@ class FogNode:
         self.skew_ms = skew_ms
         self._key = key
         self.peers = peers
-        self._config = settings.core_config(fog_id, issuer_key, peers)
+        self._config = settings.core_config(fog_id, issuer_key, peers, replicas)
         self.core: FogCore | None = None
         self.revoked_at: dict[bytes, int] = {}  # key -> when this fog accepted its revocation
         self.starts = 0

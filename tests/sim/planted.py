@@ -12,7 +12,8 @@ Each replaces one real function for the duration of a run and puts it back after
   fog stored the device's revocation;
 - ``uplink_resend``: the fog's uplink never sends a batch again once sent
   (``fog.uplink.Window.plan`` without its go-back-N; only a reconnect still resends): a lost
-  batch stays lost, caught by the heal phase's liveness check (records never booked);
+  batch stays lost, caught by the heal phase's liveness check (records never booked). Run
+  without federation (``--replicas 0``): with peers, a holder relays the lost batch;
 - ``cloud_escrow``: the cloud's credit check forgets what was drawn on closed leases and not
   settled (``cloud.leases.exposure`` counts open leases only), so an owner's returned leases
   free credit that was spent: caught as outstanding + drawn above the owner's limit;
@@ -97,6 +98,16 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
     "racc_without_store": (Replication, "batch", _batch_acked_not_stored),
 }
+
+
+# a bug the federation repairs is planted in runs without it: with peers, the holders relay
+# a batch its fog never sends again (that is what relaying is for)
+CONFIGS: Final[dict[str, dict[str, Any]]] = {"uplink_resend": {"replicas": 0}}
+
+
+def config_for(name: str | None, config: Any) -> Any:
+    """``config`` (a ``SimConfig``) as the planted bug ``name`` runs with."""
+    return dataclasses.replace(config, **CONFIGS.get(name or "", {}))
 
 
 @contextlib.contextmanager

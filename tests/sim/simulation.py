@@ -79,6 +79,9 @@ class SimConfig:
     # counted as "leases stranded"; the fog reports such a lease unused since fog/core.py's
     # _report_unused, see README.md)
     strict_leases: bool = True
+    # k: peers each fog replicates a batch to (at most fogs - 1); 0: no federation (each fog
+    # alone with the cloud, as before issue 11)
+    replicas: int = 2
 
 
 @dataclass(slots=True)
@@ -157,7 +160,8 @@ class Simulation:
                 path=directory / f"{f}.sqlite",
                 settings=settings,
                 skew_ms=rng.randint(-skew, skew),
-                peers=_peers(fog_ids, f),
+                peers=_peers(fog_ids, f) if config.replicas > 0 else (),
+                replicas=config.replicas,
             )
             for f in fog_ids
         }
@@ -246,7 +250,8 @@ class Simulation:
             fog_paths={f: n.path for f, n in self.fogs.items()},
             limits={o.owner_id: o.limit_micros for o in self.cast.owners},
         )
-        self.checker.replicas = min(2, len(self.fogs) - 1)
+        self.checker.replicas = max(1, min(self.config.replicas, len(self.fogs) - 1))
+        self.checker.federation = self.config.replicas > 0 and len(self.fogs) > 1
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
         for f, out in started.items():
