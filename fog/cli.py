@@ -237,7 +237,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return fail("fog restore", why, code=EXIT_USAGE)
     if not 0 < args.wait_s <= 3_600:
         return fail("fog restore", "--wait-s must be in (0, 3600]", code=EXIT_USAGE)
-    configure(json=True, level=config.log_level, component="fog")
+    # log lines to stderr: stdout carries the summary (--json: one JSON document)
+    configure(json=True, level=config.log_level, component="fog", stream=sys.stderr)
     from fog import restore, restorecli  # the store and amqtt: only when restoring
 
     try:
