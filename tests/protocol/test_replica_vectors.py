@@ -3,6 +3,7 @@ envelope opens as its type with the fog's key and gives the stated body and id; 
 payload is refused with the stated reason."""
 
 import json
+import re
 import subprocess
 import sys
 from functools import cache
@@ -13,9 +14,10 @@ import pytest
 
 from protocol import replica_vectors
 from protocol.errors import Declined
+from protocol.messages import decode_body
 from protocol.reasons import Reason
 from protocol.replica import Fetch, ReplicaAck
-from protocol.signing import open_envelope, public_key, seal
+from protocol.signing import message_id, open_envelope, public_key, seal
 from protocol.vectors import key, seed
 
 TYPES = {"racc": ReplicaAck, "fetch": Fetch}
@@ -65,3 +67,18 @@ def test_refused_with_the_stated_reason(m: dict[str, str]) -> None:
     with pytest.raises(Declined) as info:
         open_envelope(bytes.fromhex(m["payload"]), TYPES[m["topic_type"]])
     assert info.value.reason is Reason(m["reason"])
+
+
+def test_the_document_lists_the_vectors_of_the_file() -> None:
+    """docs/protocol.md 17.2's table: each body and id is the file's, and true for our code."""
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("### 17.2") : doc.index("### 17.3")]
+    row = r"^\| `([a-z_0-9]+)` \| `(racc|fetch)` \| `([0-9a-f]+)` \| `([0-9a-f]{64})` \|$"
+    rows = re.findall(row, section, re.MULTILINE)
+    by_name = {e["name"]: e for e in golden()["envelopes"]}
+    assert {r[0] for r in rows} == set(by_name)
+    for name, msg_type, body, msg_id in rows:
+        e = by_name[name]
+        assert (e["type"], e["body"], e["id"]) == (msg_type, body, msg_id)
+        decode_body(TYPES[msg_type], bytes.fromhex(body))
+        assert message_id(msg_type, bytes.fromhex(body)).hex() == msg_id
