@@ -395,7 +395,9 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
-        if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip
+        if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip,
+            # and every fog's ack (ours among them: the one filter replaces ours)
+            filters.remove(topics.ack_topic(fog_id))
             filters += [topics.gossip_filter(fog_id), topics.ACK_FILTER]
 
         async def session(client: aiomqtt.Client) -> None:
