@@ -91,6 +91,9 @@ log = structlog.get_logger()
 
 INTENT_QUEUE_MAX: Final = 10_000
 TRUST_QUEUE_MAX: Final = 10_000
+# peers' batches (up to 1 MiB each) waiting in the trust queue, at most: past it they are
+# dropped (the origin sends again), so a burst of replicas cannot fill the memory
+GOSSIP_QUEUED_BYTES_MAX: Final = 64 * 1024 * 1024
 GROUP_MAX: Final = 256
 PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
 PUBLISH_TIMEOUT_S: Final = 5.0
@@ -148,6 +151,7 @@ class FogDaemon:
         # None is stop()'s wake-up for a processor waiting on an empty queue
         self._intents: asyncio.Queue[Arrival | None] = asyncio.Queue(INTENT_QUEUE_MAX)
         self._trust: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(TRUST_QUEUE_MAX)
+        self._gossip_bytes = 0  # bytes of peers' batches in the trust queue
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._counters: dict[str, int] = {}
@@ -479,8 +483,14 @@ class FogDaemon:
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="too_large", size=len(payload))
             return
+        big = len(payload) if parsed.kind is Kind.GOSSIP_BATCH else 0
+        if big and self._gossip_bytes + big > GOSSIP_QUEUED_BYTES_MAX:
+            self._count("trust_dropped")
+            self._log.warning("trust_dropped", cause="gossip_backlog", size=big)
+            return
         try:
             self._trust.put_nowait((topic, payload))
+            self._gossip_bytes += big
         except asyncio.QueueFull:
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="queue_full", kind=str(parsed.kind))
@@ -618,6 +628,8 @@ class FogDaemon:
                 return
             stopping.cancel()
             topic, payload = getter.result()
+            if topic.endswith("/batch"):  # only gossip batches reach this queue as batches
+                self._gossip_bytes = max(0, self._gossip_bytes - len(payload))
             try:
                 outputs = await self._handle(
                     TrustMessage(topic=topic, payload=payload, **self._times())
