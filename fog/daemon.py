@@ -741,8 +741,9 @@ class FogDaemon:
             self._log.error(out.event, **fields)
         elif out.event == "replica_refused":
             self._log.warning(out.event, **fields)
-        elif out.event in ("replica_stored", "replica_acked") and not self._debug:
-            return  # one per batch per peer: counted, logged at debug
+        elif out.event in ("replica_stored", "replica_acked"):
+            if self._debug:  # one per batch per peer: counted, logged at debug only
+                self._log.debug(out.event, **fields)
         else:
             self._log.info(out.event, **fields)
 
