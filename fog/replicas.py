@@ -70,6 +70,10 @@ UNSAFE_LISTED_MAX: Final = 64  # unsafe batches (re)sent per plan
 FORKS_KEPT_MAX: Final = 1_024
 PRUNE_ROWS_MAX: Final = 512
 ROUNDS_MAX: Final = 30  # silent rounds counted per batch (the wait is capped anyway)
+# a fetch is answered once, and only within this much of the holder's clock: a replayed fetch
+# cannot make a holder send a fog's batches again and again
+FETCH_WINDOW_MS: Final = 300_000
+FETCHES_REMEMBERED_MAX: Final = 1_024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,6 +184,7 @@ class Replication:
     _sending: dict[int, _Sending] = field(default_factory=dict)
     _heights: dict[str, int] = field(default_factory=dict)  # origin -> the cloud's ack b
     _relayed_ms: dict[str, int] = field(default_factory=dict)  # origin -> mono of last relay
+    _fetches: dict[bytes, int] = field(default_factory=dict)  # fetch id -> its t (answered)
     _bytes: int = -1  # replica bytes stored (read at first use)
     _at: int = 0
 
@@ -342,8 +347,9 @@ class Replication:
             Gossip(topics.gossip_topic(vb.origin, "racc"), racc),
         ]
 
-    def fetch(self, payload: bytes) -> Out:
-        """A restoring fog asks for its own batches: answered only if it signed the fetch."""
+    def fetch(self, payload: bytes, now: int) -> Out:
+        """A restoring fog asks for its own batches: answered only if it signed the fetch,
+        once, and only if its ``t`` is within ``FETCH_WINDOW_MS`` of our clock."""
         try:
             signed = open_envelope(payload, Fetch)
         except Declined as exc:
@@ -354,6 +360,12 @@ class Replication:
             return [_ev("replica_refused", f.fog_id, f.from_number, f"unknown fog {f.fog_id}")]
         if signed.signer not in keys:
             return [_ev("replica_refused", f.fog_id, f.from_number, "fetch not signed by its fog")]
+        if abs(now - f.time_ms) > FETCH_WINDOW_MS:
+            return [_ev("replica_refused", f.fog_id, f.from_number, "fetch time off our clock")]
+        self._fetches = {i: t for i, t in self._fetches.items() if abs(now - t) <= FETCH_WINDOW_MS}
+        if signed.id in self._fetches or len(self._fetches) >= FETCHES_REMEMBERED_MAX:
+            return [_ev("replica_refused", f.fog_id, f.from_number, "fetch answered already")]
+        self._fetches[signed.id] = f.time_ms
         rows = self.conn.execute(
             "SELECT number, wire FROM replicas WHERE origin = ? AND number >= ? "
             "ORDER BY number LIMIT ?",
@@ -436,7 +448,7 @@ class Replication:
         if kind is topics.Kind.GOSSIP_RACC:
             return self.racc(payload, now)
         if kind is topics.Kind.GOSSIP_FETCH:
-            return self.fetch(payload)
+            return self.fetch(payload, now)
         return None
 
 

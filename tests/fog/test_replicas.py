@@ -193,6 +193,15 @@ def test_a_holder_relays_what_the_cloud_lacks_and_answers_a_fetch(tmp_path: Path
     assert [(p.topic, p.payload) for p in publishes(got, "batch")] == [
         (topics.gossip_topic("fog-1", "batch"), wire)
     ]
+    replayed = holder.handle(
+        TrustMessage(topic=topics.gossip_topic("fog-2", "fetch"), payload=fetch, now_ms=NOW)
+    )
+    assert events(replayed) == ["replica_refused"] and not publishes(replayed, "batch")
+    old = seal(Fetch(fog_id="fog-1", from_number=1, time_ms=NOW - 600_000), a.fog_key)
+    stale = holder.handle(
+        TrustMessage(topic=topics.gossip_topic("fog-2", "fetch"), payload=old, now_ms=NOW)
+    )
+    assert events(stale) == ["replica_refused"] and not publishes(stale, "batch")
     forged = seal(Fetch(fog_id="fog-1", from_number=1, time_ms=NOW), b.fog_key)
     out = holder.handle(
         TrustMessage(topic=topics.gossip_topic("fog-2", "fetch"), payload=forged, now_ms=NOW)
