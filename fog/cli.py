@@ -266,6 +266,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         "leases_retired": done.leases_retired,
         "refused": done.refused,
     }
+    if done.batches == 0:  # a new fog, or no peer reachable: the operator must know which
+        print(
+            "fogpay: fog restore: no peer sent a batch: if this fog ever sealed one, check "
+            "that its peers run and reach its broker, move the new database away and restore "
+            "again",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(summary)
     else:
