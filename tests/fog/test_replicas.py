@@ -5,6 +5,7 @@ resends, forks, a full store, relay, fetch, and a restore that continues the cha
 import sqlite3
 from pathlib import Path
 
+import nacl.signing
 import pytest
 
 from fog import restore
@@ -268,3 +269,26 @@ def test_a_restore_refuses_when_the_cloud_holds_more_than_the_peers(tmp_path: Pa
     a, _ = worlds(tmp_path)
     with pytest.raises(restore.RestoreError, match="new fog_id"):
         restore.plan([], fog_id="fog-1", fog_public=public_key(a.fog_key), cloud_acked=3)
+
+
+def test_a_restore_takes_the_run_ending_at_the_highest_and_refuses_a_gap(tmp_path: Path) -> None:
+    a, _ = worlds(tmp_path)
+    origin = core_of(a, ("fog-2",))
+    wires = []
+    for i in range(3):
+        pay(a, origin, 1, NOW + i * 10 * AGE_MS)
+        out = origin.handle(Tick(now_ms=NOW + i * 10 * AGE_MS + AGE_MS))
+        wires.append(publishes(out, "batch")[-1].payload)
+    numbers = [restore.batch_number(w) for w in wires]
+    assert numbers == [1, 2, 3]
+    me = public_key(a.fog_key)
+    whole = restore.plan(wires, fog_id="fog-1", fog_public=me, cloud_acked=0)
+    assert [b.number for b in whole.batches] == [1, 2, 3]
+    # the cloud holds 1: batches 2 and 3 are enough (the newest acked one may be pruned)
+    tail = restore.plan(wires[1:], fog_id="fog-1", fog_public=me, cloud_acked=1)
+    assert [b.number for b in tail.batches] == [2, 3]
+    with pytest.raises(restore.RestoreError, match="on no peer"):  # batch 2 is nowhere
+        restore.plan([wires[0], wires[2]], fog_id="fog-1", fog_public=me, cloud_acked=1)
+    other = nacl.signing.SigningKey.generate()
+    refused = restore.plan(wires, fog_id="fog-1", fog_public=public_key(other), cloud_acked=0)
+    assert refused.batches == [] and refused.refused == 3  # not signed by this fog's key
