@@ -81,7 +81,8 @@ class ReplicaEvent:
     """What replication did, for the shell's log line and counter (``event`` is both):
     replica_stored, replica_duplicate, replica_refused, replica_fork, replica_full (held
     batches of other fogs), replica_acked (a holder's racc of ours), replica_relayed,
-    replica_fetched (answers to a restoring fog)."""
+    replica_fetched (answers to a restoring fog). ``origin`` is the batch's fog, except for
+    replica_acked, where it is the holder that acked our batch ``number``."""
 
     event: str
     origin: str
