@@ -28,11 +28,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import shutil
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -52,6 +49,7 @@ from fogpay import demo_cast as cast
 from fogpay import demo_fed, demo_live, demo_report, demo_summary
 from fogpay import demo_setup as setup
 from fogpay.demo_pay import Outcomes, run_payments
+from fogpay.demo_run import mqtt_client, now_ms, trust_expected, wait_for
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
@@ -67,10 +65,8 @@ REPORT_FILE: Final = "report.html"
 LOG_FILE: Final = "demo.log"
 SETTLEMENT_DIR: Final = "settlement"
 SECONDS_MAX: Final = 600.0
-CONNECT_TIMEOUT_S: Final = 10.0
 TRUST_WAIT_S_MAX: Final = 20.0
 BOOK_WAIT_S_MAX: Final = 30.0
-POLL_S: Final = 0.1
 LEASE_POLICY: Final = setup.LEASE_POLICY  # the issuer's (demo_setup explains the numbers)
 CREDITOR: Final = CreditorConfig(
     name="fogpay Demo Operator",
@@ -83,10 +79,6 @@ DEBTOR: Final = DebtorConfig(name="fogpay Demo Operator", iban="DE89370400440532
 
 class DemoError(FogpayError):
     """The demo cannot run (its output directory, a component that did not start)."""
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def prepare_out(out: Path) -> None:
@@ -103,39 +95,6 @@ def prepare_out(out: Path) -> None:
                 child.unlink()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     (out / MARKER_FILE).write_text("written by fogpay demo; emptied by the next run\n")
-
-
-@contextlib.asynccontextmanager
-async def mqtt_client(address: BrokerAddress, name: str) -> AsyncIterator[Any]:
-    client = address.client(identifier=f"fogpay-demo-{name}-{secrets.token_hex(4)}")
-    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        await client.__aenter__()
-    try:
-        yield client
-    finally:
-        await client.__aexit__(None, None, None)
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: float) -> bool:
-    """Poll ``check`` every POLL_S until true or ``seconds`` passed; False then (logged)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(POLL_S)
-    log.error("wait_timed_out", what=what, seconds=seconds)
-    return False
-
-
-def trust_expected() -> dict[str, int]:
-    """What the fog must have loaded before the devices pay (top-ups come on demand)."""
-    return {
-        "fog_accepted": 1,
-        "owner_accepted": len(cast.owners()),
-        "bind_accepted": len(cast.devices()),
-        "revoke_accepted": 1,
-        "lease_accepted": len(cast.PAYERS),  # the first lease of each paying owner
-    }
 
 
 async def cloud_counts(store: Store) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from fogpay import demo_cast as cast
 from fogpay import demo_live
 from fogpay import demo_setup as setup
 from fogpay.demo_pay import Outcomes, run_payments
+from fogpay.demo_run import mqtt_client, now_ms, trust_expected, wait_for
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol import topics
@@ -262,7 +263,6 @@ async def pay_and_book(
     """Hub, fogs, bridges, cloud service and devices: pay (cutting fog-a's uplink midway if
     asked), heal, then wait until every sealed batch of every fog is booked."""
     from cloud.service import CloudService  # the MQTT shell: only when running
-    from fogpay.demo import LEASE_POLICY, mqtt_client, now_ms, trust_expected, wait_for
 
     hub_cfg = hub_config()
     hub = BrokerProcess(hub_cfg)
@@ -289,7 +289,7 @@ async def pay_and_book(
                 await stack.enter_async_context(
                     running(f"demo.bridge.{f.fog_id}", with_ready(f.bridge.run), f.bridge.stop)
                 )
-            core = CloudCore(store=store, issuer=issuer, clock=now_ms, policy=LEASE_POLICY)
+            core = CloudCore(store=store, issuer=issuer, clock=now_ms, policy=setup.LEASE_POLICY)
             service = CloudService(
                 core=core,
                 broker_host=setup.HOST,
