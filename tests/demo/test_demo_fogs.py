@@ -3,6 +3,7 @@ fog-a's bridge cut for a few seconds midway while the devices keep paying; after
 every receipt a device holds is booked exactly once (checked in the cloud's database, not
 only in the summary), the invariants hold, and payments were authorized during the cut."""
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -10,11 +11,20 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
+import nacl.signing
 import pytest
 
 from fogpay import demo_cast as cast
 from fogpay.cli import main
-from fogpay.demo_fed import bridge_rules, first_leases, fog_ids
+from fogpay.demo_fed import (
+    bridge_rules,
+    first_leases,
+    fog_ids,
+    make_fogs,
+    replicated_records,
+)
+from fogpay.demo_setup import Keys
+from protocol.batch import encode_batch, encode_record
 from protocol.messages import Receipt
 from protocol.signing import open_envelope
 
@@ -112,3 +122,24 @@ def test_the_demo_bridge_carries_what_the_mosquitto_bridge_carries() -> None:
         }
         - ours
     )
+
+
+def test_replicated_records_are_read_from_the_peers_replica_tables(tmp_path: Path) -> None:
+    """The replica store's shape (origin, number, header id, wire): records of other fogs'
+    batches count, a fog's own do not; a store without the table counts 0."""
+    keys = Keys(nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate(), {})
+    (tmp_path / "fog.key").write_bytes(b"")
+    fogs = make_fogs(tmp_path, fog_ids(2), keys)
+    record = encode_record(b"i" * 100, b"r" * 100)
+    with contextlib.closing(sqlite3.connect(fogs[1].config.db)) as db:
+        db.execute(
+            "CREATE TABLE replicas (origin TEXT, number INTEGER, header_id BLOB, wire BLOB, "
+            "received_ms INTEGER, PRIMARY KEY (origin, number))"
+        )
+        rows = [("fog-a", 1, encode_batch(b"h", [record] * 3)), ("fog-a", 2, b"\xc1garbage")]
+        rows.append(("fog-b", 1, encode_batch(b"h", [record] * 5)))  # its own: not a replica
+        db.executemany("INSERT INTO replicas VALUES (?, ?, x'00', ?, 0)", rows)
+        db.commit()
+    with contextlib.closing(sqlite3.connect(fogs[0].config.db)) as db:
+        db.execute("CREATE TABLE other (x)")
+    assert replicated_records(fogs) == 3
