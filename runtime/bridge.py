@@ -8,7 +8,10 @@ one on the *local* broker (the fog's), one on the *remote* one (the cloud's hub)
 (remote -> local), as a Mosquitto ``topic`` line does.
 
 - QoS 1 both ways: a message is forwarded when the other broker acknowledged it (PUBACK);
-  until then it stays first in its side's queue, across reconnections.
+  until then it stays first in its side's queue, across reconnections. The queues live in
+  memory: a bridge that stops (or its process dies) loses what waits in them; its source
+  broker acknowledged them already, so only the senders' own retransmission (the uplink's
+  go-back-N, replica resends) brings them again, as it does after any lost message.
 - The retained flag is kept as received. amqtt (MQTT 3.1.1, no "retain as published") clears
   it on live delivery and sets it only on the copies a new subscription gets; a rule with
   ``retain=True`` therefore publishes every message of its filter retained: use it only for
