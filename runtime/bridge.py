@@ -189,11 +189,14 @@ class Bridge:
                     side.client = None
                     with contextlib.suppress(aiomqtt.MqttError, OSError):
                         await client.__aexit__(None, None, None)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, TimeoutError) as exc:  # TimeoutError: a SUBSCRIBE unanswered
                 failures += 1
                 delay = reconnect_delay_s(failures)
                 self._log.warning(
-                    "bridge_down", side=side.name, error=str(exc), retry_s=round(delay, 3)
+                    "bridge_down",
+                    side=side.name,
+                    error=str(exc) or type(exc).__name__,
+                    retry_s=round(delay, 3),
                 )
                 await sleep_or_stop(self._stopping, delay)
 
