@@ -12,6 +12,8 @@ fog-a's batches sealed while it was cut off.
 """
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +72,16 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await store.close()
         for b in reversed(list(brokers.values())):
             b.stop()
+
+
+def replicas_of(db: Path, origin: str) -> int | None:
+    """Replicas of ``origin``'s batches in the fog store ``db``; None without a replica table
+    (a fog without replication)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'replicas'").fetchone():
+            return None
+        row = conn.execute("SELECT COUNT(*) FROM replicas WHERE origin = ?", (origin,))
+        return int(row.fetchone()[0])
 
 
 async def fog_config(w: World, fog_id: str) -> Path:
@@ -132,6 +144,11 @@ async def test_a_fog_cut_from_the_cloud_keeps_paying_and_reconciles(world: World
     assert w.proxy.accepted >= 2  # the bridge connected, and again after the heal
     assert w.proxy.refused >= 1  # it tried while cut off
     await p.check_books(everything)
+    # with replication (docs/protocol.md 17.2) in the fog, gossip crossed the same bridges:
+    # fog-a's batches reached fog-b through the cloud's broker (the ones sealed while cut
+    # off waited in fog-a's bridge, as its batches to the cloud did)
+    held_by_b = replicas_of(p.directory / "fog-b" / "fog.sqlite", "fog-a")
+    assert held_by_b is None or held_by_b >= 1
     print(  # the figures, with -s (docs/protocol.md 17.10)
         f"partition: {during} payments authorized by fog-a while cut off, "
         f"{sum(booked_during.values())} of them booked before the heal; "
