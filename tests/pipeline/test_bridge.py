@@ -270,3 +270,19 @@ async def test_two_fogs_of_one_site_gossip_over_the_direct_bridge(tmp_path: Path
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.mosquitto
+async def test_a_fog_broker_shows_its_bridge_state(federation: Federation) -> None:
+    """``notifications_local_only``: the bridge's state is retained on the fog's broker (for
+    monitoring), 1 once connected."""
+    topic = "$SYS/broker/connection/fogpay-bridge-fog-a/state"
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            async with mqtt(federation.fogs["fog-a"], topic) as c:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        message = await anext(aiter(c.messages))
+                        if message.payload == b"1":
+                            assert message.retain
+                            return
