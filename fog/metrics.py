@@ -64,7 +64,14 @@ EXPORT_LE_S: Final = tuple(
     m * 10.0**e for e in range(-4, 2) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if m * 10.0**e <= 60
 )
 # counters that mean something failed and someone should look (the rest are events)
-ALARM_SUFFIXES: Final = ("_failed", "_lost", "cloned_key", "uplink_backlog", "replica_fork", "replica_full")
+ALARM_SUFFIXES: Final = (
+    "_failed",
+    "_lost",
+    "cloned_key",
+    "uplink_backlog",
+    "replica_fork",
+    "replica_full",
+)
 # core counters that are levels, not counts (exported as gauges, not as events)
 GAUGE_COUNTERS: Final = ("records_at_risk",)
 
