@@ -1,5 +1,7 @@
 """``fogpay edge simulate`` (load simulator), ``fogpay edge pay`` (one payment) and ``fogpay
-edge upload`` (hand the receipts a device holds to the cloud, docs/protocol.md 17.7).
+edge upload`` (hand the receipts a device holds to the cloud, docs/protocol.md 17.7; and the
+device-to-device payments a payee holds, 18.3). ``voucher``, ``d2d-pay`` and ``d2d-accept``
+are in ``fogpay/edge_d2d_cli.py``.
 
 Both talk to a fog given either as ``--sandbox DIR`` (reads DIR/sandbox.json; the simulator
 then registers its devices in the sandbox's cloud registry, DIR/cloud.sqlite: an owner, one
@@ -391,6 +393,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--issuer", help="the issuer's public key (hex); --sandbox gives it")
     p.set_defaults(func=cmd_upload)
+    from fogpay import edge_d2d_cli  # voucher, d2d-pay, d2d-accept (docs/protocol.md 18.3)
+
+    edge_d2d_cli.register(cmds)
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
