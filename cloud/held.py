@@ -291,7 +291,12 @@ class HeldBooker:
             await self._alarm(tx, alarm, fog_id, now_ms, done)
         for suspended, fog_id in sorted(booked.suspend.items()):
             published = await suspend_device(
-                tx, self._issuer, suspended, fog_id=fog_id, now_ms=now_ms
+                tx,
+                self._issuer,
+                suspended,
+                fog_id=fog_id,
+                now_ms=now_ms,
+                reason=vouchers.SUSPEND_REASON,
             )
             if published is not None:
                 done.publish.append(published)

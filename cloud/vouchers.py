@@ -55,6 +55,7 @@ from protocol.voucher import (
 )
 
 ALARM_DOUBLE_SPENT: Final = "voucher_double_spent"
+SUSPEND_REASON: Final = "suspended: voucher spent twice"  # the revocation's r
 ESCROW_ACCOUNT: Final = VOUCHER_PAYEE  # the account the voucher intents credit
 
 

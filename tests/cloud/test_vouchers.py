@@ -182,6 +182,13 @@ async def test_double_spending_is_booked_up_to_the_amount_and_suspends_the_devic
     assert await w.tx(alarms) == [(vouchers.ALARM_DOUBLE_SPENT, d.hex())]
     assert ALARM_CLONED_KEY not in dict(await w.tx(alarms))
     assert await w.tx(lambda tx: registry.is_revoked(tx, d))
+
+    async def reason(tx: Tx) -> str:
+        row = await tx.fetchone("SELECT reason FROM revocations WHERE key = ?", (d,))
+        assert row is not None
+        return str(row[0])
+
+    assert await w.tx(reason) == vouchers.SUSPEND_REASON
     assert any(p.topic == topics.revoke_topic(d) for p in published)
 
 
