@@ -36,6 +36,7 @@ from edge.device import (
     PaymentError,
 )
 from edge.simulate import Payment, Summary, arrival_offsets_s, run_load
+from fogpay import edge_d2d_cli
 from fogpay.provision import (
     BrokerAddress,
     ProvisionError,
@@ -393,9 +394,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--issuer", help="the issuer's public key (hex); --sandbox gives it")
     p.set_defaults(func=cmd_upload)
-    from fogpay import edge_d2d_cli  # voucher, d2d-pay, d2d-accept (docs/protocol.md 18.3)
-
-    edge_d2d_cli.register(cmds)
+    # voucher, d2d-pay, d2d-accept (docs/protocol.md 18.3)
+    edge_d2d_cli.register(
+        cmds, edge_d2d_cli.Helpers(_target_args, target_from_args, connected, _error)
+    )
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,10 @@ room or the payee refuses the bundle (the JSON says why); 2 for a usage error.
 
 import argparse
 import asyncio
+import functools
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,19 @@ from runtime.keyfile import KeyFileError
 from runtime.logs import configure
 
 
-def register(cmds: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from fogpay.edge_cli import _target_args
+@dataclass(frozen=True, slots=True)
+class Helpers:
+    """What these commands share with ``fogpay/edge_cli.py``, handed in by its ``register``
+    (this module does not import it: no import circle)."""
 
+    target_args: Callable[[argparse.ArgumentParser], None]  # --sandbox, --broker, --payee...
+    target: Callable[[argparse.Namespace], Any]  # -> edge_cli.Target
+    connected: Callable[[Any, str], Any]  # async context manager -> aiomqtt.Client
+    error: Callable[[str, BaseException], int]
+
+
+def register(cmds: "argparse._SubParsersAction[argparse.ArgumentParser]", h: Helpers) -> None:
+    _target_args = h.target_args
     p = cmds.add_parser(
         "voucher",
         help="obtain an offline allowance from the fog for --state's device (prints JSON)",
@@ -41,7 +54,7 @@ def register(cmds: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     _target_args(p)
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--payees", help="comma-separated payee ids the voucher is limited to")
-    p.set_defaults(func=cmd_voucher)
+    p.set_defaults(func=functools.partial(cmd_voucher, h=h))
     p = cmds.add_parser(
         "d2d-pay",
         help="sign a device-to-device payment against a voucher; no network (prints JSON)",
@@ -51,7 +64,7 @@ def register(cmds: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--out", required=True, help="file for the bundle, or - for hex on stdout")
     p.add_argument("--voucher", help="voucher id (hex); default: the one with room expiring first")
-    p.set_defaults(func=cmd_d2d_pay)
+    p.set_defaults(func=functools.partial(cmd_d2d_pay, h=h))
     p = cmds.add_parser(
         "d2d-accept",
         help="check and keep a bundle a payer handed over; no network (prints JSON)",
@@ -61,23 +74,19 @@ def register(cmds: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     p.add_argument("--state", required=True, type=Path, help="the payee device's state dir")
     p.add_argument("--bundle", required=True, type=Path, help="the bundle file")
     p.add_argument("--issuer", help="the issuer's public key (hex); --sandbox gives it")
-    p.set_defaults(func=cmd_d2d_accept)
+    p.set_defaults(func=functools.partial(cmd_d2d_accept, h=h))
 
 
-def _device(args: argparse.Namespace) -> tuple[Device, Any]:
-    from fogpay.edge_cli import target_from_args
-
-    target = target_from_args(args)
+def _device(args: argparse.Namespace, h: Helpers) -> tuple[Device, Any]:
+    target = h.target(args)
     return Device.open(args.state, fog_id=target.fog_id, fog_key=target.fog_key), target
 
 
-async def _voucher(args: argparse.Namespace) -> dict[str, Any]:
-    from fogpay.edge_cli import connected
-
-    device, target = _device(args)
+async def _voucher(args: argparse.Namespace, h: Helpers) -> dict[str, Any]:
+    device, target = _device(args, h)
     payer = Payer(device)
     payees = [p for p in args.payees.split(",") if p] if args.payees else None
-    async with connected(target.broker, "voucher") as client:
+    async with h.connected(target.broker, "voucher") as client:
         try:
             held = await payer.obtain(
                 client,
@@ -92,24 +101,22 @@ async def _voucher(args: argparse.Namespace) -> dict[str, Any]:
     return {"status": "ok", "device": device.key_hex} | held.as_json()
 
 
-def cmd_voucher(args: argparse.Namespace) -> int:
-    from fogpay.edge_cli import _error
-
+def cmd_voucher(args: argparse.Namespace, *, h: Helpers) -> int:
+    _error = h.error
     configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
     try:
-        result = asyncio.run(_voucher(args))
+        result = asyncio.run(_voucher(args, h))
     except (PaymentError, FogpayError, KeyFileError, aiomqtt.MqttError, OSError) as exc:
         return _error("voucher", exc)
     print(_dumps(result))
     return 0 if result["status"] == "ok" else 1
 
 
-def cmd_d2d_pay(args: argparse.Namespace) -> int:
-    from fogpay.edge_cli import _error
-
+def cmd_d2d_pay(args: argparse.Namespace, *, h: Helpers) -> int:
+    _error = h.error
     configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
     try:
-        device, _ = _device(args)
+        device, _ = _device(args, h)
         voucher_id = bytes.fromhex(args.voucher) if args.voucher else None
         payer = Payer(device)
         try:
@@ -140,12 +147,11 @@ def cmd_d2d_pay(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_d2d_accept(args: argparse.Namespace) -> int:
-    from fogpay.edge_cli import _error
-
+def cmd_d2d_accept(args: argparse.Namespace, *, h: Helpers) -> int:
+    _error = h.error
     configure(json=False, level=args.log_level, stream=sys.stderr, component="edge")
     try:
-        device, target = _device(args)
+        device, target = _device(args, h)
         if args.issuer is not None:
             issuer_key = bytes.fromhex(args.issuer)
         elif target.issuer is not None:
