@@ -53,6 +53,7 @@ from fog.core import (
     TrustMessage,
     Wake,
 )
+from fog.replicas import ReplicaEvent
 from fog.schema import StoreError, StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
@@ -86,6 +87,7 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Alarm,
     Wake,
     Counters,
+    ReplicaEvent,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))
 _OUTCOME_VALUES: Final = operator.attrgetter(*_OUTCOME_FIELDS)
