@@ -111,13 +111,13 @@ async def book(tx: Tx, verdicts: Sequence[D2DVerdict], *, now_ms: int) -> D2DDon
             done.refused.append((v.position, v.payment_id, v.fault or FAULT_BAD_VOUCHER))
             continue
         vch, pay = v.voucher.msg, v.payment.msg
-        if v.fault is not None:
-            done.refused.append((v.position, v.payment_id, v.fault))
-            if v.fault == FAULT_OVERSPENT:  # the payer signed past its voucher
-                _double(done, vch, v.payment_id, f"u={pay.spent_micros} > a={vch.amount_micros}")
-            continue
         if not await _fog_signed(tx, v.voucher):
             done.refused.append((v.position, v.payment_id, FAULT_BAD_VOUCHER))
+            continue
+        if v.fault is not None:
+            done.refused.append((v.position, v.payment_id, v.fault))
+            if v.fault == FAULT_OVERSPENT:  # the payer signed past its fog's voucher
+                _double(done, vch, v.payment_id, f"u={pay.spent_micros} > a={vch.amount_micros}")
             continue
         escrow = await tx.fetchone(
             "SELECT debit, currency, amount_micros, device FROM transfers "

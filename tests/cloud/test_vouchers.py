@@ -235,3 +235,36 @@ async def test_pending_refused_and_payee_lists(world: World) -> None:
     assert judged.rejected == 3  # the forged payment has no trustworthy id: in neither list
     assert await count(w.store, "voucher_payments") == 0
     assert not await w.tx(lambda tx: registry.is_revoked(tx, public_key(payer)))
+
+
+async def test_a_cumulative_past_the_amount_is_attributed_only_on_a_real_voucher(
+    world: World,
+) -> None:
+    w = world
+    core, payer = await setup(w)
+    d = public_key(payer)
+    payee = public_key(new_key())
+    fake = voucher_for(
+        *decode_record(
+            w.fogs["fog-a"].authorize(
+                payer,
+                seq=9,
+                lease_id=w.lease_ids["fog-a"],
+                amount=VOUCHER,
+                payee=VOUCHER_PAYEE,  # type: ignore[attr-defined]
+            )
+        ),
+        new_key(),
+    )
+    assert fake is not None
+    w.fogs["fog-a"].next_index -= 1  # that record never reaches a batch
+    over_fake = payment(payer, fake, s=1, payee="pad-2", a=1_000, u=VOUCHER + 1)
+    _, published = await core.held_upload(encode_held([pack([fake, over_fake.raw])]), payee)
+    assert hack_of(w, published, payee).faults == [(over_fake.id, FAULT_BAD_VOUCHER)]
+    assert not await w.tx(lambda tx: registry.is_revoked(tx, d))  # nothing proven against d
+    vch = await voucher(w, core, payer, seq=10)
+    over = payment(payer, vch, s=1, payee="pad-2", a=1_000, u=VOUCHER + 1)
+    _, published = await core.held_upload(encode_held([pack([vch, over.raw])]), payee)
+    assert hack_of(w, published, payee).faults == [(over.id, FAULT_OVERSPENT)]
+    assert await w.tx(lambda tx: registry.is_revoked(tx, d))
+    assert await count(w.store, "voucher_payments") == 0
