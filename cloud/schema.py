@@ -82,6 +82,9 @@ TABLES: Final = (
         payee TEXT NOT NULL, currency TEXT NOT NULL, amount_micros {int} NOT NULL,
         device {blob} NOT NULL, record {blob} NOT NULL, booked_ms {int} NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS voucher_payments_seq ON voucher_payments (voucher_id, seq)",
+    """CREATE TABLE IF NOT EXISTS voucher_returns (
+        voucher_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, currency TEXT NOT NULL,
+        amount_micros {int} NOT NULL, returned_ms {int} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT NOT NULL, currency TEXT NOT NULL, balance_micros {int} NOT NULL,
         PRIMARY KEY (account_id, currency))""",

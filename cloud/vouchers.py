@@ -136,7 +136,7 @@ async def book(tx: Tx, verdicts: Sequence[D2DVerdict], *, now_ms: int) -> D2DDon
         if (currency, amount, device) != (vch.currency, vch.amount_micros, vch.device):
             done.refused.append((v.position, v.payment_id, FAULT_BAD_VOUCHER))
             continue
-        if now_ms > vch.not_after_ms + VOUCHER_GRACE_MS:
+        if now_ms > vch.not_after_ms + VOUCHER_GRACE_MS or await _returned(tx, vch.voucher_id):
             done.refused.append((v.position, v.payment_id, FAULT_EXPIRED))
             continue
         spent = await _voucher_row(tx, vch, owner, now_ms)
@@ -169,8 +169,31 @@ async def book(tx: Tx, verdicts: Sequence[D2DVerdict], *, now_ms: int) -> D2DDon
             "UPDATE vouchers SET spent_micros = spent_micros + ? WHERE voucher_id = ?",
             (pay.amount_micros, vch.voucher_id),
         )
+        await _move(
+            tx,
+            [
+                (ESCROW_ACCOUNT, currency, -pay.amount_micros),
+                (pay.payee_id, currency, pay.amount_micros),
+            ],
+        )
         done.booked.append(v.payment_id)
     return done
+
+
+async def _move(tx: Tx, moves: list[tuple[str, str, int]]) -> None:
+    """Account moves, as ``cloud.ledger`` makes them (balances derive from ``transfers``,
+    ``voucher_payments`` and ``voucher_returns``: ``ledger.derived_balances``)."""
+    await tx.executemany(
+        "INSERT INTO accounts (account_id, currency, balance_micros) VALUES (?, ?, ?) "
+        "ON CONFLICT (account_id, currency) DO UPDATE "
+        "SET balance_micros = accounts.balance_micros + excluded.balance_micros",
+        moves,
+    )
+
+
+async def _returned(tx: Tx, voucher_id: bytes) -> bool:
+    row = await tx.fetchone("SELECT 1 FROM voucher_returns WHERE voucher_id = ?", (voucher_id,))
+    return row is not None
 
 
 def _double(done: D2DDone, vch: Voucher, payment_id: bytes, why: str) -> None:
@@ -226,7 +249,8 @@ class Escrow:
     deposited_micros: int  # their amounts: already counted in the exposure, as booked transfers
     spent_micros: int  # d2d payments booked against them
     outstanding_micros: int  # unspent escrow of vouchers still open (before na + grace)
-    returnable_micros: int  # unspent escrow of vouchers past na + grace
+    returnable_micros: int  # unspent escrow of vouchers past na + grace, not yet returned
+    returned_micros: int  # unspent escrow returned to the owner (``return_expired``)
 
     def as_json(self) -> dict[str, int]:
         return {
@@ -235,28 +259,102 @@ class Escrow:
             "spent_micros": self.spent_micros,
             "outstanding_micros": self.outstanding_micros,
             "returnable_micros": self.returnable_micros,
+            "returned_micros": self.returned_micros,
         }
 
 
-async def escrow(tx: Tx, owner_id: str, *, now_ms: int) -> Escrow:
-    """The owner's voucher escrow from the booked voucher intents and d2d payments. A voucher
-    intent's transfer row carries no ``na``: until its first hand-in stores it, the voucher's
-    booking time plus its life stands in for it."""
-    rows = await tx.fetchall(
-        "SELECT t.amount_micros, v.spent_micros, v.not_after_ms, t.booked_ms FROM transfers t "
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    """One voucher's escrow: its intent's booked transfer, what was spent, whether returned."""
+
+    voucher_id: bytes
+    owner_id: str
+    currency: str
+    amount_micros: int
+    spent_micros: int
+    until_ms: int  # na + grace: no hand-in is booked after it
+    returned: bool
+
+    @property
+    def unspent_micros(self) -> int:
+        return max(0, self.amount_micros - self.spent_micros)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "voucher": self.voucher_id.hex(),
+            "owner_id": self.owner_id,
+            "currency": self.currency,
+            "amount_micros": self.amount_micros,
+            "spent_micros": self.spent_micros,
+            "returned_micros": self.unspent_micros,
+            "until_ms": self.until_ms,
+        }
+
+
+async def deposits(tx: Tx, owner_id: str | None = None) -> list[Deposit]:
+    """Every voucher's escrow (of ``owner_id``, or all). A voucher intent's transfer row carries
+    no ``na``: until its first hand-in stores it, the booking time plus the voucher's life
+    stands in for it (booking came after the receipt: a late estimate, never an early one)."""
+    sql = (
+        "SELECT t.intent_id, t.debit, t.currency, t.amount_micros, v.spent_micros, "
+        "v.not_after_ms, t.booked_ms, r.voucher_id FROM transfers t "
         "LEFT JOIN vouchers v ON v.voucher_id = t.intent_id "
-        "WHERE t.debit = ? AND t.credit = ?",
-        (owner_id, ESCROW_ACCOUNT),
+        "LEFT JOIN voucher_returns r ON r.voucher_id = t.intent_id WHERE t.credit = ?"
     )
-    deposited = spent = outstanding = returnable = 0
-    for amount, used, na, booked_ms in rows:
-        used = int(used or 0)
-        deposited, spent = deposited + int(amount), spent + used
-        # before its first hand-in a voucher's na is not stored: booking came after the
-        # receipt, so booked_ms + the life is a late estimate (returns later, never earlier)
+    args: tuple[object, ...] = (ESCROW_ACCOUNT,)
+    if owner_id is not None:
+        sql, args = sql + " AND t.debit = ?", (ESCROW_ACCOUNT, owner_id)
+    rows = await tx.fetchall(sql + " ORDER BY t.intent_id", args)
+    out = []
+    for vid, owner, currency, amount, used, na, booked_ms, ret in rows:
         until = int(na) if na is not None else int(booked_ms) + VOUCHER_LIFE_MS
-        if now_ms > until + VOUCHER_GRACE_MS:
-            returnable += max(0, int(amount) - used)
-        else:
-            outstanding += max(0, int(amount) - used)
-    return Escrow(len(rows), deposited, spent, outstanding, returnable)
+        out.append(
+            Deposit(
+                bytes(vid),
+                str(owner),
+                str(currency),
+                int(amount),
+                int(used or 0),
+                until + VOUCHER_GRACE_MS,
+                ret is not None,
+            )
+        )
+    return out
+
+
+async def escrow(tx: Tx, owner_id: str, *, now_ms: int) -> Escrow:
+    """The owner's voucher escrow from the booked voucher intents, d2d payments, returns."""
+    ds = await deposits(tx, owner_id)
+    outstanding = sum(d.unspent_micros for d in ds if not d.returned and now_ms <= d.until_ms)
+    returnable = sum(d.unspent_micros for d in ds if not d.returned and now_ms > d.until_ms)
+    return Escrow(
+        vouchers=len(ds),
+        deposited_micros=sum(d.amount_micros for d in ds),
+        spent_micros=sum(d.spent_micros for d in ds),
+        outstanding_micros=outstanding,
+        returnable_micros=returnable,
+        returned_micros=sum(d.unspent_micros for d in ds if d.returned),
+    )
+
+
+async def return_expired(tx: Tx, *, now_ms: int, apply: bool) -> list[Deposit]:
+    """The vouchers past ``na`` + grace whose unspent escrow has not returned; with ``apply``,
+    return it (one ``voucher_returns`` row each, escrow -> owner), in this transaction. No
+    hand-in is booked against a returned voucher (``voucher_expired``)."""
+    due = [d for d in await deposits(tx) if not d.returned and now_ms > d.until_ms]
+    if apply:
+        for d in due:
+            await tx.execute(
+                "INSERT INTO voucher_returns (voucher_id, owner_id, currency, amount_micros, "
+                "returned_ms) VALUES (?, ?, ?, ?, ?)",
+                (d.voucher_id, d.owner_id, d.currency, d.unspent_micros, clamp_ms(now_ms)),
+            )
+            if d.unspent_micros:
+                await _move(
+                    tx,
+                    [
+                        (ESCROW_ACCOUNT, d.currency, -d.unspent_micros),
+                        (d.owner_id, d.currency, d.unspent_micros),
+                    ],
+                )
+    return due

@@ -6,7 +6,7 @@ not arrived is left for later, and the owner's escrow adds up."""
 
 import nacl.signing
 
-from cloud import registry, vouchers
+from cloud import ledger, registry, vouchers
 from cloud.booking import ALARM_CLONED_KEY
 from cloud.core import CloudCore
 from cloud.events import Publish
@@ -134,6 +134,7 @@ async def test_payments_booked_once_within_the_voucher(world: World) -> None:
         "spent_micros": 8_000,
         "outstanding_micros": 2_000,
         "returnable_micros": 0,
+        "returned_micros": 0,
     }
     # handed in again (by another device, too): listed booked, nothing changes
     judged, published = await core.held_upload(encode_held([pack([vch, p1.raw])]), payee)
@@ -146,6 +147,20 @@ async def test_payments_booked_once_within_the_voucher(world: World) -> None:
     late = payment(payer, vch, s=3, payee="pad-2", a=1_000, u=9_000)
     judged, published = await core.held_upload(encode_held([pack([vch, late.raw])]), payee)
     assert hack_of(w, published, payee).faults == [(late.id, "voucher_expired")]
+    # the unspent escrow returns to the owner, once; the books still balance (the fixture)
+    shown = await w.tx(lambda tx: vouchers.return_expired(tx, now_ms=w.now, apply=False))
+    assert [d.unspent_micros for d in shown] == [2_000]
+    assert await count(w.store, "voucher_returns") == 0
+    done = await w.tx(lambda tx: vouchers.return_expired(tx, now_ms=w.now, apply=True))
+    assert [(d.owner_id, d.unspent_micros) for d in done] == [("alice", 2_000)]
+    assert await w.tx(lambda tx: vouchers.return_expired(tx, now_ms=w.now, apply=True)) == []
+    assert (await escrow(w))["returned_micros"] == 2_000
+    assert (await escrow(w))["returnable_micros"] == 0
+
+    async def balances(tx: Tx) -> dict[str, int]:
+        return {a: await ledger.balance(tx, a, "EUR") for a in ("alice", "voucher", "pad-2")}
+
+    assert await w.tx(balances) == {"alice": -VOUCHER + 2_000, "voucher": 0, "pad-2": 5_000}
 
 
 async def test_double_spending_is_booked_up_to_the_amount_and_suspends_the_device(
@@ -173,6 +188,7 @@ async def test_double_spending_is_booked_up_to_the_amount_and_suspends_the_devic
         "spent_micros": 9_000,
         "outstanding_micros": 1_000,
         "returnable_micros": 0,
+        "returned_micros": 0,
     }
 
     async def alarms(tx: Tx) -> list[tuple[str, str]]:

@@ -174,6 +174,7 @@ def test_devices_pay_each_other_offline_then_hand_in_once(tmp_path: Path) -> Non
             "spent_micros": 7_000,
             "outstanding_micros": 3_000,
             "returnable_micros": 0,
+            "returned_micros": 0,
         }, owner
     finally:
         assert stop_sandbox(proc) == 0
