@@ -79,6 +79,7 @@ from fog.schema import open_problem
 from fog.store import Arrival, Outcome
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
+from fog.vouchers import VoucherIssuer
 from protocol import limits, topics
 from protocol.errors import FogpayError, TopicError
 from protocol.gossip import SEEN_ENVELOPE_BYTES_MAX
@@ -173,6 +174,7 @@ class FogDaemon:
         self._counters: dict[str, int] = {}
         self._core_counters: dict[str, int] = {}
         self._republished = False
+        self._vouchers: VoucherIssuer | None = None  # 18.3: vouchers after their receipts
         self._publishing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
         self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
@@ -290,6 +292,7 @@ class FogDaemon:
             federation=c.federation,
         )
         key = self._fog_key or load_key_file(c.key_file)
+        self._vouchers = VoucherIssuer(key)
         core: FogCore | CoreProcess
         try:
             if c.store_process:
@@ -640,6 +643,11 @@ class FogDaemon:
         try:
             await publisher.publish(r.topic, r.payload)
             self._count("receipt_published")
+            if r.outcome.status == "ok" and self._vouchers is not None:  # 18.3: after its receipt
+                vch = self._vouchers.voucher(a.payload, r.outcome.receipt)
+                if vch is not None:
+                    await publisher.publish(r.topic, vch)
+                    self._count("voucher_published")
         except aiomqtt.MqttError as exc:
             self._count("receipt_unsent")
             self._log.warning("receipt_unsent", device=short(r.outcome.device), error=str(exc))
