@@ -27,10 +27,12 @@ import aiomqtt
 import nacl.signing
 import pytest
 
+from bench import revocation
 from cloud import ledger
 from cloud.sqlitestore import SqliteStore
 from edge.device import KEY_FILE, DeviceSession, PaymentDeclined, PaymentTimeout
 from edge.device import Device as Sdk
+from protocol import topics
 from protocol.signing import public_key
 from runtime.keyfile import write_key_file
 from tests.conftest import MosquittoProcess, start_mosquitto
@@ -47,7 +49,7 @@ from tests.pipeline.test_restarts import (
     wait_booked,
     wait_held,
 )
-from tests.pipeline.world import FOG_EXTRA, Pipeline
+from tests.pipeline.world import FOG_EXTRA, Pipeline, wait_until
 
 pytestmark = pytest.mark.mosquitto
 
@@ -403,3 +405,44 @@ async def check_booked_once(p: Pipeline, intent_ids: list[bytes]) -> None:
     assert all(n == 1 for n in booked.values()), {k.hex()[:8]: n for k, n in booked.items()}
     total = await p.query("SELECT COUNT(*) FROM transfers")
     assert total[0][0] == len(intent_ids)
+
+
+# --- a revocation reaches a fog cut from the cloud through its peer (17.5, 17.10) ----------
+
+
+async def test_a_revocation_reaches_a_fog_cut_from_the_cloud_through_its_peer(
+    tmp_path: Path,
+) -> None:
+    """bench/revocation.py's federation, one round: three fogs, fog-c's uplink cut, fog-c
+    joined to fog-b by a direct bridge. The issuer revokes a device (``fogpay cloud device
+    revoke``); every fog declines it ``revoked``, fog-c too, although the cloud's retained
+    revocation never reached fog-c's broker: fog-b forwarded it (``gossip/fog-c/revoke``)."""
+    async with revocation.federation(tmp_path, devices=1) as w, revocation.wallets(w) as ws:
+        await revocation.warm_up(w, ws)
+        w.proxy.cut()
+        probe = w.probes[0]
+        result = await revocation.revoke_round(w, ws, probe)
+        port = w.brokers[revocation.CUT].endpoint.port
+        async with aiomqtt.Client("127.0.0.1", port, timeout=10) as c:
+            await c.subscribe("fogpay/1/trust/revoke/#", qos=1)
+            retained = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    async for message in c.messages:
+                        retained.append(str(message.topic))
+
+        async def counted() -> bool:  # the fogs' next fog_stats lines
+            return (
+                revocation.logged_counter(w.log("fog-b"), "gossip_revoke_sent") >= 1
+                and revocation.logged_counter(w.log("fog-c"), "revoke_accepted") >= 1
+            )
+
+        await wait_until(counted, timeout_s=10.0)
+    assert set(result.after_publish_s) == set(revocation.FOGS)  # each declined it revoked
+    assert topics.revoke_topic(probe.public) not in retained  # not from the cloud: cut off
+    assert w.proxy.cut_now
+    print(  # the figures of one round, with -s (bench/revocation.py for more rounds)
+        "revocation: "
+        + ", ".join(f"{f} {s * 1000:.0f} ms" for f, s in result.after_publish_s.items())
+        + " after the cloud's publish"
+    )
