@@ -1,14 +1,19 @@
-"""A partition between real processes: a cloud (``fogpay cloud run``) and two fogs
+"""Partitions and losses between real processes: a cloud (``fogpay cloud run``) and fogs
 (``python -m fog``), each on its own Mosquitto on 127.0.0.1, the fogs' brokers joined to the
-cloud's by the shipped bridge (``deploy/mosquitto/fogpay-bridge.conf``); fog-a's bridge goes
-through a TCP proxy the test controls (``tcpproxy.py``). Under load the proxy is cut: fog-a
-keeps authorizing on the leases it holds while its batches wait; then it heals, and
-everything reconciles: every receipt a device holds is booked exactly once, every batch of
-both fogs is acked, the ledger balances.
+cloud's by the shipped bridge (``deploy/mosquitto/fogpay-bridge.conf``); a fog's bridge goes
+through a TCP proxy the test controls (``tcpproxy.py``). The fogs name each other in
+``[federation] peers``: replicas, ``seen`` and revocations cross the same bridges
+(docs/protocol.md 17.10). Figures with ``-s``; docs/reliability.md "Federation" quotes them.
 
-The fogs name each other in ``[federation] peers``; once replication and gossip run, their
-traffic crosses the same bridges (docs/protocol.md 17.10), and fog-b holds replicas of
-fog-a's batches sealed while it was cut off.
+- A cut: under load fog-a's proxy is cut; fog-a keeps authorizing on the leases it holds
+  while its batches wait; then it heals, and everything reconciles: every receipt a device
+  holds is booked exactly once, every batch of both fogs is acked, the ledger balances, and
+  fog-b holds replicas of fog-a's batches sealed while it was cut off.
+- A lost database: fog-a is SIGKILLed and its files deleted mid-run, ``fogpay fog restore``
+  rebuilds it from fog-b, ``fogpay cloud fog close-leases`` closes its old lease, it runs on,
+  and the devices (the SDK) upload the receipts only they hold: booked once, no fork.
+- A revocation reaches a fog cut from the cloud through its peer (bench/revocation.py's
+  set-up, one round).
 """
 
 import asyncio
@@ -339,7 +344,7 @@ async def test_a_fog_that_loses_its_database_mid_run_loses_nothing_replicated(
             restore_s = time.monotonic() - restore_started
             assert code == 0, err
             restored = json.loads(out)
-            on_b = read_fog_file(db_a)  # what the restore wrote: fog-b's replicas, verified
+            from_b = read_fog_file(db_a)  # what the restore wrote: fog-b's replicas, verified
             code, out, err = await asyncio.to_thread(
                 cli, "cloud", "--config", str(cloud_cfg), "fog", "close-leases", "fog-a", "--yes"
             )
@@ -373,11 +378,11 @@ async def test_a_fog_that_loses_its_database_mid_run_loses_nothing_replicated(
     finally:
         codes = [terminate(proc) for proc in reversed(procs.values()) if proc.poll() is None]
     assert codes == [0, 0, 0]
-    lost_from_fog = set(old.log.values()) - set(on_b.log.values())
+    lost_from_fog = set(old.log.values()) - set(from_b.log.values())
     # nothing that reached fog-b is lost: every batch fog-b acked was restored
-    assert old.records_of(old.raccd) <= set(on_b.log.values())
-    assert set(on_b.log.values()) <= set(old.log.values())  # and nothing else came back
-    assert restored["records"] == len(on_b.log) and restored["leases_retired"] >= 1
+    assert old.records_of(old.raccd) <= set(from_b.log.values())
+    assert set(from_b.log.values()) <= set(old.log.values())  # and nothing else came back
+    assert restored["records"] == len(from_b.log) and restored["leases_retired"] >= 1
     # fog-a lost at most what was at risk when its disk died; the devices held the rest
     assert len(lost_from_fog) <= old.at_risk
     assert set(only_devices) <= lost_from_fog
