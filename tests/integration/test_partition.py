@@ -171,7 +171,10 @@ async def test_a_fog_cut_from_the_cloud_keeps_paying_and_reconciles(world: World
     print(  # the figures, with -s (docs/protocol.md 17.10)
         f"partition: {during} payments authorized by fog-a while cut off, "
         f"{sum(booked_during.values())} of them booked before the heal; "
-        f"{len(everything)} receipts booked once {reconciled_s:.1f} s after the heal"
+        f"{len(everything)} receipts booked once {reconciled_s:.1f} s after the heal; "
+        f"records at risk at fog-a at most "
+        f"{logged_max(p.directory / 'fog-a.log', 'fog_stats', 'records_at_risk')} "
+        "(its peer is behind the same cut)"
     )
 
 
