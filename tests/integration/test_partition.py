@@ -38,10 +38,11 @@ from cloud.sqlitestore import SqliteStore
 from edge.device import KEY_FILE, DeviceSession, PaymentDeclined, PaymentTimeout
 from edge.device import Device as Sdk
 from protocol import topics
+from protocol.batch import decode_record
 from protocol.signing import public_key
 from runtime.keyfile import write_key_file
 from tests.conftest import MosquittoProcess, start_mosquitto
-from tests.integration.devices import wallet
+from tests.integration.devices import intent_id, wallet
 from tests.integration.tcpproxy import TcpProxy, tcp_proxy
 from tests.pipeline.test_bridge import BRIDGE, bridge_for
 from tests.pipeline.test_restarts import (
@@ -364,10 +365,23 @@ async def test_a_fog_that_loses_its_database_mid_run_loses_nothing_replicated(
         final_a = read_fog_file(db_a)
         only_devices = [i for i in held["fog-a"] if i not in set(final_a.log.values())]
         uploaded = booked_by_upload = 0
-        async with aiomqtt.Client(
-            "127.0.0.1", w.brokers["fog-a"].endpoint.port, timeout=10
-        ) as client:
-            for d in devices["fog-a"]:
+        broker_a = w.brokers["fog-a"].endpoint
+        first, *rest = devices["fog-a"]
+        # one device hands in its receipts with the command (a process of its own)...
+        ids = [intent_id(decode_record(r)[0]) for r in first.held_records()]
+        code, out, err = await asyncio.to_thread(
+            cli, "edge", "upload", "--state", str(first.state_dir), "--broker", broker_a.url,
+            "--fog-id", "fog-a", "--fog-key", fog_keys["fog-a"].hex(),
+            "--issuer", p.issuer.hex(), "--timeout", str(UPLOAD_TIMEOUT_S),
+        )  # fmt: skip
+        assert code == 0, err
+        summary = json.loads(out)
+        assert (summary["sent"], summary["booked"], summary["held"]) == (len(ids), len(ids), 0)
+        uploaded += len(ids)
+        booked_by_upload += sum(1 for i in ids if i in only_devices)
+        # ... the others with the SDK's call
+        async with aiomqtt.Client("127.0.0.1", broker_a.port, timeout=10) as client:
+            for d in rest:
                 uploaded += len(d.held_records())
                 result = await d.upload_held(
                     client, issuer_key=p.issuer, timeout_s=UPLOAD_TIMEOUT_S
