@@ -290,9 +290,10 @@ async def test_a_fog_that_loses_its_database_mid_run_loses_nothing_replicated(
     """Devices (the SDK) pay at both fogs; fog-a is SIGKILLed and its database deleted mid-run;
     ``fogpay fog restore`` rebuilds it from fog-b's replicas over the bridges; the cloud closes
     the old leases (``fogpay cloud fog close-leases``); fog-a starts again and the devices go
-    on paying; then the devices hand in what they hold (``Device.upload_held``, through fog-a's
-    broker and its bridge). Every receipt a device holds is booked exactly once, everything
-    fog-b acked is restored, the chain continues without a fork (``fogpay cloud check``)."""
+    on paying; then the devices hand in what they hold through fog-a's broker and its bridge
+    (one with ``fogpay edge upload``, the others with ``Device.upload_held``). Every receipt a
+    device holds is booked exactly once, everything fog-b acked is restored, the chain
+    continues without a fork (``fogpay cloud check``)."""
     w, p = world, world.p
     await p.owner("alice", limit=10_000_000)
     configs = {f: await federated_config(w, f) for f in FOGS}
