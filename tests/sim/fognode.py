@@ -222,7 +222,10 @@ class FogNode:
                     at = o.mono_ms - self.skew_ms
                     out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
                 case core.TrustLoaded():
-                    out.words.append(f"{o.msg_type or 'message'} {o.status}")
+                    word = f"{o.msg_type or 'message'} {o.status}"
+                    if o.msg_type == "seen" and o.status == "refused":  # say why, in the trace
+                        word += f" ({o.reason}: {o.detail})"
+                    out.words.append(word)
                 case core.LeaseClosed():
                     out.words.append("lease closed")
                 case core.Sealed():

@@ -565,9 +565,12 @@ class Simulation:
         self.checker.restored(fog_id, node.path)
         held = [h for d in self._all_devices() for h in d.held.values() if h.fog_id == fog_id]
         self.fail(self.checker.receipts_durable(fog_id, held))  # (notes the lost ones)
-        for dev in self._all_devices():  # receipts whose records the disk took: handed in
-            lost = self.checker.lost_receipts
-            upload_held(self, dev, [h for h in dev.held.values() if h.intent_id in lost])
+        for dev in self._all_devices():  # its fog was lost: what the cloud lacks, handed in
+            # (the records the disk took, and those the restored fog's batches will bring
+            # too: booked once whichever path comes first)
+            booked = self.checker.booked
+            mine = [h for h in dev.held.values() if h.fog_id == fog_id]
+            upload_held(self, dev, [h for h in mine if not booked(h.intent_id)])
         self.net.down.discard(fog_id)
         cut = fog_id in self.net.cut
         out = node.start(now_ms=now, connected=not (cut and self.mix.client_partition))
