@@ -84,7 +84,7 @@ from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
 from protocol import topics
 from protocol.errors import TopicError
-from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen
+from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen, SeenEntry
 from protocol.leasing import lease_report_topic
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
@@ -362,8 +362,9 @@ class FogCore:
         if fed.peers:
             self._replication = Replication(
                 store.connection, config.fog_id, fog_key, config.issuer_key, fed,
-                up.ack_timeout_ms, up.window,
+                up.ack_timeout_ms, up.window, self._replica_marks,
             )  # fmt: skip
+        self._replica_clones: list[str] = []  # clones a stored replica revealed (an alarm)
         self._replicate_at = 0
         self._relay_at = 0
 
@@ -576,11 +577,21 @@ class FogCore:
     def _replicated(self, parsed: topics.Topic, payload: bytes, now: int) -> list[FogOutput] | None:
         """Replication's messages (fog/replicas.py): gossip to us, other fogs' acks."""
         assert self._replication is not None
+        self._replica_clones.clear()
         try:
             routed = self._replication.route(parsed, payload, now)
         except Exception as exc:  # the seam: storage failed; the sender sends again
             return [Alarm(event="replica_failed", error=type(exc).__name__)]
-        return None if routed is None else _as_outputs(routed)
+        if routed is None:
+            return None
+        clones = [Alarm(event="cloned_key", error=c) for c in self._replica_clones]
+        return [*_as_outputs(routed), *clones]
+
+    def _replica_marks(self, origin: str, entries: Sequence[SeenEntry], now: int) -> None:
+        """The records of a replica being stored feed the peer marks (docs/protocol.md 17.4),
+        in the replica's transaction; a collision suspends the device (``cloned_key``)."""
+        _, clones, _ = self._store.note_peer_marks(origin, entries, now_ms=now)
+        self._replica_clones.extend(c.describe() for c in clones)
 
     def _report_unused(self, lease_id: bytes | None, now: int, mono: int) -> list[FogOutput]:
         """A lease of ours arrived already expired (a grant delayed or resent past its

@@ -28,7 +28,7 @@ older fogpay gains them without a schema step.
 """
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -40,6 +40,7 @@ from fog.uplink import ACK_WAIT_MS_MAX
 from protocol import limits, merkle, topics
 from protocol.batch import decode_batch, decode_record
 from protocol.errors import Declined, TopicError
+from protocol.gossip import SeenEntry
 from protocol.messages import Ack, BatchHeader, Intent, Receipt
 from protocol.reasons import Reason
 from protocol.replica import FETCH_BATCHES_MAX, Fetch, ReplicaAck
@@ -99,6 +100,12 @@ class VerifiedBatch:
     records: list[bytes]
     wire: bytes
     signer: bytes
+    entries: tuple[SeenEntry, ...] = ()  # (device, q, intent id) of each record
+
+
+# stores what a verified replica says its origin authorized as that peer's marks, inside the
+# caller's transaction (``FogStore.note_peer_marks``, docs/protocol.md 17.4)
+NoteMarks = Callable[[str, Sequence[SeenEntry], int], object]
 
 
 @dataclass(slots=True)
@@ -140,6 +147,7 @@ def verify_batch(wire: bytes, keys_of: Callable[[str], list[bytes]]) -> Verified
         raise Declined(Reason.MALFORMED, "batch: too large")
     header_env, records = decode_batch(wire)
     header, header_id, signer = open_message(header_env, BatchHeader)
+    entries: list[SeenEntry] = []
     keys = keys_of(header.fog_id)
     if not keys:  # its credential has not arrived yet: the origin sends again
         raise Declined(Reason.BAD_SIGNATURE, f"batch: unknown fog {header.fog_id}")
@@ -165,8 +173,16 @@ def verify_batch(wire: bytes, keys_of: Callable[[str], list[bytes]]) -> Verified
             raise Declined(Reason.MALFORMED, f"record {position}: not an ok of this fog")
         if receipt.log_index != header.first_index + position:
             raise Declined(Reason.MALFORMED, f"record {position}: log index")
+        entries.append(SeenEntry(intent.device, intent.seq, intent_id))
     return VerifiedBatch(
-        header.fog_id, header.number, header_id, header.first_index, records, wire, signer
+        header.fog_id,
+        header.number,
+        header_id,
+        header.first_index,
+        records,
+        wire,
+        signer,
+        tuple(entries),
     )
 
 
@@ -182,6 +198,8 @@ class Replication:
     config: FederationConfig
     ack_timeout_ms: int
     window: int
+    # a replica's records feed the holder's peer marks in the transaction that stores it
+    note_marks: NoteMarks | None = None
     _sending: dict[int, _Sending] = field(default_factory=dict)
     _heights: dict[str, int] = field(default_factory=dict)  # origin -> the cloud's ack b
     _relayed_ms: dict[str, int] = field(default_factory=dict)  # origin -> mono of last relay
@@ -340,6 +358,8 @@ class Replication:
                     "VALUES (?, ?, ?, ?, ?)",
                     (vb.origin, vb.number, vb.header_id, wire, now),
                 )
+                if self.note_marks is not None and vb.entries:
+                    self.note_marks(vb.origin, vb.entries, now)
         if row is None:
             self._bytes += len(wire)
         what = "replica_stored" if row is None else "replica_duplicate"

@@ -681,9 +681,14 @@ class FogStore:
         self, fog_id: str, entries: Sequence[SeenEntry], *, now_ms: int
     ) -> tuple[int, tuple[peers.Clone, ...], int]:
         """What peer ``fog_id`` authorized, learnt otherwise than by its ``seen`` (the
-        records of its batches this fog holds as a replica): the same marks and checks."""
-        with transaction(self._conn):
+        records of its batches this fog holds as a replica): the same marks and checks. In
+        the caller's transaction when one is open (``fog.replicas``: the replica and the
+        marks it brings commit together), else in its own."""
+        if self._conn.in_transaction:
             out = peers.note_marks(self._conn, fog_id, list(entries), self.fog_id, now_ms)
+        else:
+            with transaction(self._conn):
+                out = peers.note_marks(self._conn, fog_id, list(entries), self.fog_id, now_ms)
         self._reads.peer_marks = True
         self._counts["devices_suspended"] += len(out[1])
         self._counts["seen_collisions"] += out[2]

@@ -11,6 +11,7 @@ import pytest
 from fog import restore
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.core import (
+    Alarm,
     CoreConfig,
     Counters,
     FogCore,
@@ -24,10 +25,11 @@ from fog.core import (
     TrustMessage,
 )
 from fog.replicas import ReplicaEvent
+from fog.sqlints import from_i64
 from fog.store import Arrival, FogStore
 from protocol import topics
 from protocol.batch import decode_batch
-from protocol.messages import Ack, BatchHeader, FogCredential, Lease
+from protocol.messages import Ack, BatchHeader, FogCredential, Lease, OwnerCredential
 from protocol.replica import Fetch
 from protocol.signing import open_envelope, public_key, seal
 from tests.fog.world import DAY_MS, NOW, World
@@ -292,3 +294,50 @@ def test_a_restore_takes_the_run_ending_at_the_highest_and_refuses_a_gap(tmp_pat
     other = nacl.signing.SigningKey.generate()
     refused = restore.plan(wires, fog_id="fog-1", fog_public=public_key(other), cloud_acked=0)
     assert refused.batches == [] and refused.refused == 3  # not signed by this fog's key
+
+
+def test_a_stored_replica_feeds_the_holders_peer_marks_and_reveals_a_clone(
+    tmp_path: Path,
+) -> None:
+    """The records of a replica the holder verified and stored count as the origin's
+    ``seen`` (docs/protocol.md 17.4), in the transaction that stores it: their sequence
+    numbers are stale at the holder, and one the holder authorized with another intent is
+    a cloned key (alarm, the device suspended)."""
+    a, b = worlds(tmp_path)
+    owner = a.owner()
+    cred = OwnerCredential(owner_id="acme", key=public_key(owner), not_before_ms=NOW - DAY_MS,
+                           not_after_ms=NOW + 365 * DAY_MS)  # fmt: skip
+    b.trust("owner", seal(cred, a.issuer))
+    dev, cloned = a.device(owner), a.device(owner)
+    for d in (dev, cloned):
+        b.trust("bind", b.binding(owner, public_key(d)))
+    a.lease()
+    b.lease()
+    origin, holder = core_of(a, ("fog-2",)), core_of(b, ("fog-1",))
+
+    def pay_at(w: World, core: FogCore, d: nacl.signing.SigningKey, q: int, amount: int) -> str:
+        arrival = Arrival(public_key(d), w.intent(d, q, amount))
+        out = core.handle(Intents(arrivals=(arrival,), now_ms=NOW))
+        [r] = [o for o in out if isinstance(o, Receipt)]
+        return r.outcome.status if r.outcome.reason is None else str(r.outcome.reason)
+
+    assert pay_at(a, origin, dev, 3, 1_000) == "ok"
+    assert pay_at(a, origin, cloned, 5, 1_000) == "ok"
+    assert pay_at(b, holder, cloned, 5, 2_000) == "ok"  # the clone, at the other fog
+    sent = publishes(origin.handle(Tick(now_ms=NOW + AGE_MS)), "batch")
+    wire = next(p for p in sent if p.topic == topics.gossip_topic("fog-2", "batch"))
+    out = holder.handle(TrustMessage(topic=wire.topic, payload=wire.payload, now_ms=NOW))
+    assert events(out) == ["replica_stored"]
+    alarms = [o for o in out if isinstance(o, Alarm)]
+    assert [x.event for x in alarms] == ["cloned_key"]
+    conn = sqlite3.connect(b.path)
+    marks = {d: from_i64(q) for d, q in conn.execute("SELECT device, seq FROM peer_seq")}
+    assert marks == {public_key(dev): 3, public_key(cloned): 5}
+    assert conn.execute("SELECT device FROM suspended").fetchall() == [(public_key(cloned),)]
+    assert pay_at(b, holder, dev, 3, 1_000) == "stale"
+    assert pay_at(b, holder, dev, 4, 1_000) == "ok"
+    assert pay_at(b, holder, cloned, 6, 1_000) == "revoked"
+    # the same replica again: stored once, no second alarm
+    again = holder.handle(TrustMessage(topic=wire.topic, payload=wire.payload, now_ms=NOW))
+    assert events(again) == ["replica_duplicate"]
+    assert not [o for o in again if isinstance(o, Alarm)]

@@ -36,6 +36,7 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
     extra += f" --steps {config.steps}" if config.steps != STEPS_DEFAULT else ""
     extra += f" --without {','.join(config.without)}" if config.without else ""
     extra += "" if config.strict_leases else " --lenient-leases"
+    extra += "" if config.clones else " --no-clones"
     planted_replicas = config_for(plant, SimConfig()).replicas
     extra += f" --replicas {config.replicas}" if config.replicas != planted_replicas else ""
     extra += f" --plant {plant}" if plant else ""
@@ -84,19 +85,36 @@ def summary(results: list[Result]) -> str:
     bad = sum(1 for r in results if not r.ok)
     crashes = totals.get("fog_crashes", 0) + totals.get("cloud_crashes", 0)
     at_risk = max((r.stats.get("records_at_risk_max", 0) for r in results), default=0)
+    revocation = sorted(ms for r in results for ms in r.samples.get("revocation_ms", []))
+    t = totals.get
     return (
-        f"{len(results)} seeds, {bad} violations, {totals.get('payments', 0)} payments, "
-        f"{totals.get('receipts_ok', 0)} ok receipts, {crashes} crashes, "
-        f"{totals.get('partitions', 0)} partitions, {totals.get('net_dropped', 0)} dropped, "
-        f"{totals.get('leases_stranded', 0)} leases stranded, "
-        f"{totals.get('steps', 0)} steps; federation: "
-        f"{totals.get('disk_losses', 0)} disks lost, {totals.get('fogs_restored', 0)} fogs "
-        f"restored ({totals.get('records_restored', 0)} records), "
-        f"{totals.get('fogs_dead', 0)} unrecoverable, "
-        f"{totals.get('receipts_lost_with_disk', 0)} device receipts to upload, "
-        f"{totals.get('peer_partitions', 0)} peer partitions, "
-        f"records at risk max {at_risk}"
+        f"{len(results)} seeds, {bad} violations, {t('payments', 0)} payments, "
+        f"{t('receipts_ok', 0)} ok receipts, {crashes} crashes, "
+        f"{t('partitions', 0)} partitions, {t('net_dropped', 0)} dropped, "
+        f"{t('leases_stranded', 0)} leases stranded, "
+        f"{t('steps', 0)} steps; federation: "
+        f"{t('disk_losses', 0)} disks lost, {t('fogs_restored', 0)} fogs "
+        f"restored ({t('records_restored', 0)} records), "
+        f"{t('fogs_dead', 0)} unrecoverable ({t('replicated_of_dead_fogs', 0)} of their "
+        "replicated records beyond the lost chain head, in no device's hands), "
+        f"{t('held_uploads', 0)} held uploads ({t('held_booked', 0)} records booked from them), "
+        f"{t('relayed_batches', 0)} relayed batches, "
+        f"{t('leases_closed_by_operator', 0)} leases closed by close-leases, "
+        f"{t('peer_partitions', 0)} peer partitions, "
+        f"records at risk max {at_risk}; "
+        f"clones: {sum(1 for r in results if 'clone_receipts_ok' in r.stats)} seeds, "
+        f"{t('clone_payments', 0)} payments, {t('clone_collisions', 0)} ok at a used q, "
+        f"cloned_key at fogs {t('cloned_key_at_fogs', 0)} / cloud {t('cloned_key_at_cloud', 0)}; "
+        f"revocation to the last fog: {len(revocation)} revocations, "
+        f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms"
     )
+
+
+def _median(xs: list[int]) -> int:
+    if not xs:
+        return 0
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) // 2
 
 
 def _results(
@@ -136,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="peers each fog replicates a batch to (k, at most fogs - 1); 0: no federation",
     )
+    p.add_argument(
+        "--no-clones",
+        dest="clones",
+        action="store_false",
+        help="no seed clones a device key (by default a quarter of the seeds do)",
+    )
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
     p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
@@ -152,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         without=without,
         strict_leases=args.strict_leases,
         replicas=args.replicas,
+        clones=args.clones,
     )
     config = config_for(args.plant, config)
     results = []

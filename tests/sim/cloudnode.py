@@ -36,6 +36,8 @@ class CloudNode:
         self.store: Store | None = None
         self.core: CloudCore | None = None
         self.starts = 0
+        self.relayed = 0  # relayed batches ingested
+        self.held_booked = 0  # records booked from devices' held uploads
 
     @property
     def up(self) -> bool:
@@ -72,11 +74,22 @@ class CloudNode:
         if kind is Kind.BATCH:
             out: IngestOutcome = await self.core.ingest_batch(payload)
             return f"batch {out.number} {out.status}", list(out.publish)
-        if kind is Kind.RELAY:  # another fog's batch, relayed by a replica holder: until the
-            # cloud's relay ingest is merged, ingested here as it will be (as a batch of the
-            # header's f, docs/protocol.md 17.8)
-            out = await self.core.ingest_batch(payload)
+        if kind is Kind.RELAY:  # another fog's batch, relayed by a replica holder: the
+            # cloud's relay ingest (a BatchArrived with relayed_by, docs/protocol.md 17.8)
+            carrier = topics.parse(topic).fog_id
+            out = await self.core.ingest_batch(payload, topic=topic, relayed_by=carrier)
+            self.relayed += 1
             return f"relayed batch {out.number} {out.status}", list(out.publish)
+        if kind is Kind.HELD_RECORDS:  # a device hands in the receipts it holds (17.7)
+            device = topics.parse(topic).key
+            assert device is not None
+            judged, published = await self.core.held_upload(payload, device)
+            self.held_booked += judged.booked
+            word = (
+                f"held refused={judged.refused} booked={judged.booked} "
+                f"already={judged.already} rejected={judged.rejected}"
+            )
+            return word, [(p.topic, p.payload) for p in published]
         if kind is Kind.LEASE_REQUEST:
             pub = await self.core.lease_request(payload)
             if not pub:

@@ -27,7 +27,8 @@ from fog.replicas import ReplicaEvent
 from fog.store import Arrival, FogStore, Outcome
 from protocol import topics
 from protocol.errors import TopicError
-from protocol.signing import public_key
+from protocol.messages import Revocation
+from protocol.signing import open_message, public_key
 from tests.sim.network import label
 
 DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
@@ -195,8 +196,12 @@ class FogNode:
             out.words.append("cleared (nothing to close)")
         if parsed is not None and parsed.lease_id is not None:  # name the lease in the trace
             out.words = [f"lease {parsed.lease_id.hex()[:8]}: {w}" for w in out.words]
-        if "revoke accepted" in out.words and parsed is not None and parsed.key is not None:
-            self.revoked_at.setdefault(parsed.key, fog_ms)  # fog time, as the log's at_ms
+        if "revoke accepted" in out.words and parsed is not None:
+            key = parsed.key
+            if parsed.kind is topics.Kind.GOSSIP_REVOKE:  # a peer's, byte for byte (17.5)
+                key = open_message(payload, Revocation)[0].key
+            if key is not None:
+                self.revoked_at.setdefault(key, fog_ms)  # fog time, as the log's at_ms
         return out
 
     def tick(self, *, now_ms: int) -> Outputs:
@@ -217,7 +222,10 @@ class FogNode:
                     at = o.mono_ms - self.skew_ms
                     out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
                 case core.TrustLoaded():
-                    out.words.append(f"{o.msg_type or 'message'} {o.status}")
+                    word = f"{o.msg_type or 'message'} {o.status}"
+                    if o.msg_type == "seen" and o.status == "refused":  # say why, in the trace
+                        word += f" ({o.reason}: {o.detail})"
+                    out.words.append(word)
                 case core.LeaseClosed():
                     out.words.append("lease closed")
                 case core.Sealed():

@@ -92,7 +92,8 @@ class Checker:
         self.at_risk_max = 0  # records in no safe batch at one fog, the most seen
         self.replicas = 1  # k: peers that must hold a batch (set by the simulation)
         self.federation = True  # the fogs have peers (replica tables exist)
-        self.replicated_of_dead = 0  # the largest (authorized - booked) seen against its bound
+        self.replicated_of_dead = 0  # records of dead fogs' replicas nobody could book
+        self.clone_keys: set[bytes] = set()  # devices whose key a clone uses (set by the sim)
 
     # ---- disk loss (tests/sim/restore.py) --------------------------------------------------
 
@@ -194,7 +195,7 @@ class Checker:
             if h.intent_id in self.lost_receipts:
                 continue
             row = conn.execute("SELECT n FROM log WHERE intent_id = ?", (h.intent_id,)).fetchone()
-            if row is None and self._booked(h.intent_id):
+            if row is None and self.booked(h.intent_id):
                 continue  # pruned after the cloud acked it
             lost = h.time_ms <= self._lost_before.get(fog_id, -1)
             if lost and (row is None or int(row[0]) != h.log_index):
@@ -205,9 +206,25 @@ class Checker:
                 out.append(f"{fog_id}: receipt n={h.log_index} held, file says n={row[0]}")
         return out
 
-    def _booked(self, intent_id: bytes) -> bool:
+    def booked(self, intent_id: bytes) -> bool:
         sql = "SELECT 1 FROM transfers WHERE intent_id = ?"
         return self._cloud.execute(sql, (intent_id,)).fetchone() is not None
+
+    def cloned_alarm(self, device: bytes) -> bool:
+        """The cloud raised ``cloned_key`` for ``device``."""
+        sql = "SELECT 1 FROM alarms WHERE kind = 'cloned_key' AND subject = ?"
+        return self._cloud.execute(sql, (device.hex(),)).fetchone() is not None
+
+    def holds_unretired(self, fog_id: str, lease_id: bytes) -> bool:
+        """``fog_id``'s file holds ``lease_id`` and its restore did not retire it."""
+        conn = self._fogs.get(fog_id)
+        if conn is None:
+            return False
+        held = conn.execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        retired = conn.execute(
+            "SELECT 1 FROM lease_reports WHERE lease_id = ? AND drawn_micros < 0", (lease_id,)
+        ).fetchone()
+        return held is not None and retired is None
 
     # ---- cloud ----------------------------------------------------------------------------
 
@@ -226,14 +243,21 @@ class Checker:
             )
         }
         out = []
-        for dseq, n in conn.execute(
-            "SELECT dseq, COUNT(*) FROM transfers GROUP BY dseq HAVING COUNT(*) > 1"
-        ):
-            out.append(f"cloud: {n} intents booked at one (device, q) {bytes(dseq).hex()[:12]}")
+        clones = {k.hex() for k in self.clone_keys}
+        alarmed = set()
         for kind, subject, fog_id, detail in conn.execute(
             "SELECT kind, subject, fog_id, detail FROM alarms ORDER BY kind, subject"
         ):
+            if kind == "cloned_key" and subject in clones:  # a cloned key, caught
+                alarmed.add(subject)
+                continue
             out.append(f"cloud: alarm {kind} from {fog_id} on {subject[:16]}: {detail}")
+        # one intent per (device, q), except a cloned key's, which the cloud books and alarms
+        for dseq, n in conn.execute(
+            "SELECT dseq, COUNT(*) FROM transfers GROUP BY dseq HAVING COUNT(*) > 1"
+        ):
+            if bytes(dseq)[:32].hex() not in alarmed:
+                out.append(f"cloud: {n} intents booked at one (device, q) {bytes(dseq).hex()[:12]}")
         for fog_id, number, position, reason in conn.execute(
             "SELECT fog_id, number, position, reason FROM rejected ORDER BY fog_id, number"
         ):
@@ -288,31 +312,38 @@ class Checker:
 
     # ---- after the heal phase --------------------------------------------------------------
 
-    def converged(
-        self, devices: Sequence[SimDevice], *, now_ms: int, lost: dict[str, list[Held]]
-    ) -> list[str]:
-        """``lost`` is filled with the receipts per device whose record a fog lost with its
-        disk and the cloud has not booked (for the held-upload hook)."""
+    def converged(self, devices: Sequence[SimDevice], *, now_ms: int) -> list[str]:
+        """After the heal and the devices' held uploads: every ok receipt a device holds is
+        booked (once: the intent id is the transfers' key), with its fog and amount, whatever
+        path brought it (its fog's batch, a relay, the device's upload); every record of every
+        fog's log is booked from its fog's chain (batch number > 0: an upload does not excuse
+        a batch that never arrived)."""
         conn = self._cloud
         booked = {
-            bytes(i): (f, int(a))
-            for i, f, a in conn.execute("SELECT intent_id, fog_id, amount_micros FROM transfers")
+            bytes(i): (f, int(a), int(b))
+            for i, f, a, b in conn.execute(
+                "SELECT intent_id, fog_id, amount_micros, number FROM transfers"
+            )
         }
         out = []
         for dev in devices:
             for h in dev.held.values():
                 b = booked.get(h.intent_id)
-                gone = h.fog_id in self.dead_fogs or h.intent_id in self.lost_receipts
-                if b is None and gone:
-                    lost.setdefault(dev.name, []).append(h)
-                elif b is None:
-                    out.append(f"{dev.name}: ok receipt {h.fog_id} n={h.log_index} never booked")
-                elif b != (h.fog_id, h.amount_micros):
+                fault = dev.faults.get(h.intent_id)
+                if b is None:
+                    why = f" (upload refused: {fault})" if fault else ""
+                    out.append(
+                        f"{dev.name}: ok receipt {h.fog_id} n={h.log_index} never booked{why}"
+                    )
+                elif b[:2] != (h.fog_id, h.amount_micros):
                     out.append(f"{dev.name}: receipt {h.fog_id} n={h.log_index} booked as {b}")
         for fog_id, fconn in sorted(self._fogs.items()):  # pruned records were acked
             for n, intent_id in fconn.execute("SELECT n, intent_id FROM log ORDER BY n"):
-                if bytes(intent_id) not in booked:
+                got = booked.get(bytes(intent_id))
+                if got is None:
                     out.append(f"{fog_id}: log record n={n} never booked")
+                elif got[2] == 0:
+                    out.append(f"{fog_id}: log record n={n} booked only from a device's upload")
         # what reached a peer is never lost: acked by a peer, or held as a replica
         replicated = dict(self._racced)
         for fconn in self._fogs.values() if self.federation else ():
@@ -326,27 +357,33 @@ class Checker:
                 self.replicated_of_dead += 1
                 continue
             out.append(f"{origin}: record {intent_id.hex()[:8]} reached a peer, never booked")
-        for lease_id in self.stranded(now_ms=now_ms, known=True):
+        for lease_id in self.stranded(now_ms=now_ms, known=True, exempt=False):
             lease = self.leases[lease_id]
             out.append(f"cloud: lease {lease_id.hex()[:8]} of {lease.fog_id} expired, open")
         return out
 
-    def stranded(self, *, now_ms: int, known: bool) -> list[bytes]:
+    def stranded(self, *, now_ms: int, known: bool, exempt: bool) -> list[bytes]:
         """Expired leases still open at the cloud, whose fog holds them (``known``: the fog
         should have reported them) or never stored them (it got the lease only after its
-        expiry, and a fog refuses expired material: nothing will ever report it)."""
+        expiry, and a fog refuses expired material: nothing will ever report it).
+        ``exempt``: before the operator's close-leases, the leases of a dead fog and those
+        a restore retired are left out (no fog will report them); after it, none is."""
         out = []
         for lease_id, lease in sorted(self.leases.items()):
             if lease.state != cloud_leases.STATE_OPEN or lease.not_after_ms >= now_ms:
                 continue
             fconn = self._fogs.get(lease.fog_id)
             if fconn is None or lease.fog_id in self.dead_fogs:
-                continue  # the operator closes them (close-leases): counted by the sim
+                if not exempt and not known:
+                    out.append(lease_id)  # close-leases should have closed it
+                continue
             retired = fconn.execute(
                 "SELECT 1 FROM lease_reports WHERE lease_id = ? AND drawn_micros < 0",
                 (lease_id,),
             ).fetchone()
             if retired is not None:
+                if not exempt and not known:
+                    out.append(lease_id)  # close-leases should have closed it
                 continue  # retired by a restore: the cloud closes it from booked evidence
             row = fconn.execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
             if (row is not None) == known:

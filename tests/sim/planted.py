@@ -20,15 +20,22 @@ Each replaces one real function for the duration of a run and puts it back after
 - ``racc_without_store``: a replica holder answers ``racc`` for a verified batch but never
   stores it (``fog.replicas.Replication.batch`` acks before, and instead of, its COMMIT):
   caught when the origin loses its disk and a batch its peers acked is not returned to its
-  ``fetch`` (tests/sim/simulation.py ``_fetched_all``).
+  ``fetch`` (tests/sim/simulation.py ``_fetched_all``);
+- ``held_dedup``: the cloud books a record a device handed in under another key than its
+  intent id (``cloud.ledger.write_held`` writes the transfer keyed by a hash of the intent
+  id), so the dedup of 17.8 cannot see it: when the fog's batch (or a relay) brings the same
+  record, it is booked a second time. Caught as two intents booked at one (device, q), with
+  the cloud's ``cloned_key`` alarm on an honest device (or the store's primary key refusing
+  a second upload of the record).
 """
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
-from cloud import leases
+from cloud import leases, ledger
 from cloud.store import Tx
 from fog import authorize, store
 from fog.authorize import LeaseView
@@ -80,6 +87,20 @@ def _batch_acked_not_stored(self: Replication, wire: bytes, now: int) -> Any:
     return out
 
 
+_real_write_held: Final = ledger.write_held
+
+
+async def _write_held_under_another_key(
+    tx: Tx, fog_id: str, plan: Any, records: dict[bytes, bytes], *, now_ms: int
+) -> None:
+    renamed = {t.intent_id: hashlib.sha256(b"held" + t.intent_id).digest() for t in plan.transfers}
+    transfers = [t._replace(intent_id=renamed[t.intent_id]) for t in plan.transfers]
+    keyed = {renamed.get(i, i): r for i, r in records.items()}
+    await _real_write_held(
+        tx, fog_id, dataclasses.replace(plan, transfers=transfers), keyed, now_ms=now_ms
+    )
+
+
 async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
     row = await tx.fetchone(
         "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
@@ -97,6 +118,7 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "uplink_resend": (Window, "plan", _plan_never_resending),
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
     "racc_without_store": (Replication, "batch", _batch_acked_not_stored),
+    "held_dedup": (ledger, "write_held", _write_held_under_another_key),
 }
 
 

@@ -7,15 +7,14 @@ at a time) straight into the peer's core and keeps what the peer answers on
 simulation delivers these directly (no loss); ``FogNode.restore`` then imports them with
 ``fog.restore`` and the fog continues its chain.
 
-Two hooks stand for the cloud side of issue 11 (helper "cloud"), which this branch does not
-have yet; the lead wires them when merging:
+The cloud side (docs/protocol.md 17.7, 17.8), wired to the cloud's real code:
 
-- ``close_lost_fog_leases(sim, fog_id)``: the operator's ``fogpay cloud fog close-leases
-  FOG_ID`` for a fog that could not be restored (its chain head is lost);
-- ``upload_held(sim, device, held)``: a device uploads the records (intent, ok receipt) it
-  holds to the cloud (``held`` records, docs/protocol.md 17.7); returns how many the cloud
-  answered as booked. Until wired it uploads nothing and returns 0: receipts whose records a
-  fog lost with its disk are counted (``receipts_lost_with_disk``), not yet booked.
+- ``upload_held(sim, device, held)``: a device hands in ok receipts the cloud may lack
+  (after a restore: those whose records the disk took; when a fog cannot be restored: all
+  of its; after the heal: every one not booked); the cloud books them through its held path
+  and answers a ``hack``, delivered back to the device;
+- ``close_lost_fog_leases(sim, fog_id)``: ``fogpay cloud fog close-leases FOG_ID --yes``,
+  run after the heal for every fog that was lost (restored or not).
 """
 
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import nacl.signing
 
+from cloud import leases
 from protocol import topics
 from protocol.replica import FETCH_BATCHES_MAX, Fetch
 from protocol.signing import seal
@@ -52,14 +52,40 @@ def fetch_all(
     return wires
 
 
-def close_lost_fog_leases(sim: "Simulation", fog_id: str) -> None:
-    """Hook: the cloud closes the leases of a fog that cannot be restored (helper cloud's
-    ``fogpay cloud fog close-leases``). Not wired on this branch: its leases stay open at
-    the cloud (counted as ``leases_of_dead_fogs``)."""
-    sim.count("close_leases_pending")
+async def close_lost_fog_leases(sim: "Simulation", fog_id: str) -> list[bytes]:
+    """The operator's ``fogpay cloud fog close-leases FOG_ID --yes``: the cloud's own
+    ``cloud.leases.close_fog_leases`` (what the command calls) closes every open lease of
+    the fog at its booked draws and clears their retained topics. Run after the heal, once
+    the devices' held uploads are in: for a fog that could not be restored (all its leases)
+    and for a restored one (the leases its restore retired: a restored fog that is quiet
+    holds no other open lease; one it still holds unretired is a violation). Returns the
+    leases closed."""
+    assert sim.cloud.store is not None and sim.checker is not None
+    closed: list[leases.ForceClosed] = await sim.cloud.transact(
+        lambda tx: leases.close_fog_leases(tx, fog_id)
+    )  # type: ignore[assignment]
+    if fog_id not in sim.dead:
+        sim.fail(
+            [
+                f"{fog_id}: close-leases closed lease {x.lease_id.hex()[:8]}, which the "
+                "restored fog holds and did not retire"
+                for x in closed
+                if sim.checker.holds_unretired(fog_id, x.lease_id)
+            ]
+        )
+    sim.count("leases_closed_by_operator", len(closed))
+    sim.net.publish_retained([(x.topic, b"") for x in closed])  # the clearings
+    if closed:
+        sim.note(f"close-leases {fog_id}: {len(closed)} leases closed at their booked draws")
+    return [x.lease_id for x in closed]
 
 
-def upload_held(sim: "Simulation", device: SimDevice, held: Sequence[Held]) -> int:
-    """Hook: ``device`` uploads the records it holds (helper cloud's held uploads); returns
-    how many are booked afterwards. Not wired on this branch: 0."""
-    return 0
+def upload_held(sim: "Simulation", device: SimDevice, held: Sequence[Held]) -> None:
+    """``device`` hands in the records (intent, ok receipt) of ``held`` on
+    ``fogpay/1/held/{d}/records`` (docs/protocol.md 17.7), 16 a payload, to the cloud's
+    real held path (``CloudCore`` ``HeldArrived``); again every few seconds until the
+    cloud's ``hack`` lists each (booked, or refused with its fault)."""
+    if not held:
+        return
+    device.upload({h.intent_id for h in held})
+    sim._upload(device)

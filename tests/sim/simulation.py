@@ -44,7 +44,7 @@ from protocol.messages import Revocation
 from protocol.signing import public_key, seal
 from protocol.topics import Kind
 from tests.sim.cloudnode import CloudNode
-from tests.sim.devices import RETRY_MS, Held, SimDevice
+from tests.sim.devices import RETRY_MS, SimDevice
 from tests.sim.faults import FaultMix
 from tests.sim.fognode import CLOUD, FogNode, FogSettings, Outputs
 from tests.sim.invariants import Checker
@@ -63,6 +63,8 @@ TICK_MS_MAX: Final = 5_000  # the shell's longest sleep when the core asks for n
 FOGS_DEFAULT: Final = 3
 MAX_SKEW_MS: Final = 2_000  # a fog's clock is at most this far off the simulation's
 STEPS_DEFAULT: Final = 300
+UPLOAD_RETRY_MS: Final = 3_000  # a device hands in its held receipts again until answered
+CLONE_SHARE: Final = 0.25  # seeds with a cloned device key (when --clones is on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,9 @@ class SimConfig:
     # k: peers each fog replicates a batch to (at most fogs - 1); 0: no federation (each fog
     # alone with the cloud, as before issue 11)
     replicas: int = 2
+    # a share of the seeds (CLONE_SHARE) clones one device's key: a second device pays at
+    # another fog with the sequence numbers the original used (docs/protocol.md 17.4)
+    clones: bool = True
 
 
 @dataclass(slots=True)
@@ -93,6 +98,8 @@ class Result:
     step: int = 0
     trace: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    # measurements whose distribution the summary gives (revocation propagation, ms)
+    samples: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -171,13 +178,28 @@ class Simulation:
         self.step = 0
         self.trace: deque[str] = deque(maxlen=TRACE_LINES)
         self.stats: dict[str, int] = {}
-        self._wake_token: dict[bytes, int] = {}
+        self._wake_token: dict[str, int] = {}
         self._tick_at: dict[str, int] = {}
         self._tick_token: dict[str, int] = {}
         self.lost: set[str] = set()  # fogs whose file was destroyed, waiting for a restore
         self.dead: set[str] = set()  # fogs whose chain head was lost: down for good
         # (origin, batch) -> holders whose racc the origin took: they hold it durably
         self.held_by: dict[tuple[str, int], set[str]] = {}
+        self.restored: set[str] = set()  # fogs restored at least once (their old leases)
+        self._uploading: set[str] = set()  # devices with an upload round scheduled
+        # revocations: the device key -> when the cloud published it; -> fog -> when stored
+        self.revoke_sent: dict[bytes, int] = {}
+        self.revoke_stored: dict[bytes, dict[str, int]] = {}
+        # a cloned key: the clone (same key as its original), and where each was caught
+        self.clones: dict[bytes, SimDevice] = {}
+        self.clone_caught: dict[str, int] = {}
+        if config.clones and len(fog_ids) > 1 and self.rng.random() < CLONE_SHARE:
+            orig = self.rng.choice(sorted(self.devices.values(), key=lambda d: d.name))
+            clone = SimDevice(
+                f"{orig.name}-clone", orig.key, orig.owner_id, orig.currency, orig.fogs,
+                clone_of=orig,
+            )  # fmt: skip
+            self.clones[orig.public] = clone
 
     def describe(self) -> str:
         """The seed's drawn set-up, for a failure report."""
@@ -235,7 +257,19 @@ class Simulation:
         result.stats["steps"] = self.step
         result.stats["receipts_ok"] = sum(len(d.held) for d in self.devices.values())
         result.stats.update({f"net_{k}": v for k, v in self.net.counts.items()})
+        result.stats["relayed_batches"] = self.cloud.relayed
+        result.stats["held_booked"] = self.cloud.held_booked
+        result.samples["revocation_ms"] = self.revocation_times()
         return result
+
+    def revocation_times(self) -> list[int]:
+        """Per owner revocation: from the cloud's retained publish to the last fog that
+        stored it (from the cloud, or from a peer's gossip), in virtual ms."""
+        return [
+            max(stored.values()) - self.revoke_sent[key]
+            for key, stored in sorted(self.revoke_stored.items())
+            if key in self.revoke_sent and stored
+        ]
 
     async def _run(self) -> None:
         self.sched_start = self.sched.now_ms
@@ -252,6 +286,7 @@ class Simulation:
         )
         self.checker.replicas = max(1, min(self.config.replicas, len(self.fogs) - 1))
         self.checker.federation = self.config.replicas > 0 and len(self.fogs) > 1
+        self.checker.clone_keys = set(self.clones)
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
         for f, out in started.items():
@@ -266,6 +301,8 @@ class Simulation:
             self.sched.after(rng.randint(0, CHAOS_EVERY_MS), f"chaos {f}", self._chaos(f))
         for dev in self.devices.values():
             self._wake(dev, rng.randint(0, 2_000))
+        for clone in self.clones.values():
+            self._wake(clone, rng.randint(2_000, 6_000))
         for _ in range(rng.choice((0, 0, 1, 2))):
             dev = rng.choice(sorted(self.devices.values(), key=lambda d: d.name))
             self.sched.after(rng.randint(1_000, 10_000), f"revoke {dev.name}", self._revoker(dev))
@@ -323,21 +360,27 @@ class Simulation:
         self.sched.at(end_ms, "heal: time is up", lambda: None)
         await self._loop(self.config.heal_steps_max, until=lambda: self._quiet(end_ms))
         assert self.checker is not None
+        # every device hands in the ok receipts the cloud has not booked (17.7): those whose
+        # records a fog lost with its disk, or that only a dead fog's replicas held
+        for dev in self._all_devices():
+            unbooked = [h for h in dev.held.values() if not self.checker.booked(h.intent_id)]
+            self.count("receipts_uploaded_at_heal", len(unbooked))
+            upload_held(self, dev, unbooked)
+        await self._loop(self.config.heal_steps_max, until=lambda: self._quiet(end_ms))
+        # the operator closes what no fog will report (close-leases): a dead fog's leases,
+        # and the leases a restore retired, now that every receipt is in
+        for fog_id in sorted(self.dead | self.restored):
+            await close_lost_fog_leases(self, fog_id)
+        await self._loop(self.config.heal_steps_max, until=lambda: self._quiet(end_ms))
         now = self.sched.now_ms
-        lost: dict[str, list[Held]] = {}
-        self.fail(self.checker.converged(list(self.devices.values()), now_ms=now, lost=lost))
-        for name, held in sorted(lost.items()):
-            dev = next(d for d in self.devices.values() if d.name == name)
-            booked = upload_held(self, dev, held)
-            self.count("receipts_lost_with_disk", len(held) - booked)
+        self.fail(await self.checker.cloud())
+        self.fail(self.checker.converged(self._all_devices(), now_ms=now))
+        self.fail(self._clones_caught())
+        self.count("held_uploads", sum(d.uploads for d in self._all_devices()))
         self.count("replicated_of_dead_fogs", self.checker.replicated_of_dead)
         self.count("unbooked_max_micros", self.checker.bound_max)
         self.count("records_at_risk_max", self.checker.at_risk_max)
-        self.count(
-            "leases_of_dead_fogs",
-            sum(1 for x in self.checker.leases.values() if x.fog_id in self.dead),
-        )
-        stranded = self.checker.stranded(now_ms=now, known=False)
+        stranded = self.checker.stranded(now_ms=now, known=False, exempt=False)
         self.count("leases_stranded", len(stranded))
         if self.config.strict_leases:
             self.fail(
@@ -347,10 +390,31 @@ class Simulation:
                 ]
             )
 
+    def _all_devices(self) -> list[SimDevice]:
+        return [*self.devices.values(), *self.clones.values()]
+
+    def _clones_caught(self) -> list[str]:
+        """A cloned key that got ok receipts at one (device, q) from two fogs was caught:
+        ``cloned_key`` at a fog or at the cloud (and nothing booked twice: checked always)."""
+        out = []
+        for key, clone in sorted(self.clones.items()):
+            orig = self.devices[key]
+            mine = {h.seq: h.intent_id for h in orig.held.values()}
+            both = [h for h in clone.held.values() if mine.get(h.seq, h.intent_id) != h.intent_id]
+            self.count("clone_receipts_ok", len(clone.held))
+            self.count("clone_collisions", len(both))
+            assert self.checker is not None
+            at_cloud = self.checker.cloned_alarm(key)
+            self.count("cloned_key_at_cloud", int(at_cloud))
+            if both and not at_cloud and not self.clone_caught.get(key.hex()):
+                out.append(f"{clone.name}: {len(both)} ok at a used (device, q), not caught")
+        self.count("cloned_key_at_fogs", sum(self.clone_caught.values()))
+        return out
+
     def _quiet(self, end_ms: int) -> bool:
         if self.sched.now_ms >= end_ms:
             return True
-        if any(d.inflight is not None for d in self.devices.values()):
+        if any(d.inflight is not None or d.to_upload for d in self._all_devices()):
             return False
         fogs = [n for f, n in self.fogs.items() if f not in self.dead]
         if not all(n.up and n.idle() and self._sealed_all(n) for n in fogs):
@@ -360,7 +424,7 @@ class Simulation:
         live = [
             x for x in self.checker.leases.values() if x.state == "open" and x.not_after_ms >= now
         ]
-        return not live and not self.checker.stranded(now_ms=now, known=True)
+        return not live and not self.checker.stranded(now_ms=now, known=True, exempt=True)
 
     def _sealed_all(self, node: FogNode) -> bool:
         assert self.checker is not None
@@ -492,13 +556,21 @@ class Simulation:
             self.dead.add(fog_id)
             self.count("fogs_dead")
             self.checker.dead(fog_id)
-            close_lost_fog_leases(self, fog_id)
+            for dev in self._all_devices():  # its receipts the cloud lacks: handed in
+                upload_held(self, dev, [h for h in dev.held.values() if h.fog_id == fog_id])
             return f"not restored: {exc}"
         self.count("fogs_restored")
+        self.restored.add(fog_id)
         self.count("records_restored", got)
         self.checker.restored(fog_id, node.path)
-        held = [h for d in self.devices.values() for h in d.held.values() if h.fog_id == fog_id]
+        held = [h for d in self._all_devices() for h in d.held.values() if h.fog_id == fog_id]
         self.fail(self.checker.receipts_durable(fog_id, held))  # (notes the lost ones)
+        for dev in self._all_devices():  # its fog was lost: what the cloud lacks, handed in
+            # (the records the disk took, and those the restored fog's batches will bring
+            # too: booked once whichever path comes first)
+            booked = self.checker.booked
+            mine = [h for h in dev.held.values() if h.fog_id == fog_id]
+            upload_held(self, dev, [h for h in mine if not booked(h.intent_id)])
         self.net.down.discard(fog_id)
         cut = fog_id in self.net.cut
         out = node.start(now_ms=now, connected=not (cut and self.mix.client_partition))
@@ -547,7 +619,7 @@ class Simulation:
             now_ms=self.sched.now_ms, connected=not (cut and self.mix.client_partition)
         )
         self.net.down.discard(fog_id)
-        held = [h for d in self.devices.values() for h in d.held.values() if h.fog_id == fog_id]
+        held = [h for d in self._all_devices() for h in d.held.values() if h.fog_id == fog_id]
         assert self.checker is not None
         self.fail(self.checker.receipts_durable(fog_id, held))
         if not cut:
@@ -569,8 +641,11 @@ class Simulation:
     def _after_fog(self, fog_id: str, out: Outputs) -> None:
         """Check the fog's file; maybe crash before its outputs leave; else send them."""
         node = self.fogs[fog_id]
-        if out.alarms:
-            raise Violation(f"{fog_id} core alarm: {'; '.join(out.alarms)}")
+        for alarm in out.alarms:
+            key = next((k for k in self.clones if alarm.startswith(_cloned(k))), None)
+            if key is None:
+                raise Violation(f"{fog_id} core alarm: {'; '.join(out.alarms)}")
+            self.clone_caught[key.hex()] = self.clone_caught.get(key.hex(), 0) + 1
         assert self.checker is not None
         for number, holder in out.racced:  # what reached a peer must be booked in the end
             self.checker.racced(fog_id, number)
@@ -615,14 +690,29 @@ class Simulation:
             self._after_fog(fog_id, out)
             o = out.outcomes[0]
             return f"{o.status} {o.reason or ''}".strip() + (" replay" if o.replay else "")
+        known = set(node.revoked_at)
         out = node.message(topic, payload, now_ms=now)
+        for key in set(node.revoked_at) - known:  # stored now (from the cloud or a peer)
+            self.revoke_stored.setdefault(key, {}).setdefault(fog_id, now)
         self._after_fog(fog_id, out)
         return ", ".join(out.words) or "ignored"
 
     def _at_device(self, topic: str, payload: bytes) -> object:
         parsed = topics.parse(topic)
-        assert parsed.key is not None and parsed.fog_id is not None
-        dev = self.devices[parsed.key]
+        assert parsed.key is not None
+        if parsed.kind is Kind.HELD_ACK:  # the cloud's answer to a held upload
+            issuer = public_key(self.cast.issuer)
+            devs = [self.devices[parsed.key]]
+            if parsed.key in self.clones:
+                devs.append(self.clones[parsed.key])
+            return "; ".join(f"{d.name} {d.hack(issuer, payload)}" for d in devs)
+        words = [self._receipt_at(self.devices[parsed.key], parsed, payload)]
+        if parsed.key in self.clones:  # the clone listens on the same topic (same key)
+            words.append(self._receipt_at(self.clones[parsed.key], parsed, payload))
+        return "; ".join(words)
+
+    def _receipt_at(self, dev: SimDevice, parsed: topics.Topic, payload: bytes) -> str:
+        assert parsed.fog_id is not None
         fog_key = public_key(self.cast.fog_keys[parsed.fog_id])
         had = dev.inflight
         word = dev.receipt(parsed.fog_id, fog_key, payload)
@@ -637,6 +727,11 @@ class Simulation:
 
     async def _at_cloud(self, topic: str, payload: bytes) -> object:
         word, publish = await self.cloud.handle(topic, payload)
+        for t, p in [x for x in publish if topics.parse(x[0]).kind is Kind.HELD_ACK]:
+            publish.remove((t, p))  # not retained: to the device that uploaded (QoS 1)
+            device = topics.parse(t).key
+            assert device is not None
+            self.net.send(CLOUD, self.devices[device].name, t, p)
         assert self.checker is not None
         self.fail(await self.checker.cloud())
         self.fail(self.checker.owners())
@@ -668,11 +763,11 @@ class Simulation:
     # ---- events: devices and owners -------------------------------------------------------------
 
     def _wake(self, dev: SimDevice, delay_ms: int) -> None:
-        token = self._wake_token.get(dev.public, 0) + 1
-        self._wake_token[dev.public] = token
+        token = self._wake_token.get(dev.name, 0) + 1
+        self._wake_token[dev.name] = token
 
         def wake() -> object:
-            if self._wake_token[dev.public] != token:
+            if self._wake_token[dev.name] != token:
                 return None  # superseded by a later wake-up
             return self._device_act(dev)
 
@@ -694,11 +789,47 @@ class Simulation:
         fog_id = self.rng.choice(dev.fogs)
         amount = self.rng.randint(1, self.cast.tx_max_micros // 1_000) * 1_000
         payee = self.rng.choice(("payee-a", "payee-b"))
+        if dev.clone_of is not None:  # a clone replays the original's latest q elsewhere
+            return self._clone_pays(dev, dev.clone_of, amount, payee)
         topic, raw = dev.pay(fog_id, amount, payee, now_ms=self.sched.now_ms)
         self.count("payments")
         self.net.send(dev.name, fog_id, topic, raw, local=True)
         self._wake(dev, RETRY_MS)
         return f"pays {amount} at {fog_id} q={dev.seq}"
+
+    def _clone_pays(self, clone: SimDevice, orig: SimDevice, amount: int, payee: str) -> object:
+        """The clone pays with the sequence number its original used last, at another fog
+        of the device's if it has one."""
+        used = {p.seq: p.fog_id for p in orig.sent.values()}
+        if orig.seq == 0 or orig.seq <= clone.seq:
+            self._wake(clone, self.rng.randint(THINK_MS_MIN, 3 * THINK_MS_MAX))
+            return None
+        others = [f for f in clone.fogs if f != used.get(orig.seq)] or clone.fogs
+        fog_id = self.rng.choice(others)
+        topic, raw = clone.pay_again(fog_id, orig.seq, amount, payee, now_ms=self.sched.now_ms)
+        self.count("clone_payments")
+        self.net.send(clone.name, fog_id, topic, raw, local=True)
+        self._wake(clone, RETRY_MS)
+        return f"{clone.name} pays {amount} at {fog_id} q={clone.seq} (used by its original)"
+
+    def _upload(self, dev: SimDevice) -> None:
+        """Schedule ``dev``'s next round of held uploads (one at a time per device)."""
+        if dev.name in self._uploading or not dev.to_upload:
+            return
+        self._uploading.add(dev.name)
+
+        def round_() -> object:
+            self._uploading.discard(dev.name)
+            if not dev.to_upload:
+                return None
+            payloads = dev.held_payloads()
+            for payload in payloads:  # to the cloud's broker (or over any fog's bridge)
+                self.net.send(dev.name, CLOUD, topics.held_topic(dev.public), payload)
+            dev.uploads += len(payloads)
+            self._upload(dev)
+            return f"{dev.name} hands in {len(dev.to_upload)} held receipts"
+
+        self.sched.after(UPLOAD_RETRY_MS if dev.uploads else 100, f"upload {dev.name}", round_)
 
     def _revoker(self, dev: SimDevice) -> Callable[[], Awaitable[object]]:
         async def revoke() -> object:
@@ -714,11 +845,17 @@ class Simulation:
 
             await self.cloud.transact(apply)
             dev.revoked_ms = self.sched.now_ms
+            self.revoke_sent.setdefault(dev.public, self.sched.now_ms)
             self.count("revocations")
             self.net.publish_retained([(topics.revoke_topic(dev.public), env)])
             return "revoked by its owner"
 
         return revoke
+
+
+def _cloned(key: bytes) -> str:
+    """How a fog core's ``cloned_key`` alarm begins for ``key`` (fog.peers.Clone.describe)."""
+    return f"cloned_key: device {key.hex()[:16]}"
 
 
 def _peers(fog_ids: list[str], fog_id: str) -> tuple[str, ...]:

@@ -44,15 +44,30 @@ def describe(r: Result) -> str:
 def test_a_few_hundred_seeds_keep_every_invariant() -> None:
     config = SimConfig()
     totals: dict[str, int] = {}
+    revocation_ms: list[int] = []
     jobs = min(JOBS_MAX, os.cpu_count() or 1)
     for r in run_many(range(SEEDS_START, SEEDS_START + SEEDS), config, jobs=jobs):
         assert r.ok, describe(r)
         for k, v in r.stats.items():
             totals[k] = totals.get(k, 0) + v
-    # the seeds did exercise what they claim to: payments, faults, crashes, revocations
+        revocation_ms.extend(r.samples.get("revocation_ms", []))
+    # the seeds did exercise what they claim to: payments, faults, crashes, revocations, and
+    # the federation: disks lost and restored, relays and held uploads booked by the cloud's
+    # real paths, leases closed by close-leases, cloned keys paying and caught
     assert totals["receipts_ok"] > SEEDS
     for what in ("fog_crashes", "cloud_crashes", "partitions", "revocations", "net_dropped"):
         assert totals.get(what, 0) > 0, (what, totals)
+    for what in (
+        "fogs_restored",
+        "relayed_batches",
+        "held_booked",
+        "leases_closed_by_operator",
+        "clone_payments",
+        "clone_collisions",
+        "cloned_key_at_cloud",
+    ):
+        assert totals.get(what, 0) > 0, (what, totals)
+    assert revocation_ms, "revocations reached the fogs, and were timed"
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -89,6 +104,7 @@ def test_the_command_line_reports_and_replays(tmp_path: Path) -> None:
     ok = sim("--seeds", "2", "--start", "3")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert re.match(r"2 seeds, 0 violations, \d+ payments", ok.stdout.splitlines()[-1])
+    assert re.search(r"revocation to the last fog: .* max \d+ ms, median \d+ ms", ok.stdout)
     bad = sim("--seeds", "3", "--start", "0", "--plant", "revocation", "--no-shrink")
     assert bad.returncode == 1
     assert re.search(
