@@ -14,8 +14,10 @@ every transaction (unless a fog overdraws: that is flagged, and the overdraft co
 
 A lease closes when its fog's ``lrep`` says what it drew (``u``) up to batch ``b``, the cloud
 holds that fog's batches up to ``b`` and the booked draws on the lease equal ``u``; then its
-unused part is free. A report that disagrees raises ``lease_report_mismatch`` and the lease
-stays in escrow for an operator. Settlement frees the closed leases' booked transfers.
+unused part is free. The report may come before the lease's ``na`` (the fog gave it back
+early, docs/protocol.md 18.1): the same rules apply. A report that disagrees raises
+``lease_report_mismatch`` and the lease stays in escrow for an operator. Settlement frees the
+closed leases' booked transfers.
 """
 
 import os
@@ -222,12 +224,13 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
     """Close the fog's reported leases whose batches are all held; returns retained topics
     to clear. A report that disagrees with the booked draws leaves the lease in escrow."""
     rows = await tx.fetchall(
-        "SELECT lease_id, drawn_micros, reported_micros, owner_id FROM leases "
+        "SELECT lease_id, drawn_micros, reported_micros, owner_id, amount_micros, not_after_ms "
+        "FROM leases "
         "WHERE fog_id = ? AND state = ? AND reported_micros IS NOT NULL AND report_batch <= ?",
         (fog_id, STATE_OPEN, chain_number),
     )
     cleared = []
-    for lease_id, drawn, reported, owner_id in rows:
+    for lease_id, drawn, reported, owner_id, amount, not_after in rows:
         lease_id = bytes(lease_id)
         if drawn != reported:
             await add_alarm(
@@ -241,7 +244,16 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
         topic = topics.lease_topic(fog_id, lease_id)
         await tx.execute("DELETE FROM retained WHERE topic = ?", (topic,))
         cleared.append(topic)
-        log.info("lease_closed", fog_id=fog_id, owner=owner_id, lease=lease_id.hex(), drawn=drawn)
+        # early: the fog gave it back before its na (docs/protocol.md 18.1)
+        log.info(
+            "lease_closed",
+            fog_id=fog_id,
+            owner=owner_id,
+            lease=lease_id.hex(),
+            drawn=drawn,
+            returned=max(0, amount - drawn),
+            early=bool(now_ms) and now_ms <= not_after,
+        )
     return cleared
 
 

@@ -46,6 +46,10 @@ Inputs (``FogInput``), each a frozen dataclass:
   broker keeps nothing across restarts).
 - ``Stats(now_ms)`` and ``Close(now_ms)``: the counters (``Counters``); ``Close`` also closes
   the store, after which the core takes no input.
+- ``ReturnLeases(now_ms, owner_id, cause)``: give leases back before their ``na``
+  (docs/protocol.md 18.1): retired for good at once (``LeaseReturned`` each), reported when
+  their draws are sealed (a ``shutdown`` seals them at once). Idle owners' leases are returned
+  by the lease round itself (``lease.return_idle_ms``).
 
 Outputs (``FogOutput``):
 
@@ -56,6 +60,8 @@ Outputs (``FogOutput``):
   resend)``, ``LeaseReport(topic, payload, lease_id, drawn_micros, batch, resend)``,
   ``Publish(topic, payload, retain)``: messages to publish (QoS 1). A lost one is sent again
   by the core's own timers: the shell never retries.
+- ``LeaseReturned(lease_id, owner_id, currency, amount_micros, drawn_micros, cause)``: a
+  lease retired early (18.1), for the log and counters.
 - ``Sealed(number, first_index, records)``, ``TrustLoaded(...)``, ``LeaseClosed(lease_id)``,
   ``Pruned(records)``, ``Alarm(event, error)``: what happened, for the log and counters.
   ``Publish`` also carries the federation's gossip to peers (``gossip/{peer}/seen`` and
@@ -74,6 +80,7 @@ from typing import Final
 
 import nacl.signing
 
+from fog import returns
 from fog.authorize import Policy
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
@@ -100,6 +107,10 @@ NOTES_MAX: Final = 10_000  # owners and declines noted between two lease rounds
 # budget does not wait.
 ROUND_GAP_MS: Final = 250
 FRESH_MAX: Final = 64  # wires of batches just sealed, kept for their first send
+IDLE_CHECK_MS_MAX: Final = (
+    60_000  # idle owners (lease.return_idle_ms) looked for at least this often
+)
+ACTIVE_OWNERS_MAX: Final = 100_000  # owners whose last activity is remembered (18.1)
 BACKLOG_CHECK_MS: Final = 1_000  # how often unacked records are counted (uplink_backlog)
 PEER_PRUNE_MS: Final = 10_000  # old peer reports pruned this often (at once while a step is full)
 
@@ -158,7 +169,30 @@ class Close:
     mono_ms: int | None = None
 
 
-FogInput = Intents | TrustMessage | Tick | Connected | Disconnected | Republish | Stats | Close
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReturnLeases:
+    """Give back early (docs/protocol.md 18.1) the live leases of ``owner_id`` (None: of every
+    owner): ``cause`` is ``shutdown`` (a graceful stop with ``lease.return_on_stop``; the
+    draws are sealed at once so the reports can leave before the fog does), ``operator`` or
+    ``idle``. The operator's command does the same through the database (fog/returns.py)."""
+
+    now_ms: int
+    mono_ms: int | None = None
+    owner_id: str | None = None
+    cause: str = "operator"
+
+
+FogInput = (
+    Intents
+    | TrustMessage
+    | Tick
+    | Connected
+    | Disconnected
+    | Republish
+    | Stats
+    | Close
+    | ReturnLeases
+)
 
 
 # ---- outputs -------------------------------------------------------------------------------
@@ -214,6 +248,19 @@ class LeaseReport:
     drawn_micros: int
     batch: int
     resend: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseReturned:
+    """A lease retired early (18.1): never drawn on again; its report follows once its draws
+    are sealed. ``amount_micros - drawn_micros`` returns to the owner when the cloud closes it."""
+
+    lease_id: bytes
+    owner_id: str
+    currency: str
+    amount_micros: int
+    drawn_micros: int
+    cause: str  # idle, shutdown, operator
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,6 +331,7 @@ FogOutput = (
     | Alarm
     | Wake
     | Counters
+    | LeaseReturned
 )
 
 
@@ -354,6 +402,12 @@ class FogCore:
         self._peer_prune_at = 0
         self._backlog_at = 0
         self._backlog_high = False  # uplink_backlog raised and not cleared
+        # early return of idle owners' leases (docs/protocol.md 18.1): the last activity of
+        # each owner (a draw, a decline for want of budget, a lease arriving), monotonic; an
+        # owner not in it counts as active since ``_idle_origin`` (the first lease round)
+        self._active: dict[str, int] = {}
+        self._idle_origin: int | None = None
+        self._idle_at = 0
 
     @classmethod
     def open(
@@ -398,6 +452,8 @@ class FogCore:
                 return self._republish()
             case Stats():
                 return [self._counters()]
+            case ReturnLeases():
+                return self._return_leases(event)
             case Close():
                 counters = self._counters()
                 self._closed = True
@@ -436,8 +492,10 @@ class FogCore:
                 continue
             if o.status == "ok" and not o.replay:
                 self._touched.add(o.owner_id)
+                self._mark_active(o.owner_id, mono)
                 touched = True
             elif o.reason is Reason.INSUFFICIENT_BUDGET and o.currency is not None:
+                self._mark_active(o.owner_id, mono)
                 assert o.amount_micros is not None
                 self._declines.setdefault((o.owner_id, o.currency), (o.device, o.amount_micros))
                 urgent = True
@@ -473,6 +531,8 @@ class FogCore:
             return [Alarm(event="trust_failed", error=type(exc).__name__)]
         pair = result.lease_pair
         answered = pair is not None and self._requests.answered(pair)
+        if pair is not None:  # a lease arrived: its owner is not idle (18.1)
+            self._mark_active(pair[0], _mono(event))
         reports = self._report_unused(result.expired_lease, now, _mono(event))
         loaded = TrustLoaded(
             msg_type=arrival.msg_type,
@@ -676,11 +736,13 @@ class FogCore:
         self._wake_sent = at
         return [Wake(mono_ms=at)]
 
-    def _seal(self, now: int, out: list[FogOutput]) -> bool:
+    def _seal(self, now: int, out: list[FogOutput], *, age_ms: int | None = None) -> bool:
         batch = self.config.batch
         try:
             sealed = self._store.seal_due(
-                now_ms=now, records_max=batch.records_max, age_ms=batch.age_ms
+                now_ms=now,
+                records_max=batch.records_max,
+                age_ms=batch.age_ms if age_ms is None else age_ms,
             )
         except Exception as exc:  # keep authorizing; sealing retries next tick
             out.append(Alarm(event="seal_failed", error=type(exc).__name__))
@@ -741,6 +803,8 @@ class FogCore:
         self._gap_until = mono + ROUND_GAP_MS
         try:
             out.extend(self._ask(now, mono))
+            if self.config.lease.return_idle_ms and mono >= self._idle_at:
+                self._return_idle(now, mono, out)
             if self.config.lease.report:
                 self._report_expired(now, mono, out)
         except Exception as exc:  # the seam: lease upkeep retries at the next round
@@ -818,6 +882,71 @@ class FogCore:
                     batch=draws.last_batch,
                 )
             )
+
+    # ---- early return (docs/protocol.md 18.1; SQL in fog/returns.py) ----------------------
+
+    def _mark_active(self, owner_id: str, mono: int) -> None:
+        if owner_id not in self._active and len(self._active) >= ACTIVE_OWNERS_MAX:
+            # full: forget, and count everyone active from now (returns wait, never early)
+            self._active.clear()
+            self._idle_origin = mono
+        self._active[owner_id] = mono
+
+    def _returned(self, retired: Sequence[returns.Returned]) -> list[FogOutput]:
+        for r in retired:
+            self._active.pop(r.owner_id, None)
+        return [
+            LeaseReturned(
+                lease_id=r.lease_id,
+                owner_id=r.owner_id,
+                currency=r.currency,
+                amount_micros=r.amount_micros,
+                drawn_micros=r.drawn_micros,
+                cause=r.reason,
+            )
+            for r in retired
+        ]
+
+    def _return_idle(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """Retire the leases of owners that showed no activity for ``lease.return_idle_ms``
+        (their reports follow in this round if their draws are sealed, else in a later one)."""
+        idle = self.config.lease.return_idle_ms
+        self._idle_at = mono + max(
+            self.config.lease.check_interval_ms, min(idle // 10, IDLE_CHECK_MS_MAX)
+        )
+        if self._idle_origin is None:
+            self._idle_origin = mono
+        origin = self._idle_origin
+        owners = [
+            o
+            for o in self._store.live_lease_owners(now_ms=now)
+            if mono - self._active.get(o, origin) >= idle
+        ]
+        if owners:
+            retired = self._store.retire_leases(now_ms=now, reason="idle", owner_ids=owners)
+            out.extend(self._returned(retired))
+
+    def _return_leases(self, event: ReturnLeases) -> list[FogOutput]:
+        """Retire now, then report what can be reported (a shutdown seals first, so every
+        report can go before the fog stops), and send what was sealed."""
+        now, mono = event.now_ms, _mono(event)
+        if event.cause not in returns.REASONS:
+            return [Alarm(event="lease_upkeep_failed", error=f"no such reason {event.cause!r}")]
+        owners = None if event.owner_id is None else [event.owner_id]
+        try:
+            retired = self._store.retire_leases(now_ms=now, reason=event.cause, owner_ids=owners)
+        except Exception as exc:  # the seam: nothing was retired; the caller may ask again
+            return [Alarm(event="lease_upkeep_failed", error=type(exc).__name__)]
+        out = self._returned(retired)
+        if event.cause == "shutdown":
+            self._seal(now, out, age_ms=0)
+        if self.config.lease.report:
+            try:
+                self._report_expired(now, mono, out)
+            except Exception as exc:  # reported at a later round
+                out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
+        out.extend(self._plan_uplink(mono))
+        return out
 
     def _counters(self) -> Counters:
         counts = Counter(self._store.counters())

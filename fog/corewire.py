@@ -42,10 +42,12 @@ from fog.core import (
     LeaseClosed,
     LeaseReport,
     LeaseRequest,
+    LeaseReturned,
     Pruned,
     Publish,
     Receipt,
     Republish,
+    ReturnLeases,
     Sealed,
     Stats,
     Tick,
@@ -72,6 +74,7 @@ _INPUTS: Final[tuple[type, ...]] = (
     Republish,
     Stats,
     Close,
+    ReturnLeases,
 )
 _OUTPUTS: Final[tuple[type, ...]] = (
     Receipt,
@@ -86,6 +89,7 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Alarm,
     Wake,
     Counters,
+    LeaseReturned,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))
 _OUTCOME_VALUES: Final = operator.attrgetter(*_OUTCOME_FIELDS)

@@ -61,10 +61,12 @@ from fog.core import (
     LeaseClosed,
     LeaseReport,
     LeaseRequest,
+    LeaseReturned,
     Pruned,
     Publish,
     Receipt,
     Republish,
+    ReturnLeases,
     Sealed,
     Stats,
     Tick,
@@ -168,6 +170,7 @@ class FogDaemon:
         self._counters: dict[str, int] = {}
         self._core_counters: dict[str, int] = {}
         self._republished = False
+        self._returned_at_stop = False  # lease.return_on_stop done (docs/protocol.md 18.1)
         self._publishing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
         self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
@@ -328,6 +331,8 @@ class FogDaemon:
             self._log.error("core_failed", input=type(event).__name__, error=type(exc).__name__)
 
     async def _shutdown(self) -> None:
+        if self._fatal is None:
+            await self._return_at_stop()  # not connected at the stop: reported at the next start
         core, self._core = self._core, None
         if core is not None:
             try:
@@ -345,6 +350,27 @@ class FogDaemon:
             await self._broker.stop()
         await self.observer.stop()  # observability hook
         self._log.info("fog_stopped", **self.counters)
+
+    async def _return_at_stop(self) -> None:
+        """``lease.return_on_stop``: give every live lease back (docs/protocol.md 18.1), once,
+        after the last group committed: retired for good, sealed, reported, and the reports
+        and batches published if the link is up (else they go at the next start)."""
+        if (
+            not self.config.lease.return_on_stop
+            or self._returned_at_stop
+            or self._core is None
+            or not self._stopping.is_set()
+        ):
+            return
+        self._returned_at_stop = True
+        try:
+            now = self._times()
+            event = ReturnLeases(now_ms=now["now_ms"], mono_ms=now["mono_ms"], cause="shutdown")
+            outputs = await self._handle(event)
+            await self._act(outputs)
+        except Exception as exc:  # the seam: the leases stay; reported at expiry as before
+            self._count("core_failed")
+            self._log.error("core_failed", input="ReturnLeases", error=type(exc).__name__)
 
     def _store_lost(self, exc: StoreProcessError) -> None:
         """The core's process is gone (killed, crashed): nothing can be authorized or sealed.
@@ -463,6 +489,7 @@ class FogDaemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
                 await self._drained.wait()
+        await self._return_at_stop()  # while the link is still up: the reports can leave
         self._client = self._publisher = None
 
     async def _republish_trust(self, client: aiomqtt.Client) -> None:
@@ -730,6 +757,18 @@ class FogDaemon:
                     await self._publish_up(out.topic, out.payload)
                 case TrustLoaded():
                     self._trust_loaded(out)
+                case LeaseReturned():
+                    self._count("lease_returned")
+                    self._count("lease_returned_micros", out.amount_micros - out.drawn_micros)
+                    self._log.info(
+                        "lease_returned",
+                        lease=out.lease_id.hex(),
+                        owner=out.owner_id,
+                        currency=out.currency,
+                        drawn_micros=out.drawn_micros,
+                        returned_micros=out.amount_micros - out.drawn_micros,
+                        reason=out.cause,
+                    )
                 case LeaseClosed():
                     self._count("lease_closed")
                     self._log.info("lease_closed", lease=out.lease_id.hex())

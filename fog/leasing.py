@@ -24,6 +24,10 @@ the fog's store. Resends back off from ``report_retry_ms`` to ``REPORT_RETRY_MS_
 never stop: a report is never abandoned, whatever the length of an outage (docs/protocol.md
 17.6); without it the lease's unused part stays in escrow at the cloud.
 
+Early return (docs/protocol.md 18.1, fog/returns.py). A lease given back before its ``na``
+(an idle owner, a graceful stop, the operator) is retired first, for good, so it looks expired
+here: the report path above sends it, with the same promise.
+
 Renewal. An owner that drew and whose live leases all expire within ``lease.renew_before_ms``
 is asked a top-up (``LeaseRequests.renew``) before they do, so a fog cut off from the cloud
 later still holds budget for up to one more lease life (not for a lease that lived less than

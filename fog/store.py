@@ -26,7 +26,7 @@ from typing import Final
 
 import nacl.signing
 
-from fog import batcher, peers, trustdb
+from fog import batcher, peers, returns, trustdb
 from fog.authorize import Decision, DeviceView, Policy, authorize, screen
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
@@ -193,6 +193,7 @@ class FogStore:
             with transaction(conn):  # trust checks it (a lease reported unused is refused)
                 conn.execute(LEASE_REPORTS_DDL)
             peers.init(conn)  # the federation's gossip tables (fog/peers.py)
+            returns.init(conn)  # leases returned early (fog/returns.py)
             return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
         except BaseException:
             conn.close()
@@ -649,6 +650,22 @@ class FogStore:
             "SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL"
         ).fetchall()
         return {bytes(r[0]) for r in rows}
+
+    # ---- early return of leases (fog/returns.py, docs/protocol.md 18.1) ------------------
+
+    def retire_leases(
+        self, *, now_ms: int, reason: str, owner_ids: list[str] | None = None
+    ) -> list[returns.Returned]:
+        """Retire the live, unreported leases of ``owner_ids`` (None: all) for good, in one
+        transaction; the lease round then reports them (``lease_reports_due``)."""
+        out = returns.retire(self._conn, now_ms=now_ms, reason=reason, owner_ids=owner_ids)
+        self._counts["leases_returned"] += len(out)
+        self._counts["lease_returned_micros"] += sum(r.room_micros for r in out)
+        return out
+
+    def live_lease_owners(self, *, now_ms: int) -> list[str]:
+        """Owners with a live lease not reported nor retired."""
+        return returns.live_owners(self._conn, now_ms=now_ms)
 
     # ---- federation: sequence gossip, clones, the uplink's backlog (fog/peers.py) ---------
 
