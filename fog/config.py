@@ -169,6 +169,9 @@ class LeaseConfig:
     # docs/protocol.md 18.1)
     return_idle_ms: int = 0
     return_on_stop: bool = False  # give back every live lease at a graceful stop (18.1)
+    # ask peers (federation.peers) for part of their lease while the cloud does not answer,
+    # and give to peers that ask (docs/protocol.md 18.2)
+    peer_transfers: bool = False
 
 
 FEDERATION_PEERS_MAX: Final = 32
@@ -545,7 +548,7 @@ def _federation(raw: Mapping[str, Any], fog_id: str) -> FederationConfig:
 def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
     known = {"request_below_micros", "request_micros", "request_timeout_ms"}
     known |= {"request_attempts_max", "report", "report_retry_ms", "check_interval_ms"}
-    known |= {"renew_before_ms", "return_idle_ms", "return_on_stop"}
+    known |= {"renew_before_ms", "return_idle_ms", "return_on_stop", "peer_transfers"}
     _no_unknown(raw, "lease.", known)
 
     def ms(name: str, default: int) -> int:
@@ -593,6 +596,7 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
             raw, "return_idle_ms", 0, 0, RETURN_IDLE_MS_MAX, key="lease.return_idle_ms"
         ),
         return_on_stop=_bool(raw, "return_on_stop", False, key="lease.return_on_stop"),
+        peer_transfers=_bool(raw, "peer_transfers", False, key="lease.peer_transfers"),
     )
 
 

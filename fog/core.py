@@ -86,6 +86,7 @@ from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
 from fog.peers import PEER_SEEN_PRUNE_ROWS, SEEN_ROUND_ENTRIES_MAX
 from fog.store import PRUNE_ROWS_MAX, Arrival, FogStore, Outcome
+from fog.transfers import TransferAsks
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
 from protocol import topics
@@ -94,8 +95,9 @@ from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen
 from protocol.leasing import lease_report_topic
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
-from protocol.signing import seal
+from protocol.signing import seal, split_envelope
 from protocol.topics import Kind
+from protocol.transfer import Transfer, transfer_topic, transfer_up_topic
 
 SEAL_INTERVAL_MS_MIN: Final = 10
 SEAL_INTERVAL_MS_MAX: Final = 1_000
@@ -352,6 +354,14 @@ def _mono(event: FogInput) -> int:
     return event.now_ms if event.mono_ms is None else event.mono_ms
 
 
+def _is_xfer(payload: bytes) -> bool:
+    """An ``xfer`` envelope (the cloud's retained copy of a sub-lease on a lease topic)."""
+    try:
+        return split_envelope(payload, bytes_max=Transfer.ENVELOPE_BYTES_MAX).type == Transfer.TYPE
+    except Exception:
+        return False
+
+
 class FogCore:
     """One fog's decisions over its ``FogStore``; ``handle`` one input at a time."""
 
@@ -408,6 +418,10 @@ class FogCore:
         self._active: dict[str, int] = {}
         self._idle_origin: int | None = None
         self._idle_at = 0
+        self._pending_publish: list[FogOutput] = []  # xreqs made while asking for leases
+        # peer transfers (docs/protocol.md 18.2): this fog's outstanding xreqs, in memory
+        self._asks = TransferAsks(fog_id=self.fog_id, key=fog_key, peers=self._peers)
+        self._transfers = lease.peer_transfers and bool(self._peers)
 
     @classmethod
     def open(
@@ -518,6 +532,14 @@ class FogCore:
             return self._lease_cleared(parsed.lease_id, now)
         if parsed.kind is Kind.GOSSIP_SEEN:
             return self._seen(parsed, payload, now) if parsed.fog_id == self.fog_id else []
+        if parsed.kind in (Kind.GOSSIP_XREQ, Kind.GOSSIP_XFER) or (
+            parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_xfer(payload)
+        ):
+            if parsed.fog_id != self.fog_id or not self._transfers:
+                return []
+            if parsed.kind is Kind.GOSSIP_XREQ:
+                return self._xreq(payload, now)
+            return self._xfer(payload, now, _mono(event))
         arrival = classify(parsed, payload, fog_id=self.fog_id)
         if arrival is None:
             return []
@@ -803,6 +825,8 @@ class FogCore:
         self._gap_until = mono + ROUND_GAP_MS
         try:
             out.extend(self._ask(now, mono))
+            out.extend(self._pending_publish)
+            self._pending_publish.clear()
             if self.config.lease.return_idle_ms and mono >= self._idle_at:
                 self._return_idle(now, mono, out)
             if self.config.lease.report:
@@ -815,7 +839,12 @@ class FogCore:
                     topic=topic, payload=wire, owner_id=pair[0], currency=pair[1], resend=True
                 )
             )
+        if self._transfers:
+            out.extend(
+                Publish(topic=t, payload=w) for t, w in self._asks.due(now_ms=now, mono_ms=mono)
+            )
         for lease_id, (topic, wire) in self._reports.due_items(now_ms=mono):
+            out.extend(self._transfers_up(lease_id))  # 18.2: what it gave goes up first
             out.append(
                 LeaseReport(
                     topic=topic, payload=wire, lease_id=lease_id, drawn_micros=-1, batch=-1,
@@ -848,6 +877,12 @@ class FogCore:
                 fog_time_ms=now,
             )
             asked.append((pair, send))
+            if self._transfers and self._requests.stalled(pair):  # 18.2: the cloud is silent
+                xreq = self._asks.ask(
+                    pair, max(self.config.lease.request_micros, amount), now_ms=now, mono_ms=mono
+                )
+                if xreq is not None:
+                    self._pending_publish.append(Publish(topic=xreq[0], payload=xreq[1]))
         for pair, left in room.items():
             if pair[0] in touched and pair not in declines:
                 send = self._requests.room(pair, left, now_ms=mono, fog_time_ms=now)
@@ -871,6 +906,7 @@ class FogCore:
                 now_ms=now,
             )
             self._store.record_lease_report(draws, wire, now_ms=now)
+            out.extend(self._transfers_up(draws.lease_id))  # 18.2: before the report
             # tracked as sent now: its first send is this output, resends follow the schedule
             self._reports.track(draws.lease_id, wire, now_ms=mono, sent=True)
             out.append(
@@ -946,6 +982,49 @@ class FogCore:
             except Exception as exc:  # reported at a later round
                 out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
         out.extend(self._plan_uplink(mono))
+        return out
+
+    # ---- peer transfers (docs/protocol.md 18.2; SQL in fog/transfers.py) -------------------
+
+    def _transfers_up(self, lease_id: bytes) -> list[FogOutput]:
+        """The ``xfer``s carved from ``lease_id``, up to the cloud (before its report)."""
+        if not self._transfers:
+            return []
+        topic = transfer_up_topic(self.fog_id)
+        return [Publish(topic=topic, payload=w) for w in self._store.transfers_of(lease_id)]
+
+    def _xreq(self, payload: bytes, now: int) -> list[FogOutput]:
+        """A peer asks for part of a lease: debited and stored first, then the ``xfer`` goes
+        to it and up to the cloud."""
+        try:
+            given = self._store.give_transfer(payload, peers=self._peers, now_ms=now)
+        except Exception as exc:  # the seam: nothing was debited; the peer asks again
+            return [Alarm(event="transfer_failed", error=type(exc).__name__)]
+        loaded = TrustLoaded(msg_type="xreq", status=given.status, detail=given.detail)
+        if given.status not in ("given", "again"):
+            return [loaded]
+        return [
+            loaded,
+            Publish(topic=transfer_topic(given.receiver), payload=given.envelope),
+            Publish(topic=transfer_up_topic(self.fog_id), payload=given.envelope),
+        ]
+
+    def _xfer(self, payload: bytes, now: int, mono: int) -> list[FogOutput]:
+        """A transfer for this fog (from the giver, or the cloud's retained copy): a
+        sub-lease, once per id; it goes up to the cloud before anything is drawn on it."""
+        try:
+            got = self._store.receive_transfer(payload, now_ms=now)
+        except Exception as exc:  # the seam: nothing stored; it comes again
+            return [Alarm(event="transfer_failed", error=type(exc).__name__)]
+        out: list[FogOutput] = [
+            TrustLoaded(msg_type="xfer", status=got.status, reason=got.reason, detail=got.detail)
+        ]
+        if got.status in ("accepted", "duplicate", "expired"):
+            self._asks.answered((got.owner_id, got.currency))
+            self._mark_active(got.owner_id, mono)
+            out.append(Publish(topic=transfer_up_topic(self.fog_id), payload=payload))
+        if got.status == "expired":
+            out.extend(self._report_unused(got.transfer_id, now, mono))
         return out
 
     def _counters(self) -> Counters:

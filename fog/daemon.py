@@ -782,7 +782,11 @@ class FogDaemon:
                         self._log.info(out.event, detail=out.error)
                     else:
                         self._log.error(out.event, error=out.error)
-                case Publish():  # gossip to a peer (docs/protocol.md 17.4, 17.5)
+                case Publish() if out.topic.startswith(f"{topics.ROOT}/up/"):
+                    # a peer transfer up to the cloud (docs/protocol.md 18.2)
+                    if await self._publish_up(out.topic, out.payload):
+                        self._count("transfer_sent_up")
+                case Publish():  # gossip to a peer (docs/protocol.md 17.4, 17.5, 18.2)
                     kind = out.topic.rsplit("/", 1)[-1]
                     if await self._publish_up(out.topic, out.payload):
                         self._count(f"gossip_{kind}_sent")

@@ -121,6 +121,12 @@ class LeaseRequests:
         t = now_ms if fog_time_ms is None else fog_time_ms
         return self._request(pair, self.request_micros, None, now_ms, t)
 
+    def stalled(self, pair: Pair) -> bool:
+        """A request of ``pair`` went unanswered for at least ``timeout_ms`` (it was resent):
+        the cloud is not answering (a peer may help, docs/protocol.md 18.2)."""
+        p = self.pending.get(pair)
+        return p is not None and p.attempts >= 2
+
     def answered(self, pair: Pair) -> bool:
         """A lease of ``pair`` arrived; True if it answers a pending request."""
         return self.pending.pop(pair, None) is not None
