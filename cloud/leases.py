@@ -42,6 +42,11 @@ log = structlog.get_logger()
 STATE_OPEN: Final = "open"
 STATE_CLOSED: Final = "closed"
 OPEN_LEASES_PER_FOG_OWNER_MAX: Final = 4
+# micros peer transfers carved out of lease ``l`` (docs/protocol.md 18.2), as SQL
+_GIVEN: Final = (
+    "COALESCE((SELECT SUM(p.amount_micros) FROM peer_transfers p "
+    "WHERE p.parent_id = l.lease_id), 0)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +68,12 @@ class Granted:
 
 
 async def exposure(tx: Tx, owner_id: str) -> int:
+    # an open lease at max(amount - given, drawn): what it gave to peers (18.2) counts in
+    # the sub-leases, open leases of their receivers, so a transfer adds nothing
     row = await tx.fetchone(
-        "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
-        "ELSE amount_micros END), 0) AS BIGINT) FROM leases WHERE owner_id = ? AND state = ?",
+        "SELECT CAST(COALESCE(SUM(CASE WHEN l.drawn_micros > l.amount_micros - "
+        f"{_GIVEN} THEN l.drawn_micros ELSE l.amount_micros - {_GIVEN} END), 0) AS BIGINT) "
+        "FROM leases l WHERE l.owner_id = ? AND l.state = ?",
         (owner_id, STATE_OPEN),
     )
     closed = await tx.fetchone(
@@ -224,13 +232,17 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
     """Close the fog's reported leases whose batches are all held; returns retained topics
     to clear. A report that disagrees with the booked draws leaves the lease in escrow."""
     rows = await tx.fetchall(
-        "SELECT lease_id, drawn_micros, reported_micros, owner_id, amount_micros, not_after_ms "
-        "FROM leases "
-        "WHERE fog_id = ? AND state = ? AND reported_micros IS NOT NULL AND report_batch <= ?",
+        "SELECT l.lease_id, l.drawn_micros, l.reported_micros, l.owner_id, l.amount_micros, "
+        f"l.not_after_ms, CAST({_GIVEN} AS BIGINT) FROM leases l "
+        "WHERE l.fog_id = ? AND l.state = ? AND l.reported_micros IS NOT NULL "
+        "AND l.report_batch <= ?",
         (fog_id, STATE_OPEN, chain_number),
     )
     cleared = []
-    for lease_id, drawn, reported, owner_id, amount, not_after in rows:
+    for lease_id, booked, reported, owner_id, amount, not_after, given in rows:
+        # what the fog drew on it, as the cloud knows it: booked draws plus what it gave to
+        # peers (18.2); a report waiting for an xfer closes when that arrives
+        drawn = int(booked) + int(given)
         lease_id = bytes(lease_id)
         if drawn != reported:
             await add_alarm(
@@ -252,6 +264,7 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
             lease=lease_id.hex(),
             drawn=drawn,
             returned=max(0, amount - drawn),
+            given=int(given),
             early=bool(now_ms) and now_ms <= not_after,
         )
     return cleared

@@ -804,7 +804,13 @@ class FogCore:
                 for n in [n for n in self._fresh if n < numbers[0]]:
                     del self._fresh[n]
             topic = topics.batch_topic(self.fog_id)
-            for number in self._window.plan(numbers, now_ms=mono):
+            planned = self._window.plan(numbers, now_ms=mono)
+            if planned and self._transfers:  # 18.2: the cloud learns sub-leases first
+                up = transfer_up_topic(self.fog_id)
+                out.extend(
+                    Publish(topic=up, payload=w) for w in self._store.transfers_received_open()
+                )
+            for number in planned:
                 wire = self._fresh.pop(number, None) or self._store.batch_wire(number)
                 assert wire is not None, "an unacked batch is not in the store"
                 out.append(BatchSend(number=number, topic=topic, payload=wire))

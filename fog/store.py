@@ -694,6 +694,10 @@ class FogStore:
             self._counts["transfer_received_micros"] += out.amount_micros
         return out
 
+    def transfers_received_open(self) -> list[bytes]:
+        """The ``xfer``s of received sub-leases not closed yet (18.2)."""
+        return transfers.received_open(self._conn)
+
     def transfers_of(self, lease_id: bytes) -> list[bytes]:
         """The ``xfer``s carved from ``lease_id`` (sent up before and with its report)."""
         return transfers.outgoing(self._conn, lease_id)

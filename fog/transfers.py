@@ -106,6 +106,18 @@ def outgoing(conn: sqlite3.Connection, lease_id: bytes) -> list[bytes]:
     return [bytes(r[0]) for r in rows]
 
 
+def received_open(conn: sqlite3.Connection, *, limit: int = 64) -> list[bytes]:
+    """The ``xfer``s of sub-leases received and not closed yet (the cloud has not cleared
+    them): sent up before the batches that may hold draws on them."""
+    rows = conn.execute(
+        "SELECT envelope FROM transfers_in WHERE transfer_id NOT IN "
+        "(SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL) "
+        "ORDER BY received_ms, transfer_id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
+
+
 def give(
     conn: sqlite3.Connection,
     envelope: bytes,
