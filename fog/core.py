@@ -1006,7 +1006,9 @@ class FogCore:
             given = self._store.give_transfer(payload, peers=self._peers, now_ms=now)
         except Exception as exc:  # the seam: nothing was debited; the peer asks again
             return [Alarm(event="transfer_failed", error=type(exc).__name__)]
-        loaded = TrustLoaded(msg_type="xreq", status=given.status, detail=given.detail)
+        status = {"given": "accepted", "again": "duplicate"}.get(given.status, "refused")
+        detail = given.detail or f"{given.amount_micros} to {given.receiver}"
+        loaded = TrustLoaded(msg_type="xreq", status=status, detail=detail)
         if given.status not in ("given", "again"):
             return [loaded]
         return [
@@ -1022,8 +1024,14 @@ class FogCore:
             got = self._store.receive_transfer(payload, now_ms=now)
         except Exception as exc:  # the seam: nothing stored; it comes again
             return [Alarm(event="transfer_failed", error=type(exc).__name__)]
+        expired = got.status == "expired"  # as a lease arriving expired (13.3): refused
         out: list[FogOutput] = [
-            TrustLoaded(msg_type="xfer", status=got.status, reason=got.reason, detail=got.detail)
+            TrustLoaded(
+                msg_type="xfer",
+                status="refused" if expired else got.status,
+                reason=Reason.EXPIRED if expired else got.reason,
+                detail=got.detail or f"{got.amount_micros} of {got.owner_id} from {got.giver}",
+            )
         ]
         if got.status in ("accepted", "duplicate", "expired"):
             self._asks.answered((got.owner_id, got.currency))

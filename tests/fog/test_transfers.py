@@ -197,7 +197,7 @@ def test_a_fog_cut_off_borrows_from_its_peer_and_pays_on_the_sub_lease(pair: Pai
     assert (request.msg.owner_id, request.msg.amount_micros) == ("acme", 10_000_000)
     now = NOW + 2_000
     out = pair.deliver("fog-a", xreq, now)
-    assert [t.status for t in of(out, TrustLoaded)] == ["given"]
+    assert [t.status for t in of(out, TrustLoaded)] == ["accepted"]
     [to_b] = [p for p in published(out, "xfer") if "/gossip/" in p.topic]
     [up] = [p for p in published(out, "xfer") if "/up/" in p.topic]
     assert to_b.payload == up.payload and up.topic == "fogpay/1/up/fog-a/xfer"
@@ -228,7 +228,7 @@ def test_a_fog_cut_off_borrows_from_its_peer_and_pays_on_the_sub_lease(pair: Pai
     assert pair.drawn("fog-b") == {xfer.transfer_id: (5_000_000, 2_000)}
     # the same request again: the same transfer, no second debit
     again = pair.deliver("fog-a", xreq, now + 4)
-    assert [t.status for t in of(again, TrustLoaded)] == ["again"]
+    assert [t.status for t in of(again, TrustLoaded)] == ["duplicate"]
     assert {p.payload for p in published(again, "xfer")} == {to_b.payload}
     assert pair.drawn("fog-a")[LEASE_ID] == (10_000_000, 5_000_000)
     # the receiver cannot overspend the sub-lease: 5,000,000 at most
@@ -295,7 +295,7 @@ def test_a_transfer_that_arrives_expired_is_reported_unused(pair: Pair) -> None:
         if "gossip" in p.topic
     ]
     out = pair.deliver("fog-b", to_b, NOW + 61_000)  # past the parent's na
-    assert [t.status for t in of(out, TrustLoaded)] == ["expired"]
+    assert [(t.status, t.reason) for t in of(out, TrustLoaded)] == [("refused", Reason.EXPIRED)]
     [report] = of(out, LeaseReport)
     msg = open_envelope(report.payload, LeaseReportMsg).msg
     assert (msg.lease_id, msg.drawn_micros, msg.last_batch) == (
