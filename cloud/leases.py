@@ -292,18 +292,21 @@ class ForceClosed:
     drawn_micros: int  # booked draws: what the lease closes at
     not_after_ms: int
     topic: str  # the retained lease topic cleared
+    given_micros: int = 0  # carved out by peer transfers: the sub-leases still count (18.2)
 
     @property
     def returned_micros(self) -> int:
         """What returns to the owner's credit: the lease no longer counts, its booked
-        draws do (as transfers on a closed lease, 14.5)."""
-        return max(0, self.amount_micros - self.drawn_micros)
+        draws do (as transfers on a closed lease, 14.5), and what it gave to peers does (as
+        the receivers' sub-leases)."""
+        return max(0, self.amount_micros - self.drawn_micros - self.given_micros)
 
 
 async def open_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
     rows = await tx.fetchall(
-        "SELECT lease_id, owner_id, currency, amount_micros, drawn_micros, not_after_ms "
-        "FROM leases WHERE fog_id = ? AND state = ? ORDER BY granted_ms, lease_id",
+        "SELECT l.lease_id, l.owner_id, l.currency, l.amount_micros, l.drawn_micros, "
+        f"l.not_after_ms, CAST({_GIVEN} AS BIGINT) FROM leases l "
+        "WHERE l.fog_id = ? AND l.state = ? ORDER BY l.granted_ms, l.lease_id",
         (fog_id, STATE_OPEN),
     )
     return [
@@ -315,6 +318,7 @@ async def open_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
             int(r[4]),
             int(r[5]),
             topics.lease_topic(fog_id, bytes(r[0])),
+            int(r[6]),
         )
         for r in rows
     ]
@@ -333,7 +337,7 @@ async def close_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
         await tx.execute(
             "UPDATE leases SET state = ?, reported_micros = COALESCE(reported_micros, ?), "
             "report_batch = COALESCE(report_batch, ?) WHERE lease_id = ?",
-            (STATE_CLOSED, lease.drawn_micros, number, lease.lease_id),
+            (STATE_CLOSED, lease.drawn_micros + lease.given_micros, number, lease.lease_id),
         )
         await tx.execute("DELETE FROM retained WHERE topic = ?", (lease.topic,))
         log.warning(

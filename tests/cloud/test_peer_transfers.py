@@ -12,7 +12,7 @@ import pytest
 from cloud import ledger
 from cloud.bound import owner_bound
 from cloud.core import CloudCore
-from cloud.leases import exposure
+from cloud.leases import close_fog_leases, exposure
 from cloud.store import Store, Tx
 from fog.authorize import Policy
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
@@ -228,3 +228,25 @@ async def test_the_cloud_counts_a_transfer_once_and_moves_budget_without_adding_
     got = fogs.give("fog-b", published, T0 + 1_400)
     assert [p.topic for p in of(got, Publish)] == ["fogpay/1/up/fog-b/xfer"]
     assert fogs.pay("fog-b", device, payload, T0 + 1_500).outcome.status == "ok"
+
+
+async def test_closing_a_lost_giver_s_leases_keeps_what_it_gave_owed(
+    setup: tuple[World, CloudCore, Fogs, object],
+) -> None:
+    """``fogpay cloud fog close-leases`` (17.8) on a giver: its lease closes at its booked
+    draws plus what it gave; the sub-lease, the receiver's, still counts until it closes."""
+    world, cloud, fogs, device = setup
+    b = fogs.cores["fog-b"]
+    payload = fogs.intent(device, "fog-b", 2_000)
+    fogs.pay("fog-b", device, payload, T0)
+    b.handle(Tick(now_ms=T0))
+    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
+    fogs.pay("fog-b", device, payload, T0 + 1_100)
+    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    given = fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)
+    [up] = [p for p in of(given, Publish) if p.topic == "fogpay/1/up/fog-a/xfer"]
+    await cloud.transfer(up.payload)
+    closed = await world.store.transact(lambda tx: close_fog_leases(tx, "fog-a"))
+    [lease] = closed
+    assert (lease.given_micros, lease.returned_micros) == (LEASE // 2, LEASE // 2)
+    assert await world.store.transact(lambda tx: exposure(tx, "acme")) == LEASE // 2
