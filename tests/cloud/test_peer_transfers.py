@@ -250,3 +250,45 @@ async def test_closing_a_lost_giver_s_leases_keeps_what_it_gave_owed(
     [lease] = closed
     assert (lease.given_micros, lease.returned_micros) == (LEASE // 2, LEASE // 2)
     assert await world.store.transact(lambda tx: exposure(tx, "acme")) == LEASE // 2
+
+
+async def test_a_lost_transfer_strands_budget_until_expiry_and_creates_none(
+    setup: tuple[World, CloudCore, Fogs, object],
+) -> None:
+    """The giver debited, the receiver never got the xfer: the cloud learns it from the
+    giver, keeps the sub-lease in escrow, and hands it to the receiver (retained); arriving
+    after its na it is reported unused, and the owner owes what was paid, no more, no less."""
+    world, cloud, fogs, device = setup
+    store = world.store
+    a, b = fogs.cores["fog-a"], fogs.cores["fog-b"]
+    payload = fogs.intent(device, "fog-b", 2_000)
+    fogs.pay("fog-b", device, payload, T0)
+    b.handle(Tick(now_ms=T0))
+    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
+    fogs.pay("fog-b", device, payload, T0 + 1_100)
+    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)  # its xfer to fog-b: lost
+    paid = fogs.pay("fog-a", device, fogs.intent(device, "fog-a", 3_000), T0 + 1_400)
+    assert paid.outcome.status == "ok"
+    late = T0 + 3_600_000 + 1  # the parent's na passed: fog-a reports (its xfer goes first)
+    retained: list[tuple[str, bytes]] = []
+    out = a.handle(Tick(now_ms=T0 + 3_000)) + a.handle(Tick(now_ms=late))
+    for o in out:
+        if isinstance(o, Publish) and "/up/" in o.topic:
+            retained += await cloud.transfer(o.payload)
+        elif isinstance(o, BatchSend):
+            await cloud.ingest_batch(o.payload, topic=o.topic)
+        elif isinstance(o, LeaseReport):
+            await cloud.lease_report(o.payload)
+    # the parent closed at booked + given; the given half still in escrow as the sub-lease
+    assert await store.transact(lambda tx: exposure(tx, "acme")) == 3_000 + LEASE // 2
+    # the receiver gets the sub-lease from the cloud's retained copy, too late to draw on it
+    got = fogs.give("fog-b", [(t, p) for t, p in retained if p], late + 1)
+    for o in got:
+        if isinstance(o, Publish) and "/up/" in o.topic:
+            assert await cloud.transfer(o.payload) == []  # known already
+        elif isinstance(o, LeaseReport):
+            await cloud.lease_report(o.payload)
+    assert await store.transact(lambda tx: exposure(tx, "acme")) == 3_000  # nothing created
+    states = await store.transact(lambda tx: tx.fetchall("SELECT state FROM leases"))
+    assert {r[0] for r in states} == {"closed"}
