@@ -39,6 +39,8 @@ vectors: $(STAMP)
 	$(BIN)/python -m protocol.gossip_vectors
 	$(BIN)/python -m protocol.held_vectors
 	$(BIN)/python -m protocol.transfer_vectors
+	$(BIN)/python -m protocol.replica_vectors
+	$(BIN)/python -m protocol.voucher_vectors
 
 bench: $(STAMP)
 	$(BIN)/python bench/fog.py

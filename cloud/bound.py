@@ -39,7 +39,7 @@ class OpenLease:
     amount_micros: int  # a_l
     booked_micros: int  # booked_l: the draws the cloud has booked on it
     life_ms: int  # na - grant time
-    # given_l: what peer transfers carved out of it (docs/protocol.md 18.2, 18.3); the
+    # given_l: what peer transfers carved out of it (docs/protocol.md 18.2, 18.4); the
     # sub-leases are open leases of their receivers, counted on their own
     given_micros: int = 0
 
@@ -69,7 +69,7 @@ class Bound:
 def lease_term(leases: Iterable[OpenLease]) -> int:
     """Sum over the open leases of max(0, amount - given - booked): budget the fogs hold and
     the cloud has not seen spent. A peer transfer of g moves g from its parent's term to its
-    sub-lease's (an open lease of the receiver): the sum does not change (18.3)."""
+    sub-lease's (an open lease of the receiver): the sum does not change (18.4)."""
     return sum(
         max(0, lease.amount_micros - lease.given_micros - lease.booked_micros) for lease in leases
     )

@@ -20,7 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 import nacl.signing
 
 from cloud import config as cloud_config
-from cloud import leases, ledger, registry
+from cloud import leases, ledger, registry, vouchers
 from cloud.backends import StoreOpenError, open_store
 from cloud.bound import Bound, owner_bound
 from cloud.proof import ProofError, build_proof, verify_proof
@@ -255,5 +255,10 @@ async def show_owner(tx: Tx, owner_id: str, *, policy_life_ms: int) -> dict[str,
     owner = await registry.get_owner(tx, owner_id)
     if owner is None:
         raise FogpayError(f"no owner {owner_id!r}")
-    bound = await owner_bound(tx, owner_id, now_ms=now_ms(), policy_life_ms=policy_life_ms)
-    return owner_json(owner, await leases.exposure(tx, owner_id), bound)
+    now = now_ms()
+    bound = await owner_bound(tx, owner_id, now_ms=now, policy_life_ms=policy_life_ms)
+    shown = owner_json(owner, await leases.exposure(tx, owner_id), bound)
+    # the voucher escrow (18.3): voucher intents are booked transfers drawn on leases, already
+    # in the exposure; shown so the owner sees what its devices may still spend offline
+    shown["vouchers"] = (await vouchers.escrow(tx, owner_id, now_ms=now)).as_json()
+    return shown

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloud import accounts_cli, leases, registry
+from cloud import accounts_cli, leases, registry, vouchers
 from cloud import config as cloud_config
 from cloud.backends import open_store
 from cloud.cli import (
@@ -97,6 +97,16 @@ def register_commands(cmds: Sub) -> None:
     )
     p.add_argument("fog_id")
     p.add_argument("--yes", action="store_true", help="close them (default: only show)")
+    voucher = cmds.add_parser("voucher", help="vouchers: device-to-device payments (18.3)")
+    vcmds = voucher.add_subparsers(dest="voucher_cmd", required=True)
+    p = add(
+        "return-expired",
+        cmd_voucher_return_expired,
+        "return the unspent escrow of vouchers past na + grace to their owners "
+        "(without --yes: show them)",
+        vcmds,
+    )
+    p.add_argument("--yes", action="store_true", help="return it (default: only show)")
     lease = cmds.add_parser("lease", help="leases").add_subparsers(dest="lease_cmd", required=True)
     p = add("grant", cmd_lease_grant, "grant a lease of an owner's credit to a fog", lease)
     p.add_argument("owner_id")
@@ -237,6 +247,26 @@ def cmd_fog_close_leases(args: argparse.Namespace) -> int:
         print(
             f"fogpay: {len(closed)} open lease(s) of {args.fog_id} shown, none closed: "
             "add --yes to close them",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_voucher_return_expired(args: argparse.Namespace) -> int:
+    """docs/protocol.md 18.3: the unspent escrow of expired vouchers back to their owners."""
+
+    async def fn(tx: Tx, cfg: Any) -> list[vouchers.Deposit]:
+        return await vouchers.return_expired(tx, now_ms=now_ms(), apply=args.yes)
+
+    due = run_tx(args, fn)
+    returned: dict[str, dict[str, int]] = {}
+    for d in due:
+        owner = returned.setdefault(d.owner_id, {})
+        owner[d.currency] = owner.get(d.currency, 0) + d.unspent_micros
+    _out({"returned": args.yes, "vouchers": [d.as_json() for d in due], "by_owner": returned})
+    if not args.yes and due:
+        print(
+            f"fogpay: {len(due)} expired voucher(s) shown, nothing returned: add --yes",
             file=sys.stderr,
         )
     return 0

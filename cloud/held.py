@@ -40,19 +40,21 @@ from typing import Final
 import nacl.signing
 import structlog
 
-from cloud import leases, ledger, registry
+from cloud import leases, ledger, registry, vouchers
 from cloud.booking import Alarm, plan
 from cloud.events import AlarmRaised, HeldArrived, HeldJudged, Output, Publish
 from cloud.ingest import ALARM_RECORD_REJECTED, load_chain, suspend_device
 from cloud.metrics import Metrics
 from cloud.store import Store, StoreConflict, Tx, fetch_in
 from cloud.verify import CheckedBatch, CheckedHeader, CheckedRecord, Fault
+from cloud.vouchers import D2DVerdict, check_d2d
 from protocol import topics
 from protocol.batch import decode_record
 from protocol.errors import Declined
 from protocol.held import FAULT_MALFORMED, HeldAck, decode_held
 from protocol.messages import ZERO_HASH, FogCredential, Intent, Receipt
 from protocol.signing import open_envelope, open_message, seal_signed
+from protocol.voucher import is_voucher_record
 
 log = structlog.get_logger()
 
@@ -73,6 +75,7 @@ class HeldVerdict:
     fog_id: str = ""
     signer: bytes = b""  # the receipt's signer
     checked: CheckedRecord | None = None  # booking's view, when no fault
+    d2d: D2DVerdict | None = None  # a device-to-device payment [vch, d2d] (18.3)
 
 
 def check_held(payload: bytes, device: bytes) -> list[HeldVerdict]:
@@ -85,6 +88,9 @@ def check_record(position: int, record: bytes, device: bytes) -> HeldVerdict:
         intent_env, receipt_env = decode_record(record)
     except Declined:
         return HeldVerdict(position, record, Fault.BAD_RECORD)
+    if is_voucher_record(intent_env):  # a payee's device-to-device payment (18.3)
+        d2d = check_d2d(position, record)
+        return HeldVerdict(position, record, d2d.fault, d2d.payment_id, d2d=d2d)
     try:
         i, intent_id, _ = open_message(intent_env, Intent)
     except Declined:
@@ -127,6 +133,7 @@ class _Done:
     alarms: list[AlarmRaised] = field(default_factory=list)
     publish: list[Publish] = field(default_factory=list)
     hack: bytes = b""
+    d2d_pending: int = 0  # d2d payments whose voucher intent is not booked yet (18.3)
 
 
 class HeldBooker:
@@ -176,6 +183,7 @@ class HeldBooker:
             booked=len(done.booked),
             already=len(done.already),
             refused=len(done.refused),
+            d2d_pending=done.d2d_pending,
         )
         judged = HeldJudged(
             device=device,
@@ -197,12 +205,15 @@ class HeldBooker:
         rows = await fetch_in(tx, "SELECT intent_id FROM transfers WHERE intent_id IN ({in})", ids)
         booked_before = {bytes(r[0]) for r in rows}
         by_fog: dict[str, list[HeldVerdict]] = {}
+        d2d: list[D2DVerdict] = []
         for v in verdicts:
             if v.intent_id is not None:
                 if v.intent_id in seen:  # the same record twice in one upload
                     continue
                 seen.add(v.intent_id)
-            if v.intent_id in booked_before:
+            if v.d2d is not None:
+                d2d.append(v.d2d)
+            elif v.intent_id in booked_before:
                 done.already.append(v.intent_id)
             elif v.fault is not None:
                 done.refused.append((v.position, v.intent_id, v.fault))
@@ -212,6 +223,8 @@ class HeldBooker:
                 by_fog.setdefault(v.fog_id, []).append(v)
         for fog_id, good in sorted(by_fog.items()):
             await self._book_fog(tx, fog_id, good, device, upload, now_ms, done)
+        if d2d:
+            await self._book_d2d(tx, d2d, now_ms, done)
         done.refused.sort()
         ack = HeldAck(
             device=device,
@@ -265,6 +278,28 @@ class HeldBooker:
             chain = await load_chain(tx, fog_id)
             cleared = await leases.close_reported(tx, fog_id, chain.number, now_ms=now_ms)
             done.publish.extend(Publish(topic=t, payload=b"") for t in cleared)
+
+    async def _book_d2d(self, tx: Tx, d2d: list[D2DVerdict], now_ms: int, done: _Done) -> None:
+        """Device-to-device payments handed in (``cloud.vouchers``): booked once, at most
+        the voucher's amount; a voucher spent twice suspends its device."""
+        booked = await vouchers.book(tx, d2d, now_ms=now_ms)
+        done.booked.extend(booked.booked)
+        done.already.extend(booked.already)
+        done.refused.extend(booked.refused)
+        done.d2d_pending += len(booked.pending)
+        for fog_id, alarm in booked.alarms:
+            await self._alarm(tx, alarm, fog_id, now_ms, done)
+        for suspended, fog_id in sorted(booked.suspend.items()):
+            published = await suspend_device(
+                tx,
+                self._issuer,
+                suspended,
+                fog_id=fog_id,
+                now_ms=now_ms,
+                reason=vouchers.SUSPEND_REASON,
+            )
+            if published is not None:
+                done.publish.append(published)
 
     async def _alarm(self, tx: Tx, alarm: Alarm, fog_id: str, now_ms: int, done: _Done) -> None:
         if await leases.add_alarm(tx, alarm, fog_id=fog_id, now_ms=now_ms):

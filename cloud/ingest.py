@@ -344,13 +344,19 @@ class Ingestor:
 
 
 async def suspend_device(
-    tx: Tx, issuer: nacl.signing.SigningKey, device: bytes, *, fog_id: str, now_ms: int
+    tx: Tx,
+    issuer: nacl.signing.SigningKey,
+    device: bytes,
+    *,
+    fog_id: str,
+    now_ms: int,
+    reason: str = SUSPEND_REASON,
 ) -> Publish | None:
     """The issuer revokes a cloned device's key (15.3); the revocation to publish, or None
     if the key was revoked before."""
     if await registry.is_revoked(tx, device):
         return None
-    await registry.issuer_revoke(tx, issuer, device, reason=SUSPEND_REASON, now_ms=now_ms)
+    await registry.issuer_revoke(tx, issuer, device, reason=reason, now_ms=now_ms)
     topic = topics.revoke_topic(device)
     row = await tx.fetchone("SELECT payload FROM retained WHERE topic = ?", (topic,))
     assert row is not None

@@ -142,7 +142,8 @@ async def balances(tx: Tx) -> dict[tuple[str, str], int]:
 
 
 async def derived_balances(tx: Tx) -> dict[tuple[str, str], int]:
-    """Each account's balance recomputed from the transfers alone."""
+    """Each account's balance recomputed from the transfers (and the voucher payments and
+    returns, 18.3) alone."""
     out: dict[tuple[str, str], int] = {}
     for side, sign in (("credit", 1), ("debit", -1)):
         rows = await tx.fetchall(
@@ -151,6 +152,16 @@ async def derived_balances(tx: Tx) -> dict[tuple[str, str], int]:
         )
         for account, currency, total in rows:
             out[(account, currency)] = out.get((account, currency), 0) + sign * int(total)
+    # device-to-device payments and returned escrow move money out of the account of the
+    # voucher intents' payee, ``voucher`` (docs/protocol.md 18.3, cloud/vouchers.py)
+    for table, credit in (("voucher_payments", "payee"), ("voucher_returns", "owner_id")):
+        rows = await tx.fetchall(
+            f"SELECT {credit}, currency, CAST(SUM(amount_micros) AS BIGINT) FROM {table} "
+            f"GROUP BY {credit}, currency"
+        )
+        for account, currency, total in rows:
+            out[(account, currency)] = out.get((account, currency), 0) + int(total)
+            out[("voucher", currency)] = out.get(("voucher", currency), 0) - int(total)
     return out
 
 

@@ -78,6 +78,19 @@ TABLES: Final = (
     """CREATE TABLE IF NOT EXISTS held_records (
         intent_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, device {blob} NOT NULL,
         record {blob} NOT NULL, received_ms {int} NOT NULL)""",
+    # device-to-device payments (docs/protocol.md 18.3, cloud/vouchers.py)
+    """CREATE TABLE IF NOT EXISTS vouchers (
+        voucher_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, device {blob} NOT NULL,
+        fog_id TEXT NOT NULL, currency TEXT NOT NULL, amount_micros {int} NOT NULL,
+        spent_micros {int} NOT NULL, not_after_ms {int} NOT NULL, first_ms {int} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS voucher_payments (
+        payment_id {blob} PRIMARY KEY, voucher_id {blob} NOT NULL, seq {int} NOT NULL,
+        payee TEXT NOT NULL, currency TEXT NOT NULL, amount_micros {int} NOT NULL,
+        device {blob} NOT NULL, record {blob} NOT NULL, booked_ms {int} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS voucher_payments_seq ON voucher_payments (voucher_id, seq)",
+    """CREATE TABLE IF NOT EXISTS voucher_returns (
+        voucher_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, currency TEXT NOT NULL,
+        amount_micros {int} NOT NULL, returned_ms {int} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT NOT NULL, currency TEXT NOT NULL, balance_micros {int} NOT NULL,
         PRIMARY KEY (account_id, currency))""",

@@ -12,7 +12,7 @@ receiver (id ``x``, amount ``a``, expiry ``na``, state open) and the transfer is
   booked draws plus what it gave equal its report's ``u`` (``cloud.leases.close_reported``).
 
 Exposure (``cloud.leases.exposure``) counts an open parent at ``max(a - given, booked)`` and an
-open sub-lease at ``max(a_x, booked_x)``: a transfer moves budget, it adds none (18.3).
+open sub-lease at ``max(a_x, booked_x)``: a transfer moves budget, it adds none (18.4).
 """
 
 import structlog

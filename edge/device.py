@@ -58,7 +58,7 @@ from protocol import limits, sealed, topics
 from protocol.batch import encode_record
 from protocol.errors import Declined, FogpayError, TopicError
 from protocol.held import HELD_RECORDS_MAX, HeldAck, encode_held
-from protocol.messages import Intent, Receipt, encode_body
+from protocol.messages import Intent, Message, Receipt, encode_body
 from protocol.reasons import Reason
 from protocol.signing import (
     Signed,
@@ -386,6 +386,25 @@ class Device:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def hold(self, record_id: bytes, record: bytes) -> None:
+        """Hold another record for upload under ``record_id`` (a payee's device-to-device
+        payment, docs/protocol.md 18.3: the record ``[vch, d2d]``, its id the payment's);
+        durable on return, forgotten when a ``hack`` lists the id."""
+        if record_id in self._held:
+            return
+        if len(self._held) >= self._held_max:  # never evict money a payee was given: refuse
+            raise DeviceStateError(f"{len(self._held)} records held: upload them first")
+        self._held[record_id] = record
+        line = json.dumps({"i": record_id.hex(), "r": record.hex()})
+        with open(self.state_dir / HELD_FILE, "a", encoding="ascii") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def seal(self, msg: Message) -> Signed[Message]:
+        """Sign another message with this device's key (a ``d2d`` payment, 18.3)."""
+        return seal_signed(msg, self._key)
 
     def _write_held(self) -> None:
         lines = "".join(

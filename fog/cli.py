@@ -1,6 +1,8 @@
 """``fogpay fog ...``: run the fog daemon (``fogpay fog run --config FILE``), check a config
-(``fogpay fog check-config --config FILE [--json]``), or give leases back early
-(``fogpay fog return-leases --config FILE [--owner O] [--json]``, docs/protocol.md 18.1).
+(``fogpay fog check-config --config FILE [--json]``), rebuild a fog that lost its disk from
+its peers (``fogpay fog restore --config FILE [--wait-s 10]``, fog/restorecli.py), or give
+leases back early (``fogpay fog return-leases --config FILE [--owner O] [--json]``,
+docs/protocol.md 18.1).
 ``--config`` goes before or after the subcommand. Exit codes and the one error line follow
 ``runtime.cli``: 2 for a configuration the fog cannot start with (the file, a key or password
 file, a database it cannot open), 1 for a failure while running (the broker lost, a store
@@ -46,6 +48,7 @@ log = structlog.get_logger()
 
 USAGE_ERRORS: Final = (ConfigError, StoreOpenError)
 BROKER_CHECK_TIMEOUT_S: Final = 5.0
+RESTORE_WAIT_S: Final = 10.0
 
 
 def register(subparsers: Any) -> None:
@@ -74,6 +77,18 @@ def register(subparsers: Any) -> None:
     )
     give.add_argument("--owner", metavar="OWNER_ID", help="only this owner's leases")
     give.set_defaults(func=cmd_return_leases)
+    restore = sub.add_parser(
+        "restore",
+        help="rebuild a lost database from the peers' replicas (docs/fog.md), then exit",
+        parents=[config, json_option()],
+    )
+    restore.add_argument(
+        "--wait-s",
+        type=float,
+        default=RESTORE_WAIT_S,
+        help="how long to gather the peers' answers, at most (default 10)",
+    )
+    restore.set_defaults(func=cmd_restore)
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -267,6 +282,71 @@ def cmd_return_leases(args: argparse.Namespace) -> int:
             f"  returned {row['returned_micros']}"
         )
     print(f"{len(rows)} lease(s) retired, {total} micros to return once the cloud closes them")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """0: restored (start the fog as usual); 2: no config, no peers, or the database exists;
+    1: the chain head is lost (the fog needs a new fog_id) or the broker failed."""
+    path = _config_path(args)
+    if path is None:
+        return fail("fog restore", "--config FILE is required", code=EXIT_USAGE)
+    try:
+        config = _load(path)
+        key = load_key_file(config.key_file)
+    except (ConfigError, KeyFileError) as exc:
+        return fail("fog restore", _config_problem(path, exc), code=EXIT_USAGE)
+    if not config.federation.peers:
+        return fail("fog restore", f"{path}: federation.peers is empty", code=EXIT_USAGE)
+    if config.db.exists():
+        why = f"database {config.db} exists: restore only creates a lost one (move it away)"
+        return fail("fog restore", why, code=EXIT_USAGE)
+    if not 0 < args.wait_s <= 3_600:
+        return fail("fog restore", "--wait-s must be in (0, 3600]", code=EXIT_USAGE)
+    # log lines to stderr: stdout carries the summary (--json: one JSON document)
+    configure(json=True, level=config.log_level, component="fog", stream=sys.stderr)
+    from fog import restore, restorecli  # the store and amqtt: only when restoring
+
+    try:
+        done = asyncio.run(restorecli.restore_fog(config, key, wait_s=args.wait_s))
+    except restore.RestoreError as exc:
+        log.error("fog_restore_refused", error=str(exc))
+        return fail("fog restore", str(exc), code=EXIT_FAILURE)
+    except (aiomqtt.MqttError, OSError, FogpayError) as exc:
+        log.error("fog_restore_failed", error=str(exc))
+        return report("fog restore", exc, USAGE_ERRORS)
+    log.info(
+        "fog_restored",
+        batches=done.batches,
+        head=done.head,
+        records=done.records,
+        cloud_acked=done.cloud_acked,
+        leases_retired=done.leases_retired,
+    )
+    summary = {
+        "fog_id": config.fog_id,
+        "batches": done.batches,
+        "head": done.head,
+        "records": done.records,
+        "cloud_acked": done.cloud_acked,
+        "leases_retired": done.leases_retired,
+        "refused": done.refused,
+    }
+    if done.batches == 0:  # a new fog, or no peer reachable: the operator must know which
+        print(
+            "fogpay: fog restore: no peer sent a batch: if this fog ever sealed one, check "
+            "that its peers run and reach its broker, move the new database away and restore "
+            "again",
+            file=sys.stderr,
+        )
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"restored {config.fog_id}: {done.records} records in {done.batches} batches "
+            f"(head {done.head}, cloud ack {done.cloud_acked}); {done.leases_retired} leases "
+            f"retired; start the fog: it continues after batch {done.head}"
+        )
     return EXIT_OK
 
 

@@ -85,6 +85,7 @@ from fog.authorize import Policy
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
 from fog.peers import PEER_SEEN_PRUNE_ROWS, SEEN_ROUND_ENTRIES_MAX
+from fog.replicas import Gossip, ReplicaEvent, Replication
 from fog.store import PRUNE_ROWS_MAX, Arrival, FogStore, Outcome
 from fog.transfers import TransferAsks
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
@@ -334,6 +335,7 @@ FogOutput = (
     | Wake
     | Counters
     | LeaseReturned
+    | ReplicaEvent
 )
 
 
@@ -422,6 +424,16 @@ class FogCore:
         # peer transfers (docs/protocol.md 18.2): this fog's outstanding xreqs, in memory
         self._asks = TransferAsks(fog_id=self.fog_id, key=fog_key, peers=self._peers)
         self._transfers = lease.peer_transfers and bool(self._peers)
+        # replication to peer fogs and holding theirs (fog/replicas.py): only with peers
+        fed = config.federation
+        self._replication: Replication | None = None
+        if fed.peers:
+            self._replication = Replication(
+                store.connection, config.fog_id, fog_key, config.issuer_key, fed,
+                up.ack_timeout_ms, up.window,
+            )  # fmt: skip
+        self._replicate_at = 0
+        self._relay_at = 0
 
     @classmethod
     def open(
@@ -540,6 +552,10 @@ class FogCore:
             if parsed.kind is Kind.GOSSIP_XREQ:
                 return self._xreq(payload, now)
             return self._xfer(payload, now, _mono(event))
+        if self._replication is not None:
+            routed = self._replicated(parsed, payload, now)
+            if routed is not None:
+                return routed
         arrival = classify(parsed, payload, fog_id=self.fog_id)
         if arrival is None:
             return []
@@ -639,6 +655,15 @@ class FogCore:
                 Alarm(event="uplink_backlog_cleared", error=f"{records} unacked records < {limit}")
             )
 
+    def _replicated(self, parsed: topics.Topic, payload: bytes, now: int) -> list[FogOutput] | None:
+        """Replication's messages (fog/replicas.py): gossip to us, other fogs' acks."""
+        assert self._replication is not None
+        try:
+            routed = self._replication.route(parsed, payload, now)
+        except Exception as exc:  # the seam: storage failed; the sender sends again
+            return [Alarm(event="replica_failed", error=type(exc).__name__)]
+        return None if routed is None else _as_outputs(routed)
+
     def _report_unused(self, lease_id: bytes | None, now: int, mono: int) -> list[FogOutput]:
         """A lease of ours arrived already expired (a grant delayed or resent past its
         life): the fog never drew on it, so it reports it unused at once, or the cloud would
@@ -707,6 +732,9 @@ class FogCore:
         self._reports.reset()
         mono = _mono(event)
         self._uplink_at = self._lease_at = mono
+        if self._replication is not None:
+            self._replication.reset()
+            self._replicate_at = mono
         return self._wake(mono)
 
     def _tick(self, event: Tick) -> list[FogOutput]:
@@ -717,6 +745,8 @@ class FogCore:
         if mono >= self._seal_at:
             self._seal_at = mono + self._seal_every_ms
             sealed = self._seal(now, out)
+        if self._replication is not None:
+            self._replicate(now, mono, sealed, out)
         keep = self.config.batch.keep_acked_ms
         if keep and mono >= self._prune_at:
             self._prune(now, mono, keep, out)
@@ -740,6 +770,8 @@ class FogCore:
         at = self._seal_at
         if self.config.batch.keep_acked_ms:
             at = min(at, self._prune_at)
+        if self._replication is not None:
+            at = min(at, self._replicate_at, self._relay_at)
         if self._uplink and self._online:
             at = min(at, self._uplink_at, self._lease_at)
             if self._declines or self._touched:  # a round is wanted: at the gap's end
@@ -751,6 +783,22 @@ class FogCore:
             if self._online:
                 at = min(at, self._seen_at)
         return at
+
+    def _replicate(self, now: int, mono: int, sealed: bool, out: list[FogOutput]) -> None:
+        """Send new and unsafe batches to peers (on the uplink's timing); relay what the
+        cloud lacks of others' and prune replicas (every ``relay_after_ms / 4``)."""
+        rep = self._replication
+        assert rep is not None
+        try:
+            if sealed or mono >= self._replicate_at:
+                self._replicate_at = mono + self._uplink_every_ms
+                wire_of = lambda n: self._fresh.get(n) or self._store.batch_wire(n)  # noqa: E731
+                out.extend(_as_outputs(rep.plan(mono, wire_of)))
+            if mono >= self._relay_at:
+                self._relay_at = mono + max(1, self.config.federation.relay_after_ms // 4)
+                out.extend(_as_outputs(rep.relay(now, mono)))
+        except Exception as exc:  # the seam: retried at the next round
+            out.append(Alarm(event="replica_failed", error=type(exc).__name__))
 
     def _wake(self, at: int) -> list[FogOutput]:
         if self._wake_sent is not None and self._wake_sent <= at:
@@ -1044,4 +1092,12 @@ class FogCore:
     def _counters(self) -> Counters:
         counts = Counter(self._store.counters())
         counts["lease_requests_abandoned"] = self._requests.abandoned
+        if self._replication is not None:
+            counts["records_at_risk"] = self._replication.at_risk()
         return Counters(items=tuple(sorted(counts.items())))
+
+
+def _as_outputs(items: Sequence[Gossip | ReplicaEvent]) -> list[FogOutput]:
+    return [
+        Publish(topic=i.topic, payload=i.payload) if isinstance(i, Gossip) else i for i in items
+    ]

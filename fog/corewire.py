@@ -55,6 +55,7 @@ from fog.core import (
     TrustMessage,
     Wake,
 )
+from fog.replicas import ReplicaEvent
 from fog.schema import StoreError, StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
@@ -90,6 +91,7 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Wake,
     Counters,
     LeaseReturned,
+    ReplicaEvent,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))
 _OUTCOME_VALUES: Final = operator.attrgetter(*_OUTCOME_FIELDS)

@@ -76,11 +76,13 @@ from fog.core import (
 )
 from fog.latency import Histogram
 from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
+from fog.replicas import ReplicaEvent
 from fog.schema import open_problem
 from fog.store import Arrival, Outcome
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
-from protocol import topics
+from fog.vouchers import VoucherIssuer
+from protocol import limits, topics
 from protocol.errors import FogpayError, TopicError
 from protocol.gossip import SEEN_ENVELOPE_BYTES_MAX
 from protocol.topics import Kind
@@ -94,6 +96,9 @@ log = structlog.get_logger()
 
 INTENT_QUEUE_MAX: Final = 10_000
 TRUST_QUEUE_MAX: Final = 10_000
+# peers' batches (up to 1 MiB each) waiting in the trust queue, at most: past it they are
+# dropped (the origin sends again), so a burst of replicas cannot fill the memory
+GOSSIP_QUEUED_BYTES_MAX: Final = 64 * 1024 * 1024
 GROUP_MAX: Final = 256
 PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
 PUBLISH_TIMEOUT_S: Final = 5.0
@@ -165,12 +170,14 @@ class FogDaemon:
         # None is stop()'s wake-up for a processor waiting on an empty queue
         self._intents: asyncio.Queue[Arrival | None] = asyncio.Queue(INTENT_QUEUE_MAX)
         self._trust: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(TRUST_QUEUE_MAX)
+        self._gossip_bytes = 0  # bytes of peers' batches in the trust queue
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._counters: dict[str, int] = {}
         self._core_counters: dict[str, int] = {}
         self._republished = False
         self._returned_at_stop = False  # lease.return_on_stop done (docs/protocol.md 18.1)
+        self._vouchers: VoucherIssuer | None = None  # 18.3: vouchers after their receipts
         self._publishing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
         self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
@@ -288,6 +295,7 @@ class FogDaemon:
             federation=c.federation,
         )
         key = self._fog_key or load_key_file(c.key_file)
+        self._vouchers = VoucherIssuer(key)
         core: FogCore | CoreProcess
         try:
             if c.store_process:
@@ -448,8 +456,10 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
-        if self.config.federation.peers:  # what peers send us (docs/protocol.md 17)
-            filters.append(topics.gossip_filter(fog_id))
+        if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip,
+            # and every fog's ack (ours among them: the one filter replaces ours)
+            filters.remove(topics.ack_topic(fog_id))
+            filters += [topics.gossip_filter(fog_id), topics.ACK_FILTER]
 
         async def session(client: aiomqtt.Client) -> None:
             await self._session(client, ready, filters=len(filters))
@@ -527,15 +537,18 @@ class FogDaemon:
         if parsed.kind is Kind.INTENT:
             self._enqueue_intent(parsed, payload)
             return
-        limit = (
-            SEEN_ENVELOPE_BYTES_MAX if parsed.kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX
-        )
-        if len(payload) > limit:
+        if len(payload) > _payload_max(parsed.kind):
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="too_large", size=len(payload))
             return
+        big = len(payload) if parsed.kind is Kind.GOSSIP_BATCH else 0
+        if big and self._gossip_bytes + big > GOSSIP_QUEUED_BYTES_MAX:
+            self._count("trust_dropped")
+            self._log.warning("trust_dropped", cause="gossip_backlog", size=big)
+            return
         try:
             self._trust.put_nowait((topic, payload))
+            self._gossip_bytes += big
         except asyncio.QueueFull:
             self._count("trust_dropped")
             self._log.warning("trust_dropped", cause="queue_full", kind=str(parsed.kind))
@@ -657,6 +670,11 @@ class FogDaemon:
         try:
             await publisher.publish(r.topic, r.payload)
             self._count("receipt_published")
+            if r.outcome.status == "ok" and self._vouchers is not None:  # 18.3: after its receipt
+                vch = self._vouchers.voucher(a.payload, r.outcome.receipt)
+                if vch is not None:
+                    await publisher.publish(r.topic, vch)
+                    self._count("voucher_published")
         except aiomqtt.MqttError as exc:
             self._count("receipt_unsent")
             self._log.warning("receipt_unsent", device=short(r.outcome.device), error=str(exc))
@@ -673,6 +691,8 @@ class FogDaemon:
                 return
             stopping.cancel()
             topic, payload = getter.result()
+            if topic.endswith("/batch"):  # only gossip batches reach this queue as batches
+                self._gossip_bytes = max(0, self._gossip_bytes - len(payload))
             try:
                 outputs = await self._handle(
                     TrustMessage(topic=topic, payload=payload, **self._times())
@@ -782,23 +802,41 @@ class FogDaemon:
                         self._log.info(out.event, detail=out.error)
                     else:
                         self._log.error(out.event, error=out.error)
-                case Publish() if out.topic.startswith(f"{topics.ROOT}/up/"):
+                case Publish() if out.topic.startswith(f"{topics.ROOT}/up/") and out.topic.endswith(
+                    "/xfer"
+                ):
                     # a peer transfer up to the cloud (docs/protocol.md 18.2)
                     if await self._publish_up(out.topic, out.payload):
                         self._count("transfer_sent_up")
-                case Publish():  # gossip to a peer (docs/protocol.md 17.4, 17.5, 18.2)
+                case Publish():  # gossip to a peer (docs/protocol.md 17), or a relay to the cloud
                     kind = out.topic.rsplit("/", 1)[-1]
-                    if await self._publish_up(out.topic, out.payload):
+                    if await self._publish_up(out.topic, out.payload) and kind != "relay":
                         self._count(f"gossip_{kind}_sent")
                         to = out.topic.split("/")[3]
-                        if kind != "seen":  # seen: twice a second per peer, counted
+                        if kind in ("revoke", "fetch"):  # the rest: many a second, counted
                             self._log.info("gossip_sent", kind=kind, to=to, size=len(out.payload))
                         elif self._debug:
                             self._log.debug("gossip_sent", kind=kind, to=to, size=len(out.payload))
                 case Counters():
                     self._core_counters = out.as_dict()
+                case ReplicaEvent():
+                    self._replica_event(out)
                 case Receipt():
                     raise AssertionError(f"{type(out).__name__} outside its input")
+
+    def _replica_event(self, out: ReplicaEvent) -> None:
+        """Replication (fog/replicas.py): one log line and one counter per event."""
+        self._count(out.event)
+        fields = {"origin": out.origin, "batch": out.number, "detail": out.detail}
+        if out.event in ("replica_fork", "replica_full"):
+            self._log.error(out.event, **fields)
+        elif out.event == "replica_refused":
+            self._log.warning(out.event, **fields)
+        elif out.event in ("replica_stored", "replica_acked"):
+            if self._debug:  # one per batch per peer: counted, logged at debug only
+                self._log.debug(out.event, **fields)
+        else:
+            self._log.info(out.event, **fields)
 
     def _trust_loaded(self, out: TrustLoaded) -> None:
         self._count(f"{out.msg_type}_{out.status}")
@@ -853,3 +891,11 @@ class FogDaemon:
                 **self._answer_time.take("answer_ms"),
                 **self._store_time.take("store_ms"),
             )
+
+
+def _payload_max(kind: Kind) -> int:
+    """A batch offered by a peer is as large as a batch, a peer's seen has a limit of its own
+    (docs/protocol.md 17.4); everything else is trust-sized."""
+    if kind is Kind.GOSSIP_BATCH:
+        return limits.BATCH_WIRE_BYTES_MAX
+    return SEEN_ENVELOPE_BYTES_MAX if kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX

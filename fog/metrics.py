@@ -64,7 +64,16 @@ EXPORT_LE_S: Final = tuple(
     m * 10.0**e for e in range(-4, 2) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if m * 10.0**e <= 60
 )
 # counters that mean something failed and someone should look (the rest are events)
-ALARM_SUFFIXES: Final = ("_failed", "_lost", "cloned_key", "uplink_backlog")
+ALARM_SUFFIXES: Final = (
+    "_failed",
+    "_lost",
+    "cloned_key",
+    "uplink_backlog",
+    "replica_fork",
+    "replica_full",
+)
+# core counters that are levels, not counts (exported as gauges, not as events)
+GAUGE_COUNTERS: Final = ("records_at_risk",)
 
 
 class RunningHistogram(Histogram):
@@ -339,6 +348,8 @@ class FogObserver:
             PREFIX + "alarms", "failures someone should look at, by kind", labels=["kind"]
         )
         for name in sorted(counters):
+            if name in GAUGE_COUNTERS:
+                continue
             events.add_metric([name], counters[name])
             if name.endswith(ALARM_SUFFIXES):
                 alarms.add_metric([name], counters[name])
@@ -348,6 +359,13 @@ class FogObserver:
         yield _gauge("broker_up", "1: connected to the broker and subscribed", int(broker_up))
         yield _gauge("ready", "1: /readyz answers 200", int(not self.ready()))
         yield _gauge("intent_queue", "intents waiting for the processor", s.queued())
+        if c.federation.peers:
+            yield _gauge(
+                "records_at_risk",
+                "records in no safe batch (not acked by the cloud, held by fewer than k peers): "
+                "what this fog can lose with its disk; as of the last stats interval",
+                counters.get("records_at_risk", 0),
+            )
         yield from self._store_families(broker_up)
 
     def _store_families(self, broker_up: bool) -> Iterator[Metric]:

@@ -475,6 +475,11 @@ class FogStore:
         records_sealed, acks_accepted, acks_duplicate, acks_refused."""
         return dict(self._counts)
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, for fog/replicas.py's tables (the same thread rules)."""
+        return self._conn
+
     def close(self) -> None:
         """Close the connection (every transaction of ours is already committed)."""
         assert not self._conn.in_transaction

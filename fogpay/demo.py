@@ -28,11 +28,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import shutil
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -49,9 +46,10 @@ from cloud.store import Store, Tx
 from edge.device import Device, DeviceSession
 from fog.daemon import FogDaemon
 from fogpay import demo_cast as cast
-from fogpay import demo_live, demo_report, demo_summary
+from fogpay import demo_fed, demo_live, demo_report, demo_summary
 from fogpay import demo_setup as setup
 from fogpay.demo_pay import Outcomes, run_payments
+from fogpay.demo_run import mqtt_client, now_ms, trust_expected, wait_for
 from fogpay.provision import BrokerAddress
 from fogpay.running import running, with_ready
 from protocol.errors import FogpayError
@@ -67,10 +65,8 @@ REPORT_FILE: Final = "report.html"
 LOG_FILE: Final = "demo.log"
 SETTLEMENT_DIR: Final = "settlement"
 SECONDS_MAX: Final = 600.0
-CONNECT_TIMEOUT_S: Final = 10.0
 TRUST_WAIT_S_MAX: Final = 20.0
 BOOK_WAIT_S_MAX: Final = 30.0
-POLL_S: Final = 0.1
 LEASE_POLICY: Final = setup.LEASE_POLICY  # the issuer's (demo_setup explains the numbers)
 CREDITOR: Final = CreditorConfig(
     name="fogpay Demo Operator",
@@ -83,10 +79,6 @@ DEBTOR: Final = DebtorConfig(name="fogpay Demo Operator", iban="DE89370400440532
 
 class DemoError(FogpayError):
     """The demo cannot run (its output directory, a component that did not start)."""
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def prepare_out(out: Path) -> None:
@@ -103,39 +95,6 @@ def prepare_out(out: Path) -> None:
                 child.unlink()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     (out / MARKER_FILE).write_text("written by fogpay demo; emptied by the next run\n")
-
-
-@contextlib.asynccontextmanager
-async def mqtt_client(address: BrokerAddress, name: str) -> AsyncIterator[Any]:
-    client = address.client(identifier=f"fogpay-demo-{name}-{secrets.token_hex(4)}")
-    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        await client.__aenter__()
-    try:
-        yield client
-    finally:
-        await client.__aexit__(None, None, None)
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[bool]], seconds: float) -> bool:
-    """Poll ``check`` every POLL_S until true or ``seconds`` passed; False then (logged)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(POLL_S)
-    log.error("wait_timed_out", what=what, seconds=seconds)
-    return False
-
-
-def trust_expected() -> dict[str, int]:
-    """What the fog must have loaded before the devices pay (top-ups come on demand)."""
-    return {
-        "fog_accepted": 1,
-        "owner_accepted": len(cast.owners()),
-        "bind_accepted": len(cast.devices()),
-        "revoke_accepted": 1,
-        "lease_accepted": len(cast.PAYERS),  # the first lease of each paying owner
-    }
 
 
 async def cloud_counts(store: Store) -> tuple[int, int]:
@@ -230,18 +189,65 @@ async def settle(store: Store, out: Path) -> dict[str, Any]:
     return report
 
 
-async def run_demo(out: Path, seconds: float, *, progress: Console | None = None) -> dict[str, Any]:
+async def run_demo(
+    out: Path,
+    seconds: float,
+    *,
+    progress: Console | None = None,
+    fogs: int = 1,
+    cut_s: float = 0.0,
+) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to ``out/summary.json``). The
-    progress display goes to ``progress`` (default: a console on stdout)."""
+    progress display goes to ``progress`` (default: a console on stdout). ``fogs`` > 1:
+    that many fogs bridged to a hub broker, fog-a's uplink cut for ``cut_s`` midway
+    (``demo_fed``)."""
     keys = setup.new_keys(out)
-    devices = setup.open_devices(out, keys)
+    ids = demo_fed.fog_ids(fogs)
+    fed_fogs = demo_fed.make_fogs(out, ids, keys) if fogs > 1 else []
+    if fed_fogs:
+        devices = demo_fed.open_devices(out, fed_fogs)
+    else:
+        devices = setup.open_devices(out, keys)
     store = await SqliteStore.open(str(out / setup.CLOUD_DB_FILE))
+    extra: dict[str, Any] = {}
     try:
-        await setup.register_world(store, keys, devices, now_ms=now_ms())
-        log.info("demo_world_registered", owners=len(cast.owners()), devices=len(devices))
-        outcomes, all_booked, sealed = await pay_and_book(
-            out, store, keys, devices, seconds, progress
+        await setup.register_world(
+            store, keys, devices, now_ms=now_ms(), fog_id=ids[0], first_leases=not fed_fogs
         )
+        if fed_fogs:
+            await demo_fed.register_fogs(store, keys.issuer, fed_fogs)
+        log.info("demo_world_registered", owners=len(cast.owners()), devices=len(devices))
+        if fed_fogs:
+            res = await demo_fed.pay_and_book(
+                out,
+                store,
+                keys.issuer,
+                fed_fogs,
+                devices,
+                seconds,
+                cut_s=cut_s,
+                book_wait_s=BOOK_WAIT_S_MAX + cut_s,
+                progress=progress,
+            )
+            outcomes, all_booked, sealed = res.outcomes, res.all_booked, res.sealed
+            cut = res.cut
+            extra = {
+                "fog_ids": ids,
+                "offline_authorized": demo_fed.offline_authorized(devices, cut),
+                "replicated_records": demo_fed.replicated_records(fed_fogs),
+                "cut": None
+                if cut is None
+                else {
+                    "fog_id": cut.fog_id,
+                    "seconds": cut.seconds,
+                    "start_ms": cut.start_ms,
+                    "end_ms": cut.end_ms,
+                },
+            }
+        else:
+            outcomes, all_booked, sealed = await pay_and_book(
+                out, store, keys, devices, seconds, progress
+            )
         report = await settle(store, out)
         held = demo_summary.held_receipt_ids(devices.values())
         cloud = await demo_summary.read_cloud(store, held)
@@ -255,6 +261,7 @@ async def run_demo(out: Path, seconds: float, *, progress: Console | None = None
         fog_batches_sealed=sealed,
         report=report,
         settlement_dir=out / SETTLEMENT_DIR,
+        **extra,
     )
     summary = demo_summary.build(facts, cloud, len(held))
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
@@ -290,6 +297,21 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         default=cast.PERIOD_SECONDS_DEFAULT,
         help=f"seconds of payments (at most {SECONDS_MAX:g})",
     )
+    p.add_argument(
+        "--fogs",
+        type=int,
+        default=1,
+        help=f"fogs (1..{demo_fed.FOGS_MAX}); more than one: each with its broker, bridged to "
+        "a hub broker where the cloud connects, peers of each other",
+    )
+    p.add_argument(
+        "--cut-uplink",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="cut fog-a's bridge to the hub for SECONDS midway through the payments, then "
+        "heal it (needs --fogs 2 or more)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON, not a table")
     p.set_defaults(func=cmd_demo)
 
@@ -297,6 +319,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 < args.seconds <= SECONDS_MAX:
         return fail("demo", f"--seconds must be in (0, {SECONDS_MAX:g}]", code=EXIT_USAGE)
+    if not 1 <= args.fogs <= demo_fed.FOGS_MAX:
+        return fail("demo", f"--fogs must be in 1..{demo_fed.FOGS_MAX}", code=EXIT_USAGE)
+    if not 0 <= args.cut_uplink <= SECONDS_MAX:
+        return fail("demo", f"--cut-uplink must be in [0, {SECONDS_MAX:g}]", code=EXIT_USAGE)
+    if args.cut_uplink > 0 and args.fogs < 2:
+        return fail("demo", "--cut-uplink needs --fogs 2 or more", code=EXIT_USAGE)
     out: Path = args.out
     try:
         prepare_out(out)
@@ -307,7 +335,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             # --json: stdout carries the summary alone, the progress goes to stderr
             progress = Console(file=sys.stderr) if args.json else None
-            summary = asyncio.run(run_demo(out, args.seconds, progress=progress))
+            summary = asyncio.run(
+                run_demo(
+                    out, args.seconds, progress=progress, fogs=args.fogs, cut_s=args.cut_uplink
+                )
+            )
         except (FogpayError, OSError, aiomqtt.MqttError) as exc:  # OSError: TimeoutError too
             return fail("demo", f"failed: {describe(exc)} (see {out / LOG_FILE})")
         finally:

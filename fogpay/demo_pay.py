@@ -13,7 +13,7 @@ final outcome of each payment counts as ok or declined. A device pays one paymen
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -115,10 +115,12 @@ async def run_payments(
     devices: dict[str, Device],
     plan: Iterable[Planned],
     outcomes: Outcomes | None = None,
+    sessions: Mapping[str, DeviceSession] | None = None,
 ) -> Outcomes:
     """Send each planned payment at its offset (seconds from now); wait for every outcome
     (each is bounded by its timeouts and resends). Counts go into ``outcomes`` as they
-    happen (a live display may read them meanwhile)."""
+    happen (a live display may read them meanwhile). ``sessions`` maps a device name to the
+    session of its fog (several fogs); otherwise every device pays on ``session``."""
     outcomes = Outcomes() if outcomes is None else outcomes
     locks = {name: asyncio.Lock() for name in devices}
     start = time.monotonic()
@@ -133,7 +135,13 @@ async def run_payments(
                 outcomes.skipped += 1  # a device pays one payment at a time; no backlog
                 continue
             tg.create_task(
-                pay_one(session, device, lock, planned, outcomes),
+                pay_one(
+                    session if sessions is None else sessions[planned.device],
+                    device,
+                    lock,
+                    planned,
+                    outcomes,
+                ),
                 name="demo.pay",
             )
     return outcomes

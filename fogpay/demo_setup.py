@@ -49,6 +49,7 @@ DEVICE_USERNAME: Final = "device"
 # reported (lrep) and closed, their unused credit returned. An owner at its credit limit
 # (hofer-farm, oliver: their first lease is all of it) has its top-up requests refused,
 # logged ``lease_refused`` by the cloud; the fog asks again after its next draws.
+BATCH: Final = BatchConfig(records_max=BATCH_RECORDS_MAX, age_ms=BATCH_AGE_MS)
 LEASE_MS: Final = 30_000
 FIRST_LEASE_MICROS: Final = 20_000_000
 TOP_UP_MICROS: Final = 50_000_000
@@ -94,7 +95,7 @@ def fog_config(out: Path, keys: Keys) -> FogConfig:
         issuer_key=public_key(keys.issuer),
         db=out / FOG_DB_FILE,
         broker=broker,
-        batch=BatchConfig(records_max=BATCH_RECORDS_MAX, age_ms=BATCH_AGE_MS),
+        batch=BATCH,
         lease=LEASES,
     )
 
@@ -121,15 +122,23 @@ def _binding(spec: cast.DeviceSpec, device: Device, validity: Validity) -> Bindi
 
 
 async def register_world(
-    store: Store, keys: Keys, devices: dict[str, Device], *, now_ms: int
+    store: Store,
+    keys: Keys,
+    devices: dict[str, Device],
+    *,
+    now_ms: int,
+    fog_id: str = cast.FOG_ID,
+    first_leases: bool = True,
 ) -> None:
-    """Fog, owners, bindings (with proofs), the stolen device's revocation and a first lease
-    of every paying owner, in one transaction of the cloud's store."""
+    """Fog (``fog_id``, key ``keys.fog``), owners, bindings (with proofs), the stolen device's
+    revocation and (``first_leases``) a first lease of every paying owner, in one transaction
+    of the cloud's store. (With several fogs, ``demo_fed`` registers the others and grants
+    the first leases.)"""
     validity = Validity.days(BINDING_DAYS, now=now_ms)
 
     async def fn(tx: Tx) -> None:
         await registry.add_fog(
-            tx, keys.issuer, fog_id=cast.FOG_ID, key=public_key(keys.fog), now_ms=now_ms
+            tx, keys.issuer, fog_id=fog_id, key=public_key(keys.fog), now_ms=now_ms
         )
         for o in cast.owners():
             await registry.add_owner(
@@ -153,7 +162,7 @@ async def register_world(
         owner_key = keys.owners[cast.device_spec(cast.STOLEN_DEVICE).group.owner_id]
         revocation = Revocation(key=stolen.public_key, time_ms=now_ms, reason=STOLEN_REASON)
         await registry.revoke(tx, public_key(keys.issuer), seal_signed(revocation, owner_key).raw)
-        for o in cast.PAYERS:
+        for o in cast.PAYERS if first_leases else ():
             await leases.grant(
                 tx,
                 keys.issuer,

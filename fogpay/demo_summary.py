@@ -39,6 +39,10 @@ class Facts:
     fog_batches_sealed: int
     report: dict[str, Any]  # the period's reconciliation report (with "files")
     settlement_dir: Path
+    fog_ids: tuple[str, ...] = (cast.FOG_ID,)
+    offline_authorized: int = 0  # ok receipts signed by a fog while its uplink was cut
+    replicated_records: int = 0  # records of the fogs' batches a peer holds
+    cut: dict[str, Any] | None = None  # {"fog_id", "seconds", "start_ms", "end_ms"}
 
 
 def held_receipt_ids(devices: Iterable[Device]) -> list[bytes]:
@@ -73,6 +77,7 @@ async def read_cloud(store: Store, held: list[bytes]) -> dict[str, Any]:
         )
         return {
             "booked_once": sum(1 for r in rows if int(r[1]) == 1),
+            "booked_any": len(rows),
             "check": await ledger.check(tx),
             "batches": await _count(tx, "SELECT COUNT(*) FROM batches"),
             "records": await _count(tx, "SELECT COUNT(*) FROM records"),
@@ -131,8 +136,15 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
     lines = read_lines(facts.settlement_dir / csv_name)
     check: ledger.LedgerCheck = cloud["check"]
     h = o.latency
+    lost = held - int(cloud.get("booked_any", cloud["booked_once"]))
     summary: dict[str, Any] = {
-        "fog_id": cast.FOG_ID,
+        "fog_id": facts.fog_ids[0],
+        "fogs": len(facts.fog_ids),
+        "fog_ids": list(facts.fog_ids),
+        "uplink_cut": facts.cut,
+        "offline_authorized": facts.offline_authorized,
+        "replicated_records": facts.replicated_records,
+        "records_lost": lost,
         "seconds": facts.seconds,
         "owners": _owners(),
         "devices": len(cast.devices()),
@@ -190,6 +202,7 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
         "every_payment_answered": summary["timeouts"] == 0 and summary["errors"] == 0,
         "ledger_sum_zero": check.ok and summary["ledger_sum_micros"] == 0,
         "receipts_booked_once": held == cloud["booked_once"],
+        "no_records_lost": lost == 0,
         "receipts_held_eq_authorized": held == summary["authorized"],
         "all_batches_booked": facts.all_batches_booked,
         "reconciliation_balanced": summary["reconciliation_balanced"],
@@ -211,10 +224,34 @@ def _kv(items: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in items.items()) or "none"
 
 
+def _fogs_word(s: dict[str, Any]) -> str:
+    return "fog" if s.get("fogs", 1) == 1 else "fogs"
+
+
+def _federation(s: dict[str, Any]) -> list[str]:
+    """The fogs' line(s), with several fogs only (one fog's demo prints what it always did)."""
+    if s.get("fogs", 1) == 1:
+        return []
+    lines = [
+        f"fogs         {', '.join(s['fog_ids'])}; {s['replicated_records']} records held by "
+        f"a peer; {s['records_lost']} receipts held by devices never booked"
+    ]
+    cut = s.get("uplink_cut")
+    if cut:
+        lines.append(
+            f"uplink cut   {cut['fog_id']} for {cut['seconds']:g} s: {s['offline_authorized']} "
+            "payments authorized meanwhile, booked after the heal"
+        )
+    return lines
+
+
 def table(s: dict[str, Any]) -> str:
     """The summary as text for a terminal."""
     out = [
-        f"fogpay demo: {s['devices']} devices at fog {s['fog_id']}, {s['seconds']:g} s of payments",
+        f"fogpay demo: {s['devices']} devices at fog {s['fog_id']}, {s['seconds']:g} s of payments"
+        if s.get("fogs", 1) == 1
+        else f"fogpay demo: {s['devices']} devices at {s['fogs']} fogs, {s['seconds']:g} s of "
+        "payments",
         "",
         f"{'owner':<12} {'name':<26} {'cur':<4} {'credit limit':>18} {'funding':<26} devices",
     ]
@@ -239,9 +276,10 @@ def table(s: dict[str, Any]) -> str:
             f", drawn {_money(v['drawn_micros'], v['currency'])}"
             for k, v in s["leases"].items()
         ),
-        f"batches      {s['batches_sealed']} sealed by the fog, {s['batches']} booked by the "
-        f"cloud; {s['records']} records, {s['booked']} transfers, {s['rejected']} rejected, "
-        f"{s['alarms']} alarms",
+        *_federation(s),
+        f"batches      {s['batches_sealed']} sealed by the {_fogs_word(s)}, {s['batches']} "
+        f"booked by the cloud; {s['records']} records, {s['booked']} transfers, "
+        f"{s['rejected']} rejected, {s['alarms']} alarms",
         f"ledger       sum {s['ledger_sum_micros']} micros ({_kv(s['ledger_sums_micros'])})",
         f"receipts     {s['receipts_held']} held by devices, {s['receipts_booked_once']} booked "
         "exactly once",

@@ -1,5 +1,7 @@
 """``fogpay edge simulate`` (load simulator), ``fogpay edge pay`` (one payment) and ``fogpay
-edge upload`` (hand the receipts a device holds to the cloud, docs/protocol.md 17.7).
+edge upload`` (hand the receipts a device holds to the cloud, docs/protocol.md 17.7; and the
+device-to-device payments a payee holds, 18.3). ``voucher``, ``d2d-pay`` and ``d2d-accept``
+are in ``fogpay/edge_d2d_cli.py``.
 
 Both talk to a fog given either as ``--sandbox DIR`` (reads DIR/sandbox.json; the simulator
 then registers its devices in the sandbox's cloud registry, DIR/cloud.sqlite: an owner, one
@@ -34,6 +36,7 @@ from edge.device import (
     PaymentError,
 )
 from edge.simulate import Payment, Summary, arrival_offsets_s, run_load
+from fogpay import edge_d2d_cli
 from fogpay.provision import (
     BrokerAddress,
     ProvisionError,
@@ -391,6 +394,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--state", required=True, type=Path, help="device state dir")
     p.add_argument("--issuer", help="the issuer's public key (hex); --sandbox gives it")
     p.set_defaults(func=cmd_upload)
+    # voucher, d2d-pay, d2d-accept (docs/protocol.md 18.3)
+    edge_d2d_cli.register(
+        cmds, edge_d2d_cli.Helpers(_target_args, target_from_args, connected, _error)
+    )
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Peer transfers reconciled by the real cloud core (docs/protocol.md 18.2, 18.3): two real
+"""Peer transfers reconciled by the real cloud core (docs/protocol.md 18.2, 18.4): two real
 FogCores on SQLite files, cut off from the cloud, move budget from one to the other; once the
 cloud hears from them again it books every payment once, closes the parent and the sub-lease
 by both fogs' reports, and the owner's exposure and partition bound never grew."""

@@ -38,6 +38,7 @@ from fog.core import (
     Wake,
 )
 from fog.corewire import CoreError, CoreWireError
+from fog.replicas import ReplicaEvent
 from fog.schema import StoreOpenError
 from fog.store import Arrival, Outcome
 from protocol.reasons import Reason
@@ -81,6 +82,7 @@ OUTPUTS: list[FogOutput] = [
     LeaseClosed(lease_id=b"L" * 16),
     Pruned(records=12),
     Alarm(event="seal_failed", error="OperationalError"),
+    ReplicaEvent(event="replica_stored", origin="fog-2", number=3, detail="x"),
     Wake(mono_ms=123),
     Counters(items=(("a", 1), ("b", 2))),
     LeaseReturned(
@@ -134,7 +136,7 @@ def test_the_open_frame_round_trips() -> None:
         lease=LeaseConfig(
             request_below_micros=1, request_micros=2, report=False, renew_before_ms=3
         ),
-        federation=FederationConfig(peers=("fog-1", "fog-2"), replicas=1, seen_every_ms=13),
+        federation=FederationConfig(peers=("fog-7", "fog-8"), replicas=1, seen_every_ms=13),
     )
     assert corewire.read_open(body(corewire.open_frame("/x.db", b"s" * 32, config))) == (
         "/x.db",

@@ -130,10 +130,12 @@ async def test_bad_input_is_counted_and_changes_nothing(
         prefetch = PrefetchVerifier(executor)
         async with running_service(service(world, amqtt_broker, prefetch=prefetch)) as svc:
             await publish(amqtt_broker.host, amqtt_broker.port, junk)
-            await wait_for(
+            await wait_for(  # every item judged: a loaded machine finishes them in any order
                 lambda: (
                     svc.counters.get("lrep_received", 0) == 1
                     and svc.counters.get("batches_refused", 0) == 2
+                    and svc.counters.get("batch_dropped", 0) == 2
+                    and svc.counters.get("lease_dropped", 0) == 1
                 )
             )
         assert prefetch._started == {}  # every prefetched verification was used or discarded

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from tests.sim.faults import FAULTS
-from tests.sim.planted import BUGS, planted
+from tests.sim.planted import BUGS, config_for, planted
 from tests.sim.simulation import (
     FOGS_DEFAULT,
     STEPS_DEFAULT,
@@ -36,6 +36,8 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
     extra += f" --steps {config.steps}" if config.steps != STEPS_DEFAULT else ""
     extra += f" --without {','.join(config.without)}" if config.without else ""
     extra += "" if config.strict_leases else " --lenient-leases"
+    planted_replicas = config_for(plant, SimConfig()).replicas
+    extra += f" --replicas {config.replicas}" if config.replicas != planted_replicas else ""
     extra += f" --plant {plant}" if plant else ""
     return f"python -m tests.sim --seeds 1 --start {seed}{extra} -v"
 
@@ -81,12 +83,19 @@ def summary(results: list[Result]) -> str:
             totals[k] = totals.get(k, 0) + v
     bad = sum(1 for r in results if not r.ok)
     crashes = totals.get("fog_crashes", 0) + totals.get("cloud_crashes", 0)
+    at_risk = max((r.stats.get("records_at_risk_max", 0) for r in results), default=0)
     return (
         f"{len(results)} seeds, {bad} violations, {totals.get('payments', 0)} payments, "
         f"{totals.get('receipts_ok', 0)} ok receipts, {crashes} crashes, "
         f"{totals.get('partitions', 0)} partitions, {totals.get('net_dropped', 0)} dropped, "
         f"{totals.get('leases_stranded', 0)} leases stranded, "
-        f"{totals.get('steps', 0)} steps"
+        f"{totals.get('steps', 0)} steps; federation: "
+        f"{totals.get('disk_losses', 0)} disks lost, {totals.get('fogs_restored', 0)} fogs "
+        f"restored ({totals.get('records_restored', 0)} records), "
+        f"{totals.get('fogs_dead', 0)} unrecoverable, "
+        f"{totals.get('receipts_lost_with_disk', 0)} device receipts to upload, "
+        f"{totals.get('peer_partitions', 0)} peer partitions, "
+        f"records at risk max {at_risk}"
     )
 
 
@@ -121,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a lease the cloud granted and its fog never stored, open after the heal, is only "
         "counted (leases stranded), not a violation",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="peers each fog replicates a batch to (k, at most fogs - 1); 0: no federation",
+    )
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
     p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
@@ -132,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--without takes {','.join(FAULTS)}")
     quiet_logs()
     config = SimConfig(
-        fogs=args.fogs, steps=args.steps, without=without, strict_leases=args.strict_leases
+        fogs=args.fogs,
+        steps=args.steps,
+        without=without,
+        strict_leases=args.strict_leases,
+        replicas=args.replicas,
     )
+    config = config_for(args.plant, config)
     results = []
     started = time.perf_counter()
     seeds = range(args.start, args.start + args.seeds)

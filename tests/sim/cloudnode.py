@@ -72,6 +72,11 @@ class CloudNode:
         if kind is Kind.BATCH:
             out: IngestOutcome = await self.core.ingest_batch(payload)
             return f"batch {out.number} {out.status}", list(out.publish)
+        if kind is Kind.RELAY:  # another fog's batch, relayed by a replica holder: until the
+            # cloud's relay ingest is merged, ingested here as it will be (as a batch of the
+            # header's f, docs/protocol.md 17.8)
+            out = await self.core.ingest_batch(payload)
+            return f"relayed batch {out.number} {out.status}", list(out.publish)
         if kind is Kind.LEASE_REQUEST:
             pub = await self.core.lease_request(payload)
             if not pub:

@@ -20,6 +20,8 @@ FAULTS: Final = {
     "fog_crash": "fog_crash",
     "cloud_crash": "cloud_crash",
     "device_drop": "device_drop",
+    "peer_partition": "peer_partition",
+    "disk_loss": "disk_loss",
 }
 
 
@@ -37,6 +39,8 @@ class FaultMix:
     # a cut is seen by the fog (its MQTT client talks to the cloud's broker: Disconnected,
     # then Connected) or not (a bridge between brokers is cut: the fog only misses acks)
     client_partition: bool = False
+    peer_partition: float = 0.0  # per fog tick: probability that a link to one peer is cut
+    disk_loss: float = 0.0  # per fog tick: probability that the fog's file is destroyed
 
     @staticmethod
     def draw(rng: random.Random) -> "FaultMix":
@@ -54,6 +58,8 @@ class FaultMix:
             down_ms_max=rng.choice((500, 3_000, 15_000)),
             device_drop=maybe(0.4, 0.05, 0.2),
             client_partition=rng.random() < 0.5,
+            peer_partition=maybe(0.4, 0.01, 0.05),
+            disk_loss=maybe(0.5, 0.02, 0.05),
         )
 
     @staticmethod
@@ -78,5 +84,7 @@ class FaultMix:
             f"cloud_crash={self.cloud_crash}",
             f"device_drop={self.device_drop}",
             f"partition_seen={self.client_partition}",
+            f"peer_partition={self.peer_partition}",
+            f"disk_loss={self.disk_loss}",
         ]
         return " ".join(parts)

@@ -19,13 +19,16 @@ from typing import Final
 
 import nacl.signing
 
-from fog import core
+from fog import core, restore
 from fog.authorize import Policy
-from fog.config import BatchConfig, LeaseConfig, UplinkConfig
+from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.core import CoreConfig, FogCore, FogInput
-from fog.store import Arrival, Outcome
+from fog.replicas import ReplicaEvent
+from fog.store import Arrival, FogStore, Outcome
 from protocol import topics
 from protocol.errors import TopicError
+from protocol.signing import public_key
+from tests.sim.network import label
 
 DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
 CLOUD: Final = "cloud"
@@ -47,9 +50,13 @@ class FogSettings:
     request_attempts_max: int = 3
     report_retry_ms: int = 500
     check_interval_ms: int = 1_000
+    relay_after_ms: int = 5_000
+    replica_keep_ms: int = 10_000
     policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
 
-    def core_config(self, fog_id: str, issuer_key: bytes) -> CoreConfig:
+    def core_config(
+        self, fog_id: str, issuer_key: bytes, peers: tuple[str, ...] = (), replicas: int = 2
+    ) -> CoreConfig:
         return CoreConfig(
             fog_id=fog_id,
             issuer_key=issuer_key,
@@ -66,6 +73,12 @@ class FogSettings:
                 report_retry_ms=self.report_retry_ms,
                 check_interval_ms=self.check_interval_ms,
             ),
+            federation=FederationConfig(
+                peers=peers,
+                replicas=min(replicas, len(peers)),
+                relay_after_ms=self.relay_after_ms,
+                replica_keep_ms=self.replica_keep_ms,
+            ),
         )
 
 
@@ -76,6 +89,7 @@ class Outputs:
     words: list[str] = field(default_factory=list)
     alarms: list[str] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
+    racced: list[tuple[int, str]] = field(default_factory=list)  # (our batch, its holder)
 
 
 class FogNode:
@@ -88,6 +102,8 @@ class FogNode:
         path: Path,
         settings: FogSettings,
         skew_ms: int = 0,
+        peers: tuple[str, ...] = (),
+        replicas: int = 2,
     ) -> None:
         """``skew_ms``: this fog's clock minus the simulation's (every ``now_ms`` given to a
         method is the simulation's; the core sees its own clock, and ``Outputs.wake_ms`` is
@@ -95,10 +111,12 @@ class FogNode:
         self.fog_id, self.path, self.settings = fog_id, path, settings
         self.skew_ms = skew_ms
         self._key = key
-        self._config = settings.core_config(fog_id, issuer_key)
+        self.peers = peers
+        self._config = settings.core_config(fog_id, issuer_key, peers, replicas)
         self.core: FogCore | None = None
         self.revoked_at: dict[bytes, int] = {}  # key -> when this fog accepted its revocation
         self.starts = 0
+        self.last_fetched = 0  # the last batch number a fetch to this fog was answered with
 
     @property
     def up(self) -> bool:
@@ -117,6 +135,43 @@ class FogNode:
         assert self.core is not None
         self.core.store.close()
         self.core = None
+
+    def destroy(self) -> None:
+        """The disk is gone: the file and its WAL are deleted (the fog is down)."""
+        assert self.core is None
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self.revoked_at.clear()
+
+    def restore(
+        self, wires: list[bytes], ack: bytes | None, retired: list[bytes], *, now_ms: int
+    ) -> int:
+        """``fogpay fog restore``: a new file with the batches of ours the peers held (raises
+        ``fog.restore.RestoreError`` if the chain head is lost); the records imported."""
+        assert self.core is None and not self.path.exists()
+        fog_ms = now_ms + self.skew_ms
+        cfg = self._config
+        acked = restore.cloud_ack_number(ack, fog_id=self.fog_id, issuer=cfg.issuer_key)
+        plan = restore.plan(
+            wires, fog_id=self.fog_id, fog_public=public_key(self._key), cloud_acked=acked
+        )
+        store = FogStore.open(
+            self.path,
+            fog_id=self.fog_id,
+            fog_key=self._key,
+            issuer_key=cfg.issuer_key,
+            policy=cfg.policy,
+        )
+        try:
+            return restore.import_into(
+                store.connection, plan, retired_leases=retired, now_ms=fog_ms
+            )
+        finally:
+            store.close()
+
+    @property
+    def key(self) -> nacl.signing.SigningKey:
+        return self._key
 
     def connected(self, *, now_ms: int) -> Outputs:
         return self._handle(core.Connected(now_ms=now_ms + self.skew_ms))
@@ -171,7 +226,25 @@ class FogNode:
                     out.words.append(f"pruned {o.records}")
                 case core.Alarm():
                     out.alarms.append(f"{o.event}: {o.error}")
-                case core.Publish() | core.Counters():
+                case core.Publish():  # gossip to a peer, or a relay to the cloud
+                    parsed = topics.parse(o.topic)
+                    dst = CLOUD if parsed.kind is topics.Kind.RELAY else parsed.fog_id
+                    assert dst is not None
+                    out.sends.append((dst, o.topic, o.payload))
+                    out.words.append(f"{label(o.topic)} to {dst}")
+                case ReplicaEvent():
+                    if o.event == "replica_acked":
+                        out.racced.append((o.number, o.origin))  # origin: the holder here
+                    if o.event == "replica_fetched":
+                        self.last_fetched = o.number
+                    transient = o.event == "replica_refused" and "unknown fog" in o.detail
+                    if o.event in ("replica_fork", "replica_full", "replica_refused") and not (
+                        transient
+                    ):
+                        out.alarms.append(f"{o.event}: {o.origin} {o.number} {o.detail}")
+                    elif o.event != "replica_duplicate":
+                        out.words.append(f"{o.event} {o.origin} {o.number}")
+                case core.Counters():
                     pass
         return out
 

@@ -31,9 +31,13 @@ from pathlib import Path
 
 from cloud import leases as cloud_leases
 from cloud import ledger
+from protocol.batch import decode_batch, decode_record
+from protocol.messages import Intent
+from protocol.signing import message_id, split_envelope
 from tests.sim.devices import Held, SimDevice
 
 Row = tuple[object, ...]
+RACCS_OF_BATCH = "(SELECT count(*) FROM replica_acks a WHERE a.number = batches.number)"
 
 
 class ReadTx:
@@ -76,8 +80,46 @@ class Checker:
         self._fogs = {f: _ro(p) for f, p in fog_paths.items()}
         self._limits = limits
         self.leases: dict[bytes, CloudLease] = {}
+        self._lease_booked: dict[bytes, int] = {}  # lease_id -> booked draws (read with the leases)
         # per fog: lease_id -> (drawn, last at_ms, records) from its log
         self._draws: dict[str, dict[bytes, tuple[int, int, int]]] = {f: {} for f in fog_paths}
+        self._racced: dict[bytes, str] = {}  # intent id -> origin: a peer acked its batch
+        self.lost_fogs: set[str] = set()  # fogs that lost their file (then restored or dead)
+        self._lost_before: dict[str, int] = {}
+        self.dead_fogs: set[str] = set()
+        self.lost_receipts: set[bytes] = set()  # held receipts whose record a disk took
+        self.bound_max: int = 0
+        self.at_risk_max = 0  # records in no safe batch at one fog, the most seen
+        self.replicas = 1  # k: peers that must hold a batch (set by the simulation)
+        self.federation = True  # the fogs have peers (replica tables exist)
+        self.replicated_of_dead = 0  # the largest (authorized - booked) seen against its bound
+
+    # ---- disk loss (tests/sim/restore.py) --------------------------------------------------
+
+    def racced(self, fog_id: str, number: int) -> None:
+        """A peer acked batch ``number`` of ``fog_id``: its records reached a peer."""
+        conn = self._fogs.get(fog_id)
+        if conn is None:
+            return
+        for (intent_id,) in conn.execute(
+            "SELECT l.intent_id FROM log l JOIN batches b ON l.n >= b.first_index AND "
+            "l.n < b.first_index + b.count WHERE b.number = ?",
+            (number,),
+        ):
+            self._racced[bytes(intent_id)] = fog_id
+
+    def disk_lost(self, fog_id: str, *, before_ms: int) -> None:
+        """``fog_id``'s file is gone; receipts it signed up to ``before_ms`` (its clock) may
+        name records it lost."""
+        self._fogs.pop(fog_id).close()
+        self.lost_fogs.add(fog_id)
+        self._lost_before[fog_id] = before_ms
+
+    def dead(self, fog_id: str) -> None:
+        self.dead_fogs.add(fog_id)
+
+    def restored(self, fog_id: str, path: Path) -> None:
+        self._fogs[fog_id] = _ro(path)
 
     def close(self) -> None:
         self._cloud.close()
@@ -87,7 +129,9 @@ class Checker:
     # ---- fogs ---------------------------------------------------------------------------
 
     def fog(self, fog_id: str, revoked_at: dict[bytes, int]) -> list[str]:
-        conn = self._fogs[fog_id]
+        conn = self._fogs.get(fog_id)
+        if conn is None:
+            return []
         out = []
         draws = {
             bytes(lid): (int(s), int(t), int(c))
@@ -114,6 +158,13 @@ class Checker:
                     out.append(f"{tag}: drawn {drawn} > amount {lease.amount_micros}")
                 if last_ms > lease.not_after_ms:
                     out.append(f"{tag}: drawn at {last_ms} > expiry {lease.not_after_ms}")
+        (at_risk,) = conn.execute(
+            "SELECT (SELECT coalesce(max(n), 0) FROM log) - (SELECT coalesce(max(first_index + "
+            "count) - 1, 0) FROM batches) + (SELECT coalesce(sum(count), 0) FROM batches WHERE "
+            "acked = 0 AND " + (RACCS_OF_BATCH if self.federation else "0") + " < ?)",
+            (self.replicas,),
+        ).fetchone()
+        self.at_risk_max = max(self.at_risk_max, int(at_risk))
         for device, at_ms in revoked_at.items():
             row = conn.execute("SELECT MAX(at_ms) FROM log WHERE device = ?", (device,)).fetchone()
             if row[0] is not None and int(row[0]) > at_ms:
@@ -133,14 +184,22 @@ class Checker:
         return max(0, int(row[0]))
 
     def receipts_durable(self, fog_id: str, held: Sequence[Held]) -> list[str]:
-        """Every ok receipt of ``fog_id`` a device holds is a record in the fog's file."""
-        conn = self._fogs[fog_id]
+        """Every ok receipt of ``fog_id`` a device holds is a record in the fog's file (a fog
+        that lost its disk lost those of its records no peer held: counted)."""
+        conn = self._fogs.get(fog_id)
+        if conn is None:
+            return []
         out = []
         for h in held:
+            if h.intent_id in self.lost_receipts:
+                continue
             row = conn.execute("SELECT n FROM log WHERE intent_id = ?", (h.intent_id,)).fetchone()
             if row is None and self._booked(h.intent_id):
                 continue  # pruned after the cloud acked it
-            if row is None:
+            lost = h.time_ms <= self._lost_before.get(fog_id, -1)
+            if lost and (row is None or int(row[0]) != h.log_index):
+                self.lost_receipts.add(h.intent_id)  # authorized before the disk died
+            elif row is None:
                 out.append(f"{fog_id}: receipt n={h.log_index} held, but not in the fog's file")
             elif int(row[0]) != h.log_index:
                 out.append(f"{fog_id}: receipt n={h.log_index} held, file says n={row[0]}")
@@ -158,6 +217,12 @@ class Checker:
             bytes(r[0]): CloudLease(r[1], r[2], int(r[3]), int(r[4]), r[5])
             for r in conn.execute(
                 "SELECT lease_id, owner_id, fog_id, amount_micros, not_after_ms, state FROM leases"
+            )
+        }
+        self._lease_booked = {
+            bytes(lid): int(a)
+            for lid, a in conn.execute(
+                "SELECT lease_id, SUM(amount_micros) FROM transfers GROUP BY lease_id"
             )
         }
         out = []
@@ -194,15 +259,40 @@ class Checker:
             d = drawn.get(lease_id, 0)
             held = max(lease.amount_micros, d) if lease.state == cloud_leases.STATE_OPEN else d
             total[lease.owner_id] = total.get(lease.owner_id, 0) + held
-        return [
+        out = [
             f"owner {o}: leases outstanding + drawn {t} > limit {self._limits[o]}"
             for o, t in sorted(total.items())
             if t > self._limits[o]
         ]
+        return out + self.bound(drawn)
+
+    def bound(self, drawn: dict[bytes, int]) -> list[str]:
+        """The partition bound (docs/protocol.md 17.9), its lease term: per owner, what the
+        fogs authorized that the cloud has not booked is at most the sum over the owner's
+        open leases of max(0, amount - booked). Draws on a closed lease are all booked (a
+        lease closes when its report's u equals the booked draws)."""
+        unbooked: dict[str, int] = {}
+        term: dict[str, int] = {}
+        for lease_id, lease in self.leases.items():
+            booked = self._lease_booked.get(lease_id, 0)
+            o = lease.owner_id
+            unbooked[o] = unbooked.get(o, 0) + max(0, drawn.get(lease_id, 0) - booked)
+            if lease.state == cloud_leases.STATE_OPEN:
+                term[o] = term.get(o, 0) + max(0, lease.amount_micros - booked)
+        out = []
+        for o, u in sorted(unbooked.items()):
+            self.bound_max = max(self.bound_max, u)
+            if u > term.get(o, 0):
+                out.append(f"owner {o}: authorized, not booked {u} > bound {term.get(o, 0)}")
+        return out
 
     # ---- after the heal phase --------------------------------------------------------------
 
-    def converged(self, devices: Sequence[SimDevice], *, now_ms: int) -> list[str]:
+    def converged(
+        self, devices: Sequence[SimDevice], *, now_ms: int, lost: dict[str, list[Held]]
+    ) -> list[str]:
+        """``lost`` is filled with the receipts per device whose record a fog lost with its
+        disk and the cloud has not booked (for the held-upload hook)."""
         conn = self._cloud
         booked = {
             bytes(i): (f, int(a))
@@ -212,7 +302,10 @@ class Checker:
         for dev in devices:
             for h in dev.held.values():
                 b = booked.get(h.intent_id)
-                if b is None:
+                gone = h.fog_id in self.dead_fogs or h.intent_id in self.lost_receipts
+                if b is None and gone:
+                    lost.setdefault(dev.name, []).append(h)
+                elif b is None:
                     out.append(f"{dev.name}: ok receipt {h.fog_id} n={h.log_index} never booked")
                 elif b != (h.fog_id, h.amount_micros):
                     out.append(f"{dev.name}: receipt {h.fog_id} n={h.log_index} booked as {b}")
@@ -220,6 +313,19 @@ class Checker:
             for n, intent_id in fconn.execute("SELECT n, intent_id FROM log ORDER BY n"):
                 if bytes(intent_id) not in booked:
                     out.append(f"{fog_id}: log record n={n} never booked")
+        # what reached a peer is never lost: acked by a peer, or held as a replica
+        replicated = dict(self._racced)
+        for fconn in self._fogs.values() if self.federation else ():
+            for origin, wire in fconn.execute("SELECT origin, wire FROM replicas"):
+                for intent_id in _intent_ids(bytes(wire)):
+                    replicated.setdefault(intent_id, str(origin))
+        for intent_id, origin in sorted(replicated.items()):
+            if intent_id in booked:
+                continue
+            if origin in self.dead_fogs:  # beyond its lost chain head: devices upload those
+                self.replicated_of_dead += 1
+                continue
+            out.append(f"{origin}: record {intent_id.hex()[:8]} reached a peer, never booked")
         for lease_id in self.stranded(now_ms=now_ms, known=True):
             lease = self.leases[lease_id]
             out.append(f"cloud: lease {lease_id.hex()[:8]} of {lease.fog_id} expired, open")
@@ -233,11 +339,27 @@ class Checker:
         for lease_id, lease in sorted(self.leases.items()):
             if lease.state != cloud_leases.STATE_OPEN or lease.not_after_ms >= now_ms:
                 continue
-            row = (
-                self._fogs[lease.fog_id]
-                .execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease_id,))
-                .fetchone()
-            )
+            fconn = self._fogs.get(lease.fog_id)
+            if fconn is None or lease.fog_id in self.dead_fogs:
+                continue  # the operator closes them (close-leases): counted by the sim
+            retired = fconn.execute(
+                "SELECT 1 FROM lease_reports WHERE lease_id = ? AND drawn_micros < 0",
+                (lease_id,),
+            ).fetchone()
+            if retired is not None:
+                continue  # retired by a restore: the cloud closes it from booked evidence
+            row = fconn.execute("SELECT 1 FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
             if (row is not None) == known:
                 out.append(lease_id)
         return out
+
+
+def _intent_ids(wire: bytes) -> list[bytes]:
+    """The intent ids of a batch's records (the wire was verified before it was stored)."""
+    _, records = decode_batch(wire)
+    out = []
+    for record in records:
+        intent_env, _ = decode_record(record)
+        env = split_envelope(intent_env, bytes_max=Intent.ENVELOPE_BYTES_MAX)
+        out.append(message_id(Intent.TYPE, env.body))
+    return out

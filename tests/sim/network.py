@@ -29,6 +29,8 @@ Deliver = Callable[[str, str, bytes], object]  # (destination, topic, payload)
 def label(topic: str) -> str:
     """A short name for a topic in a trace line."""
     levels = topic.split("/")
+    if levels[2] == "gossip":
+        return levels[4]
     return (
         levels[-2]
         if levels[-2] in ("intent", "receipt", "lease", "bind", "revoke")
@@ -50,11 +52,17 @@ class Network:
         self._deliver = deliver
         self.down: set[str] = set()
         self.cut: set[str] = set()  # fogs whose link to the cloud is cut
+        self.peer_cut: set[frozenset[str]] = set()  # fog-to-fog links cut (both ways)
+        # bumped when a fog's disk (and the broker on it, with its queues) is lost: what was
+        # in flight from or to it then never arrives
+        self.epoch: dict[str, int] = {}
         self.retained: dict[str, bytes] = {}
         self.counts: dict[str, int] = {"sent": 0, "dropped": 0, "duplicated": 0}
 
     def blocked(self, src: str, dst: str) -> bool:
         if dst in self.down or src in self.down:
+            return True
+        if frozenset((src, dst)) in self.peer_cut:
             return True
         return (src == CLOUD and dst in self.cut) or (dst == CLOUD and src in self.cut)
 
@@ -69,13 +77,16 @@ class Network:
         if self._rng.random() < mix.duplicate:
             copies = 2
             self.counts["duplicated"] += 1
+        epochs = (self.epoch.get(src, 0), self.epoch.get(dst, 0))
         for _ in range(copies):
             delay = LATENCY_MS + self._rng.randint(0, mix.delay_ms_max)
             what = f"deliver {src}->{dst} {label(topic)}"
-            self._sched.after(delay, what, lambda: self._arrive(src, dst, topic, payload))
+            self._sched.after(delay, what, lambda: self._arrive(src, dst, topic, payload, epochs))
 
-    def _arrive(self, src: str, dst: str, topic: str, payload: bytes) -> object:
-        if self.blocked(src, dst):
+    def _arrive(
+        self, src: str, dst: str, topic: str, payload: bytes, epochs: tuple[int, int]
+    ) -> object:
+        if self.blocked(src, dst) or epochs != (self.epoch.get(src, 0), self.epoch.get(dst, 0)):
             self.counts["dropped"] += 1
             return None
         return self._deliver(dst, topic, payload)
@@ -90,7 +101,9 @@ class Network:
             return []
         if parsed.kind in TRUST_KINDS:
             return list(self._fog_ids)
-        if parsed.kind in (Kind.LEASE, Kind.ACK) and parsed.fog_id in self._fog_ids:
+        if parsed.kind is Kind.ACK:  # its fog, and every fog with peers (ACK_FILTER)
+            return list(self._fog_ids)
+        if parsed.kind is Kind.LEASE and parsed.fog_id in self._fog_ids:
             assert parsed.fog_id is not None
             return [parsed.fog_id]
         return []

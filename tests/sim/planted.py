@@ -12,10 +12,15 @@ Each replaces one real function for the duration of a run and puts it back after
   fog stored the device's revocation;
 - ``uplink_resend``: the fog's uplink never sends a batch again once sent
   (``fog.uplink.Window.plan`` without its go-back-N; only a reconnect still resends): a lost
-  batch stays lost, caught by the heal phase's liveness check (records never booked);
+  batch stays lost, caught by the heal phase's liveness check (records never booked). Run
+  without federation (``--replicas 0``): with peers, a holder relays the lost batch;
 - ``cloud_escrow``: the cloud's credit check forgets what was drawn on closed leases and not
   settled (``cloud.leases.exposure`` counts open leases only), so an owner's returned leases
-  free credit that was spent: caught as outstanding + drawn above the owner's limit.
+  free credit that was spent: caught as outstanding + drawn above the owner's limit;
+- ``racc_without_store``: a replica holder answers ``racc`` for a verified batch but never
+  stores it (``fog.replicas.Replication.batch`` acks before, and instead of, its COMMIT):
+  caught when the origin loses its disk and a batch its peers acked is not returned to its
+  ``fetch`` (tests/sim/simulation.py ``_fetched_all``).
 """
 
 import contextlib
@@ -27,6 +32,7 @@ from cloud import leases
 from cloud.store import Tx
 from fog import authorize, store
 from fog.authorize import LeaseView
+from fog.replicas import Gossip, Replication
 from fog.uplink import Window
 from protocol.messages import Intent
 
@@ -64,6 +70,16 @@ def _plan_never_resending(self: Window, unacked: list[int], *, now_ms: int) -> l
     return out
 
 
+_real_batch: Final = Replication.batch
+
+
+def _batch_acked_not_stored(self: Replication, wire: bytes, now: int) -> Any:
+    out = _real_batch(self, wire, now)  # its verdict and its racc; then the replica is gone
+    if any(isinstance(o, Gossip) for o in out):
+        self.conn.execute("DELETE FROM replicas WHERE wire = ?", (wire,))
+    return out
+
+
 async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
     row = await tx.fetchone(
         "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
@@ -80,7 +96,18 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "revocation": (store, "authorize", _authorize_ignoring_revocation),
     "uplink_resend": (Window, "plan", _plan_never_resending),
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
+    "racc_without_store": (Replication, "batch", _batch_acked_not_stored),
 }
+
+
+# a bug the federation repairs is planted in runs without it: with peers, the holders relay
+# a batch its fog never sends again (that is what relaying is for)
+CONFIGS: Final[dict[str, dict[str, Any]]] = {"uplink_resend": {"replicas": 0}}
+
+
+def config_for(name: str | None, config: Any) -> Any:
+    """``config`` (a ``SimConfig``) as the planted bug ``name`` runs with."""
+    return dataclasses.replace(config, **CONFIGS.get(name or "", {}))
 
 
 @contextlib.contextmanager

@@ -35,6 +35,8 @@ import structlog
 from cloud import registry
 from cloud.leases import LeasePolicy
 from cloud.store import Tx
+from fog import restore
+from fog.restore import RestoreError
 from fog.store import Arrival
 from protocol import topics
 from protocol.errors import TopicError
@@ -42,11 +44,12 @@ from protocol.messages import Revocation
 from protocol.signing import public_key, seal
 from protocol.topics import Kind
 from tests.sim.cloudnode import CloudNode
-from tests.sim.devices import RETRY_MS, SimDevice
+from tests.sim.devices import RETRY_MS, Held, SimDevice
 from tests.sim.faults import FaultMix
 from tests.sim.fognode import CLOUD, FogNode, FogSettings, Outputs
 from tests.sim.invariants import Checker
 from tests.sim.network import Network
+from tests.sim.restore import close_lost_fog_leases, fetch_all, upload_held
 from tests.sim.scheduler import Scheduler
 from tests.sim.world import Cast
 
@@ -58,6 +61,7 @@ REGISTERED_BEFORE_MS: Final = 5_000  # credentials valid from before the start (
 CHAOS_EVERY_MS: Final = 1_000  # per fog: may it crash or be cut off now
 TICK_MS_MAX: Final = 5_000  # the shell's longest sleep when the core asks for no Tick
 FOGS_DEFAULT: Final = 3
+MAX_SKEW_MS: Final = 2_000  # a fog's clock is at most this far off the simulation's
 STEPS_DEFAULT: Final = 300
 
 
@@ -75,6 +79,9 @@ class SimConfig:
     # counted as "leases stranded"; the fog reports such a lease unused since fog/core.py's
     # _report_unused, see README.md)
     strict_leases: bool = True
+    # k: peers each fog replicates a batch to (at most fogs - 1); 0: no federation (each fog
+    # alone with the cloud, as before issue 11)
+    replicas: int = 2
 
 
 @dataclass(slots=True)
@@ -153,6 +160,8 @@ class Simulation:
                 path=directory / f"{f}.sqlite",
                 settings=settings,
                 skew_ms=rng.randint(-skew, skew),
+                peers=_peers(fog_ids, f) if config.replicas > 0 else (),
+                replicas=config.replicas,
             )
             for f in fog_ids
         }
@@ -165,6 +174,10 @@ class Simulation:
         self._wake_token: dict[bytes, int] = {}
         self._tick_at: dict[str, int] = {}
         self._tick_token: dict[str, int] = {}
+        self.lost: set[str] = set()  # fogs whose file was destroyed, waiting for a restore
+        self.dead: set[str] = set()  # fogs whose chain head was lost: down for good
+        # (origin, batch) -> holders whose racc the origin took: they hold it durably
+        self.held_by: dict[tuple[str, int], set[str]] = {}
 
     def describe(self) -> str:
         """The seed's drawn set-up, for a failure report."""
@@ -237,6 +250,8 @@ class Simulation:
             fog_paths={f: n.path for f, n in self.fogs.items()},
             limits={o.owner_id: o.limit_micros for o in self.cast.owners},
         )
+        self.checker.replicas = max(1, min(self.config.replicas, len(self.fogs) - 1))
+        self.checker.federation = self.config.replicas > 0 and len(self.fogs) > 1
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
         for f, out in started.items():
@@ -292,8 +307,13 @@ class Simulation:
         self.note("heal: faults off, every node up and connected")
         if not self.cloud.up:
             await self._cloud_restart()
+        self.net.peer_cut.clear()
         for f, node in self.fogs.items():
-            if not node.up:
+            if f in self.dead:
+                continue
+            if f in self.lost:
+                self._restore(f)
+            elif not node.up:
                 self._fog_restart(f)
             elif f in self.net.cut:
                 self._fog_heal(f)
@@ -304,7 +324,19 @@ class Simulation:
         await self._loop(self.config.heal_steps_max, until=lambda: self._quiet(end_ms))
         assert self.checker is not None
         now = self.sched.now_ms
-        self.fail(self.checker.converged(list(self.devices.values()), now_ms=now))
+        lost: dict[str, list[Held]] = {}
+        self.fail(self.checker.converged(list(self.devices.values()), now_ms=now, lost=lost))
+        for name, held in sorted(lost.items()):
+            dev = next(d for d in self.devices.values() if d.name == name)
+            booked = upload_held(self, dev, held)
+            self.count("receipts_lost_with_disk", len(held) - booked)
+        self.count("replicated_of_dead_fogs", self.checker.replicated_of_dead)
+        self.count("unbooked_max_micros", self.checker.bound_max)
+        self.count("records_at_risk_max", self.checker.at_risk_max)
+        self.count(
+            "leases_of_dead_fogs",
+            sum(1 for x in self.checker.leases.values() if x.fog_id in self.dead),
+        )
         stranded = self.checker.stranded(now_ms=now, known=False)
         self.count("leases_stranded", len(stranded))
         if self.config.strict_leases:
@@ -320,7 +352,8 @@ class Simulation:
             return True
         if any(d.inflight is not None for d in self.devices.values()):
             return False
-        if not all(n.up and n.idle() and self._sealed_all(n) for n in self.fogs.values()):
+        fogs = [n for f, n in self.fogs.items() if f not in self.dead]
+        if not all(n.up and n.idle() and self._sealed_all(n) for n in fogs):
             return False
         assert self.checker is not None
         now = self.sched.now_ms
@@ -372,6 +405,10 @@ class Simulation:
                 return "crashed"
             if fog_id not in self.net.cut and rng.random() < mix.partition:
                 return self._fog_cut(fog_id)
+            if rng.random() < mix.peer_partition:
+                return self._peer_cut(fog_id)
+            if self.fogs[fog_id].up and not self.lost | self.dead and rng.random() < mix.disk_loss:
+                return self._disk_loss(fog_id)
             return None
 
         return chaos
@@ -386,6 +423,114 @@ class Simulation:
         self.sched.after(heal_in, f"heal {fog_id}", lambda: self._fog_heal(fog_id))
         return "cut off from the cloud"
 
+    def _peer_cut(self, fog_id: str) -> str | None:
+        node = self.fogs[fog_id]
+        if not node.peers:
+            return None
+        peer = self.rng.choice(node.peers)
+        link = frozenset((fog_id, peer))
+        if link in self.net.peer_cut:
+            return None
+        self.net.peer_cut.add(link)
+        self.count("peer_partitions")
+        heal_in = self.rng.randint(100, max(100, self.mix.partition_ms_max))
+        self.sched.after(heal_in, f"heal {fog_id}-{peer}", lambda: self._peer_heal(link))
+        return f"link to {peer} cut"
+
+    def _peer_heal(self, link: frozenset[str]) -> str | None:
+        if link not in self.net.peer_cut:
+            return None
+        self.net.peer_cut.discard(link)
+        return "fog-to-fog link back"
+
+    def _disk_loss(self, fog_id: str) -> str:
+        """The fog's file is destroyed (an SD card died): the fog is down until restored
+        from its peers (``_restore``)."""
+        self.fogs[fog_id].crash()
+        self.fogs[fog_id].destroy()
+        self.net.down.add(fog_id)
+        self.net.epoch[fog_id] = self.net.epoch.get(fog_id, 0) + 1
+        self.lost.add(fog_id)
+        self.count("disk_losses")
+        for holders in self.held_by.values():  # the replicas it held are gone with it
+            holders.discard(fog_id)
+        assert self.checker is not None
+        self.checker.disk_lost(fog_id, before_ms=self.sched.now_ms + MAX_SKEW_MS)
+        down = self.rng.randint(50, max(50, self.mix.down_ms_max))
+        self.sched.after(down, f"restore {fog_id}", lambda: self._restore(fog_id))
+        return "disk destroyed"
+
+    def _restore(self, fog_id: str) -> str | None:
+        """``fogpay fog restore``: fetch from every peer, import, continue. An operator waits
+        until every peer is reachable (a peer cut off may hold the newest batches)."""
+        if fog_id not in self.lost:
+            return None
+        node = self.fogs[fog_id]
+        reachable = all(
+            self.fogs[p].up and frozenset((fog_id, p)) not in self.net.peer_cut for p in node.peers
+        )
+        if not reachable:
+            self.sched.after(1_000, f"restore {fog_id}", lambda: self._restore(fog_id))
+            return "restore waits for its peers"
+        now = self.sched.now_ms
+        per_peer = {p: fetch_all(self.fogs[p], fog_id, node.key, now_ms=now) for p in node.peers}
+        wires = [w for p in node.peers for w in per_peer[p]]
+        ack = self.net.retained.get(topics.ack_topic(fog_id))
+        self.fail(self._fetched_all(fog_id, per_peer, ack))
+        retired = [
+            parsed.lease_id
+            for t in self.net.retained
+            if (parsed := topics.parse(t)).kind is Kind.LEASE
+            and parsed.fog_id == fog_id
+            and parsed.lease_id is not None
+        ]
+        self.lost.discard(fog_id)
+        assert self.checker is not None
+        try:
+            got = node.restore(wires, ack, retired, now_ms=now)
+        except RestoreError as exc:
+            self.dead.add(fog_id)
+            self.count("fogs_dead")
+            self.checker.dead(fog_id)
+            close_lost_fog_leases(self, fog_id)
+            return f"not restored: {exc}"
+        self.count("fogs_restored")
+        self.count("records_restored", got)
+        self.checker.restored(fog_id, node.path)
+        held = [h for d in self.devices.values() for h in d.held.values() if h.fog_id == fog_id]
+        self.fail(self.checker.receipts_durable(fog_id, held))  # (notes the lost ones)
+        self.net.down.discard(fog_id)
+        cut = fog_id in self.net.cut
+        out = node.start(now_ms=now, connected=not (cut and self.mix.client_partition))
+        if not cut:
+            self.net.resubscribe(fog_id)
+        self._after_fog(fog_id, out)
+        return f"restored from its peers: {got} records"
+
+    def _fetched_all(
+        self, fog_id: str, per_peer: dict[str, list[bytes]], ack: bytes | None
+    ) -> list[str]:
+        """A racc is a promise: every batch a peer acked comes back to a fetch from it,
+        unless the peer pruned it after the cloud's ack (it then keeps a newer one of the
+        origin) or lost its own disk since."""
+        acked = restore.cloud_ack_number(ack, fog_id=fog_id, issuer=public_key(self.cast.issuer))
+        out = []
+        for peer, wires in sorted(per_peer.items()):
+            fetched = {restore.batch_number(w) for w in wires}
+            promised = [
+                n for (f, n), holders in self.held_by.items() if f == fog_id and peer in holders
+            ]
+            if not promised:
+                continue
+            missing = [n for n in sorted(promised) if n not in fetched and n > acked]
+            if missing or max(fetched, default=0) < max(promised):
+                out.append(
+                    f"{fog_id}: {peer} acked batches {sorted(promised)[-8:]} (cloud ack "
+                    f"{acked}), its fetch returned {sorted(fetched)[-8:]}"
+                )
+        self.held_by = {k: v for k, v in self.held_by.items() if k[0] != fog_id}
+        return out
+
     def _fog_crash(self, fog_id: str) -> None:
         self.fogs[fog_id].crash()
         self.net.down.add(fog_id)
@@ -395,7 +540,7 @@ class Simulation:
 
     def _fog_restart(self, fog_id: str) -> str | None:
         node = self.fogs[fog_id]
-        if node.up:
+        if node.up or fog_id in self.lost or fog_id in self.dead:
             return None
         cut = fog_id in self.net.cut
         out = node.start(
@@ -427,6 +572,9 @@ class Simulation:
         if out.alarms:
             raise Violation(f"{fog_id} core alarm: {'; '.join(out.alarms)}")
         assert self.checker is not None
+        for number, holder in out.racced:  # what reached a peer must be booked in the end
+            self.checker.racced(fog_id, number)
+            self.held_by[(fog_id, number)] = self.held_by.get((fog_id, number), set()) | {holder}
         self.fail(self.checker.fog(fog_id, node.revoked_at))
         self.fail(self.checker.owners())
         if self.chaos and out.sends and self.rng.random() < self.mix.fog_crash / 2:
@@ -436,6 +584,8 @@ class Simulation:
         for dst, topic, payload in out.sends:
             if dst == CLOUD:
                 self.net.send(fog_id, CLOUD, topic, payload)
+            elif dst in self.fogs:  # gossip to a peer, over the fog-to-fog link
+                self.net.send(fog_id, dst, topic, payload)
             else:
                 device = topics.parse(topic).key
                 assert device is not None
@@ -569,6 +719,12 @@ class Simulation:
             return "revoked by its owner"
 
         return revoke
+
+
+def _peers(fog_ids: list[str], fog_id: str) -> tuple[str, ...]:
+    """The other fogs, starting after ``fog_id`` (so each fog's first choices differ)."""
+    i = fog_ids.index(fog_id)
+    return tuple(fog_ids[i + 1 :] + fog_ids[:i])
 
 
 def run(seed: int, config: SimConfig, *, echo: Callable[[str], None] | None = None) -> Result:

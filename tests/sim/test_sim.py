@@ -16,7 +16,7 @@ from typing import Final
 import pytest
 import structlog
 
-from tests.sim.planted import BUGS, planted
+from tests.sim.planted import BUGS, config_for, planted
 from tests.sim.simulation import Result, SimConfig, run, run_many
 
 SEEDS_START: Final = 10_000
@@ -65,7 +65,7 @@ def test_a_seed_replays_exactly() -> None:
 
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_a_planted_bug_is_caught(bug: str) -> None:
-    config = SimConfig()
+    config = config_for(bug, SimConfig())
     with planted(bug):
         for seed in range(PLANTED_SEEDS_MAX):
             r = run(seed, config)
