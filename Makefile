@@ -38,6 +38,7 @@ vectors: $(STAMP)
 	$(BIN)/python -m protocol.sealed_vectors
 	$(BIN)/python -m protocol.gossip_vectors
 	$(BIN)/python -m protocol.held_vectors
+	$(BIN)/python -m protocol.transfer_vectors
 	$(BIN)/python -m protocol.replica_vectors
 	$(BIN)/python -m protocol.voucher_vectors
 

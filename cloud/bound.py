@@ -1,7 +1,7 @@
 """The partition bound B(o) (docs/protocol.md 17.9): the most the fogs can authorize for owner
 ``o`` that the cloud has not booked, while the cloud cannot see them.
 
-    B(o) = min( lease term: sum over open leases l of o of max(0, a_l - booked_l),
+    B(o) = min( lease term: sum over open leases l of o of max(0, a_l - given_l - booked_l),
                 day term:   sum over fogs f holding an open lease of o,
                             over devices d bound to o, of day_d * D )
 
@@ -39,6 +39,9 @@ class OpenLease:
     amount_micros: int  # a_l
     booked_micros: int  # booked_l: the draws the cloud has booked on it
     life_ms: int  # na - grant time
+    # given_l: what peer transfers carved out of it (docs/protocol.md 18.2, 18.4); the
+    # sub-leases are open leases of their receivers, counted on their own
+    given_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +67,12 @@ class Bound:
 
 
 def lease_term(leases: Iterable[OpenLease]) -> int:
-    """Sum over the open leases of max(0, amount - booked): budget the fogs hold and the
-    cloud has not seen spent."""
-    return sum(max(0, lease.amount_micros - lease.booked_micros) for lease in leases)
+    """Sum over the open leases of max(0, amount - given - booked): budget the fogs hold and
+    the cloud has not seen spent. A peer transfer of g moves g from its parent's term to its
+    sub-lease's (an open lease of the receiver): the sum does not change (18.4)."""
+    return sum(
+        max(0, lease.amount_micros - lease.given_micros - lease.booked_micros) for lease in leases
+    )
 
 
 def days_touched(life_ms: int) -> int:
@@ -107,11 +113,13 @@ async def owner_bound(tx: Tx, owner_id: str, *, now_ms: int, policy_life_ms: int
     expired at ``now_ms`` (revoked ones too: a fog cut off may not know of the revocation),
     each at the largest ``day`` of its bindings."""
     rows = await tx.fetchall(
-        "SELECT fog_id, amount_micros, drawn_micros, not_after_ms - granted_ms FROM leases "
-        "WHERE owner_id = ? AND state = ?",
+        "SELECT l.fog_id, l.amount_micros, l.drawn_micros, l.not_after_ms - l.granted_ms, "
+        "CAST(COALESCE((SELECT SUM(p.amount_micros) FROM peer_transfers p "
+        "WHERE p.parent_id = l.lease_id), 0) AS BIGINT) FROM leases l "
+        "WHERE l.owner_id = ? AND l.state = ?",
         (owner_id, STATE_OPEN),
     )
-    leases = [OpenLease(r[0], int(r[1]), int(r[2]), max(0, int(r[3]))) for r in rows]
+    leases = [OpenLease(r[0], int(r[1]), int(r[2]), max(0, int(r[3])), int(r[4])) for r in rows]
     bindings = await tx.fetchall(
         "SELECT device, envelope FROM bindings WHERE owner_id = ? AND na >= ?",
         (owner_id, clamp_ms(now_ms)),

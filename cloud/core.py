@@ -31,7 +31,7 @@ from collections.abc import Callable
 import nacl.signing
 import structlog
 
-from cloud import events, leases, registry
+from cloud import events, leases, registry, transfers
 from cloud.events import (
     BatchArrived,
     HeldArrived,
@@ -42,6 +42,7 @@ from cloud.events import (
     LeaseRequestArrived,
     Output,
     RetainedWanted,
+    TransferArrived,
 )
 from cloud.held import HeldBooker
 from cloud.ingest import Ingestor, IngestOutcome, Verifier, verify_inline
@@ -87,6 +88,8 @@ class CloudCore:
                 return [events.Publish(topic=t, payload=p) for t, p in rows]
             case HeldArrived():
                 return await self._held.handle(event)
+            case TransferArrived():
+                return await self._transfer(event)
         raise AssertionError(f"not a cloud input: {event!r}")  # mypy: the match is exhaustive
 
     # ---- the wrappers: same meaning as ever -------------------------------------------
@@ -113,6 +116,9 @@ class CloudCore:
 
     async def lease_report(self, wire: bytes) -> Publish:
         return _published(await self.handle(LeaseReportArrived(wire=wire, now_ms=self._clock())))
+
+    async def transfer(self, wire: bytes) -> Publish:
+        return _published(await self.handle(TransferArrived(wire=wire, now_ms=self._clock())))
 
     async def retained(self) -> Publish:
         return _published(await self.handle(RetainedWanted()))
@@ -160,6 +166,21 @@ class CloudCore:
         self.metrics.inc("lrep_accepted")
         answered = LeaseAnswered(kind="lrep", result="accepted")
         return [answered, *(events.Publish(topic=t, payload=b"") for t in cleared)]
+
+    async def _transfer(self, event: TransferArrived) -> list[Output]:
+        """A peer transfer: the sub-lease recorded and published retained to its receiver,
+        the parent closed if its report waited for it (docs/protocol.md 18.2)."""
+        try:
+            published = await self._store.transact(
+                lambda tx: transfers.handle_transfer(tx, event.wire, now_ms=event.now_ms)
+            )
+        except Declined as exc:
+            self.metrics.inc(f"xfer_refused_{exc.reason}")
+            log.warning("transfer_refused", reason=str(exc.reason), detail=exc.detail[:200])
+            return [LeaseAnswered(kind="xfer", result="refused", reason=exc.reason)]
+        self.metrics.inc("xfer_accepted" if published else "xfer_duplicate")
+        answered = LeaseAnswered(kind="xfer", result="accepted")
+        return [answered, *(events.Publish(topic=t, payload=p) for t, p in published)]
 
 
 def _published(outputs: list[Output]) -> Publish:

@@ -12,6 +12,7 @@ Inputs (where from: what the core does):
   chain, book, ack;
 - ``LeaseRequestArrived(wire, now_ms)``, from ``.../lreq``: grant a lease, or refuse;
 - ``LeaseReportArrived(wire, now_ms)``, from ``.../lrep``: record it, close leases;
+- ``TransferArrived(wire, now_ms)``, from ``.../xfer``: record a peer transfer (18.2);
 - ``RetainedWanted()``, at start, reconnect and refresh: everything published retained;
 - ``HeldArrived(payload, device, now_ms)``, from ``fogpay/1/held/{device_hex}/records``:
   book the records a device hands in that no batch has brought, answer a ``hack``.
@@ -87,7 +88,22 @@ class HeldArrived:
     now_ms: int
 
 
-Input = BatchArrived | LeaseRequestArrived | LeaseReportArrived | RetainedWanted | HeldArrived
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferArrived:
+    """A peer transfer (``xfer``, docs/protocol.md 18.2) from ``fogpay/1/up/{fog}/xfer``."""
+
+    wire: bytes
+    now_ms: int
+
+
+Input = (
+    BatchArrived
+    | LeaseRequestArrived
+    | LeaseReportArrived
+    | RetainedWanted
+    | HeldArrived
+    | TransferArrived
+)
 
 # ---- outputs ------------------------------------------------------------------------------
 
@@ -133,7 +149,7 @@ class BatchJudged:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseAnswered:
-    kind: Literal["lreq", "lrep"]
+    kind: Literal["lreq", "lrep", "xfer"]
     result: Literal["granted", "no_credit", "accepted", "refused"]
     reason: Reason | None = None  # why refused
     lease_id: bytes = b""  # the lease granted

@@ -14,8 +14,10 @@ every transaction (unless a fog overdraws: that is flagged, and the overdraft co
 
 A lease closes when its fog's ``lrep`` says what it drew (``u``) up to batch ``b``, the cloud
 holds that fog's batches up to ``b`` and the booked draws on the lease equal ``u``; then its
-unused part is free. A report that disagrees raises ``lease_report_mismatch`` and the lease
-stays in escrow for an operator. Settlement frees the closed leases' booked transfers.
+unused part is free. The report may come before the lease's ``na`` (the fog gave it back
+early, docs/protocol.md 18.1): the same rules apply. A report that disagrees raises
+``lease_report_mismatch`` and the lease stays in escrow for an operator. Settlement frees the
+closed leases' booked transfers.
 """
 
 import os
@@ -40,6 +42,11 @@ log = structlog.get_logger()
 STATE_OPEN: Final = "open"
 STATE_CLOSED: Final = "closed"
 OPEN_LEASES_PER_FOG_OWNER_MAX: Final = 4
+# micros peer transfers carved out of lease ``l`` (docs/protocol.md 18.2), as SQL
+_GIVEN: Final = (
+    "COALESCE((SELECT SUM(p.amount_micros) FROM peer_transfers p "
+    "WHERE p.parent_id = l.lease_id), 0)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +68,12 @@ class Granted:
 
 
 async def exposure(tx: Tx, owner_id: str) -> int:
+    # an open lease at max(amount - given, drawn): what it gave to peers (18.2) counts in
+    # the sub-leases, open leases of their receivers, so a transfer adds nothing
     row = await tx.fetchone(
-        "SELECT CAST(COALESCE(SUM(CASE WHEN drawn_micros > amount_micros THEN drawn_micros "
-        "ELSE amount_micros END), 0) AS BIGINT) FROM leases WHERE owner_id = ? AND state = ?",
+        "SELECT CAST(COALESCE(SUM(CASE WHEN l.drawn_micros > l.amount_micros - "
+        f"{_GIVEN} THEN l.drawn_micros ELSE l.amount_micros - {_GIVEN} END), 0) AS BIGINT) "
+        "FROM leases l WHERE l.owner_id = ? AND l.state = ?",
         (owner_id, STATE_OPEN),
     )
     closed = await tx.fetchone(
@@ -222,12 +232,17 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
     """Close the fog's reported leases whose batches are all held; returns retained topics
     to clear. A report that disagrees with the booked draws leaves the lease in escrow."""
     rows = await tx.fetchall(
-        "SELECT lease_id, drawn_micros, reported_micros, owner_id FROM leases "
-        "WHERE fog_id = ? AND state = ? AND reported_micros IS NOT NULL AND report_batch <= ?",
+        "SELECT l.lease_id, l.drawn_micros, l.reported_micros, l.owner_id, l.amount_micros, "
+        f"l.not_after_ms, CAST({_GIVEN} AS BIGINT) FROM leases l "
+        "WHERE l.fog_id = ? AND l.state = ? AND l.reported_micros IS NOT NULL "
+        "AND l.report_batch <= ?",
         (fog_id, STATE_OPEN, chain_number),
     )
     cleared = []
-    for lease_id, drawn, reported, owner_id in rows:
+    for lease_id, booked, reported, owner_id, amount, not_after, given in rows:
+        # what the fog drew on it, as the cloud knows it: booked draws plus what it gave to
+        # peers (18.2); a report waiting for an xfer closes when that arrives
+        drawn = int(booked) + int(given)
         lease_id = bytes(lease_id)
         if drawn != reported:
             await add_alarm(
@@ -241,7 +256,17 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
         topic = topics.lease_topic(fog_id, lease_id)
         await tx.execute("DELETE FROM retained WHERE topic = ?", (topic,))
         cleared.append(topic)
-        log.info("lease_closed", fog_id=fog_id, owner=owner_id, lease=lease_id.hex(), drawn=drawn)
+        # early: the fog gave it back before its na (docs/protocol.md 18.1)
+        log.info(
+            "lease_closed",
+            fog_id=fog_id,
+            owner=owner_id,
+            lease=lease_id.hex(),
+            drawn=drawn,
+            returned=max(0, amount - drawn),
+            given=int(given),
+            early=bool(now_ms) and now_ms <= not_after,
+        )
     return cleared
 
 
@@ -267,18 +292,21 @@ class ForceClosed:
     drawn_micros: int  # booked draws: what the lease closes at
     not_after_ms: int
     topic: str  # the retained lease topic cleared
+    given_micros: int = 0  # carved out by peer transfers: the sub-leases still count (18.2)
 
     @property
     def returned_micros(self) -> int:
         """What returns to the owner's credit: the lease no longer counts, its booked
-        draws do (as transfers on a closed lease, 14.5)."""
-        return max(0, self.amount_micros - self.drawn_micros)
+        draws do (as transfers on a closed lease, 14.5), and what it gave to peers does (as
+        the receivers' sub-leases)."""
+        return max(0, self.amount_micros - self.drawn_micros - self.given_micros)
 
 
 async def open_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
     rows = await tx.fetchall(
-        "SELECT lease_id, owner_id, currency, amount_micros, drawn_micros, not_after_ms "
-        "FROM leases WHERE fog_id = ? AND state = ? ORDER BY granted_ms, lease_id",
+        "SELECT l.lease_id, l.owner_id, l.currency, l.amount_micros, l.drawn_micros, "
+        f"l.not_after_ms, CAST({_GIVEN} AS BIGINT) FROM leases l "
+        "WHERE l.fog_id = ? AND l.state = ? ORDER BY l.granted_ms, l.lease_id",
         (fog_id, STATE_OPEN),
     )
     return [
@@ -290,6 +318,7 @@ async def open_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
             int(r[4]),
             int(r[5]),
             topics.lease_topic(fog_id, bytes(r[0])),
+            int(r[6]),
         )
         for r in rows
     ]
@@ -308,7 +337,7 @@ async def close_fog_leases(tx: Tx, fog_id: str) -> list[ForceClosed]:
         await tx.execute(
             "UPDATE leases SET state = ?, reported_micros = COALESCE(reported_micros, ?), "
             "report_batch = COALESCE(report_batch, ?) WHERE lease_id = ?",
-            (STATE_CLOSED, lease.drawn_micros, number, lease.lease_id),
+            (STATE_CLOSED, lease.drawn_micros + lease.given_micros, number, lease.lease_id),
         )
         await tx.execute("DELETE FROM retained WHERE topic = ?", (lease.topic,))
         log.warning(

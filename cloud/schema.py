@@ -43,6 +43,12 @@ TABLES: Final = (
         granted_ms {int} NOT NULL, state TEXT NOT NULL, drawn_micros {int} NOT NULL,
         reported_micros {int}, report_batch {int}, envelope {blob} NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner_id, state)",
+    # peer transfers (docs/protocol.md 18.2): a sub-lease carved from a parent lease
+    """CREATE TABLE IF NOT EXISTS peer_transfers (
+        transfer_id {blob} PRIMARY KEY, parent_id {blob} NOT NULL, giver TEXT NOT NULL,
+        receiver TEXT NOT NULL, owner_id TEXT NOT NULL, amount_micros {int} NOT NULL,
+        envelope {blob} NOT NULL, time_ms {int} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS peer_transfers_parent ON peer_transfers (parent_id)",
     """CREATE TABLE IF NOT EXISTS lease_requests (
         request_id {blob} PRIMARY KEY, fog_id TEXT NOT NULL, owner_id TEXT NOT NULL,
         lease_id {blob})""",

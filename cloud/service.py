@@ -7,6 +7,7 @@ One aiomqtt client (reconnecting with capped, jittered backoff) subscribes, QoS 
 | ``fogpay/1/up/+/batch`` | ``core.ingest_batch`` (verified in a process pool: ``open_service``) |
 | ``fogpay/1/up/+/lreq`` | ``core.lease_request`` |
 | ``fogpay/1/up/+/lrep`` | ``core.lease_report`` |
+| ``fogpay/1/up/+/xfer`` | ``core.transfer`` (peer transfers, docs/protocol.md 18.2) |
 | ``fogpay/1/up/+/relay`` | ``core.ingest_batch(relayed_by=carrier)`` (17.8) |
 | ``fogpay/1/held/+/records`` | ``core.held_upload``, answered by a ``hack`` (17.7) |
 
@@ -90,6 +91,7 @@ FILTERS: Final = (
     topics.LEASE_REPORT_FILTER,
     topics.RELAY_FILTER,
     topics.HELD_FILTER,
+    topics.TRANSFER_FILTER,
 )
 # what the service handles, with each payload's size limit (checked before decoding)
 _HANDLED: Final = {
@@ -98,6 +100,7 @@ _HANDLED: Final = {
     Kind.HELD_RECORDS: HELD_BYTES_MAX,
     Kind.LEASE_REQUEST: limits.IDENTITY_ENVELOPE_BYTES_MAX,
     Kind.LEASE_REPORT: limits.IDENTITY_ENVELOPE_BYTES_MAX,
+    Kind.TRANSFER: limits.IDENTITY_ENVELOPE_BYTES_MAX,
 }
 Clock = Callable[[], int]
 
@@ -306,7 +309,8 @@ class CloudService:
             self._put(self._held, (parsed.key, payload), "held_dropped")
             return
         assert parsed.fog_id is not None
-        kind = "lease" if parsed.kind in (Kind.LEASE_REQUEST, Kind.LEASE_REPORT) else "batch"
+        lease_kinds = (Kind.LEASE_REQUEST, Kind.LEASE_REPORT, Kind.TRANSFER)
+        kind = "lease" if parsed.kind in lease_kinds else "batch"
         if not payload or len(payload) > bytes_max:
             self._count(f"{kind}_dropped")
             log.warning(f"{kind}_dropped", cause="size", fog_id=parsed.fog_id, size=len(payload))
@@ -374,6 +378,10 @@ class CloudService:
                     self._count("leases_granted")
                 elif not out:
                     self._count("leases_refused")
+            elif kind is Kind.TRANSFER:  # a peer transfer (docs/protocol.md 18.2)
+                self._count("xfer_received")
+                out = await self.core.transfer(payload)
+                self._count("leases_closed", sum(1 for _, p in out if not p))
             else:
                 self._count("lrep_received")
                 out = await self.core.lease_report(payload)

@@ -1,6 +1,8 @@
 """``fogpay fog ...``: run the fog daemon (``fogpay fog run --config FILE``), check a config
-(``fogpay fog check-config --config FILE [--json]``) or rebuild a fog that lost its disk from
-its peers (``fogpay fog restore --config FILE [--wait-s 10]``, fog/restorecli.py).
+(``fogpay fog check-config --config FILE [--json]``), rebuild a fog that lost its disk from
+its peers (``fogpay fog restore --config FILE [--wait-s 10]``, fog/restorecli.py), or give
+leases back early (``fogpay fog return-leases --config FILE [--owner O] [--json]``,
+docs/protocol.md 18.1).
 ``--config`` goes before or after the subcommand. Exit codes and the one error line follow
 ``runtime.cli``: 2 for a configuration the fog cannot start with (the file, a key or password
 file, a database it cannot open), 1 for a failure while running (the broker lost, a store
@@ -16,6 +18,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -23,6 +26,7 @@ from typing import Any, Final
 import aiomqtt
 import structlog
 
+from fog import returns
 from fog.config import ConfigError, FogConfig, broker_tls, load_config, parse_broker_url
 from fog.schema import MIGRATIONS, StoreOpenError, connect, schema_version
 from protocol.errors import FogpayError
@@ -65,6 +69,14 @@ def register(subparsers: Any) -> None:
         help="do not check the broker (e.g. before a broker that starts alongside)",
     )
     check.set_defaults(func=cmd_check)
+    give = sub.add_parser(
+        "return-leases",
+        help="give the live leases back to the cloud now (of one owner, or all); works "
+        "while the fog runs",
+        parents=[config, json_option()],
+    )
+    give.add_argument("--owner", metavar="OWNER_ID", help="only this owner's leases")
+    give.set_defaults(func=cmd_return_leases)
     restore = sub.add_parser(
         "restore",
         help="rebuild a lost database from the peers' replicas (docs/fog.md), then exit",
@@ -217,6 +229,60 @@ def cmd_check(args: argparse.Namespace) -> int:
     if failing:  # the report is data on stdout; the verdict is the usual one line on stderr
         fail("fog check-config", f"{failing[0].name}: {failing[0].detail}", code=code)
     return code
+
+
+def cmd_return_leases(args: argparse.Namespace) -> int:
+    """Retire the live leases (of ``--owner``) in the fog's database, for good (fog/returns.py):
+    a running fog stops drawing on them at its next group and reports them at its next lease
+    round; a stopped fog reports them when it starts. Exit 0 (also when nothing was live), 2
+    for a config or database that cannot be used, 1 when the database is busy or fails."""
+    what = "fog return-leases"
+    path = _config_path(args)
+    if path is None:
+        return fail(what, "--config FILE is required", code=EXIT_USAGE)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return fail(what, _config_problem(path, exc), code=EXIT_USAGE)
+    if not config.db.exists():
+        return fail(what, f"{config.db}: no such database (the fog never ran)", code=EXIT_USAGE)
+    try:
+        conn = connect(config.db)
+    except StoreOpenError as exc:
+        return fail(what, str(exc), code=EXIT_USAGE)
+    try:
+        if not returns.has_tables(conn):
+            return fail(what, f"{config.db}: not a fog database with leases", code=EXIT_USAGE)
+        returns.init(conn)
+        owners = None if args.owner is None else [args.owner]
+        now_ms = time.time_ns() // 1_000_000
+        retired = returns.retire(conn, now_ms=now_ms, reason="operator", owner_ids=owners)
+    except sqlite3.Error as exc:
+        return fail(what, f"{config.db}: {exc}", code=EXIT_FAILURE)
+    finally:
+        conn.close()
+    total = sum(r.room_micros for r in retired)
+    rows = [
+        {
+            "lease": r.lease_id.hex(),
+            "owner": r.owner_id,
+            "currency": r.currency,
+            "amount_micros": r.amount_micros,
+            "drawn_micros": r.drawn_micros,
+            "returned_micros": r.room_micros,
+        }
+        for r in retired
+    ]
+    if args.json:
+        print_json({"fog_id": config.fog_id, "leases": rows, "returned_micros": total})
+        return EXIT_OK
+    for row in rows:
+        print(
+            f"{row['lease']}  {row['owner']}  {row['currency']}  drawn {row['drawn_micros']}"
+            f"  returned {row['returned_micros']}"
+        )
+    print(f"{len(rows)} lease(s) retired, {total} micros to return once the cloud closes them")
+    return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -138,6 +138,7 @@ DEFAULT_LEASE_CHECK_MS: Final = 1_000
 DEFAULT_BACKLOG_ALARM_RECORDS: Final = 100_000
 BACKLOG_ALARM_RECORDS_MAX: Final = 2**40
 DEFAULT_RENEW_BEFORE_MS: Final = 300_000
+RETURN_IDLE_MS_MAX: Final = 7 * 86_400_000  # lease.return_idle_ms: a week at most
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +165,13 @@ class LeaseConfig:
     check_interval_ms: int = DEFAULT_LEASE_CHECK_MS  # how often expiry and resends are checked
     # ask an owner's next lease when its live leases all expire within this (0: off; 17.6)
     renew_before_ms: int = DEFAULT_RENEW_BEFORE_MS
+    # give back (report early) the leases of an owner that drew nothing for this long (0: off;
+    # docs/protocol.md 18.1)
+    return_idle_ms: int = 0
+    return_on_stop: bool = False  # give back every live lease at a graceful stop (18.1)
+    # ask peers (federation.peers) for part of their lease while the cloud does not answer,
+    # and give to peers that ask (docs/protocol.md 18.2)
+    peer_transfers: bool = False
 
 
 FEDERATION_PEERS_MAX: Final = 32
@@ -540,7 +548,7 @@ def _federation(raw: Mapping[str, Any], fog_id: str) -> FederationConfig:
 def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
     known = {"request_below_micros", "request_micros", "request_timeout_ms"}
     known |= {"request_attempts_max", "report", "report_retry_ms", "check_interval_ms"}
-    known |= {"renew_before_ms"}
+    known |= {"renew_before_ms", "return_idle_ms", "return_on_stop", "peer_transfers"}
     _no_unknown(raw, "lease.", known)
 
     def ms(name: str, default: int) -> int:
@@ -584,6 +592,11 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
             TIMEOUT_MS_MAX,
             key="lease.renew_before_ms",
         ),
+        return_idle_ms=_int(
+            raw, "return_idle_ms", 0, 0, RETURN_IDLE_MS_MAX, key="lease.return_idle_ms"
+        ),
+        return_on_stop=_bool(raw, "return_on_stop", False, key="lease.return_on_stop"),
+        peer_transfers=_bool(raw, "peer_transfers", False, key="lease.peer_transfers"),
     )
 
 

@@ -46,6 +46,10 @@ Inputs (``FogInput``), each a frozen dataclass:
   broker keeps nothing across restarts).
 - ``Stats(now_ms)`` and ``Close(now_ms)``: the counters (``Counters``); ``Close`` also closes
   the store, after which the core takes no input.
+- ``ReturnLeases(now_ms, owner_id, cause)``: give leases back before their ``na``
+  (docs/protocol.md 18.1): retired for good at once (``LeaseReturned`` each), reported when
+  their draws are sealed (a ``shutdown`` seals them at once). Idle owners' leases are returned
+  by the lease round itself (``lease.return_idle_ms``).
 
 Outputs (``FogOutput``):
 
@@ -56,6 +60,8 @@ Outputs (``FogOutput``):
   resend)``, ``LeaseReport(topic, payload, lease_id, drawn_micros, batch, resend)``,
   ``Publish(topic, payload, retain)``: messages to publish (QoS 1). A lost one is sent again
   by the core's own timers: the shell never retries.
+- ``LeaseReturned(lease_id, owner_id, currency, amount_micros, drawn_micros, cause)``: a
+  lease retired early (18.1), for the log and counters.
 - ``Sealed(number, first_index, records)``, ``TrustLoaded(...)``, ``LeaseClosed(lease_id)``,
   ``Pruned(records)``, ``Alarm(event, error)``: what happened, for the log and counters.
   ``Publish`` also carries the federation's gossip to peers (``gossip/{peer}/seen`` and
@@ -74,12 +80,14 @@ from typing import Final
 
 import nacl.signing
 
+from fog import returns
 from fog.authorize import Policy
 from fog.config import BatchConfig, FederationConfig, LeaseConfig, UplinkConfig
 from fog.leasing import LeaseReports, LeaseRequests, Pair, report_envelope
 from fog.peers import PEER_SEEN_PRUNE_ROWS, SEEN_ROUND_ENTRIES_MAX
 from fog.replicas import Gossip, ReplicaEvent, Replication
 from fog.store import PRUNE_ROWS_MAX, Arrival, FogStore, Outcome
+from fog.transfers import TransferAsks
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
 from protocol import topics
@@ -88,8 +96,9 @@ from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen, See
 from protocol.leasing import lease_report_topic
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
-from protocol.signing import seal
+from protocol.signing import seal, split_envelope
 from protocol.topics import Kind
+from protocol.transfer import Transfer, transfer_topic, transfer_up_topic
 
 SEAL_INTERVAL_MS_MIN: Final = 10
 SEAL_INTERVAL_MS_MAX: Final = 1_000
@@ -101,6 +110,10 @@ NOTES_MAX: Final = 10_000  # owners and declines noted between two lease rounds
 # budget does not wait.
 ROUND_GAP_MS: Final = 250
 FRESH_MAX: Final = 64  # wires of batches just sealed, kept for their first send
+IDLE_CHECK_MS_MAX: Final = (
+    60_000  # idle owners (lease.return_idle_ms) looked for at least this often
+)
+ACTIVE_OWNERS_MAX: Final = 100_000  # owners whose last activity is remembered (18.1)
 BACKLOG_CHECK_MS: Final = 1_000  # how often unacked records are counted (uplink_backlog)
 PEER_PRUNE_MS: Final = 10_000  # old peer reports pruned this often (at once while a step is full)
 
@@ -159,7 +172,30 @@ class Close:
     mono_ms: int | None = None
 
 
-FogInput = Intents | TrustMessage | Tick | Connected | Disconnected | Republish | Stats | Close
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReturnLeases:
+    """Give back early (docs/protocol.md 18.1) the live leases of ``owner_id`` (None: of every
+    owner): ``cause`` is ``shutdown`` (a graceful stop with ``lease.return_on_stop``; the
+    draws are sealed at once so the reports can leave before the fog does), ``operator`` or
+    ``idle``. The operator's command does the same through the database (fog/returns.py)."""
+
+    now_ms: int
+    mono_ms: int | None = None
+    owner_id: str | None = None
+    cause: str = "operator"
+
+
+FogInput = (
+    Intents
+    | TrustMessage
+    | Tick
+    | Connected
+    | Disconnected
+    | Republish
+    | Stats
+    | Close
+    | ReturnLeases
+)
 
 
 # ---- outputs -------------------------------------------------------------------------------
@@ -215,6 +251,19 @@ class LeaseReport:
     drawn_micros: int
     batch: int
     resend: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseReturned:
+    """A lease retired early (18.1): never drawn on again; its report follows once its draws
+    are sealed. ``amount_micros - drawn_micros`` returns to the owner when the cloud closes it."""
+
+    lease_id: bytes
+    owner_id: str
+    currency: str
+    amount_micros: int
+    drawn_micros: int
+    cause: str  # idle, shutdown, operator
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,6 +334,7 @@ FogOutput = (
     | Alarm
     | Wake
     | Counters
+    | LeaseReturned
     | ReplicaEvent
 )
 
@@ -304,6 +354,14 @@ class CoreConfig:
 
 def _mono(event: FogInput) -> int:
     return event.now_ms if event.mono_ms is None else event.mono_ms
+
+
+def _is_xfer(payload: bytes) -> bool:
+    """An ``xfer`` envelope (the cloud's retained copy of a sub-lease on a lease topic)."""
+    try:
+        return split_envelope(payload, bytes_max=Transfer.ENVELOPE_BYTES_MAX).type == Transfer.TYPE
+    except Exception:
+        return False
 
 
 class FogCore:
@@ -356,6 +414,16 @@ class FogCore:
         self._peer_prune_at = 0
         self._backlog_at = 0
         self._backlog_high = False  # uplink_backlog raised and not cleared
+        # early return of idle owners' leases (docs/protocol.md 18.1): the last activity of
+        # each owner (a draw, a decline for want of budget, a lease arriving), monotonic; an
+        # owner not in it counts as active since ``_idle_origin`` (the first lease round)
+        self._active: dict[str, int] = {}
+        self._idle_origin: int | None = None
+        self._idle_at = 0
+        self._pending_publish: list[FogOutput] = []  # xreqs made while asking for leases
+        # peer transfers (docs/protocol.md 18.2): this fog's outstanding xreqs, in memory
+        self._asks = TransferAsks(fog_id=self.fog_id, key=fog_key, peers=self._peers)
+        self._transfers = lease.peer_transfers and bool(self._peers)
         # replication to peer fogs and holding theirs (fog/replicas.py): only with peers
         fed = config.federation
         self._replication: Replication | None = None
@@ -411,6 +479,8 @@ class FogCore:
                 return self._republish()
             case Stats():
                 return [self._counters()]
+            case ReturnLeases():
+                return self._return_leases(event)
             case Close():
                 counters = self._counters()
                 self._closed = True
@@ -449,8 +519,10 @@ class FogCore:
                 continue
             if o.status == "ok" and not o.replay:
                 self._touched.add(o.owner_id)
+                self._mark_active(o.owner_id, mono)
                 touched = True
             elif o.reason is Reason.INSUFFICIENT_BUDGET and o.currency is not None:
+                self._mark_active(o.owner_id, mono)
                 assert o.amount_micros is not None
                 self._declines.setdefault((o.owner_id, o.currency), (o.device, o.amount_micros))
                 urgent = True
@@ -473,6 +545,14 @@ class FogCore:
             return self._lease_cleared(parsed.lease_id, now)
         if parsed.kind is Kind.GOSSIP_SEEN:
             return self._seen(parsed, payload, now) if parsed.fog_id == self.fog_id else []
+        if parsed.kind in (Kind.GOSSIP_XREQ, Kind.GOSSIP_XFER) or (
+            parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_xfer(payload)
+        ):
+            if parsed.fog_id != self.fog_id or not self._transfers:
+                return []
+            if parsed.kind is Kind.GOSSIP_XREQ:
+                return self._xreq(payload, now)
+            return self._xfer(payload, now, _mono(event))
         if self._replication is not None:
             routed = self._replicated(parsed, payload, now)
             if routed is not None:
@@ -490,6 +570,8 @@ class FogCore:
             return [Alarm(event="trust_failed", error=type(exc).__name__)]
         pair = result.lease_pair
         answered = pair is not None and self._requests.answered(pair)
+        if pair is not None:  # a lease arrived: its owner is not idle (18.1)
+            self._mark_active(pair[0], _mono(event))
         reports = self._report_unused(result.expired_lease, now, _mono(event))
         loaded = TrustLoaded(
             msg_type=arrival.msg_type,
@@ -735,11 +817,13 @@ class FogCore:
         self._wake_sent = at
         return [Wake(mono_ms=at)]
 
-    def _seal(self, now: int, out: list[FogOutput]) -> bool:
+    def _seal(self, now: int, out: list[FogOutput], *, age_ms: int | None = None) -> bool:
         batch = self.config.batch
         try:
             sealed = self._store.seal_due(
-                now_ms=now, records_max=batch.records_max, age_ms=batch.age_ms
+                now_ms=now,
+                records_max=batch.records_max,
+                age_ms=batch.age_ms if age_ms is None else age_ms,
             )
         except Exception as exc:  # keep authorizing; sealing retries next tick
             out.append(Alarm(event="seal_failed", error=type(exc).__name__))
@@ -779,7 +863,13 @@ class FogCore:
                 for n in [n for n in self._fresh if n < numbers[0]]:
                     del self._fresh[n]
             topic = topics.batch_topic(self.fog_id)
-            for number in self._window.plan(numbers, now_ms=mono):
+            planned = self._window.plan(numbers, now_ms=mono)
+            if planned and self._transfers:  # 18.2: the cloud learns sub-leases first
+                up = transfer_up_topic(self.fog_id)
+                out.extend(
+                    Publish(topic=up, payload=w) for w in self._store.transfers_received_open()
+                )
+            for number in planned:
                 wire = self._fresh.pop(number, None) or self._store.batch_wire(number)
                 assert wire is not None, "an unacked batch is not in the store"
                 out.append(BatchSend(number=number, topic=topic, payload=wire))
@@ -800,6 +890,10 @@ class FogCore:
         self._gap_until = mono + ROUND_GAP_MS
         try:
             out.extend(self._ask(now, mono))
+            out.extend(self._pending_publish)
+            self._pending_publish.clear()
+            if self.config.lease.return_idle_ms and mono >= self._idle_at:
+                self._return_idle(now, mono, out)
             if self.config.lease.report:
                 self._report_expired(now, mono, out)
         except Exception as exc:  # the seam: lease upkeep retries at the next round
@@ -810,7 +904,12 @@ class FogCore:
                     topic=topic, payload=wire, owner_id=pair[0], currency=pair[1], resend=True
                 )
             )
+        if self._transfers:
+            out.extend(
+                Publish(topic=t, payload=w) for t, w in self._asks.due(now_ms=now, mono_ms=mono)
+            )
         for lease_id, (topic, wire) in self._reports.due_items(now_ms=mono):
+            out.extend(self._transfers_up(lease_id))  # 18.2: what it gave goes up first
             out.append(
                 LeaseReport(
                     topic=topic, payload=wire, lease_id=lease_id, drawn_micros=-1, batch=-1,
@@ -843,6 +942,12 @@ class FogCore:
                 fog_time_ms=now,
             )
             asked.append((pair, send))
+            if self._transfers and self._requests.stalled(pair):  # 18.2: the cloud is silent
+                xreq = self._asks.ask(
+                    pair, max(self.config.lease.request_micros, amount), now_ms=now, mono_ms=mono
+                )
+                if xreq is not None:
+                    self._pending_publish.append(Publish(topic=xreq[0], payload=xreq[1]))
         for pair, left in room.items():
             if pair[0] in touched and pair not in declines:
                 send = self._requests.room(pair, left, now_ms=mono, fog_time_ms=now)
@@ -866,6 +971,7 @@ class FogCore:
                 now_ms=now,
             )
             self._store.record_lease_report(draws, wire, now_ms=now)
+            out.extend(self._transfers_up(draws.lease_id))  # 18.2: before the report
             # tracked as sent now: its first send is this output, resends follow the schedule
             self._reports.track(draws.lease_id, wire, now_ms=mono, sent=True)
             out.append(
@@ -877,6 +983,122 @@ class FogCore:
                     batch=draws.last_batch,
                 )
             )
+
+    # ---- early return (docs/protocol.md 18.1; SQL in fog/returns.py) ----------------------
+
+    def _mark_active(self, owner_id: str, mono: int) -> None:
+        if owner_id not in self._active and len(self._active) >= ACTIVE_OWNERS_MAX:
+            # full: forget, and count everyone active from now (returns wait, never early)
+            self._active.clear()
+            self._idle_origin = mono
+        self._active[owner_id] = mono
+
+    def _returned(self, retired: Sequence[returns.Returned]) -> list[FogOutput]:
+        for r in retired:
+            self._active.pop(r.owner_id, None)
+        return [
+            LeaseReturned(
+                lease_id=r.lease_id,
+                owner_id=r.owner_id,
+                currency=r.currency,
+                amount_micros=r.amount_micros,
+                drawn_micros=r.drawn_micros,
+                cause=r.reason,
+            )
+            for r in retired
+        ]
+
+    def _return_idle(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """Retire the leases of owners that showed no activity for ``lease.return_idle_ms``
+        (their reports follow in this round if their draws are sealed, else in a later one)."""
+        idle = self.config.lease.return_idle_ms
+        self._idle_at = mono + max(
+            self.config.lease.check_interval_ms, min(idle // 10, IDLE_CHECK_MS_MAX)
+        )
+        if self._idle_origin is None:
+            self._idle_origin = mono
+        origin = self._idle_origin
+        owners = [
+            o
+            for o in self._store.live_lease_owners(now_ms=now)
+            if mono - self._active.get(o, origin) >= idle
+        ]
+        if owners:
+            retired = self._store.retire_leases(now_ms=now, reason="idle", owner_ids=owners)
+            out.extend(self._returned(retired))
+
+    def _return_leases(self, event: ReturnLeases) -> list[FogOutput]:
+        """Retire now, then report what can be reported (a shutdown seals first, so every
+        report can go before the fog stops), and send what was sealed."""
+        now, mono = event.now_ms, _mono(event)
+        if event.cause not in returns.REASONS:
+            return [Alarm(event="lease_upkeep_failed", error=f"no such reason {event.cause!r}")]
+        owners = None if event.owner_id is None else [event.owner_id]
+        try:
+            retired = self._store.retire_leases(now_ms=now, reason=event.cause, owner_ids=owners)
+        except Exception as exc:  # the seam: nothing was retired; the caller may ask again
+            return [Alarm(event="lease_upkeep_failed", error=type(exc).__name__)]
+        out = self._returned(retired)
+        if event.cause == "shutdown":
+            self._seal(now, out, age_ms=0)
+        if self.config.lease.report:
+            try:
+                self._report_expired(now, mono, out)
+            except Exception as exc:  # reported at a later round
+                out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
+        out.extend(self._plan_uplink(mono))
+        return out
+
+    # ---- peer transfers (docs/protocol.md 18.2; SQL in fog/transfers.py) -------------------
+
+    def _transfers_up(self, lease_id: bytes) -> list[FogOutput]:
+        """The ``xfer``s carved from ``lease_id``, up to the cloud (before its report)."""
+        if not self._transfers:
+            return []
+        topic = transfer_up_topic(self.fog_id)
+        return [Publish(topic=topic, payload=w) for w in self._store.transfers_of(lease_id)]
+
+    def _xreq(self, payload: bytes, now: int) -> list[FogOutput]:
+        """A peer asks for part of a lease: debited and stored first, then the ``xfer`` goes
+        to it and up to the cloud."""
+        try:
+            given = self._store.give_transfer(payload, peers=self._peers, now_ms=now)
+        except Exception as exc:  # the seam: nothing was debited; the peer asks again
+            return [Alarm(event="transfer_failed", error=type(exc).__name__)]
+        status = {"given": "accepted", "again": "duplicate"}.get(given.status, "refused")
+        detail = given.detail or f"{given.amount_micros} to {given.receiver}"
+        loaded = TrustLoaded(msg_type="xreq", status=status, detail=detail)
+        if given.status not in ("given", "again"):
+            return [loaded]
+        return [
+            loaded,
+            Publish(topic=transfer_topic(given.receiver), payload=given.envelope),
+            Publish(topic=transfer_up_topic(self.fog_id), payload=given.envelope),
+        ]
+
+    def _xfer(self, payload: bytes, now: int, mono: int) -> list[FogOutput]:
+        """A transfer for this fog (from the giver, or the cloud's retained copy): a
+        sub-lease, once per id; it goes up to the cloud before anything is drawn on it."""
+        try:
+            got = self._store.receive_transfer(payload, now_ms=now)
+        except Exception as exc:  # the seam: nothing stored; it comes again
+            return [Alarm(event="transfer_failed", error=type(exc).__name__)]
+        expired = got.status == "expired"  # as a lease arriving expired (13.3): refused
+        out: list[FogOutput] = [
+            TrustLoaded(
+                msg_type="xfer",
+                status="refused" if expired else got.status,
+                reason=Reason.EXPIRED if expired else got.reason,
+                detail=got.detail or f"{got.amount_micros} of {got.owner_id} from {got.giver}",
+            )
+        ]
+        if got.status in ("accepted", "duplicate", "expired"):
+            self._asks.answered((got.owner_id, got.currency))
+            self._mark_active(got.owner_id, mono)
+            out.append(Publish(topic=transfer_up_topic(self.fog_id), payload=payload))
+        if got.status == "expired":
+            out.extend(self._report_unused(got.transfer_id, now, mono))
+        return out
 
     def _counters(self) -> Counters:
         counts = Counter(self._store.counters())

@@ -42,10 +42,12 @@ from fog.core import (
     LeaseClosed,
     LeaseReport,
     LeaseRequest,
+    LeaseReturned,
     Pruned,
     Publish,
     Receipt,
     Republish,
+    ReturnLeases,
     Sealed,
     Stats,
     Tick,
@@ -73,6 +75,7 @@ _INPUTS: Final[tuple[type, ...]] = (
     Republish,
     Stats,
     Close,
+    ReturnLeases,
 )
 _OUTPUTS: Final[tuple[type, ...]] = (
     Receipt,
@@ -87,6 +90,7 @@ _OUTPUTS: Final[tuple[type, ...]] = (
     Alarm,
     Wake,
     Counters,
+    LeaseReturned,
     ReplicaEvent,
 )
 _OUTCOME_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Outcome))

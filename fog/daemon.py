@@ -61,10 +61,12 @@ from fog.core import (
     LeaseClosed,
     LeaseReport,
     LeaseRequest,
+    LeaseReturned,
     Pruned,
     Publish,
     Receipt,
     Republish,
+    ReturnLeases,
     Sealed,
     Stats,
     Tick,
@@ -174,6 +176,7 @@ class FogDaemon:
         self._counters: dict[str, int] = {}
         self._core_counters: dict[str, int] = {}
         self._republished = False
+        self._returned_at_stop = False  # lease.return_on_stop done (docs/protocol.md 18.1)
         self._vouchers: VoucherIssuer | None = None  # 18.3: vouchers after their receipts
         self._publishing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
@@ -336,6 +339,8 @@ class FogDaemon:
             self._log.error("core_failed", input=type(event).__name__, error=type(exc).__name__)
 
     async def _shutdown(self) -> None:
+        if self._fatal is None:
+            await self._return_at_stop()  # not connected at the stop: reported at the next start
         core, self._core = self._core, None
         if core is not None:
             try:
@@ -353,6 +358,27 @@ class FogDaemon:
             await self._broker.stop()
         await self.observer.stop()  # observability hook
         self._log.info("fog_stopped", **self.counters)
+
+    async def _return_at_stop(self) -> None:
+        """``lease.return_on_stop``: give every live lease back (docs/protocol.md 18.1), once,
+        after the last group committed: retired for good, sealed, reported, and the reports
+        and batches published if the link is up (else they go at the next start)."""
+        if (
+            not self.config.lease.return_on_stop
+            or self._returned_at_stop
+            or self._core is None
+            or not self._stopping.is_set()
+        ):
+            return
+        self._returned_at_stop = True
+        try:
+            now = self._times()
+            event = ReturnLeases(now_ms=now["now_ms"], mono_ms=now["mono_ms"], cause="shutdown")
+            outputs = await self._handle(event)
+            await self._act(outputs)
+        except Exception as exc:  # the seam: the leases stay; reported at expiry as before
+            self._count("core_failed")
+            self._log.error("core_failed", input="ReturnLeases", error=type(exc).__name__)
 
     def _store_lost(self, exc: StoreProcessError) -> None:
         """The core's process is gone (killed, crashed): nothing can be authorized or sealed.
@@ -473,6 +499,7 @@ class FogDaemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_DRAIN_TIMEOUT_S):
                 await self._drained.wait()
+        await self._return_at_stop()  # while the link is still up: the reports can leave
         self._client = self._publisher = None
 
     async def _republish_trust(self, client: aiomqtt.Client) -> None:
@@ -750,6 +777,18 @@ class FogDaemon:
                     await self._publish_up(out.topic, out.payload)
                 case TrustLoaded():
                     self._trust_loaded(out)
+                case LeaseReturned():
+                    self._count("lease_returned")
+                    self._count("lease_returned_micros", out.amount_micros - out.drawn_micros)
+                    self._log.info(
+                        "lease_returned",
+                        lease=out.lease_id.hex(),
+                        owner=out.owner_id,
+                        currency=out.currency,
+                        drawn_micros=out.drawn_micros,
+                        returned_micros=out.amount_micros - out.drawn_micros,
+                        reason=out.cause,
+                    )
                 case LeaseClosed():
                     self._count("lease_closed")
                     self._log.info("lease_closed", lease=out.lease_id.hex())
@@ -763,6 +802,12 @@ class FogDaemon:
                         self._log.info(out.event, detail=out.error)
                     else:
                         self._log.error(out.event, error=out.error)
+                case Publish() if out.topic.startswith(f"{topics.ROOT}/up/") and out.topic.endswith(
+                    "/xfer"
+                ):
+                    # a peer transfer up to the cloud (docs/protocol.md 18.2)
+                    if await self._publish_up(out.topic, out.payload):
+                        self._count("transfer_sent_up")
                 case Publish():  # gossip to a peer (docs/protocol.md 17), or a relay to the cloud
                     kind = out.topic.rsplit("/", 1)[-1]
                     if await self._publish_up(out.topic, out.payload) and kind != "relay":

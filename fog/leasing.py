@@ -24,6 +24,10 @@ the fog's store. Resends back off from ``report_retry_ms`` to ``REPORT_RETRY_MS_
 never stop: a report is never abandoned, whatever the length of an outage (docs/protocol.md
 17.6); without it the lease's unused part stays in escrow at the cloud.
 
+Early return (docs/protocol.md 18.1, fog/returns.py). A lease given back before its ``na``
+(an idle owner, a graceful stop, the operator) is retired first, for good, so it looks expired
+here: the report path above sends it, with the same promise.
+
 Renewal. An owner that drew and whose live leases all expire within ``lease.renew_before_ms``
 is asked a top-up (``LeaseRequests.renew``) before they do, so a fog cut off from the cloud
 later still holds budget for up to one more lease life (not for a lease that lived less than
@@ -116,6 +120,12 @@ class LeaseRequests:
         reached (docs/protocol.md 17.6)."""
         t = now_ms if fog_time_ms is None else fog_time_ms
         return self._request(pair, self.request_micros, None, now_ms, t)
+
+    def stalled(self, pair: Pair) -> bool:
+        """A request of ``pair`` went unanswered for at least ``timeout_ms`` (it was resent):
+        the cloud is not answering (a peer may help, docs/protocol.md 18.2)."""
+        p = self.pending.get(pair)
+        return p is not None and p.attempts >= 2
 
     def answered(self, pair: Pair) -> bool:
         """A lease of ``pair`` arrived; True if it answers a pending request."""

@@ -26,7 +26,7 @@ from typing import Final
 
 import nacl.signing
 
-from fog import batcher, peers, trustdb
+from fog import batcher, peers, returns, transfers, trustdb
 from fog.authorize import Decision, DeviceView, Policy, authorize, screen
 from fog.batcher import transaction
 from fog.group import DeviceState, Group, LeaseSet, LogRow, Reads, Voucher
@@ -193,6 +193,8 @@ class FogStore:
             with transaction(conn):  # trust checks it (a lease reported unused is refused)
                 conn.execute(LEASE_REPORTS_DDL)
             peers.init(conn)  # the federation's gossip tables (fog/peers.py)
+            returns.init(conn)  # leases returned early (fog/returns.py)
+            transfers.init(conn)  # peer transfers given and received (fog/transfers.py)
             return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
         except BaseException:
             conn.close()
@@ -588,7 +590,8 @@ class FogStore:
             "SELECT max(n), coalesce(sum(amount_micros), 0) FROM log WHERE lease_id = ?",
             (lease_id,),
         ).fetchone()
-        assert total == drawn, "lease drawn total differs from the log"
+        given = transfers.given_on(self._conn, lease_id)  # carved out by peer transfers
+        assert total + given == drawn, "lease drawn total differs from the log and transfers"
         if n_max is None:
             return 0
         row = self._conn.execute(
@@ -654,6 +657,59 @@ class FogStore:
             "SELECT lease_id FROM lease_reports WHERE closed_ms IS NOT NULL"
         ).fetchall()
         return {bytes(r[0]) for r in rows}
+
+    # ---- early return of leases (fog/returns.py, docs/protocol.md 18.1) ------------------
+
+    def retire_leases(
+        self, *, now_ms: int, reason: str, owner_ids: list[str] | None = None
+    ) -> list[returns.Returned]:
+        """Retire the live, unreported leases of ``owner_ids`` (None: all) for good, in one
+        transaction; the lease round then reports them (``lease_reports_due``)."""
+        out = returns.retire(self._conn, now_ms=now_ms, reason=reason, owner_ids=owner_ids)
+        self._counts["leases_returned"] += len(out)
+        self._counts["lease_returned_micros"] += sum(r.room_micros for r in out)
+        return out
+
+    def give_transfer(
+        self, envelope: bytes, *, peers: tuple[str, ...], now_ms: int
+    ) -> transfers.Given:
+        """A peer's ``xreq``: the parent debited and the ``xfer`` stored in one transaction
+        (docs/protocol.md 18.2), or the stored one again."""
+        out = transfers.give(
+            self._conn,
+            envelope,
+            own_fog_id=self.fog_id,
+            peers=peers,
+            issuer=self._issuer,
+            key=self._fog_key,
+            now_ms=now_ms,
+        )
+        self._counts[f"transfer_requests_{out.status}"] += 1
+        if out.status == "given":
+            self._counts["transfer_given_micros"] += out.amount_micros
+        return out
+
+    def receive_transfer(self, envelope: bytes, *, now_ms: int) -> transfers.Received:
+        """A peer's ``xfer``: stored as a sub-lease once per transfer id (18.2)."""
+        out = transfers.receive(
+            self._conn, envelope, own_fog_id=self.fog_id, issuer=self._issuer, now_ms=now_ms
+        )
+        self._counts[f"transfers_{out.status}"] += 1
+        if out.status == "accepted":
+            self._counts["transfer_received_micros"] += out.amount_micros
+        return out
+
+    def transfers_received_open(self) -> list[bytes]:
+        """The ``xfer``s of received sub-leases not closed yet (18.2)."""
+        return transfers.received_open(self._conn)
+
+    def transfers_of(self, lease_id: bytes) -> list[bytes]:
+        """The ``xfer``s carved from ``lease_id`` (sent up before and with its report)."""
+        return transfers.outgoing(self._conn, lease_id)
+
+    def live_lease_owners(self, *, now_ms: int) -> list[str]:
+        """Owners with a live lease not reported nor retired."""
+        return returns.live_owners(self._conn, now_ms=now_ms)
 
     # ---- federation: sequence gossip, clones, the uplink's backlog (fog/peers.py) ---------
 

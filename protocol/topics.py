@@ -1,4 +1,4 @@
-"""MQTT topics of spec section 8 (and the project's sections 14 and 17): build and parse,
+"""MQTT topics of spec section 8 (and the project's sections 14, 17 and 18): build and parse,
 rejecting malformed levels."""
 
 import enum
@@ -33,6 +33,9 @@ class Kind(enum.StrEnum):
     GOSSIP_FETCH = "gossip_fetch"  # a restoring fog asks a holder for its own batches
     GOSSIP_SEEN = "gossip_seen"  # (device, q, intent id) a fog authorized
     GOSSIP_REVOKE = "gossip_revoke"  # a revocation passed on from fog to fog
+    GOSSIP_XREQ = "gossip_xreq"  # a fog short of budget asks a peer (section 18.2)
+    GOSSIP_XFER = "gossip_xfer"  # the peer's transfer: a sub-lease carved from its lease
+    TRANSFER = "xfer"  # fog -> cloud: a transfer the giver made or the receiver got (18.2)
     RELAY = "relay"  # fog -> cloud: another fog's batch, forwarded by a replica holder
     HELD_RECORDS = "held_records"  # device -> cloud: records (intent, receipt) it holds
     HELD_ACK = "held_ack"  # cloud -> device: what the cloud made of them
@@ -139,6 +142,7 @@ LEASE_REPORT_FILTER: Final = f"{ROOT}/up/+/lrep"
 RELAY_FILTER: Final = f"{ROOT}/up/+/relay"
 ACK_FILTER: Final = f"{ROOT}/up/+/ack"  # a replica holder learns what the cloud has
 HELD_FILTER: Final = f"{ROOT}/held/+/records"
+TRANSFER_FILTER: Final = f"{ROOT}/up/+/xfer"  # the cloud learns peer transfers (18.2)
 
 
 def gossip_filter(fog_id: str) -> str:
@@ -166,6 +170,7 @@ _UP_KINDS: Final = {
     "lreq": Kind.LEASE_REQUEST,
     "lrep": Kind.LEASE_REPORT,
     "relay": Kind.RELAY,
+    "xfer": Kind.TRANSFER,
 }
 # fog -> fog, under fogpay/1/gossip/{to_fog_id}/ (section 17)
 _GOSSIP_KINDS: Final = {
@@ -174,6 +179,8 @@ _GOSSIP_KINDS: Final = {
     "fetch": Kind.GOSSIP_FETCH,
     "seen": Kind.GOSSIP_SEEN,
     "revoke": Kind.GOSSIP_REVOKE,
+    "xreq": Kind.GOSSIP_XREQ,
+    "xfer": Kind.GOSSIP_XFER,
 }
 GOSSIP_LEVELS: Final = tuple(_GOSSIP_KINDS)
 _HELD_KINDS: Final = {"records": Kind.HELD_RECORDS, "ack": Kind.HELD_ACK}

@@ -207,3 +207,11 @@ def test_fog_run_with_its_broker_port_taken_is_a_runtime_failure(fog_files: FogF
         config = fog_files.config(broker=f"[broker]\nport = {port}\n")
         done = fogpay("fog", "run", "--config", str(config))
     one_error_line(done, 1, "fog run", f"127.0.0.1:{port}", "address already in use")
+
+
+def test_fog_return_leases_mistakes(fog_files: FogFiles) -> None:
+    config = fog_files.config()
+    one_error_line(fogpay("fog", "return-leases"), 2, "fog return-leases", "--config")
+    one_error_line(fogpay("fog", "return-leases", "--config", str(config)), 2, "no such database")
+    (fog_files.directory / "fog.db").write_bytes(b"")  # an empty file: SQLite, no tables
+    one_error_line(fogpay("fog", "return-leases", "--config", str(config)), 2, "not a fog database")

@@ -24,10 +24,12 @@ from fog.core import (
     LeaseClosed,
     LeaseReport,
     LeaseRequest,
+    LeaseReturned,
     Pruned,
     Publish,
     Receipt,
     Republish,
+    ReturnLeases,
     Sealed,
     Stats,
     Tick,
@@ -64,6 +66,8 @@ INPUTS: list[FogInput] = [
     Republish(now_ms=5),
     Stats(now_ms=6),
     Close(now_ms=7),
+    ReturnLeases(now_ms=8, mono_ms=9, owner_id="acme", cause="shutdown"),
+    ReturnLeases(now_ms=8),
 ]
 OUTPUTS: list[FogOutput] = [
     Receipt(topic="t/r", outcome=OUTCOME),
@@ -81,6 +85,14 @@ OUTPUTS: list[FogOutput] = [
     ReplicaEvent(event="replica_stored", origin="fog-2", number=3, detail="x"),
     Wake(mono_ms=123),
     Counters(items=(("a", 1), ("b", 2))),
+    LeaseReturned(
+        lease_id=b"L" * 16,
+        owner_id="acme",
+        currency="EUR",
+        amount_micros=10,
+        drawn_micros=3,
+        cause="idle",
+    ),
 ]
 
 

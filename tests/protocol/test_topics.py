@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import leasing, topics
+from protocol import leasing, topics, transfer
 from protocol.errors import FogpayError, TopicError
 from protocol.topics import Kind, Topic
 from tests.protocol import strategies as sts
@@ -49,6 +49,7 @@ def test_every_topic_of_section_8() -> None:
         topics.relay_topic("fog-1"): Topic(Kind.RELAY, fog_id="fog-1"),
         topics.held_topic(DEVICE): Topic(Kind.HELD_RECORDS, key=DEVICE),
         topics.held_ack_topic(DEVICE): Topic(Kind.HELD_ACK, key=DEVICE),
+        transfer.transfer_up_topic("fog-1"): Topic(Kind.TRANSFER, fog_id="fog-1"),
         **{
             topics.gossip_topic("fog-1", level): Topic(Kind("gossip_" + level), fog_id="fog-1")
             for level in topics.GOSSIP_LEVELS

@@ -1,0 +1,137 @@
+"""Early return end to end (docs/protocol.md 18.1): a real fog daemon, the real cloud service
+and a real broker. A lease that lives an hour is given back after seconds (an idle owner, an
+operator's ``fogpay fog return-leases`` against the running fog, a graceful stop with
+``lease.return_on_stop``); the cloud closes it by the rules of 14.4 and the owner's credit is
+freed long before the lease's ``na``."""
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cloud.service import wall_ms
+from cloud.sqlitestore import SqliteStore
+from protocol.reasons import Reason
+from tests.conftest import BrokerEndpoint
+from tests.integration.devices import wallet
+from tests.integration.fogrun import running_fog, wait_counter
+from tests.pipeline.mqtt import running_service
+from tests.pipeline.test_end_to_end import first_payment, trusted
+from tests.pipeline.world import FOG_EXTRA, Pipeline, wait_until
+
+LEASE_MS = 3_600_000  # the cloud's leases live an hour (the Pipeline's policy)
+CLI_TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+async def pipe(tmp_path: Path, amqtt_broker: BrokerEndpoint) -> AsyncIterator[Pipeline]:
+    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
+    yield Pipeline(store, amqtt_broker, tmp_path)
+    await store.close()
+
+
+def lease_extra(lines: str) -> str:
+    assert FOG_EXTRA.rstrip().endswith("check_interval_ms = 100")  # [lease] is the last table
+    return FOG_EXTRA + lines
+
+
+async def closed_early(p: Pipeline, drawn: int) -> None:
+    """The first lease is closed at ``drawn``, long before its na: of it only ``drawn`` stays
+    owed (any later lease counts whole while open)."""
+    first = "SELECT lease_id FROM leases ORDER BY granted_ms LIMIT 1"
+
+    async def closed() -> bool:
+        rows = await p.query(f"SELECT state FROM leases WHERE lease_id = ({first})")
+        return [r[0] for r in rows] == ["closed"]
+
+    await wait_until(closed)
+    [(state, booked, reported, na, granted)] = await p.query(
+        "SELECT state, drawn_micros, reported_micros, not_after_ms, granted_ms FROM leases "
+        f"WHERE lease_id = ({first})"
+    )
+    assert (state, booked, reported) == ("closed", drawn, drawn)
+    assert na - granted == LEASE_MS and wall_ms() < na - LEASE_MS // 2  # far from expiry
+    [(others,)] = await p.query(
+        "SELECT coalesce(sum(amount_micros), 0) FROM leases WHERE state = 'open'"
+    )
+    assert await p.exposure("alice") == drawn + others  # 20,000 - drawn is credit again
+
+
+async def test_an_idle_owner_s_lease_returns_to_its_credit_before_expiry(pipe: Pipeline) -> None:
+    p = pipe
+    await p.owner("alice", limit=1_000_000)
+    config = await p.fog("fog-a", extra=lease_extra("return_idle_ms = 1500\n"))
+    device = await p.device("alice", "fog-a")
+    async with (
+        running_service(p.service()),
+        running_fog(config) as fog,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
+    ):
+        await trusted(fog)
+        await first_payment(fog, w, device)  # the initial lease: 20,000
+        assert (await w.pay(device, device.intent(2_000))).ok
+        await wait_counter(fog, "lease_returned")
+        await wait_counter(fog, "lease_closed")  # the cloud closed it and cleared its topic
+        assert fog.counters["lease_returned_micros"] == 17_000
+        await closed_early(p, 3_000)
+        # the owner pays again: a new lease (first seen), not the returned one
+        again = await w.pay(device, device.intent(1_000))
+        assert again.reason == Reason.INSUFFICIENT_BUDGET
+        await wait_counter(fog, "lease_request_answered", 2)
+    rows = await p.query("SELECT count(*) FROM leases")
+    assert rows[0][0] == 2
+
+
+async def test_return_leases_works_against_a_running_fog(pipe: Pipeline) -> None:
+    p = pipe
+    await p.owner("alice", limit=1_000_000)
+    config = await p.fog("fog-a")
+    device = await p.device("alice", "fog-a")
+    async with (
+        running_service(p.service()),
+        running_fog(config) as fog,
+        wallet(p.edge.host, p.edge.port, "fog-a") as w,
+    ):
+        await trusted(fog)
+        await first_payment(fog, w, device)
+        assert (await w.pay(device, device.intent(4_000))).ok
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "fogpay.cli", "fog", "return-leases"),
+            *("--config", str(config), "--owner", "alice", "--json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(CLI_TIMEOUT_S):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        printed = json.loads(out)
+        assert printed["returned_micros"] == 15_000
+        assert [(x["owner"], x["drawn_micros"]) for x in printed["leases"]] == [("alice", 5_000)]
+        # the running fog no longer draws on it, and reports it
+        declined = await w.pay(device, device.intent(1_000))
+        assert declined.reason == Reason.INSUFFICIENT_BUDGET
+        await wait_counter(fog, "lease_closed")
+        await closed_early(p, 5_000)
+
+
+async def test_a_graceful_stop_returns_the_leases(pipe: Pipeline) -> None:
+    p = pipe
+    await p.owner("alice", limit=1_000_000)
+    config = await p.fog("fog-a", extra=lease_extra("return_on_stop = true\n"))
+    device = await p.device("alice", "fog-a")
+    async with running_service(p.service()):
+        async with (
+            running_fog(config) as fog,
+            wallet(p.edge.host, p.edge.port, "fog-a") as w,
+        ):
+            await trusted(fog)
+            await first_payment(fog, w, device)
+            assert (await w.pay(device, device.intent(6_000))).ok
+            assert await p.exposure("alice") == 20_000
+        # stopped: the lease was sealed, reported and sent before the fog went
+        assert fog.counters["lease_returned"] == 1
+        assert fog.counters["lease_reported"] == 1
+        await closed_early(p, 7_000)
