@@ -106,7 +106,13 @@ def summary(results: list[Result]) -> str:
         f"{t('clone_payments', 0)} payments, {t('clone_collisions', 0)} ok at a used q, "
         f"cloned_key at fogs {t('cloned_key_at_fogs', 0)} / cloud {t('cloned_key_at_cloud', 0)}; "
         f"revocation to the last fog: {len(revocation)} revocations, "
-        f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms"
+        f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms; "
+        f"budget: {t('seeds_transfers', 0)} seeds with peer transfers, "
+        f"{t('transfers', 0)} transfers, {t('returns', 0)} leases returned early "
+        f"({t('returns_operator', 0)} by the operator, "
+        f"{t('budget_returned_micros', 0)} micros back), "
+        f"{t('vouchers', 0)} vouchers, {t('d2d_booked', 0)} d2d payments booked, "
+        f"{t('double_spends', 0)} double spends caught"
     )
 
 

@@ -53,6 +53,9 @@ class FogSettings:
     check_interval_ms: int = 1_000
     relay_after_ms: int = 5_000
     replica_keep_ms: int = 10_000
+    return_idle_ms: int = 0  # 18.1: give back an idle owner's leases (0: off)
+    return_on_stop: bool = False  # 18.1: give back every live lease at a graceful stop
+    peer_transfers: bool = False  # 18.2: ask peers for budget while the cloud is silent
     policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
 
     def core_config(
@@ -73,6 +76,9 @@ class FogSettings:
                 request_attempts_max=self.request_attempts_max,
                 report_retry_ms=self.report_retry_ms,
                 check_interval_ms=self.check_interval_ms,
+                return_idle_ms=self.return_idle_ms,
+                return_on_stop=self.return_on_stop,
+                peer_transfers=self.peer_transfers,
             ),
             federation=FederationConfig(
                 peers=peers,
@@ -204,6 +210,11 @@ class FogNode:
                 self.revoked_at.setdefault(key, fog_ms)  # fog time, as the log's at_ms
         return out
 
+    def return_leases(self, *, now_ms: int, cause: str, owner_id: str | None = None) -> Outputs:
+        """Give back the live leases (18.1): a graceful stop (``shutdown``) or the operator."""
+        fog_ms = now_ms + self.skew_ms
+        return self._handle(core.ReturnLeases(now_ms=fog_ms, owner_id=owner_id, cause=cause))
+
     def tick(self, *, now_ms: int) -> Outputs:
         return self._handle(core.Tick(now_ms=now_ms + self.skew_ms))
 
@@ -236,7 +247,9 @@ class FogNode:
                     out.alarms.append(f"{o.event}: {o.error}")
                 case core.Publish():  # gossip to a peer, or a relay to the cloud
                     parsed = topics.parse(o.topic)
-                    dst = CLOUD if parsed.kind is topics.Kind.RELAY else parsed.fog_id
+                    # up/{x}/relay and up/{x}/xfer go to the cloud; gossip/{to}/... to fog to
+                    up = parsed.kind in (topics.Kind.RELAY, topics.Kind.TRANSFER)
+                    dst = CLOUD if up else parsed.fog_id
                     assert dst is not None
                     out.sends.append((dst, o.topic, o.payload))
                     out.words.append(f"{label(o.topic)} to {dst}")

@@ -33,7 +33,8 @@ from cloud import leases as cloud_leases
 from cloud import ledger
 from protocol.batch import decode_batch, decode_record
 from protocol.messages import Intent
-from protocol.signing import message_id, split_envelope
+from protocol.signing import message_id, open_envelope, split_envelope
+from protocol.transfer import Transfer
 from tests.sim.devices import Held, SimDevice
 
 Row = tuple[object, ...]
@@ -69,6 +70,18 @@ class CloudLease:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class SubLease:
+    """A peer transfer (docs/protocol.md 18.2) as its signed ``xfer`` says."""
+
+    giver: str
+    receiver: str
+    parent: bytes
+    owner_id: str
+    amount_micros: int
+    not_after_ms: int
+
+
 def _ro(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     return conn
@@ -94,6 +107,14 @@ class Checker:
         self.federation = True  # the fogs have peers (replica tables exist)
         self.replicated_of_dead = 0  # records of dead fogs' replicas nobody could book
         self.clone_keys: set[bytes] = set()  # devices whose key a clone uses (set by the sim)
+        # peer transfers (18.2): every xfer seen in a fog's file (given or received), what
+        # each fog's file says it gave per parent (never shrinks), and what the cloud knows
+        self.subs: dict[bytes, SubLease] = {}
+        self._given_fog: dict[bytes, int] = {}
+        self._given_cloud: dict[bytes, int] = {}
+        self._cloud_subs: set[bytes] = set()
+        # early returns (18.1): lease -> (fog, amount, drawn when retired, at fog ms)
+        self.returned: dict[bytes, tuple[str, int, int, int]] = {}
 
     # ---- disk loss (tests/sim/restore.py) --------------------------------------------------
 
@@ -147,9 +168,29 @@ class Checker:
             if lease_id not in draws or draws[lease_id][0] < d:
                 draws[lease_id] = (d, t, c)
         self._draws[fog_id] = draws
+        out.extend(self._transfers_at(fog_id, conn))
+        out.extend(self._returns_at(fog_id, conn, draws))
         for lease_id, (drawn, last_ms, _) in sorted(draws.items()):
             lease = self.leases.get(lease_id)
             tag = f"{fog_id} lease {lease_id.hex()[:8]}"
+            sub = self.subs.get(lease_id)
+            if sub is not None and sub.receiver == fog_id:  # a sub-lease (18.2)
+                parent = self.leases.get(sub.parent)
+                if parent is None or parent.fog_id != sub.giver:
+                    out.append(f"{tag}: sub-lease of {sub.parent.hex()[:8]}, not {sub.giver}'s")
+                if lease is not None and (lease.fog_id, lease.amount_micros) != (
+                    fog_id,
+                    sub.amount_micros,
+                ):
+                    out.append(f"{tag}: the cloud's sub-lease is {lease}, the xfer says {sub}")
+                if drawn > sub.amount_micros:
+                    out.append(f"{tag}: drawn {drawn} > sub-lease amount {sub.amount_micros}")
+                if last_ms > sub.not_after_ms:
+                    out.append(f"{tag}: drawn at {last_ms} > sub-lease expiry {sub.not_after_ms}")
+                continue
+            given = self._given_fog.get(lease_id, 0)
+            if lease is not None and given and drawn + given > lease.amount_micros:
+                out.append(f"{tag}: drawn {drawn} + given {given} > amount {lease.amount_micros}")
             if lease is None:
                 out.append(f"{tag}: drawn on, but the cloud never granted it")
             elif lease.fog_id != fog_id:
@@ -173,6 +214,58 @@ class Checker:
                     f"{fog_id}: authorized device {device.hex()[:8]} at {row[0]} after storing "
                     f"its revocation at {at_ms}"
                 )
+        return out
+
+    def _transfers_at(self, fog_id: str, conn: sqlite3.Connection) -> list[str]:
+        """Read the fog's transfers (18.2): a sub-lease is credited once, at its amount."""
+        out = []
+        for x, env, amount in conn.execute(
+            "SELECT t.transfer_id, t.envelope, l.amount_micros FROM transfers_in t "
+            "LEFT JOIN leases l ON l.lease_id = t.transfer_id"
+        ):
+            sub = self._sub(bytes(x), bytes(env))
+            if sub.receiver != fog_id:
+                out.append(f"{fog_id}: holds sub-lease {bytes(x).hex()[:8]} for {sub.receiver}")
+            if amount is not None and int(amount) != sub.amount_micros:
+                out.append(
+                    f"{fog_id}: sub-lease {bytes(x).hex()[:8]} credited {amount}, "
+                    f"its xfer moved {sub.amount_micros}"
+                )
+        given: dict[bytes, int] = {}
+        for x, env in conn.execute("SELECT transfer_id, envelope FROM transfers_out"):
+            sub = self._sub(bytes(x), bytes(env))
+            given[sub.parent] = given.get(sub.parent, 0) + sub.amount_micros
+        for parent, g in given.items():
+            self._given_fog[parent] = max(g, self._given_fog.get(parent, 0))
+        return out
+
+    def _sub(self, x: bytes, env: bytes) -> SubLease:
+        sub = self.subs.get(x)
+        if sub is None:
+            t = open_envelope(env, Transfer).msg
+            sub = SubLease(
+                t.fog_id, t.receiver_id, t.lease_id, t.owner_id, t.amount_micros, t.not_after_ms
+            )
+            self.subs[x] = sub
+        return sub
+
+    def _returns_at(
+        self, fog_id: str, conn: sqlite3.Connection, draws: dict[bytes, tuple[int, int, int]]
+    ) -> list[str]:
+        """A lease given back early (18.1) is never drawn on after its return."""
+        out = []
+        for lid, amount, drawn, at_ms in conn.execute(
+            "SELECT lease_id, amount_micros, drawn_micros, at_ms FROM lease_returns"
+        ):
+            lease_id = bytes(lid)
+            self.returned[lease_id] = (fog_id, int(amount), int(drawn), int(at_ms))
+            now_drawn, last_ms, _ = draws.get(lease_id, (0, 0, 0))
+            now_drawn += self._given_fog.get(lease_id, 0)
+            tag = f"{fog_id} lease {lease_id.hex()[:8]}"
+            if now_drawn > int(drawn):
+                out.append(f"{tag}: drawn {now_drawn} after its return at {drawn}")
+            if last_ms > int(at_ms):
+                out.append(f"{tag}: drawn at {last_ms}, returned at {at_ms}")
         return out
 
     def unsealed(self, fog_id: str) -> int:
@@ -242,7 +335,16 @@ class Checker:
                 "SELECT lease_id, SUM(amount_micros) FROM transfers GROUP BY lease_id"
             )
         }
+        self._given_cloud = {}
+        self._cloud_subs = set()
+        for x, parent, amount in conn.execute(
+            "SELECT transfer_id, parent_id, amount_micros FROM peer_transfers"
+        ):
+            self._cloud_subs.add(bytes(x))
+            p = bytes(parent)
+            self._given_cloud[p] = self._given_cloud.get(p, 0) + int(amount)
         out = []
+        parents = {p.hex() for p in self._given_fog}
         clones = {k.hex() for k in self.clone_keys}
         alarmed = set()
         for kind, subject, fog_id, detail in conn.execute(
@@ -251,6 +353,8 @@ class Checker:
             if kind == "cloned_key" and subject in clones:  # a cloned key, caught
                 alarmed.add(subject)
                 continue
+            if kind == "lease_report_mismatch" and subject in parents:
+                continue  # a parent's report before its xfer (18.2): closes when it arrives
             out.append(f"cloud: alarm {kind} from {fog_id} on {subject[:16]}: {detail}")
         # one intent per (device, q), except a cloned key's, which the cloud books and alarms
         for dseq, n in conn.execute(
@@ -281,7 +385,8 @@ class Checker:
         total: dict[str, int] = {}
         for lease_id, lease in self.leases.items():
             d = drawn.get(lease_id, 0)
-            held = max(lease.amount_micros, d) if lease.state == cloud_leases.STATE_OPEN else d
+            a = lease.amount_micros - self._given_cloud.get(lease_id, 0)  # 18.2: moved away
+            held = max(a, d) if lease.state == cloud_leases.STATE_OPEN else d
             total[lease.owner_id] = total.get(lease.owner_id, 0) + held
         out = [
             f"owner {o}: leases outstanding + drawn {t} > limit {self._limits[o]}"
@@ -301,8 +406,13 @@ class Checker:
             booked = self._lease_booked.get(lease_id, 0)
             o = lease.owner_id
             unbooked[o] = unbooked.get(o, 0) + max(0, drawn.get(lease_id, 0) - booked)
-            if lease.state == cloud_leases.STATE_OPEN:
-                term[o] = term.get(o, 0) + max(0, lease.amount_micros - booked)
+            if lease.state == cloud_leases.STATE_OPEN:  # 18.4: a parent less what it gave
+                given = self._given_cloud.get(lease_id, 0)
+                term[o] = term.get(o, 0) + max(0, lease.amount_micros - given - booked)
+        for x, sub in self.subs.items():  # drawn on sub-leases the cloud does not know yet
+            if x not in self.leases:
+                o = sub.owner_id
+                unbooked[o] = unbooked.get(o, 0) + drawn.get(x, 0)
         out = []
         for o, u in sorted(unbooked.items()):
             self.bound_max = max(self.bound_max, u)
@@ -357,10 +467,37 @@ class Checker:
                 self.replicated_of_dead += 1
                 continue
             out.append(f"{origin}: record {intent_id.hex()[:8]} reached a peer, never booked")
+        for x, sub in sorted(self.subs.items()):  # 18.2: the cloud reconciled every transfer
+            if x not in self._cloud_subs:
+                out.append(f"cloud: transfer {x.hex()[:8]} {sub.giver}->{sub.receiver} unknown")
+        for lease_id, (fog_id, _, drawn, _) in sorted(self.returned.items()):  # 18.1
+            lease = self.leases.get(lease_id)
+            row = self._cloud.execute(
+                "SELECT reported_micros FROM leases WHERE lease_id = ?", (lease_id,)
+            ).fetchone()
+            if lease is None or lease.state == cloud_leases.STATE_OPEN:
+                out.append(f"{fog_id}: lease {lease_id.hex()[:8]} returned, open at the cloud")
+            elif fog_id not in self.lost_fogs and (row is None or row[0] != drawn):
+                out.append(
+                    f"{fog_id}: lease {lease_id.hex()[:8]} returned at {drawn}, closed at "
+                    f"{None if row is None else row[0]}"
+                )
         for lease_id in self.stranded(now_ms=now_ms, known=True, exempt=False):
             lease = self.leases[lease_id]
             out.append(f"cloud: lease {lease_id.hex()[:8]} of {lease.fog_id} expired, open")
         return out
+
+    def budget_returned(self) -> int:
+        """Micros given back early (18.1) and closed at the cloud: amount - drawn."""
+        total = 0
+        for lease_id, (_, amount, drawn, _) in self.returned.items():
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.state != cloud_leases.STATE_OPEN:
+                total += max(0, amount - drawn)
+        return total
+
+    def transfers_at_cloud(self) -> int:
+        return len(self._cloud_subs)
 
     def stranded(self, *, now_ms: int, known: bool, exempt: bool) -> list[bytes]:
         """Expired leases still open at the cloud, whose fog holds them (``known``: the fog

@@ -18,6 +18,7 @@ exactly, and its trace is the same every time.
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -35,8 +36,9 @@ import structlog
 from cloud import registry
 from cloud.leases import LeasePolicy
 from cloud.store import Tx
-from fog import restore
+from fog import restore, returns
 from fog.restore import RestoreError
+from fog.schema import connect as fog_connect
 from fog.store import Arrival
 from protocol import topics
 from protocol.errors import TopicError
@@ -65,6 +67,8 @@ MAX_SKEW_MS: Final = 2_000  # a fog's clock is at most this far off the simulati
 STEPS_DEFAULT: Final = 300
 UPLOAD_RETRY_MS: Final = 3_000  # a device hands in its held receipts again until answered
 CLONE_SHARE: Final = 0.25  # seeds with a cloned device key (when --clones is on)
+BUDGET_SHARE: Final = 0.35  # seeds with each feature of docs/protocol.md 18 (when --budget)
+RETURN_EVERY_MS: Final = 4_000  # per fog: may the operator give its leases back now
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,11 @@ class SimConfig:
     # a share of the seeds (CLONE_SHARE) clones one device's key: a second device pays at
     # another fog with the sequence numbers the original used (docs/protocol.md 17.4)
     clones: bool = True
+    # federation part 2 (docs/protocol.md 18): a share of the seeds gives leases back early
+    # (idle owners, graceful stops, the operator's return-leases), lets fogs move budget by
+    # peer transfers, and has devices pay each other offline against vouchers; each feature
+    # drawn from the seed's own stream (BUDGET_SHARE), so the other seeds run as before
+    budget: bool = True
 
 
 @dataclass(slots=True)
@@ -157,6 +166,21 @@ class Simulation:
             request_below_micros=INITIAL_MICROS // 5,
             request_micros=INITIAL_MICROS,
         )
+        # federation part 2: drawn from a stream of its own, so that a seed without these
+        # features runs exactly as it did before them
+        self.brng = random.Random(f"budget-{seed}")
+        brng, on = self.brng, config.budget
+        idle = brng.choice((1_000, 3_000, 8_000)) if on and brng.random() < BUDGET_SHARE else 0
+        self.return_on_stop = on and brng.random() < BUDGET_SHARE
+        self.operator_returns = on and brng.random() < BUDGET_SHARE
+        transfers = on and config.replicas > 0 and config.fogs > 1
+        transfers = transfers and brng.random() < 2 * BUDGET_SHARE
+        settings = dataclasses.replace(
+            settings,
+            return_idle_ms=idle,
+            return_on_stop=self.return_on_stop,
+            peer_transfers=transfers,
+        )
         issuer = public_key(self.cast.issuer)
         skew = rng.choice((0, 0, 200, 2_000))  # fog clocks off the cloud's by up to this
         self.fogs = {
@@ -209,7 +233,9 @@ class Simulation:
         return (
             f"lease_ms={self.policy.lease_ms} records_max={s.records_max} age_ms={s.age_ms} "
             f"keep_acked_ms={s.keep_acked_ms} fog_skews_ms={skews} devices={len(self.devices)} "
-            f"limits={owners}"
+            f"limits={owners} return_idle_ms={s.return_idle_ms} "
+            f"return_on_stop={s.return_on_stop} operator_returns={self.operator_returns} "
+            f"peer_transfers={s.peer_transfers}"
         )
 
     @staticmethod
@@ -303,6 +329,10 @@ class Simulation:
             self._wake(dev, rng.randint(0, 2_000))
         for clone in self.clones.values():
             self._wake(clone, rng.randint(2_000, 6_000))
+        if self.operator_returns:
+            for f in self.fogs:
+                at = self.brng.randint(1_000, RETURN_EVERY_MS)
+                self.sched.after(at, f"return-leases {f}", self._operator_return(f))
         for _ in range(rng.choice((0, 0, 1, 2))):
             dev = rng.choice(sorted(self.devices.values(), key=lambda d: d.name))
             self.sched.after(rng.randint(1_000, 10_000), f"revoke {dev.name}", self._revoker(dev))
@@ -380,6 +410,10 @@ class Simulation:
         self.count("replicated_of_dead_fogs", self.checker.replicated_of_dead)
         self.count("unbooked_max_micros", self.checker.bound_max)
         self.count("records_at_risk_max", self.checker.at_risk_max)
+        self.count("transfers", self.checker.transfers_at_cloud())
+        self.count("returns", len(self.checker.returned))
+        self.count("budget_returned_micros", self.checker.budget_returned())
+        self.count("seeds_transfers", int(self.fogs[next(iter(self.fogs))].settings.peer_transfers))
         stranded = self.checker.stranded(now_ms=now, known=False, exempt=False)
         self.count("leases_stranded", len(stranded))
         if self.config.strict_leases:
@@ -465,6 +499,8 @@ class Simulation:
             self.sched.after(CHAOS_EVERY_MS, f"chaos {fog_id}", chaos)
             rng, mix = self.rng, self.mix
             if self.fogs[fog_id].up and rng.random() < mix.fog_crash:
+                if self.return_on_stop and self.brng.random() < 0.5:
+                    return self._graceful_stop(fog_id)
                 self._fog_crash(fog_id)
                 return "crashed"
             if fog_id not in self.net.cut and rng.random() < mix.partition:
@@ -610,6 +646,50 @@ class Simulation:
         down = self.rng.randint(50, max(50, self.mix.down_ms_max))
         self.sched.after(down, f"restart {fog_id}", lambda: self._fog_restart(fog_id))
 
+    def _graceful_stop(self, fog_id: str) -> str:
+        """A graceful stop with ``lease.return_on_stop`` (18.1): every live lease retired,
+        the last records sealed, what can leave sent; then the fog is down as after a crash."""
+        node = self.fogs[fog_id]
+        out = node.return_leases(now_ms=self.sched.now_ms, cause="shutdown")
+        self._after_fog(fog_id, out, may_crash=False)
+        if node.up:
+            self._fog_crash(fog_id)
+        return "stopped gracefully: " + (", ".join(out.words) or "nothing to give back")
+
+    def _operator_return(self, fog_id: str) -> Callable[[], object]:
+        """``fogpay fog return-leases [--owner O]``: the store function the command calls,
+        through its own connection to the fog's file (the running core sees the commit at
+        its next group, a stopped fog reports at its start)."""
+
+        def give_back() -> object:
+            if not self.chaos:
+                return None
+            self.sched.after(RETURN_EVERY_MS, f"return-leases {fog_id}", give_back)
+            node = self.fogs[fog_id]
+            if fog_id in self.lost or fog_id in self.dead or self.brng.random() < 0.6:
+                return None
+            owners = None
+            if self.brng.random() < 0.5:
+                owners = [self.brng.choice(self.cast.owners).owner_id]
+            conn = fog_connect(node.path)
+            try:
+                retired = returns.retire(
+                    conn,
+                    now_ms=self.sched.now_ms + node.skew_ms,
+                    reason="operator",
+                    owner_ids=owners,
+                )
+            finally:
+                conn.close()
+            if not retired:
+                return None
+            self.count("returns_operator", len(retired))
+            return f"operator gave back {len(retired)} leases" + (
+                f" of {owners[0]}" if owners else ""
+            )
+
+        return give_back
+
     def _fog_restart(self, fog_id: str) -> str | None:
         node = self.fogs[fog_id]
         if node.up or fog_id in self.lost or fog_id in self.dead:
@@ -638,7 +718,7 @@ class Simulation:
             self.net.resubscribe(fog_id)  # (re)subscribed: the retained messages again
         return "link to the cloud back"
 
-    def _after_fog(self, fog_id: str, out: Outputs) -> None:
+    def _after_fog(self, fog_id: str, out: Outputs, *, may_crash: bool = True) -> None:
         """Check the fog's file; maybe crash before its outputs leave; else send them."""
         node = self.fogs[fog_id]
         for alarm in out.alarms:
@@ -652,7 +732,8 @@ class Simulation:
             self.held_by[(fog_id, number)] = self.held_by.get((fog_id, number), set()) | {holder}
         self.fail(self.checker.fog(fog_id, node.revoked_at))
         self.fail(self.checker.owners())
-        if self.chaos and out.sends and self.rng.random() < self.mix.fog_crash / 2:
+        crash = may_crash and self.chaos and out.sends
+        if crash and self.rng.random() < self.mix.fog_crash / 2:
             self._fog_crash(fog_id)  # committed, and then the power went: nothing published
             self.note(f"{fog_id} crashed before publishing {len(out.sends)} messages")
             return
