@@ -37,6 +37,7 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
     extra += f" --without {','.join(config.without)}" if config.without else ""
     extra += "" if config.strict_leases else " --lenient-leases"
     extra += "" if config.clones else " --no-clones"
+    extra += "" if config.budget else " --no-budget"
     planted_replicas = config_for(plant, SimConfig()).replicas
     extra += f" --replicas {config.replicas}" if config.replicas != planted_replicas else ""
     extra += f" --plant {plant}" if plant else ""
@@ -166,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="no seed clones a device key (by default a quarter of the seeds do)",
     )
+    p.add_argument(
+        "--no-budget",
+        dest="budget",
+        action="store_false",
+        help="no early returns, peer transfers or vouchers (docs/protocol.md 18; by default "
+        "a share of the seeds has each)",
+    )
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
     p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         strict_leases=args.strict_leases,
         replicas=args.replicas,
         clones=args.clones,
+        budget=args.budget,
     )
     config = config_for(args.plant, config)
     results = []

@@ -29,6 +29,7 @@ from protocol import topics
 from protocol.errors import TopicError
 from protocol.messages import Revocation
 from protocol.signing import open_message, public_key
+from protocol.voucher import voucher_for
 from tests.sim.network import label
 
 DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
@@ -189,7 +190,18 @@ class FogNode:
     # ---- inputs -----------------------------------------------------------------------------
 
     def intents(self, arrivals: list[Arrival], *, now_ms: int) -> Outputs:
-        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
+        out = self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
+        # the daemon's shell (fog/daemon.py _publish_one): after the ok receipt of a voucher
+        # intent, the vch on the same topic (docs/protocol.md 18.3)
+        receipts = [i for i, (dst, _, _) in enumerate(out.sends) if dst == DEVICE]
+        vchs = []
+        for i, a, o in zip(receipts, arrivals, out.outcomes, strict=True):
+            vch = voucher_for(a.payload, o.receipt, self._key) if o.status == "ok" else None
+            if vch is not None:
+                vchs.append((i + 1, (DEVICE, out.sends[i][1], vch)))
+        for at, send in reversed(vchs):
+            out.sends.insert(at, send)
+        return out
 
     def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
         fog_ms = now_ms + self.skew_ms

@@ -113,6 +113,9 @@ class Checker:
         self._given_fog: dict[bytes, int] = {}
         self._given_cloud: dict[bytes, int] = {}
         self._cloud_subs: set[bytes] = set()
+        self.double_spenders: set[bytes] = set()  # payers that copy their voucher state
+        self.double_spends_caught = 0
+        self.d2d_booked = 0
         # early returns (18.1): lease -> (fog, amount, drawn when retired, at fog ms)
         self.returned: dict[bytes, tuple[str, int, int, int]] = {}
 
@@ -353,6 +356,8 @@ class Checker:
             if kind == "cloned_key" and subject in clones:  # a cloned key, caught
                 alarmed.add(subject)
                 continue
+            if kind == "voucher_double_spent" and bytes.fromhex(subject) in self.double_spenders:
+                continue  # a planted double spend, caught (18.3)
             if kind == "lease_report_mismatch" and subject in parents:
                 continue  # a parent's report before its xfer (18.2): closes when it arrives
             out.append(f"cloud: alarm {kind} from {fog_id} on {subject[:16]}: {detail}")
@@ -366,6 +371,7 @@ class Checker:
             "SELECT fog_id, number, position, reason FROM rejected ORDER BY fog_id, number"
         ):
             out.append(f"cloud: rejected {fog_id} batch {number} record {position}: {reason}")
+        out.extend(self._vouchers())
         tx = ReadTx(conn)
         check = await ledger.check(tx)  # type: ignore[arg-type]
         if not check.ok:
@@ -374,6 +380,85 @@ class Checker:
             exposure = await cloud_leases.exposure(tx, owner_id)  # type: ignore[arg-type]
             if exposure > limit:
                 out.append(f"cloud: owner {owner_id} exposure {exposure} > limit {limit}")
+        return out
+
+    def _vouchers(self) -> list[str]:
+        """18.3: what is booked against a voucher never exceeds it, and a second payment at
+        one (voucher, s) is booked only for a double spender, with its alarm."""
+        conn, out = self._cloud, []
+        for vid, amount, spent, paid in conn.execute(
+            "SELECT v.voucher_id, v.amount_micros, v.spent_micros, (SELECT coalesce(sum("
+            "p.amount_micros), 0) FROM voucher_payments p WHERE p.voucher_id = v.voucher_id) "
+            "FROM vouchers v"
+        ):
+            tag = f"cloud: voucher {bytes(vid).hex()[:8]}"
+            if int(paid) > int(amount):
+                out.append(f"{tag}: booked {paid} > its amount {amount}")
+            if int(paid) != int(spent):
+                out.append(f"{tag}: payments {paid}, spent {spent}")
+        for vid, seq, n, device in conn.execute(
+            "SELECT p.voucher_id, p.seq, COUNT(*), v.device FROM voucher_payments p JOIN "
+            "vouchers v ON v.voucher_id = p.voucher_id GROUP BY p.voucher_id, p.seq, v.device "
+            "HAVING COUNT(*) > 1"
+        ):
+            alarm = conn.execute(
+                "SELECT 1 FROM alarms WHERE kind = 'voucher_double_spent' AND subject = ?",
+                (bytes(device).hex(),),
+            ).fetchone()
+            if bytes(device) not in self.double_spenders or alarm is None:
+                out.append(
+                    f"cloud: voucher {bytes(vid).hex()[:8]}: {n} payments booked at s={seq}"
+                    + ("" if alarm else ", no alarm")
+                )
+        return out
+
+    def d2d_settled(self, devices: Sequence[SimDevice], double: set[bytes]) -> list[str]:
+        """After the heal: every payment a payee accepted is booked once, or refused
+        ``voucher_overspent`` when its payer double-spent; a double spend that reached the
+        cloud (two accepted payments at one (voucher, s)) raised ``voucher_double_spent`` and
+        revoked the payer's device."""
+        conn, out = self._cloud, []
+        booked = {
+            bytes(p): int(a)
+            for p, a in conn.execute("SELECT payment_id, amount_micros FROM voucher_payments")
+        }
+        payer_of = {s.payment_id: d for d in devices for s in d.d2d_signed}
+        at: dict[tuple[bytes, int], set[bytes]] = {}
+        for d in devices:
+            for s in d.d2d_signed:
+                at.setdefault((s.voucher_id, s.seq), set()).add(s.payment_id)
+        accepted = {pid for d in devices for pid in d.d2d_in}
+        for d in devices:
+            for pid in d.d2d_in:
+                payer = payer_of.get(pid)
+                fault = d.faults.get(pid)
+                if pid in booked:
+                    continue
+                if payer is not None and payer.public in double and fault == "voucher_overspent":
+                    continue  # the loss of the payee that handed in last
+                out.append(f"{d.name}: d2d payment {pid.hex()[:8]} never booked ({fault})")
+        for d in devices:
+            if d.public not in double:
+                continue
+            spent_twice = any(
+                len(pids & accepted) > 1
+                for (v, _), pids in at.items()
+                if payer_of.get(next(iter(pids))) is d
+            )
+            if not spent_twice:
+                continue
+            alarm = conn.execute(
+                "SELECT 1 FROM alarms WHERE kind = 'voucher_double_spent' AND subject = ?",
+                (d.public.hex(),),
+            ).fetchone()
+            revoked = conn.execute(
+                "SELECT 1 FROM revocations WHERE key = ?", (d.public,)
+            ).fetchone()
+            if alarm is None or revoked is None:
+                out.append(f"{d.name}: spent a voucher twice, alarm {alarm}, revoked {revoked}")
+            else:
+                self.double_spends_caught += 1
+        self.d2d_booked = len(booked)
         return out
 
     def owners(self) -> list[str]:

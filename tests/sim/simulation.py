@@ -45,6 +45,7 @@ from protocol.errors import TopicError
 from protocol.messages import Revocation
 from protocol.signing import public_key, seal
 from protocol.topics import Kind
+from protocol.voucher import VOUCHER_PAYEE
 from tests.sim.cloudnode import CloudNode
 from tests.sim.devices import RETRY_MS, SimDevice
 from tests.sim.faults import FaultMix
@@ -224,6 +225,16 @@ class Simulation:
                 clone_of=orig,
             )  # fmt: skip
             self.clones[orig.public] = clone
+        # vouchers (18.3): 1-2 devices obtain vouchers and pay other devices offline; in
+        # half of those seeds one of them double-spends (a copy of its voucher state)
+        self.voucher_payers: set[str] = set()
+        self.double_spenders: set[bytes] = set()
+        if config.budget and len(self.devices) > 1 and self.brng.random() < BUDGET_SHARE:
+            devs = sorted(self.devices.values(), key=lambda d: d.name)
+            payers = self.brng.sample(devs, self.brng.randint(1, min(2, len(devs) - 1)))
+            self.voucher_payers = {d.name for d in payers}
+            if self.brng.random() < 0.5:
+                self.double_spenders.add(payers[0].public)
 
     def describe(self) -> str:
         """The seed's drawn set-up, for a failure report."""
@@ -313,6 +324,7 @@ class Simulation:
         self.checker.replicas = max(1, min(self.config.replicas, len(self.fogs) - 1))
         self.checker.federation = self.config.replicas > 0 and len(self.fogs) > 1
         self.checker.clone_keys = set(self.clones)
+        self.checker.double_spenders = set(self.double_spenders)
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
         for f, out in started.items():
@@ -406,11 +418,16 @@ class Simulation:
         self.fail(await self.checker.cloud())
         self.fail(self.checker.converged(self._all_devices(), now_ms=now))
         self.fail(self._clones_caught())
+        self.fail(self.checker.d2d_settled(self._all_devices(), self.double_spenders))
         self.count("held_uploads", sum(d.uploads for d in self._all_devices()))
         self.count("replicated_of_dead_fogs", self.checker.replicated_of_dead)
         self.count("unbooked_max_micros", self.checker.bound_max)
         self.count("records_at_risk_max", self.checker.at_risk_max)
         self.count("transfers", self.checker.transfers_at_cloud())
+        self.count("vouchers", sum(len(d.vouchers) for d in self.devices.values()))
+        self.count("d2d_booked", self.checker.d2d_booked)
+        self.count("double_spends", self.checker.double_spends_caught)
+        self.count("seeds_vouchers", int(bool(self.voucher_payers)))
         self.count("returns", len(self.checker.returned))
         self.count("budget_returned_micros", self.checker.budget_returned())
         self.count("seeds_transfers", int(self.fogs[next(iter(self.fogs))].settings.peer_transfers))
@@ -796,7 +813,8 @@ class Simulation:
         assert parsed.fog_id is not None
         fog_key = public_key(self.cast.fog_keys[parsed.fog_id])
         had = dev.inflight
-        word = dev.receipt(parsed.fog_id, fog_key, payload)
+        credential = self.net.retained.get(topics.fog_topic(parsed.fog_id), b"")
+        word = dev.receipt(parsed.fog_id, fog_key, payload, credential)
         if word.startswith("ok"):
             n = int(word[5:])
             held = [h for h in dev.held.values() if (h.fog_id, h.log_index) == (parsed.fog_id, n)]
@@ -872,11 +890,63 @@ class Simulation:
         payee = self.rng.choice(("payee-a", "payee-b"))
         if dev.clone_of is not None:  # a clone replays the original's latest q elsewhere
             return self._clone_pays(dev, dev.clone_of, amount, payee)
+        if dev.name in self.voucher_payers:
+            word = self._voucher_act(dev, fog_id)
+            if word is not None:
+                return word
         topic, raw = dev.pay(fog_id, amount, payee, now_ms=self.sched.now_ms)
         self.count("payments")
         self.net.send(dev.name, fog_id, topic, raw, local=True)
         self._wake(dev, RETRY_MS)
         return f"pays {amount} at {fog_id} q={dev.seq}"
+
+    def _voucher_act(self, dev: SimDevice, fog_id: str) -> str | None:
+        """A voucher payer (18.3): pays another device offline against a voucher it holds,
+        or asks its fog for a voucher (an intent to the reserved payee), or pays as usual
+        (None)."""
+        brng, now = self.brng, self.sched.now_ms
+        if dev.vouchers and brng.random() < 0.6:
+            payees = [d for d in sorted(self.devices.values(), key=lambda d: d.name) if d != dev]
+            payee = brng.choice(payees)
+            amount = brng.randint(1, 8) * 1_000
+            bundle = dev.pay_d2d(payee, amount, now_ms=now)
+            if bundle is not None:
+                self.count("d2d_signed")
+                self._hand_over(bundle, payee)
+                word = f"pays {payee.name} {amount} offline"
+                if dev.public in self.double_spenders and brng.random() < 0.5:
+                    # a copied state: the payer's voucher file as it was before this payment
+                    last = dev.d2d_signed[-1]
+                    v = dev.vouchers[last.voucher_id]
+                    v.seq, v.spent_micros = v.seq - 1, v.spent_micros - amount
+                    other = brng.choice(payees)
+                    again = dev.pay_d2d(other, amount, now_ms=now, voucher_id=v.voucher_id)
+                    if again is not None:
+                        self.count("double_spends_planted")
+                        self._hand_over(again, other)
+                        word += f", and again at s={v.seq} to {other.name} (double spend)"
+                self._wake(dev, self.rng.randint(THINK_MS_MIN, THINK_MS_MAX))
+                return word
+        if all(v.amount_micros - v.spent_micros < 8_000 for v in dev.vouchers.values()):
+            if brng.random() < 0.3:
+                amount = brng.randint(10, self.cast.tx_max_micros // 1_000) * 1_000
+                topic, raw = dev.pay(fog_id, amount, VOUCHER_PAYEE, now_ms=now)
+                self.count("voucher_intents")
+                self.net.send(dev.name, fog_id, topic, raw, local=True)
+                self._wake(dev, RETRY_MS)
+                return f"asks a voucher of {amount} at {fog_id} q={dev.seq}"
+        return None
+
+    def _hand_over(self, bundle: bytes, payee: SimDevice) -> None:
+        """The bundle goes to the payee over a local channel (NFC, BLE): no network."""
+        issuer = public_key(self.cast.issuer)
+
+        def accept() -> object:
+            word = payee.accept(bundle, issuer_key=issuer, now_ms=self.sched.now_ms)
+            self._upload(payee)  # hands in through the held path (17.7) when it can
+            return f"{payee.name} {word}"
+
+        self.sched.after(self.brng.randint(1, 200), f"bundle to {payee.name}", accept)
 
     def _clone_pays(self, clone: SimDevice, orig: SimDevice, amount: int, payee: str) -> object:
         """The clone pays with the sequence number its original used last, at another fog
