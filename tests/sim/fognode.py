@@ -246,7 +246,8 @@ class FogNode:
                     out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
                 case core.TrustLoaded():
                     word = f"{o.msg_type or 'message'} {o.status}"
-                    if o.msg_type == "seen" and o.status == "refused":  # say why, in the trace
+                    refused = o.status == "refused"
+                    if o.msg_type in ("seen", "xreq", "xfer") and refused:  # say why
                         word += f" ({o.reason}: {o.detail})"
                     out.words.append(word)
                 case core.LeaseClosed():

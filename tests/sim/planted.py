@@ -32,7 +32,11 @@ Each replaces one real function for the duration of a run and puts it back after
   the cloud's retained copy is such a duplicate): caught as a sub-lease credited more than its
   ``xfer`` moved (docs/protocol.md 18.2), or drawn above it;
 - ``return_drawable``: a lease given back early stays drawable (``fog.returns.retire`` records
-  the return but puts the lease's expiry back): caught as a draw after its return (18.1).
+  the return but puts the lease's expiry back): caught as a draw after its return (18.1);
+- ``double_spend_unseen``: the cloud books device-to-device payments but never sees a
+  voucher spent twice (``cloud.vouchers._double``, the alarm and the suspension, does
+  nothing): caught as two payments booked at one (voucher, s) without the alarm, or a double
+  spend handed in with no ``voucher_double_spent`` and the payer not revoked (18.3).
 """
 
 import contextlib
@@ -41,7 +45,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
-from cloud import leases, ledger
+from cloud import leases, ledger, vouchers
 from cloud.store import Tx
 from fog import authorize, returns, store, transfers
 from fog.authorize import LeaseView
@@ -147,6 +151,10 @@ def _retire_leaving_drawable(conn: Any, **kw: Any) -> Any:
     return out
 
 
+def _double_unseen(*args: Any) -> None:
+    return None
+
+
 BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "lease_expiry": (authorize, "pick_lease", _pick_ignoring_expiry),
     "lease_room": (authorize, "pick_lease", _pick_ignoring_room),
@@ -157,6 +165,7 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "held_dedup": (ledger, "write_held", _write_held_under_another_key),
     "transfer_twice": (transfers, "receive", _receive_crediting_twice),
     "return_drawable": (returns, "retire", _retire_leaving_drawable),
+    "double_spend_unseen": (vouchers, "_double", _double_unseen),
 }
 
 
