@@ -113,7 +113,8 @@ def summary(results: list[Result]) -> str:
         f"({t('returns_operator', 0)} by the operator, "
         f"{t('budget_returned_micros', 0)} micros back), "
         f"{t('vouchers', 0)} vouchers, {t('d2d_booked', 0)} d2d payments booked, "
-        f"{t('double_spends', 0)} double spends caught"
+        f"{t('double_spends', 0)} double spends caught, "
+        f"{t('records_rejected_sublease', 0)} records refused on a sub-lease not yet known"
     )
 
 

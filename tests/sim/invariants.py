@@ -117,6 +117,7 @@ class Checker:
         self.double_spends_caught = 0
         self.sub_rejected: set[bytes] = set()  # intents refused: drawn on an unknown sub-lease
         self.sub_rejected_leases: set[bytes] = set()  # their sub-leases: in escrow for good
+        self.force_closed: set[bytes] = set()  # leases the operator's close-leases closed
         self.dead_unbooked = 0  # micros a dead fog drew that no path could book (the most)
         self.d2d_booked = 0
         # early returns (18.1): lease -> (fog, amount, drawn when retired, at fog ms)
@@ -521,10 +522,10 @@ class Checker:
             booked = self._lease_booked.get(lease_id, 0)
             o = lease.owner_id
             lost = max(0, drawn.get(lease_id, 0) - booked)
-            if lease.fog_id in self.dead_fogs and lease.state != cloud_leases.STATE_OPEN:
-                # closed by close-leases after the devices' uploads: what the dead fog drew
-                # and no path can book (a receipt lost on the local link, beyond the lost
-                # chain head) is counted, not a violation (README: "unrecoverable")
+            if lease_id in self.force_closed:
+                # closed by close-leases after the devices' uploads: what the lost disk took
+                # (or a dead fog drew beyond its lost chain head) with the receipt lost on
+                # the local link, which no path can book, is counted, not a violation
                 self.dead_unbooked = max(self.dead_unbooked, lost)
                 continue
             unbooked[o] = unbooked.get(o, 0) + lost

@@ -175,7 +175,7 @@ class Simulation:
         self.return_on_stop = on and brng.random() < BUDGET_SHARE
         self.operator_returns = on and brng.random() < BUDGET_SHARE
         transfers = on and config.replicas > 0 and config.fogs > 1
-        transfers = transfers and brng.random() < 2 * BUDGET_SHARE
+        transfers = transfers and brng.random() < BUDGET_SHARE
         settings = dataclasses.replace(
             settings,
             return_idle_ms=idle,
@@ -426,6 +426,8 @@ class Simulation:
         self.count("transfers", self.checker.transfers_at_cloud())
         self.count("vouchers", sum(len(d.vouchers) for d in self.devices.values()))
         self.count("d2d_booked", self.checker.d2d_booked)
+        self.count("records_rejected_sublease", len(self.checker.sub_rejected))
+        self.count("dead_unbooked_micros_max", self.checker.dead_unbooked)
         self.count("double_spends", self.checker.double_spends_caught)
         self.count("seeds_vouchers", int(bool(self.voucher_payers)))
         self.count("returns", len(self.checker.returned))

@@ -70,6 +70,9 @@ def test_a_few_hundred_seeds_keep_every_invariant() -> None:
         "returns",
         "returns_operator",
         "budget_returned_micros",
+        "vouchers",
+        "d2d_booked",
+        "double_spends",
     ):
         assert totals.get(what, 0) > 0, (what, totals)
     assert revocation_ms, "revocations reached the fogs, and were timed"
