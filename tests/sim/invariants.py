@@ -20,6 +20,12 @@ Safety, after every step:
 - the ledger sums to zero in every currency and every balance equals its transfers
   (``cloud.ledger.check``).
 
+Budget that moves (docs/protocol.md 18): a lease given back early is never drawn on after;
+a sub-lease is credited once, at its ``xfer``'s amount, and drawn within it; the giver's draws
+plus what it gave stay within its lease; the bound is 18.4's; a voucher's booked payments
+stay within its amount, and a second payment at one (voucher, s) only for a planted double
+spender, with its alarm.
+
 Liveness, after the heal phase: every ok receipt a device holds is booked exactly once,
 every record of every fog's log is booked, and every lease past its expiry is closed.
 """
