@@ -37,6 +37,7 @@ def replay_command(seed: int, config: SimConfig, plant: str | None) -> str:
     extra += f" --without {','.join(config.without)}" if config.without else ""
     extra += "" if config.strict_leases else " --lenient-leases"
     extra += "" if config.clones else " --no-clones"
+    extra += "" if config.budget else " --no-budget"
     planted_replicas = config_for(plant, SimConfig()).replicas
     extra += f" --replicas {config.replicas}" if config.replicas != planted_replicas else ""
     extra += f" --plant {plant}" if plant else ""
@@ -106,7 +107,14 @@ def summary(results: list[Result]) -> str:
         f"{t('clone_payments', 0)} payments, {t('clone_collisions', 0)} ok at a used q, "
         f"cloned_key at fogs {t('cloned_key_at_fogs', 0)} / cloud {t('cloned_key_at_cloud', 0)}; "
         f"revocation to the last fog: {len(revocation)} revocations, "
-        f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms"
+        f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms; "
+        f"budget: {t('seeds_transfers', 0)} seeds with peer transfers, "
+        f"{t('transfers', 0)} transfers, {t('returns', 0)} leases returned early "
+        f"({t('returns_operator', 0)} by the operator, "
+        f"{t('budget_returned_micros', 0)} micros back), "
+        f"{t('vouchers', 0)} vouchers, {t('d2d_booked', 0)} d2d payments booked, "
+        f"{t('double_spends', 0)} double spends caught, "
+        f"{t('records_rejected_sublease', 0)} records refused on a sub-lease not yet known"
     )
 
 
@@ -160,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="no seed clones a device key (by default a quarter of the seeds do)",
     )
+    p.add_argument(
+        "--no-budget",
+        dest="budget",
+        action="store_false",
+        help="no early returns, peer transfers or vouchers (docs/protocol.md 18; by default "
+        "a share of the seeds has each)",
+    )
     p.add_argument("--no-shrink", action="store_true", help="do not shrink a failing seed")
     p.add_argument("--jobs", type=int, default=1, help="processes to spread the seeds over")
     p.add_argument("-v", "--verbose", action="store_true", help="print every event")
@@ -177,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         strict_leases=args.strict_leases,
         replicas=args.replicas,
         clones=args.clones,
+        budget=args.budget,
     )
     config = config_for(args.plant, config)
     results = []

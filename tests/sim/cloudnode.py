@@ -38,6 +38,7 @@ class CloudNode:
         self.starts = 0
         self.relayed = 0  # relayed batches ingested
         self.held_booked = 0  # records booked from devices' held uploads
+        self.transfers = 0  # peer transfers the cloud recorded (first copy of each)
 
     @property
     def up(self) -> bool:
@@ -95,6 +96,10 @@ class CloudNode:
             if not pub:
                 return "lreq unanswered", pub
             return f"lease {pub[0][0].rsplit('/', 1)[-1][:8]} granted (or granted again)", pub
+        if kind is Kind.TRANSFER:  # a peer transfer, from its giver or its receiver (18.2)
+            pub = await self.core.transfer(payload)
+            self.transfers += len(pub)
+            return f"xfer {'recorded' if pub else 'duplicate or refused'}", pub
         if kind is Kind.LEASE_REPORT:
             pub = await self.core.lease_report(payload)
             return f"lrep cleared={len(pub)}", pub

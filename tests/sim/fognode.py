@@ -29,6 +29,7 @@ from protocol import topics
 from protocol.errors import TopicError
 from protocol.messages import Revocation
 from protocol.signing import open_message, public_key
+from protocol.voucher import voucher_for
 from tests.sim.network import label
 
 DEVICE: Final = "device"  # outbox destination: the device named by the receipt topic
@@ -53,6 +54,9 @@ class FogSettings:
     check_interval_ms: int = 1_000
     relay_after_ms: int = 5_000
     replica_keep_ms: int = 10_000
+    return_idle_ms: int = 0  # 18.1: give back an idle owner's leases (0: off)
+    return_on_stop: bool = False  # 18.1: give back every live lease at a graceful stop
+    peer_transfers: bool = False  # 18.2: ask peers for budget while the cloud is silent
     policy: Policy = field(default_factory=lambda: Policy(rate_per_s=50.0, rate_burst=50))
 
     def core_config(
@@ -73,6 +77,9 @@ class FogSettings:
                 request_attempts_max=self.request_attempts_max,
                 report_retry_ms=self.report_retry_ms,
                 check_interval_ms=self.check_interval_ms,
+                return_idle_ms=self.return_idle_ms,
+                return_on_stop=self.return_on_stop,
+                peer_transfers=self.peer_transfers,
             ),
             federation=FederationConfig(
                 peers=peers,
@@ -183,7 +190,18 @@ class FogNode:
     # ---- inputs -----------------------------------------------------------------------------
 
     def intents(self, arrivals: list[Arrival], *, now_ms: int) -> Outputs:
-        return self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
+        out = self._handle(core.Intents(arrivals=tuple(arrivals), now_ms=now_ms + self.skew_ms))
+        # the daemon's shell (fog/daemon.py _publish_one): after the ok receipt of a voucher
+        # intent, the vch on the same topic (docs/protocol.md 18.3)
+        receipts = [i for i, (dst, _, _) in enumerate(out.sends) if dst == DEVICE]
+        vchs = []
+        for i, a, o in zip(receipts, arrivals, out.outcomes, strict=True):
+            vch = voucher_for(a.payload, o.receipt, self._key) if o.status == "ok" else None
+            if vch is not None:
+                vchs.append((i + 1, (DEVICE, out.sends[i][1], vch)))
+        for at, send in reversed(vchs):
+            out.sends.insert(at, send)
+        return out
 
     def message(self, topic: str, payload: bytes, *, now_ms: int) -> Outputs:
         fog_ms = now_ms + self.skew_ms
@@ -204,6 +222,11 @@ class FogNode:
                 self.revoked_at.setdefault(key, fog_ms)  # fog time, as the log's at_ms
         return out
 
+    def return_leases(self, *, now_ms: int, cause: str, owner_id: str | None = None) -> Outputs:
+        """Give back the live leases (18.1): a graceful stop (``shutdown``) or the operator."""
+        fog_ms = now_ms + self.skew_ms
+        return self._handle(core.ReturnLeases(now_ms=fog_ms, owner_id=owner_id, cause=cause))
+
     def tick(self, *, now_ms: int) -> Outputs:
         return self._handle(core.Tick(now_ms=now_ms + self.skew_ms))
 
@@ -223,7 +246,8 @@ class FogNode:
                     out.wake_ms = at if out.wake_ms is None else min(out.wake_ms, at)
                 case core.TrustLoaded():
                     word = f"{o.msg_type or 'message'} {o.status}"
-                    if o.msg_type == "seen" and o.status == "refused":  # say why, in the trace
+                    refused = o.status == "refused"
+                    if o.msg_type in ("seen", "xreq", "xfer") and refused:  # say why
                         word += f" ({o.reason}: {o.detail})"
                     out.words.append(word)
                 case core.LeaseClosed():
@@ -236,7 +260,9 @@ class FogNode:
                     out.alarms.append(f"{o.event}: {o.error}")
                 case core.Publish():  # gossip to a peer, or a relay to the cloud
                     parsed = topics.parse(o.topic)
-                    dst = CLOUD if parsed.kind is topics.Kind.RELAY else parsed.fog_id
+                    # up/{x}/relay and up/{x}/xfer go to the cloud; gossip/{to}/... to fog to
+                    up = parsed.kind in (topics.Kind.RELAY, topics.Kind.TRANSFER)
+                    dst = CLOUD if up else parsed.fog_id
                     assert dst is not None
                     out.sends.append((dst, o.topic, o.payload))
                     out.words.append(f"{label(o.topic)} to {dst}")

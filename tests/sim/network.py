@@ -120,6 +120,13 @@ class Network:
 
     def resubscribe(self, fog_id: str) -> None:
         """``fog_id`` subscribed again: the broker sends it every retained message it matches."""
-        for topic, payload in sorted(self.retained.items()):
+
+        # the daemon subscribes its trust filter before its lease filter (fog/daemon.py), so
+        # a broker sends the retained credentials first: a peer's sub-lease on a lease topic
+        # is checked against the giver's credential (docs/protocol.md 18.2)
+        def order(item: tuple[str, bytes]) -> tuple[bool, str]:
+            return (topics.parse(item[0]).kind not in TRUST_KINDS, item[0])
+
+        for topic, payload in sorted(self.retained.items(), key=order):
             if fog_id in self.subscribers(topic):
                 self.send(CLOUD, fog_id, topic, payload)

@@ -27,6 +27,16 @@ Each replaces one real function for the duration of a run and puts it back after
   record, it is booked a second time. Caught as two intents booked at one (device, q), with
   the cloud's ``cloned_key`` alarm on an honest device (or the store's primary key refusing
   a second upload of the record).
+- ``transfer_twice``: the receiver of a peer transfer credits a duplicated ``xfer`` again
+  (``fog.transfers.receive`` adds its amount to the sub-lease when the transfer id is known;
+  the cloud's retained copy is such a duplicate): caught as a sub-lease credited more than its
+  ``xfer`` moved (docs/protocol.md 18.2), or drawn above it;
+- ``return_drawable``: a lease given back early stays drawable (``fog.returns.retire`` records
+  the return but puts the lease's expiry back): caught as a draw after its return (18.1);
+- ``double_spend_unseen``: the cloud books device-to-device payments but never sees a
+  voucher spent twice (``cloud.vouchers._double``, the alarm and the suspension, does
+  nothing): caught as two payments booked at one (voucher, s) without the alarm, or a double
+  spend handed in with no ``voucher_double_spent`` and the payer not revoked (18.3).
 """
 
 import contextlib
@@ -35,13 +45,15 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
-from cloud import leases, ledger
+from cloud import leases, ledger, vouchers
 from cloud.store import Tx
-from fog import authorize, store
+from fog import authorize, returns, store, transfers
 from fog.authorize import LeaseView
 from fog.replicas import Gossip, Replication
 from fog.uplink import Window
 from protocol.messages import Intent
+from protocol.signing import open_envelope
+from protocol.transfer import Transfer
 
 _real_pick: Final = authorize.pick_lease
 _real_authorize: Final = authorize.authorize  # what fog.store imported
@@ -111,6 +123,38 @@ async def _exposure_open_only(tx: Tx, owner_id: str) -> int:
     return int(row[0])
 
 
+_real_receive: Final = transfers.receive
+
+
+def _receive_crediting_twice(conn: Any, envelope: bytes, **kw: Any) -> Any:
+    got = _real_receive(conn, envelope, **kw)
+    if got.status == "duplicate":
+        x = open_envelope(envelope, Transfer).msg
+        conn.execute(
+            "UPDATE leases SET amount_micros = amount_micros + ? WHERE lease_id = ?",
+            (x.amount_micros, x.transfer_id),
+        )
+    return got
+
+
+_real_retire: Final = returns.retire
+
+
+def _retire_leaving_drawable(conn: Any, **kw: Any) -> Any:
+    expiry = dict(conn.execute("SELECT lease_id, not_after_ms FROM leases").fetchall())
+    out = _real_retire(conn, **kw)
+    for r in out:
+        conn.execute(
+            "UPDATE leases SET not_after_ms = ? WHERE lease_id = ?",
+            (expiry[r.lease_id], r.lease_id),
+        )
+    return out
+
+
+def _double_unseen(*args: Any) -> None:
+    return None
+
+
 BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "lease_expiry": (authorize, "pick_lease", _pick_ignoring_expiry),
     "lease_room": (authorize, "pick_lease", _pick_ignoring_room),
@@ -119,6 +163,9 @@ BUGS: Final[dict[str, tuple[Any, str, Callable[..., Any]]]] = {
     "cloud_escrow": (leases, "exposure", _exposure_open_only),
     "racc_without_store": (Replication, "batch", _batch_acked_not_stored),
     "held_dedup": (ledger, "write_held", _write_held_under_another_key),
+    "transfer_twice": (transfers, "receive", _receive_crediting_twice),
+    "return_drawable": (returns, "retire", _retire_leaving_drawable),
+    "double_spend_unseen": (vouchers, "_double", _double_unseen),
 }
 
 

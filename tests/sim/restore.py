@@ -74,6 +74,7 @@ async def close_lost_fog_leases(sim: "Simulation", fog_id: str) -> list[bytes]:
             ]
         )
     sim.count("leases_closed_by_operator", len(closed))
+    sim.checker.force_closed.update(x.lease_id for x in closed)
     sim.net.publish_retained([(x.topic, b"") for x in closed])  # the clearings
     if closed:
         sim.note(f"close-leases {fog_id}: {len(closed)} leases closed at their booked draws")

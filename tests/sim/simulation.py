@@ -18,6 +18,7 @@ exactly, and its trace is the same every time.
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -35,14 +36,16 @@ import structlog
 from cloud import registry
 from cloud.leases import LeasePolicy
 from cloud.store import Tx
-from fog import restore
+from fog import restore, returns
 from fog.restore import RestoreError
+from fog.schema import connect as fog_connect
 from fog.store import Arrival
 from protocol import topics
 from protocol.errors import TopicError
 from protocol.messages import Revocation
 from protocol.signing import public_key, seal
 from protocol.topics import Kind
+from protocol.voucher import VOUCHER_PAYEE
 from tests.sim.cloudnode import CloudNode
 from tests.sim.devices import RETRY_MS, SimDevice
 from tests.sim.faults import FaultMix
@@ -65,6 +68,8 @@ MAX_SKEW_MS: Final = 2_000  # a fog's clock is at most this far off the simulati
 STEPS_DEFAULT: Final = 300
 UPLOAD_RETRY_MS: Final = 3_000  # a device hands in its held receipts again until answered
 CLONE_SHARE: Final = 0.25  # seeds with a cloned device key (when --clones is on)
+BUDGET_SHARE: Final = 0.35  # seeds with each feature of docs/protocol.md 18 (when --budget)
+RETURN_EVERY_MS: Final = 4_000  # per fog: may the operator give its leases back now
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,11 @@ class SimConfig:
     # a share of the seeds (CLONE_SHARE) clones one device's key: a second device pays at
     # another fog with the sequence numbers the original used (docs/protocol.md 17.4)
     clones: bool = True
+    # federation part 2 (docs/protocol.md 18): a share of the seeds gives leases back early
+    # (idle owners, graceful stops, the operator's return-leases), lets fogs move budget by
+    # peer transfers, and has devices pay each other offline against vouchers; each feature
+    # drawn from the seed's own stream (BUDGET_SHARE), so the other seeds run as before
+    budget: bool = True
 
 
 @dataclass(slots=True)
@@ -157,6 +167,21 @@ class Simulation:
             request_below_micros=INITIAL_MICROS // 5,
             request_micros=INITIAL_MICROS,
         )
+        # federation part 2: drawn from a stream of its own, so that a seed without these
+        # features runs exactly as it did before them
+        self.brng = random.Random(f"budget-{seed}")
+        brng, on = self.brng, config.budget
+        idle = brng.choice((1_000, 3_000, 8_000)) if on and brng.random() < BUDGET_SHARE else 0
+        self.return_on_stop = on and brng.random() < BUDGET_SHARE
+        self.operator_returns = on and brng.random() < BUDGET_SHARE
+        transfers = on and config.replicas > 0 and config.fogs > 1
+        transfers = transfers and brng.random() < BUDGET_SHARE
+        settings = dataclasses.replace(
+            settings,
+            return_idle_ms=idle,
+            return_on_stop=self.return_on_stop,
+            peer_transfers=transfers,
+        )
         issuer = public_key(self.cast.issuer)
         skew = rng.choice((0, 0, 200, 2_000))  # fog clocks off the cloud's by up to this
         self.fogs = {
@@ -200,6 +225,16 @@ class Simulation:
                 clone_of=orig,
             )  # fmt: skip
             self.clones[orig.public] = clone
+        # vouchers (18.3): 1-2 devices obtain vouchers and pay other devices offline; in
+        # half of those seeds one of them double-spends (a copy of its voucher state)
+        self.voucher_payers: set[str] = set()
+        self.double_spenders: set[bytes] = set()
+        if config.budget and len(self.devices) > 1 and self.brng.random() < BUDGET_SHARE:
+            devs = sorted(self.devices.values(), key=lambda d: d.name)
+            payers = self.brng.sample(devs, self.brng.randint(1, min(2, len(devs) - 1)))
+            self.voucher_payers = {d.name for d in payers}
+            if self.brng.random() < 0.5:
+                self.double_spenders.add(payers[0].public)
 
     def describe(self) -> str:
         """The seed's drawn set-up, for a failure report."""
@@ -209,7 +244,9 @@ class Simulation:
         return (
             f"lease_ms={self.policy.lease_ms} records_max={s.records_max} age_ms={s.age_ms} "
             f"keep_acked_ms={s.keep_acked_ms} fog_skews_ms={skews} devices={len(self.devices)} "
-            f"limits={owners}"
+            f"limits={owners} return_idle_ms={s.return_idle_ms} "
+            f"return_on_stop={s.return_on_stop} operator_returns={self.operator_returns} "
+            f"peer_transfers={s.peer_transfers}"
         )
 
     @staticmethod
@@ -287,6 +324,7 @@ class Simulation:
         self.checker.replicas = max(1, min(self.config.replicas, len(self.fogs) - 1))
         self.checker.federation = self.config.replicas > 0 and len(self.fogs) > 1
         self.checker.clone_keys = set(self.clones)
+        self.checker.double_spenders = set(self.double_spenders)
         assert self.cloud.core is not None
         self.net.publish_retained(await self.cloud.core.retained())
         for f, out in started.items():
@@ -303,6 +341,10 @@ class Simulation:
             self._wake(dev, rng.randint(0, 2_000))
         for clone in self.clones.values():
             self._wake(clone, rng.randint(2_000, 6_000))
+        if self.operator_returns:
+            for f in self.fogs:
+                at = self.brng.randint(1_000, RETURN_EVERY_MS)
+                self.sched.after(at, f"return-leases {f}", self._operator_return(f))
         for _ in range(rng.choice((0, 0, 1, 2))):
             dev = rng.choice(sorted(self.devices.values(), key=lambda d: d.name))
             self.sched.after(rng.randint(1_000, 10_000), f"revoke {dev.name}", self._revoker(dev))
@@ -376,10 +418,21 @@ class Simulation:
         self.fail(await self.checker.cloud())
         self.fail(self.checker.converged(self._all_devices(), now_ms=now))
         self.fail(self._clones_caught())
+        self.fail(self.checker.d2d_settled(self._all_devices(), self.double_spenders))
         self.count("held_uploads", sum(d.uploads for d in self._all_devices()))
         self.count("replicated_of_dead_fogs", self.checker.replicated_of_dead)
         self.count("unbooked_max_micros", self.checker.bound_max)
         self.count("records_at_risk_max", self.checker.at_risk_max)
+        self.count("transfers", self.checker.transfers_at_cloud())
+        self.count("vouchers", sum(len(d.vouchers) for d in self.devices.values()))
+        self.count("d2d_booked", self.checker.d2d_booked)
+        self.count("records_rejected_sublease", len(self.checker.sub_rejected))
+        self.count("dead_unbooked_micros_max", self.checker.dead_unbooked)
+        self.count("double_spends", self.checker.double_spends_caught)
+        self.count("seeds_vouchers", int(bool(self.voucher_payers)))
+        self.count("returns", len(self.checker.returned))
+        self.count("budget_returned_micros", self.checker.budget_returned())
+        self.count("seeds_transfers", int(self.fogs[next(iter(self.fogs))].settings.peer_transfers))
         stranded = self.checker.stranded(now_ms=now, known=False, exempt=False)
         self.count("leases_stranded", len(stranded))
         if self.config.strict_leases:
@@ -465,6 +518,8 @@ class Simulation:
             self.sched.after(CHAOS_EVERY_MS, f"chaos {fog_id}", chaos)
             rng, mix = self.rng, self.mix
             if self.fogs[fog_id].up and rng.random() < mix.fog_crash:
+                if self.return_on_stop and self.brng.random() < 0.5:
+                    return self._graceful_stop(fog_id)
                 self._fog_crash(fog_id)
                 return "crashed"
             if fog_id not in self.net.cut and rng.random() < mix.partition:
@@ -610,6 +665,50 @@ class Simulation:
         down = self.rng.randint(50, max(50, self.mix.down_ms_max))
         self.sched.after(down, f"restart {fog_id}", lambda: self._fog_restart(fog_id))
 
+    def _graceful_stop(self, fog_id: str) -> str:
+        """A graceful stop with ``lease.return_on_stop`` (18.1): every live lease retired,
+        the last records sealed, what can leave sent; then the fog is down as after a crash."""
+        node = self.fogs[fog_id]
+        out = node.return_leases(now_ms=self.sched.now_ms, cause="shutdown")
+        self._after_fog(fog_id, out, may_crash=False)
+        if node.up:
+            self._fog_crash(fog_id)
+        return "stopped gracefully: " + (", ".join(out.words) or "nothing to give back")
+
+    def _operator_return(self, fog_id: str) -> Callable[[], object]:
+        """``fogpay fog return-leases [--owner O]``: the store function the command calls,
+        through its own connection to the fog's file (the running core sees the commit at
+        its next group, a stopped fog reports at its start)."""
+
+        def give_back() -> object:
+            if not self.chaos:
+                return None
+            self.sched.after(RETURN_EVERY_MS, f"return-leases {fog_id}", give_back)
+            node = self.fogs[fog_id]
+            if fog_id in self.lost or fog_id in self.dead or self.brng.random() < 0.6:
+                return None
+            owners = None
+            if self.brng.random() < 0.5:
+                owners = [self.brng.choice(self.cast.owners).owner_id]
+            conn = fog_connect(node.path)
+            try:
+                retired = returns.retire(
+                    conn,
+                    now_ms=self.sched.now_ms + node.skew_ms,
+                    reason="operator",
+                    owner_ids=owners,
+                )
+            finally:
+                conn.close()
+            if not retired:
+                return None
+            self.count("returns_operator", len(retired))
+            return f"operator gave back {len(retired)} leases" + (
+                f" of {owners[0]}" if owners else ""
+            )
+
+        return give_back
+
     def _fog_restart(self, fog_id: str) -> str | None:
         node = self.fogs[fog_id]
         if node.up or fog_id in self.lost or fog_id in self.dead:
@@ -638,7 +737,7 @@ class Simulation:
             self.net.resubscribe(fog_id)  # (re)subscribed: the retained messages again
         return "link to the cloud back"
 
-    def _after_fog(self, fog_id: str, out: Outputs) -> None:
+    def _after_fog(self, fog_id: str, out: Outputs, *, may_crash: bool = True) -> None:
         """Check the fog's file; maybe crash before its outputs leave; else send them."""
         node = self.fogs[fog_id]
         for alarm in out.alarms:
@@ -652,7 +751,8 @@ class Simulation:
             self.held_by[(fog_id, number)] = self.held_by.get((fog_id, number), set()) | {holder}
         self.fail(self.checker.fog(fog_id, node.revoked_at))
         self.fail(self.checker.owners())
-        if self.chaos and out.sends and self.rng.random() < self.mix.fog_crash / 2:
+        crash = may_crash and self.chaos and out.sends
+        if crash and self.rng.random() < self.mix.fog_crash / 2:
             self._fog_crash(fog_id)  # committed, and then the power went: nothing published
             self.note(f"{fog_id} crashed before publishing {len(out.sends)} messages")
             return
@@ -715,7 +815,8 @@ class Simulation:
         assert parsed.fog_id is not None
         fog_key = public_key(self.cast.fog_keys[parsed.fog_id])
         had = dev.inflight
-        word = dev.receipt(parsed.fog_id, fog_key, payload)
+        credential = self.net.retained.get(topics.fog_topic(parsed.fog_id), b"")
+        word = dev.receipt(parsed.fog_id, fog_key, payload, credential)
         if word.startswith("ok"):
             n = int(word[5:])
             held = [h for h in dev.held.values() if (h.fog_id, h.log_index) == (parsed.fog_id, n)]
@@ -791,11 +892,63 @@ class Simulation:
         payee = self.rng.choice(("payee-a", "payee-b"))
         if dev.clone_of is not None:  # a clone replays the original's latest q elsewhere
             return self._clone_pays(dev, dev.clone_of, amount, payee)
+        if dev.name in self.voucher_payers:
+            word = self._voucher_act(dev, fog_id)
+            if word is not None:
+                return word
         topic, raw = dev.pay(fog_id, amount, payee, now_ms=self.sched.now_ms)
         self.count("payments")
         self.net.send(dev.name, fog_id, topic, raw, local=True)
         self._wake(dev, RETRY_MS)
         return f"pays {amount} at {fog_id} q={dev.seq}"
+
+    def _voucher_act(self, dev: SimDevice, fog_id: str) -> str | None:
+        """A voucher payer (18.3): pays another device offline against a voucher it holds,
+        or asks its fog for a voucher (an intent to the reserved payee), or pays as usual
+        (None)."""
+        brng, now = self.brng, self.sched.now_ms
+        if dev.vouchers and brng.random() < 0.6:
+            payees = [d for d in sorted(self.devices.values(), key=lambda d: d.name) if d != dev]
+            payee = brng.choice(payees)
+            amount = brng.randint(1, 8) * 1_000
+            bundle = dev.pay_d2d(payee, amount, now_ms=now)
+            if bundle is not None:
+                self.count("d2d_signed")
+                self._hand_over(bundle, payee)
+                word = f"pays {payee.name} {amount} offline"
+                if dev.public in self.double_spenders and brng.random() < 0.5:
+                    # a copied state: the payer's voucher file as it was before this payment
+                    last = dev.d2d_signed[-1]
+                    v = dev.vouchers[last.voucher_id]
+                    v.seq, v.spent_micros = v.seq - 1, v.spent_micros - amount
+                    other = brng.choice(payees)
+                    again = dev.pay_d2d(other, amount, now_ms=now, voucher_id=v.voucher_id)
+                    if again is not None:
+                        self.count("double_spends_planted")
+                        self._hand_over(again, other)
+                        word += f", and again at s={v.seq} to {other.name} (double spend)"
+                self._wake(dev, self.rng.randint(THINK_MS_MIN, THINK_MS_MAX))
+                return word
+        if all(v.amount_micros - v.spent_micros < 8_000 for v in dev.vouchers.values()):
+            if brng.random() < 0.3:
+                amount = brng.randint(10, self.cast.tx_max_micros // 1_000) * 1_000
+                topic, raw = dev.pay(fog_id, amount, VOUCHER_PAYEE, now_ms=now)
+                self.count("voucher_intents")
+                self.net.send(dev.name, fog_id, topic, raw, local=True)
+                self._wake(dev, RETRY_MS)
+                return f"asks a voucher of {amount} at {fog_id} q={dev.seq}"
+        return None
+
+    def _hand_over(self, bundle: bytes, payee: SimDevice) -> None:
+        """The bundle goes to the payee over a local channel (NFC, BLE): no network."""
+        issuer = public_key(self.cast.issuer)
+
+        def accept() -> object:
+            word = payee.accept(bundle, issuer_key=issuer, now_ms=self.sched.now_ms)
+            self._upload(payee)  # hands in through the held path (17.7) when it can
+            return f"{payee.name} {word}"
+
+        self.sched.after(self.brng.randint(1, 200), f"bundle to {payee.name}", accept)
 
     def _clone_pays(self, clone: SimDevice, orig: SimDevice, amount: int, payee: str) -> object:
         """The clone pays with the sequence number its original used last, at another fog

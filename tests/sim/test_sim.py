@@ -65,6 +65,14 @@ def test_a_few_hundred_seeds_keep_every_invariant() -> None:
         "clone_payments",
         "clone_collisions",
         "cloned_key_at_cloud",
+        # federation part 2 (docs/protocol.md 18): budget moved between fogs and given back
+        "transfers",
+        "returns",
+        "returns_operator",
+        "budget_returned_micros",
+        "vouchers",
+        "d2d_booked",
+        "double_spends",
     ):
         assert totals.get(what, 0) > 0, (what, totals)
     assert revocation_ms, "revocations reached the fogs, and were timed"
