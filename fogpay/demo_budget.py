@@ -105,15 +105,15 @@ async def obtain_and_pay(
     except PaymentDeclined as exc:
         outcomes.by_status["declined"] += 1
         outcomes.by_reason[str(exc.reason)] += 1
-        log.warning("demo_voucher_declined", reason=str(exc.reason))
+        log.warning("demo_voucher_failed", outcome="declined", reason=str(exc.reason))
         return d2d
     except PaymentTimeout:
         outcomes.by_status["timeout"] += 1
-        log.warning("demo_voucher_timeout")
+        log.warning("demo_voucher_failed", outcome="timeout", reason="-")
         return d2d
     except aiomqtt.MqttError as exc:
         outcomes.by_status["error"] += 1
-        log.warning("demo_voucher_error", error=str(exc))
+        log.warning("demo_voucher_failed", outcome="error", reason=str(exc))
         return d2d
     latency_us = (time.perf_counter_ns() - start) // 1000
     outcomes.by_status["ok"] += 1

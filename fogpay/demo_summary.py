@@ -261,11 +261,18 @@ def _moved(s: dict[str, Any]) -> list[str]:
     def money(per: dict[str, int]) -> str:
         return ", ".join(_money(v, k) for k, v in per.items()) or "none"
 
+    transfers = (
+        [
+            f"transfers    {s['transfers']} between fogs ({money(s['transfers_micros'])}), "
+            "reconciled by the cloud"
+        ]
+        if s.get("fogs", 1) > 1
+        else []
+    )
     return [
         f"returned     {s['leases_returned']} leases given back early: "
         f"{money(s['budget_returned_micros'])} back to the owners' credit",
-        f"transfers    {s['transfers']} between fogs ({money(s['transfers_micros'])}), "
-        "reconciled by the cloud",
+        *transfers,
         f"d2d          {s['vouchers']} voucher(s); {s['d2d_accepted']} payments accepted "
         f"offline, {s['d2d_payments']} booked ({money(s['d2d_micros'])})",
     ]
