@@ -336,3 +336,20 @@ def test_the_budget_invariants_fail_on_a_mismatch() -> None:
         strict=True,
     ):
         assert summarize(f, c, a)["invariants"][key] is False, key
+
+
+def test_json_prints_the_summary_alone(tmp_path: Path) -> None:
+    """``--json``: stdout is one JSON object, the summary (the embedded broker's child once
+    printed its ``broker_shared_account`` warning there too: the fog logs it, once)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fogpay.cli", "demo", "--out", str(out), "--seconds", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 1
+    assert json.loads(proc.stdout) == json.loads((out / "summary.json").read_text())
+    assert "broker_shared_account" in (out / "demo.log").read_text()
