@@ -10,8 +10,10 @@
    bandwidth, and a few payments the fog must decline; a live display shows the progress
    (``demo_live``); the fog tops leases up as they run down.
 4. The fog seals batches; they reach the cloud on ``fogpay/1/up/{fog_id}/batch``, which
-   verifies, books and acks them. The demo waits (bounded) until every sealed batch is
-   booked, then stops the fog and the service.
+   verifies, books and acks them. A drone obtains a voucher and pays two payee devices
+   offline (``demo_budget``). The demo waits (bounded) until every sealed batch is booked,
+   gives every live lease back early and waits until the cloud closed them, has the payees
+   hand their device-to-device payments in, then stops the fog and the service.
 5. A settlement period closes (``cloud.settle``): CSV, pain.008, pain.001 and the
    reconciliation report in ``DIR/settlement/``; the ledger is checked; ``DIR/summary.json``
    and a table on stdout say what happened (``demo_summary``), ``DIR/report.html`` shows
