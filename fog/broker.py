@@ -348,15 +348,17 @@ def warn_if_public(config: BrokerConfig) -> None:
 class EmbeddedBroker:
     """An amqtt broker bound as the config says; ``port`` is the port actually bound."""
 
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, *, warn: bool = True) -> None:
         assert config.embedded
         self._config = config
+        self._warn = warn  # False in BrokerProcess's child: the fog warned already
         self._broker: Broker | None = None
         self.port = 0
         self.tls_port: int | None = None
 
     async def start(self) -> None:
-        warn_if_public(self._config)
+        if self._warn:
+            warn_if_public(self._config)
         broker = FogBroker(
             amqtt_config(self._config),
             packet_bytes_max=self._config.packet_bytes_max,
@@ -505,7 +507,9 @@ async def _serve_child(answer_fd: int) -> int:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     config = BrokerConfig(**json.loads(await reader.readline()))
-    broker = EmbeddedBroker(config)
+    # the fog warned already, in its own log; the child's stdout is the fog's process's
+    # (``fogpay demo --json`` prints its summary alone there)
+    broker = EmbeddedBroker(config, warn=False)
     try:
         await broker.start()
     except Exception as exc:  # amqtt wraps OSError (address in use...) in BrokerError

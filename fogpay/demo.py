@@ -10,8 +10,10 @@
    bandwidth, and a few payments the fog must decline; a live display shows the progress
    (``demo_live``); the fog tops leases up as they run down.
 4. The fog seals batches; they reach the cloud on ``fogpay/1/up/{fog_id}/batch``, which
-   verifies, books and acks them. The demo waits (bounded) until every sealed batch is
-   booked, then stops the fog and the service.
+   verifies, books and acks them. A drone obtains a voucher and pays two payee devices
+   offline (``demo_budget``). The demo waits (bounded) until every sealed batch is booked,
+   gives every live lease back early and waits until the cloud closed them, has the payees
+   hand their device-to-device payments in, then stops the fog and the service.
 5. A settlement period closes (``cloud.settle``): CSV, pain.008, pain.001 and the
    reconciliation report in ``DIR/settlement/``; the ledger is checked; ``DIR/summary.json``
    and a table on stdout say what happened (``demo_summary``), ``DIR/report.html`` shows
@@ -45,8 +47,8 @@ from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from edge.device import Device, DeviceSession
 from fog.daemon import FogDaemon
+from fogpay import demo_budget, demo_fed, demo_live, demo_report, demo_summary
 from fogpay import demo_cast as cast
-from fogpay import demo_fed, demo_live, demo_report, demo_summary
 from fogpay import demo_setup as setup
 from fogpay.demo_pay import Outcomes, run_payments
 from fogpay.demo_run import mqtt_client, now_ms, trust_expected, wait_for
@@ -117,9 +119,12 @@ async def pay_and_book(
     devices: dict[str, Device],
     seconds: float,
     progress: Console | None = None,
-) -> tuple[Outcomes, bool, int]:
-    """Fog, cloud service and devices: pay, then wait until every sealed batch is booked.
-    Returns the outcomes, whether all batches were booked, and the batches the fog sealed."""
+) -> tuple[Outcomes, bool, int, demo_budget.D2D, list[bytes]]:
+    """Fog, cloud service and devices: pay (and a voucher, device-to-device payments), then
+    wait until every sealed batch is booked; give every lease back early and wait until the
+    cloud closed them; the payees hand their payments in. Returns the outcomes, whether all
+    of it was booked, the batches the fog sealed, the device-to-device part and the leases
+    returned."""
     from cloud.service import CloudService  # the MQTT shell: only when running
 
     config = setup.fog_config(out, keys)
@@ -163,6 +168,14 @@ async def pay_and_book(
             demo_live.showing(outcomes, seconds=seconds, planned=len(plan), console=progress),
         ):
             await run_payments(session, devices, plan, outcomes)
+            d2d = await demo_budget.obtain_and_pay(
+                out,
+                devices_account,
+                devices[demo_budget.D2D_PAYER],
+                public_key(keys.issuer),
+                cast.EUR,
+                outcomes,
+            )
         log.info("demo_payments_done", sent=outcomes.sent, **dict(outcomes.by_status))
 
         async def booked() -> bool:
@@ -172,8 +185,16 @@ async def pay_and_book(
             return records == counters.get("intent_authorized", 0) and batches == sealed
 
         all_booked = await wait_for("batches_booked", booked, BOOK_WAIT_S_MAX)
+        returned = await demo_budget.return_leases([config.db])
+
+        async def closed() -> bool:
+            return await demo_budget.closed_count(store, returned) == len(returned)
+
+        all_closed = await wait_for("leases_closed", closed, BOOK_WAIT_S_MAX)
+        handed_in = await demo_budget.hand_in(d2d, devices_account, public_key(keys.issuer))
         sealed = daemon.counters.get("batch_sealed", 0)
-    return outcomes, all_booked, sealed
+    log.info("demo_budget_moved", leases_closed=all_closed, d2d_handed_in=handed_in)
+    return outcomes, all_booked, sealed, d2d, returned
 
 
 async def settle(store: Store, out: Path) -> dict[str, Any]:
@@ -230,6 +251,8 @@ async def run_demo(
                 progress=progress,
             )
             outcomes, all_booked, sealed = res.outcomes, res.all_booked, res.sealed
+            d2d, returned = res.d2d, res.returned
+            dbs = [f.config.db for f in fed_fogs]
             cut = res.cut
             extra = {
                 "fog_ids": ids,
@@ -245,12 +268,18 @@ async def run_demo(
                 },
             }
         else:
-            outcomes, all_booked, sealed = await pay_and_book(
+            outcomes, all_booked, sealed, d2d, returned = await pay_and_book(
                 out, store, keys, devices, seconds, progress
             )
+            dbs = [out / setup.FOG_DB_FILE]
         report = await settle(store, out)
         held = demo_summary.held_receipt_ids(devices.values())
         cloud = await demo_summary.read_cloud(store, held)
+        budget = demo_budget.summarize(
+            demo_budget.fog_facts(dbs),
+            await demo_budget.read_cloud(store, returned),
+            demo_budget.d2d_accepted(d2d.payees.values()),
+        )
         leases, transfers = await demo_report.read_ledger(store)
     finally:
         await store.close()
@@ -261,6 +290,7 @@ async def run_demo(
         fog_batches_sealed=sealed,
         report=report,
         settlement_dir=out / SETTLEMENT_DIR,
+        budget=budget,
         **extra,
     )
     summary = demo_summary.build(facts, cloud, len(held))

@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -35,8 +35,8 @@ from edge.device import Device, DeviceSession
 from fog.broker import BrokerProcess
 from fog.config import BrokerConfig, FederationConfig, FogConfig, UplinkConfig
 from fog.daemon import FogDaemon
+from fogpay import demo_budget, demo_live
 from fogpay import demo_cast as cast
-from fogpay import demo_live
 from fogpay import demo_setup as setup
 from fogpay.demo_pay import Outcomes, run_payments
 from fogpay.demo_run import mqtt_client, now_ms, trust_expected, wait_for
@@ -59,6 +59,20 @@ HUB_USERNAME: Final = "hub"
 # long the fog waits for an ack before it sends them again (the default, 10 s, is for WANs).
 ACK_TIMEOUT_MS: Final = 2_000
 REPLICAS_TABLE: Final = "replicas"
+# fog-a (the fog whose uplink a cut takes down) lives on small leases of the owners it shares
+# with other fogs: a first lease of 5 units, top-ups of 5 when under 2.50. nordfleet's two EVs
+# there draw about 4.50 EUR a second, so a cut finds fog-a short of nordfleet's budget within
+# about a second, and it borrows from its peer (lease.peer_transfers, docs/protocol.md 18.2)
+# instead of declining. Its lease requests are sent three times before they are forgotten, so
+# a silent cloud is noticed ("stalled") for longer. The cloud's cap of four live leases per
+# fog and owner (20 units here) is silent too: a longer run borrows after it as well.
+CUT_FOG_FIRST_MICROS: Final = 5_000_000
+CUT_FOG_LEASES: Final = replace(
+    setup.LEASES,
+    request_below_micros=2_500_000,
+    request_micros=5_000_000,
+    request_attempts_max=3,
+)
 
 
 def fog_ids(n: int) -> tuple[str, ...]:
@@ -75,15 +89,30 @@ def bridge_rules(fog_id: str, peers: Sequence[str]) -> tuple[Rule, ...]:
     """What ``deploy/mosquitto/fogpay-bridge.conf`` carries for ``fog_id``; gossip out only to
     the named peers (disjoint from the gossip in: nothing to echo), acks, trust and leases
     kept retained (amqtt clears the flag on live delivery; the protocol retains them)."""
+    return cloud_rules(fog_id) + peer_rules(fog_id, peers)
+
+
+def cloud_rules(fog_id: str) -> tuple[Rule, ...]:
+    """The part of the bridge that reaches the cloud: what ``--cut-uplink`` cuts."""
     root = topics.ROOT
-    out = [f"{root}/up/{fog_id}/{k}" for k in ("batch", "lreq", "lrep", "relay")]
-    out += [f"{root}/held/+/records"] + [f"{root}/gossip/{p}/#" for p in peers]
+    out = [f"{root}/up/{fog_id}/{k}" for k in ("batch", "lreq", "lrep", "relay", "xfer")]
+    out += [f"{root}/held/+/records"]
     return (
         *(Rule(f, "out") for f in out),
         Rule(topics.ACK_FILTER, "in", retain=True),
         Rule(topics.TRUST_FILTER, "in", retain=True),
         Rule(f"{root}/{fog_id}/lease/#", "in", retain=True),
         Rule(f"{root}/held/+/ack", "in"),
+    )
+
+
+def peer_rules(fog_id: str, peers: Sequence[str]) -> tuple[Rule, ...]:
+    """The part between the fogs (gossip: replicas, ``xreq``, ``xfer``): a bridge of its own,
+    so a cut uplink leaves the fogs in reach of each other (a WAN to the cloud down, the
+    fogs' network up), which peer transfers need (docs/protocol.md 18.2)."""
+    root = topics.ROOT
+    return (
+        *(Rule(f"{root}/gossip/{p}/#", "out") for p in peers),
         Rule(f"{root}/gossip/{fog_id}/#", "in"),
     )
 
@@ -94,7 +123,8 @@ class Fog:
     key: nacl.signing.SigningKey
     config: FogConfig
     daemon: FogDaemon | None = None
-    bridge: Bridge | None = None
+    bridge: Bridge | None = None  # to the hub, toward the cloud: the one a cut pauses
+    peer_bridge: Bridge | None = None  # to the hub, toward the other fogs
 
 
 @dataclass(slots=True)
@@ -115,6 +145,8 @@ class FedResult:
     sealed: int
     fogs: list[Fog]
     cut: Cut | None
+    d2d: demo_budget.D2D
+    returned: list[bytes]
     bridged: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -142,7 +174,7 @@ def make_fogs(out: Path, ids: Sequence[str], keys: setup.Keys) -> list[Fog]:
             db=d / setup.FOG_DB_FILE,
             broker=broker,
             batch=setup.BATCH,
-            lease=setup.LEASES,
+            lease=replace(setup.LEASES if n > 0 else CUT_FOG_LEASES, peer_transfers=len(ids) > 1),
             uplink=UplinkConfig(ack_timeout_ms=ACK_TIMEOUT_MS),
             federation=FederationConfig(peers=tuple(p for p in ids if p != fog_id)),
         )
@@ -164,7 +196,8 @@ def open_devices(out: Path, fogs: Sequence[Fog]) -> dict[str, Device]:
 
 def first_leases(ids: Sequence[str]) -> list[tuple[str, str, int]]:
     """(owner, fog, amount) of the first leases: at every fog serving one of the owner's
-    devices, the policy's first lease or the owner's credit split between those fogs."""
+    devices, the policy's first lease or the owner's credit split between those fogs; at most
+    CUT_FOG_FIRST_MICROS at the first fog when the owner has others."""
     serving: dict[str, list[str]] = {}
     for i, d in enumerate(cast.devices()):
         fogs = serving.setdefault(d.group.owner_id, [])
@@ -175,6 +208,8 @@ def first_leases(ids: Sequence[str]) -> list[tuple[str, str, int]]:
         fogs = serving.get(o.owner_id, [])
         for fog_id in fogs:
             amount = min(setup.LEASE_POLICY.initial_micros, o.limit_micros // len(fogs))
+            if fog_id == ids[0] and len(fogs) > 1:  # the cut fog: small leases (above)
+                amount = min(amount, CUT_FOG_FIRST_MICROS)
             out.append((o.owner_id, fog_id, amount))
     return out
 
@@ -276,19 +311,31 @@ async def pay_and_book(
                     running(f"demo.fog.{f.fog_id}", with_ready(f.daemon.run), f.daemon.stop)
                 )
                 b = f.config.broker
-                f.bridge = Bridge(
-                    BridgeConfig(
-                        name=f.fog_id,
-                        local=client_settings(
-                            f.daemon.broker_port, b.username, b.password, f.fog_id
-                        ),
-                        remote=client_settings(hub.port, hub_cfg.username, hub_cfg.password, "hub"),
-                        rules=bridge_rules(f.fog_id, f.config.federation.peers),
+                peers = f.config.federation.peers
+                for part, rules in (
+                    ("", cloud_rules(f.fog_id)),
+                    ("-peers", peer_rules(f.fog_id, peers)),
+                ):
+                    name = f"{f.fog_id}{part}"
+                    bridge = Bridge(
+                        BridgeConfig(
+                            name=name,
+                            local=client_settings(
+                                f.daemon.broker_port, b.username, b.password, name
+                            ),
+                            remote=client_settings(
+                                hub.port, hub_cfg.username, hub_cfg.password, f"hub-{name}"
+                            ),
+                            rules=rules,
+                        )
                     )
-                )
-                await stack.enter_async_context(
-                    running(f"demo.bridge.{f.fog_id}", with_ready(f.bridge.run), f.bridge.stop)
-                )
+                    if part:
+                        f.peer_bridge = bridge
+                    else:
+                        f.bridge = bridge
+                    await stack.enter_async_context(
+                        running(f"demo.bridge.{name}", with_ready(bridge.run), bridge.stop)
+                    )
             core = CloudCore(store=store, issuer=issuer, clock=now_ms, policy=setup.LEASE_POLICY)
             service = CloudService(
                 core=core,
@@ -349,6 +396,18 @@ async def pay_and_book(
                 await run_payments(sessions[fogs[0].fog_id], devices, plan, outcomes, by_device)
             if cutter is not None:
                 await cutter  # healed before the books are awaited
+            payer = devices[demo_budget.D2D_PAYER]
+            payer_fog = next(f for f in fogs if f.fog_id == payer.fog_id)
+            assert payer_fog.daemon is not None
+            payer_account = BrokerAddress(
+                setup.HOST,
+                payer_fog.daemon.broker_port,
+                setup.DEVICE_USERNAME,
+                payer_fog.config.broker.device_password,
+            )
+            d2d = await demo_budget.obtain_and_pay(
+                out, payer_account, payer, public_key(issuer), cast.EUR, outcomes
+            )
             log.info("demo_payments_done", sent=outcomes.sent, **dict(outcomes.by_status))
 
             def totals() -> tuple[int, int]:
@@ -365,11 +424,19 @@ async def pay_and_book(
                 return records == authorized and batches == sealed
 
             all_booked = await wait_for("batches_booked", booked, book_wait_s)
+            returned = await demo_budget.return_leases([f.config.db for f in fogs])
+
+            async def closed() -> bool:
+                return await demo_budget.closed_count(store, returned) == len(returned)
+
+            all_closed = await wait_for("leases_closed", closed, book_wait_s)
+            handed_in = await demo_budget.hand_in(d2d, payer_account, public_key(issuer))
+            log.info("demo_budget_moved", leases_closed=all_closed, d2d_handed_in=handed_in)
             sealed = totals()[1]
             bridged = {f.fog_id: f.bridge.forwarded for f in fogs if f.bridge is not None}
     finally:
         await hub.stop()
-    return FedResult(outcomes, all_booked, sealed, fogs, cut, bridged)
+    return FedResult(outcomes, all_booked, sealed, fogs, cut, d2d, returned, bridged)
 
 
 def offline_authorized(devices: dict[str, Device], cut: Cut | None) -> int:

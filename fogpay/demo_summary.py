@@ -43,6 +43,7 @@ class Facts:
     offline_authorized: int = 0  # ok receipts signed by a fog while its uplink was cut
     replicated_records: int = 0  # records of the fogs' batches a peer holds
     cut: dict[str, Any] | None = None  # {"fog_id", "seconds", "start_ms", "end_ms"}
+    budget: dict[str, Any] | None = None  # demo_budget.summarize: "facts", "invariants"
 
 
 def held_receipt_ids(devices: Iterable[Device]) -> list[bytes]:
@@ -64,10 +65,14 @@ async def read_cloud(store: Store, held: list[bytes]) -> dict[str, Any]:
             "GROUP BY intent_id",
             held,
         )
+        # a sub-lease (a peer transfer, docs/protocol.md 18.2) is budget moved from another
+        # lease of the owner: its draws count, its amount and itself do not (counted twice)
+        sub = "lease_id IN (SELECT transfer_id FROM peer_transfers)"
         leases = await tx.fetchall(
-            "SELECT owner_id, currency, COUNT(*), CAST(SUM(amount_micros) AS BIGINT), "
+            f"SELECT owner_id, currency, SUM(CASE WHEN {sub} THEN 0 ELSE 1 END), "
+            f"CAST(SUM(CASE WHEN {sub} THEN 0 ELSE amount_micros END) AS BIGINT), "
             "CAST(SUM(drawn_micros) AS BIGINT), "
-            "SUM(CASE WHEN state = 'closed' THEN 1 ELSE 0 END) FROM leases "
+            f"SUM(CASE WHEN state = 'closed' AND NOT {sub} THEN 1 ELSE 0 END) FROM leases "
             "GROUP BY owner_id, currency "
             "ORDER BY owner_id"
         )
@@ -197,6 +202,8 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
         "reconciliation_balanced": bool(facts.report["balanced"]),
         "settlement_files": files,
     }
+    budget = facts.budget or {"facts": {}, "invariants": {}}
+    summary |= budget["facts"]
     summary["invariants"] = {
         "payments_authorized": summary["authorized"] > 0,
         "every_payment_answered": summary["timeouts"] == 0 and summary["errors"] == 0,
@@ -207,6 +214,7 @@ def build(facts: Facts, cloud: dict[str, Any], held: int) -> dict[str, Any]:
         "all_batches_booked": facts.all_batches_booked,
         "reconciliation_balanced": summary["reconciliation_balanced"],
         "settlement_files_exist": all(Path(f).is_file() for f in files),
+        **budget["invariants"],
     }
     summary["ok"] = all(summary["invariants"].values())
     return summary
@@ -245,6 +253,31 @@ def _federation(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _moved(s: dict[str, Any]) -> list[str]:
+    """Budget that moved (docs/protocol.md 18): early returns, peer transfers, vouchers."""
+    if "budget_returned_micros" not in s:
+        return []
+
+    def money(per: dict[str, int]) -> str:
+        return ", ".join(_money(v, k) for k, v in per.items()) or "none"
+
+    transfers = (
+        [
+            f"transfers    {s['transfers']} between fogs ({money(s['transfers_micros'])}), "
+            "reconciled by the cloud"
+        ]
+        if s.get("fogs", 1) > 1
+        else []
+    )
+    return [
+        f"returned     {s['leases_returned']} leases given back early: "
+        f"{money(s['budget_returned_micros'])} back to the owners' credit",
+        *transfers,
+        f"d2d          {s['vouchers']} voucher(s); {s['d2d_accepted']} payments accepted "
+        f"offline, {s['d2d_payments']} booked ({money(s['d2d_micros'])})",
+    ]
+
+
 def table(s: dict[str, Any]) -> str:
     """The summary as text for a terminal."""
     out = [
@@ -277,6 +310,7 @@ def table(s: dict[str, Any]) -> str:
             for k, v in s["leases"].items()
         ),
         *_federation(s),
+        *_moved(s),
         f"batches      {s['batches_sealed']} sealed by the {_fogs_word(s)}, {s['batches']} "
         f"booked by the cloud; {s['records']} records, {s['booked']} transfers, "
         f"{s['rejected']} rejected, {s['alarms']} alarms",

@@ -20,6 +20,7 @@ from cloud.ledger import LedgerCheck
 from cloud.sepa import check_document
 from fogpay.cli import main
 from fogpay.demo import MARKER_FILE, prepare_out
+from fogpay.demo_budget import summarize
 from fogpay.demo_cast import PAYERS
 from fogpay.demo_pay import Outcomes
 from fogpay.demo_summary import Facts, build
@@ -252,3 +253,103 @@ def test_every_paying_owner_had_a_lease_before_its_first_payment(
     assert set(first_paid) == {o.owner_id for o in PAYERS}
     for owner, at in first_paid.items():
         assert first_grant[owner] < at
+
+
+def test_budget_moved_early_returns_and_device_to_device(
+    demo: tuple[Path, dict[str, Any], str],
+) -> None:
+    """docs/protocol.md 18 in the one-fog demo, recounted from the databases and the payee
+    devices' files: every lease given back early is closed at the cloud with the fog's final
+    draw, the unused part is what the summary says returned; the voucher's payments the payees
+    accepted offline are booked once each, within the voucher's amount; no peer transfers
+    with one fog."""
+    out, s, stdout = demo
+    assert s["transfers"] == 0 and s["transfers_micros"] == {}
+    for key in ("returned_leases_closed", "transfers_reconciled"):
+        assert s["invariants"][key] is True
+    assert s["invariants"]["vouchers_within_amount"] and s["invariants"]["d2d_booked_once"]
+    with sqlite3.connect(out / "fog.sqlite") as fog:
+        returned = fog.execute(
+            "SELECT lease_id, currency, amount_micros, drawn_micros, reason FROM lease_returns"
+        ).fetchall()
+    assert len(returned) == s["leases_returned"] > 0
+    assert {r[4] for r in returned} == {"operator"}
+    back: Counter[str] = Counter()
+    with sqlite3.connect(out / "cloud.sqlite") as db:
+        for lease_id, currency, amount, drawn, _ in returned:
+            state, reported = db.execute(
+                "SELECT state, reported_micros FROM leases WHERE lease_id = ?", (lease_id,)
+            ).fetchone()
+            assert state == "closed" and reported == drawn
+            back[currency] += amount - drawn
+        paid = db.execute(
+            "SELECT payment_id, payee, amount_micros FROM voucher_payments"
+        ).fetchall()
+        vouchers = db.execute("SELECT amount_micros, spent_micros FROM vouchers").fetchall()
+        escrow = db.execute(
+            "SELECT CAST(SUM(amount_micros) AS INTEGER) FROM transfers WHERE credit = 'voucher'"
+        ).fetchone()[0]
+    assert s["budget_returned_micros"] == dict(back) and sum(back.values()) > 0
+    assert len(paid) == s["d2d_payments"] == s["d2d_accepted"] == 3
+    assert {p[1] for p in paid} == {"skylink", "alptoll"}
+    assert vouchers == [(escrow, sum(p[2] for p in paid))] and escrow >= sum(p[2] for p in paid)
+    accepted = [
+        bytes.fromhex(json.loads(line)["id"])
+        for path in (out / "d2d").glob("*/d2d-in.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(accepted) == sorted(bytes(p[0]) for p in paid)
+    assert all(not (p / "held.jsonl").read_text().strip() for p in (out / "d2d").iterdir())
+    assert "given back early" in stdout and "3 booked" in stdout
+
+
+def test_the_budget_invariants_fail_on_a_mismatch() -> None:
+    """``demo_budget.summarize`` over made-up facts: a returned lease the cloud has not closed,
+    a transfer only one fog knows, a voucher paid past its amount, a payment accepted and never
+    booked each fail their invariant."""
+    lease, x, v, p = b"l" * 16, b"x" * 16, b"v" * 32, b"p" * 32
+    fogs = {"returned": [(lease, "EUR", 100, 40)], "given": [x], "received": [x]}
+    cloud = {
+        "returned_leases": {lease: ("closed", 100, 40)},
+        "transfers": [(x, 30, "closed", 30, 30, "EUR")],
+        "vouchers": [(v, 50, 20, "EUR", 20)],
+        "payments": [p],
+    }
+    good = summarize(fogs, cloud, [p])
+    assert all(good["invariants"].values())
+    assert good["facts"]["budget_returned_micros"] == {"EUR": 60}
+    assert good["facts"]["transfers"] == 1 and good["facts"]["d2d_payments"] == 1
+    bad = [
+        (fogs, cloud | {"returned_leases": {lease: ("reported", 100, 40)}}, [p]),
+        (fogs | {"received": []}, cloud, [p]),
+        (fogs, cloud | {"vouchers": [(v, 50, 60, "EUR", 60)]}, [p]),
+        (fogs, cloud, [p, b"q" * 32]),
+    ]
+    for (f, c, a), key in zip(
+        bad,
+        (
+            "returned_leases_closed",
+            "transfers_reconciled",
+            "vouchers_within_amount",
+            "d2d_booked_once",
+        ),
+        strict=True,
+    ):
+        assert summarize(f, c, a)["invariants"][key] is False, key
+
+
+def test_json_prints_the_summary_alone(tmp_path: Path) -> None:
+    """``--json``: stdout is one JSON object, the summary (the embedded broker's child once
+    printed its ``broker_shared_account`` warning there too: the fog logs it, once)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fogpay.cli", "demo", "--out", str(out), "--seconds", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 1
+    assert json.loads(proc.stdout) == json.loads((out / "summary.json").read_text())
+    assert "broker_shared_account" in (out / "demo.log").read_text()

@@ -152,3 +152,42 @@ def test_replicated_records_are_read_from_the_peers_replica_tables(tmp_path: Pat
     with contextlib.closing(sqlite3.connect(fogs[0].config.db)) as db:
         db.execute("CREATE TABLE other (x)")
     assert replicated_records(fogs) == 3
+
+
+def test_the_cut_fog_borrowed_from_its_peer_and_everything_reconciled(
+    cut_demo: tuple[Path, dict[str, Any]],
+) -> None:
+    """fog-a, on small leases and cut from the cloud, ran short of nordfleet's budget and
+    borrowed from fog-b (docs/protocol.md 18.2): each transfer is in the giver's
+    ``transfers_out``, the receiver's ``transfers_in`` and the cloud's ``peer_transfers``
+    once, its sub-lease is a lease of fog-a closed with no more drawn than moved, and every
+    lease of both fogs given back early at the end is closed; the payees' device-to-device
+    payments are booked once."""
+    out, s = cut_demo
+    assert s["transfers"] > 0 and s["invariants"]["transfers_reconciled"]
+    assert s["invariants"]["returned_leases_closed"] and s["invariants"]["d2d_booked_once"]
+    assert s["d2d_payments"] == 3 and sum(s["budget_returned_micros"].values()) > 0
+
+    def ids(fog: str, sql: str) -> list[bytes]:
+        with contextlib.closing(sqlite3.connect(out / "fogs" / fog / "fog.sqlite")) as db:
+            return sorted(bytes(r[0]) for r in db.execute(sql))
+
+    given = sorted(
+        x for f in ("fog-a", "fog-b") for x in ids(f, "SELECT transfer_id FROM transfers_out")
+    )
+    got = sorted(
+        x for f in ("fog-a", "fog-b") for x in ids(f, "SELECT transfer_id FROM transfers_in")
+    )
+    with contextlib.closing(sqlite3.connect(out / "cloud.sqlite")) as db:
+        rows = db.execute(
+            "SELECT t.transfer_id, t.giver, t.receiver, t.amount_micros, l.fog_id, l.state, "
+            "l.amount_micros, l.drawn_micros, p.fog_id, p.state FROM peer_transfers t "
+            "JOIN leases l ON l.lease_id = t.transfer_id JOIN leases p ON p.lease_id = t.parent_id"
+        ).fetchall()
+    assert sorted(bytes(r[0]) for r in rows) == given == got and len(rows) == s["transfers"]
+    for _, giver, receiver, amount, fog, state, sub, drawn, parent_fog, parent_state in rows:
+        assert giver != receiver and (fog, parent_fog) == (receiver, giver)
+        assert sub == amount and drawn <= amount
+        assert state == parent_state == "closed"
+    assert any(r[2] == "fog-a" for r in rows)  # the cut fog borrowed
+    assert s["transfers_micros"] == {"EUR": sum(r[3] for r in rows)}
