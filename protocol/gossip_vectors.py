@@ -23,7 +23,15 @@ from protocol.codec import pack
 from protocol.gossip import SEEN_ENTRIES_MAX, Seen, SeenEntry
 from protocol.limits import UINT64_MAX
 from protocol.reasons import Reason
-from protocol.vectors import T0_MS, VERSION, dumps, entry, pub, seed, signed_envelope
+from protocol.vectors import (
+    T0_MS,
+    VERSION,
+    entry,
+    pub,
+    refusals,
+    seed,
+    write_vectors,
+)
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "gossip-v1.json"
 
@@ -78,26 +86,12 @@ def malformed() -> list[dict[str, str]]:
         ("seen_missing_t", pack({k: v for k, v in seen.items() if k != "t"})),
         ("seen_unknown_key", pack(seen | {"x": 1})),
     ]
-    out = [
-        {
-            "name": name,
-            "topic_type": "seen",
-            "payload": signed_envelope("seen", body, "fog").hex(),
-            "reason": str(Reason.MALFORMED),
-        }
-        for name, body in cases
-    ]
-    good = bytes.fromhex(envelopes()[0]["envelope"])
-    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
-    out.append(
-        {
-            "name": "seen_bad_signature",
-            "topic_type": "seen",
-            "payload": broken.hex(),
-            "reason": str(Reason.BAD_SIGNATURE),
-        }
+    return refusals(
+        [(name, "seen", body, Reason.MALFORMED) for name, body in cases],
+        role="fog",
+        good_envelope=envelopes()[0]["envelope"],
+        bad_signature=("seen_bad_signature", "seen"),
     )
-    return out
 
 
 def build() -> dict[str, Any]:
@@ -110,9 +104,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

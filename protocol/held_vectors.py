@@ -24,7 +24,16 @@ from protocol.held import HELD_BYTES_MAX, HELD_RECORDS_MAX, HeldAck, encode_held
 from protocol.messages import Intent, Receipt
 from protocol.reasons import Reason
 from protocol.signing import seal_signed
-from protocol.vectors import T0_MS, VERSION, dumps, entry, key, pub, seed, signed_envelope
+from protocol.vectors import (
+    T0_MS,
+    VERSION,
+    entry,
+    key,
+    pub,
+    refusals,
+    seed,
+    write_vectors,
+)
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "held-v1.json"
 LEASE_ID: Final = bytes(range(16))
@@ -128,26 +137,12 @@ def malformed() -> list[dict[str, str]]:
         ),
         ("hack_id_twice", pack(hack | {"x": [[id1, "currency"]]}), Reason.MALFORMED),
     ]
-    out = [
-        {
-            "name": name,
-            "topic_type": "hack",
-            "payload": signed_envelope("hack", body, "issuer").hex(),
-            "reason": str(reason),
-        }
-        for name, body, reason in cases
-    ]
-    good = bytes.fromhex(envelopes()[0]["envelope"])
-    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
-    out.append(
-        {
-            "name": "hack_bad_signature",
-            "topic_type": "hack",
-            "payload": broken.hex(),
-            "reason": str(Reason.BAD_SIGNATURE),
-        }
+    return refusals(
+        [(name, "hack", body, reason) for name, body, reason in cases],
+        role="issuer",
+        good_envelope=envelopes()[0]["envelope"],
+        bad_signature=("hack_bad_signature", "hack"),
     )
-    return out
 
 
 def build() -> dict[str, Any]:
@@ -162,9 +157,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,16 @@ from protocol.codec import pack
 from protocol.leasing import LeaseReport, LeaseRequest
 from protocol.messages import Message
 from protocol.reasons import Reason
-from protocol.vectors import DAY_MS, T0_MS, VERSION, dumps, entry, pub, seed, signed_envelope
+from protocol.vectors import (
+    DAY_MS,
+    T0_MS,
+    VERSION,
+    entry,
+    pub,
+    refusals,
+    seed,
+    write_vectors,
+)
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "leasing-v1.json"
 LEASE_ID: Final = bytes(range(16))
@@ -93,26 +102,12 @@ def malformed() -> list[dict[str, str]]:
         ("lrep_lease_id_short", "lrep", pack(lrep | {"l": LEASE_ID[:15]}), Reason.MALFORMED),
         ("lrep_drawn_negative", "lrep", pack(lrep | {"u": -1}), Reason.MALFORMED),
     ]
-    out = [
-        {
-            "name": name,
-            "topic_type": msg_type,
-            "payload": signed_envelope(msg_type, body, "fog").hex(),
-            "reason": str(reason),
-        }
-        for name, msg_type, body, reason in cases
-    ]
-    good = bytes.fromhex(envelopes()[0]["envelope"])
-    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
-    out.append(
-        {
-            "name": "lreq_bad_signature",
-            "topic_type": "lreq",
-            "payload": broken.hex(),
-            "reason": str(Reason.BAD_SIGNATURE),
-        }
+    return refusals(
+        cases,
+        role="fog",
+        good_envelope=envelopes()[0]["envelope"],
+        bad_signature=("lreq_bad_signature", "lreq"),
     )
-    return out
 
 
 def build() -> dict[str, Any]:
@@ -125,9 +120,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

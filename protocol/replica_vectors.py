@@ -21,7 +21,14 @@ from protocol.codec import pack
 from protocol.messages import Message
 from protocol.reasons import Reason
 from protocol.replica import Fetch, ReplicaAck
-from protocol.vectors import T0_MS, VERSION, dumps, entry, seed, signed_envelope
+from protocol.vectors import (
+    T0_MS,
+    VERSION,
+    entry,
+    refusals,
+    seed,
+    write_vectors,
+)
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "replica-v1.json"
 HEADER_ID: Final = bytes(range(32))
@@ -61,26 +68,12 @@ def malformed() -> list[dict[str, str]]:
         ("fetch_from_zero", "fetch", pack(fetch | {"b": 0}), Reason.MALFORMED),
         ("fetch_unknown_key", "fetch", pack(fetch | {"x": 1}), Reason.MALFORMED),
     ]
-    out = [
-        {
-            "name": name,
-            "topic_type": msg_type,
-            "payload": signed_envelope(msg_type, body, "fog").hex(),
-            "reason": str(reason),
-        }
-        for name, msg_type, body, reason in cases
-    ]
-    good = bytes.fromhex(envelopes()[0]["envelope"])
-    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
-    out.append(
-        {
-            "name": "racc_bad_signature",
-            "topic_type": "racc",
-            "payload": broken.hex(),
-            "reason": str(Reason.BAD_SIGNATURE),
-        }
+    return refusals(
+        cases,
+        role="fog",
+        good_envelope=envelopes()[0]["envelope"],
+        bad_signature=("racc_bad_signature", "racc"),
     )
-    return out
 
 
 def build() -> dict[str, Any]:
@@ -93,9 +86,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

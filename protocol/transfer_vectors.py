@@ -23,7 +23,16 @@ from protocol.codec import pack
 from protocol.reasons import Reason
 from protocol.signing import seal_signed
 from protocol.transfer import Transfer, TransferRequest, transfer_id
-from protocol.vectors import DAY_MS, T0_MS, VERSION, dumps, entry, key, seed, signed_envelope
+from protocol.vectors import (
+    DAY_MS,
+    T0_MS,
+    VERSION,
+    entry,
+    key,
+    refusals,
+    seed,
+    write_vectors,
+)
 
 DEFAULT_PATH: Final = Path(__file__).parent / "vectors" / "transfer-v1.json"
 LEASE_ID: Final = bytes(range(16))
@@ -85,26 +94,12 @@ def malformed() -> list[dict[str, str]]:
         ("xfer_receiver_reserved", "xfer", pack(xfer | {"r": "held"})),
         ("xfer_na_negative", "xfer", pack(xfer | {"na": -1})),
     ]
-    out = [
-        {
-            "name": name,
-            "topic_type": msg_type,
-            "payload": signed_envelope(msg_type, body, "fog").hex(),
-            "reason": str(Reason.MALFORMED),
-        }
-        for name, msg_type, body in cases
-    ]
-    good = bytes.fromhex(envelopes()[1]["envelope"])
-    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
-    out.append(
-        {
-            "name": "xfer_bad_signature",
-            "topic_type": "xfer",
-            "payload": broken.hex(),
-            "reason": str(Reason.BAD_SIGNATURE),
-        }
+    return refusals(
+        [(name, msg_type, body, Reason.MALFORMED) for name, msg_type, body in cases],
+        role="fog",
+        good_envelope=envelopes()[1]["envelope"],
+        bad_signature=("xfer_bad_signature", "xfer"),
     )
-    return out
 
 
 def build() -> dict[str, Any]:
@@ -118,9 +113,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ gives the same bytes (Ed25519 signatures are deterministic). The file holds
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -424,6 +425,46 @@ def build() -> dict[str, Any]:
         "malformed": malformed(),
         "merkle": merkle_trees(),
     }
+
+
+def refusals(
+    cases: list[tuple[str, str, bytes, Reason]],
+    *,
+    role: str,
+    good_envelope: str,
+    bad_signature: tuple[str, str],
+) -> list[dict[str, str]]:
+    """The refusal vectors of a project message module: each case's body signed by ``role``
+    (name, topic type, payload hex, reason), then ``good_envelope`` (hex) with the last byte
+    of its signature flipped, as ``bad_signature`` = (name, topic type)."""
+    out = [
+        {
+            "name": name,
+            "topic_type": msg_type,
+            "payload": signed_envelope(msg_type, body, role).hex(),
+            "reason": str(reason),
+        }
+        for name, msg_type, body, reason in cases
+    ]
+    good = bytes.fromhex(good_envelope)
+    broken = good[:-1] + bytes([good[-1] ^ 1])  # the last byte is the signature's
+    name, msg_type = bad_signature
+    out.append(
+        {
+            "name": name,
+            "topic_type": msg_type,
+            "payload": broken.hex(),
+            "reason": str(Reason.BAD_SIGNATURE),
+        }
+    )
+    return out
+
+
+def write_vectors(argv: list[str], default: Path, build: Callable[[], dict[str, Any]]) -> int:
+    """``python -m protocol.X_vectors [PATH]``: write ``build()`` to PATH or ``default``."""
+    out = Path(argv[0]) if argv else default
+    out.write_text(dumps(build()), encoding="utf-8")
+    return 0
 
 
 def dumps(vectors: dict[str, Any]) -> str:

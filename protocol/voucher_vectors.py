@@ -25,7 +25,17 @@ from protocol.codec import pack
 from protocol.messages import FogCredential, Intent, Receipt
 from protocol.reasons import Reason
 from protocol.signing import Signed, seal_signed
-from protocol.vectors import T0_MS, VERSION, YEAR_MS, dumps, entry, key, pub, seed, signed_envelope
+from protocol.vectors import (
+    T0_MS,
+    VERSION,
+    YEAR_MS,
+    entry,
+    key,
+    pub,
+    seed,
+    signed_envelope,
+    write_vectors,
+)
 from protocol.voucher import (
     VOUCHER_PAYEE,
     Payment,
@@ -270,9 +280,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else DEFAULT_PATH
-    out.write_text(dumps(build()), encoding="utf-8")
-    return 0
+    return write_vectors(argv, DEFAULT_PATH, build)
 
 
 if __name__ == "__main__":

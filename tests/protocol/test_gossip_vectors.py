@@ -19,7 +19,7 @@ from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen, See
 from protocol.messages import Revocation
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
-from protocol.vectors import key, seed, signed_envelope
+from protocol.vectors import dumps, key, seed, signed_envelope
 
 
 @cache
@@ -30,7 +30,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = gossip_vectors.DEFAULT_PATH.read_text()
-    assert text == gossip_vectors.dumps(gossip_vectors.build())
+    assert text == dumps(gossip_vectors.build())
     out = tmp_path / "gossip.json"
     subprocess.run([sys.executable, "-m", "protocol.gossip_vectors", str(out)], check=True)
     assert out.read_text() == text

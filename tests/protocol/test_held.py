@@ -18,7 +18,7 @@ from protocol.held import HELD_RECORDS_MAX, HeldAck, decode_held, encode_held
 from protocol.messages import Intent, Receipt
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal, seal_signed
-from protocol.vectors import key, pub, seed
+from protocol.vectors import dumps, key, pub, seed
 
 
 @cache
@@ -29,7 +29,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = held_vectors.DEFAULT_PATH.read_text()
-    assert text == held_vectors.dumps(held_vectors.build())
+    assert text == dumps(held_vectors.build())
     out = tmp_path / "held.json"
     subprocess.run([sys.executable, "-m", "protocol.held_vectors", str(out)], check=True)
     assert out.read_text() == text

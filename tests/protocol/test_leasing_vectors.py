@@ -16,7 +16,7 @@ from protocol.errors import Declined
 from protocol.leasing import LeaseReport, LeaseRequest
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
-from protocol.vectors import key, seed
+from protocol.vectors import dumps, key, seed
 
 TYPES = {"lreq": LeaseRequest, "lrep": LeaseReport}
 
@@ -29,7 +29,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = leasing_vectors.DEFAULT_PATH.read_text()
-    assert text == leasing_vectors.dumps(leasing_vectors.build())
+    assert text == dumps(leasing_vectors.build())
     out = tmp_path / "leasing.json"
     subprocess.run([sys.executable, "-m", "protocol.leasing_vectors", str(out)], check=True)
     assert out.read_text() == text

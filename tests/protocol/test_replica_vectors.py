@@ -18,7 +18,7 @@ from protocol.messages import decode_body
 from protocol.reasons import Reason
 from protocol.replica import Fetch, ReplicaAck
 from protocol.signing import message_id, open_envelope, public_key, seal
-from protocol.vectors import key, seed
+from protocol.vectors import dumps, key, seed
 
 TYPES = {"racc": ReplicaAck, "fetch": Fetch}
 
@@ -31,7 +31,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = replica_vectors.DEFAULT_PATH.read_text()
-    assert text == replica_vectors.dumps(replica_vectors.build())
+    assert text == dumps(replica_vectors.build())
     out = tmp_path / "replica.json"
     subprocess.run([sys.executable, "-m", "protocol.replica_vectors", str(out)], check=True)
     assert out.read_text() == text

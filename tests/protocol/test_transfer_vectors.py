@@ -16,7 +16,7 @@ from protocol.errors import Declined
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
 from protocol.transfer import Transfer, TransferRequest, transfer_id
-from protocol.vectors import key, seed
+from protocol.vectors import dumps, key, seed
 
 TYPES = {"xreq": TransferRequest, "xfer": Transfer}
 
@@ -29,7 +29,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = transfer_vectors.DEFAULT_PATH.read_text()
-    assert text == transfer_vectors.dumps(transfer_vectors.build())
+    assert text == dumps(transfer_vectors.build())
     out = tmp_path / "transfer.json"
     subprocess.run([sys.executable, "-m", "protocol.transfer_vectors", str(out)], check=True)
     assert out.read_text() == text

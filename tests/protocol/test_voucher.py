@@ -17,7 +17,7 @@ from protocol.errors import Declined
 from protocol.messages import Intent, Receipt, encode_body
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, seal_signed
-from protocol.vectors import T0_MS, key, pub
+from protocol.vectors import T0_MS, dumps, key, pub
 from protocol.voucher import (
     ENVELOPE_BYTES_MAX,
     VOUCHER_LIFE_MS,
@@ -45,7 +45,7 @@ def golden() -> dict[str, Any]:
 
 def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
     text = voucher_vectors.DEFAULT_PATH.read_text()
-    assert text == voucher_vectors.dumps(voucher_vectors.build())
+    assert text == dumps(voucher_vectors.build())
     out = tmp_path / "voucher.json"
     subprocess.run([sys.executable, "-m", "protocol.voucher_vectors", str(out)], check=True)
     assert out.read_text() == text
