@@ -3,10 +3,7 @@ envelopes open with the fog's key and give the stated body and id, the ``xfer``'
 transfer id of the ``xreq``'s id, and every refused payload is refused with its reason."""
 
 import json
-import subprocess
-import sys
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +13,7 @@ from protocol.errors import Declined
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
 from protocol.transfer import Transfer, TransferRequest, transfer_id
-from protocol.vectors import dumps, key, seed
+from protocol.vectors import key, seed
 
 TYPES = {"xreq": TransferRequest, "xfer": Transfer}
 
@@ -25,14 +22,6 @@ TYPES = {"xreq": TransferRequest, "xfer": Transfer}
 def golden() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(transfer_vectors.DEFAULT_PATH.read_text())
     return data
-
-
-def test_file_is_current_and_reproducible(tmp_path: Path) -> None:
-    text = transfer_vectors.DEFAULT_PATH.read_text()
-    assert text == dumps(transfer_vectors.build())
-    out = tmp_path / "transfer.json"
-    subprocess.run([sys.executable, "-m", "protocol.transfer_vectors", str(out)], check=True)
-    assert out.read_text() == text
 
 
 def test_the_transfer_answers_the_request_by_its_id() -> None:
