@@ -16,7 +16,9 @@ A lease closes when its fog's ``lrep`` says what it drew (``u``) up to batch ``b
 holds that fog's batches up to ``b`` and the booked draws on the lease equal ``u``; then its
 unused part is free. The report may come before the lease's ``na`` (the fog gave it back
 early, docs/protocol.md 18.1): the same rules apply. A report that disagrees raises
-``lease_report_mismatch`` and the lease stays in escrow for an operator. Settlement frees the
+``lease_report_mismatch`` and the lease stays in escrow for an operator; if what was missing
+arrives later (the fog's ``xfer`` or batch overtaken by its report) and the lease closes, the
+alarm is cleared (``alarm_cleared``). Settlement frees the
 closed leases' booked transfers.
 """
 
@@ -253,6 +255,7 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
             )
             continue
         await tx.execute("UPDATE leases SET state = ? WHERE lease_id = ?", (STATE_CLOSED, lease_id))
+        await _clear_explained(tx, lease_id, fog_id)
         topic = topics.lease_topic(fog_id, lease_id)
         await tx.execute("DELETE FROM retained WHERE topic = ?", (topic,))
         cleared.append(topic)
@@ -268,6 +271,29 @@ async def close_reported(tx: Tx, fog_id: str, chain_number: int, *, now_ms: int 
             early=bool(now_ms) and now_ms <= not_after,
         )
     return cleared
+
+
+async def _clear_explained(tx: Tx, lease_id: bytes, fog_id: str) -> None:
+    """The lease closes because its report now agrees with the books: a mismatch raised
+    earlier was a report that overtook its fog's ``xfer`` (18.2) or batches, not money
+    missing. The alarm goes; the log line keeps what it said."""
+    subject = lease_id.hex()
+    row = await tx.fetchone(
+        "SELECT detail FROM alarms WHERE kind = ? AND subject = ?", (ALARM_LEASE_REPORT, subject)
+    )
+    if row is None:
+        return
+    await tx.execute(
+        "DELETE FROM alarms WHERE kind = ? AND subject = ?", (ALARM_LEASE_REPORT, subject)
+    )
+    log.info(
+        "alarm_cleared",
+        kind=ALARM_LEASE_REPORT,
+        fog_id=fog_id,
+        lease=subject,
+        was=str(row[0]),
+        cause="the lease closed: its report agrees with the books now",
+    )
 
 
 async def add_alarm(tx: Tx, alarm: Alarm, *, fog_id: str, now_ms: int = 0) -> bool:

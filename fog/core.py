@@ -552,7 +552,7 @@ class FogCore:
                 return []
             if parsed.kind is Kind.GOSSIP_XREQ:
                 return self._xreq(payload, now)
-            return self._xfer(payload, now, _mono(event))
+            return self._xfer(payload, now, _mono(event), from_cloud=parsed.kind is Kind.LEASE)
         if self._replication is not None:
             routed = self._replicated(parsed, payload, now)
             if routed is not None:
@@ -1076,18 +1076,24 @@ class FogCore:
             Publish(topic=transfer_up_topic(self.fog_id), payload=given.envelope),
         ]
 
-    def _xfer(self, payload: bytes, now: int, mono: int) -> list[FogOutput]:
+    def _xfer(self, payload: bytes, now: int, mono: int, *, from_cloud: bool) -> list[FogOutput]:
         """A transfer for this fog (from the giver, or the cloud's retained copy): a
-        sub-lease, once per id; it goes up to the cloud before anything is drawn on it."""
+        sub-lease, once per id; it goes up to the cloud before anything is drawn on it.
+
+        Refused and never drawn: one expired on arrival, and one whose giver's fog credential
+        is not known here (yet). The cloud's retained copy of either means the cloud holds the
+        sub-lease in escrow: it is reported unused (``u`` = 0) at once, which closes it and
+        frees its budget, and this fog never stores it afterwards (18.2)."""
         try:
             got = self._store.receive_transfer(payload, now_ms=now)
         except Exception as exc:  # the seam: nothing stored; it comes again
             return [Alarm(event="transfer_failed", error=type(exc).__name__)]
         expired = got.status == "expired"  # as a lease arriving expired (13.3): refused
+        unverified = got.status == "unverified"
         out: list[FogOutput] = [
             TrustLoaded(
                 msg_type="xfer",
-                status="refused" if expired else got.status,
+                status="refused" if expired or unverified else got.status,
                 reason=Reason.EXPIRED if expired else got.reason,
                 detail=got.detail or f"{got.amount_micros} of {got.owner_id} from {got.giver}",
             )
@@ -1096,7 +1102,9 @@ class FogCore:
             self._asks.answered((got.owner_id, got.currency))
             self._mark_active(got.owner_id, mono)
             out.append(Publish(topic=transfer_up_topic(self.fog_id), payload=payload))
-        if got.status == "expired":
+        if expired or (unverified and from_cloud):
+            if unverified:
+                self._asks.answered((got.owner_id, got.currency))  # ask again, afresh
             out.extend(self._report_unused(got.transfer_id, now, mono))
         return out
 

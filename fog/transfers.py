@@ -14,7 +14,10 @@ Receiver (``receive``). A peer's ``xfer`` for this fog: stored as a lease of the
 ``transfers_in``; the same ``x`` again is a duplicate (never credited twice), another content
 under a known ``x`` is refused. The sub-lease is then drawn and reported as any lease (13.1,
 14.4). One already expired is not stored: the caller reports it unused (``u`` = 0), as a lease
-arriving expired (14.4).
+arriving expired (14.4). One whose signer is not (yet) a fog credential of the giver known here
+is refused ("unverified"); when that copy is the cloud's retained one on this fog's lease topic,
+the cloud holds the sub-lease in escrow, and the caller reports it unused too, or nothing would
+ever close it (found by tests/sim: the credential arrived after both copies).
 """
 
 import sqlite3
@@ -71,7 +74,7 @@ class Given:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    status: str  # "accepted" | "duplicate" | "refused" | "expired"
+    status: str  # "accepted" | "duplicate" | "refused" | "expired" | "unverified"
     transfer_id: bytes = b""
     owner_id: str = ""
     currency: str = ""
@@ -202,8 +205,15 @@ def receive(
     if x.receiver_id != own_fog_id:
         return Received("refused", reason=Reason.WRONG_FOG, detail=f"for {x.receiver_id}")
     if not fog_key_valid(conn, x.fog_id, signed.signer, issuer=issuer, now_ms=now_ms):
+        # refused: nothing is stored and nothing may be drawn; "unverified" tells the caller
+        # the transfer id, so that a copy the cloud holds can be reported unused (18.2)
         return Received(
-            "refused",
+            "unverified",
+            x.transfer_id,
+            x.owner_id,
+            x.currency,
+            0,
+            x.fog_id,
             reason=Reason.BAD_SIGNATURE,
             detail=f"not signed by a fog credential of {x.fog_id}",
         )

@@ -26,6 +26,7 @@ from fog.core import (
     LeaseReport,
     Publish,
     Receipt,
+    ReturnLeases,
     Tick,
     TrustMessage,
 )
@@ -292,3 +293,67 @@ async def test_a_lost_transfer_strands_budget_until_expiry_and_creates_none(
     assert await store.transact(lambda tx: exposure(tx, "acme")) == 3_000  # nothing created
     states = await store.transact(lambda tx: tx.fetchall("SELECT state FROM leases"))
     assert {r[0] for r in states} == {"closed"}
+
+
+async def alarms(store: Store) -> list[tuple[str, str]]:
+    rows = await store.transact(lambda tx: tx.fetchall("SELECT kind, subject FROM alarms"))
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+async def test_a_sub_lease_the_receiver_cannot_verify_is_reported_unused_and_freed(
+    world: World, tmp_path: Path
+) -> None:
+    """The receiver does not hold the giver's fog credential when the xfer and the cloud's
+    retained copy arrive: it refuses both and reports the retained one unused, so the cloud
+    closes the sub-lease and its budget returns to the owner long before the parent's expiry
+    (it stayed in escrow for good before). And a giver's report that reaches the cloud before
+    its xfer raises ``lease_report_mismatch`` only until the xfer explains it."""
+    await world.owner("acme", limit=LIMIT)
+    await world.fog("fog-a")
+    await world.fog("fog-b")
+    device = await world.device("acme")
+    cloud = CloudCore(
+        store=world.store, issuer=world.issuer, clock=world.clock, policy=world.policy
+    )
+    store = world.store
+    fogs = Fogs(world, tmp_path)
+    a, b = fogs.open("fog-a", "fog-b"), fogs.open("fog-b", "fog-a")
+    trust = await cloud.retained()
+    fogs.give("fog-a", trust, T0)
+    fogs.give("fog-b", [(t, p) for t, p in trust if t != topics.fog_topic("fog-a")], T0)
+    granted = await world.lease("acme", "fog-a", amount=LEASE)
+    fogs.give("fog-a", [(granted.topic, granted.envelope)], T0)
+    payload = fogs.intent(device, "fog-b", 2_000)
+    fogs.pay("fog-b", device, payload, T0)
+    b.handle(Tick(now_ms=T0))
+    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
+    fogs.pay("fog-b", device, payload, T0 + 1_100)
+    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    given = fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)
+    [to_b] = [p for p in of(given, Publish) if p.topic == topics.gossip_topic("fog-b", "xfer")]
+    [up] = [p for p in of(given, Publish) if p.topic == "fogpay/1/up/fog-a/xfer"]
+    xfer = open_envelope(up.payload, Transfer).msg
+    # fog-a returns its lease early (18.1): its report goes up, but its xfer is lost on the
+    # way and comes only with a later resend: the report alone disagrees with the books
+    [report] = of(a.handle(ReturnLeases(now_ms=T0 + 3_000, cause="operator")), LeaseReport)
+    await cloud.lease_report(report.payload)
+    assert await alarms(store) == [("lease_report_mismatch", xfer.lease_id.hex())]
+    retained = await cloud.transfer(up.payload)  # the resend: the parent closes
+    assert await alarms(store) == []  # explained: the alarm is cleared, with a log line
+    # fog-b refuses the gossip copy (no credential of fog-a) and reports the retained one
+    assert of(fogs.give("fog-b", [(to_b.topic, to_b.payload)], T0 + 3_100), LeaseReport) == []
+    got = fogs.give("fog-b", retained, T0 + 3_200)
+    [unused] = of(got, LeaseReport)
+    assert unused.lease_id == xfer.transfer_id and unused.drawn_micros == 0
+    await cloud.lease_report(unused.payload)
+    rows = await store.transact(lambda tx: tx.fetchall("SELECT lease_id, state FROM leases"))
+    assert {bytes(r[0]): r[1] for r in rows} == {
+        xfer.lease_id: "closed",
+        xfer.transfer_id: "closed",
+    }
+    # nothing stays in escrow: the owner's whole limit is free again, long before the na
+    assert await store.transact(lambda tx: exposure(tx, "acme")) == 0
+    assert await alarms(store) == []
+    assert fogs.pay("fog-b", device, payload, T0 + 3_300).outcome.reason is (
+        Reason.INSUFFICIENT_BUDGET
+    )

@@ -305,3 +305,46 @@ def test_a_transfer_that_arrives_expired_is_reported_unused(pair: Pair) -> None:
     )
     kinds = [o.topic.rsplit("/", 1)[-1] for o in out if isinstance(o, Publish | LeaseReport)]
     assert kinds == ["xfer", "lrep"]  # the cloud learns the transfer before its report
+
+
+def test_the_clouds_copy_of_a_transfer_from_an_unknown_giver_is_reported_unused(
+    tmp_path: Path,
+) -> None:
+    """The receiver does not hold the giver's fog credential (yet) when both copies of an
+    ``xfer`` arrive: it refuses both, and reports the cloud's retained copy unused, or the
+    cloud would keep the sub-lease's budget in escrow for good (found by tests/sim)."""
+    pair = Pair(tmp_path)
+    _, xreq = pair.ask()
+    [to_b] = [
+        p
+        for p in published(pair.deliver("fog-a", xreq, NOW + 2_000), "xfer")
+        if "gossip" in p.topic
+    ]
+    xfer = open_envelope(to_b.payload, Transfer).msg
+    (tmp_path / "late").mkdir()
+    late = Pair(tmp_path / "late")  # its fog-b knows another fog-a key: fog-a's is unknown
+    b = late.cores["fog-b"]
+    # the gossip copy: refused, nothing stored, nothing reported (the cloud may not hold it)
+    out = b.handle(TrustMessage(topic=to_b.topic, payload=to_b.payload, now_ms=NOW + 2_001))
+    assert [(t.status, t.reason) for t in of(out, TrustLoaded)] == [
+        ("refused", Reason.BAD_SIGNATURE)
+    ]
+    assert of(out, LeaseReport) == [] and published(out, "xfer") == []
+    # the cloud's retained copy on fog-b's lease topic: refused, and reported unused at once
+    retained = topics.lease_topic("fog-b", xfer.transfer_id)
+    out = b.handle(TrustMessage(topic=retained, payload=to_b.payload, now_ms=NOW + 2_002))
+    assert [(t.status, t.reason) for t in of(out, TrustLoaded)] == [
+        ("refused", Reason.BAD_SIGNATURE)
+    ]
+    [report] = of(out, LeaseReport)
+    msg = open_envelope(report.payload, LeaseReportMsg, signer=public_key(late.keys["fog-b"])).msg
+    assert (msg.lease_id, msg.drawn_micros, msg.last_batch, msg.fog_id) == (
+        xfer.transfer_id,
+        0,
+        0,
+        "fog-b",
+    )
+    # once reported, never drawn: a later copy is refused, and not reported twice
+    out = b.handle(TrustMessage(topic=retained, payload=to_b.payload, now_ms=NOW + 2_003))
+    assert [t.status for t in of(out, TrustLoaded)] == ["refused"] and not of(out, LeaseReport)
+    assert xfer.transfer_id not in late.drawn("fog-b")
