@@ -91,6 +91,10 @@ TABLES: Final = (
     """CREATE TABLE IF NOT EXISTS voucher_returns (
         voucher_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, currency TEXT NOT NULL,
         amount_micros {int} NOT NULL, returned_ms {int} NOT NULL)""",
+    # which escrow moves (d2d payments, returned escrow) a settlement period paid out
+    """CREATE TABLE IF NOT EXISTS escrow_settled (
+        kind TEXT NOT NULL, ref {blob} NOT NULL, period TEXT NOT NULL,
+        PRIMARY KEY (kind, ref))""",
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT NOT NULL, currency TEXT NOT NULL, balance_micros {int} NOT NULL,
         PRIMARY KEY (account_id, currency))""",

@@ -9,7 +9,11 @@ keeps counting. The report's "receipts" side is summed from the intents in the s
 records (decoded again, not from the transfers table), so it is an independent count.
 
 The ledger's accounts are not moved by settlement: they hold everything ever booked, and a
-period is the set of transfers marked with it (docs/cloud.md).
+period is the set of transfers marked with it (docs/cloud.md), with the escrow moves of
+device-to-device payments (docs/protocol.md 18.3) marked in ``escrow_settled``: a voucher
+intent charges its owner like any payment but pays nobody (its credit is the escrow account
+``voucher``); each d2d payment booked from the escrow is paid out to its payee, and each
+returned escrow back to its owner, in the period that takes it.
 """
 
 import json
@@ -18,6 +22,7 @@ from typing import Any, Final
 
 from cloud.settlement import Balance, Party, SettlementPlan, plan_period, reconcile
 from cloud.store import Tx
+from cloud.vouchers import ESCROW_ACCOUNT
 from protocol import limits
 from protocol.batch import decode_record
 from protocol.errors import FogpayError
@@ -42,7 +47,43 @@ async def _parties(tx: Tx) -> dict[str, Party]:
     return {r[0]: Party(owner_id=r[0], name=r[1], currency=r[2], funding_ref=r[3]) for r in rows}
 
 
+# the escrow moves a period pays out (docs/protocol.md 18.3): d2d payments to their payees,
+# unspent escrow back to its owner; (kind in escrow_settled, table, id, party, time column)
+_ESCROW_OUT: Final = (
+    ("payment", "voucher_payments", "payment_id", "payee", "booked_ms"),
+    ("return", "voucher_returns", "voucher_id", "owner_id", "returned_ms"),
+)
+
+
+async def _mark_escrow(tx: Tx, period_id: str, until_ms: int) -> None:
+    """The escrow moves booked up to ``until_ms`` and in no period yet join this one."""
+    for kind, table, key, _, at in _ESCROW_OUT:
+        await tx.execute(
+            f"INSERT INTO escrow_settled (kind, ref, period) SELECT ?, m.{key}, ? "
+            f"FROM {table} m WHERE m.{at} <= ? AND NOT EXISTS (SELECT 1 FROM escrow_settled "
+            f"e WHERE e.kind = ? AND e.ref = m.{key})",
+            (kind, period_id, until_ms, kind),
+        )
+
+
+async def _escrow_out(tx: Tx, period_id: str) -> list[tuple[str, str, int, int]]:
+    """(party, currency, count, micros) of the period's escrow moves, both kinds."""
+    out = []
+    for kind, table, key, party, _ in _ESCROW_OUT:
+        rows = await tx.fetchall(
+            f"SELECT m.{party}, m.currency, COUNT(*), CAST(SUM(m.amount_micros) AS BIGINT) "
+            f"FROM {table} m JOIN escrow_settled e ON e.kind = ? AND e.ref = m.{key} "
+            f"WHERE e.period = ? GROUP BY m.{party}, m.currency",
+            (kind, period_id),
+        )
+        out += [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
+    return out
+
+
 async def _balances(tx: Tx, period_id: str) -> list[Balance]:
+    """Per party and currency: its debits (payments its devices made), its credits (payments
+    it received; for the escrow account ``voucher``, nothing: what went into the escrow is
+    paid out only as it leaves, to d2d payees and back to owners)."""
     sides: dict[tuple[str, str], dict[str, int]] = {}
     for col, n_key, sum_key in (
         ("debit", "receipts", "debit"),
@@ -50,12 +91,16 @@ async def _balances(tx: Tx, period_id: str) -> list[Balance]:
     ):
         rows = await tx.fetchall(
             f"SELECT {col}, currency, COUNT(*), CAST(SUM(amount_micros) AS BIGINT) "
-            f"FROM transfers WHERE period = ? GROUP BY {col}, currency",
-            (period_id,),
+            f"FROM transfers WHERE period = ? AND {col} <> ? GROUP BY {col}, currency",
+            (period_id, ESCROW_ACCOUNT),
         )
         for account, currency, n, total in rows:
             side = sides.setdefault((account, currency), {})
             side[n_key], side[sum_key] = int(n), int(total)
+    for account, currency, n, total in await _escrow_out(tx, period_id):
+        side = sides.setdefault((account, currency), {})
+        side["credit_receipts"] = side.get("credit_receipts", 0) + n
+        side["credit"] = side.get("credit", 0) + total
     carries = await tx.fetchall(
         "SELECT owner_id, currency, charge_micros, payout_micros FROM carries"
     )
@@ -99,7 +144,15 @@ async def _receipts_total(tx: Tx, period_id: str) -> dict[str, int]:
     return out
 
 
-async def _ledger_sides(tx: Tx, period_id: str) -> tuple[dict[str, int], dict[str, int]]:
+@dataclass(frozen=True, slots=True)
+class _Sides:
+    debits: dict[str, int]
+    credits: dict[str, int]  # paid out: to payees other than the escrow, and out of it
+    escrow_in: dict[str, int]
+    escrow_out: dict[str, int]
+
+
+async def _ledger_sides(tx: Tx, period_id: str) -> _Sides:
     rows = await tx.fetchall(
         "SELECT currency, CAST(SUM(amount_micros) AS BIGINT) FROM transfers "
         "WHERE period = ? GROUP BY currency",
@@ -114,9 +167,15 @@ async def _ledger_sides(tx: Tx, period_id: str) -> tuple[dict[str, int], dict[st
         (period_id,),
     )
     credits: dict[str, int] = {}
-    for currency, _, total in credit_rows:
-        credits[currency] = credits.get(currency, 0) + int(total)
-    return debits, credits
+    escrow_in: dict[str, int] = {}
+    for currency, account, total in credit_rows:
+        into = escrow_in if account == ESCROW_ACCOUNT else credits
+        into[currency] = into.get(currency, 0) + int(total)
+    escrow_out: dict[str, int] = {}
+    for _, currency, _, total in await _escrow_out(tx, period_id):
+        escrow_out[currency] = escrow_out.get(currency, 0) + total
+        credits[currency] = credits.get(currency, 0) + total
+    return _Sides(debits, credits, escrow_in, escrow_out)
 
 
 async def close_period(tx: Tx, *, period_id: str, until_ms: int, now_ms: int) -> Closed:
@@ -128,18 +187,21 @@ async def close_period(tx: Tx, *, period_id: str, until_ms: int, now_ms: int) ->
     )
     if n > PERIOD_TRANSFERS_MAX:
         raise PeriodError(f"{n} transfers in one period > {PERIOD_TRANSFERS_MAX}: settle oftener")
+    await _mark_escrow(tx, period_id, until_ms)
     plan = plan_period(
         period_id=period_id,
         until_ms=until_ms,
         balances=await _balances(tx, period_id),
         parties=await _parties(tx),
     )
-    debits, credits = await _ledger_sides(tx, period_id)
+    sides = await _ledger_sides(tx, period_id)
     report = reconcile(
         plan,
         receipts_total_micros=await _receipts_total(tx, period_id),
-        ledger_debits_micros=debits,
-        ledger_credits_micros=credits,
+        ledger_debits_micros=sides.debits,
+        ledger_credits_micros=sides.credits,
+        escrow_in_micros=sides.escrow_in,
+        escrow_out_micros=sides.escrow_out,
     )
     await _book(tx, plan, report, now_ms)
     return Closed(plan, report)

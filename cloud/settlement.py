@@ -426,9 +426,16 @@ def reconcile(
     receipts_total_micros: Amounts,
     ledger_debits_micros: Amounts,
     ledger_credits_micros: Amounts,
+    escrow_in_micros: Amounts | None = None,
+    escrow_out_micros: Amounts | None = None,
 ) -> dict[str, Any]:
     """The period's reconciliation report (JSON-ready): device receipts = ledger movements =
     settlement lines + carry delta, per currency.
+
+    Voucher escrow (docs/protocol.md 18.3): what the period's debits put into the escrow
+    (``escrow_in``: voucher intents) is not paid out; what left it (``escrow_out``: d2d
+    payments to their payees, unspent escrow returned to owners) is, so double entry reads
+    ``debits == credits + escrow_in - escrow_out``. Both default to nothing.
 
     Pass per-currency mappings (``{"EUR": micros}``); a plain int is compared with the sum
     over all currencies (a weaker check, exact only for a single-currency period). The plan's
@@ -439,6 +446,8 @@ def reconcile(
         "receipts": receipts_total_micros,
         "ledger_debits": ledger_debits_micros,
         "ledger_credits": ledger_credits_micros,
+        "escrow_in": _zero_like(escrow_in_micros, receipts_total_micros),
+        "escrow_out": _zero_like(escrow_out_micros, receipts_total_micros),
     }
     per_currency = all(isinstance(v, Mapping) for v in sides.values())
     assert per_currency or all(isinstance(v, int) for v in sides.values()), "mixed forms"
@@ -458,6 +467,12 @@ def reconcile(
     }
 
 
+def _zero_like(given: Amounts | None, like: Amounts) -> Amounts:
+    if given is not None:
+        return given
+    return {} if isinstance(like, Mapping) else 0
+
+
 def _scope_totals(plan: SettlementPlan, scope: str) -> Totals:
     chosen = [t for t in plan.totals if scope in ("*", t.currency)]
     sums = {
@@ -475,7 +490,8 @@ def _reconcile_scope(
     given = {name: (v.get(scope, 0) if isinstance(v, Mapping) else v) for name, v in sides.items()}
     checks = {
         "receipts_eq_ledger_debits": given["receipts"] == given["ledger_debits"],
-        "ledger_debits_eq_ledger_credits": given["ledger_debits"] == given["ledger_credits"],
+        "ledger_debits_eq_ledger_credits": given["ledger_debits"]
+        == given["ledger_credits"] + given["escrow_in"] - given["escrow_out"],
         "ledger_debits_eq_plan_debits": given["ledger_debits"] == t.debits_micros,
         "ledger_credits_eq_plan_credits": given["ledger_credits"] == t.credits_micros,
         "charges_eq_debits_plus_carry_delta": _charge_delta(t) == 0,
@@ -487,6 +503,8 @@ def _reconcile_scope(
         "receipts_micros": given["receipts"],
         "ledger_debits_micros": given["ledger_debits"],
         "ledger_credits_micros": given["ledger_credits"],
+        "escrow_in_micros": given["escrow_in"],
+        "escrow_out_micros": given["escrow_out"],
         "plan_debits_micros": t.debits_micros,
         "plan_credits_micros": t.credits_micros,
         "charged_micros": t.charged_micros,

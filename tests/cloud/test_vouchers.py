@@ -52,11 +52,12 @@ async def voucher(
     seq: int = 1,
     book: bool = True,
     memo: bytes | None = None,
+    amount: int = VOUCHER,
 ) -> bytes:
     """A voucher intent authorized by fog-a (booked by its batch when ``book``): the vch."""
     fog = w.fogs["fog-a"]
     lease_id = w.lease_ids["fog-a"]  # type: ignore[attr-defined]
-    record = fog.authorize(payer, seq=seq, lease_id=lease_id, amount=VOUCHER, payee=VOUCHER_PAYEE)
+    record = fog.authorize(payer, seq=seq, lease_id=lease_id, amount=amount, payee=VOUCHER_PAYEE)
     if memo is not None:  # the same intent with a memo (the payee list)
         from protocol.messages import Intent
 
@@ -66,7 +67,7 @@ async def voucher(
                 fog_id="fog-a",
                 seq=seq,
                 payee_id=VOUCHER_PAYEE,
-                amount_micros=VOUCHER,
+                amount_micros=amount,
                 currency="EUR",
                 time_ms=T0,
                 memo=memo,
@@ -284,3 +285,44 @@ async def test_a_cumulative_past_the_amount_is_attributed_only_on_a_real_voucher
     assert hack_of(w, published, payee).faults == [(over.id, FAULT_OVERSPENT)]
     assert await w.tx(lambda tx: registry.is_revoked(tx, d))
     assert await count(w.store, "voucher_payments") == 0
+
+
+async def test_settlement_pays_d2d_payees_and_refunds_returned_escrow_once(world: World) -> None:
+    """The voucher intent charges its owner like any payment but pays nobody: the escrow pays
+    each d2d payee when its payment is booked, and the owner when its unspent escrow is
+    returned, each in one period only; the reconciliation report balances with the escrow."""
+    from cloud.settle import close_period
+
+    w = world
+    await w.owner("parking-7", funding="")  # a payee with an account (manual rail)
+    core, payer = await setup(w)
+    vch = await voucher(w, core, payer, amount=500_000)  # 0.50 EUR
+    p1 = payment(payer, vch, s=1, payee="parking-7", a=120_000, u=120_000)
+    await core.held_upload(encode_held([pack([vch, p1.raw])]), public_key(new_key()))
+
+    async def lines(period: str) -> dict[tuple[str, str], int]:
+        rows = await w.tx(
+            lambda tx: tx.fetchall(
+                "SELECT kind, owner_id, micros FROM settlement_lines WHERE period_id = ?",
+                (period,),
+            )
+        )
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    closed = await w.tx(lambda tx: close_period(tx, period_id="P1", until_ms=w.now, now_ms=w.now))
+    assert closed.report["balanced"], closed.report["mismatches"]
+    [eur] = closed.report["currencies"]
+    assert (eur["escrow_in_micros"], eur["escrow_out_micros"]) == (500_000, 120_000)
+    # alice is charged the whole voucher; the payee is paid its 0.12 EUR; nobody is paid 'voucher'
+    assert await lines("P1") == {("charge", "alice"): 500_000, ("payout", "parking-7"): 120_000}
+    # the voucher expires; its unspent 0.38 EUR go back to alice and are paid out to her next
+    w.now += VOUCHER_LIFE_MS + VOUCHER_GRACE_MS + 1
+    await w.tx(lambda tx: vouchers.return_expired(tx, now_ms=w.now, apply=True))
+    closed = await w.tx(lambda tx: close_period(tx, period_id="P2", until_ms=w.now, now_ms=w.now))
+    assert closed.report["balanced"], closed.report["mismatches"]
+    assert await lines("P2") == {("payout", "alice"): 380_000}
+    # nothing is paid twice: a third period has no lines
+    w.now += 1
+    closed = await w.tx(lambda tx: close_period(tx, period_id="P3", until_ms=w.now, now_ms=w.now))
+    assert closed.report["balanced"] and await lines("P3") == {}
+    assert (await w.tx(ledger.check)).ok
