@@ -20,7 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 import nacl.signing
 
 from cloud import config as cloud_config
-from cloud import leases, ledger, registry, vouchers
+from cloud import leases, ledger, registry, transfers, vouchers
 from cloud.backends import StoreOpenError, open_store
 from cloud.bound import Bound, owner_bound
 from cloud.proof import ProofError, build_proof, verify_proof
@@ -261,4 +261,5 @@ async def show_owner(tx: Tx, owner_id: str, *, policy_life_ms: int) -> dict[str,
     # the voucher escrow (18.3): voucher intents are booked transfers drawn on leases, already
     # in the exposure; shown so the owner sees what its devices may still spend offline
     shown["vouchers"] = (await vouchers.escrow(tx, owner_id, now_ms=now)).as_json()
+    shown["transfers"] = await transfers.of_owner(tx, owner_id)
     return shown

@@ -100,3 +100,39 @@ async def handle_transfer(tx: Tx, wire: bytes, *, now_ms: int) -> list[tuple[str
     number = 0 if chain is None else int(chain[0])
     cleared = await leases.close_reported(tx, x.fog_id, number, now_ms=now_ms)
     return [(topic, wire), *((t, b"") for t in cleared)]
+
+
+TRANSFERS_LISTED_MAX = 100
+
+
+async def of_owner(tx: Tx, owner_id: str) -> dict[str, object]:
+    """What ``fogpay cloud owner show`` prints as ``transfers``: how many peer transfers moved
+    the owner's budget, how much per currency, how many sub-leases are still open, and the
+    latest ones (at most ``TRANSFERS_LISTED_MAX``, newest first) with their state."""
+    rows = await tx.fetchall(
+        "SELECT p.transfer_id, p.parent_id, p.giver, p.receiver, p.amount_micros, p.time_ms, "
+        "l.state, l.currency, l.drawn_micros FROM peer_transfers p "
+        "JOIN leases l ON l.lease_id = p.transfer_id WHERE p.owner_id = ? "
+        "ORDER BY p.time_ms DESC, p.transfer_id",
+        (owner_id,),
+    )
+    moved: dict[str, int] = {}
+    still_open = 0
+    for r in rows:
+        moved[str(r[7])] = moved.get(str(r[7]), 0) + int(r[4])
+        still_open += r[6] == leases.STATE_OPEN
+    latest = [
+        {
+            "transfer": bytes(r[0]).hex(),
+            "parent": bytes(r[1]).hex(),
+            "giver": str(r[2]),
+            "receiver": str(r[3]),
+            "currency": str(r[7]),
+            "amount_micros": int(r[4]),
+            "drawn_micros": int(r[8]),
+            "state": str(r[6]),
+            "time_ms": int(r[5]),
+        }
+        for r in rows[:TRANSFERS_LISTED_MAX]
+    ]
+    return {"count": len(rows), "moved_micros": moved, "open": still_open, "latest": latest}

@@ -11,6 +11,7 @@ import pytest
 
 from cloud import ledger
 from cloud.bound import owner_bound
+from cloud.cli import show_owner
 from cloud.core import CloudCore
 from cloud.leases import close_fog_leases, exposure
 from cloud.store import Store, Tx
@@ -193,6 +194,18 @@ async def test_two_fogs_cut_off_share_a_lease_and_the_cloud_reconciles_both(
         lambda tx: owner_bound(tx, "acme", now_ms=na + 1, policy_life_ms=3_600_000)
     )
     assert bound_after.lease_term_micros <= bound_before.lease_term_micros
+    # fogpay cloud owner show lists it
+    shown = await store.transact(lambda tx: show_owner(tx, "acme", policy_life_ms=3_600_000))
+    moved = shown["transfers"]
+    assert (moved["count"], moved["moved_micros"], moved["open"]) == (1, {"EUR": 5_000_000}, 0)
+    [listed] = moved["latest"]
+    assert (listed["giver"], listed["receiver"], listed["state"], listed["drawn_micros"]) == (
+        "fog-a",
+        "fog-b",
+        "closed",
+        5_000,
+    )
+    assert listed["transfer"] == xfer.transfer_id.hex() and listed["parent"] == xfer.lease_id.hex()
 
 
 async def test_the_cloud_counts_a_transfer_once_and_moves_budget_without_adding_any(
