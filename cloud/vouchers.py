@@ -25,6 +25,13 @@ publishes the revocation). A second payment at a used sequence that still fits t
 booked (the payee was served in good faith and the escrow covers it).
 
 ``escrow(tx, owner_id, now_ms)`` is what ``fogpay cloud owner show`` prints as ``vouchers``.
+
+Concurrency: the voucher's ``spent`` grows by a compare-and-set in the database (``spent + a
+<= amount``), so even two hand-ins of one voucher booked at once by two processes on
+PostgreSQL never book past its amount (the second re-reads the row after the first's lock).
+Hand-ins and ``return_expired`` run on the cloud's one control worker (batches may be
+partitioned across processes; held uploads are not), which orders a return after or before a
+hand-in of the same voucher.
 """
 
 from collections.abc import Sequence
@@ -148,6 +155,17 @@ async def book(tx: Tx, verdicts: Sequence[D2DVerdict], *, now_ms: int) -> D2DDon
             done.refused.append((v.position, v.payment_id, FAULT_OVERSPENT))
             _double(done, vch, v.payment_id, f"spent {spent} + {pay.amount_micros} > a")
             continue
+        # compare-and-set in the database: never past the amount, even if another hand-in of
+        # the same voucher books concurrently (PostgreSQL re-checks the row after its lock)
+        took = await tx.execute(
+            "UPDATE vouchers SET spent_micros = spent_micros + ? WHERE voucher_id = ? "
+            "AND spent_micros + ? <= amount_micros",
+            (pay.amount_micros, vch.voucher_id, pay.amount_micros),
+        )
+        if took != 1:
+            done.refused.append((v.position, v.payment_id, FAULT_OVERSPENT))
+            _double(done, vch, v.payment_id, f"{pay.amount_micros} past a (booked concurrently)")
+            continue
         if same_seq is not None:
             _double(done, vch, v.payment_id, f"s={pay.seq} already {bytes(same_seq[0]).hex()[:16]}")
         await tx.execute(
@@ -164,10 +182,6 @@ async def book(tx: Tx, verdicts: Sequence[D2DVerdict], *, now_ms: int) -> D2DDon
                 v.record,
                 clamp_ms(now_ms),
             ),
-        )
-        await tx.execute(
-            "UPDATE vouchers SET spent_micros = spent_micros + ? WHERE voucher_id = ?",
-            (pay.amount_micros, vch.voucher_id),
         )
         await _move(
             tx,
@@ -216,7 +230,8 @@ async def _voucher_row(tx: Tx, vch: Voucher, owner_id: str, now_ms: int) -> int:
         return int(row[0])
     await tx.execute(
         "INSERT INTO vouchers (voucher_id, owner_id, device, fog_id, currency, amount_micros, "
-        "spent_micros, not_after_ms, first_ms) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+        "spent_micros, not_after_ms, first_ms) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?) "
+        "ON CONFLICT (voucher_id) DO NOTHING",
         (
             vch.voucher_id,
             owner_id,
