@@ -114,6 +114,12 @@ class CloudCore:
     async def lease_request(self, wire: bytes) -> Publish:
         return _published(await self.handle(LeaseRequestArrived(wire=wire, now_ms=self._clock())))
 
+    async def lease_request_both(self, wire: bytes) -> tuple[Publish, Publish]:
+        """(retained, not retained): the lease granted, and the recalls (18.5) if not."""
+        out = await self.handle(LeaseRequestArrived(wire=wire, now_ms=self._clock()))
+        once = [(o.topic, o.payload) for o in out if isinstance(o, events.Publish) and not o.retain]
+        return _published(out), once
+
     async def lease_report(self, wire: bytes) -> Publish:
         return _published(await self.handle(LeaseReportArrived(wire=wire, now_ms=self._clock())))
 
@@ -126,20 +132,32 @@ class CloudCore:
     # ---- lease messages ---------------------------------------------------------------
 
     async def _lease_request(self, event: LeaseRequestArrived) -> list[Output]:
-        async def fn(tx: Tx) -> leases.Granted | None:
-            return await leases.handle_request(
+        async def fn(tx: Tx) -> tuple[leases.Granted | None, list[tuple[str, bytes]]]:
+            granted = await leases.handle_request(
                 tx, self._issuer, event.wire, now_ms=event.now_ms, policy=self._policy
             )
+            if granted is not None:
+                return granted, []
+            recalled = await leases.recalls(
+                tx, self._issuer, event.wire, now_ms=event.now_ms, policy=self._policy
+            )
+            return None, recalled
 
         try:
-            granted = await self._store.transact(fn)
+            granted, recalled = await self._store.transact(fn)
         except Declined as exc:
             self.metrics.inc(f"lreq_refused_{exc.reason}")
             log.warning("lease_request_refused", reason=str(exc.reason))
             return [LeaseAnswered(kind="lreq", result="refused", reason=exc.reason)]
         if granted is None:
             self.metrics.inc("lreq_no_credit")
-            return [LeaseAnswered(kind="lreq", result="no_credit")]
+            self.metrics.inc("lease_recalls", len(recalled))
+            # rebalancing (18.5): asks to fogs holding the owner's idle leases, NOT retained
+            # (a retained one would replace the lease on its topic)
+            return [
+                LeaseAnswered(kind="lreq", result="no_credit"),
+                *(events.Publish(topic=t, payload=p, retain=False) for t, p in recalled),
+            ]
         self.metrics.inc("lease_granted")
         lease = granted.lease
         log.info(
@@ -184,4 +202,6 @@ class CloudCore:
 
 
 def _published(outputs: list[Output]) -> Publish:
-    return [(o.topic, o.payload) for o in outputs if isinstance(o, events.Publish)]
+    """What to publish retained (the wrappers' callers publish everything they get retained;
+    ``handle`` gives the not-retained ones too, ``Publish.retain`` False)."""
+    return [(o.topic, o.payload) for o in outputs if isinstance(o, events.Publish) and o.retain]

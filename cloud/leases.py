@@ -34,10 +34,10 @@ from cloud.booking import ALARM_LEASE_REPORT, Alarm
 from cloud.store import Tx, clamp_ms
 from protocol import limits, topics
 from protocol.errors import Declined
-from protocol.leasing import LeaseReport, LeaseRequest
-from protocol.messages import Lease
+from protocol.leasing import LeaseRecall, LeaseReport, LeaseRequest
+from protocol.messages import Lease, decode_body
 from protocol.reasons import Reason
-from protocol.signing import open_envelope, seal_signed
+from protocol.signing import open_envelope, seal_signed, split_envelope
 
 log = structlog.get_logger()
 
@@ -56,10 +56,14 @@ class LeasePolicy:
     initial_micros: int = 10_000_000  # the lease a fog gets when it first sees an owner
     request_micros_max: int = 100_000_000  # most one request may obtain
     lease_ms: int = 3_600_000
+    # a lease request that finds no credit asks other fogs to give the owner's idle leases
+    # back (``rbal``, docs/protocol.md 18.5), at most once per lease in this time; 0: never
+    recall_every_ms: int = 30_000
 
     def __post_init__(self) -> None:
         assert 0 < self.initial_micros <= self.request_micros_max <= limits.AMOUNT_MICROS_MAX
         assert self.lease_ms > 0
+        assert 0 <= self.recall_every_ms <= 86_400_000, "recall_every_ms: 0 .. 86400000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +157,11 @@ async def grant(
 async def handle_request(
     tx: Tx, issuer: nacl.signing.SigningKey, wire: bytes, *, now_ms: int, policy: LeasePolicy
 ) -> Granted | None:
-    """Answer a fog's signed ``lreq``. Idempotent by request id: the same request gets the
-    same lease (or the same refusal, None). Raises Declined for a request that is not the
-    fog's or not well-formed (nothing is stored then)."""
+    """Answer a fog's signed ``lreq``. Idempotent by request id: at most one lease per request
+    (a copy gets the same lease; None once that lease is closed). A copy of a request that
+    found no credit is tried again: credit may have come back since (a report, a settlement,
+    a lease given back on the cloud's ask, 18.5). Raises Declined for a request that is not
+    the fog's or not well-formed (nothing is stored then)."""
     signed = open_envelope(wire, LeaseRequest)
     req = signed.msg
     key = await registry.fog_key(tx, req.fog_id)
@@ -166,10 +172,10 @@ async def handle_request(
         "LEFT JOIN leases l ON l.lease_id = r.lease_id WHERE r.request_id = ?",
         (signed.id,),
     )
-    if prior is not None:
-        if prior[0] is None or prior[2] == STATE_CLOSED:
-            # refused then, or the lease it got is closed: a resent request must not put a
-            # closed lease back on the retained topic the cloud cleared
+    if prior is not None and prior[0] is not None:
+        if prior[2] == STATE_CLOSED:
+            # the lease it got is closed: a resent request must not put a closed lease back
+            # on the retained topic the cloud cleared
             return None
         lease = open_envelope(bytes(prior[1]), Lease).msg
         return Granted(lease, bytes(prior[1]), topics.lease_topic(lease.fog_id, lease.lease_id))
@@ -191,11 +197,82 @@ async def handle_request(
         log.info("lease_refused", fog_id=req.fog_id, owner=req.owner_id, reason=exc.reason)
         granted = None
     lease_id = None if granted is None else granted.lease.lease_id
+    if prior is not None:  # refused before: granted now, or refused again
+        if lease_id is not None:
+            await tx.execute(
+                "UPDATE lease_requests SET lease_id = ? WHERE request_id = ?", (lease_id, signed.id)
+            )
+        return granted
     await tx.execute(
         "INSERT INTO lease_requests (request_id, fog_id, owner_id, lease_id) VALUES (?, ?, ?, ?)",
         (signed.id, req.fog_id, req.owner_id, lease_id),
     )
     return granted
+
+
+RECALLS_PER_REQUEST_MAX: Final = 4
+
+
+async def recalls(
+    tx: Tx, issuer: nacl.signing.SigningKey, wire: bytes, *, now_ms: int, policy: LeasePolicy
+) -> list[tuple[str, bytes]]:
+    """Rebalancing (docs/protocol.md 18.5): the ``lreq`` ``wire`` (verified by
+    ``handle_request`` in this transaction) found no credit. Ask the fogs holding the
+    owner's other open, unreported, live leases with room (most room first, at most
+    ``RECALLS_PER_REQUEST_MAX``, each lease at most once per ``policy.recall_every_ms``) to
+    give them back: issuer-signed ``rbal`` messages, (topic, envelope) to publish NOT
+    retained on each lease's topic. A fog gives the lease back only if the owner is idle
+    there; the credit returns when the cloud closes it by its report (14.4), and the asking
+    fog's next request is granted from it."""
+    if not policy.recall_every_ms:
+        return []
+    req = decode_body(
+        LeaseRequest, split_envelope(wire, bytes_max=LeaseRequest.ENVELOPE_BYTES_MAX).body
+    )
+    rows = await tx.fetchall(
+        "SELECT l.lease_id, l.fog_id, l.amount_micros - l.drawn_micros - "
+        f"CAST({_GIVEN} AS BIGINT) AS room FROM leases l WHERE l.owner_id = ? "
+        "AND l.currency = ? AND l.state = ? AND l.fog_id <> ? AND l.reported_micros IS NULL "
+        "AND l.not_after_ms > ? AND NOT EXISTS (SELECT 1 FROM lease_recalls r "
+        "WHERE r.lease_id = l.lease_id AND r.asked_ms > ?) "
+        "ORDER BY room DESC, l.lease_id LIMIT ?",
+        (
+            req.owner_id,
+            req.currency,
+            STATE_OPEN,
+            req.fog_id,
+            now_ms,
+            now_ms - policy.recall_every_ms,
+            RECALLS_PER_REQUEST_MAX,
+        ),
+    )
+    out = []
+    for lease_id, fog_id, room in rows:
+        if int(room) <= 0:
+            continue
+        lease_id = bytes(lease_id)
+        await tx.execute(
+            "INSERT INTO lease_recalls (lease_id, asked_ms) VALUES (?, ?) "
+            "ON CONFLICT (lease_id) DO UPDATE SET asked_ms = excluded.asked_ms",
+            (lease_id, now_ms),
+        )
+        recall = LeaseRecall(
+            lease_id=lease_id,
+            fog_id=str(fog_id),
+            owner_id=req.owner_id,
+            requester=req.fog_id,
+            time_ms=max(now_ms, 1),
+        )
+        out.append((topics.lease_topic(str(fog_id), lease_id), seal_signed(recall, issuer).raw))
+        log.info(
+            "lease_recalled",
+            fog_id=str(fog_id),
+            owner=req.owner_id,
+            lease=lease_id.hex(),
+            room_micros=int(room),
+            requester=req.fog_id,
+        )
+    return out
 
 
 async def handle_report(tx: Tx, wire: bytes, *, now_ms: int = 0) -> list[str]:

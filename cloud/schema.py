@@ -91,6 +91,9 @@ TABLES: Final = (
     """CREATE TABLE IF NOT EXISTS voucher_returns (
         voucher_id {blob} PRIMARY KEY, owner_id TEXT NOT NULL, currency TEXT NOT NULL,
         amount_micros {int} NOT NULL, returned_ms {int} NOT NULL)""",
+    # rebalancing (docs/protocol.md 18.5): when the cloud last asked a fog to give a lease back
+    """CREATE TABLE IF NOT EXISTS lease_recalls (
+        lease_id {blob} PRIMARY KEY, asked_ms {int} NOT NULL)""",
     # which escrow moves (d2d payments, returned escrow) a settlement period paid out
     """CREATE TABLE IF NOT EXISTS escrow_settled (
         kind TEXT NOT NULL, ref {blob} NOT NULL, period TEXT NOT NULL,

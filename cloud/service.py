@@ -373,7 +373,10 @@ class CloudService:
             if kind is Kind.LEASE_REQUEST:
                 self._count("lreq_received")
                 before = self.core.metrics.get("lease_granted")
-                out = await self.core.lease_request(payload)
+                out, recalls = await self.core.lease_request_both(payload)
+                if recalls:  # rebalancing (docs/protocol.md 18.5): not retained
+                    self._count("lease_recalls", len(recalls))
+                    await self._publish_locked(recalls, retain=False)
                 if self.core.metrics.get("lease_granted") > before:
                     self._count("leases_granted")
                 elif not out:

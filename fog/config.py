@@ -138,6 +138,7 @@ DEFAULT_LEASE_CHECK_MS: Final = 1_000
 DEFAULT_BACKLOG_ALARM_RECORDS: Final = 100_000
 BACKLOG_ALARM_RECORDS_MAX: Final = 2**40
 DEFAULT_RENEW_BEFORE_MS: Final = 300_000
+DEFAULT_RECALL_IDLE_MS: Final = 10_000  # lease.recall_idle_ms (18.5)
 RETURN_IDLE_MS_MAX: Final = 7 * 86_400_000  # lease.return_idle_ms: a week at most
 
 
@@ -169,6 +170,9 @@ class LeaseConfig:
     # docs/protocol.md 18.1)
     return_idle_ms: int = 0
     return_on_stop: bool = False  # give back every live lease at a graceful stop (18.1)
+    # the cloud asks (rbal) for an owner's leases back: given if the owner drew nothing here
+    # for this long (0: never give; docs/protocol.md 18.5)
+    recall_idle_ms: int = DEFAULT_RECALL_IDLE_MS
     # ask peers (federation.peers) for part of their lease while the cloud does not answer,
     # and give to peers that ask (docs/protocol.md 18.2)
     peer_transfers: bool = False
@@ -549,6 +553,7 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
     known = {"request_below_micros", "request_micros", "request_timeout_ms"}
     known |= {"request_attempts_max", "report", "report_retry_ms", "check_interval_ms"}
     known |= {"renew_before_ms", "return_idle_ms", "return_on_stop", "peer_transfers"}
+    known |= {"recall_idle_ms"}
     _no_unknown(raw, "lease.", known)
 
     def ms(name: str, default: int) -> int:
@@ -596,6 +601,14 @@ def _lease(raw: Mapping[str, Any]) -> LeaseConfig:
             raw, "return_idle_ms", 0, 0, RETURN_IDLE_MS_MAX, key="lease.return_idle_ms"
         ),
         return_on_stop=_bool(raw, "return_on_stop", False, key="lease.return_on_stop"),
+        recall_idle_ms=_int(
+            raw,
+            "recall_idle_ms",
+            DEFAULT_RECALL_IDLE_MS,
+            0,
+            RETURN_IDLE_MS_MAX,
+            key="lease.recall_idle_ms",
+        ),
         peer_transfers=_bool(raw, "peer_transfers", False, key="lease.peer_transfers"),
     )
 

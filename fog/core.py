@@ -91,12 +91,12 @@ from fog.transfers import TransferAsks
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX, classify, republish_topic
 from fog.uplink import Window
 from protocol import topics
-from protocol.errors import TopicError
+from protocol.errors import Declined, TopicError
 from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen, SeenEntry
-from protocol.leasing import lease_report_topic
+from protocol.leasing import LeaseRecall, lease_report_topic
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
-from protocol.signing import seal, split_envelope
+from protocol.signing import open_envelope, seal, split_envelope
 from protocol.topics import Kind
 from protocol.transfer import Transfer, transfer_topic, transfer_up_topic
 
@@ -356,6 +356,16 @@ def _mono(event: FogInput) -> int:
     return event.now_ms if event.mono_ms is None else event.mono_ms
 
 
+def _is_recall(payload: bytes) -> bool:
+    """An ``rbal`` envelope: the cloud asks for a lease back (docs/protocol.md 18.5)."""
+    try:
+        return split_envelope(payload, bytes_max=LeaseRecall.ENVELOPE_BYTES_MAX).type == (
+            LeaseRecall.TYPE
+        )
+    except Exception:
+        return False
+
+
 def _is_xfer(payload: bytes) -> bool:
     """An ``xfer`` envelope (the cloud's retained copy of a sub-lease on a lease topic)."""
     try:
@@ -545,6 +555,9 @@ class FogCore:
             return self._lease_cleared(parsed.lease_id, now)
         if parsed.kind is Kind.GOSSIP_SEEN:
             return self._seen(parsed, payload, now) if parsed.fog_id == self.fog_id else []
+        if parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_recall(payload):
+            assert parsed.lease_id is not None
+            return self._recall(payload, parsed.lease_id, now, _mono(event))
         if parsed.kind in (Kind.GOSSIP_XREQ, Kind.GOSSIP_XFER) or (
             parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_xfer(payload)
         ):
@@ -1026,6 +1039,54 @@ class FogCore:
         if owners:
             retired = self._store.retire_leases(now_ms=now, reason="idle", owner_ids=owners)
             out.extend(self._returned(retired))
+
+    def _recall(self, payload: bytes, lease_id: bytes, now: int, mono: int) -> list[FogOutput]:
+        """The cloud asks for an owner's lease back (``rbal``, docs/protocol.md 18.5) because
+        another fog found no credit for it. Given (every live lease of the owner retired, then
+        reported by the lease round, 18.1) only if the owner drew nothing here for
+        ``lease.recall_idle_ms``; else kept: a fog never gives up budget it is using."""
+        try:
+            signed = open_envelope(payload, LeaseRecall, signer=self.config.issuer_key)
+        except Declined as exc:
+            return [
+                TrustLoaded(msg_type="rbal", status="refused", reason=exc.reason, detail="rbal")
+            ]
+        r = signed.msg
+        if r.fog_id != self.fog_id or r.lease_id != lease_id:
+            return [
+                TrustLoaded(
+                    msg_type="rbal",
+                    status="refused",
+                    reason=Reason.WRONG_FOG,
+                    detail=f"rbal for {r.fog_id}'s {r.lease_id.hex()[:16]}",
+                )
+            ]
+        idle = self.config.lease.recall_idle_ms
+        if self._idle_origin is None:
+            self._idle_origin = mono  # no activity known before: counted from now
+        since = self._active.get(r.owner_id, self._idle_origin)
+        if not idle or mono - since < idle:
+            why = "never given (lease.recall_idle_ms = 0)" if not idle else "owner active here"
+            return [TrustLoaded(msg_type="rbal", status="kept", detail=f"{r.owner_id}: {why}")]
+        try:
+            retired = self._store.retire_leases(now_ms=now, reason="cloud", owner_ids=[r.owner_id])
+        except Exception as exc:  # the seam: nothing was retired; the cloud asks again
+            return [Alarm(event="lease_upkeep_failed", error=type(exc).__name__)]
+        out: list[FogOutput] = [
+            TrustLoaded(
+                msg_type="rbal",
+                status="accepted",
+                detail=f"{len(retired)} lease(s) of {r.owner_id} given back for {r.requester}",
+            ),
+            *self._returned(retired),
+        ]
+        if retired and self.config.lease.report:
+            try:
+                self._report_expired(now, mono, out)
+            except Exception as exc:  # reported at a later round
+                out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
+            out.extend(self._plan_uplink(mono))
+        return out
 
     def _return_leases(self, event: ReturnLeases) -> list[FogOutput]:
         """Retire now, then report what can be reported (a shutdown seals first, so every

@@ -846,7 +846,7 @@ class FogDaemon:
             return
         if out.answered_request:
             self._count("lease_request_answered")
-        if out.status != "accepted" and out.status != "duplicate":
+        if out.status not in ("accepted", "duplicate", "kept"):  # kept: an rbal declined (18.5)
             self._log.warning(
                 "trust_refused",
                 type=out.msg_type,

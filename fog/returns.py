@@ -31,7 +31,7 @@ from typing import Final
 from fog.batcher import transaction
 
 RETIRED_NOT_AFTER_MS: Final = -1  # as a reported lease: never drawn on again
-REASONS: Final = ("idle", "shutdown", "operator")
+REASONS: Final = ("idle", "shutdown", "operator", "cloud")  # cloud: an rbal (18.5)
 RETURNS_LISTED_MAX: Final = 4096  # leases retired by one call (more: call again)
 OWNERS_LISTED_MAX: Final = 4096
 

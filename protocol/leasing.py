@@ -9,6 +9,10 @@ its own form; docs/protocol.md section 14 has the tables and the semantics:
   what it drew (``u``) and the last batch (``b``) that holds a draw on it. Once the cloud
   holds the fog's batches up to ``b`` and their draws on ``l`` add up to ``u``, the unused
   part returns to the owner's credit.
+- ``rbal`` (docs/protocol.md 18.5) travels the other way, signed by the issuer: the cloud
+  asks fog ``f`` to give lease ``l`` of owner ``o`` back early because fog ``r`` needs the
+  owner's credit. The fog gives back the owner's leases if the owner has been idle there
+  (18.1), else keeps them.
 """
 
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from protocol.messages import KEY as KEY_CHECK
 from protocol.topics import ROOT
 
 LEASE_REQUEST_TOPIC_LEVEL: Final = "lreq"
+RECALL_TYPE: Final = "rbal"
 LEASE_REPORT_TOPIC_LEVEL: Final = "lrep"
 
 
@@ -57,12 +62,33 @@ class LeaseReport(Message):
     time_ms: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseRecall(Message):
+    """The cloud asks a fog to give a lease back early (docs/protocol.md 18.5); published,
+    not retained, on the lease's own topic (``protocol.topics.lease_topic``)."""
+
+    TYPE: ClassVar[str] = RECALL_TYPE
+    SCHEMA: ClassVar[tuple[Field, ...]]
+    lease_id: bytes
+    fog_id: str  # the fog holding the lease
+    owner_id: str
+    requester: str  # the fog whose lease request found no credit
+    time_ms: int
+
+
 LeaseRequest.SCHEMA = (
     Field("f", "fog_id", is_fog_id),
     Field("o", "owner_id", is_id),
     Field("c", "currency", is_currency),
     Field("a", "amount_micros", AMOUNT, optional=True),
     Field("d", "device", KEY_CHECK, optional=True),
+    Field("t", "time_ms", UINT_POS),
+)
+LeaseRecall.SCHEMA = (
+    Field("l", "lease_id", LEASE_ID),
+    Field("f", "fog_id", is_fog_id),
+    Field("o", "owner_id", is_id),
+    Field("r", "requester", is_fog_id),
     Field("t", "time_ms", UINT_POS),
 )
 LeaseReport.SCHEMA = (

@@ -1,4 +1,5 @@
-"""Golden vectors of the project's lease messages (``lreq``, ``lrep``; docs/protocol.md 14.1):
+"""Golden vectors of the project's lease messages (``lreq``, ``lrep``; docs/protocol.md 14.1;
+``rbal``, signed by the issuer: 18.5):
 ``python -m protocol.leasing_vectors [out.json]``.
 
 Writes ``protocol/vectors/leasing-v1.json`` (or the given path) with the fixed seeds of
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocol.codec import pack
-from protocol.leasing import LeaseReport, LeaseRequest
+from protocol.leasing import LeaseRecall, LeaseReport, LeaseRequest
 from protocol.messages import Message
 from protocol.reasons import Reason
 from protocol.vectors import (
@@ -83,12 +84,18 @@ def _messages() -> list[tuple[str, Message]]:
 
 
 def envelopes() -> list[dict[str, str]]:
-    return [entry(name, "fog", msg) for name, msg in _messages()]
+    recall = LeaseRecall(
+        lease_id=LEASE_ID, fog_id="fog-1", owner_id="acme", requester="fog-2", time_ms=T0_MS
+    )
+    return [entry(name, "fog", msg) for name, msg in _messages()] + [
+        entry("rbal", "issuer", recall)  # the cloud asks fog-1 to give LEASE_ID back (18.5)
+    ]
 
 
 def malformed() -> list[dict[str, str]]:
     lreq = {"f": "fog-1", "o": "acme", "c": "EUR", "t": T0_MS}
     lrep = {"l": LEASE_ID, "f": "fog-1", "u": 1, "b": 1, "t": T0_MS}
+    rbal = {"l": LEASE_ID, "f": "fog-1", "o": "acme", "r": "fog-2", "t": T0_MS}
     cases: list[tuple[str, str, bytes, Reason]] = [
         (
             "lreq_missing_t",
@@ -101,6 +108,12 @@ def malformed() -> list[dict[str, str]]:
         ("lreq_currency_lower", "lreq", pack(lreq | {"c": "eur"}), Reason.MALFORMED),
         ("lrep_lease_id_short", "lrep", pack(lrep | {"l": LEASE_ID[:15]}), Reason.MALFORMED),
         ("lrep_drawn_negative", "lrep", pack(lrep | {"u": -1}), Reason.MALFORMED),
+        (
+            "rbal_missing_r",
+            "rbal",
+            pack({k: v for k, v in rbal.items() if k != "r"}),
+            Reason.MALFORMED,
+        ),
     ]
     return refusals(
         cases,

@@ -1,6 +1,6 @@
 """protocol/vectors/leasing-v1.json: current, reproducible, and true for our code: every
-envelope opens as its type with the fog's key and gives the stated body and id; every refused
-payload is refused with the stated reason."""
+envelope opens as its type with its signer's key (the fog's; the issuer's for ``rbal``) and
+gives the stated body and id; every refused payload is refused with the stated reason."""
 
 import json
 from functools import cache
@@ -10,12 +10,13 @@ import pytest
 
 from protocol import leasing_vectors
 from protocol.errors import Declined
-from protocol.leasing import LeaseReport, LeaseRequest
+from protocol.leasing import LeaseRecall, LeaseReport, LeaseRequest
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, public_key, seal
 from protocol.vectors import key, seed
 
-TYPES = {"lreq": LeaseRequest, "lrep": LeaseReport}
+TYPES = {"lreq": LeaseRequest, "lrep": LeaseReport, "rbal": LeaseRecall}
+SIGNERS = {"lreq": "fog", "lrep": "fog", "rbal": "issuer"}
 
 
 @cache
@@ -39,11 +40,15 @@ def test_both_types_and_both_forms_are_covered() -> None:
 
 @pytest.mark.parametrize("e", golden()["envelopes"], ids=lambda e: e["name"])
 def test_envelope_opens_with_the_stated_body_and_id(e: dict[str, str]) -> None:
-    fog = key("fog")
-    assert e["seed"] == golden()["fog_seed"] == seed("fog").hex()
-    signed = open_envelope(bytes.fromhex(e["envelope"]), TYPES[e["type"]], signer=public_key(fog))
+    role = SIGNERS[e["type"]]
+    signer = key(role)
+    assert e["seed"] == seed(role).hex()
+    assert golden()["fog_seed"] == seed("fog").hex()
+    signed = open_envelope(
+        bytes.fromhex(e["envelope"]), TYPES[e["type"]], signer=public_key(signer)
+    )
     assert (signed.body.hex(), signed.id.hex()) == (e["body"], e["id"])
-    assert seal(signed.msg, fog).hex() == e["envelope"]  # our encoder writes the same bytes
+    assert seal(signed.msg, signer).hex() == e["envelope"]  # our encoder writes the same bytes
 
 
 @pytest.mark.parametrize("m", golden()["malformed"], ids=lambda m: m["name"])
