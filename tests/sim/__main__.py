@@ -110,7 +110,7 @@ def summary(results: list[Result]) -> str:
         f"max {max(revocation, default=0)} ms, median {_median(revocation)} ms; "
         f"budget: {t('seeds_transfers', 0)} seeds with peer transfers, "
         f"{t('transfers', 0)} transfers, {t('returns', 0)} leases returned early "
-        f"({t('returns_operator', 0)} by the operator, "
+        f"({t('returns_operator', 0)} by the operator, {t('recalls', 0)} asked back by the cloud, "
         f"{t('budget_returned_micros', 0)} micros back), "
         f"{t('vouchers', 0)} vouchers, {t('d2d_booked', 0)} d2d payments booked, "
         f"{t('double_spends', 0)} double spends caught, "

@@ -39,6 +39,8 @@ class CloudNode:
         self.relayed = 0  # relayed batches ingested
         self.held_booked = 0  # records booked from devices' held uploads
         self.transfers = 0  # peer transfers the cloud recorded (first copy of each)
+        self.recalls = 0  # rbal the cloud published (docs/protocol.md 18.5)
+        self.once: Publish = []  # not retained: the rbal of the last lease request
 
     @property
     def up(self) -> bool:
@@ -92,9 +94,11 @@ class CloudNode:
             )
             return word, [(p.topic, p.payload) for p in published]
         if kind is Kind.LEASE_REQUEST:
-            pub = await self.core.lease_request(payload)
+            pub, self.once = await self.core.lease_request_both(payload)
+            self.recalls += len(self.once)
             if not pub:
-                return "lreq unanswered", pub
+                asked = f"; rbal to {len(self.once)}" if self.once else ""
+                return f"lreq unanswered{asked}", pub
             return f"lease {pub[0][0].rsplit('/', 1)[-1][:8]} granted (or granted again)", pub
         if kind is Kind.TRANSFER:  # a peer transfer, from its giver or its receiver (18.2)
             pub = await self.core.transfer(payload)

@@ -431,6 +431,7 @@ class Simulation:
         self.count("double_spends", self.checker.double_spends_caught)
         self.count("seeds_vouchers", int(bool(self.voucher_payers)))
         self.count("returns", len(self.checker.returned))
+        self.count("recalls", self.cloud.recalls)
         self.count("budget_returned_micros", self.checker.budget_returned())
         self.count("seeds_transfers", int(self.fogs[next(iter(self.fogs))].settings.peer_transfers))
         stranded = self.checker.stranded(now_ms=now, known=False, exempt=False)
@@ -827,7 +828,12 @@ class Simulation:
         return f"{dev.name} {word}"
 
     async def _at_cloud(self, topic: str, payload: bytes) -> object:
+        self.cloud.once = []
         word, publish = await self.cloud.handle(topic, payload)
+        for t, p in self.cloud.once:  # rbal (18.5): not retained, to the lease's fog
+            fog_id = topics.parse(t).fog_id
+            assert fog_id is not None
+            self.net.send(CLOUD, fog_id, t, p)
         for t, p in [x for x in publish if topics.parse(x[0]).kind is Kind.HELD_ACK]:
             publish.remove((t, p))  # not retained: to the device that uploaded (QoS 1)
             device = topics.parse(t).key
