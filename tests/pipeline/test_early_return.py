@@ -135,3 +135,45 @@ async def test_a_graceful_stop_returns_the_leases(pipe: Pipeline) -> None:
         assert fog.counters["lease_returned"] == 1
         assert fog.counters["lease_reported"] == 1
         await closed_early(p, 7_000)
+
+
+async def test_the_cloud_asks_an_idle_fog_for_its_lease_for_a_busy_one(pipe: Pipeline) -> None:
+    """Rebalancing (docs/protocol.md 18.5) through the real service and two real fog
+    daemons on one broker: fog-a's lease holds all of alice's credit; a payment at fog-b
+    finds none, the cloud publishes an ``rbal`` (not retained) to fog-a, which gives the
+    lease back (alice idle there), the cloud closes it, and fog-b's resent request is
+    granted: the payment goes through with the cloud reachable and no peer transfer."""
+    p = pipe
+    await p.owner("alice", limit=20_000)  # exactly the policy's first lease
+    config_a = await p.fog("fog-a", extra=lease_extra("recall_idle_ms = 500\n"))
+    config_b = await p.fog("fog-b")
+    dev_a = await p.device("alice", "fog-a")
+    dev_b = await p.device("alice", "fog-b")
+    async with (
+        running_fog(config_a) as fog_a,
+        running_fog(config_b) as fog_b,
+        wallet(p.edge.host, p.edge.port, "fog-a") as wa,
+        wallet(p.edge.host, p.edge.port, "fog-b") as wb,
+        running_service(p.service()),
+    ):
+        await trusted(fog_a, 2)
+        await trusted(fog_b, 2)
+        await first_payment(fog_a, wa, dev_a)  # fog-a's lease: all 20,000 of alice's credit
+        assert await p.exposure("alice") == 20_000
+        await asyncio.sleep(1.0)  # alice idle at fog-a for longer than recall_idle_ms
+        payload = dev_b.intent(2_000)
+        for _ in range(120):  # what a device does: the same bytes again
+            receipt = await wb.pay(dev_b, payload)
+            if receipt.reason is None:
+                break
+            assert receipt.reason == Reason.INSUFFICIENT_BUDGET
+            await asyncio.sleep(0.25)
+        assert receipt.reason is None, "fog-b never got a lease"
+        assert fog_a.counters.get("rbal_accepted", 0) == 1
+        rows = await p.query("SELECT fog_id, state, drawn_micros FROM leases ORDER BY granted_ms")
+        first, *later = [tuple(r) for r in rows]
+        assert first == ("fog-a", "closed", 1_000)
+        assert [r[:2] for r in later] == [("fog-b", "open")]
+        # fog-a never draws on the lease it gave back
+        late = await wa.pay(dev_a, dev_a.intent(1_000))
+        assert late.reason == Reason.INSUFFICIENT_BUDGET
