@@ -1080,13 +1080,18 @@ class FogCore:
             ),
             *self._returned(retired),
         ]
-        if retired and self.config.lease.report:
+        if retired:
+            self._report_now(now, mono, out)
+        return out
+
+    def _report_now(self, now: int, mono: int, out: list[FogOutput]) -> None:
+        """Report the leases retired just now whose draws are sealed, and send what is due."""
+        if self.config.lease.report:
             try:
                 self._report_expired(now, mono, out)
             except Exception as exc:  # reported at a later round
                 out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
-            out.extend(self._plan_uplink(mono))
-        return out
+        out.extend(self._plan_uplink(mono))
 
     def _return_leases(self, event: ReturnLeases) -> list[FogOutput]:
         """Retire now, then report what can be reported (a shutdown seals first, so every
@@ -1102,12 +1107,7 @@ class FogCore:
         out = self._returned(retired)
         if event.cause == "shutdown":
             self._seal(now, out, age_ms=0)
-        if self.config.lease.report:
-            try:
-                self._report_expired(now, mono, out)
-            except Exception as exc:  # reported at a later round
-                out.append(Alarm(event="lease_upkeep_failed", error=type(exc).__name__))
-        out.extend(self._plan_uplink(mono))
+        self._report_now(now, mono, out)
         return out
 
     # ---- peer transfers (docs/protocol.md 18.2; SQL in fog/transfers.py) -------------------

@@ -102,6 +102,19 @@ class Fogs:
         return seal(i, device)  # type: ignore[arg-type]
 
 
+def runs_dry(fogs: Fogs, device: object) -> tuple[bytes, Publish]:
+    """fog-b declines for want of budget, its lease request goes unanswered (resent, then
+    stalled), it declines again and asks its peer fog-a: the intent and fog-b's ``xreq``."""
+    b = fogs.cores["fog-b"]
+    payload = fogs.intent(device, "fog-b", 2_000)
+    fogs.pay("fog-b", device, payload, T0)
+    b.handle(Tick(now_ms=T0))
+    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
+    fogs.pay("fog-b", device, payload, T0 + 1_100)
+    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    return payload, xreq
+
+
 async def q(store: Store, fn: Callable[[Tx], object]) -> object:
     return await store.transact(fn)  # type: ignore[arg-type]
 
@@ -213,13 +226,7 @@ async def test_the_cloud_counts_a_transfer_once_and_moves_budget_without_adding_
 ) -> None:
     world, cloud, fogs, device = setup
     store = world.store
-    b = fogs.cores["fog-b"]
-    payload = fogs.intent(device, "fog-b", 2_000)
-    fogs.pay("fog-b", device, payload, T0)
-    b.handle(Tick(now_ms=T0))
-    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
-    fogs.pay("fog-b", device, payload, T0 + 1_100)
-    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    payload, xreq = runs_dry(fogs, device)
     given = fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)
     [up] = [p for p in of(given, Publish) if p.topic == "fogpay/1/up/fog-a/xfer"]
     xfer = open_envelope(up.payload, Transfer).msg
@@ -250,13 +257,7 @@ async def test_closing_a_lost_giver_s_leases_keeps_what_it_gave_owed(
     """``fogpay cloud fog close-leases`` (17.8) on a giver: its lease closes at its booked
     draws plus what it gave; the sub-lease, the receiver's, still counts until it closes."""
     world, cloud, fogs, device = setup
-    b = fogs.cores["fog-b"]
-    payload = fogs.intent(device, "fog-b", 2_000)
-    fogs.pay("fog-b", device, payload, T0)
-    b.handle(Tick(now_ms=T0))
-    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
-    fogs.pay("fog-b", device, payload, T0 + 1_100)
-    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    _, xreq = runs_dry(fogs, device)
     given = fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)
     [up] = [p for p in of(given, Publish) if p.topic == "fogpay/1/up/fog-a/xfer"]
     await cloud.transfer(up.payload)
@@ -274,13 +275,8 @@ async def test_a_lost_transfer_strands_budget_until_expiry_and_creates_none(
     after its na it is reported unused, and the owner owes what was paid, no more, no less."""
     world, cloud, fogs, device = setup
     store = world.store
-    a, b = fogs.cores["fog-a"], fogs.cores["fog-b"]
-    payload = fogs.intent(device, "fog-b", 2_000)
-    fogs.pay("fog-b", device, payload, T0)
-    b.handle(Tick(now_ms=T0))
-    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
-    fogs.pay("fog-b", device, payload, T0 + 1_100)
-    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    a = fogs.cores["fog-a"]
+    _, xreq = runs_dry(fogs, device)
     fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)  # its xfer to fog-b: lost
     paid = fogs.pay("fog-a", device, fogs.intent(device, "fog-a", 3_000), T0 + 1_400)
     assert paid.outcome.status == "ok"
@@ -330,18 +326,14 @@ async def test_a_sub_lease_the_receiver_cannot_verify_is_reported_unused_and_fre
     )
     store = world.store
     fogs = Fogs(world, tmp_path)
-    a, b = fogs.open("fog-a", "fog-b"), fogs.open("fog-b", "fog-a")
+    a = fogs.open("fog-a", "fog-b")
+    fogs.open("fog-b", "fog-a")
     trust = await cloud.retained()
     fogs.give("fog-a", trust, T0)
     fogs.give("fog-b", [(t, p) for t, p in trust if t != topics.fog_topic("fog-a")], T0)
     granted = await world.lease("acme", "fog-a", amount=LEASE)
     fogs.give("fog-a", [(granted.topic, granted.envelope)], T0)
-    payload = fogs.intent(device, "fog-b", 2_000)
-    fogs.pay("fog-b", device, payload, T0)
-    b.handle(Tick(now_ms=T0))
-    b.handle(Tick(now_ms=T0 + REQUEST_TIMEOUT_MS + 1))
-    fogs.pay("fog-b", device, payload, T0 + 1_100)
-    [xreq] = [p for p in of(b.handle(Tick(now_ms=T0 + 1_200)), Publish) if "xreq" in p.topic]
+    payload, xreq = runs_dry(fogs, device)
     given = fogs.give("fog-a", [(xreq.topic, xreq.payload)], T0 + 1_300)
     [to_b] = [p for p in of(given, Publish) if p.topic == topics.gossip_topic("fog-b", "xfer")]
     [up] = [p for p in of(given, Publish) if p.topic == "fogpay/1/up/fog-a/xfer"]
