@@ -128,7 +128,8 @@ class LeaseSet:
 
     def draw(self, lease_id: bytes, amount_micros: int) -> None:
         v = self.views[lease_id]
-        assert v.left_micros >= amount_micros, "authorize picked a lease without room"
+        if v.left_micros < amount_micros:  # not an assert: it must hold under python -O too
+            raise AssertionError("authorize picked a lease without room")
         self.views[lease_id] = LeaseView(
             lease_id=lease_id,
             currency=v.currency,
@@ -323,23 +324,29 @@ class Group:
 
     def flush(self) -> None:
         """Write the group's records, device states and lease draws (inside its transaction);
-        compare-and-set against what was read."""
+        compare-and-set against what was read. The checks raise whatever the interpreter's
+        flags (not ``assert``: ``python -O`` would skip the log's INSERT with it, and let a
+        lost compare-and-set pass): a failed one rolls the group back, nothing recorded."""
         if not self._rows:
             return
         c = self._conn
-        assert c.executemany(INSERT_LOG_SQL, self._rows).rowcount == len(self._rows)
+        inserted = c.executemany(INSERT_LOG_SQL, self._rows).rowcount
+        if inserted != len(self._rows):
+            raise AssertionError("the group's log records were not all inserted")
         devices = [
             (d, to_i64(s.seq_last), s.day, s.day_micros, _opt_i64(s.stored_seq))
             for d, s in self._devices.items()
         ]
         changed = c.executemany(UPSERT_DEVICE_SQL, devices).rowcount
-        assert changed == len(devices), "a device's state changed under the group"
+        if changed != len(devices):
+            raise AssertionError("a device's state changed under the group")
         draws = [
             (s.views[lid].drawn_micros, lid, s.stored[lid], self._now)
             for lid, s in self._leases.items()
         ]
         changed = c.executemany(DRAW_SQL, draws).rowcount
-        assert changed == len(draws), "a lease changed under the group"
+        if changed != len(draws):
+            raise AssertionError("a lease changed under the group")
         for state in self._devices.values():
             state.stored_seq = state.seq_last
         for lid, lease_set in self._leases.items():
