@@ -40,6 +40,7 @@ MARGIN_L: Final = 64
 MARGIN_R: Final = 16
 MARGIN_T: Final = 16
 MARGIN_B: Final = 36
+LABEL_W: Final = 90  # room a 'p99 1234.5 ms' label needs at 11px
 
 
 def latency_bins(latencies_us: Iterable[int]) -> list[dict[str, Any]]:
@@ -279,12 +280,16 @@ def histogram_svg(bins: Sequence[dict[str, Any]], p50_ms: float, p99_ms: float) 
             parts.append(
                 f'<text x="{x:.1f}" y="{base + 14}" text-anchor="start">{b["lo_ms"]:g}</text>'
             )
-    for cls, value in (("p50", p50_ms), ("p99", p99_ms)):
+    for row, (cls, value) in enumerate((("p50", p50_ms), ("p99", p99_ms))):
         x = MARGIN_L + _slot_position(rows, value) * slot
+        # a label near the right edge goes left of its line (it ran off the chart when the
+        # p99 fell in the last bar); p99 one line lower, so close p50 and p99 don't overlap
+        near_edge = x > w - MARGIN_R - LABEL_W
+        lx, anchor = (x - 4, "end") if near_edge else (x + 4, "start")
         parts.append(
             f'<line class="{cls}" x1="{x:.1f}" y1="{MARGIN_T}" x2="{x:.1f}" y2="{base}" '
-            f'stroke-width="2"/><text x="{x + 4:.1f}" y="{MARGIN_T + 12}">{cls} '
-            f"{value:.1f} ms</text>"
+            f'stroke-width="2"/><text x="{lx:.1f}" y="{MARGIN_T + 12 + 14 * row}" '
+            f'text-anchor="{anchor}">{cls} {value:.1f} ms</text>'
         )
     parts.append(
         f'<text x="{MARGIN_L + plot_w / 2:.0f}" y="{h - 8}" text-anchor="middle">'

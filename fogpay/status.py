@@ -18,7 +18,6 @@ Exit status: 0 ready, 1 not ready or unreachable (the summary is printed when re
 import argparse
 import json
 import math
-import sys
 import tomllib
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from typing import Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.cli import EXIT_FAILURE, EXIT_USAGE, fail
 from runtime.listen import ListenError, parse_listen, url_host
 
 HTTP_TIMEOUT_S: Final = 5.0
@@ -60,11 +60,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         base = args.url.rstrip("/").removesuffix("/metrics") if args.url else url_of(args.config)
         summary = read_status(base)
     except UsageError as exc:
-        print(f"fogpay status: {exc}", file=sys.stderr)
-        return 2
+        return fail("status", exc, code=EXIT_USAGE)
     except StatusError as exc:
-        print(f"fogpay status: {exc}", file=sys.stderr)
-        return 1
+        return fail("status", exc, code=EXIT_FAILURE)
     print(json.dumps(summary, indent=2, sort_keys=True) if args.json else render(summary))
     return 0 if summary["ready"] else 1
 

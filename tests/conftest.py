@@ -109,15 +109,26 @@ def postgres_available() -> bool:
 
 
 _skipped_for: dict[str, int] = {}
+SERVICE_REASONS: Final = (MOSQUITTO_MISSING, POSTGRES_MISSING)
 
 
 def missing_service(reason: str) -> None:
-    """Skip the running test for a missing service (counted for the summary line), or fail
-    it under CI."""
+    """Skip the running test for a missing service (counted for the summary line by
+    ``pytest_runtest_logreport``), or fail it under CI."""
     if under_ci():
         pytest.fail(f"CI=true: {reason} (.ci/run installs it)")
-    _skipped_for[reason] = _skipped_for.get(reason, 0) + 1
     pytest.skip(reason)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the service skips from the reports: under pytest-xdist (`make test` runs -n 2)
+    the tests skip in the workers, and only the reports reach the process that prints the
+    summary."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return
+    message = report.longrepr[2].removeprefix("Skipped: ")
+    if message in SERVICE_REASONS:
+        _skipped_for[message] = _skipped_for.get(message, 0) + 1
 
 
 def require_mosquitto() -> str:

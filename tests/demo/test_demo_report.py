@@ -120,6 +120,18 @@ def test_histogram_svg_marks_p50_and_p99() -> None:
     assert next(int(r.attrib["data-count"]) for r in root.iter(f"{SVG}rect")) == 98
 
 
+def test_a_p99_in_the_last_bar_keeps_its_label_inside_the_chart() -> None:
+    """The demo's p99 often falls in its last bar: its label then ends at the line instead
+    of starting there (it ran off the right edge), and sits below p50's."""
+    svg = histogram_svg(latency_bins([9_000] * 98 + [250_000] * 2), 9.0, 250.0)
+    root = ET.fromstring(svg)
+    width = float(root.attrib["width"])
+    p50, p99 = (t for t in root.iter(f"{SVG}text") if (t.text or "").startswith("p"))
+    assert p99.text == "p99 250.0 ms" and p99.attrib["text-anchor"] == "end"
+    assert float(p99.attrib["x"]) < width
+    assert p50.attrib["text-anchor"] == "start" and float(p50.attrib["y"]) < float(p99.attrib["y"])
+
+
 def test_demo_leases_cover_the_schedule_without_waiting() -> None:
     """The demo's lease settings against its own (seeded) schedule: every owner's opening
     half second fits its first lease, and no owner draws in any half second as much as the

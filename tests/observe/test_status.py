@@ -108,6 +108,8 @@ def test_status_errors_say_why_and_exit_2_or_1(
     assert rc == 1 and "cannot reach" in err
     rc, _, err = status_here("--url", "/not/a/url")
     assert rc == 2 and "not an http:// URL" in err
+    # the one error line of every fogpay command (runtime/cli.py)
+    assert err.startswith("fogpay: status: ") and err.count("\n") == 1
 
 
 async def test_status_of_a_cloud_without_its_broker_is_not_ready(tmp_path: Path) -> None:
