@@ -27,6 +27,12 @@ class StoreOpenError(FogpayError):
     command line tools exit 2). The message is ``store <where>: <why>``."""
 
 
+class StoreUnavailableError(FogpayError):
+    """The store's server does not answer (refused, unreachable, timed out): a runtime
+    failure, not a configuration one (the command line tools exit 1; systemd restarts the
+    service). The message is ``store <where>: <why>``."""
+
+
 def store_kind(url: str) -> str:
     """``"sqlite"`` or ``"postgresql"``; raises StoreOpenError for any other scheme. A URL
     without ``://`` is a SQLite file path."""
@@ -86,6 +92,8 @@ async def _open_postgres(url: str) -> Store:
 
     try:
         return await PgStore.open(url)
-    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # OSError: refused, unreachable, and TimeoutError (connect timeout); ValueError: DSN
+    except OSError as exc:  # refused, unreachable, and TimeoutError (connect timeout)
+        raise StoreUnavailableError(f"store {redacted(url)}: {describe(exc)}") from None
+    except (ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # ValueError: the DSN; PostgresError: e.g. no such database or role, wrong password
         raise StoreOpenError(f"store {redacted(url)}: {describe(exc)}") from None
