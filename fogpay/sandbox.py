@@ -1,5 +1,5 @@
-"""``fogpay sandbox --dir DIR --port PORT [--broker amqtt|mosquitto]``: an issuer with its cloud, and one fog, on
-127.0.0.1, for trying the protocol from any language.
+"""``fogpay sandbox --dir DIR --port PORT [--broker amqtt|mosquitto]``: an issuer with its
+cloud, and one fog, on 127.0.0.1, for trying the protocol from any language.
 
 Everything lives in DIR, created on the first run and reused afterwards (restarting on the
 same DIR keeps keys, trust material, leases, sequence numbers, the log and the cloud's
