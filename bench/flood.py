@@ -4,8 +4,11 @@ Per broker (the embedded amqtt broker in its own process, as the fog runs it, wi
 without the per-connection limits of fog/broker.py; Mosquitto with the limits of
 deploy/mosquitto/fogpay-server.conf), on 127.0.0.1:
 
-- the victim publishes a 200-byte message (QoS 1) every ``--interval-ms`` to a responder that
-  echoes it back (QoS 1) and times each round trip: ``--samples`` of them;
+- the victim publishes a 200-byte message (QoS 1) every ``--interval-ms`` on its intent
+  topic to a responder (in the fog's place, with the fog's account on amqtt) that echoes it
+  back (QoS 1) on the victim's receipt topic, and times each round trip: ``--samples`` of
+  them; victim and flooder log in with the embedded broker's shared device account, whose
+  rights are a device's (fogpay topics only, docs/protocol.md 9.1);
 - the amqtt broker three ways: limits off, the default limits (packet size, inflight), and
   those plus ``broker.packets_per_s = --rate``;
 - first without a flood, then while a flooder on its own raw TCP connection writes 512-byte
@@ -47,6 +50,13 @@ from runtime.mqttshell import ClientSettings, client_for
 HOST: Final = "127.0.0.1"
 USER: Final = "device"
 PASSWORD: Final = "bench-device"
+FOG_USER: Final = "fog"
+FOG_PASSWORD: Final = "bench-fog"
+VICTIM: Final = "aa" * 32  # device keys as the topics name them
+FLOODER: Final = "bb" * 32
+REQ: Final = f"fogpay/1/bench/intent/{VICTIM}"
+RESP: Final = f"fogpay/1/bench/receipt/{VICTIM}"
+FLOOD_TOPIC: Final = f"fogpay/1/bench/intent/{FLOODER}"
 SHIPPED: Final = Path(__file__).resolve().parents[1] / "deploy/mosquitto/fogpay-server.conf"
 FLOOD_PAYLOAD: Final = 512
 CONNECT_TIMEOUT_S: Final = 10.0
@@ -86,7 +96,7 @@ async def flood(port: int, user: str | None, stop: asyncio.Event, count_max: int
         while not stop.is_set() and sent < count_max:
             for _ in range(64):
                 pid = sent % 65535 + 1
-                body = _str("bench/flood") + struct.pack("!H", pid) + payload
+                body = _str(FLOOD_TOPIC) + struct.pack("!H", pid) + payload
                 writer.write(_packet(0x32, body))
                 sent += 1
             with contextlib.suppress(TimeoutError):
@@ -100,12 +110,13 @@ async def flood(port: int, user: str | None, stop: asyncio.Event, count_max: int
 
 
 def _settings(port: int, user: str | None, name: str) -> ClientSettings:
+    password = FOG_PASSWORD if user == FOG_USER else PASSWORD
     return ClientSettings(
         hostname=HOST,
         port=port,
         identifier_prefix=f"bench-{name}",
         username=user,
-        password=PASSWORD if user else None,
+        password=password if user else None,
     )
 
 
@@ -127,15 +138,15 @@ async def victim(
     """Round trips through an echoing responder: the latencies (ms)."""
     latencies: list[float] = []
     async with (
-        connected(port, user, "responder") as responder,
+        connected(port, user and FOG_USER, "responder") as responder,
         connected(port, user, "victim") as me,
     ):
-        await responder.subscribe("bench/req", qos=1)
-        await me.subscribe("bench/resp", qos=1)
+        await responder.subscribe(REQ, qos=1)
+        await me.subscribe(RESP, qos=1)
 
         async def echo() -> None:
             async for message in responder.messages:
-                await responder.publish("bench/resp", message.payload, qos=1)
+                await responder.publish(RESP, message.payload, qos=1)
 
         echoer = asyncio.create_task(echo())
         deadline = time.monotonic() + phase_s
@@ -145,7 +156,7 @@ async def victim(
                     break
                 tag = struct.pack("!I", i) + bytes(196)
                 started = time.perf_counter()
-                await me.publish("bench/req", tag, qos=1)
+                await me.publish(REQ, tag, qos=1)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                         async for message in me.messages:
@@ -186,7 +197,7 @@ async def measure(name: str, port: int, user: str | None, args: argparse.Namespa
 
 async def amqtt_broker(args: argparse.Namespace, *, limited: bool, rate: int = 0) -> None:
     config = BrokerConfig(
-        port=0, password="bench-fog", device_password=PASSWORD, packets_per_s=rate
+        port=0, password=FOG_PASSWORD, device_password=PASSWORD, packets_per_s=rate
     )
     if not limited:
         config = dataclasses.replace(

@@ -54,6 +54,28 @@ log = structlog.get_logger()
 
 SUSPEND_REASON: Final = "suspended: cloned key (two intents at one q)"
 ALARM_RECORD_REJECTED: Final = "record_rejected"
+ALARM_UNREGISTERED_FOG_KEY: Final = "unregistered_fog_key"
+
+
+class UnregisteredSigner(Declined):
+    """A batch signed validly by a key the registry does not hold for its fog: a fog acting
+    on a fog credential published around the registry (or its key replaced by hand). Its
+    devices hold ok receipts nobody will be charged for, so the refusal is an alarm too."""
+
+    def __init__(self, registered: bytes | None) -> None:
+        super().__init__(Reason.BAD_SIGNATURE, "batch: signer is not the fog's key")
+        self.registered = registered
+
+
+def unregistered_alarm(h: CheckedHeader, registered: bytes | None, records: int) -> Alarm:
+    """One alarm per fog and signing key (subject ``FOG:SIGNER16``), however many batches
+    it signs: the evidence is the first batch's number, header id and record count."""
+    known = "none" if registered is None else registered.hex()
+    detail = (
+        f"fog={h.fog_id} signer={h.signer.hex()} registered={known} batch={h.number} "
+        f"header={h.header_id.hex()} records={records}"
+    )
+    return Alarm(ALARM_UNREGISTERED_FOG_KEY, f"{h.fog_id}:{h.signer.hex()[:16]}", detail)
 
 
 def rejected_alarm(h: CheckedHeader, position: int, intent_id: bytes | None, fault: str) -> Alarm:
@@ -186,6 +208,8 @@ class Ingestor:
                 if later is None:
                     break
                 done.merge(later)
+        except UnregisteredSigner as exc:
+            return [self._refused(exc, h), *await self._unregistered(batch, exc, event.now_ms)]
         except Declined as exc:
             return [self._refused(exc, h)]
         except StoreConflict:
@@ -252,6 +276,25 @@ class Ingestor:
         log.warning("batch_refused", fog_id=fog_id, batch=number, reason=str(exc.reason))
         return BatchJudged(status=Status.REFUSED, fog_id=fog_id, number=number, reason=exc.reason)
 
+    async def _unregistered(
+        self, batch: CheckedBatch, exc: UnregisteredSigner, now_ms: int
+    ) -> list[AlarmRaised]:
+        """The alarm of a batch refused for its signer, in a transaction of its own (the
+        refusal wrote nothing). A conflict leaves it to the fog's next resend."""
+        h, done = batch.header, _Done(Status.REFUSED)
+        alarm = unregistered_alarm(h, exc.registered, h.count)
+
+        async def fn(tx: Tx) -> None:
+            await self._alarm(tx, alarm, h.fog_id, now_ms, done)
+
+        try:
+            await self._store.transact(fn)
+        except StoreConflict:
+            return []
+        for raised in done.alarms:
+            self.metrics.inc(f"alarm_{raised.kind}")
+        return done.alarms
+
     # ---- the transaction --------------------------------------------------------------
 
     async def _ingest(
@@ -260,7 +303,7 @@ class Ingestor:
         h = batch.header
         key = await registry.fog_key(tx, h.fog_id)
         if key is None or key != h.signer:
-            raise Declined(Reason.BAD_SIGNATURE, "batch: signer is not the fog's key")
+            raise UnregisteredSigner(key)
         if from_held:
             await _unhold(tx, h.fog_id, h.number)
         chain = await load_chain(tx, h.fog_id)

@@ -1,5 +1,5 @@
-"""``fogpay sandbox --dir DIR --port PORT``: an issuer with its cloud, and one fog, on
-127.0.0.1, for trying the protocol from any language.
+"""``fogpay sandbox --dir DIR --port PORT [--broker amqtt|mosquitto]``: an issuer with its
+cloud, and one fog, on 127.0.0.1, for trying the protocol from any language.
 
 Everything lives in DIR, created on the first run and reused afterwards (restarting on the
 same DIR keeps keys, trust material, leases, sequence numbers, the log and the cloud's
@@ -19,6 +19,10 @@ books)::
     cloud.sqlite           the cloud's store: registry, leases, booked batches, ledger
     sandbox.json           written atomically once everything is ready; removed at start
 
+``--broker mosquitto`` runs Mosquitto from the shipped configs instead of the embedded
+broker (``fogpay.sandbox_mosquitto``; ``DIR/mosquitto/``, ``DIR/broker-issuer.password``:
+the cloud's account there).
+
 ``sandbox.json`` also names the fog's and the cloud's metrics endpoints (``"metrics": {"fog":
 URL, "cloud": URL}``, each on a free port of 127.0.0.1: ``/metrics``, ``/healthz``,
 ``/readyz``; ``fogpay status --url URL`` reads either).
@@ -37,11 +41,13 @@ lease list, settle). SIGTERM or SIGINT stops it gracefully.
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
 import signal
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -59,9 +65,10 @@ from cloud.sqlitestore import SqliteStore
 from cloud.store import Store, Tx
 from fog.config import ConfigError, FogConfig, config_from_dict
 from fog.schema import StoreOpenError
+from fogpay import sandbox_mosquitto as mosq
 from fogpay.certs import CA_CERT, issue, make_ca
 from fogpay.provision import ISSUER_SEED_FILE, BrokerAddress, now_ms
-from fogpay.running import running, with_ready
+from fogpay.running import ready_at_once, running, with_ready
 from protocol.errors import FogpayError
 from protocol.login import LOGIN_SECRET_BYTES, account_digest, device_password, device_username
 from protocol.signing import is_valid_public_key, public_key
@@ -78,6 +85,8 @@ CLOUD_DB_FILE: Final = "cloud.sqlite"
 FOG_USERNAME: Final = "fog"
 FOG_PASSWORD_FILE: Final = "broker-fog.password"
 OPERATOR_PASSWORD_FILE: Final = "broker-operator.password"
+ISSUER_PASSWORD_FILE: Final = "broker-issuer.password"  # the cloud's account on Mosquitto
+BROKERS: Final = ("amqtt", "mosquitto")
 OPERATOR_USERNAME: Final = "operator"
 LOGIN_SECRET_FILE: Final = "broker-login.secret"
 ACCOUNTS_FILE: Final = "accounts.json"
@@ -182,8 +191,11 @@ def _secret_file(path: Path, content: str | None = None) -> None:
         os.close(fd)
 
 
-def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
-    """Create what is missing in ``directory`` and return the fog's config."""
+def prepare_dir(
+    directory: Path, *, port: int, fog_id: str, mosquitto: int | None = None
+) -> FogConfig:
+    """Create what is missing in ``directory`` and return the fog's config (``mosquitto``:
+    the port of the sandbox's Mosquitto, which the fog joins as ``fog_id``)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     (directory / SANDBOX_JSON).unlink(missing_ok=True)
     for name in (ISSUER_SEED_FILE, FOG_KEY_FILE):
@@ -194,13 +206,18 @@ def prepare_dir(directory: Path, *, port: int, fog_id: str) -> FogConfig:
     _secret_file(directory / LOGIN_SECRET_FILE, secrets.token_hex(LOGIN_SECRET_BYTES))
     _tls_files(directory)
     issuer = load_key_file(directory / ISSUER_SEED_FILE)
+    broker: dict[str, Any] = {}
+    if mosquitto is not None:
+        password = _first_line(directory, FOG_PASSWORD_FILE)
+        broker = {"url": f"mqtt://{fog_id}:{password}@{HOST}:{mosquitto}"}
     return config_from_dict(
         {
             "fog_id": fog_id,
             "key_file": FOG_KEY_FILE,
             "issuer_key": public_key(issuer).hex(),
             "db": FOG_DB_FILE,
-            "broker": {
+            "broker": broker
+            or {
                 "host": HOST,
                 "port": port,
                 "username": FOG_USERNAME,
@@ -263,7 +280,9 @@ def account_targets(directory: Path) -> AccountTargets:
     return AccountTargets(amqtt_file=directory / ACCOUNTS_FILE, amqtt_fixed=fixed)
 
 
-async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAULT) -> None:
+async def run_sandbox(
+    directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAULT, broker: str = "amqtt"
+) -> None:
     """Run until SIGTERM/SIGINT (or cancellation, or a component stopping by itself)."""
     from fog.daemon import FogDaemon  # imports amqtt and the stores: only when running
 
@@ -273,17 +292,44 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
     try:
         await register_fog(store, issuer, config)
         secret, targets = login_secret(directory), account_targets(directory)
-        await sync_once(store, secret, targets, now_ms=now_ms())  # before the broker starts
-        daemon = FogDaemon(config)
+        fog_account = (config.broker.username, config.broker.password)
+        cloud_account, mirror_account = fog_account, fog_account
+        ports: tuple[int, int] | None = None
+        if broker == "mosquitto":
+            targets = mosq.account_targets(directory)
+            _secret_file(directory / ISSUER_PASSWORD_FILE)
+            operator = (OPERATOR_USERNAME, _first_line(directory, OPERATOR_PASSWORD_FILE))
+            cloud_account = (mosq.ISSUER_USERNAME, _first_line(directory, ISSUER_PASSWORD_FILE))
+            fog_account, mirror_account = (fog_id, config.broker.password), operator
+            accounts = dict((fog_account, cloud_account, operator))
+            ports = mosq.prepare(
+                directory,
+                port=port,
+                cert=f"{TLS_DIR}/{TLS_SERVER_NAME}",
+                accounts=accounts,
+                secret=secret,
+            )
+            config = prepare_dir(directory, port=port, fog_id=fog_id, mosquitto=ports[0])
+        first = dataclasses.replace(targets, mosquitto_pid_file=None)  # none runs yet
+        await sync_once(store, secret, first, now_ms=now_ms())  # before the broker starts
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         async with contextlib.AsyncExitStack() as stack:
+            extra: list[asyncio.Task[None]] = []
+            if ports is not None:
+                extra.append(await stack.enter_async_context(_mosquitto(directory, *ports)))
+            daemon = FogDaemon(config)
             fog = await stack.enter_async_context(
                 running("sandbox.fog", with_ready(daemon.run), daemon.stop)
             )
-            tasks, cloud_url = await _start_cloud(stack, store, issuer, config, daemon.broker_port)
+            broker_port = daemon.broker_port if ports is None else ports[0]
+            tls_port = daemon.broker_tls_port if ports is None else ports[1]
+            tasks, cloud_url = await _start_cloud(
+                stack, store, issuer, broker_port, cloud_account, mirror_account
+            )
+            tasks.extend(extra)
             sync = AccountSync(store=store, secret=secret, targets=targets, clock=now_ms)
             tasks.append(
                 await stack.enter_async_context(
@@ -294,12 +340,18 @@ async def run_sandbox(directory: Path, *, port: int, fog_id: str = FOG_ID_DEFAUL
             info = sandbox_info(
                 directory,
                 config,
-                daemon.broker_port,
+                broker_port,
                 {k: v for k, v in metrics.items() if v is not None},
-                daemon.broker_tls_port,
+                tls_port,
             )
             write_json_atomic(directory / SANDBOX_JSON, info.to_json())
-            log.info("sandbox_ready", port=info.broker.port, fog_id=fog_id, dir=str(directory))
+            log.info(
+                "sandbox_ready",
+                port=info.broker.port,
+                fog_id=fog_id,
+                dir=str(directory),
+                broker=broker,
+            )
             waiter = asyncio.create_task(stopping.wait(), name="sandbox.stopping")
             await asyncio.wait({waiter, fog, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -323,30 +375,59 @@ async def register_fog(store: Store, issuer: nacl.signing.SigningKey, config: Fo
     await store.transact(fn)
 
 
+@contextlib.asynccontextmanager
+async def _mosquitto(
+    directory: Path, port: int, tls_port: int
+) -> AsyncIterator["asyncio.Task[None]"]:
+    """Mosquitto as a child process, for as long as the sandbox runs; its task ends with an
+    error if Mosquitto exits by itself."""
+    m = mosq.start(directory, port, tls_port)  # on this thread (its parent-death signal)
+    stopped = False
+
+    async def watch() -> None:
+        code = await asyncio.to_thread(m.process.wait)
+        if not stopped:
+            raise FogpayError(f"mosquitto exited {code} (see {m.log})")
+
+    async def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        await asyncio.to_thread(m.stop)
+
+    try:
+        async with running("sandbox.mosquitto", ready_at_once(watch), stop) as task:
+            yield task
+    finally:
+        if not stopped:
+            await stop()
+
+
 async def _start_cloud(
     stack: contextlib.AsyncExitStack,
     store: Store,
     issuer: nacl.signing.SigningKey,
-    config: FogConfig,
     port: int,
+    cloud_account: tuple[str, str],
+    mirror_account: tuple[str, str],
 ) -> tuple[list["asyncio.Task[None]"], str | None]:
-    """The cloud service and the mirror, on the fog's broker with the fog's account; and the
+    """The cloud service and the mirror on the sandbox's broker (amqtt: both with the fog's
+    account; Mosquitto: the cloud as ``issuer``, the mirror as ``operator``); and the
     cloud's metrics endpoint."""
     from cloud.service import CloudService
 
     account = {
         "hostname": HOST,
         "port": port,
-        "username": config.broker.username,
-        "password": config.broker.password,
+        "username": mirror_account[0],
+        "password": mirror_account[1],
     }
     core = CloudCore(store=store, issuer=issuer, clock=now_ms, policy=LeasePolicy())
     service = CloudService(
         core=core,
         broker_host=HOST,
         broker_port=port,
-        username=config.broker.username,
-        password=config.broker.password,
+        username=cloud_account[0],
+        password=cloud_account[1],
         clock=now_ms,
         store=store,
         metrics=MetricsConfig(enabled=True, host=HOST, port=0),
@@ -368,6 +449,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--dir", type=Path, help="required")
     p.add_argument("--port", type=int, default=0, help="broker port (0: pick a free one)")
     p.add_argument("--fog-id", default=FOG_ID_DEFAULT)
+    p.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="amqtt",
+        help="amqtt (embedded, the default) or mosquitto (the shipped configs, a child process)",
+    )
     p.add_argument("--console", action="store_true", help="human log lines instead of JSON")
     p.set_defaults(func=cmd_sandbox)
     actions = p.add_subparsers(dest="action", metavar="{credentials}")
@@ -407,7 +494,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     configure(json=not args.console, component="sandbox")
     directory: Path = args.dir
     try:
-        asyncio.run(run_sandbox(directory, port=args.port, fog_id=args.fog_id))
+        asyncio.run(run_sandbox(directory, port=args.port, fog_id=args.fog_id, broker=args.broker))
     except (ConfigError, KeyFileError, OSError, FogpayError) as exc:
         # 2: DIR or a file in it is unusable; 1: a component did not start, the fog's key is
         # not the cloud's (runtime.cli)

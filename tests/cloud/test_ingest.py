@@ -136,12 +136,10 @@ async def test_fork_raises_alarm_and_books_nothing(scene: Scene) -> None:
     await books_balanced(w.store)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "header_sig", "unknown_fog", "root", "count"])
+@pytest.mark.parametrize("damage", ["garbage", "header_sig", "root", "count"])
 async def test_bad_batch_is_refused_without_state_change(scene: Scene, damage: str) -> None:
     w, fog = scene.world, scene.fog
     records = [fog.authorize(scene.device, seq=1, lease_id=scene.lease_id)]
-    if damage == "unknown_fog":
-        fog = FogLog("fog-a", new_key(), next_index=fog.next_index)  # a key the cloud lacks
     wire = fog.cut(records)
     header, recs = decode_batch(wire)
     if damage == "garbage":
@@ -159,6 +157,62 @@ async def test_bad_batch_is_refused_without_state_change(scene: Scene, damage: s
     assert out.reason in (Reason.MALFORMED, Reason.BAD_SIGNATURE)
     assert ingestor.metrics.get(f"batch_refused_{out.reason}") == 1
     assert await snapshot(w.store) == before
+
+
+async def alarm_rows(store: Store) -> list[tuple[str, str, str, str]]:
+    async def q(tx: Tx) -> list[tuple[str, str, str, str]]:
+        rows = await tx.fetchall(
+            "SELECT kind, subject, fog_id, detail FROM alarms ORDER BY subject"
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    got: list[tuple[str, str, str, str]] = await store.transact(q)
+    return got
+
+
+async def test_a_batch_signed_by_an_unregistered_fog_key_is_refused_and_alarmed(
+    scene: Scene,
+) -> None:
+    """A fog acting on a fog credential the registry never registered: its devices hold ok
+    receipts, the cloud books none of them. Refused as before, and an alarm with the
+    evidence (one per fog and signing key, however many batches it sends)."""
+    w, fog = scene.world, scene.fog
+    rogue_key = new_key()
+    rogue = FogLog("fog-a", rogue_key, next_index=fog.next_index)  # a key the cloud lacks
+    records = [rogue.authorize(scene.device, seq=q, lease_id=scene.lease_id) for q in (1, 2)]
+    wire = rogue.cut(records)
+    header_id = rogue.prev_id  # the header id of the batch just cut
+    ingestor = w.ingestor()
+    before = await snapshot(w.store)
+    out = await ingestor.ingest_batch(wire)
+    assert out.status is Status.REFUSED and out.reason is Reason.BAD_SIGNATURE
+    assert out.alarms == ["unregistered_fog_key"] and out.booked == 0
+    after = await snapshot(w.store)
+    assert {t: rows for t, rows in after.items() if t != "alarms"} == {
+        t: rows for t, rows in before.items() if t != "alarms"
+    }  # nothing booked, no chain moved
+    signer = public_key(rogue_key).hex()
+    [(kind, subject, fog_id, detail)] = await alarm_rows(w.store)
+    assert (kind, subject, fog_id) == ("unregistered_fog_key", f"fog-a:{signer[:16]}", "fog-a")
+    registered = public_key(fog.key).hex()
+    assert f"signer={signer} registered={registered} batch=1 " in detail
+    assert f"header={header_id.hex()} records=2" in detail
+    # the same batch resent, and the next one: refused, no new alarm
+    assert (await ingestor.ingest_batch(wire)).alarms == []
+    nxt = rogue.cut([rogue.authorize(scene.device, seq=3, lease_id=scene.lease_id)])
+    assert (await ingestor.ingest_batch(nxt)).status is Status.REFUSED
+    assert len(await alarm_rows(w.store)) == 1
+    assert ingestor.metrics.get("alarm_unregistered_fog_key") == 1
+    assert ingestor.metrics.get("batch_refused_bad_signature") == 3
+    # a fog id the registry has never heard of
+    stranger = FogLog("fog-x", new_key())
+    out = await ingestor.ingest_batch(
+        stranger.cut([stranger.authorize(scene.device, seq=9, lease_id=scene.lease_id)])
+    )
+    assert out.status is Status.REFUSED and out.alarms == ["unregistered_fog_key"]
+    rows = await alarm_rows(w.store)
+    assert [r[2] for r in rows] == ["fog-a", "fog-x"] and "registered=none" in rows[1][3]
+    await books_balanced(w.store)
 
 
 async def test_bad_records_are_rejected_the_rest_booked(scene: Scene) -> None:

@@ -34,13 +34,13 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
-def start_sandbox(directory: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Start the sandbox; return once it has written a new sandbox.json (a restart must not
-    read the previous run's file)."""
+def start_sandbox(directory: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """Start the sandbox (``extra``: more options); return once it has written a new
+    sandbox.json (a restart must not read the previous run's file)."""
     old = _stamp(directory / SANDBOX_JSON)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [*FOGPAY, "sandbox", "--dir", str(directory), "--port", "0"],
+            [*FOGPAY, "sandbox", "--dir", str(directory), "--port", "0", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -110,7 +110,7 @@ def _ack_number(payload: bytes) -> int:
     return open_envelope(payload, Ack).msg.number
 
 
-async def test_bad_input_is_counted_and_changes_nothing(
+async def test_bad_input_is_counted_and_changes_nothing_but_an_alarm(
     world: World, amqtt_broker: BrokerEndpoint
 ) -> None:
     _, wires = await batches(world, 1)
@@ -144,7 +144,18 @@ async def test_bad_input_is_counted_and_changes_nothing(
     assert c["lease_dropped"] == 1
     assert c["batch_refused_malformed"] == 1 and c["batch_refused_bad_signature"] == 1
     assert c["lrep_refused_malformed"] == 1
-    assert await snapshot(world.store) == before
+    after = await snapshot(world.store)
+    # the forged batch is signed validly by a key that is not fog-a's: refused, nothing
+    # booked, and an alarm (a fog paying under a credential the registry never registered
+    # looks exactly like it, docs/protocol.md 15.2); nothing else changed
+    [alarm] = after.pop("alarms")
+    assert alarm[:3] == (
+        "unregistered_fog_key",
+        f"fog-a:{public_key(forged.key).hex()[:16]}",
+        "fog-a",
+    )
+    assert before.pop("alarms") == []
+    assert after == before
 
 
 async def test_lease_request_is_answered_with_a_retained_lease_and_a_report_clears_it(
