@@ -436,8 +436,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, service=service_cfg)
     if args.partition:
         index, partitions = parse_partition(args.partition)
-        home = None if index < 0 else index  # -/P: a standby, takes over only
-        service_cfg = dataclasses.replace(cfg.service, partitions=partitions, partition=home)
+        service_cfg = dataclasses.replace(cfg.service, partitions=partitions, partition=index)
         cfg = dataclasses.replace(cfg, service=service_cfg)
     logs.configure(json=True, component="cloud")
     route_stdlib_logging(json=True, component="cloud")

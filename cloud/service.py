@@ -46,6 +46,7 @@ it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
 import asyncio
 import contextlib
 import hashlib
+import multiprocessing
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -733,11 +734,15 @@ async def open_service(
         claims = Claims(
             config.store,
             partitions=config.service.partitions,
-            home=config.service.partition,
+            home=config.service.partition if config.service.partition >= 0 else None,
             takeover=config.service.takeover,
         )
     workers = config.service.verify_workers
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    # forkserver: a forked worker would inherit this process's sockets (the PostgreSQL
+    # sessions: a SIGKILLed service's partition lock and open transaction would live on in
+    # its orphaned workers); these workers start clean and hold only their pipes
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context) if workers > 0 else None
     try:
         store = await open_store(config.store)
         try:
