@@ -6,6 +6,7 @@ fog's batches with no lock at all (the locks are for liveness; the database is t
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nacl.signing
 import pytest
@@ -16,6 +17,7 @@ from cloud.events import Status
 from cloud.ingest import Ingestor
 from cloud.partition import Claims, partition_of
 from cloud.pgstore import PgStore
+from runtime.keyfile import write_key_file
 from tests.cloud.conftest import drop_schema, pg_schema_store
 from tests.cloud.world import World, count
 
@@ -164,3 +166,30 @@ async def test_two_processes_racing_on_one_fog_book_each_batch_once(
     assert await store.transact(drawn) == BATCHES * RECORDS * 1_000  # no lost update
     check = await store.transact(ledger.check)
     assert check.ok and check.transfers == BATCHES * RECORDS
+
+
+def test_the_partition_option_is_parsed() -> None:
+    from cloud.cli_commands import parse_partition
+
+    assert parse_partition("1/2") == (1, 2)
+    assert parse_partition("-/3") == (-1, 3)  # a standby for any of 3
+    for bad in ("1", "a/2", "1/b", "/2", "1/"):
+        with pytest.raises(SystemExit):
+            parse_partition(bad)
+
+
+async def test_partitions_need_postgresql(tmp_path: Path) -> None:
+    from cloud.config import CloudConfig
+    from cloud.service import open_service
+
+    key = tmp_path / "issuer.key"
+    write_key_file(key, nacl.signing.SigningKey.generate())
+    config = CloudConfig(
+        store=f"sqlite://{tmp_path}/cloud.db",
+        issuer_key=key,
+        service=ServiceConfig(partitions=2, partition=0),
+    )
+    with pytest.raises(ConfigError, match="postgresql"):
+        async with open_service(config):
+            pass
+    assert not (tmp_path / "cloud.db").exists()  # refused before anything was opened
