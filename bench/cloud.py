@@ -11,8 +11,8 @@ checks (two per record) run in a ``ProcessPoolExecutor`` of ``--workers`` proces
 of the booking, which stays in this process (one transaction per batch, durable before its
 ack). It prints records/s, the single-core Ed25519 verify rate measured
 in the same run (before, and again after each store's ingest: the target uses the best), and
-the target: ingest >= 0.8 x (verify rate / 2 per record) x cores used, then the CPU per
-record that target leaves (1.25 x 2 verifies, everything included) against what the run spent.
+the target (issue 15): ingest >= 0.75 x (verify rate / 2 per record) x cores used, then the CPU
+per record that target leaves (1.33 x 2 verifies, everything included) against what the run spent.
 Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if initdb exists.
 
 Partitions (``--partitions 1,2``, PostgreSQL only; cloud/partition.py): for each P, a fresh
@@ -59,6 +59,7 @@ from runtime import logs
 from tests.cloud.world import T0, FogLog, World
 
 DEVICES = 500
+TARGET = 0.75  # of the crypto bound (issue 15; issue 10 asked 0.8)
 VERIFY_SAMPLE = 2000
 VERIFY_ROUNDS = 3
 
@@ -190,11 +191,11 @@ async def run_store(
     assert check.ok and check.transfers == args.records, check
     per_s = args.records / elapsed
     cores = max(1, workers)
-    target = 0.8 * (rate / 2) * cores
+    target = TARGET * (rate / 2) * cores
     say(
         args,
         f"{name:8s} {args.records:>8,} records in {elapsed:6.2f} s = {per_s:>9,.0f} records/s "
-        f"(built in {built:.1f} s; {workers} verify workers) | target 0.8 x {rate:,.0f}/2 x "
+        f"(built in {built:.1f} s; {workers} verify workers) | target {TARGET} x {rate:,.0f}/2 x "
         f"{cores} = {target:,.0f} records/s: {'met' if per_s >= target else 'NOT met'}"
         f" (verify rate: the best of {before:,.0f}/s before and {after:,.0f}/s after)",
     )
@@ -206,14 +207,14 @@ async def run_store(
         f"{'; the PostgreSQL server not counted' if name == 'postgres' else ''})",
     )
     # With every core used busy, records/s = cores / (CPU per record): the target allows
-    # cores / target = 1.25 x 2 verifies of CPU per record, all work included.
+    # cores / target = (1 / TARGET) x 2 verifies of CPU per record, all work included.
     allowed, verifies = cores * 1e6 / target, 2e6 / rate
     spent = (children + main_cpu) * us
     say(
         args,
         f"{'':8s} budget: the target allows {allowed:.1f} us CPU per record on {cores} cores"
-        f" (1.25 x 2 verifies): {allowed - verifies:.1f} us besides the verifies; this run"
-        f" spent {spent:.1f} us, {spent - verifies:.1f} us besides them",
+        f" ({1 / TARGET:.2f} x 2 verifies): {allowed - verifies:.1f} us besides the verifies;"
+        f" this run spent {spent:.1f} us, {spent - verifies:.1f} us besides them",
     )
     # one ingest process over the store: partitions by fog across processes are not built yet
     return {
@@ -455,13 +456,13 @@ async def run_partitions(
     server_s = sum(server.values()) / os.sysconf("SC_CLK_TCK")
     per_s = records / elapsed
     rate = max(rate, verify_rate())  # the best seen: a busy moment must not ease the bound
-    target = 0.75 * (rate / 2) * cores
+    target = TARGET * (rate / 2) * cores
     say(
         args,
         f"postgres P={partitions} ({workers} verify workers each, {args.fogs} fogs, owners "
         f"{args.owners}): {records:,} records in {elapsed:6.2f} s = {per_s:>9,.0f} records/s, "
         f"{per_s / cores:,.0f}/s per core ({cores} cores) | crypto bound {rate / 2 * cores:,.0f}"
-        f"/s: {per_s / (rate / 2 * cores):.2f} (target 0.75: "
+        f"/s: {per_s / (rate / 2 * cores):.2f} (target {TARGET}: "
         f"{'met' if per_s >= target else 'NOT met'}) | CPU per record {cpu * 1e6 / records:.1f} us"
         f" (verify workers {verify_cpu * 1e6 / records:.1f} us, booking processes "
         f"{booking_cpu * 1e6 / records:.1f} us; 2 verifies {2e6 / rate:.1f} us; the PostgreSQL "
