@@ -166,10 +166,15 @@ class Claims:
         if partition not in self.held:
             return
         self.held.discard(partition)
-        if self._conn is not None and not self._conn.is_closed():
+        if self._conn is None or self._conn.is_closed():
+            return
+        try:
             await self._conn.fetchval(
                 "SELECT pg_advisory_unlock($1::int, $2::int)", self._ns, 2 * partition
             )
+        except Exception as exc:  # the seam: closing the session releases it all the same
+            log.warning("partition_check_failed", error=type(exc).__name__)
+            await self.close()
 
     async def close(self) -> None:
         """Release everything (closing the session frees its advisory locks)."""

@@ -589,7 +589,7 @@ class CloudService:
                     async with self._lock:
                         self._set_mine(claims.held)
                         if changes.gained:
-                            await self._refresh_locked(full=True)
+                            await self._refresh_gained()
                 for partition in sorted(changes.gained):
                     self._count("partition_acquired")
                     log.info(
@@ -604,6 +604,16 @@ class CloudService:
             async with self._lock:  # the message in flight is done (stop drains first)
                 self._set_mine(set())
                 await claims.close()
+
+    async def _refresh_gained(self) -> None:
+        """Publish what a gained partition brings (its fogs' acks; the retained state for
+        the control); a store hiccup is repaired by the next refresh."""
+        try:
+            await self._refresh_locked(full=True)
+        except Exception as exc:  # the seam: the refresher retries every REFRESH_S
+            self._fingerprint = None
+            self._count("refresh_failed")
+            log.error("retained_refresh_failed", error=type(exc).__name__)
 
     def _set_mine(self, held: set[int]) -> None:
         """Hold ``held`` now: forget what was published of topics no longer ours (the new
