@@ -123,6 +123,11 @@ def register_commands(cmds: Sub) -> None:
     p.add_argument("--out", default="settlement", help="directory for the period's files")
     p = add("run", cmd_run, "run the cloud service on MQTT until SIGTERM (cloud/service.py)")
     p.add_argument("--broker", help="mqtt://[user:password@]host[:port] (overrides config)")
+    p.add_argument(
+        "--partition",
+        metavar="I/P",
+        help="book partition I of P (fogs by hash; PostgreSQL only; overrides config)",
+    )
 
 
 def _key_options(p: argparse.ArgumentParser) -> None:
@@ -407,6 +412,14 @@ def cmd_settle(args: argparse.Namespace) -> int:
     return 0 if report["balanced"] else 1
 
 
+def parse_partition(text: str) -> tuple[int, int]:
+    """``I/P`` (partition I of P) as ``(I, P)``; ``-/P``: a standby for any of P."""
+    index, sep, partitions = text.partition("/")
+    if not sep or not partitions.isdigit() or not (index.isdigit() or index == "-"):
+        raise SystemExit(f"--partition: {text!r} is not I/P (for example 0/2)")
+    return (-1 if index == "-" else int(index)), int(partitions)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The MQTT service: JSON log lines on stdout (journald); SIGTERM or SIGINT stop it
     after the message in flight."""
@@ -420,6 +433,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.broker:
         service_cfg = dataclasses.replace(cfg.service, broker_url=args.broker)
+        cfg = dataclasses.replace(cfg, service=service_cfg)
+    if args.partition:
+        index, partitions = parse_partition(args.partition)
+        service_cfg = dataclasses.replace(cfg.service, partitions=partitions, partition=index)
         cfg = dataclasses.replace(cfg, service=service_cfg)
     logs.configure(json=True, component="cloud")
     route_stdlib_logging(json=True, component="cloud")

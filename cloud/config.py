@@ -16,6 +16,12 @@ broker_url = "mqtt://issuer:PASSWORD@127.0.0.1:1883"  # or mqtts://...:8883 with
 # key_file = "/etc/fogpay/tls/cloud.key"
 verify_workers = 2   # processes verifying batches; 0: in the event loop
 stats_interval_s = 60.0
+partitions = 0       # 0: this process books every fog, no lock; P >= 1: ingest
+                     # partitioned by fog over one PostgreSQL (cloud/partition.py)
+partition = 0        # this process's partition (0..P-1); the holder of 0 also takes the
+                     # lease requests, reports, transfers and held uploads; -1: a standby
+takeover = true      # take over another partition whose process is gone
+partition_check_s = 1.0
 
 [metrics]          # Prometheus /metrics, /healthz, /readyz (cloud/metrics.py); off by default
 enabled = true
@@ -54,6 +60,9 @@ ISSUER_KEY_DEFAULT = "issuer.key"
 BROKER_URL_DEFAULT = "mqtt://127.0.0.1:1883"
 VERIFY_WORKERS_MAX = 64
 STATS_INTERVAL_S_MAX = 86_400.0
+PARTITIONS_MAX = 1024
+PARTITION_CHECK_S_MIN = 0.05
+PARTITION_CHECK_S_MAX = 60.0
 METRICS_LISTEN_DEFAULT = "127.0.0.1:9465"
 
 
@@ -72,6 +81,18 @@ class ServiceConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # ingest partitioned by fog (cloud/partition.py): ``partitions`` processes over one
+    # PostgreSQL, this one books ``partition`` (-1: none, a standby that only takes over);
+    # partitions = 0: no partition lock at all, this process books every fog
+    partitions: int = 0
+    partition: int = 0
+    takeover: bool = True  # also book a partition whose process is gone
+    partition_check_s: float = 1.0  # how often the partition locks are checked
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether this process books under a partition lock (PostgreSQL only)."""
+        return self.partitions > 0
 
     def __post_init__(self) -> None:
         url = self.broker_url
@@ -89,6 +110,21 @@ class ServiceConfig:
         stats = self.stats_interval_s
         if type(stats) not in (int, float) or not 0.1 <= stats <= STATS_INTERVAL_S_MAX:
             raise ConfigError("service.stats_interval_s: a number of seconds in [0.1, 86400]")
+        parts = self.partitions
+        if type(parts) is not int or not 0 <= parts <= PARTITIONS_MAX:
+            raise ConfigError(f"service.partitions: an integer in [0, {PARTITIONS_MAX}]")
+        part = self.partition
+        if type(part) is not int or not -1 <= part < max(1, parts):
+            raise ConfigError("service.partition: an integer in [-1, service.partitions - 1]")
+        if type(self.takeover) is not bool:
+            raise ConfigError("service.takeover: must be true or false")
+        if part < 0 and not self.takeover:
+            raise ConfigError("service.partition: a process without one books only by takeover")
+        check = self.partition_check_s
+        if type(check) not in (int, float) or not (
+            PARTITION_CHECK_S_MIN <= check <= PARTITION_CHECK_S_MAX
+        ):
+            raise ConfigError("service.partition_check_s: a number of seconds in [0.05, 60]")
 
     def tls(self) -> TlsSettings | None:
         """The client TLS settings for an ``mqtts://`` broker_url (None for mqtt://)."""

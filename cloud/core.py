@@ -74,6 +74,15 @@ class CloudCore:
         )
         self._held = HeldBooker(store=store, issuer=issuer, metrics=self.metrics)
 
+    @property
+    def owns(self) -> Callable[[str], bool] | None:
+        """Which fogs this core books (None: all): the service's partitions (cloud/partition.py)."""
+        return self._ingestor.owns
+
+    @owns.setter
+    def owns(self, owns: Callable[[str], bool] | None) -> None:
+        self._ingestor.owns = owns
+
     async def handle(self, event: Input) -> list[Output]:
         """Decide on one input; every output is durable when this returns."""
         match event:

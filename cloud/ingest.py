@@ -173,6 +173,8 @@ class Ingestor:
         self._clock = clock
         self._verifier = verifier
         self.metrics = metrics or Metrics()
+        # which fogs this process books (None: all); cloud/partition.py sets it
+        self.owns: Callable[[str], bool] | None = None
 
     async def ingest_batch(self, wire: bytes, *, topic: str | None = None) -> IngestOutcome:
         """Idempotent: the same bytes again change nothing and get the same ack."""
@@ -198,6 +200,10 @@ class Ingestor:
                 reason=Reason.TOPIC_MISMATCH,
             )
             return [judged]
+        if self.owns is not None and not self.owns(h.fog_id):  # a relay: another partition's
+            self.metrics.inc("batch_dropped_partition")
+            log.debug("batch_dropped", cause="partition", fog_id=h.fog_id, batch=h.number)
+            return [BatchJudged(status=Status.DROPPED, fog_id=h.fog_id, number=h.number)]
         try:
             done = await self._transact(batch, event.wire, event.now_ms, from_held=False)
             for _ in range(HELD_BATCHES_MAX):  # the held batches this one releases

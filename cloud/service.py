@@ -26,6 +26,18 @@ published (new or changed topics; cleared ones as empty payloads); every ``FULL_
 it diffs regardless. So a binding or owner added with ``fogpay cloud ...`` in another process
 reaches the fogs within about a second. ``publish_retained()`` forces it.
 
+Partitions (``cloud/partition.py``). With ``claims`` (``[service] partitions``/``partition``,
+PostgreSQL only) the service books only the fogs of the partitions it holds: the reader
+skips other fogs' batches before queueing them (``batch_skipped``), the worker checks again
+before booking (a partition may have changed hands meanwhile), and a relayed batch of another
+partition's fog is dropped after verification (the relay topic names the carrier). Only the
+holder of partition 0 (the control) takes lease messages, transfers and held uploads
+(``message_skipped`` elsewhere) and publishes the retained state other than acks; each
+process publishes the acks of its own partitions' fogs. A task checks the locks every
+``partition_check_s``: a partition gained brings a full retained refresh (its fogs' acks);
+one handed back, or lost with the lock connection, is dropped between two messages, under
+the lock.
+
 Stop. ``stop()`` (SIGTERM) stops reading; the message in flight is handled and its
 publications sent, then the client closes. Bad input never raises: the core counts and logs
 it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
@@ -34,6 +46,7 @@ it; the shell counts what it drops (``message_dropped``, ``batch_dropped``...).
 import asyncio
 import contextlib
 import hashlib
+import multiprocessing
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -44,11 +57,12 @@ import aiomqtt
 import nacl.signing
 import structlog
 
-from cloud.backends import open_store
+from cloud.backends import open_store, store_kind
 from cloud.config import CloudConfig, ConfigError, MetricsConfig
 from cloud.core import CloudCore, Publish
 from cloud.ingest import IngestOutcome, Status, Verifier, verify_inline
 from cloud.metrics import CloudObserver, CloudState  # observability hook
+from cloud.partition import CONTROL, Claims, partition_of
 from cloud.store import Store, Tx
 from cloud.verify import CheckedBatch, check_batch
 from protocol import limits, topics
@@ -139,8 +153,11 @@ class CloudService:
         prefetch: "PrefetchVerifier | None" = None,
         metrics: MetricsConfig | None = None,
         tls: TlsSettings | None = None,
+        claims: Claims | None = None,
+        partition_check_s: float = 1.0,
     ) -> None:
-        """``store`` (the core's) enables the cheap change check; without it the service
+        """``claims``: the partition locks (None: this process books every fog and is the
+        control). ``store`` (the core's) enables the cheap change check; without it the service
         diffs ``core.retained()`` every ``FULL_REFRESH_S`` only. ``prefetch``: the core's
         verifier, told of each batch as it is queued. ``metrics``: the HTTP endpoint
         (cloud/metrics.py; None or disabled: none)."""
@@ -167,6 +184,11 @@ class CloudService:
         self._last_full = 0.0
         self._counters: dict[str, int] = {}
         self._started = False
+        self._claims, self._check_s = claims, partition_check_s
+        self._mine: frozenset[int] = frozenset()  # the partitions held (with claims)
+        self._partitions = 1 if claims is None else claims.partitions
+        if claims is not None:
+            core.owns = self.owns_fog  # a relayed batch: the header's fog decides
         # ---- observability hook (cloud/metrics.py): what /metrics and /readyz read
         self.observer = CloudObserver(
             metrics or MetricsConfig(),
@@ -194,6 +216,21 @@ class CloudService:
         publish_failed, broker_connected, broker_disconnected."""
         return {**dict(self.core.metrics.counters), **self._counters}
 
+    def owns_fog(self, fog_id: str) -> bool:
+        """Whether this process books ``fog_id``'s batches now."""
+        if self._claims is None:
+            return True
+        return partition_of(fog_id, self._partitions) in self._mine
+
+    @property
+    def is_control(self) -> bool:
+        """Whether this process takes lease messages, transfers and held uploads now."""
+        return self._claims is None or CONTROL in self._mine
+
+    @property
+    def partitions_held(self) -> frozenset[int]:
+        return frozenset({0}) if self._claims is None else self._mine
+
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
@@ -216,6 +253,8 @@ class CloudService:
                     tg.create_task(self._worker(), name="cloud.worker")
                     tg.create_task(self._refresher(), name="cloud.refresh")
                     tg.create_task(self._stats(), name="cloud.stats")
+                    if self._claims is not None:
+                        tg.create_task(self._partition_loop(), name="cloud.partitions")
             except* BrokerTlsError as refused:  # a wrong CA or name: one line, not a group
                 raise refused.exceptions[0] from None
             finally:
@@ -306,6 +345,9 @@ class CloudService:
                 self._count("held_dropped")
                 log.warning("held_dropped", cause="size", size=len(payload))
                 return
+            if not self.is_control:
+                self._count("message_skipped")  # the control's (partition 0)
+                return
             self._put(self._held, (parsed.key, payload), "held_dropped")
             return
         assert parsed.fog_id is not None
@@ -317,9 +359,14 @@ class CloudService:
             return
         if kind == "batch":
             relayed = parsed.kind is Kind.RELAY
+            if not relayed and not self.owns_fog(parsed.fog_id):
+                self._count("batch_skipped")  # another partition's fog
+                return
             if self._put(self._batches, (parsed.fog_id, payload, relayed), "batch_dropped"):
                 if self._prefetch is not None:
                     self._prefetch.prefetch(payload)
+        elif not self.is_control:
+            self._count("message_skipped")  # the control's (partition 0)
         else:
             self._put(self._leases, (parsed.kind, payload), "lease_dropped")
 
@@ -345,13 +392,24 @@ class CloudService:
                 continue
             if not self._leases.empty():
                 kind, payload = self._leases.get_nowait()
-                await self._guarded(self._handle_lease(kind, payload), str(kind))
+                if self.is_control:
+                    await self._guarded(self._handle_lease(kind, payload), str(kind))
+                else:
+                    self._count("message_skipped")  # control handed over since queued
             elif not self._held.empty():
                 device, payload = self._held.get_nowait()
-                await self._guarded(self._handle_held(device, payload), "held")
+                if self.is_control:
+                    await self._guarded(self._handle_held(device, payload), "held")
+                else:
+                    self._count("message_skipped")
             elif not self._stopping.is_set():
                 fog_id, wire, relayed = self._batches.get_nowait()
-                await self._guarded(self._handle_batch(fog_id, wire, relayed), "batch")
+                if relayed or self.owns_fog(fog_id):
+                    await self._guarded(self._handle_batch(fog_id, wire, relayed), "batch")
+                else:  # its partition changed hands since it was queued
+                    self._count("batch_skipped")
+                    if self._prefetch is not None:
+                        self._prefetch.discard(wire)
             else:
                 while not self._batches.empty():  # stopping: left to the fogs' resend
                     _, wire, _ = self._batches.get_nowait()
@@ -402,7 +460,8 @@ class CloudService:
             else:
                 outcome = await self.core.ingest_batch(wire, topic=topics.batch_topic(fog_id))
             if outcome.status is Status.DROPPED:
-                self._count("batch_dropped")
+                # no reason: a relayed batch of another partition's fog (cloud/partition.py)
+                self._count("batch_dropped" if outcome.reason is not None else "batch_skipped")
                 return  # logged by the core (batch_dropped, cause=topic_mismatch)
             self._count(f"batches_{outcome.status}")
             if relayed:
@@ -491,7 +550,7 @@ class CloudService:
         elif not full:
             return
         current = await self.core.retained()
-        now = {topic: payload for topic, payload in current}
+        now = {topic: payload for topic, payload in current if self._owns_topic(topic)}
         changed = [(t, p) for t, p in now.items() if self._published.get(t) != _digest(p)]
         gone = [(t, b"") for t in self._published if t not in now]
         await self._publish_locked(changed + gone)
@@ -501,6 +560,70 @@ class CloudService:
         if changed or gone:
             self._count("retained_published", len(changed) + len(gone))
             log.info("retained_published", changed=len(changed), cleared=len(gone))
+
+    def _owns_topic(self, topic: str) -> bool:
+        """Which retained topics this process publishes: a fog's ack if it holds the fog's
+        partition, everything else if it is the control."""
+        if self._claims is None:
+            return True
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[2] == "up" and parts[4] == "ack":
+            return self.owns_fog(parts[3])
+        return self.is_control
+
+    # ---- partitions (cloud/partition.py) -------------------------------------------------
+
+    async def _partition_loop(self) -> None:
+        assert self._claims is not None
+        claims = self._claims
+        try:
+            while True:
+                changes = await claims.poll()
+                if changes.lost:
+                    log.error("partition_lost", partitions=sorted(self._mine))
+                    self._count("partition_lost")
+                for partition in sorted(changes.release):
+                    async with self._lock:  # between two messages
+                        await claims.release(partition)
+                        self._set_mine(claims.held)
+                    self._count("partition_released")
+                    log.info("partition_released", partition=partition, cause="home_back")
+                if changes.lost or changes.gained:
+                    async with self._lock:
+                        self._set_mine(claims.held)
+                        if changes.gained:
+                            await self._refresh_gained()
+                for partition in sorted(changes.gained):
+                    self._count("partition_acquired")
+                    log.info(
+                        "partition_acquired",
+                        partition=partition,
+                        partitions=self._partitions,
+                        takeover=partition != claims.home,
+                    )
+                if await self._sleep_or_stop(self._check_s):
+                    return
+        finally:
+            async with self._lock:  # the message in flight is done (stop drains first)
+                self._set_mine(set())
+                await claims.close()
+
+    async def _refresh_gained(self) -> None:
+        """Publish what a gained partition brings (its fogs' acks; the retained state for
+        the control); a store hiccup is repaired by the next refresh."""
+        try:
+            await self._refresh_locked(full=True)
+        except Exception as exc:  # the seam: the refresher retries every REFRESH_S
+            self._fingerprint = None
+            self._count("refresh_failed")
+            log.error("retained_refresh_failed", error=type(exc).__name__)
+
+    def _set_mine(self, held: set[int]) -> None:
+        """Hold ``held`` now: forget what was published of topics no longer ours (the new
+        holder publishes them; ours must never be cleared as "gone")."""
+        self._mine = frozenset(held)
+        for topic in [t for t in self._published if not self._owns_topic(t)]:
+            del self._published[topic]
 
     # ---- stats ------------------------------------------------------------------------
 
@@ -587,6 +710,7 @@ def build_service(
     issuer: nacl.signing.SigningKey,
     verifier: Verifier = verify_inline,
     clock: Clock = wall_ms,
+    claims: Claims | None = None,
 ) -> CloudService:
     """A CloudService (and its CloudCore) over an open ``store``, as ``config`` says; a
     ``PrefetchVerifier`` also gets each batch as it is queued."""
@@ -601,6 +725,8 @@ def build_service(
         stats_s=config.service.stats_interval_s,
         prefetch=verifier if isinstance(verifier, PrefetchVerifier) else None,
         metrics=config.metrics,
+        claims=claims,
+        partition_check_s=config.service.partition_check_s,
     )
 
 
@@ -614,13 +740,29 @@ async def open_service(
     issuer = load_key_file(config.issuer_key)
     address = broker_address(config.service.broker_url)  # fail before opening anything
     assert address
+    claims = None
+    if config.service.partitioned:
+        if store_kind(config.store) != "postgresql":
+            raise ConfigError("service.partitions: partitions need a postgresql:// store")
+        claims = Claims(
+            config.store,
+            partitions=config.service.partitions,
+            home=config.service.partition if config.service.partition >= 0 else None,
+            takeover=config.service.takeover,
+        )
     workers = config.service.verify_workers
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    # forkserver: a forked worker would inherit this process's sockets (the PostgreSQL
+    # sessions: a SIGKILLed service's partition lock and open transaction would live on in
+    # its orphaned workers); these workers start clean and hold only their pipes
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context) if workers > 0 else None
     try:
         store = await open_store(config.store)
         try:
             verifier = verify_inline if pool is None else PrefetchVerifier(pool)
-            yield build_service(config, store=store, issuer=issuer, verifier=verifier, clock=clock)
+            yield build_service(
+                config, store=store, issuer=issuer, verifier=verifier, clock=clock, claims=claims
+            )
         finally:
             await store.close()
     finally:
