@@ -76,9 +76,10 @@ from fog.core import (
 )
 from fog.latency import Histogram
 from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
+from fog.pipeline import Pipeline, Result
 from fog.replicas import ReplicaEvent
-from fog.schema import open_problem
-from fog.store import Arrival, Outcome
+from fog.schema import StoreError, open_problem
+from fog.store import Arrival, Outcome, StoreSyncError
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
 from fog.vouchers import VoucherIssuer
@@ -101,6 +102,8 @@ TRUST_QUEUE_MAX: Final = 10_000
 GOSSIP_QUEUED_BYTES_MAX: Final = 64 * 1024 * 1024
 GROUP_MAX: Final = 256
 PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
+# groups given to the core and not yet answered (store_pipeline: decided while others sync)
+PIPELINE_GROUPS_MAX: Final = 8
 PUBLISH_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
@@ -161,6 +164,7 @@ class FogDaemon:
         self._started = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
         self._core: FogCore | CoreProcess | None = None
+        self._pipeline: Pipeline | None = None  # store_pipeline with store_process = false
         self._broker: EmbeddedBroker | BrokerProcess | None = None
         if config.broker.embedded:
             kind = BrokerProcess if config.broker.process else EmbeddedBroker
@@ -189,7 +193,7 @@ class FogDaemon:
         self._log = log.bind(fog_id=config.fog_id, component="fog")
         self._debug = config.log_level == "debug"
         # a child process died (core or embedded broker): run() raises it
-        self._fatal: StoreProcessError | BrokerLostError | None = None
+        self._fatal: StoreError | BrokerLostError | None = None
         # ---- observability hook (fog/metrics.py): what /metrics and /readyz read, at scrape
         self.observer = FogObserver(
             config,
@@ -299,13 +303,19 @@ class FogDaemon:
         core: FogCore | CoreProcess
         try:
             if c.store_process:
-                core = CoreProcess.start(c.db, config=config, fog_key=key)
+                core = CoreProcess.start(
+                    c.db, config=config, fog_key=key, pipelined=c.store_pipeline
+                )
                 pid = core.pid
             else:
-                core, pid = FogCore.open(c.db, config=config, fog_key=key), os.getpid()
+                durable = not c.store_pipeline
+                core = FogCore.open(c.db, config=config, fog_key=key, durable_commits=durable)
+                pid = os.getpid()
+                if c.store_pipeline:
+                    self._pipeline = Pipeline(core)
         except sqlite3.Error as exc:  # read-only file system, a failed disk: one line, no trace
             raise open_problem(c.db, exc) from exc
-        self._log.info("store_opened", process=c.store_process, pid=pid)
+        self._log.info("store_opened", process=c.store_process, pid=pid, pipeline=c.store_pipeline)
         return core
 
     def _times(self) -> dict[str, int]:
@@ -319,14 +329,29 @@ class FogDaemon:
         return await self._handle_on(core, event)
 
     async def _handle_on(self, core: FogCore | CoreProcess, event: FogInput) -> list[FogOutput]:
-        if isinstance(core, CoreProcess):
-            try:
+        try:
+            if isinstance(core, CoreProcess):
                 return await core.ahandle(event)
-            except StoreProcessError as exc:
-                self._store_lost(exc)
-                raise
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, core.handle, event)
+            loop = asyncio.get_running_loop()
+            if self._pipeline is None:
+                return await loop.run_in_executor(self._executor, core.handle, event)
+            # handled on the worker thread in the order given, answered after its barrier
+            answer: asyncio.Future[Result] = loop.create_future()
+
+            def done(result: Result) -> None:
+                loop.call_soon_threadsafe(_settle, answer, result)
+
+            loop.run_in_executor(self._executor, self._pipeline.submit, event, done)
+            result = await answer
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        except StoreSyncError as exc:
+            self._lost(exc, "store_sync_failed")
+            raise
+        except StoreProcessError as exc:
+            self._store_lost(exc)
+            raise
 
     async def _tell_core(self, event: Connected | Disconnected) -> None:
         """A link change: never raises (a lost core is noticed and stops the fog)."""
@@ -344,7 +369,7 @@ class FogDaemon:
         core, self._core = self._core, None
         if core is not None:
             try:
-                if isinstance(core, CoreProcess) and isinstance(self._fatal, StoreProcessError):
+                if isinstance(core, CoreProcess) and type(self._fatal) is StoreProcessError:
                     core.close()  # the process is gone: reap it
                 else:  # the core closes its database (checkpoint); a child then exits
                     closing = self._handle_on(core, Close(**self._times()))
@@ -401,7 +426,7 @@ class FogDaemon:
             )
         exited.cancel()
 
-    def _lost(self, exc: StoreProcessError | BrokerLostError, event: str) -> None:
+    def _lost(self, exc: StoreError | BrokerLostError, event: str) -> None:
         if self._fatal is None and not self._stopping.is_set():
             self._fatal = exc
             self._count(event)
@@ -568,11 +593,21 @@ class FogDaemon:
     # ---- processing ---------------------------------------------------------------------
 
     async def _processor(self) -> None:
+        """Groups go to the core as they form, up to ``PIPELINE_GROUPS_MAX`` unanswered (with
+        ``store_pipeline`` the core decides one while the previous ones sync; the core takes
+        inputs in the order given and answers in that order)."""
+        deciding: set[asyncio.Task[None]] = set()
         while True:
             group = await self._next_group()
             if not group:
                 break
-            await self._process_group(group)
+            if len(deciding) >= PIPELINE_GROUPS_MAX:
+                await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(self._process_group(group), name="fog.group")
+            deciding.add(task)
+            task.add_done_callback(deciding.discard)
+        if deciding:
+            await asyncio.wait(deciding)
         if self._publishing:
             await asyncio.wait(self._publishing)
         self._drained.set()
@@ -612,9 +647,12 @@ class FogDaemon:
             elif isinstance(out, Wake):
                 self._wake_until(out.mono_ms)
             elif isinstance(out, Alarm):  # the disk failed: the group was declined, not recorded
-                self._count(out.event)
                 self._count("group_declined", len(group))
-                self._log.error(out.event, size=len(group), error=out.error)
+                if out.event == "store_sync_failed":  # the barrier failed: stop (fog/pipeline.py)
+                    self._lost(StoreSyncError(out.error), out.event)
+                else:
+                    self._count(out.event)
+                    self._log.error(out.event, size=len(group), error=out.error)
         # The group is durable: its receipts may leave. The next group commits while they do
         # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
         if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
@@ -891,6 +929,11 @@ class FogDaemon:
                 **self._answer_time.take("answer_ms"),
                 **self._store_time.take("store_ms"),
             )
+
+
+def _settle(future: "asyncio.Future[Result]", result: Result) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _payload_max(kind: Kind) -> int:

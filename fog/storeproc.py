@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import os
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ from fog import corewire
 from fog.childenv import child_env
 from fog.core import Close, CoreConfig, FogCore, FogInput, FogOutput
 from fog.corewire import HEADER, CoreWireError
+from fog.pipeline import Pipeline
 from fog.schema import StoreError
 
 START_TIMEOUT_S: Final = 60.0
@@ -70,10 +72,17 @@ class CoreProcess:
 
     @classmethod
     def start(
-        cls, path: str | Path, *, config: CoreConfig, fog_key: nacl.signing.SigningKey
+        cls,
+        path: str | Path,
+        *,
+        config: CoreConfig,
+        fog_key: nacl.signing.SigningKey,
+        pipelined: bool = False,
     ) -> "CoreProcess":
         """Start the child and open the core there; raises ``CoreError`` (a ``StoreError``)
-        with what ``FogCore.open`` raised."""
+        with what ``FogCore.open`` raised. ``pipelined``: the child commits without a sync
+        and answers each input once a sync covering it completed (fog/pipeline.py), reading
+        the next inputs meanwhile."""
         ours, theirs = socket.socketpair()
         with theirs:
             try:
@@ -89,7 +98,8 @@ class CoreProcess:
         core = cls(ours, proc)
         try:
             ours.settimeout(START_TIMEOUT_S)
-            ours.sendall(corewire.open_frame(str(path), bytes(fog_key), config))
+            frame = corewire.open_frame(str(path), bytes(fog_key), config, pipelined=pipelined)
+            ours.sendall(frame)
             corewire.read_reply(_recv_frame(ours))  # [] or what the child's open raised
             ours.settimeout(None)
         except TimeoutError:
@@ -273,11 +283,17 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        path, seed, config = corewire.read_open(_recv_frame(sock))
+        path, seed, config, pipelined = corewire.read_open(_recv_frame(sock))
     except (OSError, CoreWireError):
         return  # the parent is gone
     try:
-        core = FogCore.open(path, config=config, fog_key=nacl.signing.SigningKey(seed))
+        core = FogCore.open(
+            path,
+            config=config,
+            fog_key=nacl.signing.SigningKey(seed),
+            durable_commits=not pipelined,
+        )
+        pipeline = Pipeline(core) if pipelined else None
     except BaseException as exc:  # the parent raises it
         _reply(sock, corewire.error_frame(exc))
         return
@@ -285,6 +301,9 @@ def _serve(sock: socket.socket) -> None:
     gc.collect()
     gc.freeze()  # as the daemon does once serving: full collections skip the start-up heap
     _reply(sock, corewire.outputs_frame([]))
+    if pipeline is not None:
+        _serve_pipelined(sock, pipeline)
+        return
     while True:
         try:
             event = corewire.read_input(_recv_frame(sock))
@@ -300,6 +319,36 @@ def _serve(sock: socket.socket) -> None:
             return
     with contextlib.suppress(Exception):  # exiting anyway; SQLite's WAL keeps what committed
         core.handle(Close(now_ms=0))
+
+
+def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
+    """Read and handle inputs while sync threads make them durable and answer them (in
+    order, under the pipeline's release lock: one sender at a time)."""
+
+    def answer(result: list[FogOutput] | BaseException) -> None:
+        if isinstance(result, BaseException):
+            frame = corewire.error_frame(result)
+        else:
+            try:
+                frame = corewire.outputs_frame(result)
+            except Exception as exc:
+                frame = corewire.error_frame(exc)
+        _reply(sock, frame)  # a parent gone: the reader below notices
+
+    while True:
+        try:
+            event = corewire.read_input(_recv_frame(sock))
+        except (OSError, CoreWireError, StoreProcessError):
+            break  # the parent is gone (or mad): what was handled is made durable, then Close
+        pipeline.submit(event, answer)
+        if isinstance(event, Close):
+            if pipeline.failed:
+                os._exit(3)  # the connection stays unclosed: see Pipeline._close
+            return
+    if pipeline.failed:  # no checkpoint from a page cache that failed to write: exit as is
+        os._exit(3)
+    with contextlib.suppress(Exception):
+        pipeline.submit(Close(now_ms=0), lambda _: None)
 
 
 def _reply(sock: socket.socket, frame: bytes) -> bool:
