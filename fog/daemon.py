@@ -165,6 +165,8 @@ class FogDaemon:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
         self._core: FogCore | CoreProcess | None = None
         self._pipeline: Pipeline | None = None  # store_pipeline with store_process = false
+        # tests (store_process = false): wraps the WAL's fsync (fog/pipeline.py's sync_hook)
+        self.sync_hook: Callable[[Callable[[], None]], None] | None = None
         self._broker: EmbeddedBroker | BrokerProcess | None = None
         if config.broker.embedded:
             kind = BrokerProcess if config.broker.process else EmbeddedBroker
@@ -312,7 +314,7 @@ class FogDaemon:
                 core = FogCore.open(c.db, config=config, fog_key=key, durable_commits=durable)
                 pid = os.getpid()
                 if c.store_pipeline:
-                    self._pipeline = Pipeline(core)
+                    self._pipeline = Pipeline(core, sync_hook=self.sync_hook)
         except sqlite3.Error as exc:  # read-only file system, a failed disk: one line, no trace
             raise open_problem(c.db, exc) from exc
         self._log.info("store_opened", process=c.store_process, pid=pid, pipeline=c.store_pipeline)
