@@ -339,11 +339,19 @@ class FogDaemon:
                 return await loop.run_in_executor(self._executor, core.handle, event)
             # handled on the worker thread in the order given, answered after its barrier
             answer: asyncio.Future[Result] = loop.create_future()
+            pipeline = self._pipeline
 
-            def done(result: Result) -> None:
-                loop.call_soon_threadsafe(_settle, answer, result)
+            def done(result: Result) -> None:  # on a sync thread (or the worker)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_settle, answer, result)
 
-            loop.run_in_executor(self._executor, self._pipeline.submit, event, done)
+            def submit() -> None:  # on the worker thread
+                try:
+                    pipeline.submit(event, done)
+                except Exception as exc:
+                    done(exc)
+
+            loop.run_in_executor(self._executor, submit)
             result = await answer
             if isinstance(result, BaseException):
                 raise result

@@ -4,6 +4,7 @@ inputs; the next input is decided while a sync runs; a failed sync (EIO) release
 never an ok, and the alarm. The sync is observed through the pipeline's hook, which calls the
 real fdatasync (or raises, for EIO) and records when it started and ended."""
 
+import asyncio
 import errno
 import sqlite3
 import threading
@@ -16,9 +17,11 @@ import pytest
 from fog.core import Alarm, Close, FogCore, Intents, Receipt, Stats
 from fog.pipeline import Pipeline, Result
 from fog.store import Arrival, StoreSyncError
+from fog.storeproc import CoreProcess
 from protocol.signing import public_key
 from tests.fog.test_storeproc import config
 from tests.fog.world import NOW, World
+from tests.integration.devices import intent_id
 
 WAIT_S: Final = 10.0  # bound on every wait (never reached when the code is right)
 
@@ -229,3 +232,29 @@ def test_the_default_core_is_durable_on_return_and_refuses_a_pipeline(world: Wor
     finally:
         piped.handle(Close(now_ms=NOW))
     world.store = world.open()
+
+
+async def _answers_in_the_child(world: World, groups: list[Intents]) -> list[list[Receipt]]:
+    proc = CoreProcess.start(
+        world.path, config=config(world), fog_key=world.fog_key, pipelined=True
+    )
+    try:
+        # written back to back: the child finds several waiting and may decide them as one
+        results = await asyncio.gather(*(proc.ahandle(g) for g in groups))
+        await proc.ahandle(Close(now_ms=NOW))
+    except BaseException:
+        proc.close()
+        raise
+    return [[o for o in r if isinstance(o, Receipt)] for r in results]
+
+
+def test_the_child_answers_each_of_the_groups_it_decided_as_one(
+    world: World, items: list[tuple[bytes, bytes]]
+) -> None:
+    groups = [intents(*items[i : i + 3]) for i in range(0, len(items), 3)]
+    answers = asyncio.run(_answers_in_the_child(world, groups))
+    assert len(answers) == len(groups)
+    for group, got in zip(groups, answers, strict=True):
+        assert [r.outcome.intent_id for r in got] == [intent_id(a.payload) for a in group.arrivals]
+        assert all(r.outcome.status == "ok" for r in got)
+    assert logged(world.path) == len(items)
