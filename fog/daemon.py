@@ -3,8 +3,12 @@
 Flow. MQTT messages arrive on one aiomqtt client. Intents go into a bounded queue
 (``INTENT_QUEUE_MAX``; when full, an intent is dropped and counted: the device retransmits).
 The processor takes whatever is queued (up to ``GROUP_MAX``) and hands it to the core as one
-``Intents`` input, which the core decides in one durable SQLite transaction; only then are the
-receipts published (QoS 1): a receipt never leaves before its transaction committed. There is
+``Intents`` input, which the core decides in one SQLite transaction; the core answers once
+that transaction is durable, and only then are the receipts published (QoS 1): a receipt
+never leaves before its transaction is on disk. With ``store_pipeline`` (the default) the
+processor does not wait for a group's answer to hand over the next (up to
+``PIPELINE_GROUPS_MAX`` unanswered): the core decides it while the previous one's WAL syncs
+(fog/pipeline.py), and answers in the order of the inputs. There is
 no artificial waiting: under low load a group is one intent (latency), under load groups grow
 by themselves (throughput). Every other message on our subscriptions (trust material, leases,
 a cleared lease topic, acks) goes through its own bounded queue to the core as a

@@ -273,7 +273,8 @@ class FogStore:
 
     def process(self, arrivals: Sequence[Arrival], *, now_ms: int) -> list[Outcome]:
         """Decode, verify and authorize every arrival in order, in ONE transaction, durable on
-        return; one Outcome per arrival, same order. Later arrivals see earlier ones' effects.
+        return (``durable_commits=False``: once a ``WalFile.sync()`` started after the return
+        completed); one Outcome per arrival, same order. Later arrivals see earlier ones' effects.
         Never raises for bad input (a storage failure rolls the group back and raises)."""
         assert len(arrivals) <= PROCESS_GROUP_MAX
         assert 0 <= now_ms <= INT64_MAX

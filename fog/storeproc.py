@@ -22,7 +22,10 @@ the parent decides when to stop: it drains the group in flight, then sends ``Clo
 exits after ``Close`` or when the socket breaks: if the parent is SIGKILLed, the child finishes
 the input in hand (one SQLite transaction: all or nothing either way), finds the socket gone
 and exits. Intents are answered only by the parent, after the child returned the committed
-outcome, so durability before the receipt holds as in-process.
+outcome, so durability before the receipt holds as in-process. Pipelined (``store_pipeline``,
+fog/pipeline.py) the child answers an input once the fsync of the WAL covering its commit
+completed, from a sync thread, while its main thread reads and decides the next inputs; a
+parent SIGKILLed leaves the child to finish what it read, make it durable and exit.
 
 Secrets. The fog key crosses as its 32-byte seed over the socket pair, never in argv or the
 environment, and is never logged.
