@@ -383,7 +383,7 @@ class FogDaemon:
         core, self._core = self._core, None
         if core is not None:
             try:
-                if isinstance(core, CoreProcess) and type(self._fatal) is StoreProcessError:
+                if isinstance(core, CoreProcess) and isinstance(self._fatal, StoreProcessError):
                     core.close()  # the process is gone: reap it
                 else:  # the core closes its database (checkpoint); a child then exits
                     closing = self._handle_on(core, Close(**self._times()))
@@ -607,15 +607,16 @@ class FogDaemon:
     # ---- processing ---------------------------------------------------------------------
 
     async def _processor(self) -> None:
-        """Groups go to the core as they form, up to ``PIPELINE_GROUPS_MAX`` unanswered (with
-        ``store_pipeline`` the core decides one while the previous ones sync; the core takes
-        inputs in the order given and answers in that order)."""
+        """Groups go to the core as they form, up to ``PIPELINE_GROUPS_MAX`` unanswered with
+        ``store_pipeline`` (the core decides one while the previous ones sync; it takes inputs
+        in the order given and answers in that order); without, one at a time."""
         deciding: set[asyncio.Task[None]] = set()
+        unanswered_max = PIPELINE_GROUPS_MAX if self.config.store_pipeline else 1
         while True:
             group = await self._next_group()
             if not group:
                 break
-            if len(deciding) >= PIPELINE_GROUPS_MAX:
+            if len(deciding) >= unanswered_max:
                 await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(self._process_group(group), name="fog.group")
             deciding.add(task)
