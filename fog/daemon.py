@@ -132,16 +132,21 @@ def mono_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-def _close_unused_core(opening: "asyncio.Future[FogCore | CoreProcess]") -> None:
+def _close_unused_core(
+    opening: "asyncio.Future[FogCore | CoreProcess]", pipeline: Pipeline | None
+) -> None:
     if opening.cancelled() or opening.exception() is not None:
         return
     core = opening.result()
-    threading.Thread(target=_close_core, args=(core,), name="fog.close-unused").start()
+    args = (core, pipeline)
+    threading.Thread(target=_close_core, args=args, name="fog.close-unused").start()
 
 
-def _close_core(core: FogCore | CoreProcess) -> None:
+def _close_core(core: FogCore | CoreProcess, pipeline: Pipeline | None) -> None:
     if isinstance(core, CoreProcess):
         core.close()
+    elif pipeline is not None:  # its sync threads end too
+        pipeline.submit(Close(now_ms=0), lambda _: None)
     else:
         core.handle(Close(now_ms=0))
 
@@ -285,7 +290,8 @@ class FogDaemon:
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
-            opening.add_done_callback(_close_unused_core)
+            # (read once opened: the worker thread sets it)
+            opening.add_done_callback(lambda f: _close_unused_core(f, self._pipeline))
             raise
 
     def _open_core(self) -> FogCore | CoreProcess:
