@@ -57,7 +57,7 @@ import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from fog.core import Close, FogCore, FogInput, FogOutput, Intents
 from fog.store import StoreSyncError, WalFile
@@ -68,7 +68,8 @@ DEPTH_MAX: Final = 64  # inputs handled and not yet released, at most
 _ABANDONED: list[FogCore] = []  # cores whose barrier failed: never closed (no checkpoint)
 
 Result = list[FogOutput] | BaseException
-Done = Callable[[Result], None]
+Done = Callable[[Any], None]  # given the Result, or what ``prepare`` made of it
+Prepare = Callable[[Result], Any]
 
 
 @dataclass(slots=True)
@@ -76,8 +77,9 @@ class _Entry:
     seq: int
     need: int  # the sequence that must be durable before this answer leaves
     event: FogInput
-    result: Result
+    result: Any  # the Result, prepared
     done: Done
+    prepare: Prepare | None
 
 
 class Pipeline:
@@ -124,11 +126,13 @@ class Pipeline:
     def failed(self) -> bool:
         return self._failed is not None
 
-    def submit(self, event: FogInput, done: Done) -> None:
+    def submit(self, event: FogInput, done: Done, prepare: Prepare | None = None) -> None:
         """Handle ``event`` now (blocking while ``DEPTH_MAX`` answers wait), answer it through
-        ``done`` once durable. Call from one thread, the same every time."""
+        ``done`` once durable. Call from one thread, the same every time. ``prepare``: made of
+        the result on this thread, at once (the child encodes its answer here, so that a sync
+        thread only sends it); ``done`` is then given what it made."""
         if isinstance(event, Close):
-            self._close(event, done)
+            self._close(event, done, prepare)
             return
         with self._cond:
             while len(self._pending) >= self._depth and self._failed is None:
@@ -146,7 +150,9 @@ class Pipeline:
                 if changes != self._changes:
                     self._changes = changes
                     self._wanted = self._seq
-                self._pending.append(_Entry(self._seq, self._wanted, event, result, done))
+                made = result if prepare is None else prepare(result)
+                entry = _Entry(self._seq, self._wanted, event, made, done, prepare)
+                self._pending.append(entry)
                 self._cond.notify_all()
         self._release()
 
@@ -157,7 +163,7 @@ class Pipeline:
                 self._cond.wait()
         self._release()
 
-    def _close(self, event: Close, done: Done) -> None:
+    def _close(self, event: Close, done: Done, prepare: Prepare | None) -> None:
         self.drain()
         with self._cond:
             self._stopping = True
@@ -166,9 +172,10 @@ class Pipeline:
             t.join()
         if self._failed is not None:  # no checkpoint from a page cache that failed to write:
             _ABANDONED.append(self._core)  # the connection stays open until the process exits
-            done(self._unrecorded(event, self._failed))
-            return
-        done(self._run(event))
+            result = self._unrecorded(event, self._failed)
+        else:
+            result = self._run(event)
+        done(result if prepare is None else prepare(result))
 
     def _run(self, event: FogInput) -> Result:
         try:
@@ -214,7 +221,8 @@ class Pipeline:
                     self._failed = exc
                     for e in self._pending:
                         if e.need > self._durable:
-                            e.result = self._unrecorded(e.event, exc)
+                            unrecorded = self._unrecorded(e.event, exc)
+                            e.result = unrecorded if e.prepare is None else e.prepare(unrecorded)
                 self._cond.notify_all()
         self._release()
 

@@ -335,15 +335,8 @@ def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
     sends each group as it forms, and the group that is decided is whatever came meanwhile,
     as with the commit in the loop (fewer, larger transactions under load)."""
 
-    def answer(result: list[FogOutput] | BaseException) -> None:
-        if isinstance(result, BaseException):
-            frame = corewire.error_frame(result)
-        else:
-            try:
-                frame = corewire.outputs_frame(result)
-            except Exception as exc:
-                frame = corewire.error_frame(exc)
-        _reply(sock, frame)  # a parent gone: the reader below notices
+    def send(frames: list[bytes]) -> None:  # on a sync thread: no Python work but the send
+        _reply(sock, b"".join(frames))  # a parent gone: the reader below notices
 
     frames = _Frames(sock)
     held: FogInput | None = None
@@ -366,10 +359,10 @@ def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
         except (OSError, CoreWireError, StoreProcessError):
             break  # the parent is gone (or mad): what was handled is made durable, then Close
         if len(group) == 1:
-            pipeline.submit(event, answer)
+            pipeline.submit(event, send, lambda result: [_encoded(result)])
         else:
             intents = [g for g in group if isinstance(g, Intents)]
-            pipeline.submit(_merged(intents), _split(intents, answer))
+            pipeline.submit(_merged(intents), send, _split(intents))
         if isinstance(event, Close):
             if pipeline.failed:
                 os._exit(3)  # the connection stays unclosed: see Pipeline._close
@@ -389,28 +382,35 @@ def _merged(group: list[Intents]) -> Intents:
     )
 
 
-def _split(
-    group: list[Intents], answer: Callable[[list[FogOutput] | BaseException], None]
-) -> Callable[[list[FogOutput] | BaseException], None]:
-    """The answer of merged inputs, as the answers of each: its receipts, every ``Alarm``
-    (each input was declined with the group), the other outputs (a ``Wake``) with the last."""
+def _split(group: list[Intents]) -> Callable[[list[FogOutput] | BaseException], list[bytes]]:
+    """The answer of merged inputs, as the answer frames of each: its receipts, every
+    ``Alarm`` (each input was declined with the group), the other outputs (a ``Wake``) with
+    the last."""
 
-    def done(result: list[FogOutput] | BaseException) -> None:
+    def frames(result: list[FogOutput] | BaseException) -> list[bytes]:
         if isinstance(result, BaseException):
-            for _ in group:
-                answer(result)
-            return
+            return [_encoded(result)] * len(group)
         receipts = [o for o in result if isinstance(o, Receipt)]
         alarms = [o for o in result if isinstance(o, Alarm)]
         rest: list[FogOutput] = [o for o in result if not isinstance(o, Receipt | Alarm)]
         assert len(receipts) == sum(len(g.arrivals) for g in group)
-        at = 0
+        out, at = [], 0
         for k, g in enumerate(group):
             part: list[FogOutput] = [*receipts[at : at + len(g.arrivals)], *alarms]
             at += len(g.arrivals)
-            answer(part + rest if k == len(group) - 1 else part)
+            out.append(_encoded(part + rest if k == len(group) - 1 else part))
+        return out
 
-    return done
+    return frames
+
+
+def _encoded(result: list[FogOutput] | BaseException) -> bytes:
+    if isinstance(result, BaseException):
+        return corewire.error_frame(result)
+    try:
+        return corewire.outputs_frame(result)
+    except Exception as exc:
+        return corewire.error_frame(exc)
 
 
 class _Frames:
