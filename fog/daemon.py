@@ -35,6 +35,7 @@ rolls back whole, and a device that lost its receipt retransmits and gets the st
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -105,7 +106,9 @@ TRUST_QUEUE_MAX: Final = 10_000
 # dropped (the origin sends again), so a burst of replicas cannot fill the memory
 GOSSIP_QUEUED_BYTES_MAX: Final = 64 * 1024 * 1024
 GROUP_MAX: Final = 256
-PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
+# receipts being published while the next groups commit, at most (counted in receipts, not
+# groups: pipelined, groups are small and many; as many as 8 full groups)
+PUBLISHING_RECEIPTS_MAX: Final = 8 * 256
 # groups given to the core and not yet answered (store_pipeline: decided while others sync)
 PIPELINE_GROUPS_MAX: Final = 8
 PUBLISH_TIMEOUT_S: Final = 5.0
@@ -194,6 +197,7 @@ class FogDaemon:
         self._returned_at_stop = False  # lease.return_on_stop done (docs/protocol.md 18.1)
         self._vouchers: VoucherIssuer | None = None  # 18.3: vouchers after their receipts
         self._publishing: set[asyncio.Task[None]] = set()
+        self._publishing_receipts = 0  # the receipts of those tasks
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
         self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
         # fog_stats: per intent, read -> receipt handed to the client; per group, the core call
@@ -675,15 +679,17 @@ class FogDaemon:
                     self._count(out.event)
                     self._log.error(out.event, size=len(group), error=out.error)
         # The group is durable: its receipts may leave. The next group commits while they do
-        # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
-        if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
+        # (bounded: past PUBLISHING_RECEIPTS_MAX we wait, which is the backpressure).
+        while self._publishing_receipts >= PUBLISHING_RECEIPTS_MAX and self._publishing:
             await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self._publish_receipts(group, receipts), name="fog.publish")
         self._publishing.add(task)
-        task.add_done_callback(self._published)
+        self._publishing_receipts += len(receipts)
+        task.add_done_callback(functools.partial(self._published, receipts=len(receipts)))
 
-    def _published(self, task: "asyncio.Task[None]") -> None:
+    def _published(self, task: "asyncio.Task[None]", receipts: int) -> None:
         self._publishing.discard(task)
+        self._publishing_receipts -= receipts
         if not task.cancelled() and task.exception() is not None:
             self._count("publish_failed")
             self._log.error("publish_failed", error=type(task.exception()).__name__)
