@@ -319,6 +319,11 @@ def verify_rate(seconds: float = 1.0) -> float:
     return n / (time.perf_counter() - start)
 
 
+def set_paced_rate(rate: float) -> None:
+    global PACED_RATE_PER_S
+    PACED_RATE_PER_S = rate
+
+
 def measure(
     world: World, pid: int, port: int, seconds: float, creds: tuple[str | None, str | None]
 ) -> dict[str, Any]:
@@ -656,7 +661,8 @@ def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
             )
             if "fog_answer_p99_ms_median" in r:
                 rows.append(
-                    f"{'':10} {'':10} fog's own p99 at 1,000/s, per 1-s window (median / worst):"
+                    f"{'':10} {'':10} fog's own p99 at {PACED_RATE_PER_S:,.0f}/s, per 1-s window "
+                    "(median / worst):"
                     f" answer {r['fog_answer_p99_ms_median']} / {r['fog_answer_p99_ms_worst']} ms,"
                     f" store call {r['fog_store_p99_ms_median']} / {r['fog_store_p99_ms_worst']} ms"
                 )
@@ -711,8 +717,18 @@ def floors_table(summary: dict[str, Any]) -> str:
         f50, f99 = r["fsync_p50_ms"], r["fsync_p99_ms"]
         lines = [
             ("throughput /s", r["fog_per_s"], r["responder_per_s"], ">= 0.80 of the responder"),
-            ("p50 ms at 1,000/s", p50, f50, f"<= fsync p50 + 2 = {_plus(f50, 2)}"),
-            ("p99 ms at 1,000/s", p99, f99, f"<= fsync p99 + 5 = {_plus(f99, 5)}"),
+            (
+                f"p50 ms at {PACED_RATE_PER_S:,.0f}/s",
+                p50,
+                f50,
+                f"<= fsync p50 + 2 = {_plus(f50, 2)}",
+            ),
+            (
+                f"p99 ms at {PACED_RATE_PER_S:,.0f}/s",
+                p99,
+                f99,
+                f"<= fsync p99 + 5 = {_plus(f99, 5)}",
+            ),
             ("RSS MB idle", r["rss_mb_idle"], 60.0, "< 60 (all processes)"),
             ("RSS MB 10k devices", r["rss_mb_10k_devices"], 80.0, "< 80"),
         ]
@@ -788,7 +804,17 @@ def main() -> int:
         help="skip the memory run with 10,000 bound devices and 1,000 owners",
     )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, databases)")
+    ap.add_argument(
+        "--paced-rate",
+        type=float,
+        default=PACED_RATE_PER_S,
+        metavar="R",
+        help="intents/s offered in the paced phase (default 1,000, the issue's bar; lower: an "
+        "A/B of latency on a machine too busy to serve 1,000/s; the *_at_1000 figures are then "
+        "at R)",
+    )
     args = ap.parse_args()
+    set_paced_rate(args.paced_rate)
     with contextlib.ExitStack() as stack:
         if args.keep:
             tmp = args.keep

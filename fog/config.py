@@ -232,6 +232,9 @@ class FogConfig:
     # true: the store (verify, SQLite, sign) runs in a child process (fog/storeproc.py), off
     # the event loop's GIL; false: on a thread of the daemon's process
     store_process: bool = True
+    # true: the pipelined group commit (fog/pipeline.py): the next group is decided while the
+    # previous one's WAL syncs; false: each COMMIT syncs (synchronous=FULL) before the next
+    store_pipeline: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +311,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
         | {"stats_interval_s", "log_level", "uplink", "lease", "store_process", "metrics"}
-        | {"federation"},
+        | {"federation", "store_pipeline"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -331,6 +334,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
         store_process=_bool(raw, "store_process", True, key="store_process"),
+        store_pipeline=_bool(raw, "store_pipeline", True, key="store_pipeline"),
     )
 
 

@@ -448,15 +448,23 @@ class FogCore:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, config: CoreConfig, fog_key: nacl.signing.SigningKey
+        cls,
+        path: str | Path,
+        *,
+        config: CoreConfig,
+        fog_key: nacl.signing.SigningKey,
+        durable_commits: bool = True,
     ) -> "FogCore":
-        """Open (creating or migrating) the store at ``path`` and the core over it."""
+        """Open (creating or migrating) the store at ``path`` and the core over it.
+        ``durable_commits=False``: outputs are about commits not yet on disk; the caller
+        releases them only after ``store.sync_wal()`` (fog/pipeline.py does)."""
         store = FogStore.open(
             path,
             fog_id=config.fog_id,
             fog_key=fog_key,
             issuer_key=config.issuer_key,
             policy=config.policy,
+            durable_commits=durable_commits,
         )
         try:
             return cls(store, config=config, fog_key=fog_key)
@@ -501,23 +509,30 @@ class FogCore:
     # ---- intents -------------------------------------------------------------------------
 
     def _intents(self, event: Intents) -> list[FogOutput]:
-        alarms: list[FogOutput] = []
         try:
             outcomes = self._store.process(event.arrivals, now_ms=event.now_ms)
         except sqlite3.Error as exc:  # a full, read-only or failed disk: nothing was recorded
-            # the devices get a signed, transient decline (never an ok for what is not on disk)
-            outcomes = self._store.decline_unrecorded(event.arrivals, now_ms=event.now_ms)
-            alarms.append(Alarm(event="group_failed", error=f"{type(exc).__name__}: {exc}"[:200]))
+            return self.unrecorded(event, "group_failed", exc)
         out: list[FogOutput] = [
             Receipt(topic=topics.receipt_topic(self.fog_id, a.topic_device), outcome=o)
             for a, o in zip(event.arrivals, outcomes, strict=True)
         ]
-        if alarms:
-            return out + alarms
         if self._uplink:
             wake = self._note(outcomes, _mono(event))
             if wake is not None:
                 out.extend(self._wake(wake))
+        return out
+
+    def unrecorded(self, event: Intents, alarm: str, exc: BaseException) -> list[FogOutput]:
+        """The answers to a group that may not be on disk (its transaction failed, or the
+        durability barrier after it did: fog/pipeline.py): a signed, transient decline each
+        (never an ok for what is not on disk; nothing is read or written), and ``Alarm``."""
+        outcomes = self._store.decline_unrecorded(event.arrivals, now_ms=event.now_ms)
+        out: list[FogOutput] = [
+            Receipt(topic=topics.receipt_topic(self.fog_id, a.topic_device), outcome=o)
+            for a, o in zip(event.arrivals, outcomes, strict=True)
+        ]
+        out.append(Alarm(event=alarm, error=f"{type(exc).__name__}: {exc}"[:200]))
         return out
 
     def _note(self, outcomes: Sequence[Outcome], mono: int) -> int | None:

@@ -57,7 +57,7 @@ from fog.core import (
 )
 from fog.replicas import ReplicaEvent
 from fog.schema import StoreError, StoreOpenError
-from fog.store import Arrival, Outcome
+from fog.store import Arrival, Outcome, StoreSyncError
 from protocol.reasons import Reason
 
 HEADER: Final = struct.Struct("!I")
@@ -225,14 +225,18 @@ def read_reply(body: bytes) -> list[FogOutput]:
     if data[0] == ERROR and len(data) == 3:
         if data[1] == StoreOpenError.__name__:  # the configured database is unusable: exit 2
             raise StoreOpenError(str(data[2]))
+        if data[1] == StoreSyncError.__name__:  # the durability barrier failed: the fog stops
+            raise StoreSyncError(str(data[2]))
         raise CoreError(f"{data[1]}: {data[2]}")
     if data[0] != OK or not isinstance(data[1], list):
         raise CoreWireError("not a reply")
     return [_decode(o, _OUTPUTS) for o in data[1]]
 
 
-def open_frame(path: str, seed: bytes, config: CoreConfig) -> bytes:
-    """What the child opens its core with (sent once, first; the seed never in argv/env)."""
+def open_frame(path: str, seed: bytes, config: CoreConfig, *, pipelined: bool = False) -> bytes:
+    """What the child opens its core with (sent once, first; the seed never in argv/env).
+    ``pipelined``: the pipelined group commit (fog/pipeline.py) rather than a fsync in each
+    COMMIT."""
     return _pack(
         [
             path,
@@ -244,13 +248,15 @@ def open_frame(path: str, seed: bytes, config: CoreConfig) -> bytes:
             dataclasses.asdict(config.uplink),
             dataclasses.asdict(config.lease),
             dataclasses.asdict(config.federation),
+            pipelined,
         ]
     )
 
 
-def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
+def read_open(body: bytes) -> tuple[str, bytes, CoreConfig, bool]:
+    """``open_frame``'s path, seed, config and ``pipelined``."""
     try:
-        path, seed, fog_id, issuer, policy, batch, uplink, lease, federation = unpack(body)
+        path, seed, fog_id, issuer, policy, batch, uplink, lease, federation, pipe = unpack(body)
         federation["peers"] = tuple(federation["peers"])
         config = CoreConfig(
             fog_id=fog_id,
@@ -263,4 +269,6 @@ def read_open(body: bytes) -> tuple[str, bytes, CoreConfig]:
         )
     except (TypeError, ValueError) as exc:
         raise CoreWireError(f"bad open frame: {exc}") from exc
-    return str(path), bytes(seed), config
+    if type(pipe) is not bool:
+        raise CoreWireError("bad open frame: pipelined")
+    return str(path), bytes(seed), config, pipe

@@ -3,8 +3,12 @@
 Flow. MQTT messages arrive on one aiomqtt client. Intents go into a bounded queue
 (``INTENT_QUEUE_MAX``; when full, an intent is dropped and counted: the device retransmits).
 The processor takes whatever is queued (up to ``GROUP_MAX``) and hands it to the core as one
-``Intents`` input, which the core decides in one durable SQLite transaction; only then are the
-receipts published (QoS 1): a receipt never leaves before its transaction committed. There is
+``Intents`` input, which the core decides in one SQLite transaction; the core answers once
+that transaction is durable, and only then are the receipts published (QoS 1): a receipt
+never leaves before its transaction is on disk. With ``store_pipeline`` (the default) the
+processor does not wait for a group's answer to hand over the next (up to
+``PIPELINE_GROUPS_MAX`` unanswered): the core decides it while the previous one's WAL syncs
+(fog/pipeline.py), and answers in the order of the inputs. There is
 no artificial waiting: under low load a group is one intent (latency), under load groups grow
 by themselves (throughput). Every other message on our subscriptions (trust material, leases,
 a cleared lease topic, acks) goes through its own bounded queue to the core as a
@@ -31,6 +35,7 @@ rolls back whole, and a device that lost its receipt retransmits and gets the st
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -76,9 +81,10 @@ from fog.core import (
 )
 from fog.latency import Histogram
 from fog.metrics import FogObserver, FogState, RunningHistogram  # observability hook
+from fog.pipeline import Pipeline, Result
 from fog.replicas import ReplicaEvent
-from fog.schema import open_problem
-from fog.store import Arrival, Outcome
+from fog.schema import StoreError, open_problem
+from fog.store import Arrival, Outcome, StoreSyncError
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
 from fog.vouchers import VoucherIssuer
@@ -100,7 +106,11 @@ TRUST_QUEUE_MAX: Final = 10_000
 # dropped (the origin sends again), so a burst of replicas cannot fill the memory
 GOSSIP_QUEUED_BYTES_MAX: Final = 64 * 1024 * 1024
 GROUP_MAX: Final = 256
-PUBLISHING_GROUPS_MAX: Final = 8  # groups whose receipts are being published while the next commits
+# receipts being published while the next groups commit, at most (counted in receipts, not
+# groups: pipelined, groups are small and many; as many as 8 full groups)
+PUBLISHING_RECEIPTS_MAX: Final = 8 * 256
+# groups given to the core and not yet answered (store_pipeline: decided while others sync)
+PIPELINE_GROUPS_MAX: Final = 8
 PUBLISH_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 5.0
@@ -125,16 +135,21 @@ def mono_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-def _close_unused_core(opening: "asyncio.Future[FogCore | CoreProcess]") -> None:
+def _close_unused_core(
+    opening: "asyncio.Future[FogCore | CoreProcess]", pipeline: Pipeline | None
+) -> None:
     if opening.cancelled() or opening.exception() is not None:
         return
     core = opening.result()
-    threading.Thread(target=_close_core, args=(core,), name="fog.close-unused").start()
+    args = (core, pipeline)
+    threading.Thread(target=_close_core, args=args, name="fog.close-unused").start()
 
 
-def _close_core(core: FogCore | CoreProcess) -> None:
+def _close_core(core: FogCore | CoreProcess, pipeline: Pipeline | None) -> None:
     if isinstance(core, CoreProcess):
         core.close()
+    elif pipeline is not None:  # its sync threads end too
+        pipeline.submit(Close(now_ms=0), lambda _: None)
     else:
         core.handle(Close(now_ms=0))
 
@@ -161,6 +176,9 @@ class FogDaemon:
         self._started = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
         self._core: FogCore | CoreProcess | None = None
+        self._pipeline: Pipeline | None = None  # store_pipeline with store_process = false
+        # tests (store_process = false): wraps the WAL's fsync (fog/pipeline.py's sync_hook)
+        self.sync_hook: Callable[[Callable[[], None]], None] | None = None
         self._broker: EmbeddedBroker | BrokerProcess | None = None
         if config.broker.embedded:
             kind = BrokerProcess if config.broker.process else EmbeddedBroker
@@ -179,6 +197,7 @@ class FogDaemon:
         self._returned_at_stop = False  # lease.return_on_stop done (docs/protocol.md 18.1)
         self._vouchers: VoucherIssuer | None = None  # 18.3: vouchers after their receipts
         self._publishing: set[asyncio.Task[None]] = set()
+        self._publishing_receipts = 0  # the receipts of those tasks
         self._wake = asyncio.Event()  # a Wake earlier than the ticker's sleep came
         self._wake_at: int | None = None  # monotonic ms of the earliest Wake since the Tick
         # fog_stats: per intent, read -> receipt handed to the client; per group, the core call
@@ -189,7 +208,7 @@ class FogDaemon:
         self._log = log.bind(fog_id=config.fog_id, component="fog")
         self._debug = config.log_level == "debug"
         # a child process died (core or embedded broker): run() raises it
-        self._fatal: StoreProcessError | BrokerLostError | None = None
+        self._fatal: StoreError | BrokerLostError | None = None
         # ---- observability hook (fog/metrics.py): what /metrics and /readyz read, at scrape
         self.observer = FogObserver(
             config,
@@ -275,7 +294,8 @@ class FogDaemon:
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
-            opening.add_done_callback(_close_unused_core)
+            # (read once opened: the worker thread sets it)
+            opening.add_done_callback(lambda f: _close_unused_core(f, self._pipeline))
             raise
 
     def _open_core(self) -> FogCore | CoreProcess:
@@ -299,13 +319,19 @@ class FogDaemon:
         core: FogCore | CoreProcess
         try:
             if c.store_process:
-                core = CoreProcess.start(c.db, config=config, fog_key=key)
+                core = CoreProcess.start(
+                    c.db, config=config, fog_key=key, pipelined=c.store_pipeline
+                )
                 pid = core.pid
             else:
-                core, pid = FogCore.open(c.db, config=config, fog_key=key), os.getpid()
+                durable = not c.store_pipeline
+                core = FogCore.open(c.db, config=config, fog_key=key, durable_commits=durable)
+                pid = os.getpid()
+                if c.store_pipeline:
+                    self._pipeline = Pipeline(core, sync_hook=self.sync_hook)
         except sqlite3.Error as exc:  # read-only file system, a failed disk: one line, no trace
             raise open_problem(c.db, exc) from exc
-        self._log.info("store_opened", process=c.store_process, pid=pid)
+        self._log.info("store_opened", process=c.store_process, pid=pid, pipeline=c.store_pipeline)
         return core
 
     def _times(self) -> dict[str, int]:
@@ -319,14 +345,37 @@ class FogDaemon:
         return await self._handle_on(core, event)
 
     async def _handle_on(self, core: FogCore | CoreProcess, event: FogInput) -> list[FogOutput]:
-        if isinstance(core, CoreProcess):
-            try:
+        try:
+            if isinstance(core, CoreProcess):
                 return await core.ahandle(event)
-            except StoreProcessError as exc:
-                self._store_lost(exc)
-                raise
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, core.handle, event)
+            loop = asyncio.get_running_loop()
+            if self._pipeline is None:
+                return await loop.run_in_executor(self._executor, core.handle, event)
+            # handled on the worker thread in the order given, answered after its barrier
+            answer: asyncio.Future[Result] = loop.create_future()
+            pipeline = self._pipeline
+
+            def done(result: Result) -> None:  # on a sync thread (or the worker)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_settle, answer, result)
+
+            def submit() -> None:  # on the worker thread
+                try:
+                    pipeline.submit(event, done)
+                except Exception as exc:
+                    done(exc)
+
+            loop.run_in_executor(self._executor, submit)
+            result = await answer
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        except StoreSyncError as exc:
+            self._lost(exc, "store_sync_failed")
+            raise
+        except StoreProcessError as exc:
+            self._store_lost(exc)
+            raise
 
     async def _tell_core(self, event: Connected | Disconnected) -> None:
         """A link change: never raises (a lost core is noticed and stops the fog)."""
@@ -401,7 +450,7 @@ class FogDaemon:
             )
         exited.cancel()
 
-    def _lost(self, exc: StoreProcessError | BrokerLostError, event: str) -> None:
+    def _lost(self, exc: StoreError | BrokerLostError, event: str) -> None:
         if self._fatal is None and not self._stopping.is_set():
             self._fatal = exc
             self._count(event)
@@ -568,11 +617,22 @@ class FogDaemon:
     # ---- processing ---------------------------------------------------------------------
 
     async def _processor(self) -> None:
+        """Groups go to the core as they form, up to ``PIPELINE_GROUPS_MAX`` unanswered with
+        ``store_pipeline`` (the core decides one while the previous ones sync; it takes inputs
+        in the order given and answers in that order); without, one at a time."""
+        deciding: set[asyncio.Task[None]] = set()
+        unanswered_max = PIPELINE_GROUPS_MAX if self.config.store_pipeline else 1
         while True:
             group = await self._next_group()
             if not group:
                 break
-            await self._process_group(group)
+            if len(deciding) >= unanswered_max:
+                await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(self._process_group(group), name="fog.group")
+            deciding.add(task)
+            task.add_done_callback(deciding.discard)
+        if deciding:
+            await asyncio.wait(deciding)
         if self._publishing:
             await asyncio.wait(self._publishing)
         self._drained.set()
@@ -612,19 +672,24 @@ class FogDaemon:
             elif isinstance(out, Wake):
                 self._wake_until(out.mono_ms)
             elif isinstance(out, Alarm):  # the disk failed: the group was declined, not recorded
-                self._count(out.event)
                 self._count("group_declined", len(group))
-                self._log.error(out.event, size=len(group), error=out.error)
+                if out.event == "store_sync_failed":  # the barrier failed: stop (fog/pipeline.py)
+                    self._lost(StoreSyncError(out.error), out.event)
+                else:
+                    self._count(out.event)
+                    self._log.error(out.event, size=len(group), error=out.error)
         # The group is durable: its receipts may leave. The next group commits while they do
-        # (bounded: past PUBLISHING_GROUPS_MAX we wait, which is the backpressure).
-        if len(self._publishing) >= PUBLISHING_GROUPS_MAX:
+        # (bounded: past PUBLISHING_RECEIPTS_MAX we wait, which is the backpressure).
+        while self._publishing_receipts >= PUBLISHING_RECEIPTS_MAX and self._publishing:
             await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self._publish_receipts(group, receipts), name="fog.publish")
         self._publishing.add(task)
-        task.add_done_callback(self._published)
+        self._publishing_receipts += len(receipts)
+        task.add_done_callback(functools.partial(self._published, receipts=len(receipts)))
 
-    def _published(self, task: "asyncio.Task[None]") -> None:
+    def _published(self, task: "asyncio.Task[None]", receipts: int) -> None:
         self._publishing.discard(task)
+        self._publishing_receipts -= receipts
         if not task.cancelled() and task.exception() is not None:
             self._count("publish_failed")
             self._log.error("publish_failed", error=type(task.exception()).__name__)
@@ -891,6 +956,11 @@ class FogDaemon:
                 **self._answer_time.take("answer_ms"),
                 **self._store_time.take("store_ms"),
             )
+
+
+def _settle(future: "asyncio.Future[Result]", result: Result) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _payload_max(kind: Kind) -> int:

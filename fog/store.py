@@ -6,8 +6,12 @@ is one core input per group of intents, not one call per SQL statement.
 ``process`` decides a whole group in one ``BEGIN IMMEDIATE ... COMMIT``; the database is in WAL
 mode with ``synchronous=FULL``, so when ``process`` returns the group is durable and its
 receipts may leave. A crash before the COMMIT loses the whole group and no receipt of it has
-left; a crash after it loses nothing. Nothing here raises for bad input: bad input becomes a
-decline receipt (intents) or a refused outcome (trust material, acks), and a counter.
+left; a crash after it loses nothing. Opened with ``durable_commits=False`` (the daemon's
+pipelined group commit, fog/pipeline.py) the COMMIT does not fsync (``synchronous=NORMAL``)
+and durability is ``WalFile.sync()``'s: an fsync of the ``-wal`` file that covers every commit
+made before it started (why that is safe: fog/pipeline.py). Nothing here raises for bad
+input: bad input becomes a decline receipt (intents) or a refused outcome (trust material,
+acks), and a counter.
 
 Modules: the schema and connection in ``fog/schema.py``, trust material in
 ``fog/trustdb.py``, a group's reads and writes in ``fog/group.py`` (what is read once per
@@ -17,6 +21,7 @@ device and kept while the database provably has not changed), the decision in
 """
 
 import hashlib
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
@@ -80,7 +85,9 @@ __all__ = [  # what other modules import from here (the split modules' names inc
     "Outcome",
     "SealedBatch",
     "StoreError",
+    "StoreSyncError",
     "TrustOutcome",
+    "WalFile",
     "connect",
     "migrate",
 ]
@@ -144,6 +151,44 @@ class LeaseDraws:
     last_batch: int  # 0: no batch holds a draw on the lease
 
 
+class StoreSyncError(StoreError):
+    """The durability barrier failed (fsync of the WAL: EIO): what was committed since the
+    last good sync may not be on disk, and the page cache cannot be trusted to say."""
+
+
+class WalFile:
+    """One descriptor on a store's ``-wal`` file; ``sync()`` makes durable every commit that
+    returned before it was called. One per syncing thread: after a failed writeback, Linux
+    reports the error once per open file description (errseq), so two threads sharing one
+    descriptor could each believe the other's failure was a success."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def sync(self) -> None:
+        """fdatasync (per inode: every frame written to the file before the call, by any
+        thread). Raises ``OSError`` when the disk failed. A WAL file replaced since it was
+        opened (deleted by a last connection's close and made again) is reopened: the old one
+        was checkpointed into the database, with SQLite's own fsyncs, before it went; a WAL
+        file gone means the same."""
+        assert self._fd is not None, "closed"
+        try:
+            replaced = os.stat(self._path).st_ino != os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return
+        if replaced:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            os.close(self._fd)
+            self._fd = fd
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class FogStore:
     """One fog's database. Open with ``FogStore.open``; call from one thread at a time."""
 
@@ -173,6 +218,7 @@ class FogStore:
         assert count == last - first + 1, "log indexes are not consecutive"
         self._trust_rows: int = conn.execute("SELECT count(*) FROM trust").fetchone()[0]
         self._reads.peer_marks = peers.has_marks(conn)
+        self._wal_path: str | None = None  # durable_commits=False: the -wal file to sync
 
     @classmethod
     def open(
@@ -183,9 +229,15 @@ class FogStore:
         fog_key: nacl.signing.SigningKey,
         issuer_key: bytes,
         policy: Policy,
+        durable_commits: bool = True,
     ) -> "FogStore":
         """Open (creating or migrating the schema) with WAL, synchronous=FULL and
-        check_same_thread=False (opened on one thread, used on the worker thread)."""
+        check_same_thread=False (opened on one thread, used on the worker thread).
+
+        ``durable_commits=False``: once open (the schema steps still commit with FULL), every
+        COMMIT is ``synchronous=NORMAL``: written to the WAL, not synced; nothing is durable
+        until a ``WalFile.sync()`` (``wal_file()``) started after it returned, and the caller
+        must not let anything about a commit leave before then (fog/pipeline.py)."""
         assert is_valid_public_key(issuer_key)
         conn = connect(path)
         try:
@@ -195,16 +247,34 @@ class FogStore:
             peers.init(conn)  # the federation's gossip tables (fog/peers.py)
             returns.init(conn)  # leases returned early (fog/returns.py)
             transfers.init(conn)  # peer transfers given and received (fog/transfers.py)
-            return cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
+            store = cls(conn, fog_id=fog_id, fog_key=fog_key, issuer_key=issuer_key, policy=policy)
+            if not durable_commits:
+                store._wal_path = conn.execute("PRAGMA database_list").fetchone()[2] + "-wal"
+                conn.execute("PRAGMA synchronous=NORMAL")
+            return store
         except BaseException:
             conn.close()
             raise
+
+    @property
+    def durable_commits(self) -> bool:
+        """True: a COMMIT that returned is on disk; False: only after a ``WalFile.sync()``."""
+        return self._wal_path is None
+
+    def wal_file(self) -> "WalFile":
+        """A descriptor of its own on the ``-wal`` file (``durable_commits=False``), for one
+        syncing thread; close it before the store."""
+        assert self._wal_path is not None, "durable_commits=False only"
+        # SQLite makes the -wal file at a connection's first read in WAL mode
+        self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return WalFile(self._wal_path)
 
     # ---- intents -------------------------------------------------------------------------
 
     def process(self, arrivals: Sequence[Arrival], *, now_ms: int) -> list[Outcome]:
         """Decode, verify and authorize every arrival in order, in ONE transaction, durable on
-        return; one Outcome per arrival, same order. Later arrivals see earlier ones' effects.
+        return (``durable_commits=False``: once a ``WalFile.sync()`` started after the return
+        completed); one Outcome per arrival, same order. Later arrivals see earlier ones' effects.
         Never raises for bad input (a storage failure rolls the group back and raises)."""
         assert len(arrivals) <= PROCESS_GROUP_MAX
         assert 0 <= now_ms <= INT64_MAX
@@ -483,6 +553,8 @@ class FogStore:
     def close(self) -> None:
         """Close the connection (every transaction of ours is already committed)."""
         assert not self._conn.in_transaction
+        if self._wal_path is not None:  # SQLite's close checkpoints, with its own fsyncs
+            self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.close()
 
     # ---- uplink and lease management (fog/uplink.py, fog/leasing.py) ----------------------

@@ -22,7 +22,10 @@ the parent decides when to stop: it drains the group in flight, then sends ``Clo
 exits after ``Close`` or when the socket breaks: if the parent is SIGKILLed, the child finishes
 the input in hand (one SQLite transaction: all or nothing either way), finds the socket gone
 and exits. Intents are answered only by the parent, after the child returned the committed
-outcome, so durability before the receipt holds as in-process.
+outcome, so durability before the receipt holds as in-process. Pipelined (``store_pipeline``,
+fog/pipeline.py) the child answers an input once the fsync of the WAL covering its commit
+completed, from a sync thread, while its main thread reads and decides the next inputs; a
+parent SIGKILLed leaves the child to finish what it read, make it durable and exit.
 
 Secrets. The fog key crosses as its 32-byte seed over the socket pair, never in argv or the
 environment, and is never logged.
@@ -32,10 +35,12 @@ import asyncio
 import collections
 import contextlib
 import gc
+import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -43,13 +48,16 @@ import nacl.signing
 
 from fog import corewire
 from fog.childenv import child_env
-from fog.core import Close, CoreConfig, FogCore, FogInput, FogOutput
+from fog.core import Alarm, Close, CoreConfig, FogCore, FogInput, FogOutput, Intents, Receipt
 from fog.corewire import HEADER, CoreWireError
+from fog.pipeline import Pipeline
 from fog.schema import StoreError
 
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 FRAME_BYTES_MAX: Final = corewire.FRAME_BYTES_MAX
+MERGED_ARRIVALS_MAX: Final = 1024  # Intents waiting on the socket decided as one, at most
+RECV_BYTES: Final = 1 << 16
 
 
 class StoreProcessError(StoreError):
@@ -70,10 +78,17 @@ class CoreProcess:
 
     @classmethod
     def start(
-        cls, path: str | Path, *, config: CoreConfig, fog_key: nacl.signing.SigningKey
+        cls,
+        path: str | Path,
+        *,
+        config: CoreConfig,
+        fog_key: nacl.signing.SigningKey,
+        pipelined: bool = False,
     ) -> "CoreProcess":
         """Start the child and open the core there; raises ``CoreError`` (a ``StoreError``)
-        with what ``FogCore.open`` raised."""
+        with what ``FogCore.open`` raised. ``pipelined``: the child commits without a sync
+        and answers each input once a sync covering it completed (fog/pipeline.py), reading
+        the next inputs meanwhile."""
         ours, theirs = socket.socketpair()
         with theirs:
             try:
@@ -89,7 +104,8 @@ class CoreProcess:
         core = cls(ours, proc)
         try:
             ours.settimeout(START_TIMEOUT_S)
-            ours.sendall(corewire.open_frame(str(path), bytes(fog_key), config))
+            frame = corewire.open_frame(str(path), bytes(fog_key), config, pipelined=pipelined)
+            ours.sendall(frame)
             corewire.read_reply(_recv_frame(ours))  # [] or what the child's open raised
             ours.settimeout(None)
         except TimeoutError:
@@ -273,11 +289,17 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        path, seed, config = corewire.read_open(_recv_frame(sock))
+        path, seed, config, pipelined = corewire.read_open(_recv_frame(sock))
     except (OSError, CoreWireError):
         return  # the parent is gone
     try:
-        core = FogCore.open(path, config=config, fog_key=nacl.signing.SigningKey(seed))
+        core = FogCore.open(
+            path,
+            config=config,
+            fog_key=nacl.signing.SigningKey(seed),
+            durable_commits=not pipelined,
+        )
+        pipeline = Pipeline(core) if pipelined else None
     except BaseException as exc:  # the parent raises it
         _reply(sock, corewire.error_frame(exc))
         return
@@ -285,6 +307,9 @@ def _serve(sock: socket.socket) -> None:
     gc.collect()
     gc.freeze()  # as the daemon does once serving: full collections skip the start-up heap
     _reply(sock, corewire.outputs_frame([]))
+    if pipeline is not None:
+        _serve_pipelined(sock, pipeline)
+        return
     while True:
         try:
             event = corewire.read_input(_recv_frame(sock))
@@ -300,6 +325,133 @@ def _serve(sock: socket.socket) -> None:
             return
     with contextlib.suppress(Exception):  # exiting anyway; SQLite's WAL keeps what committed
         core.handle(Close(now_ms=0))
+
+
+def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
+    """Read and handle inputs while sync threads make them durable and answer them (in
+    order, under the pipeline's release lock: one sender at a time). ``Intents`` inputs that
+    are already waiting on the socket when the core is free are decided as one (one
+    transaction, up to ``MERGED_ARRIVALS_MAX`` arrivals) and answered as they came: the daemon
+    sends each group as it forms, and the group that is decided is whatever came meanwhile,
+    as with the commit in the loop (fewer, larger transactions under load)."""
+
+    def send(frames: list[bytes]) -> None:  # on a sync thread: no Python work but the send
+        _reply(sock, b"".join(frames))  # a parent gone: the reader below notices
+
+    frames = _Frames(sock)
+    held: FogInput | None = None
+    while True:
+        try:
+            event = held if held is not None else corewire.read_input(frames.next())
+            held = None
+            group = [event]
+            if isinstance(event, Intents):
+                n = len(event.arrivals)
+                while n < MERGED_ARRIVALS_MAX and (body := frames.ready()) is not None:
+                    more = corewire.read_input(body)
+                    if not isinstance(more, Intents) or n + len(more.arrivals) > (
+                        MERGED_ARRIVALS_MAX
+                    ):
+                        held = more
+                        break
+                    group.append(more)
+                    n += len(more.arrivals)
+        except (OSError, CoreWireError, StoreProcessError):
+            break  # the parent is gone (or mad): what was handled is made durable, then Close
+        if len(group) == 1:
+            pipeline.submit(event, send, lambda result: [_encoded(result)])
+        else:
+            intents = [g for g in group if isinstance(g, Intents)]
+            pipeline.submit(_merged(intents), send, _split(intents))
+        if isinstance(event, Close):
+            if pipeline.failed:
+                os._exit(3)  # the connection stays unclosed: see Pipeline._close
+            return
+    if pipeline.failed:  # no checkpoint from a page cache that failed to write: exit as is
+        os._exit(3)
+    with contextlib.suppress(Exception):
+        pipeline.submit(Close(now_ms=0), lambda _: None)
+
+
+def _merged(group: list[Intents]) -> Intents:
+    monos = [g.mono_ms for g in group if g.mono_ms is not None]
+    return Intents(
+        arrivals=tuple(a for g in group for a in g.arrivals),
+        now_ms=max(g.now_ms for g in group),
+        mono_ms=max(monos) if monos else None,
+    )
+
+
+def _split(group: list[Intents]) -> Callable[[list[FogOutput] | BaseException], list[bytes]]:
+    """The answer of merged inputs, as the answer frames of each: its receipts, every
+    ``Alarm`` (each input was declined with the group), the other outputs (a ``Wake``) with
+    the last."""
+
+    def frames(result: list[FogOutput] | BaseException) -> list[bytes]:
+        if isinstance(result, BaseException):
+            return [_encoded(result)] * len(group)
+        receipts = [o for o in result if isinstance(o, Receipt)]
+        alarms = [o for o in result if isinstance(o, Alarm)]
+        rest: list[FogOutput] = [o for o in result if not isinstance(o, Receipt | Alarm)]
+        assert len(receipts) == sum(len(g.arrivals) for g in group)
+        out, at = [], 0
+        for k, g in enumerate(group):
+            part: list[FogOutput] = [*receipts[at : at + len(g.arrivals)], *alarms]
+            at += len(g.arrivals)
+            out.append(_encoded(part + rest if k == len(group) - 1 else part))
+        return out
+
+    return frames
+
+
+def _encoded(result: list[FogOutput] | BaseException) -> bytes:
+    if isinstance(result, BaseException):
+        return corewire.error_frame(result)
+    try:
+        return corewire.outputs_frame(result)
+    except Exception as exc:
+        return corewire.error_frame(exc)
+
+
+class _Frames:
+    """The child's reader: the next whole frame (waiting for it), or one already arrived."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+
+    def next(self) -> bytes:
+        while (body := self._take()) is None:
+            data = self._sock.recv(RECV_BYTES)
+            if not data:
+                raise ConnectionResetError("the other end closed the socket")
+            self._buf += data
+        return body
+
+    def ready(self) -> bytes | None:
+        body = self._take()
+        if body is None:
+            try:
+                data = self._sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not data:
+                return None  # closed: next() says so
+            self._buf += data
+            body = self._take()
+        return body
+
+    def _take(self) -> bytes | None:
+        if len(self._buf) < HEADER.size:
+            return None
+        (size,) = HEADER.unpack_from(self._buf)
+        if size > FRAME_BYTES_MAX:
+            raise StoreProcessError(f"bad frame size {size}")
+        if len(self._buf) < HEADER.size + size:
+            return None
+        body = bytes(self._buf[HEADER.size : HEADER.size + size])
+        del self._buf[: HEADER.size + size]
+        return body
 
 
 def _reply(sock: socket.socket, frame: bytes) -> bool:

@@ -286,9 +286,15 @@ def shut_down(directory: Path) -> None:
 
 
 @pytest.mark.mosquitto
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "fsync_in_commit"])
 async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_nothing(
-    tmp_path: Path, mosquitto_broker: BrokerEndpoint
+    tmp_path: Path, mosquitto_broker: BrokerEndpoint, pipeline: bool
 ) -> None:
+    """``store_pipeline = false``: every COMMIT fails (EIO): each group is declined, logged
+    ``group_failed``, and the fog keeps answering. ``true`` (fog/pipeline.py): the fsync of
+    the WAL after the commit fails: the intents not yet answered are declined (never an ok),
+    ``store_sync_failed`` is logged and the fog exits 1 without closing the database (the
+    page cache after a failed writeback is not to be trusted; systemd restarts it)."""
     issuer = Issuer()
     devices = [Device(FOG) for _ in range(DEVICES)]
     image, disk_dir = tmp_path / "disk.img", tmp_path / "disk"
@@ -298,7 +304,7 @@ async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_not
             fog_id=FOG,
             issuer_key=issuer.public,
             broker=f'url = "{mosquitto_broker.url}"',
-            extra=LIMITS,
+            extra=("" if pipeline else "store_pipeline = false\n") + LIMITS,
         )
         text = config.read_text().replace(str(tmp_path / "fog.sqlite"), str(disk / "fog.sqlite"))
         config.write_text(text)
@@ -318,14 +324,29 @@ async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_not
                         await asyncio.sleep(0.05)
                     held += w.raw_for(r.intent_id)[-1:]
                 shut_down(disk)
-                for d in devices:
+                if pipeline:
+                    d = devices[0]
                     intent = d.intent(100)
-                    r = await answer(w, d, intent)
-                    assert r.reason == "rate_limited", r.reason  # never ok: nothing recorded
                     refused.append((d, intent))
-                assert fog.poll() is None  # still running, answering
-                failed = [e for e in events(log) if e["event"] == "group_failed"]
-                assert any("disk I/O error" in str(e.get("error")) for e in failed), failed
+                    await w.client.publish(d.intent_topic, intent, qos=1)
+                    rc = await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
+                    assert rc == 1, rc  # the barrier failed: the fog stopped
+                    for _, raw in w.receipts:  # what came after the disk died: no ok
+                        r = open_envelope(raw, Receipt).msg
+                        if r.intent_id == intent_id(intent):
+                            assert r.reason == "rate_limited", r.reason
+                    refused += [(d, d.intent(100)) for d in devices[1:]]  # paid after the restart
+                    failed = [e for e in events(log) if e["event"] == "store_sync_failed"]
+                    assert any("Input/output error" in str(e.get("error")) for e in failed), failed
+                else:
+                    for d in devices:
+                        intent = d.intent(100)
+                        r = await answer(w, d, intent)
+                        assert r.reason == "rate_limited", r.reason  # never ok: nothing recorded
+                        refused.append((d, intent))
+                    assert fog.poll() is None  # still running, answering
+                    failed = [e for e in events(log) if e["event"] == "group_failed"]
+                    assert any("disk I/O error" in str(e.get("error")) for e in failed), failed
         finally:
             fog.send_signal(signal.SIGTERM)
             stop_rc = await asyncio.to_thread(fog.wait, EXIT_TIMEOUT_S)
@@ -362,7 +383,8 @@ async def test_failed_disk_declines_and_a_restart_on_the_repaired_disk_loses_not
                 "event": "disk_failed_campaign",
                 "paid_before": 3 * DEVICES,
                 "declined_while_failed": len(refused),
-                "group_failed_lines": len(failed),
+                "pipeline": pipeline,
+                "failed_lines": len(failed),
                 "stop_exit_on_failed_disk": stop_rc,
                 "paid_after_restart": len(refused),
                 "ok_receipts_held_all_logged": len(held),

@@ -142,7 +142,10 @@ def test_the_open_frame_round_trips() -> None:
         "/x.db",
         b"s" * 32,
         config,
+        False,
     )
+    frame = corewire.open_frame("/x.db", b"s" * 32, config, pipelined=True)
+    assert corewire.read_open(body(frame))[3] is True
 
 
 @pytest.mark.parametrize("event", INPUTS, ids=lambda e: type(e).__name__)
