@@ -37,14 +37,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 import nacl.signing
 import structlog
 
 from fog.authorize import Policy
-from fog.broker import BrokerLostError, BrokerProcess, EmbeddedBroker
+from fog.brokerproc import BrokerLostError, BrokerProcess
 from fog.config import FogConfig, broker_tls, parse_broker_url
 from fog.core import (
     Alarm,
@@ -91,6 +91,9 @@ from runtime.logs import bind_component, short, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
 from runtime.mqttshell import ClientSettings, Publisher, serve
 from runtime.tlsconf import TlsSettings
+
+if TYPE_CHECKING:
+    from fog.broker import EmbeddedBroker
 
 log = structlog.get_logger()
 
@@ -162,9 +165,12 @@ class FogDaemon:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
         self._core: FogCore | CoreProcess | None = None
         self._broker: EmbeddedBroker | BrokerProcess | None = None
-        if config.broker.embedded:
-            kind = BrokerProcess if config.broker.process else EmbeddedBroker
-            self._broker = kind(config.broker)
+        if config.broker.embedded and config.broker.process:
+            self._broker = BrokerProcess(config.broker)
+        elif config.broker.embedded:  # amqtt on this loop: only then are its modules imported
+            from fog import broker
+
+            self._broker = broker.EmbeddedBroker(config.broker)
         self._client: aiomqtt.Client | None = None
         self._publisher: Publisher | None = None  # the shell's bounded queue on _client
         # None is stop()'s wake-up for a processor waiting on an empty queue
@@ -253,7 +259,7 @@ class FogDaemon:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _start_broker(self, broker: EmbeddedBroker | BrokerProcess) -> None:
+    async def _start_broker(self, broker: "EmbeddedBroker | BrokerProcess") -> None:
         b = self.config.broker
         try:
             await broker.start()
