@@ -50,7 +50,7 @@ def _name(pid: int) -> str:
         return "?"
     words = [a.decode(errors="replace") for a in argv if a]
     if "-m" in words:
-        return words[words.index("-m") + 1]  # fog.storeproc, fog.broker
+        return words[words.index("-m") + 1]  # fog.storeproc, fog.brokerchild
     return "daemon" if any(w.endswith("fogpay") for w in words) else " ".join(words[:2])
 
 

@@ -27,7 +27,7 @@ sessions anonymous, which purges persistent sessions at once. Hence:
 Mosquitto (``deploy/mosquitto/``) is the production broker.
 
 ``BrokerProcess`` (``fog.brokerproc``, re-exported here) runs the same broker in a child process
-(``python -m fog.broker``, whose side is ``_serve_child`` below; the default,
+(``python -m fog.brokerchild``, whose side is ``_serve_child`` below; the default,
 ``broker.process = true``).
 """
 
@@ -39,6 +39,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -287,10 +288,43 @@ class LimitedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         return ctx
 
 
+# the hand-off (``broker.handoff``): given a client's PUBLISH (topic, payload) that passed
+# every check and ACL, True when the fog took it (it is then delivered to no subscriber)
+Handoff = Callable[[str, bytes], bool]
+
+
 class FogBroker(LimitedBroker, brokerauth.HardenedBroker):
     """The embedded broker: per-connection limits (``LimitedBroker``: its reads and TLS) over
     the hardened sessions and ACLs (``fog.brokerauth.HardenedBroker``); the two override
-    disjoint methods of amqtt's ``Broker``."""
+    disjoint methods of amqtt's ``Broker``.
+
+    With a ``handoff`` (``broker.handoff = true``: the broker on the fog's event loop), a
+    client's PUBLISH goes to it where amqtt would queue it for its subscribers: after amqtt's
+    topic checks, the ACL (a denied PUBLISH closes the connection before this point,
+    ``HardenedBroker``) and the connection's limits (``LimitedBroker``). The fog takes its
+    intents there and queues them as its reader would, so an intent crosses no second MQTT
+    connection (the fog's own client: encode, loopback TCP, decode, PUBACK); what it does not
+    take (trust material, gossip, anything else) is broadcast as before."""
+
+    def __init__(self, config: dict[str, Any], *, handoff: Handoff | None = None, **limits: Any):
+        super().__init__(config, **limits)
+        self._handoff = handoff
+
+    async def _broadcast_message(
+        self,
+        session: Any,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if (
+            self._handoff is not None
+            and session is not None  # a client's, not internal_message_broadcast's
+            and topic
+            and self._handoff(topic, bytes(data or b""))
+        ):
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
 
 def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
@@ -343,9 +377,12 @@ def config_accounts(broker: BrokerConfig) -> dict[str, brokerauth.Account]:
 class EmbeddedBroker:
     """An amqtt broker bound as the config says; ``port`` is the port actually bound."""
 
-    def __init__(self, config: BrokerConfig, *, warn: bool = True) -> None:
+    def __init__(
+        self, config: BrokerConfig, *, warn: bool = True, handoff: Handoff | None = None
+    ) -> None:
         assert config.embedded
         self._config = config
+        self._handoff = handoff  # broker.handoff: the fog's intake (FogBroker)
         self._warn = warn  # False in BrokerProcess's child: the fog warned already
         self._broker: Broker | None = None
         self.port = 0
@@ -360,6 +397,7 @@ class EmbeddedBroker:
             inflight_max=self._config.inflight_max,
             packets_per_s=self._config.packets_per_s,
             exempt=frozenset({self._config.username}),
+            handoff=self._handoff,
         )
         await broker.start()
         self._broker = broker
@@ -422,9 +460,14 @@ def _answer(fd: int, obj: dict[str, Any]) -> None:
     os.close(fd)
 
 
-if __name__ == "__main__":
+def child_main(argv: list[str]) -> int:
+    """The child process (``python -m fog.brokerchild ANSWER_FD``, or ``-m fog.broker``)."""
     from runtime.logs import configure, route_stdlib_logging
 
     configure(json=True, level="warning", component="broker")  # the fog logs start, stop
     route_stdlib_logging(json=True, component="broker")
-    sys.exit(asyncio.run(_serve_child(int(sys.argv[1]))))
+    return asyncio.run(_serve_child(int(argv[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

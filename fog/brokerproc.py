@@ -1,4 +1,4 @@
-"""The embedded broker in a child process (``python -m fog.broker``; the default,
+"""The embedded broker in a child process (``python -m fog.brokerchild``; the default,
 ``broker.process = true``), as the fog's daemon sees it: start it, learn its port, watch it,
 stop it. This module imports no amqtt: the daemon runs the broker in the child and does not
 carry amqtt's modules itself (5 MB of resident memory; bench/memory.py). ``fog.broker`` holds
@@ -68,7 +68,7 @@ class BrokerProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "fog.broker",
+                "fog.brokerchild",
                 str(theirs),
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(theirs,),

@@ -170,7 +170,9 @@ class FogDaemon:
         elif config.broker.embedded:  # amqtt on this loop: only then are its modules imported
             from fog import broker
 
-            self._broker = broker.EmbeddedBroker(config.broker)
+            self._intent_prefix = topics.intent_filter(config.fog_id).removesuffix("+")
+            handoff = self._handoff if config.broker.handoff else None
+            self._broker = broker.EmbeddedBroker(config.broker, handoff=handoff)
         self._client: aiomqtt.Client | None = None
         self._publisher: Publisher | None = None  # the shell's bounded queue on _client
         # None is stop()'s wake-up for a processor waiting on an empty queue
@@ -462,6 +464,8 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
+        if self.config.broker.handoff:  # the broker hands intents over (_handoff)
+            filters.remove(topics.intent_filter(fog_id))
         if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip,
             # and every fog's ack (ours among them: the one filter replaces ours)
             filters.remove(topics.ack_topic(fog_id))
@@ -530,6 +534,21 @@ class FogDaemon:
             except Exception as exc:  # the seam: no payload or topic may stop the reader
                 self._count("message_dropped")
                 self._log.error("message_dropped", cause=type(exc).__name__)
+
+    def _handoff(self, topic: str, payload: bytes) -> bool:
+        """``broker.handoff``: a device's PUBLISH from the embedded broker on this loop, past
+        its checks and ACLs (fog.broker.FogBroker). What is published under this fog's
+        intent topics is the fog's (True): routed as ``_read`` routes it (queued, or dropped
+        and counted: a bad device key, a full queue). Anything else goes on to the broker's
+        subscribers (False), the fog's own connection among them. Never raises."""
+        if not topic.startswith(self._intent_prefix):
+            return False
+        try:
+            self._dispatch(topic, payload)
+        except Exception as exc:  # the seam: no payload or topic may stop the broker
+            self._count("message_dropped")
+            self._log.error("message_dropped", cause=type(exc).__name__)
+        return True
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Route one message; never raises (bad input is logged and counted). What is not

@@ -25,6 +25,7 @@ from typing import Final
 from protocol.errors import FogpayError
 from runtime.cli import fail, report
 from runtime.keyfile import KeyFileError
+from runtime.lean import skip_unused
 
 # each top-level command word and the module that registers it (tests/cli checks the map
 # against what the modules register)
@@ -94,6 +95,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
+    if next((a for a in words if not a.startswith("-")), None) == "fog":
+        skip_unused()  # the fog's commands draw nothing with rich (runtime.lean)
     parser = build_parser(words)
     args = parser.parse_args(words)
     try:

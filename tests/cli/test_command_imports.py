@@ -42,3 +42,32 @@ def test_fog_run_imports_neither_the_cloud_nor_the_demo() -> None:
     assert "fog" in tops
     # nor amqtt: the embedded broker runs in its own process by default (fog.brokerproc)
     assert not tops & {"cloud", "edge", "asyncpg", "cryptography", "amqtt"}, tops
+
+
+def test_a_daemon_without_rich_still_logs_exceptions_in_both_formats() -> None:
+    """runtime.lean keeps rich out of the fog's processes; structlog then formats without it,
+    and a traceback still reaches the log line, on the console and in JSON."""
+    code = (
+        "import io, json, sys\n"
+        "from runtime.lean import skip_unused\n"
+        "skip_unused()\n"
+        "import structlog\n"
+        "from runtime.logs import configure\n"
+        "out = {}\n"
+        "for as_json in (False, True):\n"
+        "    buf = io.StringIO()\n"
+        "    configure(json=as_json, stream=buf)\n"
+        "    try:\n"
+        "        raise ValueError('boom')\n"
+        "    except ValueError:\n"
+        "        structlog.get_logger().exception('fog_failed')\n"
+        "    out[str(as_json)] = buf.getvalue()\n"
+        "out['rich'] = sys.modules.get('rich') is not None\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout)
+    assert out["rich"] is False
+    assert "fog_failed" in out["False"] and "ValueError: boom" in out["False"]
+    line = json.loads(out["True"])
+    assert line["event"] == "fog_failed" and "ValueError: boom" in line["exception"]
