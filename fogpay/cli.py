@@ -17,7 +17,6 @@ typo) every module is registered, so the help lists them all.
 
 import argparse
 import importlib
-import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -64,10 +63,23 @@ def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ..
 
 
 def version() -> str:
+    import importlib.metadata  # only when asked: it costs a daemon 3 MB (email, zipfile...)
+
     try:
         return importlib.metadata.version("fogpay")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
         return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``--version``, the version looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"fogpay {version()}")
+        parser.exit()
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -78,7 +90,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "(devices, fog, cloud, settlement).",
         epilog="exit codes: 0 done, 1 failed or refused, 2 usage or configuration error",
     )
-    parser.add_argument("--version", action="version", version=f"fogpay {version()}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     first = next((a for a in argv if not a.startswith("-")), None) if argv else None
     modules = (COMMANDS[first],) if first in COMMANDS else COMMAND_MODULES
