@@ -44,7 +44,7 @@ from typing import Any, Final
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
 from amqtt.errors import BrokerError
 
 from fog import brokerauth
@@ -317,13 +317,14 @@ class FogBroker(LimitedBroker, brokerauth.HardenedBroker):
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        if (
-            self._handoff is not None
-            and session is not None  # a client's, not internal_message_broadcast's
-            and topic
-            and self._handoff(topic, bytes(data or b""))
-        ):
-            return
+        if self._handoff is not None and session is not None and topic:  # a client's
+            # a PUBLISH passed the ACL already; a will message (sent for a client gone
+            # without DISCONNECT) never did in amqtt: checked here before the fog sees it
+            if not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
+                log.warning("broker_will_denied", username=str(session.username)[:80])
+                return
+            if self._handoff(topic, bytes(data or b"")):
+                return
         await super()._broadcast_message(session, topic, data, force_qos)
 
 

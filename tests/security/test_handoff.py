@@ -6,6 +6,8 @@ leaves (trust material) is delivered as before."""
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -123,3 +125,38 @@ async def test_another_fogs_intents_are_left_to_the_subscribers(
             message = await anext(aiter(op.messages))
     assert bytes(message.payload) == b"for fog-b"
     assert intake.taken == []
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack("!H", len(data)) + data
+
+
+def connect_with_will(user: str, password: str, will_topic: str, will: bytes) -> bytes:
+    """An MQTT 3.1.1 CONNECT with a username, a password and a QoS 1 will."""
+    flags = 0x80 | 0x40 | 0x08 | 0x04 | 0x02  # username, password, will QoS 1, will, clean
+    body = _field(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60)
+    body += _field(b"willer") + _field(will_topic.encode()) + _field(will)
+    body += _field(user.encode()) + _field(password.encode())
+    assert len(body) < 128 * 128
+    return bytes([0x10, 0x80 | (len(body) & 0x7F), len(body) >> 7]) + body
+
+
+async def test_a_will_on_another_devices_intent_topic_reaches_nothing(
+    broker: tuple[int, Intake],
+) -> None:
+    """amqtt checks no ACL on wills: with the hand-off the broker does, before the fog."""
+    port, intake = broker
+    async with client(port, "op", OP_PW, "op") as op:
+        await op.subscribe(intent("+"), qos=1)
+        for will_topic, payload in ((intent(B), b"forged will"), (intent(A), b"A's will")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(connect_with_will(A, A_PW, will_topic, payload))
+            await writer.drain()
+            async with asyncio.timeout(BOUND_S):
+                connack = await reader.readexactly(4)
+            assert connack == b"\x20\x02\x00\x00"  # accepted
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()  # a reset, no DISCONNECT: the broker sends the will
+        await wait_taken(intake, 1)  # A's own will is A's intent: handed over
+    assert intake.taken == [(intent(A), b"A's will")]
