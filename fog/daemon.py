@@ -492,9 +492,14 @@ class FogDaemon:
         self, client: aiomqtt.Client, ready: asyncio.Event | None, *, filters: int
     ) -> None:
         self._client = client
-        self._publisher = Publisher(
-            client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S
-        )
+        broker = self._broker
+        if self.config.broker.handoff and broker is not None:
+            assert not isinstance(broker, BrokerProcess), "config: handoff needs process = false"
+            self._publisher = _HandoffPublisher(client, broker)
+        else:
+            self._publisher = Publisher(
+                client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S
+            )
         self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=filters)
         # what went to the old connection may not have reached the cloud: the core sends
@@ -924,3 +929,24 @@ def _payload_max(kind: Kind) -> int:
     if kind is Kind.GOSSIP_BATCH:
         return limits.BATCH_WIRE_BYTES_MAX
     return SEEN_ENVELOPE_BYTES_MAX if kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX
+
+
+class _HandoffPublisher(Publisher):
+    """``broker.handoff``: the fog's QoS 1 messages (receipts, vouchers, uplink) handed to
+    the embedded broker on this loop (``EmbeddedBroker.deliver``) instead of sent through the
+    fog's own connection; retained ones still go through it, since amqtt's internal
+    broadcast keeps nothing. Called where ``Publisher.publish`` was, so a receipt still
+    leaves only after its group committed."""
+
+    def __init__(self, client: aiomqtt.Client, broker: "EmbeddedBroker") -> None:
+        super().__init__(client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S)
+        self._broker = broker
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if retain:
+            await super().publish(topic, payload, retain=retain)
+            return
+        try:
+            await self._broker.deliver(topic, payload)
+        except Exception as exc:  # amqtt's BrokerError: a publish failure to the callers
+            raise aiomqtt.MqttError(f"embedded broker: {exc}") from exc
