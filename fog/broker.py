@@ -304,7 +304,8 @@ class FogBroker(LimitedBroker, brokerauth.HardenedBroker):
     ``HardenedBroker``) and the connection's limits (``LimitedBroker``). The fog takes its
     intents there and queues them as its reader would, so an intent crosses no second MQTT
     connection (the fog's own client: encode, loopback TCP, decode, PUBACK); what it does not
-    take (trust material, gossip, anything else) is broadcast as before."""
+    take (trust material, gossip, anything else) is broadcast as before. The fog's answers
+    come back through ``EmbeddedBroker.deliver``."""
 
     def __init__(self, config: dict[str, Any], *, handoff: Handoff | None = None, **limits: Any):
         super().__init__(config, **limits)

@@ -86,7 +86,8 @@ class BrokerConfig:
     # event loop: amqtt costs more CPU per message than the fog's own client
     process: bool = True
     # intents handed from the embedded broker (on the fog's event loop) straight to the fog's
-    # queue, past the fog's own MQTT client (fog.broker.FogBroker); needs process = false
+    # queue, and receipts straight back into it, past the fog's own MQTT client
+    # (fog.broker.FogBroker); needs process = false
     handoff: bool = False
     # TLS for the fog's own connection to ``url`` when it is mqtts:// (paths as str: the
     # config travels to the broker process as JSON)
