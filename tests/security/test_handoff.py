@@ -46,6 +46,17 @@ class Intake:
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[tuple[int, Intake]]:
+    async for b, intake in _broker(tmp_path):
+        yield b.port, intake
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
+    async for b, _ in _broker(tmp_path):
+        yield b
+
+
+async def _broker(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedBroker, Intake]]:
     accounts = tmp_path / "accounts.json"
     entries = {
         A: {"role": "device", "sha256": account_digest(A_PW)},
@@ -65,7 +76,7 @@ async def broker(tmp_path: Path) -> AsyncIterator[tuple[int, Intake]]:
     b = EmbeddedBroker(config, handoff=intake)
     await b.start()
     try:
-        yield b.port, intake
+        yield b, intake
     finally:
         await b.stop()
 
@@ -160,3 +171,25 @@ async def test_a_will_on_another_devices_intent_topic_reaches_nothing(
             writer.close()  # a reset, no DISCONNECT: the broker sends the will
         await wait_taken(intake, 1)  # A's own will is A's intent: handed over
     assert intake.taken == [(intent(A), b"A's will")]
+
+
+async def test_what_the_fog_delivers_reaches_its_device_alone(embedded: EmbeddedBroker) -> None:
+    """The way back (``EmbeddedBroker.deliver``): the subscribers' ACLs as for any publish."""
+    port = embedded.port
+    async with (
+        client(port, A, A_PW, "a") as a,
+        client(port, B, B_PW, "b") as b,
+    ):
+        await a.subscribe(f"fogpay/1/{FOG}/receipt/{A}", qos=1)
+        await b.subscribe(f"fogpay/1/{FOG}/receipt/{B}", qos=1)
+        await b.subscribe(f"fogpay/1/{FOG}/receipt/{A}", qos=1)  # refused: not B's
+        await embedded.deliver(f"fogpay/1/{FOG}/receipt/{A}", b"A's receipt")
+        await embedded.deliver(f"fogpay/1/{FOG}/receipt/{B}", b"B's receipt")
+        async with asyncio.timeout(BOUND_S):
+            got_a = await anext(aiter(a.messages))
+            got_b = await anext(aiter(b.messages))
+        assert bytes(got_a.payload) == b"A's receipt"
+        assert bytes(got_b.payload) == b"B's receipt"
+        with pytest.raises(TimeoutError):  # nothing more for B: A's receipt never reached it
+            async with asyncio.timeout(0.5):
+                await anext(aiter(b.messages))
