@@ -1,9 +1,13 @@
 """``python -m fog --config FILE`` is ``fogpay fog run --config FILE``."""
 
-import argparse
-import sys
+from runtime.lean import skip_unused
 
-from fog import cli
+skip_unused()  # before fog.cli imports structlog (runtime.lean)
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from fog import cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

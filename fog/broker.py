@@ -26,41 +26,51 @@ sessions anonymous, which purges persistent sessions at once. Hence:
 
 Mosquitto (``deploy/mosquitto/``) is the production broker.
 
-``BrokerProcess`` runs the same broker in a child process (``python -m fog.broker``; the
-default, ``broker.process = true``): amqtt costs more CPU per message than the fog's own MQTT
-client, and on the fog's event loop the two shared one GIL. The child reads its configuration
-(passwords included) as one JSON line on stdin, never from argv or the environment, answers
-with one JSON line on stdout (``{"port": N}`` once listening, or ``{"error": "..."}``), logs
-JSON lines on stderr, and shuts down on SIGTERM or when its stdin closes (its fog is gone).
+``BrokerProcess`` (``fog.brokerproc``, re-exported here) runs the same broker in a child process
+(``python -m fog.brokerchild``, whose side is ``_serve_child`` below; the default,
+``broker.process = true``).
 """
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
 from amqtt.errors import BrokerError
 
 from fog import brokerauth
-from fog.childenv import child_env
+from fog.brokerproc import (  # re-exported: fog.broker is where callers look for them
+    BrokerLostError,
+    BrokerProcess,
+    BrokerStartError,
+    warn_if_public,
+)
 from fog.config import BrokerConfig
-from protocol.errors import FogpayError
+
+__all__ = [
+    "BrokerLostError",
+    "BrokerProcess",
+    "BrokerStartError",
+    "EmbeddedBroker",
+    "PacketTooLargeError",
+    "amqtt_config",
+    "config_accounts",
+    "warn_if_public",
+]
 
 log = structlog.get_logger()
 
 # Nagle's algorithm plus delayed ACKs turned a sub-millisecond round trip into 44-88 ms.
 LISTENER_CONNECTIONS_MAX: Final = 10_000
-PROCESS_START_TIMEOUT_S: Final = 30.0
-PROCESS_STOP_TIMEOUT_S: Final = 15.0
 # inflight_max reached: wait this long for acknowledgements, then read on (a PUBLISH the
 # broker never acknowledges, refused by an ACL, must not stall a connection for ever)
 INFLIGHT_WAIT_S: Final = 5.0
@@ -278,10 +288,58 @@ class LimitedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         return ctx
 
 
+# the hand-off (``broker.handoff``): given a client's PUBLISH (topic, payload) that passed
+# every check and ACL, True when the fog took it (it is then delivered to no subscriber)
+Handoff = Callable[[str, bytes], bool]
+
+
 class FogBroker(LimitedBroker, brokerauth.HardenedBroker):
     """The embedded broker: per-connection limits (``LimitedBroker``: its reads and TLS) over
     the hardened sessions and ACLs (``fog.brokerauth.HardenedBroker``); the two override
-    disjoint methods of amqtt's ``Broker``."""
+    disjoint methods of amqtt's ``Broker``.
+
+    With a ``handoff`` (``broker.handoff = true``: the broker on the fog's event loop), a
+    client's PUBLISH goes to it where amqtt would queue it for its subscribers: after amqtt's
+    topic checks, the ACL (a denied PUBLISH closes the connection before this point,
+    ``HardenedBroker``) and the connection's limits (``LimitedBroker``). The fog takes its
+    intents there and queues them as its reader would, so an intent crosses no second MQTT
+    connection (the fog's own client: encode, loopback TCP, decode, PUBACK); what it does not
+    take (trust material, gossip, anything else) is broadcast as before. The fog's answers
+    come back through ``EmbeddedBroker.deliver``."""
+
+    def __init__(self, config: dict[str, Any], *, handoff: Handoff | None = None, **limits: Any):
+        super().__init__(config, **limits)
+        self._handoff = handoff
+
+    async def _broadcast_message(
+        self,
+        session: Any,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if self._handoff is not None and session is not None and topic:  # a client's
+            # a PUBLISH passed the ACL already; a will message (sent for a client gone
+            # without DISCONNECT) never did in amqtt: checked here before the fog sees it.
+            # Only then: one more await per message widens an amqtt race (a publisher that
+            # disconnects right after its PUBACKs loses what the broker had not yet routed)
+            if _is_will(session, topic, data) and not await self._topic_filtering(
+                session, topic=topic, action=Action.PUBLISH
+            ):
+                log.warning("broker_will_denied", username=str(session.username)[:80])
+                return
+            if self._handoff(topic, bytes(data or b"")):
+                return
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+
+def _is_will(session: Any, topic: str, data: bytes | bytearray | None) -> bool:
+    """Whether (topic, data) is the session's will (a PUBLISH equal to it is checked twice)."""
+    return bool(
+        getattr(session, "will_flag", False)
+        and topic == session.will_topic
+        and bytes(data or b"") == bytes(session.will_message or b"")
+    )
 
 
 def amqtt_config(broker: BrokerConfig) -> dict[str, Any]:
@@ -331,26 +389,15 @@ def config_accounts(broker: BrokerConfig) -> dict[str, brokerauth.Account]:
     return accounts
 
 
-def warn_if_public(config: BrokerConfig) -> None:
-    """At every start of a broker bound beyond loopback (``broker.allow_public_bind``), or
-    with the legacy shared device account (every device's intents and receipts:
-    ``fog.brokerauth``)."""
-    if config.device_password:
-        log.warning("broker_shared_account", username=config.device_username)
-    if config.allow_public_bind:
-        log.warning(
-            "broker_public_bind_forced",
-            host=config.host,
-            note="amqtt is fit only for loopback trusted clients; use Mosquitto",
-        )
-
-
 class EmbeddedBroker:
     """An amqtt broker bound as the config says; ``port`` is the port actually bound."""
 
-    def __init__(self, config: BrokerConfig, *, warn: bool = True) -> None:
+    def __init__(
+        self, config: BrokerConfig, *, warn: bool = True, handoff: Handoff | None = None
+    ) -> None:
         assert config.embedded
         self._config = config
+        self._handoff = handoff  # broker.handoff: the fog's intake (FogBroker)
         self._warn = warn  # False in BrokerProcess's child: the fog warned already
         self._broker: Broker | None = None
         self.port = 0
@@ -365,6 +412,7 @@ class EmbeddedBroker:
             inflight_max=self._config.inflight_max,
             packets_per_s=self._config.packets_per_s,
             exempt=frozenset({self._config.username}),
+            handoff=self._handoff,
         )
         await broker.start()
         self._broker = broker
@@ -385,6 +433,14 @@ class EmbeddedBroker:
             await broker.shutdown()
             log.info("broker_stopped", port=self.port)
 
+    async def deliver(self, topic: str, payload: bytes) -> None:
+        """``broker.handoff``'s way out: a QoS 1 message from the fog to the subscribers
+        (ACLs and per-session queues as for any publish), queued inside the broker, not sent
+        through the fog's own connection. Raises ``BrokerError`` when it is not running."""
+        if self._broker is None:
+            raise BrokerError("embedded broker not running")
+        await self._broker.internal_message_broadcast(topic, payload, 1)
+
 
 def _bound_port(broker: Broker, listener: str = "default") -> int:
     server = broker._servers[listener].instance  # amqtt keeps asyncio.Server here
@@ -392,112 +448,6 @@ def _bound_port(broker: Broker, listener: str = "default") -> int:
     assert sockets, "amqtt listener has no socket"
     port: int = sockets[0].getsockname()[1]
     return port
-
-
-class BrokerProcess:
-    """``EmbeddedBroker`` in a child process: same configuration, same ``start``/``stop``/
-    ``port``. ``start`` raises ``BrokerStartError`` with the child's reason (port in use...)."""
-
-    def __init__(self, config: BrokerConfig) -> None:
-        assert config.embedded
-        self._config = config
-        self._proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-        self.tls_port: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    async def start(self) -> None:
-        warn_if_public(self._config)
-        env = child_env()
-        answers, theirs = os.pipe()  # the child's answer; its stdout is the fog's (logs)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "fog.broker",
-                str(theirs),
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(theirs,),
-                env=env,
-            )
-        except BaseException:
-            os.close(answers)
-            raise
-        finally:
-            os.close(theirs)
-        self._proc = proc
-        assert proc.stdin is not None
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        pipe = os.fdopen(answers, "rb", buffering=0)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-        try:
-            # warned above already: the child need not say it again
-            config = dataclasses.replace(self._config, allow_public_bind=False)
-            proc.stdin.write(json.dumps(dataclasses.asdict(config)).encode() + b"\n")
-            await proc.stdin.drain()
-            async with asyncio.timeout(PROCESS_START_TIMEOUT_S):
-                line = await reader.readline()
-            answer = json.loads(line) if line.strip() else {"error": "exited at start"}
-        except (OSError, TimeoutError, ValueError) as exc:
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        finally:
-            transport.close()
-        if "port" not in answer:
-            await self._end(kill=True)
-            raise BrokerStartError(str(answer.get("error", "no answer")))
-        self.port = int(answer["port"])
-        self.tls_port = None if answer.get("tls_port") is None else int(answer["tls_port"])
-        log.info(
-            "broker_started",
-            host=self._config.host,
-            port=self.port,
-            tls_port=self.tls_port,
-            kind="amqtt",
-            pid=proc.pid,
-        )
-
-    async def stop(self) -> None:
-        if self._proc is not None:
-            await self._end(kill=False)
-            log.info("broker_stopped", port=self.port)
-
-    async def exited(self) -> int:
-        """Wait until the broker process exits (of itself: ``stop`` forgets it); its code."""
-        proc = self._proc
-        assert proc is not None, "not started"
-        return await proc.wait()
-
-    async def _end(self, *, kill: bool) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                if kill:
-                    proc.kill()
-                else:
-                    proc.terminate()
-        try:
-            async with asyncio.timeout(PROCESS_STOP_TIMEOUT_S):
-                await proc.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
-class BrokerStartError(Exception):
-    """The broker process could not listen (the message is its reason)."""
-
-
-class BrokerLostError(FogpayError):
-    """The embedded broker's process exited while the fog was running."""
 
 
 async def _serve_child(answer_fd: int) -> int:
@@ -533,9 +483,14 @@ def _answer(fd: int, obj: dict[str, Any]) -> None:
     os.close(fd)
 
 
-if __name__ == "__main__":
+def child_main(argv: list[str]) -> int:
+    """The child process (``python -m fog.brokerchild ANSWER_FD``, or ``-m fog.broker``)."""
     from runtime.logs import configure, route_stdlib_logging
 
     configure(json=True, level="warning", component="broker")  # the fog logs start, stop
     route_stdlib_logging(json=True, component="broker")
-    sys.exit(asyncio.run(_serve_child(int(sys.argv[1]))))
+    return asyncio.run(_serve_child(int(argv[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 """The environment of the fog's child processes (``python -m fog.storeproc``, ``python -m
-fog.broker``): the parent's, with the directory holding the fog package first on
+fog.brokerchild``): the parent's, with the directory holding the fog package first on
 PYTHONPATH, so the child imports the same code whatever its working directory."""
 
 import os

@@ -418,6 +418,20 @@ async def _freeze_when(ready: asyncio.Event) -> None:
     gc.collect()
     gc.freeze()
     log.info("gc_frozen", objects=gc.get_freeze_count())
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``): start-up
+    leaves megabytes freed but resident (with 10,000 devices the trust republished is 12,000
+    messages, 3 MB of wire through this process; bench/memory.py). Elsewhere: nothing."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def _on_signal(daemon: Any, sig: signal.Signals) -> None:

@@ -82,9 +82,13 @@ class BrokerConfig:
     allow_public_bind: bool = False
     # the embedded broker's accounts file (fog.brokerauth; written by cloud.accounts), or ""
     accounts_file: str = ""
-    # the embedded broker in a child process (python -m fog.broker) rather than on the fog's
+    # the embedded broker in a child process (python -m fog.brokerchild) rather than on the fog's
     # event loop: amqtt costs more CPU per message than the fog's own client
     process: bool = True
+    # intents handed from the embedded broker (on the fog's event loop) straight to the fog's
+    # queue, and receipts straight back into it, past the fog's own MQTT client
+    # (fog.broker.FogBroker); needs process = false
+    handoff: bool = False
     # TLS for the fog's own connection to ``url`` when it is mqtts:// (paths as str: the
     # config travels to the broker process as JSON)
     ca_file: str | None = None  # the broker's CA; None: the system's CAs
@@ -354,6 +358,7 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     known |= {"device_username", "device_password", "device_password_file", "allow_public_bind"}
     known |= {
         "process",
+        "handoff",
         "accounts_file",
         "ca_file",
         "cert_file",
@@ -382,6 +387,13 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     # The passwords are the embedded broker's accounts: with `url` the account is in the URL,
     # and the password files need not exist (a fog on Mosquitto has none).
     embedded = url is None
+    process = _bool(raw, "process", True, key="broker.process")
+    handoff = _bool(raw, "handoff", False, key="broker.handoff")
+    if handoff and (not embedded or process):
+        raise ConfigError(
+            "broker.handoff: needs the embedded broker on the fog's event loop"
+            " (no broker.url, broker.process = false)"
+        )
     return BrokerConfig(
         url=url,
         host=host,
@@ -391,7 +403,8 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
         device_username=device_username,
         device_password=_secret(raw, "device_password", base) if embedded else "",
         allow_public_bind=allow_public,
-        process=_bool(raw, "process", True, key="broker.process"),
+        process=process,
+        handoff=handoff,
         accounts_file=str(_path(raw, "accounts_file", base)) if "accounts_file" in raw else "",
         **_broker_tls(raw, base, url),
         packet_bytes_max=_int(

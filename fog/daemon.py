@@ -42,14 +42,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 import nacl.signing
 import structlog
 
 from fog.authorize import Policy
-from fog.broker import BrokerLostError, BrokerProcess, EmbeddedBroker
+from fog.brokerproc import BrokerLostError, BrokerProcess
 from fog.config import FogConfig, broker_tls, parse_broker_url
 from fog.core import (
     Alarm,
@@ -97,6 +97,9 @@ from runtime.logs import bind_component, short, unbind_component
 from runtime.mqttloop import read_until_stopped, sleep_or_stop
 from runtime.mqttshell import ClientSettings, Publisher, serve
 from runtime.tlsconf import TlsSettings
+
+if TYPE_CHECKING:
+    from fog.broker import EmbeddedBroker
 
 log = structlog.get_logger()
 
@@ -180,9 +183,14 @@ class FogDaemon:
         # tests (store_process = false): wraps the WAL's fsync (fog/pipeline.py's sync_hook)
         self.sync_hook: Callable[[Callable[[], None]], None] | None = None
         self._broker: EmbeddedBroker | BrokerProcess | None = None
-        if config.broker.embedded:
-            kind = BrokerProcess if config.broker.process else EmbeddedBroker
-            self._broker = kind(config.broker)
+        if config.broker.embedded and config.broker.process:
+            self._broker = BrokerProcess(config.broker)
+        elif config.broker.embedded:  # amqtt on this loop: only then are its modules imported
+            from fog import broker
+
+            self._intent_prefix = topics.intent_filter(config.fog_id).removesuffix("+")
+            handoff = self._handoff if config.broker.handoff else None
+            self._broker = broker.EmbeddedBroker(config.broker, handoff=handoff)
         self._client: aiomqtt.Client | None = None
         self._publisher: Publisher | None = None  # the shell's bounded queue on _client
         # None is stop()'s wake-up for a processor waiting on an empty queue
@@ -272,7 +280,7 @@ class FogDaemon:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _start_broker(self, broker: EmbeddedBroker | BrokerProcess) -> None:
+    async def _start_broker(self, broker: "EmbeddedBroker | BrokerProcess") -> None:
         b = self.config.broker
         try:
             await broker.start()
@@ -505,6 +513,8 @@ class FogDaemon:
             topics.lease_filter(fog_id),
             topics.ack_topic(fog_id),
         ]
+        if self.config.broker.handoff:  # the broker hands intents over (_handoff)
+            filters.remove(topics.intent_filter(fog_id))
         if self.config.federation.peers:  # replication (docs/protocol.md 17.2): peers' gossip,
             # and every fog's ack (ours among them: the one filter replaces ours)
             filters.remove(topics.ack_topic(fog_id))
@@ -531,9 +541,14 @@ class FogDaemon:
         self, client: aiomqtt.Client, ready: asyncio.Event | None, *, filters: int
     ) -> None:
         self._client = client
-        self._publisher = Publisher(
-            client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S
-        )
+        broker = self._broker
+        if self.config.broker.handoff and broker is not None:
+            assert not isinstance(broker, BrokerProcess), "config: handoff needs process = false"
+            self._publisher = _HandoffPublisher(client, broker)
+        else:
+            self._publisher = Publisher(
+                client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S
+            )
         self._count("broker_connected")
         self._log.info("broker_connected", port=self.broker_port, filters=filters)
         # what went to the old connection may not have reached the cloud: the core sends
@@ -573,6 +588,21 @@ class FogDaemon:
             except Exception as exc:  # the seam: no payload or topic may stop the reader
                 self._count("message_dropped")
                 self._log.error("message_dropped", cause=type(exc).__name__)
+
+    def _handoff(self, topic: str, payload: bytes) -> bool:
+        """``broker.handoff``: a device's PUBLISH from the embedded broker on this loop, past
+        its checks and ACLs (fog.broker.FogBroker). What is published under this fog's
+        intent topics is the fog's (True): routed as ``_read`` routes it (queued, or dropped
+        and counted: a bad device key, a full queue). Anything else goes on to the broker's
+        subscribers (False), the fog's own connection among them. Never raises."""
+        if not topic.startswith(self._intent_prefix):
+            return False
+        try:
+            self._dispatch(topic, payload)
+        except Exception as exc:  # the seam: no payload or topic may stop the broker
+            self._count("message_dropped")
+            self._log.error("message_dropped", cause=type(exc).__name__)
+        return True
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Route one message; never raises (bad input is logged and counted). What is not
@@ -969,3 +999,24 @@ def _payload_max(kind: Kind) -> int:
     if kind is Kind.GOSSIP_BATCH:
         return limits.BATCH_WIRE_BYTES_MAX
     return SEEN_ENVELOPE_BYTES_MAX if kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX
+
+
+class _HandoffPublisher(Publisher):
+    """``broker.handoff``: the fog's QoS 1 messages (receipts, vouchers, uplink) handed to
+    the embedded broker on this loop (``EmbeddedBroker.deliver``) instead of sent through the
+    fog's own connection; retained ones still go through it, since amqtt's internal
+    broadcast keeps nothing. Called where ``Publisher.publish`` was, so a receipt still
+    leaves only after its group committed."""
+
+    def __init__(self, client: aiomqtt.Client, broker: "EmbeddedBroker") -> None:
+        super().__init__(client, in_flight_max=INFLIGHT_MESSAGES_MAX, timeout_s=PUBLISH_TIMEOUT_S)
+        self._broker = broker
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if retain:
+            await super().publish(topic, payload, retain=retain)
+            return
+        try:
+            await self._broker.deliver(topic, payload)
+        except Exception as exc:  # amqtt's BrokerError: a publish failure to the callers
+            raise aiomqtt.MqttError(f"embedded broker: {exc}") from exc

@@ -52,6 +52,11 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
         (BASE + '[broker]\nurl = "http://x:1"\n', "broker.url"),
         (BASE + '[broker]\ndevice_username = "fog"\n', "broker.device_username"),
         (BASE + '[broker]\npassword_file = "missing"\n', "broker.password_file"),
+        (BASE + "[broker]\nhandoff = true\n", "broker.handoff"),  # the broker in its child
+        (
+            BASE + '[broker]\nurl = "mqtt://127.0.0.1:1883"\nprocess = false\nhandoff = true\n',
+            "broker.handoff",
+        ),
         (BASE + "[batch]\nrecords_max = 5000\n", "batch.records_max"),
         (BASE + "[policy]\nrate_per_s = 0\n", "policy.rate_per_s"),
         (BASE + "[batch\n", "invalid TOML"),

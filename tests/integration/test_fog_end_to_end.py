@@ -1,7 +1,8 @@
 """The fog end to end, each test through the embedded amqtt broker and through a Mosquitto
 subprocess (``broker.url``): real brokers, real SQLite, real keys. The store runs in its own
 process and the embedded broker in another (the defaults), and once more with both inside the
-daemon's process (``store_process = false``, ``broker.process = false``, on amqtt)."""
+daemon's process (``store_process = false``, ``broker.process = false``, on amqtt), and with
+the broker on the daemon's loop handing intents straight to it (``broker.handoff``)."""
 
 import asyncio
 import contextlib
@@ -81,14 +82,22 @@ AMQTT_IN_PROCESS = Transport(  # broker and store in the daemon's own process
     "store_process = false\n",
     OPERATOR,
 )
+AMQTT_HANDOFF = Transport(  # the broker on the daemon's loop hands intents over; store apart
+    "amqtt-handoff",
+    EMBEDDED + "process = false\nhandoff = true\n",
+    {"username": "device", "password": DEV_PW},
+    "",
+    OPERATOR,
+)
+EMBEDDED_TRANSPORTS = {t.name: t for t in (AMQTT, AMQTT_IN_PROCESS, AMQTT_HANDOFF)}
 
 
 @pytest.fixture(
-    params=["amqtt", "amqtt-in-process", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+    params=[*EMBEDDED_TRANSPORTS, pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
 )
 def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transport]:
-    if request.param in ("amqtt", "amqtt-in-process"):
-        yield AMQTT if request.param == "amqtt" else AMQTT_IN_PROCESS
+    if request.param in EMBEDDED_TRANSPORTS:
+        yield EMBEDDED_TRANSPORTS[request.param]
         return
     broker = start_mosquitto(tmp_path)
     try:
