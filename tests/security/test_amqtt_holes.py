@@ -3,6 +3,7 @@ shows the hole (so the test can fail), ``fog.brokerauth.HardenedBroker`` (what t
 closes it. Accounts: the operator ``fog`` and two devices A and B from an accounts file."""
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,3 +150,35 @@ async def test_a_denied_publish_closes_the_connection_and_goes_nowhere(
                 if m.payload == b"own":
                     break
     assert closed is (kind == "hardened")
+
+
+async def test_what_a_client_sent_before_disconnecting_is_delivered(
+    broker: tuple[str, int],
+) -> None:
+    """Hole 5: a tool publishes trust messages (QoS 1, each acknowledged) and disconnects at
+    once; amqtt's client loop took one queued message per turn and dropped the rest when the
+    DISCONNECT came first."""
+    kind, port = broker
+    n = 200
+    lost = []
+    for attempt in range(2):
+        topic = f"fogpay/1/trust/owner/o{attempt}"
+        got = 0
+        async with client(port, "fog", identifier=f"sub{attempt}") as sub:
+            await sub.subscribe(f"{topic}/#", qos=1)
+            async with client(
+                port, "fog", identifier=f"pub{attempt}", max_inflight_messages=n
+            ) as pub:
+                await asyncio.gather(*(pub.publish(f"{topic}/{i}", b"x", qos=1) for i in range(n)))
+            # every PUBLISH was acknowledged; the publisher has disconnected
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    async for _ in sub.messages:
+                        got += 1
+                        if got == n:
+                            break
+        lost.append(n - got)
+    if kind == "stock":
+        assert sum(lost) > 0, "amqtt 0.12.1 drops what was still queued at the DISCONNECT"
+    else:
+        assert lost == [0, 0]
