@@ -328,7 +328,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         key_file=_path(raw, "key_file", base),
         issuer_key=_issuer_key(raw),
         db=_path(raw, "db", base),
-        broker=_broker(_table(raw, "broker"), base),
+        broker=(broker := _broker(_table(raw, "broker"), base)),
         batch=_batch(_table(raw, "batch")),
         policy=_policy(_table(raw, "policy")),
         uplink=_uplink(_table(raw, "uplink")),
@@ -337,7 +337,9 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         federation=_federation(_table(raw, "federation"), fog_id),
         stats_interval_s=_number(raw, "stats_interval_s", DEFAULT_STATS_INTERVAL_S, 0.1, 86_400),
         log_level=level,
-        store_process=_bool(raw, "store_process", True, key="store_process"),
+        # default: the store in its own process, except with the embedded broker's hand-off,
+        # where the whole fog is one process (41 MB idle; docs/performance.md)
+        store_process=_bool(raw, "store_process", not broker.handoff, key="store_process"),
         store_pipeline=_bool(raw, "store_pipeline", True, key="store_pipeline"),
     )
 
@@ -387,8 +389,10 @@ def _broker(raw: Mapping[str, Any], base: Path) -> BrokerConfig:
     # The passwords are the embedded broker's accounts: with `url` the account is in the URL,
     # and the password files need not exist (a fog on Mosquitto has none).
     embedded = url is None
-    process = _bool(raw, "process", True, key="broker.process")
-    handoff = _bool(raw, "handoff", False, key="broker.handoff")
+    # the embedded broker's default (issue 15, docs/performance.md): on the fog's event loop,
+    # handing intents to the fog and receipts back without a second MQTT connection
+    process = _bool(raw, "process", False, key="broker.process")
+    handoff = _bool(raw, "handoff", embedded and not process, key="broker.handoff")
     if handoff and (not embedded or process):
         raise ConfigError(
             "broker.handoff: needs the embedded broker on the fog's event loop"

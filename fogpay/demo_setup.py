@@ -88,6 +88,8 @@ def fog_config(out: Path, keys: Keys) -> FogConfig:
         password=secrets.token_urlsafe(PASSWORD_BYTES),
         device_username=DEVICE_USERNAME,
         device_password=secrets.token_urlsafe(PASSWORD_BYTES),
+        process=False,  # the embedded broker's defaults (fog/config.py, docs/performance.md):
+        handoff=True,  # on the fog's loop, handing intents over inside the broker
     )
     return FogConfig(
         fog_id=cast.FOG_ID,
@@ -97,6 +99,7 @@ def fog_config(out: Path, keys: Keys) -> FogConfig:
         broker=broker,
         batch=BATCH,
         lease=LEASES,
+        store_process=False,  # with the hand-off: the whole fog in one process
     )
 
 

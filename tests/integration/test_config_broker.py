@@ -52,7 +52,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
         (BASE + '[broker]\nurl = "http://x:1"\n', "broker.url"),
         (BASE + '[broker]\ndevice_username = "fog"\n', "broker.device_username"),
         (BASE + '[broker]\npassword_file = "missing"\n', "broker.password_file"),
-        (BASE + "[broker]\nhandoff = true\n", "broker.handoff"),  # the broker in its child
+        (BASE + "[broker]\nprocess = true\nhandoff = true\n", "broker.handoff"),  # in its child
         (
             BASE + '[broker]\nurl = "mqtt://127.0.0.1:1883"\nprocess = false\nhandoff = true\n',
             "broker.handoff",

@@ -74,10 +74,16 @@ class Transport:
 
 # on the embedded broker the shared device account may not publish trust: the fog's may
 OPERATOR = {"username": "fog", "password": FOG_PW}
-AMQTT = Transport("amqtt", EMBEDDED, {"username": "device", "password": DEV_PW}, "", OPERATOR)
-AMQTT_IN_PROCESS = Transport(  # broker and store in the daemon's own process
+AMQTT = Transport(  # the embedded broker and the store in child processes of their own
+    "amqtt",
+    EMBEDDED + "process = true\n",
+    {"username": "device", "password": DEV_PW},
+    "store_process = true\n",
+    OPERATOR,
+)
+AMQTT_IN_PROCESS = Transport(  # broker and store in the daemon's own process, no hand-off
     "amqtt-in-process",
-    EMBEDDED + "process = false\n",
+    EMBEDDED + "process = false\nhandoff = false\n",
     {"username": "device", "password": DEV_PW},
     "store_process = false\n",
     OPERATOR,
@@ -86,10 +92,13 @@ AMQTT_HANDOFF = Transport(  # the broker on the daemon's loop hands intents over
     "amqtt-handoff",
     EMBEDDED + "process = false\nhandoff = true\n",
     {"username": "device", "password": DEV_PW},
-    "",
+    "store_process = true\n",
     OPERATOR,
 )
-EMBEDDED_TRANSPORTS = {t.name: t for t in (AMQTT, AMQTT_IN_PROCESS, AMQTT_HANDOFF)}
+AMQTT_DEFAULT = Transport(  # the embedded broker's defaults: one process, with the hand-off
+    "amqtt-default", EMBEDDED, {"username": "device", "password": DEV_PW}, "", OPERATOR
+)
+EMBEDDED_TRANSPORTS = {t.name: t for t in (AMQTT, AMQTT_IN_PROCESS, AMQTT_HANDOFF, AMQTT_DEFAULT)}
 
 
 @pytest.fixture(

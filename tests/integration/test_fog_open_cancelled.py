@@ -46,7 +46,13 @@ async def test_a_fog_cancelled_while_its_store_opens_closes_the_store_it_opened(
 ) -> None:
     issuer = public_key(nacl.signing.SigningKey.generate())
     config = load_config(
-        write_fog_files(tmp_path, fog_id="fog-a", issuer_key=issuer, broker=AMQTT.broker_toml)
+        write_fog_files(
+            tmp_path,
+            fog_id="fog-a",
+            issuer_key=issuer,
+            broker=AMQTT.broker_toml,
+            extra=AMQTT.top,  # the store in its own process
+        )
     )
     assert config.store_process
     before = _children()
