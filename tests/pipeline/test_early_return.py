@@ -6,31 +6,16 @@ freed long before the lease's ``na``."""
 
 import asyncio
 import json
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from cloud.service import wall_ms
-from cloud.sqlitestore import SqliteStore
 from protocol.reasons import Reason
-from tests.conftest import BrokerEndpoint
 from tests.integration.devices import wallet
 from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
 from tests.pipeline.test_end_to_end import first_payment, trusted
-from tests.pipeline.world import FOG_EXTRA, Pipeline, wait_until
+from tests.pipeline.world import FOG_EXTRA, Pipeline, return_leases, wait_until
 
 LEASE_MS = 3_600_000  # the cloud's leases live an hour (the Pipeline's policy)
-CLI_TIMEOUT_S = 60.0
-
-
-@pytest.fixture
-async def pipe(tmp_path: Path, amqtt_broker: BrokerEndpoint) -> AsyncIterator[Pipeline]:
-    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
-    yield Pipeline(store, amqtt_broker, tmp_path)
-    await store.close()
 
 
 def lease_extra(lines: str) -> str:
@@ -98,16 +83,7 @@ async def test_return_leases_works_against_a_running_fog(pipe: Pipeline) -> None
         await trusted(fog)
         await first_payment(fog, w, device)
         assert (await w.pay(device, device.intent(4_000))).ok
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "fogpay.cli", "fog", "return-leases"),
-            *("--config", str(config), "--owner", "alice", "--json"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(CLI_TIMEOUT_S):
-            out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        printed = json.loads(out)
+        printed = json.loads(await return_leases(config, "--owner", "alice", "--json"))
         assert printed["returned_micros"] == 15_000
         assert [(x["owner"], x["drawn_micros"]) for x in printed["leases"]] == [("alice", 5_000)]
         # the running fog no longer draws on it, and reports it

@@ -3,26 +3,14 @@ expired lease is reported, closed by the cloud, and its unused credit returns to
 (the cloud's exposure drops to what was drawn)."""
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
 from cloud.leases import LeasePolicy
-from cloud.sqlitestore import SqliteStore
-from tests.conftest import BrokerEndpoint
 from tests.integration.devices import wallet
 from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
 from tests.pipeline.test_end_to_end import first_payment, trusted
 from tests.pipeline.world import FOG_EXTRA, Pipeline
-
-
-@pytest.fixture
-async def pipe(tmp_path: Path, amqtt_broker: BrokerEndpoint) -> AsyncIterator[Pipeline]:
-    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
-    yield Pipeline(store, amqtt_broker, tmp_path)
-    await store.close()
 
 
 async def test_a_fog_running_low_asks_for_more_budget(pipe: Pipeline) -> None:

@@ -5,47 +5,21 @@ everything reconciles: every payment booked once, both leases closed by their fo
 the owner owing exactly what was paid."""
 
 import asyncio
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-
-from cloud.sqlitestore import SqliteStore
 from protocol.reasons import Reason
-from tests.conftest import BrokerEndpoint
 from tests.integration.devices import wallet
 from tests.integration.fogrun import running_fog, wait_counter
 from tests.pipeline.mqtt import running_service
 from tests.pipeline.test_end_to_end import first_payment, trusted
-from tests.pipeline.world import FOG_EXTRA, Pipeline, wait_until
+from tests.pipeline.world import FOG_EXTRA, Pipeline, return_leases, wait_until
 
-CLI_TIMEOUT_S = 60.0
 HEAL_TIMEOUT_S = 90.0  # resends back off while the cloud is away (up to tens of seconds)
 PAY_ATTEMPTS = 60
-
-
-@pytest.fixture
-async def pipe(tmp_path: Path, amqtt_broker: BrokerEndpoint) -> AsyncIterator[Pipeline]:
-    store = await SqliteStore.open(str(tmp_path / "cloud.db"))
-    yield Pipeline(store, amqtt_broker, tmp_path)
-    await store.close()
 
 
 def extra(peer: str) -> str:
     assert FOG_EXTRA.rstrip().endswith("check_interval_ms = 100")  # [lease] is the last table
     return FOG_EXTRA + f'peer_transfers = true\n\n[federation]\npeers = ["{peer}"]\n'
-
-
-async def return_leases(config: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "fogpay.cli", "fog", "return-leases", "--config", str(config)),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(CLI_TIMEOUT_S):
-        _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
 
 
 async def test_a_fog_cut_off_from_the_cloud_borrows_from_its_peer(pipe: Pipeline) -> None:

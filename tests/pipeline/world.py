@@ -5,6 +5,7 @@ cloud's retained publications. Nothing of ours is replaced."""
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,3 +160,21 @@ async def wait_until(
     async with asyncio.timeout(timeout_s):
         while not await probe():  # noqa: ASYNC110 (the store has no event to await)
             await asyncio.sleep(poll_s)
+
+
+CLI_TIMEOUT_S = 60.0
+
+
+async def return_leases(config: Path, *args: str) -> bytes:
+    """``fogpay fog return-leases --config CONFIG ARGS...`` in a process of its own, against
+    the fog's database (also while the fog runs); its stdout. It must exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "fogpay.cli", "fog", "return-leases", "--config", str(config)),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(CLI_TIMEOUT_S):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out
