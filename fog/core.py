@@ -94,6 +94,7 @@ from protocol import topics
 from protocol.errors import Declined, TopicError
 from protocol.gossip import SEEN_ENTRIES_MAX, SEEN_ENVELOPE_BYTES_MAX, Seen, SeenEntry
 from protocol.leasing import LeaseRecall, lease_report_topic
+from protocol.messages import Lease
 from protocol.reasons import Reason
 from protocol.sealed import seal_receipt
 from protocol.signing import open_envelope, seal, split_envelope
@@ -356,22 +357,14 @@ def _mono(event: FogInput) -> int:
     return event.now_ms if event.mono_ms is None else event.mono_ms
 
 
-def _is_recall(payload: bytes) -> bool:
-    """An ``rbal`` envelope: the cloud asks for a lease back (docs/protocol.md 18.5)."""
+def _lease_topic_type(payload: bytes) -> str | None:
+    """The type of an envelope on this fog's own lease topic: a lease (``lease``), the cloud's
+    retained copy of a sub-lease (``xfer``, 18.2) or the cloud's ask for a lease back
+    (``rbal``, 18.5); None if it is no envelope (the lease path refuses it)."""
     try:
-        return split_envelope(payload, bytes_max=LeaseRecall.ENVELOPE_BYTES_MAX).type == (
-            LeaseRecall.TYPE
-        )
+        return split_envelope(payload, bytes_max=Lease.ENVELOPE_BYTES_MAX).type
     except Exception:
-        return False
-
-
-def _is_xfer(payload: bytes) -> bool:
-    """An ``xfer`` envelope (the cloud's retained copy of a sub-lease on a lease topic)."""
-    try:
-        return split_envelope(payload, bytes_max=Transfer.ENVELOPE_BYTES_MAX).type == Transfer.TYPE
-    except Exception:
-        return False
+        return None
 
 
 class FogCore:
@@ -570,12 +563,12 @@ class FogCore:
             return self._lease_cleared(parsed.lease_id, now)
         if parsed.kind is Kind.GOSSIP_SEEN:
             return self._seen(parsed, payload, now) if parsed.fog_id == self.fog_id else []
-        if parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_recall(payload):
+        own_lease = parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id
+        typ = _lease_topic_type(payload) if own_lease else None
+        if typ == LeaseRecall.TYPE:
             assert parsed.lease_id is not None
             return self._recall(payload, parsed.lease_id, now, _mono(event))
-        if parsed.kind in (Kind.GOSSIP_XREQ, Kind.GOSSIP_XFER) or (
-            parsed.kind is Kind.LEASE and parsed.fog_id == self.fog_id and _is_xfer(payload)
-        ):
+        if parsed.kind in (Kind.GOSSIP_XREQ, Kind.GOSSIP_XFER) or typ == Transfer.TYPE:
             if parsed.fog_id != self.fog_id or not self._transfers:
                 return []
             if parsed.kind is Kind.GOSSIP_XREQ:
