@@ -169,12 +169,14 @@ def pick_lease(leases: Sequence[LeaseView], intent: Intent, *, now_ms: int) -> L
 
 
 def screen(
-    payload: bytes, topic_device: bytes
+    payload: bytes, topic_device: bytes, *, verified: bool = False
 ) -> tuple[Signed[Intent], None] | tuple[Signed[Intent] | None, Declined]:
     """Rows 1 to 3: ``(intent, None)`` when it passed; else the decline with its detail, and
-    the verified intent for ``topic_mismatch`` (the receipt names its d and q)."""
+    the verified intent for ``topic_mismatch`` (the receipt names its d and q). ``verified``:
+    a verify worker of this fog found the signature good for these bytes (row 2's Ed25519
+    check is not repeated; everything else is)."""
     try:
-        signed = open_envelope(payload, Intent)  # rows 1 and 2
+        signed = open_envelope(payload, Intent, verified=verified)  # rows 1 and 2
     except Declined as exc:
         return None, exc
     if signed.msg.device != topic_device:  # row 3

@@ -44,6 +44,7 @@ PACKET_BYTES_MAX: Final = 256 * 1024 * 1024 - 1  # MQTT's own bound on a packet
 PACKET_BYTES_MIN: Final = 4096
 DEFAULT_BROKER_INFLIGHT_MAX: Final = 256
 BROKER_INFLIGHT_MAX: Final = 65_535
+VERIFY_WORKERS_MAX: Final = 64  # fog/verifyproc.py WORKERS_MAX
 PACKETS_PER_S_MAX: Final = 1_000_000
 
 # Environment variables that override a TOML key (systemd EnvironmentFile, containers).
@@ -239,6 +240,9 @@ class FogConfig:
     # true: the pipelined group commit (fog/pipeline.py): the next group is decided while the
     # previous one's WAL syncs; false: each COMMIT syncs (synchronous=FULL) before the next
     store_pipeline: bool = True
+    # > 0: that many verify worker processes check the intents' signatures before the core
+    # decides (fog/verifyproc.py: the core's largest single cost, on other cores of a Pi)
+    verify_workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +319,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         "",
         {"fog_id", "key_file", "issuer_key", "db", "broker", "batch", "policy"}
         | {"stats_interval_s", "log_level", "uplink", "lease", "store_process", "metrics"}
-        | {"federation", "store_pipeline"},
+        | {"federation", "store_pipeline", "verify_workers"},
     )
     fog_id = _str(raw, "fog_id")
     if not is_fog_id(fog_id):
@@ -341,6 +345,7 @@ def config_from_dict(raw: Mapping[str, Any], *, base: Path = Path(".")) -> FogCo
         # where the whole fog is one process (41 MB idle; docs/performance.md)
         store_process=_bool(raw, "store_process", not broker.handoff, key="store_process"),
         store_pipeline=_bool(raw, "store_pipeline", True, key="store_pipeline"),
+        verify_workers=_int(raw, "verify_workers", 0, 0, VERIFY_WORKERS_MAX, key="verify_workers"),
     )
 
 

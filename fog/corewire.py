@@ -11,7 +11,7 @@ a ``CoreWireError``.
 
 Frames: 4-byte big-endian length, then the msgpack bytes (``HEADER``). Limits are passed to
 msgpack explicitly. Outcomes inside receipts travel as their fields (``store.Outcome``), reasons
-as their wire strings, arrivals as ``[device, payload]`` (their read time stays with the
+as their wire strings, arrivals as ``[device, payload, verified]`` (their read time stays with the
 parent).
 
 Replies: ``[0, [output, ...]]``, or ``[1, error_class, text]`` for an exception raised by the
@@ -21,7 +21,6 @@ seam; the child serves on).
 
 import dataclasses
 import operator
-import struct
 from typing import Any, Final
 
 import msgpack
@@ -55,12 +54,12 @@ from fog.core import (
     TrustMessage,
     Wake,
 )
+from fog.frames import HEADER
 from fog.replicas import ReplicaEvent
 from fog.schema import StoreError, StoreOpenError
 from fog.store import Arrival, Outcome, StoreSyncError
 from protocol.reasons import Reason
 
-HEADER: Final = struct.Struct("!I")
 FRAME_BYTES_MAX: Final = 64 * 1024 * 1024  # a group of 4096 intents with receipts is < 8 MiB
 ITEMS_MAX: Final = 1_000_000  # array items, map pairs in one frame
 OK: Final = 0
@@ -115,7 +114,7 @@ class CoreError(StoreError):
 
 def _enc_value(name: str, value: Any) -> Any:
     if name == "arrivals":
-        return [[a.topic_device, a.payload] for a in value]
+        return [[a.topic_device, a.payload, a.verified] for a in value]
     if name == "outcome":
         return _OUTCOME_VALUES(value)
     if name == "items":
@@ -123,9 +122,15 @@ def _enc_value(name: str, value: Any) -> Any:
     return value
 
 
+def _arrival(device: Any, payload: Any, verified: Any) -> Arrival:
+    if type(verified) is not bool:
+        raise CoreWireError("arrival: verified is not a bool")
+    return Arrival(bytes(device), bytes(payload), verified=verified)
+
+
 def _dec_value(name: str, value: Any) -> Any:
     if name == "arrivals":
-        return tuple([Arrival(bytes(d), bytes(p)) for d, p in value])
+        return tuple([_arrival(d, p, v) for d, p, v in value])
     if name == "outcome":
         return _outcome(value)
     if name == "items":

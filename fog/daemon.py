@@ -35,12 +35,13 @@ rolls back whole, and a device that lost its receipt retransmits and gets the st
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
@@ -87,6 +88,7 @@ from fog.schema import StoreError, open_problem
 from fog.store import Arrival, Outcome, StoreSyncError
 from fog.storeproc import CoreProcess, StoreProcessError
 from fog.trust import TRUST_PAYLOAD_BYTES_MAX
+from fog.verifyproc import VerifyPool, VerifyWorkerError
 from fog.vouchers import VoucherIssuer
 from protocol import limits, topics
 from protocol.errors import FogpayError, TopicError
@@ -179,6 +181,7 @@ class FogDaemon:
         self._started = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fog-core")
         self._core: FogCore | CoreProcess | None = None
+        self._verify: VerifyPool | None = None  # verify_workers > 0 (fog/verifyproc.py)
         self._pipeline: Pipeline | None = None  # store_pipeline with store_process = false
         # tests (store_process = false): wraps the WAL's fsync (fog/pipeline.py's sync_hook)
         self.sync_hook: Callable[[Callable[[], None]], None] | None = None
@@ -264,6 +267,8 @@ class FogDaemon:
         try:
             await self.observer.start()  # observability hook: /metrics, /healthz, /readyz
             self._core = await self._open_core_async()
+            if self.config.verify_workers:
+                await self._start_verify_workers(self.config.verify_workers)
             if self._broker is not None:
                 await self._start_broker(self._broker)
             async with asyncio.TaskGroup() as tg:
@@ -279,6 +284,16 @@ class FogDaemon:
             unbind_component(component)  # observability hook
         if self._fatal is not None:
             raise self._fatal
+
+    async def _start_verify_workers(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            pool = await loop.run_in_executor(None, VerifyPool.start, n)
+        except (OSError, VerifyWorkerError) as exc:
+            raise FogStartError(f"verify_workers: cannot start {n} workers: {exc}") from exc
+        self._verify = pool
+        await pool.open()
+        self._log.info("verify_workers_started", workers=n, pids=pool.pids)
 
     async def _start_broker(self, broker: "EmbeddedBroker | BrokerProcess") -> None:
         b = self.config.broker
@@ -411,6 +426,8 @@ class FogDaemon:
                 if isinstance(core, CoreProcess):
                     core.close()
         self._executor.shutdown(wait=True)
+        if self._verify is not None:
+            await self._verify.aclose()
         if self._broker is not None:
             await self._broker.stop()
         await self.observer.stop()  # observability hook
@@ -652,13 +669,19 @@ class FogDaemon:
         in the order given and answers in that order); without, one at a time."""
         deciding: set[asyncio.Task[None]] = set()
         unanswered_max = PIPELINE_GROUPS_MAX if self.config.store_pipeline else 1
+        handed: asyncio.Future[None] | None = None  # the previous group is on its way to the core
         while True:
             group = await self._next_group()
             if not group:
                 break
             if len(deciding) >= unanswered_max:
                 await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.create_task(self._process_group(group), name="fog.group")
+            order: _Order | None = None
+            if self._verify is not None:  # checked by the workers, then to the core in order
+                verdicts = asyncio.ensure_future(self._verify.verdicts([a.payload for a in group]))
+                order = _Order(verdicts, handed, asyncio.get_running_loop().create_future())
+                handed = order.handed
+            task = asyncio.create_task(self._process_group(group, order), name="fog.group")
             deciding.add(task)
             task.add_done_callback(deciding.discard)
         if deciding:
@@ -685,10 +708,15 @@ class FogDaemon:
             group.append(arrival)
         return group
 
-    async def _process_group(self, group: list[Arrival]) -> None:
+    async def _process_group(self, group: list[Arrival], order: "_Order | None" = None) -> None:
         started = time.perf_counter()
         try:
-            outputs = await self._handle(Intents(arrivals=tuple(group), **self._times()))
+            handling: Awaitable[list[FogOutput]]
+            if order is None:
+                handling = self._handle(Intents(arrivals=tuple(group), **self._times()))
+            else:
+                handling = await self._after_workers(group, order)
+            outputs = await handling
         except Exception as exc:  # the seam: a bug must not kill the fog; devices retransmit
             self._count("group_failed")
             self._log.error("group_failed", size=len(group), error=type(exc).__name__)
@@ -716,6 +744,36 @@ class FogDaemon:
         self._publishing.add(task)
         self._publishing_receipts += len(receipts)
         task.add_done_callback(functools.partial(self._published, receipts=len(receipts)))
+
+    async def _after_workers(
+        self, group: list[Arrival], order: "_Order"
+    ) -> "asyncio.Future[list[FogOutput]]":
+        """The group marked with its workers' verdicts, handed to the core after the groups
+        before it (each hands its input over before the next may: the core takes inputs in
+        the order they were made). Returns the core's answer to await."""
+        try:
+            try:
+                verdicts = await order.verdicts
+            except Exception:  # verdicts() does not raise; if it did, the core checks them all
+                verdicts = [False] * len(group)
+            assert self._verify is not None
+            for pid in self._verify.lost():
+                self._count("verify_worker_lost")
+                self._log.error("verify_worker_lost", pid=pid, workers_left=self._verify.alive)
+            marked = [
+                Arrival(a.topic_device, a.payload, a.received_s, verified=True) if ok else a
+                for a, ok in zip(group, verdicts, strict=True)
+            ]
+            self._count("intent_verified_by_worker", sum(verdicts))
+            if order.after is not None:
+                await order.after
+            # the task starts (and writes its input) before the next group's may: FIFO
+            return asyncio.ensure_future(
+                self._handle(Intents(arrivals=tuple(marked), **self._times()))
+            )
+        finally:
+            if not order.handed.done():
+                order.handed.set_result(None)
 
     def _published(self, task: "asyncio.Task[None]", receipts: int) -> None:
         self._publishing.discard(task)
@@ -999,6 +1057,16 @@ def _payload_max(kind: Kind) -> int:
     if kind is Kind.GOSSIP_BATCH:
         return limits.BATCH_WIRE_BYTES_MAX
     return SEEN_ENVELOPE_BYTES_MAX if kind is Kind.GOSSIP_SEEN else TRUST_PAYLOAD_BYTES_MAX
+
+
+@dataclasses.dataclass(slots=True)
+class _Order:
+    """A group checked by the verify workers: their answer, the previous group's hand-over
+    to the core (None: the first), and this group's (set once its input is on its way)."""
+
+    verdicts: "asyncio.Future[list[bool]]"
+    after: "asyncio.Future[None] | None"
+    handed: "asyncio.Future[None]"
 
 
 class _HandoffPublisher(Publisher):

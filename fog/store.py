@@ -100,6 +100,9 @@ class Arrival:
     # time.perf_counter() when the daemon read it (fog_stats' answer_ms); not stored, not sent
     # to the core's process
     received_s: float = field(default=0.0, compare=False)
+    # a verify worker of this fog found the payload's signature good (fog/verifyproc.py): the
+    # core does not check it again; False: the core checks it (as it always did)
+    verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +312,7 @@ class FogStore:
         assert len(arrival.topic_device) == limits.KEY_BYTES
         # the precedence of spec section 6, rows 1-3, then the retransmission, then 4-15:
         # fog/authorize.py
-        signed, declined = screen(arrival.payload, arrival.topic_device)
+        signed, declined = screen(arrival.payload, arrival.topic_device, verified=arrival.verified)
         if signed is None:
             assert declined is not None
             return self._unopened(arrival.payload, declined, now_ms)

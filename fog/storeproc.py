@@ -32,7 +32,6 @@ environment, and is never logged.
 """
 
 import asyncio
-import collections
 import contextlib
 import gc
 import os
@@ -46,10 +45,10 @@ from typing import Final
 
 import nacl.signing
 
-from fog import corewire
+from fog import corewire, frames
 from fog.childenv import child_env
 from fog.core import Alarm, Close, CoreConfig, FogCore, FogInput, FogOutput, Intents, Receipt
-from fog.corewire import HEADER, CoreWireError
+from fog.corewire import CoreWireError
 from fog.pipeline import Pipeline
 from fog.schema import StoreError
 
@@ -57,7 +56,6 @@ START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 FRAME_BYTES_MAX: Final = corewire.FRAME_BYTES_MAX
 MERGED_ARRIVALS_MAX: Final = 1024  # Intents waiting on the socket decided as one, at most
-RECV_BYTES: Final = 1 << 16
 
 
 class StoreProcessError(StoreError):
@@ -73,7 +71,7 @@ class CoreProcess:
         self._sock = sock
         self._proc = proc
         self._closed = False
-        self._channel: _Channel | None = None  # once an event loop calls (ahandle)
+        self._channel: frames.Channel | None = None  # once an event loop calls (ahandle)
         self._opening: asyncio.Lock | None = None
 
     @classmethod
@@ -168,7 +166,7 @@ class CoreProcess:
             await asyncio.get_running_loop().run_in_executor(None, self._wait_exit)
         return outputs
 
-    async def _channel_open(self) -> "_Channel":
+    async def _channel_open(self) -> frames.Channel:
         if self._channel is not None:
             return self._channel
         if self._opening is None:  # inputs sent while the channel opens queue here, in order
@@ -177,7 +175,7 @@ class CoreProcess:
             if self._channel is None:
                 self._sock.setblocking(False)
                 loop = asyncio.get_running_loop()
-                _, channel = await loop.connect_accepted_socket(_Channel, sock=self._sock)
+                _, channel = await loop.connect_accepted_socket(_channel, sock=self._sock)
                 self._channel = channel
         return self._channel
 
@@ -214,74 +212,15 @@ class CoreProcess:
 
 
 def _recv_frame(sock: socket.socket) -> bytes:
-    (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
-    if size > FRAME_BYTES_MAX:
-        raise StoreProcessError(f"bad frame size {size}")
-    return _recv_exactly(sock, size)
+    try:
+        return frames.recv_frame(sock, FRAME_BYTES_MAX)
+    except ValueError as exc:
+        raise StoreProcessError(str(exc)) from None
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionResetError("the other end closed the socket")
-        got += k
-    return bytes(buf)
-
-
-class _Channel(asyncio.Protocol):
-    """The parent's end on the event loop: frames out, answers matched to inputs in order."""
-
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
-        self._lost: str | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def send(self, frame: bytes) -> "asyncio.Future[bytes]":
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        if self._lost is not None or self._transport is None:
-            future.set_exception(StoreProcessError(f"core process gone: {self._lost}"))
-            return future
-        self._waiting.append(future)
-        self._transport.write(frame)
-        return future
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        while len(self._buf) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self._buf)
-            if size > FRAME_BYTES_MAX or not self._waiting:
-                self._fail(f"unexpected frame of {size} bytes")
-                return
-            if len(self._buf) < HEADER.size + size:
-                return
-            answer = bytes(self._buf[HEADER.size : HEADER.size + size])
-            del self._buf[: HEADER.size + size]
-            future = self._waiting.popleft()
-            if not future.done():  # a cancelled caller: the answer is dropped
-                future.set_result(answer)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(type(exc).__name__ if exc else "socket closed")
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def _fail(self, why: str) -> None:
-        self._lost = self._lost or why
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(StoreProcessError(f"core process gone: {why}"))
-        self.close()
+def _channel() -> frames.Channel:
+    gone = lambda why: StoreProcessError(f"core process gone: {why}")  # noqa: E731
+    return frames.Channel(gone, FRAME_BYTES_MAX)
 
 
 def _serve(sock: socket.socket) -> None:
@@ -301,12 +240,12 @@ def _serve(sock: socket.socket) -> None:
         )
         pipeline = Pipeline(core) if pipelined else None
     except BaseException as exc:  # the parent raises it
-        _reply(sock, corewire.error_frame(exc))
+        frames.reply(sock, corewire.error_frame(exc))
         return
     del seed
     gc.collect()
     gc.freeze()  # as the daemon does once serving: full collections skip the start-up heap
-    _reply(sock, corewire.outputs_frame([]))
+    frames.reply(sock, corewire.outputs_frame([]))
     if pipeline is not None:
         _serve_pipelined(sock, pipeline)
         return
@@ -319,7 +258,7 @@ def _serve(sock: socket.socket) -> None:
             frame = corewire.outputs_frame(core.handle(event))
         except Exception as exc:
             frame = corewire.error_frame(exc)
-        if not _reply(sock, frame):
+        if not frames.reply(sock, frame):
             break
         if isinstance(event, Close):
             return
@@ -335,19 +274,19 @@ def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
     sends each group as it forms, and the group that is decided is whatever came meanwhile,
     as with the commit in the loop (fewer, larger transactions under load)."""
 
-    def send(frames: list[bytes]) -> None:  # on a sync thread: no Python work but the send
-        _reply(sock, b"".join(frames))  # a parent gone: the reader below notices
+    def send(answers: list[bytes]) -> None:  # on a sync thread: no Python work but the send
+        frames.reply(sock, b"".join(answers))  # a parent gone: the reader below notices
 
-    frames = _Frames(sock)
+    reader = frames.Frames(sock, FRAME_BYTES_MAX)
     held: FogInput | None = None
     while True:
         try:
-            event = held if held is not None else corewire.read_input(frames.next())
+            event = held if held is not None else corewire.read_input(reader.next())
             held = None
             group = [event]
             if isinstance(event, Intents):
                 n = len(event.arrivals)
-                while n < MERGED_ARRIVALS_MAX and (body := frames.ready()) is not None:
+                while n < MERGED_ARRIVALS_MAX and (body := reader.ready()) is not None:
                     more = corewire.read_input(body)
                     if not isinstance(more, Intents) or n + len(more.arrivals) > (
                         MERGED_ARRIVALS_MAX
@@ -356,7 +295,7 @@ def _serve_pipelined(sock: socket.socket, pipeline: Pipeline) -> None:
                         break
                     group.append(more)
                     n += len(more.arrivals)
-        except (OSError, CoreWireError, StoreProcessError):
+        except (OSError, ValueError, CoreWireError):
             break  # the parent is gone (or mad): what was handled is made durable, then Close
         if len(group) == 1:
             pipeline.submit(event, send, lambda result: [_encoded(result)])
@@ -387,7 +326,7 @@ def _split(group: list[Intents]) -> Callable[[list[FogOutput] | BaseException], 
     ``Alarm`` (each input was declined with the group), the other outputs (a ``Wake``) with
     the last."""
 
-    def frames(result: list[FogOutput] | BaseException) -> list[bytes]:
+    def answers(result: list[FogOutput] | BaseException) -> list[bytes]:
         if isinstance(result, BaseException):
             return [_encoded(result)] * len(group)
         receipts = [o for o in result if isinstance(o, Receipt)]
@@ -401,7 +340,7 @@ def _split(group: list[Intents]) -> Callable[[list[FogOutput] | BaseException], 
             out.append(_encoded(part + rest if k == len(group) - 1 else part))
         return out
 
-    return frames
+    return answers
 
 
 def _encoded(result: list[FogOutput] | BaseException) -> bytes:
@@ -411,56 +350,6 @@ def _encoded(result: list[FogOutput] | BaseException) -> bytes:
         return corewire.outputs_frame(result)
     except Exception as exc:
         return corewire.error_frame(exc)
-
-
-class _Frames:
-    """The child's reader: the next whole frame (waiting for it), or one already arrived."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buf = bytearray()
-
-    def next(self) -> bytes:
-        while (body := self._take()) is None:
-            data = self._sock.recv(RECV_BYTES)
-            if not data:
-                raise ConnectionResetError("the other end closed the socket")
-            self._buf += data
-        return body
-
-    def ready(self) -> bytes | None:
-        body = self._take()
-        if body is None:
-            try:
-                data = self._sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return None
-            if not data:
-                return None  # closed: next() says so
-            self._buf += data
-            body = self._take()
-        return body
-
-    def _take(self) -> bytes | None:
-        if len(self._buf) < HEADER.size:
-            return None
-        (size,) = HEADER.unpack_from(self._buf)
-        if size > FRAME_BYTES_MAX:
-            raise StoreProcessError(f"bad frame size {size}")
-        if len(self._buf) < HEADER.size + size:
-            return None
-        body = bytes(self._buf[HEADER.size : HEADER.size + size])
-        del self._buf[: HEADER.size + size]
-        return body
-
-
-def _reply(sock: socket.socket, frame: bytes) -> bool:
-    """Send an answer; False when the parent is gone."""
-    try:
-        sock.sendall(frame)
-    except OSError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

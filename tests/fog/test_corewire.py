@@ -58,7 +58,15 @@ OUTCOME = Outcome(
     currency="EUR",
 )
 INPUTS: list[FogInput] = [
-    Intents(arrivals=(Arrival(b"d" * 32, b"p1"), Arrival(b"e" * 32, b"")), now_ms=5, mono_ms=7),
+    Intents(
+        arrivals=(
+            Arrival(b"d" * 32, b"p1"),
+            Arrival(b"e" * 32, b""),
+            Arrival(b"f" * 32, b"p", verified=True),
+        ),
+        now_ms=5,
+        mono_ms=7,
+    ),
     TrustMessage(topic="fogpay/1/trust/owner/acme", payload=b"\x00\xff", now_ms=1),
     Tick(now_ms=1, mono_ms=2),
     Connected(now_ms=3),
@@ -164,7 +172,9 @@ def test_every_truncated_prefix_is_refused(event: FogInput) -> None:
         ["tick", 1, 2],
         [2, 1],  # Tick with a field missing
         [2, 1, 2, 3],  # one too many
-        [0, [[b"d", b"p", b"x"]], 1, None],  # an arrival of three
+        [0, [[b"d", b"p"]], 1, None],  # an arrival of two (no verified)
+        [0, [[b"d", b"p", 1]], 1, None],  # verified is not a bool
+        [0, [[b"d", b"p", True, b"x"]], 1, None],  # an arrival of four
         [6, 1],
         {"a": 1},
     ],

@@ -36,6 +36,7 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
     assert config.broker.port == 1883
     assert (config.batch.records_max, config.batch.age_ms) == (256, 1000)
     assert config.policy.clock_skew_ms == 300_000
+    assert config.verify_workers == 0  # the core verifies (fog/verifyproc.py)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,9 @@ def test_minimal_config_has_documented_defaults(tmp_path: Path) -> None:
         ),
         (BASE + "[batch]\nrecords_max = 5000\n", "batch.records_max"),
         (BASE + "[policy]\nrate_per_s = 0\n", "policy.rate_per_s"),
+        (BASE + "verify_workers = -1\n", "verify_workers"),
+        (BASE + "verify_workers = 65\n", "verify_workers"),
+        (BASE + 'verify_workers = "2"\n', "verify_workers"),
         (BASE + "[batch\n", "invalid TOML"),
     ],
 )
