@@ -102,17 +102,21 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_s(pid: int, *, tree: bool = True) -> float:
-    """User + system CPU seconds of ``pid`` (and its descendants: the fog's store process),
-    as /proc has them now."""
+def cpu_s(pid: int, *, tree: bool = True, only: str | None = None) -> float:
+    """User + system CPU seconds of ``pid`` (and its descendants: the fog's store process,
+    its verify workers), as /proc has them now; ``only``: the descendants whose command line
+    holds that string (``fog.verifyproc``: the verify workers)."""
     total = 0
     for p in _tree(pid) if tree else [pid]:
         with contextlib.suppress(OSError):
+            if only is not None and only.encode() not in Path(f"/proc/{p}/cmdline").read_bytes():
+                continue
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
 
+VERIFY_WORKER = "fog.verifyproc"  # the verify workers' command line (fog/verifyproc.py)
 FSYNC_SECONDS = 2.0
 FSYNC_RATE_PER_S = 200  # about the fog's group commits at 1,000 intents/s
 FSYNC_BLOCK = b"\0" * 4096
@@ -369,6 +373,7 @@ def measure(
         else None
     )
     cpu0, own0, machine0 = cpu_s(pid), cpu_s(pid, tree=False), machine_cpu_s()
+    workers0 = cpu_s(pid, only=VERIFY_WORKER)
     sat = asyncio.run(
         loadgen.run(
             "127.0.0.1",
@@ -383,6 +388,7 @@ def measure(
         )
     )
     cpu1, own1, machine1 = cpu_s(pid), cpu_s(pid, tree=False), machine_cpu_s()
+    workers1 = cpu_s(pid, only=VERIFY_WORKER)
     busy, every = (b - a for a, b in zip(machine0, machine1, strict=True))
     if profiler is not None:
         profiler.wait(30)
@@ -397,6 +403,8 @@ def measure(
         # the target's own process (the fog: event loop, MQTT; with store_process the store's
         # CPU is the difference)
         "cpu_us_per_intent_main": round((own1 - own0) / max(1, sat.received) * 1e6, 1),
+        # the fog's verify workers (verify_workers > 0): the core's process is the rest
+        "cpu_us_per_intent_workers": round((workers1 - workers0) / max(1, sat.received) * 1e6, 1),
         # the whole machine while saturated: load generator, broker and target together, and
         # how many of the cores were busy (idle time is the pipeline waiting, e.g. on fsync)
         "machine_us_per_intent": round(busy / max(1, sat.received) * 1e6, 1),
@@ -649,7 +657,7 @@ def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
         f"Ed25519 verify, one core: {verify_per_s:,.0f}/s",
         "",
         f"{'broker':10} {'target':10} {'intents/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'cpu us/int':>10} {'(main)':>7}  statuses",
+        f"{'max ms':>8} {'cpu us/int':>10} {'(main)':>7} {'(workers)':>9}  statuses",
     ]
     for broker, targets in runs.items():
         for target in (t for t in TARGETS if t in targets):
@@ -657,7 +665,8 @@ def table(verify_per_s: float, runs: dict[str, dict[str, Any]]) -> str:
             rows.append(
                 f"{broker:10} {target:10} {r['per_s']:>10,.0f} {r['p50_ms_at_1000']:>8} "
                 f"{r['p99_ms_at_1000']:>8} {r['max_ms_at_1000']:>8} "
-                f"{r['cpu_us_per_intent']:>10} {r['cpu_us_per_intent_main']:>7}  {r['statuses']}"
+                f"{r['cpu_us_per_intent']:>10} {r['cpu_us_per_intent_main']:>7}"
+                f" {r.get('cpu_us_per_intent_workers', 0.0):>9}  {r['statuses']}"
             )
             if "fog_answer_p99_ms_median" in r:
                 rows.append(
