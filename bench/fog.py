@@ -105,7 +105,7 @@ def _tree(pid: int) -> list[int]:
 def cpu_s(pid: int, *, tree: bool = True, only: str | None = None) -> float:
     """User + system CPU seconds of ``pid`` (and its descendants: the fog's store process,
     its verify workers), as /proc has them now; ``only``: the descendants whose command line
-    holds that string (``fog.verifyproc``: the verify workers)."""
+    holds that string (``fog.verifychild``: the verify workers)."""
     total = 0
     for p in _tree(pid) if tree else [pid]:
         with contextlib.suppress(OSError):
@@ -116,7 +116,7 @@ def cpu_s(pid: int, *, tree: bool = True, only: str | None = None) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-VERIFY_WORKER = "fog.verifyproc"  # the verify workers' command line (fog/verifyproc.py)
+VERIFY_WORKER = "fog.verifychild"  # the verify workers' command line (fog/verifychild.py)
 FSYNC_SECONDS = 2.0
 FSYNC_RATE_PER_S = 200  # about the fog's group commits at 1,000 intents/s
 FSYNC_BLOCK = b"\0" * 4096

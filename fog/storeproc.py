@@ -46,6 +46,7 @@ from typing import Final
 import nacl.signing
 
 from fog import corewire, frames
+from fog.channel import Channel
 from fog.childenv import child_env
 from fog.core import Alarm, Close, CoreConfig, FogCore, FogInput, FogOutput, Intents, Receipt
 from fog.corewire import CoreWireError
@@ -71,7 +72,7 @@ class CoreProcess:
         self._sock = sock
         self._proc = proc
         self._closed = False
-        self._channel: frames.Channel | None = None  # once an event loop calls (ahandle)
+        self._channel: Channel | None = None  # once an event loop calls (ahandle)
         self._opening: asyncio.Lock | None = None
 
     @classmethod
@@ -166,7 +167,7 @@ class CoreProcess:
             await asyncio.get_running_loop().run_in_executor(None, self._wait_exit)
         return outputs
 
-    async def _channel_open(self) -> frames.Channel:
+    async def _channel_open(self) -> Channel:
         if self._channel is not None:
             return self._channel
         if self._opening is None:  # inputs sent while the channel opens queue here, in order
@@ -218,9 +219,9 @@ def _recv_frame(sock: socket.socket) -> bytes:
         raise StoreProcessError(str(exc)) from None
 
 
-def _channel() -> frames.Channel:
+def _channel() -> Channel:
     gone = lambda why: StoreProcessError(f"core process gone: {why}")  # noqa: E731
-    return frames.Channel(gone, FRAME_BYTES_MAX)
+    return Channel(gone, FRAME_BYTES_MAX)
 
 
 def _serve(sock: socket.socket) -> None:

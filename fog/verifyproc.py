@@ -10,13 +10,14 @@ group's payloads to the workers, and the intents a worker found good reach the c
 ``protocol.signing.open_envelope(..., verified=True)``) and does everything else of spec
 section 6 as before: decode, signer is ``d``, topic, then rows 4 to 15.
 
-How. ``VerifyPool.start(n)`` starts ``n`` children (``python -m fog.verifyproc FD``: a fresh
-interpreter importing the protocol package and nothing of the fog's state), each on a socket
-pair. ``verdicts(payloads)`` cuts a group into at most one contiguous slice per live worker
-(no slice under ``SLICE_MIN`` payloads: a frame costs more than a verify), sends each slice
-as one frame (a msgpack array of the payloads) and reads back one byte per payload (1: the
-envelope splits and its signature verifies by its signer, ``signature_verifies``). The
-daemon keeps the groups' order into the core whatever order the workers answer in.
+How. ``VerifyPool.start(n)`` starts ``n`` children (``python -m fog.verifychild FD``: a
+fresh interpreter importing the protocol package and nothing of the fog's state, about 20 MB),
+each on a socket pair. ``verdicts(payloads)`` cuts a group into at most one contiguous slice
+per live worker (no slice under ``SLICE_MIN`` payloads: a frame costs more than a verify),
+sends each slice as one frame (a msgpack array of the payloads) and reads back one byte per
+payload (1: the envelope splits and its signature verifies by its signer,
+``signature_verifies``). The daemon keeps the groups' order into the core whatever order
+the workers answer in.
 
 Failure. A payload a worker found bad goes to the core unmarked: the core checks it and
 declines it (``bad_signature`` or ``malformed``) exactly as without workers. A worker that dies
@@ -32,7 +33,6 @@ set it.
 
 import asyncio
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -42,15 +42,13 @@ from typing import Final
 import msgpack
 
 from fog import frames
+from fog.channel import Channel
 from fog.childenv import child_env
+from fog.verifychild import FRAME_BYTES_MAX
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
-from protocol.messages import Intent
-from protocol.signing import signature_verifies
 
 WORKERS_MAX: Final = 64
 SLICE_MIN: Final = 4
-PAYLOADS_MAX: Final = 4096  # per frame (the daemon's groups are up to 256)
-FRAME_BYTES_MAX: Final = PAYLOADS_MAX * (INTENT_ENVELOPE_BYTES_MAX + 8) + 16
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
 
@@ -63,7 +61,7 @@ class _Worker:
     def __init__(self, sock: socket.socket, proc: "subprocess.Popen[bytes]") -> None:
         self.sock = sock
         self.proc = proc
-        self.channel: frames.Channel | None = None
+        self.channel: Channel | None = None
 
     @property
     def alive(self) -> bool:
@@ -128,8 +126,8 @@ class VerifyPool:
         for w in self._workers:
             w.sock.setblocking(False)
 
-            def channel() -> frames.Channel:
-                return frames.Channel(_gone, FRAME_BYTES_MAX)
+            def channel() -> Channel:
+                return Channel(_gone, FRAME_BYTES_MAX)
 
             _, w.channel = await loop.connect_accepted_socket(channel, sock=w.sock)
 
@@ -204,7 +202,7 @@ def _spawn() -> _Worker:
     with theirs:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fog.verifyproc", str(theirs.fileno())],
+                [sys.executable, "-m", "fog.verifychild", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=child_env(),
                 stdin=subprocess.DEVNULL,
@@ -220,43 +218,3 @@ def _frame(payloads: Sequence[bytes]) -> bytes:
     sent = [p if len(p) <= INTENT_ENVELOPE_BYTES_MAX else b"" for p in payloads]
     body: bytes = msgpack.packb(sent, use_bin_type=True)
     return frames.HEADER.pack(len(body)) + body
-
-
-def verdict_bytes(payloads: object) -> bytes:
-    """The child's answer to one frame's decoded body: a byte per payload, 1 when its
-    signature verifies (``protocol.signing.signature_verifies``), 0 otherwise (not bytes,
-    not an envelope, not an intent, a bad signature)."""
-    if type(payloads) is not list or len(payloads) > PAYLOADS_MAX:
-        raise ValueError("not a list of payloads")
-    return bytes(1 if type(p) is bytes and signature_verifies(p, Intent) else 0 for p in payloads)
-
-
-def _serve(sock: socket.socket) -> None:
-    """The child: say ready, then answer frames until the socket closes (the parent is gone
-    or closed the pool) or a frame is not a list of payloads (the parent is mad)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not frames.reply(sock, frames.HEADER.pack(0)):
-        return
-    reader = frames.Frames(sock, FRAME_BYTES_MAX)
-    while True:
-        try:
-            body = reader.next()
-            payloads = msgpack.unpackb(
-                body,
-                raw=False,
-                max_bin_len=INTENT_ENVELOPE_BYTES_MAX,
-                max_array_len=PAYLOADS_MAX,
-                max_str_len=0,
-                max_map_len=0,
-                max_ext_len=0,
-            )
-            answer = verdict_bytes(payloads)
-        except Exception:  # the socket broke, or the parent sent nonsense: exit
-            return
-        if not frames.reply(sock, frames.HEADER.pack(len(answer)) + answer):
-            return
-
-
-if __name__ == "__main__":
-    _serve(socket.socket(fileno=int(sys.argv[1])))

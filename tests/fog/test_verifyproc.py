@@ -12,7 +12,8 @@ import msgpack
 import nacl.signing
 import pytest
 
-from fog.verifyproc import SLICE_MIN, VerifyPool, verdict_bytes
+from fog.verifychild import verdict_bytes
+from fog.verifyproc import SLICE_MIN, VerifyPool
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 from protocol.messages import Intent
 from protocol.signing import seal
