@@ -16,8 +16,9 @@
 #      /etc/mosquitto/conf.d/fogpay.conf (fogpay-pi.conf: adds to Debian's stock mosquitto.conf,
 #      repeats none of its keys)
 #   7. /etc/fogpay/fog.toml from fog.example.toml (fog id, broker URL with the password),
-#      root:fogpay 0640; then --issuer-key and --standalone ([uplink] enabled = false) are set
-#      in it (also in an existing one: run the script again to set them)
+#      root:fogpay 0640, with verify_workers for this machine's cores; then --issuer-key,
+#      --standalone ([uplink] enabled = false) and --verify-workers are set in it (also in an
+#      existing one: run the script again to set them)
 #   8. the systemd units in /etc/systemd/system, then `fogpay fog check-config` as the fogpay
 #      user (it must be able to read its config and key), then restart mosquitto, enable and
 #      (re)start fogpay-fog                                          (not with --no-systemctl/--prefix)
@@ -29,6 +30,10 @@
 #   --issuer-key HEX    the issuer's public key (64 hex): `fogpay issuer init` or `fogpay cloud
 #                       init` printed it. Without it fog.toml keeps the example key: replace it.
 #   --standalone        a fog without a cloud: [uplink] enabled = false
+#   --verify-workers N  verify_workers in fog.toml (0..64: processes checking the intents'
+#                       signatures on other cores, docs/fog.md); default when fog.toml is
+#                       written: the cores less 2 on a machine with 4 or more (a Pi 4: 2),
+#                       else 0. Given, it is also set in an existing fog.toml
 #   --user NAME         the service user (default fogpay)
 #   --prefix DIR        install under DIR instead of / (a scratch root: no apt-get, no useradd,
 #                       no systemctl; the user must exist; paths in configs and units point
@@ -45,6 +50,7 @@ SOURCE=""
 FOG_ID="fog-a"
 ISSUER_KEY=""
 STANDALONE=0
+VERIFY_WORKERS=""  # unset: from the cores, when fog.toml is written
 SVC_USER="fogpay"
 PREFIX=""
 PY="/usr/bin/python3"  # Debian's: the service user can run it (not a pyenv under /root)
@@ -63,6 +69,7 @@ while [ $# -gt 0 ]; do
         --fog-id) FOG_ID="${2:?--fog-id needs an id}"; shift 2 ;;
         --issuer-key) ISSUER_KEY="${2:?--issuer-key needs 64 hex}"; shift 2 ;;
         --standalone) STANDALONE=1; shift ;;
+        --verify-workers) VERIFY_WORKERS="${2:?--verify-workers needs a number}"; shift 2 ;;
         --user) SVC_USER="${2:?--user needs a name}"; shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
         --python) PY="${2:?--python needs an interpreter}"; shift 2 ;;
@@ -80,6 +87,10 @@ if ! [[ "$FOG_ID" =~ ^[a-z0-9][a-z0-9._-]{0,62}$ ]] || [[ "$FOG_ID" =~ ^(trust|u
 fi
 if [ -n "$ISSUER_KEY" ]; then
     [[ "$ISSUER_KEY" =~ ^[0-9a-f]{64}$ ]] || usage "--issuer-key: 64 lowercase hex characters"
+fi
+if [ -n "$VERIFY_WORKERS" ]; then
+    [[ "$VERIFY_WORKERS" =~ ^[0-9]{1,2}$ ]] && [ "$VERIFY_WORKERS" -le 64 ] ||
+        usage "--verify-workers: a number from 0 to 64"
 fi
 if [ -n "$PREFIX" ]; then
     PREFIX="$(cd "$PREFIX" 2>/dev/null && pwd)" || usage "--prefix $PREFIX: not a directory"
@@ -198,12 +209,21 @@ else
     chmod 0644 "$MOSQ/conf.d/fogpay.conf"
 fi
 
-# 7. fog.toml: never overwritten; --issuer-key and --standalone also update an existing one
+# 7. fog.toml: never overwritten; --issuer-key, --standalone and --verify-workers also update
+#    an existing one
 if [ -n "$FOG_PW" ]; then
     if [ "$DRY" -eq 1 ]; then
         echo "+ write $ETC/fog.toml (from fog.example.toml: fog_id $FOG_ID, broker URL and password)"
     else
+        workers="$VERIFY_WORKERS"
+        if [ -z "$workers" ]; then  # a Pi 4: 2 workers, a core for the loop, one for the core
+            cores="$(nproc 2>/dev/null || echo 1)"
+            workers=0
+            if [ "$cores" -ge 4 ]; then workers=$((cores - 2)); fi
+            if [ "$workers" -gt 64 ]; then workers=64; fi
+        fi
         sed -e "s|^fog_id = \"fog-a\"|fog_id = \"$FOG_ID\"|" \
+            -e "s|^# verify_workers = 0\$|verify_workers = $workers|" \
             -e "s|/etc/fogpay/|$ETC/|g" -e "s|/var/lib/fogpay/|$STATE/|g" \
             -e "s|^# url = \"mqtt://fog-a:PASSWORD@|url = \"mqtt://$FOG_ID:$FOG_PW@|" \
             "$HERE/fog.example.toml" >"$ETC/fog.toml.new"
@@ -214,6 +234,9 @@ fi
 settings=()
 [ -n "$ISSUER_KEY" ] && settings+=(-e "s|^issuer_key = \"[0-9a-f]*\"|issuer_key = \"$ISSUER_KEY\"|")
 [ "$STANDALONE" -eq 1 ] && settings+=(-e 's|^enabled = true |enabled = false|')
+if [ -n "$VERIFY_WORKERS" ]; then
+    settings+=(-e "s|^#\{0,1\} \{0,1\}verify_workers = [0-9]*\$|verify_workers = $VERIFY_WORKERS|")
+fi
 if [ ${#settings[@]} -gt 0 ]; then
     run sed -i "${settings[@]}" "$ETC/fog.toml"
 fi

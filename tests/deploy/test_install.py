@@ -143,7 +143,15 @@ def installed() -> Iterator[Installed]:
         )
         issuer_key = json.loads(done.stdout)["issuer_key"]
         again = install(
-            prefix, "--fog-id", FOG_ID, "--issuer-key", issuer_key, "--source", str(wheel)
+            prefix,
+            "--fog-id",
+            FOG_ID,
+            "--issuer-key",
+            issuer_key,
+            "--verify-workers",
+            "2",  # set in the existing fog.toml: the fog below runs with two verify workers
+            "--source",
+            str(wheel),
         )
         assert again.returncode == 0, again.stdout + again.stderr
         output = first.stdout + first.stderr + again.stdout + again.stderr
@@ -215,6 +223,7 @@ def test_the_config_is_checked_as_the_service_user_and_rerunning_keeps_secrets(
     text = (installed.prefix / "etc/fogpay/fog.toml").read_text()
     assert f'issuer_key = "{installed.issuer_key}"' in text
     assert "\nenabled = false" in text  # --standalone, kept by the second run
+    assert "\nverify_workers = 2\n" in text  # --verify-workers, set by the second run
     assert f'url = "mqtt://{FOG_ID}:' in text and ":PASSWORD@" not in text
     # the password is in fog.toml only: not printed
     password = text.split(f"mqtt://{FOG_ID}:")[1].split("@")[0]
@@ -274,6 +283,8 @@ def test_a_bad_fog_id_is_refused_before_anything_happens(tmp_path: Path) -> None
         (["--fog-id", "Bad/Id"], "--fog-id Bad/Id: must match"),
         (["--fog-id", "trust"], "--fog-id trust: must match"),
         (["--issuer-key", "00"], "--issuer-key: 64 lowercase hex characters"),
+        (["--verify-workers", "65"], "--verify-workers: a number from 0 to 64"),
+        (["--verify-workers", "two"], "--verify-workers: a number from 0 to 64"),
         (["--frobnicate"], "unknown option --frobnicate"),
     ):
         done = install(tmp_path, *args)
@@ -408,6 +419,10 @@ def test_mosquitto_through_debian_stock_config_and_a_standalone_fog_answers_a_pa
         assert stop(fog) == 0, fog_log.read_text()
         # standalone: nothing was sent towards a cloud
         assert "batch_sent" not in fog_log.read_text()
+        # the two verify workers of --verify-workers 2 checked the payment's signature
+        text = fog_log.read_text()
+        assert '"verify_workers_started"' in text and '"workers": 2' in text, text
+        assert '"intent_verified_by_worker": 1' in text, text
     finally:
         if fog is not None:
             stop(fog)
