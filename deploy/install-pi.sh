@@ -89,8 +89,9 @@ if [ -n "$ISSUER_KEY" ]; then
     [[ "$ISSUER_KEY" =~ ^[0-9a-f]{64}$ ]] || usage "--issuer-key: 64 lowercase hex characters"
 fi
 if [ -n "$VERIFY_WORKERS" ]; then
-    [[ "$VERIFY_WORKERS" =~ ^[0-9]{1,2}$ ]] && [ "$VERIFY_WORKERS" -le 64 ] ||
+    if ! [[ "$VERIFY_WORKERS" =~ ^[0-9]{1,2}$ ]] || [ "$VERIFY_WORKERS" -gt 64 ]; then
         usage "--verify-workers: a number from 0 to 64"
+    fi
 fi
 if [ -n "$PREFIX" ]; then
     PREFIX="$(cd "$PREFIX" 2>/dev/null && pwd)" || usage "--prefix $PREFIX: not a directory"
