@@ -6,10 +6,11 @@ one core busy under load; the core is the longer path, and the device's signatur
 largest single cost (one Ed25519 verify, about a quarter of the core's CPU per intent). On a
 4-core Pi, ``N`` worker processes take that check off the core's path: the daemon sends the
 payloads of each group that forms while earlier ones are deciding to the workers (a group
-that finds the core idle goes straight to it: no worker round trip at low load), and the intents a worker found good reach the core marked
-``verified`` (``fog.store.Arrival``); the core skips only that one check (row 2's signature,
-``protocol.signing.open_envelope(..., verified=True)``) and does everything else of spec
-section 6 as before: decode, signer is ``d``, topic, then rows 4 to 15.
+that finds the core idle goes straight to it: no worker round trip at low load), and the
+intents a worker found good reach the core marked ``verified`` (``fog.store.Arrival``); the
+core skips only that one check (row 2's signature, ``protocol.signing.open_envelope(...,
+verified=True)``) and does everything else of spec section 6 as before: decode, signer is
+``d``, topic, then rows 4 to 15.
 
 How. ``VerifyPool.start(n)`` starts ``n`` children (``python -m fog.verifychild FD``: a
 fresh interpreter importing the protocol package and nothing of the fog's state, about 20 MB),
