@@ -20,16 +20,17 @@ record.
 """
 
 import enum
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from protocol import merkle
 from protocol.batch import decode_batch, decode_record
 from protocol.errors import Declined
-from protocol.messages import BatchHeader, Intent, Receipt
+from protocol.messages import BatchHeader, Intent, Receipt, decode_body
 from protocol.reasons import Reason
-from protocol.signing import open_envelope, open_message
+from protocol.signing import open_envelope, open_message, signing_input, verify_signed
 
 
 class Fault(enum.StrEnum):
@@ -186,7 +187,155 @@ def check_batch(wire: bytes) -> CheckedBatch:
         raise Declined(Reason.MALFORMED, f"batch: n={header.count}, {len(records)} records")
     if merkle.root_of_records(records) != header.root:
         raise Declined(Reason.MALFORMED, "batch: Merkle root does not match the records")
-    verdicts = [check_record(header, i, r) for i, r in enumerate(records)]
+    return check_records(header, records)
+
+
+# The usual encoding of a record's two envelopes (see ``check_records``): an array of 4, the
+# type as a fixstr, then a bin 8 body.
+_INTENT_HEAD: Final = b"\x94\xa6" + Intent.TYPE.encode() + b"\xc4"
+_RECEIPT_HEAD: Final = b"\x94\xa7" + Receipt.TYPE.encode() + b"\xc4"
+_INTENT_SIGNED: Final = signing_input(Intent.TYPE, b"")
+_RECEIPT_SIGNED: Final = signing_input(Receipt.TYPE, b"")
+_KEY_TAG: Final = b"\xc4\x20"  # bin 8 of 32: the signer
+_SIG_TAG: Final = b"\xc4\x40"  # bin 8 of 64: the signature
+_RECORD_BYTES_MIN: Final = 5 + 110 + 111  # [bin 8, bin 8] of two envelopes with empty bodies
+
+
+def check_records(header: CheckedHeader, records: list[bytes]) -> CheckedBatch:
+    """``check_record`` for every record, in the time of little more than the two verifies.
+
+    A record in the usual encoding (``[bin 8, bin 8]`` of two envelopes of the usual shape,
+    the one ``protocol.signing._split`` reads directly) is split here in place, its bodies
+    decoded by ``decode_body``, its cross-checks made, and its two signatures verified with
+    the batch's others in one loop (``verify_signed``). Only a record that passes all of
+    it is taken from this path; any other (another encoding, a bad signature, a failed
+    check) is judged again by ``check_record`` alone, whose verdict (its Fault) is the one
+    kept: this path decides nothing that ``check_record`` would decide otherwise.
+    """
+    fog_id, fog_key, first = header.fog_id, header.signer, header.first_index
+    positions: list[int] = []
+    intent_ids: list[bytes] = []
+    devices: list[bytes] = []
+    seqs: list[int] = []
+    payee_ids: list[str] = []
+    amounts: list[int] = []
+    currencies: list[str] = []
+    lease_ids: list[bytes] = []
+    times: list[int] = []
+    keys: list[bytes] = []  # two per record taken: the device's, then the fog's
+    signed: list[bytes] = []  # signature + signing input, as keys
+    slow: list[int] = []
+    sha256 = hashlib.sha256
+    for position, rec in enumerate(records):
+        n = len(rec)
+        if n < _RECORD_BYTES_MIN or rec[0] != 0x92 or rec[1] != 0xC4:
+            slow.append(position)
+            continue
+        o = 3 + rec[2]  # the receipt envelope's bin 8 tag; the intent envelope is rec[3:o]
+        b = 13 + rec[12]  # the intent body is rec[13:b]
+        if not (
+            o + 2 + rec[o + 1] == n
+            and rec[o] == 0xC4
+            and o == b + 100
+            and rec[3:12] == _INTENT_HEAD
+            and rec[b : b + 2] == _KEY_TAG
+            and rec[b + 34 : b + 36] == _SIG_TAG
+        ):
+            slow.append(position)
+            continue
+        o += 2  # the receipt envelope is rec[o:n]
+        rb = o + 11 + rec[o + 10]  # its body is rec[o + 11 : rb]
+        if not (
+            rb + 100 == n
+            and rec[o : o + 10] == _RECEIPT_HEAD
+            and rec[rb : rb + 2] == _KEY_TAG
+            and rec[rb + 34 : rb + 36] == _SIG_TAG
+            and rec[rb + 2 : rb + 34] == fog_key
+        ):
+            slow.append(position)
+            continue
+        body = rec[13:b]
+        device = rec[b + 2 : b + 34]
+        intent_input = _INTENT_SIGNED + body
+        receipt_body = rec[o + 11 : rb]
+        try:
+            i = decode_body(Intent, body)
+            r = decode_body(Receipt, receipt_body)
+        except Declined:
+            slow.append(position)
+            continue
+        intent_id = sha256(intent_input).digest()
+        if not (
+            i.device == device
+            and r.intent_id == intent_id
+            and r.device == device
+            and r.seq == i.seq
+            and r.ok
+            and r.lease_id is not None
+            and i.fog_id == fog_id
+            and r.log_index == first + position
+        ):
+            slow.append(position)
+            continue
+        keys.append(device)
+        signed.append(rec[b + 36 : o - 2] + intent_input)
+        keys.append(fog_key)
+        signed.append(rec[rb + 36 : n] + _RECEIPT_SIGNED + receipt_body)
+        positions.append(position)
+        intent_ids.append(intent_id)
+        devices.append(device)
+        seqs.append(i.seq)
+        payee_ids.append(i.payee_id)
+        amounts.append(i.amount_micros)
+        currencies.append(i.currency)
+        lease_ids.append(r.lease_id)
+        times.append(r.time_ms)
+    verified = verify_signed(keys, signed)
+    columns = (
+        positions,
+        intent_ids,
+        devices,
+        seqs,
+        payee_ids,
+        amounts,
+        currencies,
+        lease_ids,
+        times,
+    )
+    if slow or not all(verified):
+        return _with_slow(header, records, columns, slow, verified)
+    if not positions:
+        return CheckedBatch(header, (), NO_DRAWS, tuple(records))
+    draws = Draws(
+        tuple(positions),
+        tuple(intent_ids),
+        tuple(devices),
+        tuple(seqs),
+        tuple(payee_ids),
+        tuple(amounts),
+        tuple(currencies),
+        tuple(lease_ids),
+        tuple(times),
+    )
+    return CheckedBatch(header, (), draws, tuple(records))
+
+
+def _with_slow(
+    header: CheckedHeader,
+    records: list[bytes],
+    columns: tuple[list[Any], ...],
+    slow: list[int],
+    verified: list[bool],
+) -> CheckedBatch:
+    """The verdicts when some records left the fast path, or one of their signatures did not
+    verify: each of those judged by ``check_record``, the others as the fast path found."""
+    verdicts = [check_record(header, p, records[p]) for p in slow]
+    for k, (position, *rest) in enumerate(zip(*columns, strict=True)):
+        if verified[2 * k] and verified[2 * k + 1]:
+            verdicts.append(CheckedRecord(position, None, *rest))
+        else:
+            verdicts.append(check_record(header, position, records[position]))
+    verdicts.sort(key=lambda r: r.position)
     return CheckedBatch.of(header, verdicts, tuple(records))
 
 
