@@ -49,7 +49,8 @@ def root(leaf_hashes: Sequence[bytes]) -> bytes:
     sha256 = hashlib.sha256
     while len(level) > 1:
         carried = level[-1] if len(level) & 1 else None
-        level = [sha256(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2])]
+        pairs = zip(level[::2], level[1::2], strict=False)  # the carried node has no pair
+        level = [sha256(b"\x01" + a + b).digest() for a, b in pairs]
         if carried is not None:
             level.append(carried)
     return level[0]
