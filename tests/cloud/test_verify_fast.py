@@ -13,17 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud.verify import (
+from cloud.verify import (  # the bodies' fast path
+    FAST_BODIES,
     CheckedBatch,
     CheckedHeader,
     Fault,
+    _intent_fields,
+    _receipt_fields,
     check_batch,
     check_header,
     check_record,
     check_records,
 )
 from protocol.batch import decode_batch, decode_record, encode_record
-from protocol.messages import Intent, Receipt
+from protocol.errors import Declined
+from protocol.messages import Intent, Receipt, decode_body
 from protocol.signing import public_key, seal, seal_signed, split_envelope
 from tests.cloud.world import T0, FogLog, new_key
 
@@ -217,3 +221,130 @@ def test_any_corruption_of_a_record_is_judged_as_check_record_does(data: st.Data
     records = list(RECORDS)
     records[position] = changed
     same_as_reference(records)
+
+
+# ---- the bodies' fast path ------------------------------------------------------------
+
+INTENT_BODY = {
+    "d": bytes(32 * [9]),
+    "f": "fog-a",
+    "q": 7,
+    "p": "payee",
+    "a": 1_000,
+    "c": "EUR",
+    "t": T0,
+}
+RECEIPT_BODY = {
+    "i": bytes(32 * [5]),
+    "d": bytes(32 * [9]),
+    "q": 7,
+    "s": "ok",
+    "n": 12,
+    "l": LEASE,
+    "t": T0,
+}
+VALUE_LIST: list[object] = [
+    bytes(31),
+    bytes(32),
+    bytes(33),
+    bytes(16),
+    bytes(64),
+    "fog-a",
+    "trust",
+    "Fog-A",
+    "",
+    "a" * 64,
+    "EUR",
+    "eur",
+    "EURO",
+    "ok",
+    "declined",
+    "expired",
+    "malformed",
+    0,
+    1,
+    -1,
+    2**53,
+    2**53 + 1,
+    2**64 - 1,
+    True,
+    False,
+    None,
+    1.5,
+    [1],
+    ["a"],
+    {"x": 1},
+]
+VALUES = st.sampled_from(VALUE_LIST)
+KEY_LIST = ["d", "f", "q", "p", "a", "c", "t", "m", "sm", "sr", "i", "s", "n", "l", "r", "x"]
+KEYS = st.sampled_from(KEY_LIST)
+
+
+def intent_reference(body: bytes) -> object:
+    try:
+        i = decode_body(Intent, body)
+    except Declined:
+        return None
+    return i.device, i.fog_id, i.seq, i.payee_id, i.amount_micros, i.currency
+
+
+def receipt_reference(body: bytes) -> object:
+    try:
+        r = decode_body(Receipt, body)
+    except Declined:
+        return None
+    if not r.ok or r.lease_id is None or r.log_index is None:
+        return None
+    return r.intent_id, r.device, r.seq, r.log_index, r.lease_id, r.time_ms
+
+
+def test_the_fast_path_is_on_for_the_schemas_as_they_are() -> None:
+    assert FAST_BODIES
+    assert _intent_fields(msgpack.packb(INTENT_BODY)) == intent_reference(
+        msgpack.packb(INTENT_BODY)
+    )
+    assert _receipt_fields(msgpack.packb(RECEIPT_BODY)) is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_bodies_read_as_decode_body_reads_them(data: st.DataObject) -> None:
+    for base, fast, ref in (
+        (INTENT_BODY, _intent_fields, intent_reference),
+        (RECEIPT_BODY, _receipt_fields, receipt_reference),
+    ):
+        m = dict(base)
+        for _ in range(data.draw(st.integers(0, 2))):
+            op = data.draw(st.sampled_from(["set", "drop"]))
+            key = data.draw(KEYS)
+            if op == "set":
+                m[key] = data.draw(VALUES)
+            else:
+                m.pop(key, None)
+        body = msgpack.packb(m)
+        if data.draw(st.booleans()):  # a byte changed, one cut or one added
+            at = data.draw(st.integers(0, len(body) - 1))
+            body = body[:at] + bytes([data.draw(st.integers(0, 255))]) + body[at + 1 :]
+            body = body[: data.draw(st.sampled_from([len(body), len(body) - 1]))]
+            body += data.draw(st.sampled_from([b"", b"\x00"]))
+        assert fast(body) == ref(body)
+
+
+def test_a_duplicate_key_is_not_read_past() -> None:
+    # fixmap of 7 whose last key repeats the first: msgpack keeps one, decode_body refuses
+    body = msgpack.packb(INTENT_BODY)
+    dup = b"\x87" + body[1:].replace(b"\xa1t", b"\xa1d", 1)
+    assert intent_reference(dup) is None and _intent_fields(dup) is None
+
+
+@pytest.mark.parametrize("key", KEY_LIST)
+def test_each_field_set_to_each_value_or_dropped(key: str) -> None:
+    for base, fast, ref in (
+        (INTENT_BODY, _intent_fields, intent_reference),
+        (RECEIPT_BODY, _receipt_fields, receipt_reference),
+    ):
+        dropped = {k: v for k, v in base.items() if k != key}
+        assert fast(msgpack.packb(dropped)) == ref(msgpack.packb(dropped))
+        for value in VALUE_LIST:
+            body = msgpack.packb({**base, key: value})
+            assert fast(body) == ref(body), (key, value)
