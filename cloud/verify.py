@@ -200,7 +200,8 @@ _INTENT_SIGNED: Final = signing_input(Intent.TYPE, b"")
 _RECEIPT_SIGNED: Final = signing_input(Receipt.TYPE, b"")
 _KEY_TAG: Final = b"\xc4\x20"  # bin 8 of 32: the signer
 _SIG_TAG: Final = b"\xc4\x40"  # bin 8 of 64: the signature
-_RECORD_BYTES_MIN: Final = 5 + 110 + 111  # [bin 8, bin 8] of two envelopes with empty bodies
+_RECEIPT_ENVELOPE_MIN: Final = 111  # array, fixstr "receipt", bin 8 empty body, key, sig
+_RECORD_BYTES_MIN: Final = 5 + 110 + _RECEIPT_ENVELOPE_MIN  # [bin 8, bin 8], empty bodies
 
 
 # The bodies' fast path (``_intent_fields``, ``_receipt_fields``): a plain ``msgpack.unpackb``
@@ -336,11 +337,14 @@ def check_records(header: CheckedHeader, records: list[bytes]) -> CheckedBatch:
         if n < _RECORD_BYTES_MIN or rec[0] != 0x92 or rec[1] != 0xC4:
             slow.append(position)
             continue
+        # every index read is inside rec (a slice may not be): n >= 226 covers rec[12];
+        # o + 2 + 111 <= n covers rec[o], rec[o + 1] and rec[o + 12]
         o = 3 + rec[2]  # the receipt envelope's bin 8 tag; the intent envelope is rec[3:o]
         b = 13 + rec[12]  # the intent body is rec[13:b]
         if not (
-            o + 2 + rec[o + 1] == n
+            o + 2 + _RECEIPT_ENVELOPE_MIN <= n
             and rec[o] == 0xC4
+            and o + 2 + rec[o + 1] == n
             and o == b + 100
             and rec[3:12] == _INTENT_HEAD
             and rec[b : b + 2] == _KEY_TAG
@@ -348,7 +352,7 @@ def check_records(header: CheckedHeader, records: list[bytes]) -> CheckedBatch:
         ):
             slow.append(position)
             continue
-        o += 2  # the receipt envelope is rec[o:n]
+        o += 2  # the receipt envelope is rec[o:n], at least 111 bytes
         rb = o + 11 + rec[o + 10]  # its body is rec[o + 11 : rb]
         if not (
             rb + 100 == n

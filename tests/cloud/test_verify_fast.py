@@ -348,3 +348,34 @@ def test_each_field_set_to_each_value_or_dropped(key: str) -> None:
         for value in VALUE_LIST:
             body = msgpack.packb({**base, key: value})
             assert fast(body) == ref(body), (key, value)
+
+
+def envelopes_cut(intent_env: bytes, receipt_env: bytes) -> bytes:
+    """[bin 8, bin 8] of any two byte strings (each under 256 bytes)."""
+    return (
+        b"\x92\xc4"
+        + bytes([len(intent_env)])
+        + intent_env
+        + b"\xc4"
+        + bytes([len(receipt_env)])
+        + receipt_env
+    )
+
+
+def test_envelopes_cut_short_anywhere_are_judged_not_read_past() -> None:
+    intent_env, receipt_env = decode_record(RECORDS[0])
+    long_intent = other_intent(0, payee_id="p" * 63)
+    for j in range(len(receipt_env) + 1):
+        for first in (intent_env, long_intent):
+            same_as_reference([envelopes_cut(first, receipt_env[:j]), *RECORDS[1:]])
+    for j in range(len(intent_env) + 1):
+        same_as_reference([envelopes_cut(intent_env[:j], receipt_env), *RECORDS[1:]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=400), st.integers(0, 255), st.integers(0, 255))
+def test_any_bytes_behind_the_usual_head_are_judged(tail: bytes, l1: int, l2: int) -> None:
+    # the fast path's head (record, intent envelope, type, bin 8) then anything: lengths
+    # that point past the end must send the record to check_record, never raise
+    head = b"\x92\xc4" + bytes([l1]) + b"\x94\xa6intent\xc4" + bytes([l2])
+    same_as_reference([head + tail, *RECORDS[1:]])
