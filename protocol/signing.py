@@ -8,12 +8,14 @@ small-order or non-canonical A or R) the spec adopts for every tier.
 """
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
+from nacl import _sodium
 
 from protocol import limits
 from protocol.codec import pack, unpack_strict
@@ -43,6 +45,24 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
         return False
     return True
+
+
+def verify_signed(public_keys: Sequence[bytes], signed: Sequence[bytes]) -> list[bool]:
+    """``verify(key, message, signature)`` for each pair of ``public_keys[k]`` and
+    ``signed[k] = signature + message`` (libsodium's "signed message" form), in one tight
+    loop: the same libsodium call, ``crypto_sign_open``, that ``verify`` makes through
+    PyNaCl's binding, called directly without its two buffers, copy and exception per call
+    (1 us of a verify's 60; and a batch's verifies back to back keep libsodium's tables in
+    the cache, which interleaved Python work would evict)."""
+    open_signed, null = _sodium.lib.crypto_sign_open, _sodium.ffi.NULL
+    return [
+        type(k) is bytes
+        and len(k) == limits.KEY_BYTES
+        and type(s) is bytes
+        and len(s) >= limits.SIG_BYTES
+        and open_signed(null, null, s, len(s), k) == 0
+        for k, s in zip(public_keys, signed, strict=True)
+    ]
 
 
 def is_valid_public_key(key: bytes) -> bool:
