@@ -13,7 +13,7 @@ import msgpack
 from fog import frames
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 from protocol.messages import Intent
-from protocol.signing import signature_verifies
+from protocol.signing import signatures_verify
 
 PAYLOADS_MAX: Final = 4096  # per frame (the daemon's groups are up to 256)
 FRAME_BYTES_MAX: Final = PAYLOADS_MAX * (INTENT_ENVELOPE_BYTES_MAX + 8) + 16
@@ -21,11 +21,11 @@ FRAME_BYTES_MAX: Final = PAYLOADS_MAX * (INTENT_ENVELOPE_BYTES_MAX + 8) + 16
 
 def verdict_bytes(payloads: object) -> bytes:
     """The child's answer to one frame's decoded body: a byte per payload, 1 when its
-    signature verifies (``protocol.signing.signature_verifies``), 0 otherwise (not bytes,
+    signature verifies (``protocol.signing.signatures_verify``), 0 otherwise (not bytes,
     not an envelope, not an intent, a bad signature)."""
     if type(payloads) is not list or len(payloads) > PAYLOADS_MAX:
         raise ValueError("not a list of payloads")
-    return bytes(1 if type(p) is bytes and signature_verifies(p, Intent) else 0 for p in payloads)
+    return bytes(signatures_verify(payloads, Intent))
 
 
 def _serve(sock: socket.socket) -> None:

@@ -18,7 +18,7 @@ each on a socket pair. ``verdicts(payloads)`` cuts a group into at most one cont
 per live worker (no slice under ``SLICE_MIN`` payloads: a frame costs more than a verify),
 sends each slice as one frame (a msgpack array of the payloads) and reads back one byte per
 payload (1: the envelope splits and its signature verifies by its signer,
-``signature_verifies``). The daemon keeps the groups' order into the core whatever order
+``signatures_verify``). The daemon keeps the groups' order into the core whatever order
 the workers answer in.
 
 Failure. A payload a worker found bad goes to the core unmarked: the core checks it and

@@ -176,7 +176,7 @@ def open_envelope(
     checked over the received body bytes before the body is decoded; if it fails, the body is
     still checked for well-formedness so that ``malformed`` wins, as section 6 orders.
 
-    ``verified``: the caller has already seen ``signature_verifies(data)`` be True for these
+    ``verified``: the caller has already seen ``signatures_verify([data])`` be True for these
     very bytes (a verify worker of the fog's own, docs/fog.md "Verify workers"); the Ed25519
     check is then skipped, every other rule still applies.
     """
@@ -211,15 +211,27 @@ def _open(
     return msg, body, env_signer, sig, hashlib.sha256(signed_input).digest()
 
 
-def signature_verifies(data: bytes, cls: type[Message]) -> bool:
-    """True if ``data`` splits as an envelope of type ``cls`` whose signature verifies by its
-    own signer over its body (nothing else is checked: ``open_envelope`` does the rest). What a
-    verify worker computes so that ``open_envelope(..., verified=True)`` may skip the check."""
-    try:
-        msg_type, body, env_signer, sig = _split(data, cls.ENVELOPE_BYTES_MAX)
-    except Declined:
-        return False
-    return msg_type == cls.TYPE and verify(env_signer, signing_input(msg_type, body), sig)
+def signatures_verify(envelopes: Sequence[object], cls: type[Message]) -> list[bool]:
+    """For each item: True if it is bytes that split as an envelope of type ``cls`` whose
+    signature verifies by its own signer over its body (nothing else is checked:
+    ``open_envelope`` does the rest). What a verify worker computes so that
+    ``open_envelope(..., verified=True)`` may skip the check; the signatures are verified back
+    to back (``verify_signed``)."""
+    keys: list[bytes] = []
+    signed: list[bytes] = []
+    for data in envelopes:
+        key, message = b"", b""  # no key: verify_signed says False
+        if type(data) is bytes:
+            try:
+                msg_type, body, env_signer, sig = _split(data, cls.ENVELOPE_BYTES_MAX)
+            except Declined:
+                pass
+            else:
+                if msg_type == cls.TYPE:
+                    key, message = env_signer, sig + signing_input(msg_type, body)
+        keys.append(key)
+        signed.append(message)
+    return verify_signed(keys, signed)
 
 
 POSSESSION_TYPE: Final = "pop"

@@ -7,6 +7,8 @@ straight to it; a worker SIGKILLed mid-run costs nothing (the core checks what i
 and is logged and counted once."""
 
 import asyncio
+import contextlib
+import functools
 import os
 import signal
 import sqlite3
@@ -21,7 +23,7 @@ from fog.sqlints import from_i64
 from protocol.messages import Intent, Receipt
 from protocol.reasons import Reason
 from protocol.signing import open_envelope, seal
-from tests.integration.devices import Device, Issuer, intent_id, now_ms, wallet
+from tests.integration.devices import Device, Issuer, Wallet, intent_id, now_ms, wallet
 from tests.integration.fogrun import running_fog, wait_counter, wait_for
 from tests.integration.test_fog_end_to_end import (
     AMQTT_DEFAULT,
@@ -34,6 +36,7 @@ from tests.integration.test_fog_end_to_end import (
 )
 
 PER_DEVICE: Final = 25
+RESENDS_MAX: Final = 4
 WORKERS: Final = "verify_workers = 2\n[policy]\nrate_burst = 1000\nrate_per_s = 1000\n"
 
 
@@ -53,25 +56,40 @@ def logged_seqs(db: Path, device: bytes) -> list[int]:
         con.close()
 
 
+def answered(w: Wallet, ids: list[bytes]) -> bool:
+    return all(w.raw_for(i) for i in ids)
+
+
 async def burst(
     daemon: FogDaemon, t: Transport, devices: list[Device], *, bad: bool = False
 ) -> dict[bytes, Receipt]:
     """Each device's next PER_DEVICE intents published back to back (no waiting for
-    receipts), with ``bad``: after each good one, one with a bit of its signature flipped
-    and one sealed by another key (at sequence numbers of their own: they take none of the
-    device's); returns every receipt by intent id."""
+    receipts), with ``bad``: after every third good one, one with a bit of its signature
+    flipped and one sealed by another key (at sequence numbers of their own: they take none
+    of the device's); returns every receipt by intent id. An intent whose receipt has not
+    come after 5 s is sent again, as a device does: amqtt on the fog's loop was seen to lose
+    one QoS 1 delivery to a subscriber in 130-200 when the machine is overloaded (docs/fog.md,
+    the embedded broker's limits); the fog answers a retransmission with the stored receipt."""
     payloads = []
     for k in range(PER_DEVICE):
         for d in devices:
             payloads.append((d, d.intent(10)))
-            if bad:  # each with an intent id of its own (a body of its own)
+            if bad and k % 3 == 0:  # each with an intent id of its own (a body of its own)
                 flipped = d.intent(10, seq=50_000 + k)
                 payloads.append((d, flipped[:-1] + bytes([flipped[-1] ^ 1])))
                 payloads.append((d, forged(d, 60_000 + k)))
     async with wallet("127.0.0.1", daemon.broker_port, FOG, **t.creds) as w:
-        await asyncio.gather(*[w.client.publish(d.intent_topic, p, qos=1) for d, p in payloads])
+        todo = payloads
+        for _ in range(RESENDS_MAX):  # what devices do: the same bytes again, bounded
+            await asyncio.gather(*[w.client.publish(d.intent_topic, p, qos=1) for d, p in todo])
+            ids = [intent_id(p) for _, p in todo]
+            with contextlib.suppress(TimeoutError):
+                await wait_for(functools.partial(answered, w, ids), timeout_s=5)
+            todo = [(d, p) for d, p in todo if not w.raw_for(intent_id(p))]
+            if not todo:
+                break
         ids = [intent_id(p) for _, p in payloads]
-        await wait_for(lambda: all(w.raw_for(i) for i in ids))
+        assert all(w.raw_for(i) for i in ids)
         return {i: open_envelope(w.raw_for(i)[0], Receipt).msg for i in ids}
 
 
@@ -90,7 +108,9 @@ async def test_workers_verify_and_the_core_decides_as_before(
         receipts = await burst(daemon, transport, devices, bad=True)
         ok = [r for r in receipts.values() if r.ok]
         declined = [r for r in receipts.values() if not r.ok]
-        assert len(ok) == PER_DEVICE * len(devices) and len(declined) == 2 * len(ok)
+        bad_per_device = len(range(0, PER_DEVICE, 3))
+        assert len(ok) == PER_DEVICE * len(devices)
+        assert len(declined) == 2 * bad_per_device * len(devices)
         # the flipped bit (never marked) and the other key's seal (marked: its signature is
         # good; the core finds its signer is not d) alike
         assert {r.reason for r in declined} == {Reason.BAD_SIGNATURE}
@@ -99,7 +119,7 @@ async def test_workers_verify_and_the_core_decides_as_before(
                 range(1, 2 * PER_DEVICE + 1)
             )
         # groups formed while others were deciding went through the workers
-        assert 0 < daemon.counters["intent_verified_by_worker"] <= 4 * len(ok)
+        assert 0 < daemon.counters["intent_verified_by_worker"] <= 2 * len(ok) + len(declined)
         verified = daemon.counters["intent_verified_by_worker"]
         d = devices[0]
         async with wallet("127.0.0.1", daemon.broker_port, FOG, **transport.creds) as w:
