@@ -14,6 +14,10 @@ in the same run (before, and again after each store's ingest: the target uses th
 the target (issue 15): ingest >= 0.75 x (verify rate / 2 per record) x cores used, then the CPU
 per record that target leaves (1.33 x 2 verifies, everything included) against what the run spent.
 Without ``--pg-dsn`` a throwaway PostgreSQL cluster is started (fsync on) if initdb exists.
+A second floor, before and after the runs: every core verifying at once (one process each,
+started together), summed; each run's ``ratio_to_all_cores_verify`` is its records/s over
+half the better of the two (``verify_all_cores_per_s`` in ``--json``). On a machine whose
+cores slow each other it is below cores x the single-core rate.
 
 Partitions (``--partitions 1,2``, PostgreSQL only; cloud/partition.py): for each P, a fresh
 schema with ``--fogs`` fogs, and P ingest processes, each with ``cores // P`` verify workers
