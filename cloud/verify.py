@@ -267,6 +267,12 @@ def _intent_fields(body: bytes) -> tuple[bytes, str, int, str, int, str] | None:
                 and _I_TIME(m["t"])
             ):
                 return d, f, q, p, a, c
+    return intent_decoded(body)
+
+
+def intent_decoded(body: bytes) -> tuple[bytes, str, int, str, int, str] | None:
+    """``_intent_fields`` the thorough way: ``decode_body`` (its fallback, and the tests'
+    reference)."""
     try:
         i = decode_body(Intent, body)
     except Declined:
@@ -298,6 +304,12 @@ def _receipt_fields(body: bytes) -> tuple[bytes, bytes, int, int, bytes, int] | 
                 and _R_TIME(t)
             ):
                 return i, d, q, n, lease, t
+    return receipt_decoded(body)
+
+
+def receipt_decoded(body: bytes) -> tuple[bytes, bytes, int, int, bytes, int] | None:
+    """``_receipt_fields`` the thorough way: ``decode_body`` (its fallback, and the tests'
+    reference); None unless an ok receipt."""
     try:
         r = decode_body(Receipt, body)
     except Declined:

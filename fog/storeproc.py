@@ -47,7 +47,7 @@ import nacl.signing
 
 from fog import corewire, frames
 from fog.channel import Channel
-from fog.childenv import child_env
+from fog.childenv import spawn
 from fog.core import Alarm, Close, CoreConfig, FogCore, FogInput, FogOutput, Intents, Receipt
 from fog.corewire import CoreWireError
 from fog.pipeline import Pipeline
@@ -88,18 +88,7 @@ class CoreProcess:
         with what ``FogCore.open`` raised. ``pipelined``: the child commits without a sync
         and answers each input once a sync covering it completed (fog/pipeline.py), reading
         the next inputs meanwhile."""
-        ours, theirs = socket.socketpair()
-        with theirs:
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "fog.storeproc", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),),
-                    env=child_env(),
-                    stdin=subprocess.DEVNULL,
-                )
-            except BaseException:
-                ours.close()
-                raise
+        ours, proc = spawn("fog.storeproc")
         core = cls(ours, proc)
         try:
             ours.settimeout(START_TIMEOUT_S)

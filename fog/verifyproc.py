@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import socket
 import subprocess
-import sys
 from collections.abc import Sequence
 from typing import Final
 
@@ -45,7 +44,7 @@ import msgpack
 
 from fog import frames
 from fog.channel import Channel
-from fog.childenv import child_env
+from fog.childenv import spawn
 from fog.verifychild import FRAME_BYTES_MAX
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 
@@ -200,19 +199,7 @@ def _gone(why: str) -> VerifyWorkerError:
 
 
 def _spawn() -> _Worker:
-    ours, theirs = socket.socketpair()
-    with theirs:
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fog.verifychild", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                env=child_env(),
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            ours.close()
-            raise
-    return _Worker(ours, proc)
+    return _Worker(*spawn("fog.verifychild"))
 
 
 def _frame(payloads: Sequence[bytes]) -> bytes:
