@@ -35,17 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import importlib.util
 
-from fog.config import BatchConfig, UplinkConfig
-from fog.core import Close, CoreConfig, FogOutput, Intents, Receipt
+from fog.core import Close, FogOutput, Intents, Receipt
 from fog.store import Arrival
-from fog.storeproc import CoreProcess
 from fog.verifyproc import VerifyPool
-from protocol.signing import public_key
 
 _spec = importlib.util.spec_from_file_location("bench_fog", Path(__file__).parent / "fog.py")
 assert _spec is not None and _spec.loader is not None
 bench_fog = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_fog)  # bench/fog.py: World (keys, provisioning)
+_spec = importlib.util.spec_from_file_location("storepipe", Path(__file__).parent / "storepipe.py")
+assert _spec is not None and _spec.loader is not None
+storepipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(storepipe)  # bench/storepipe.py: start_core
 
 INFLIGHT_MAX = 8  # fog/daemon.py PIPELINE_GROUPS_MAX
 GROUP_MAX = 256  # fog/daemon.py GROUP_MAX
@@ -63,16 +64,7 @@ def self_cpu_s() -> float:
 
 
 async def run(world: "bench_fog.World", db: Path, workers: int, count: int) -> dict[str, Any]:
-    config = CoreConfig(
-        fog_id=bench_fog.FOG_ID,
-        issuer_key=public_key(world.issuer),
-        batch=BatchConfig(records_max=256, age_ms=1000),
-        uplink=UplinkConfig(enabled=False),
-    )
-    world.provision(db)
-    core = await asyncio.to_thread(
-        CoreProcess.start, db, config=config, fog_key=world.fog_key, pipelined=True
-    )
+    core = await storepipe.start_core(world, db, pipelined=True)
     pool = await asyncio.to_thread(VerifyPool.start, workers) if workers else None
     if pool is not None:
         await pool.open()

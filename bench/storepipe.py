@@ -44,9 +44,9 @@ GROUP_MAX = 256  # fog/daemon.py GROUP_MAX
 SATURATED = 6000
 
 
-async def run_mode(
-    world: "bench_fog.World", db: Path, *, pipelined: bool, rate: float, seconds: float
-) -> dict[str, Any]:
+async def start_core(world: "bench_fog.World", db: Path, *, pipelined: bool) -> CoreProcess:
+    """A provisioned database in ``db`` and the core in its child process over it (no
+    uplink: nothing leaves), as the daemon starts it with Mosquitto."""
     config = CoreConfig(
         fog_id=bench_fog.FOG_ID,
         issuer_key=public_key(world.issuer),
@@ -54,9 +54,15 @@ async def run_mode(
         uplink=UplinkConfig(enabled=False),
     )
     world.provision(db)
-    core = await asyncio.to_thread(
+    return await asyncio.to_thread(
         CoreProcess.start, db, config=config, fog_key=world.fog_key, pipelined=pipelined
     )
+
+
+async def run_mode(
+    world: "bench_fog.World", db: Path, *, pipelined: bool, rate: float, seconds: float
+) -> dict[str, Any]:
+    core = await start_core(world, db, pipelined=pipelined)
     queue: asyncio.Queue[tuple[Arrival, float]] = asyncio.Queue()
     latencies: list[float] = []
     statuses: dict[str, int] = {}
