@@ -44,7 +44,7 @@ PACKET_BYTES_MAX: Final = 256 * 1024 * 1024 - 1  # MQTT's own bound on a packet
 PACKET_BYTES_MIN: Final = 4096
 DEFAULT_BROKER_INFLIGHT_MAX: Final = 256
 BROKER_INFLIGHT_MAX: Final = 65_535
-VERIFY_WORKERS_MAX: Final = 64  # fog/verifyproc.py WORKERS_MAX
+VERIFY_WORKERS_MAX: Final = 64  # verify_workers (fog/verifyproc.py)
 PACKETS_PER_S_MAX: Final = 1_000_000
 
 # Environment variables that override a TOML key (systemd EnvironmentFile, containers).

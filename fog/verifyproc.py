@@ -45,10 +45,10 @@ import msgpack
 from fog import frames
 from fog.channel import Channel
 from fog.childenv import spawn
+from fog.config import VERIFY_WORKERS_MAX
 from fog.verifychild import FRAME_BYTES_MAX
 from protocol.limits import INTENT_ENVELOPE_BYTES_MAX
 
-WORKERS_MAX: Final = 64
 SLICE_MIN: Final = 4
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
@@ -91,7 +91,7 @@ class VerifyPool:
     def start(cls, n: int) -> "VerifyPool":
         """Start ``n`` workers and wait until each has imported what it needs; raises
         ``VerifyWorkerError`` if one does not come up."""
-        assert 1 <= n <= WORKERS_MAX
+        assert 1 <= n <= VERIFY_WORKERS_MAX
         started: list[_Worker] = []
         try:
             for _ in range(n):
@@ -126,11 +126,7 @@ class VerifyPool:
         loop = asyncio.get_running_loop()
         for w in self._workers:
             w.sock.setblocking(False)
-
-            def channel() -> Channel:
-                return Channel(_gone, FRAME_BYTES_MAX)
-
-            _, w.channel = await loop.connect_accepted_socket(channel, sock=w.sock)
+            _, w.channel = await loop.connect_accepted_socket(_channel, sock=w.sock)
 
     async def verdicts(self, payloads: Sequence[bytes]) -> list[bool]:
         """One bool per payload: True when a worker found its signature good. Never raises:
@@ -138,10 +134,9 @@ class VerifyPool:
         n = len(payloads)
         for w in [w for w in self._workers if not w.alive]:  # died since: reported once
             self._drop(w)
-        live = self._workers
+        live = list(self._workers)
         if not n or not live:
             return [False] * n
-        live = list(live)
         k = max(1, min(len(live), n // SLICE_MIN))
         first = self._next % len(live)
         self._next = first + k
@@ -166,11 +161,10 @@ class VerifyPool:
         return out
 
     def _drop(self, w: _Worker) -> None:
-        if w.channel is not None and w.channel.lost is None:
-            w.channel.close()  # nonsense from a live one: it is not asked again
-        if w.proc.pid not in self._lost and w in self._workers:
-            self._lost.append(w.proc.pid)
+        """A worker gone, or one that answered nonsense: never asked again, reported once."""
+        if w in self._workers:
             self._workers.remove(w)
+            self._lost.append(w.proc.pid)
             w.kill()
 
     async def aclose(self) -> None:
@@ -196,6 +190,10 @@ class VerifyPool:
 
 def _gone(why: str) -> VerifyWorkerError:
     return VerifyWorkerError(f"verify worker gone: {why}")
+
+
+def _channel() -> Channel:
+    return Channel(_gone, FRAME_BYTES_MAX)
 
 
 def _spawn() -> _Worker:
