@@ -39,6 +39,7 @@ from runtime.keyfile import write_key_file
 from tests.cloud.conftest import drop_schema, pg_schema_store
 from tests.cloud.world import World, count
 from tests.conftest import BrokerEndpoint
+from tests.integration.fogrun import wait_for
 from tests.pipeline.test_restarts import EXIT_TIMEOUT_S, terminate
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.postgres]
@@ -279,15 +280,14 @@ async def test_a_partition_killed_mid_ingest_is_taken_over_and_every_batch_booke
             await wait_log(logs[i], "partition_acquired", partition=i)
         sender = asyncio.create_task(uplink.run(mosquitto_broker, stop))
         try:
-            async with asyncio.timeout(DONE_TIMEOUT_S):  # some of partition 1 booked, not all
-                while not any(uplink.acked[f] >= 1 for f in mine[1]):  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
+            # some of partition 1 booked, not all
+            await wait_for(
+                lambda: any(uplink.acked[f] >= 1 for f in mine[1]), timeout_s=DONE_TIMEOUT_S
+            )
             assert not uplink.done(mine[1])
             kill(procs[1])
             await wait_log(logs[0], "partition_acquired", partition=1, takeover=True)
-            async with asyncio.timeout(DONE_TIMEOUT_S):
-                while not uplink.done():  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            await wait_for(uplink.done, timeout_s=DONE_TIMEOUT_S)
         finally:
             stop.set()
             await sender
@@ -316,17 +316,15 @@ async def test_two_processes_for_one_partition_one_books_the_other_waits(
         await wait_log(logs[1], "cloud_stats")  # running, and not holding the partition
         sender = asyncio.create_task(uplink.run(mosquitto_broker, stop))
         try:
-            async with asyncio.timeout(DONE_TIMEOUT_S):
-                while sum(uplink.acked.values()) < BATCHES_PER_FOG:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
+            await wait_for(
+                lambda: sum(uplink.acked.values()) >= BATCHES_PER_FOG, timeout_s=DONE_TIMEOUT_S
+            )
             assert not uplink.done()
             assert not events(logs[1], "partition_acquired")
             assert not booked_fogs(logs[1])  # the standby booked nothing
             kill(procs[0])
             await wait_log(logs[1], "partition_acquired", partition=0, takeover=False)
-            async with asyncio.timeout(DONE_TIMEOUT_S):
-                while not uplink.done():  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            await wait_for(uplink.done, timeout_s=DONE_TIMEOUT_S)
         finally:
             stop.set()
             await sender
